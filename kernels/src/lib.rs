@@ -1,1 +1,10 @@
-//! placeholder
+//! mxr-kernels: compute. `cpu` wraps ggml's CPU kernels (through llama-cpp-sys-2's bindgen
+//! bindings) behind safe, shape-checked functions; a CUDA backend joins it later.
+//!
+//! All `unsafe` of the CPU path lives in [`cpu::ggml`]: every FFI call is wrapped in a small
+//! safe function that checks lengths first.
+
+pub mod cpu;
+mod error;
+
+pub use error::KernelError;

@@ -253,9 +253,15 @@ impl<'a> Cursor<'a> {
         if n > max {
             return Err(FormatError::TooLarge { what: what(), offset, value: n, max });
         }
-        let room = self.remaining() / min_item_bytes.max(1);
-        if n > room {
-            return Err(FormatError::TooLarge { what: format!("{} (bytes left allow {room})", what()), offset, value: n, max: room });
+        let min_item_bytes = min_item_bytes.max(1);
+        if n > self.remaining() / min_item_bytes {
+            // Cannot fit in what is left of the file: report it as the truncation it is.
+            return Err(FormatError::Truncated {
+                what: format!("{n} items declared by {} at offset {offset} (at least {min_item_bytes} bytes each)", what()),
+                offset: self.pos as u64,
+                need: n.saturating_mul(min_item_bytes) - self.remaining(),
+                len: self.buf.len() as u64,
+            });
         }
         Ok(n)
     }

@@ -1,0 +1,100 @@
+//! Parallel quantized matrix products over ggml's CPU `vec_dot`.
+//!
+//! y = x · Wᵀ with W: [rows, cols] in any [`QType`] (row-major, ggml's layout), x: [n_tokens,
+//! cols] f32, y: [n_tokens, rows] f32. As ggml does: each activation row is quantized once
+//! to the weight type's `vec_dot_type`, then every (weight row, token) pair is one
+//! `vec_dot`. Work is split into tiles of weight rows handed out from an atomic counter, so
+//! threads stay balanced; a tile covers all tokens, so its weight rows are read from memory
+//! once and stay in cache while the tokens go by.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use mxr_quant::QMatrix;
+
+use super::ggml::{AlignedBytes, DotKernel};
+use crate::KernelError;
+
+type Result<T> = std::result::Result<T, KernelError>;
+
+/// Weight rows per work item: enough to amortise the counter, small enough to balance.
+const TILE_ROWS: usize = 16;
+
+/// How many threads a CPU op may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threads(pub usize);
+
+impl Threads {
+    /// All cores the process may run on.
+    pub fn all() -> Threads {
+        Threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// y[r] = Σ_c W[r, c] · x[c].
+pub fn matvec(w: &QMatrix, x: &[f32], y: &mut [f32], threads: Threads) -> Result<()> {
+    matmul(w, x, 1, y, threads)
+}
+
+/// y[t, r] = Σ_c W[r, c] · x[t, c] for t < n_tokens.
+pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32], threads: Threads) -> Result<()> {
+    let (rows, cols) = (w.rows, w.cols);
+    let len = |what, expected: usize, actual| {
+        if expected == actual { Ok(()) } else { Err(KernelError::Length { op: "matmul", what, expected, actual }) }
+    };
+    len("x", n_tokens * cols, x.len())?;
+    len("y", n_tokens * rows, y.len())?;
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
+    let kernel = DotKernel::new(w.qtype)?;
+    let a_row = kernel.activation_bytes(cols)?;
+    let mut acts = AlignedBytes::zeroed(a_row * n_tokens);
+    for (xt, at) in x.chunks_exact(cols).zip(acts.as_bytes_mut().chunks_exact_mut(a_row)) {
+        kernel.quantize_activation(xt, at)?;
+    }
+    let acts = acts.as_bytes();
+
+    let n_tiles = rows.div_ceil(TILE_ROWS);
+    let n_threads = threads.0.clamp(1, n_tiles);
+    let next = AtomicUsize::new(0);
+    // Each finished tile: (first row, [n_tokens, tile_rows] results).
+    let done: Mutex<Vec<(usize, Vec<f32>)>> = Mutex::new(Vec::with_capacity(n_tiles));
+    let work = || -> Result<()> {
+        loop {
+            let tile = next.fetch_add(1, Ordering::Relaxed);
+            if tile >= n_tiles {
+                return Ok(());
+            }
+            let (r0, r1) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(rows));
+            let mut out = vec![0f32; n_tokens * (r1 - r0)];
+            for r in r0..r1 {
+                let wr = w.row(r);
+                for t in 0..n_tokens {
+                    out[t * (r1 - r0) + (r - r0)] = kernel.dot(cols, wr, &acts[t * a_row..(t + 1) * a_row])?;
+                }
+            }
+            done.lock().map_err(|_| KernelError::Threads("a worker panicked".into()))?.push((r0, out));
+        }
+    };
+    if n_threads == 1 {
+        work()?;
+    } else {
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = (1..n_threads).map(|_| s.spawn(work)).collect();
+            let mine = work();
+            for h in handles {
+                h.join().map_err(|_| KernelError::Threads("a worker panicked".into()))??;
+            }
+            mine
+        })?;
+    }
+    let done = done.into_inner().map_err(|_| KernelError::Threads("a worker panicked".into()))?;
+    for (r0, out) in done {
+        let width = out.len() / n_tokens;
+        for (t, chunk) in out.chunks_exact(width).enumerate() {
+            y[t * rows + r0..t * rows + r0 + width].copy_from_slice(chunk);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! CPU compute over ggml's kernels: [`ggml`] is the FFI boundary (quantize, dequantize,
+//! activation quantize, vec_dot), [`matmul`] the parallel matrix-vector / matrix-matrix
+//! products built on it.
+
+pub mod ggml;
+pub mod matmul;
+
+pub use ggml::DotKernel;
+pub use matmul::{matmul, matvec, Threads};

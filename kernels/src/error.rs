@@ -1,0 +1,19 @@
+//! The kernels crate's error type.
+
+use mxr_quant::QType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{op}: {what} has {actual} elements, expected {expected}")]
+    Length { op: &'static str, what: &'static str, expected: usize, actual: usize },
+    #[error("{op}: {n} is not a whole number of {qtype} blocks ({block} elements)")]
+    PartialBlock { op: &'static str, qtype: QType, n: usize, block: usize },
+    #[error("ggml has no CPU {what} for {qtype}")]
+    Unsupported { what: &'static str, qtype: QType },
+    #[error("ggml disagrees with mxr about {qtype}: {detail}")]
+    TableMismatch { qtype: QType, detail: String },
+    #[error("matrix: {0}")]
+    Matrix(#[from] mxr_quant::matrix::MatrixError),
+    #[error("could not start worker threads: {0}")]
+    Threads(String),
+}
