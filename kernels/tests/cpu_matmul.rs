@@ -1,0 +1,121 @@
+//! ggml's CPU matrix products against mxr-quant's f64 references, with named budgets.
+//!
+//! Budgets (NMSE = Σ(a-b)² / Σb²):
+//! - KERNEL_VS_SAME_INPUTS: the kernel against the f64 reference fed the very activation
+//!   bytes ggml produced. Only accumulation order and f32 rounding differ: ~1e-7 relative
+//!   per dot, so NMSE ~1e-14; 1e-10 leaves room for cancellation in long rows.
+//! - ACT_QUANT_*: the kernel against the unquantized-activation product (dequantized
+//!   weights · f32 x in f64). Q8_0/Q8_K activations carry ~0.4% relative error per element
+//!   (ggml test_mul_mat budget 5e-4); f16 activations 2^-11 relative (NMSE ~1e-7, budget
+//!   1e-6); bf16 2^-8 (NMSE ~1e-5, budget 1e-4); f32 none (budget 1e-10).
+
+use mxr_kernels::cpu::{ggml::DotKernel, matmul, matvec, Threads};
+use mxr_quant::reference::{self, stats::diff, stats::Rng};
+use mxr_quant::{QMatrix, QType};
+
+const KERNEL_VS_SAME_INPUTS: f64 = 1e-10;
+
+fn act_quant_budget(q: QType) -> f64 {
+    match q.vec_dot_type() {
+        QType::F32 => 1e-10,
+        QType::F16 => 1e-6,
+        QType::BF16 => 1e-4,
+        _ => 5e-4,
+    }
+}
+
+/// rows x (blocks of the type) cases: single row, rows not a multiple of the 16-row tile,
+/// many rows; one block, odd block counts.
+fn cases(q: QType) -> Vec<(usize, usize)> {
+    let b = q.block_size().max(32);
+    vec![(1, b), (65, 3 * b), (513, b), (17, 5 * b)]
+}
+
+fn weights(q: QType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let w = Rng::new(seed).normals(rows * cols, 0.05);
+    mxr_kernels::cpu::ggml::quantize_chunk(q, &w, cols).unwrap()
+}
+
+#[test]
+fn matmul_matches_reference_for_every_type_and_ugly_shapes() {
+    for q in QType::WEIGHT_TYPES {
+        let kernel = DotKernel::new(q).unwrap();
+        for (rows, cols) in cases(q) {
+            for n_tokens in [1, 7, 65] {
+                let wb = weights(q, rows, cols, (rows * cols) as u64);
+                let w = QMatrix::new(q, rows, cols, &wb).unwrap();
+                let x = Rng::new(n_tokens as u64).normals(n_tokens * cols, 1.0);
+                let mut y = vec![f32::NAN; n_tokens * rows];
+                matmul(&w, &x, n_tokens, &mut y, Threads(3)).unwrap();
+
+                let mut same = Vec::new();
+                let mut ideal = Vec::new();
+                for xt in x.chunks_exact(cols) {
+                    let mut a = vec![0u8; kernel.activation_bytes(cols).unwrap()];
+                    kernel.quantize_activation(xt, &mut a).unwrap();
+                    same.extend((0..rows).map(|r| reference::vec_dot(cols, q, w.row(r), kernel.atype, &a)));
+                    ideal.extend(reference::matvec_f64(q, &wb, rows, cols, xt));
+                }
+                let d = diff(&y, &same);
+                assert!(d.nmse <= KERNEL_VS_SAME_INPUTS && d.nan_mismatches == 0, "{q} {rows}x{cols} t{n_tokens}: {d}");
+                let d = diff(&y, &ideal);
+                assert!(d.nmse <= act_quant_budget(q), "{q} {rows}x{cols} t{n_tokens} vs f64: {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_quantization_agrees_with_reference_quantizer() {
+    // ggml's SIMD Q8_0 activation quantizer rounds ties to even and scales by 127/amax,
+    // its reference ties away and scales by 1/(amax/127): values may differ by one level.
+    for q in [QType::Q8_0, QType::Q4K, QType::BF16, QType::F16] {
+        let kernel = DotKernel::new(q).unwrap();
+        let x = Rng::new(5).normals(256 * 9, 1.0);
+        let mut a = vec![0u8; kernel.activation_bytes(x.len()).unwrap()];
+        kernel.quantize_activation(&x, &mut a).unwrap();
+        let ours = reference::quantize_to_vec(kernel.atype, &x).unwrap();
+        let (da, db) = (
+            reference::dequantize_to_vec(kernel.atype, &a, x.len()).unwrap(),
+            reference::dequantize_to_vec(kernel.atype, &ours, x.len()).unwrap(),
+        );
+        let d = diff(&da, &db);
+        assert!(d.nmse < 1e-6, "{q} activations ({}): {d}", kernel.atype);
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    let q = QType::Q4K;
+    let (rows, cols) = (100, 512);
+    let wb = weights(q, rows, cols, 1);
+    let w = QMatrix::new(q, rows, cols, &wb).unwrap();
+    let x = Rng::new(2).normals(3 * cols, 1.0);
+    let run = |t| {
+        let mut y = vec![0f32; 3 * rows];
+        matmul(&w, &x, 3, &mut y, Threads(t)).unwrap();
+        y
+    };
+    let one = run(1);
+    for t in [2, 5, 64] {
+        assert!(run(t).iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()), "{t} threads");
+    }
+    let mut y = vec![0f32; rows];
+    matvec(&w, &x[..cols], &mut y, Threads::all()).unwrap();
+    assert!(y.iter().zip(&one[..rows]).all(|(a, b)| a.to_bits() == b.to_bits()), "matvec == first matmul row");
+}
+
+#[test]
+fn shape_errors_are_reported_not_panics() {
+    let wb = weights(QType::Q8_0, 4, 64, 1);
+    let w = QMatrix::new(QType::Q8_0, 4, 64, &wb).unwrap();
+    let mut y = vec![0f32; 4];
+    let e = matvec(&w, &[0.0; 63], &mut y, Threads(1)).unwrap_err().to_string();
+    assert!(e.contains("x has 63 elements, expected 64"), "{e}");
+    let e = matvec(&w, &[0.0; 64], &mut y[..3], Threads(1)).unwrap_err().to_string();
+    assert!(e.contains("y has 3 elements, expected 4"), "{e}");
+    assert!(QMatrix::new(QType::Q8_0, 4, 64, &wb[1..]).is_err());
+    assert!(QMatrix::new(QType::Q4K, 1, 100, &[]).is_err());
+    let k = DotKernel::new(QType::Q8_0).unwrap();
+    assert!(k.dot(64, &wb[..68], &[0u8; 60]).is_err());
+}
