@@ -1,1 +1,25 @@
-//! placeholder
+//! mxr-models: the MiniMax-01 model family as mxr sees it.
+//!
+//! Glossary (used everywhere in mxr): `dim` (hidden size, 6144), `n_layers` (80), `n_heads`
+//! (64, both attention kinds), `n_kv_heads` (8, softmax layers), `head_dim` (128),
+//! `rotary_dim` (64), `n_experts` (32), `n_experts_used` (2), `hidden_dim` (expert FFN
+//! width, 9216), `vocab_size` (200064). `lightning_*` names the linear-attention block.
+//!
+//! So far: [`LayerKind`] and the layer pattern as GGUF files state it ([`layers`]), and
+//! the GGUF tensor and key names ([`names`]). The config, weights and forward pass follow.
+
+#![forbid(unsafe_code)]
+
+pub mod layers;
+pub mod names;
+
+pub use layers::{layer_pattern, LayerKind};
+
+/// Errors of model description and loading.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] mxr_quant::gguf::FormatError),
+    #[error("metadata key `{key}`: {reason}")]
+    BadMetadata { key: String, reason: String },
+}
