@@ -249,13 +249,20 @@ impl fmt::Display for Value {
             Value::I16(v) => write!(f, "{v}"),
             Value::U32(v) => write!(f, "{v}"),
             Value::I32(v) => write!(f, "{v}"),
+            Value::F32(v) if is_extreme(*v as f64) => write!(f, "{v:e}"),
             Value::F32(v) => write!(f, "{v}"),
             Value::Bool(v) => write!(f, "{v}"),
             Value::U64(v) => write!(f, "{v}"),
             Value::I64(v) => write!(f, "{v}"),
+            Value::F64(v) if is_extreme(*v) => write!(f, "{v:e}"),
             Value::F64(v) => write!(f, "{v}"),
         }
     }
+}
+
+/// Tiny or huge magnitudes print in scientific notation.
+fn is_extreme(v: f64) -> bool {
+    v != 0.0 && v.is_finite() && !(1e-4..1e9).contains(&v.abs())
 }
 
 fn write_short_str(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
