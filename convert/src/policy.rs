@@ -51,5 +51,5 @@ pub fn fit_row(q: QType, ne0: u64) -> QType {
         QType::Q8_0 | QType::Q4_0 => &[QType::F16],
         _ => &[],
     };
-    std::iter::once(q).chain(fallbacks.iter().copied()).find(|t| ne0 % t.block_size() as u64 == 0).unwrap_or(QType::F16)
+    std::iter::once(q).chain(fallbacks.iter().copied()).find(|t| ne0.is_multiple_of(t.block_size() as u64)).unwrap_or(QType::F16)
 }

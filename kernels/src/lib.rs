@@ -4,6 +4,8 @@
 //! All `unsafe` of the CPU path lives in [`cpu::ggml`]: every FFI call is wrapped in a small
 //! safe function that checks lengths first.
 
+#![deny(unsafe_code)]
+
 pub mod cpu;
 mod error;
 

@@ -70,7 +70,7 @@ impl fmt::Display for PatternSummary<'_> {
         let s: String = self.0.iter().map(|k| k.code()).collect();
         // Smallest period p that tiles the whole pattern at least twice.
         for p in 1..=s.len() / 2 {
-            if s.len() % p == 0 && s.as_bytes().chunks(p).all(|c| c == &s.as_bytes()[..p]) {
+            if s.len().is_multiple_of(p) && s.as_bytes().chunks(p).all(|c| c == &s.as_bytes()[..p]) {
                 return write!(f, "({})x{}", &s[..p], s.len() / p);
             }
         }

@@ -8,7 +8,10 @@
 //!   reference code, plus the comparison helpers the tests of every crate use.
 //! - [`matrix`]: a validated view of a quantized matrix.
 //!
-//! No GPU, no C: this crate builds anywhere Rust does.
+//! No GPU, no C: this crate builds anywhere Rust does. Its only `unsafe` is the one mmap
+//! call of the reader.
+
+#![deny(unsafe_code)]
 
 pub mod blocks;
 pub mod convert;

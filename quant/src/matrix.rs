@@ -27,7 +27,7 @@ pub enum MatrixError {
 impl<'a> QMatrix<'a> {
     pub fn new(qtype: QType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, MatrixError> {
         let row = qtype.row_bytes(cols).ok_or(MatrixError::PartialBlock { qtype, cols, block: qtype.block_size() })?;
-        let expected = row.checked_mul(rows).unwrap_or(usize::MAX);
+        let expected = row.saturating_mul(rows);
         if expected != data.len() {
             return Err(MatrixError::WrongSize { qtype, rows, cols, expected, actual: data.len() });
         }

@@ -126,8 +126,9 @@ fn quantized_dot_tracks_the_exact_product() {
     let x = rng.normals(cols, 1.0);
     for q in QType::WEIGHT_TYPES {
         let wb: Vec<u8> = w.chunks(cols).flat_map(|r| reference::quantize_to_vec(q, r).unwrap()).collect();
-        let got = reference::matvec_quantized(q, &wb, rows, cols, &x);
-        let want = reference::matvec_f64(q, &wb, rows, cols, &x);
+        let w = mxr_quant::QMatrix::new(q, rows, cols, &wb).unwrap();
+        let got = reference::matvec_quantized(&w, &x);
+        let want = reference::matvec_f64(&w, &x);
         let d = diff(&got, &want);
         assert!(d.nmse < 5e-4, "{q}: {d}");
     }

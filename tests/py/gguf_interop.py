@@ -6,8 +6,9 @@
   gguf_interop.py read IN.gguf     print a JSON description of a file as gguf-py sees it
 
 Tensor data is deterministic: element i of a tensor with seed s is 0.1 + 2*cos(i + s)
-(ggml's test-quantize-fns pattern), so the Rust side can recompute and compare
-quantized bytes. JSON carries tensor bytes as hex and values with their GGUF type names.
+(ggml's test-quantize-fns pattern). The manifest carries each tensor's bytes and the
+float32 source it was quantized from (as hex), so the Rust side can quantize the same
+floats and compare bytes.
 """
 import json
 import sys
@@ -71,8 +72,10 @@ def write(path):
         else:
             data = gguf.quants.quantize(x, qt)
         w.add_tensor(name, data, raw_dtype=qt if qt not in (Q.F32, Q.F16) else None)
-        manifest["tensors"].append({"name": name, "type": int(qt), "shape": shape, "seed": seed,
-                                    "hex": data.tobytes().hex()})
+        entry = {"name": name, "type": int(qt), "shape": shape, "hex": data.tobytes().hex()}
+        if not name.endswith("_raw"):
+            entry["source_hex"] = x.astype("<f4").tobytes().hex()  # the floats that were quantized
+        manifest["tensors"].append(entry)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -40,3 +40,76 @@ pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+use mxr_quant::gguf::{Array, Value};
+use serde_json::Value as Json;
+
+/// One of every metadata value type, arrays of each element type, and nested arrays.
+pub fn every_value() -> Vec<(&'static str, Value)> {
+    vec![
+        ("t.u8", Value::U8(250)),
+        ("t.i8", Value::I8(-7)),
+        ("t.u16", Value::U16(65_000)),
+        ("t.i16", Value::I16(-30_000)),
+        ("t.u32", Value::U32(4_000_000_000)),
+        ("t.i32", Value::I32(-2_000_000_000)),
+        ("t.f32", Value::F32(3.556_558_8)),
+        ("t.bool", Value::Bool(true)),
+        ("t.string", Value::String("naïve — ünïcode ✓".into())),
+        ("t.u64", Value::U64(u64::MAX - 1)),
+        ("t.i64", Value::I64(i64::MIN + 1)),
+        ("t.f64", Value::F64(1e-300)),
+        ("t.arr.u8", Value::Array(Array::U8(vec![0, 1, 255]))),
+        ("t.arr.i8", Value::Array(Array::I8(vec![-128, 127]))),
+        ("t.arr.u16", Value::Array(Array::U16(vec![1, 65535]))),
+        ("t.arr.i16", Value::Array(Array::I16(vec![-1, 2]))),
+        ("t.arr.u32", Value::Array(Array::U32(vec![7, 8, 9]))),
+        ("t.arr.i32", Value::Array(Array::I32(vec![-5, 0, 5]))),
+        ("t.arr.f32", Value::Array(Array::F32(vec![0.5, -0.25]))),
+        ("t.arr.bool", Value::Array(Array::Bool(vec![true, false, true]))),
+        ("t.arr.string", Value::Array(Array::String(vec!["a".into(), String::new(), "ĠHello".into()]))),
+        ("t.arr.u64", Value::Array(Array::U64(vec![u64::MAX]))),
+        ("t.arr.i64", Value::Array(Array::I64(vec![i64::MIN]))),
+        ("t.arr.f64", Value::Array(Array::F64(vec![std::f64::consts::PI]))),
+        ("t.arr.nested", Value::Array(Array::Array(vec![Array::U32(vec![1, 2]), Array::U32(vec![3])]))),
+    ]
+}
+
+/// Scalars of a value in order, nested arrays flattened (how gguf-py's `contents()` gives
+/// arrays of arrays).
+pub fn flatten(v: &Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => (0..a.len()).filter_map(|i| a.get(i)).flat_map(|x| flatten(&x)).collect(),
+        _ => vec![v.clone()],
+    }
+}
+
+/// Whether a JSON value (from Python) holds the same data as a metadata value.
+pub fn json_matches(v: &Value, j: &Json) -> bool {
+    match v {
+        Value::Array(_) => {
+            let (ours, theirs) = (flatten(v), j.as_array().map(|a| flatten_json(a)).unwrap_or_default());
+            ours.len() == theirs.len() && ours.iter().zip(&theirs).all(|(a, b)| json_matches(a, b))
+        }
+        Value::String(s) => j.as_str() == Some(s),
+        Value::Bool(b) => j.as_bool() == Some(*b),
+        Value::F32(x) => j.as_f64() == Some(*x as f64),
+        Value::F64(x) => j.as_f64() == Some(*x),
+        Value::I8(_) | Value::I16(_) | Value::I32(_) | Value::I64(_) => int_eq(v, j),
+        _ => j.as_u64() == v.as_u64(),
+    }
+}
+
+fn int_eq(v: &Value, j: &Json) -> bool {
+    match *v {
+        Value::I8(x) => j.as_i64() == Some(x as i64),
+        Value::I16(x) => j.as_i64() == Some(x as i64),
+        Value::I32(x) => j.as_i64() == Some(x as i64),
+        Value::I64(x) => j.as_i64() == Some(x),
+        _ => false,
+    }
+}
+
+fn flatten_json(a: &[Json]) -> Vec<Json> {
+    a.iter().flat_map(|x| x.as_array().map_or_else(|| vec![x.clone()], |inner| flatten_json(inner))).collect()
+}

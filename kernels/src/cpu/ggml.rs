@@ -58,7 +58,7 @@ pub fn quantize_chunk(qtype: QType, src: &[f32], n_per_row: usize) -> Result<Vec
         return Err(KernelError::Unsupported { what: "quantize_chunk", qtype });
     }
     let row = check_blocks("quantize_chunk", qtype, n_per_row)?;
-    if n_per_row == 0 || src.len() % n_per_row != 0 {
+    if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
         return Err(KernelError::Length { op: "quantize_chunk", what: "source", expected: n_per_row.max(1), actual: src.len() });
     }
     let nrows = src.len() / n_per_row;

@@ -2,6 +2,7 @@
 //! activation quantize, vec_dot), [`matmul`] the parallel matrix-vector / matrix-matrix
 //! products built on it.
 
+#[allow(unsafe_code)]
 pub mod ggml;
 pub mod matmul;
 

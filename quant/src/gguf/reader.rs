@@ -403,6 +403,7 @@ impl GgufFile {
         // SAFETY: the mapping is read-only and private to this process. The usual mmap caveat
         // applies: another process truncating the file while it is mapped would fault; mxr
         // documents that model files must not be modified while in use.
+        #[allow(unsafe_code)]
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(&path, e))?;
         let header = Header::parse(&mmap)?;
         Ok(GgufFile { path, mmap: Some(mmap), header })

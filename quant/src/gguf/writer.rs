@@ -97,7 +97,7 @@ impl Builder {
         if dims.is_empty() || dims.len() > MAX_DIMS as usize {
             return Err(err(format!("{} dimensions (1 to {MAX_DIMS} allowed)", dims.len())));
         }
-        if dims[0] % ti.block_size as u64 != 0 {
+        if !dims[0].is_multiple_of(ti.block_size as u64) {
             return Err(err(format!("first dimension {} is not a multiple of the {} block size {}", dims[0], ti.name, ti.block_size)));
         }
         let n_bytes = dims

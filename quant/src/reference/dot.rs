@@ -10,6 +10,7 @@
 
 use super::dequantize::dequantize;
 use super::quantize::quantize;
+use crate::matrix::QMatrix;
 use crate::qtype::QType;
 
 /// Sum of `w[i] * a[i]` for one weight row (`wtype`) and one activation row (`atype`),
@@ -21,24 +22,25 @@ pub fn vec_dot(n: usize, wtype: QType, w: &[u8], atype: QType, a: &[u8]) -> f64 
     wf.iter().zip(&af).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
-/// y[r] = sum_c W[r, c] * x[c] as ggml computes it: x quantized to the weight type's
-/// `vec_dot_type` by the reference quantizer, then [`vec_dot`] per row.
-/// `w`: [rows, cols] in `wtype` (row-major, `wtype.row_bytes(cols)` bytes per row).
-pub fn matvec_quantized(wtype: QType, w: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f64> {
-    let atype = wtype.vec_dot_type();
-    let row_bytes = wtype.row_bytes(cols).expect("cols is a whole number of blocks");
-    let mut a = vec![0u8; atype.row_bytes(cols).expect("cols fits the activation blocks")];
+/// y[r] = sum_c W[r, c] * x[c] as ggml computes it: x (`w.cols` values) quantized to the
+/// weight type's `vec_dot_type` by the reference quantizer, then [`vec_dot`] per row.
+/// Panics if `x.len() != w.cols` (a caller bug: this is a test reference).
+pub fn matvec_quantized(w: &QMatrix, x: &[f32]) -> Vec<f64> {
+    assert_eq!(x.len(), w.cols, "matvec_quantized: x length");
+    let atype = w.qtype.vec_dot_type();
+    let mut a = vec![0u8; atype.row_bytes(w.cols).unwrap_or(0)];
     quantize(atype, x, &mut a);
-    (0..rows).map(|r| vec_dot(cols, wtype, &w[r * row_bytes..(r + 1) * row_bytes], atype, &a)).collect()
+    (0..w.rows).map(|r| vec_dot(w.cols, w.qtype, w.row(r), atype, &a)).collect()
 }
 
 /// y[r] = sum_c dequant(W)[r, c] * x[c] in f64, activations unquantized.
-pub fn matvec_f64(wtype: QType, w: &[u8], rows: usize, cols: usize, x: &[f32]) -> Vec<f64> {
-    let row_bytes = wtype.row_bytes(cols).expect("cols is a whole number of blocks");
-    let mut wf = vec![0f32; cols];
-    (0..rows)
+/// Panics if `x.len() != w.cols`.
+pub fn matvec_f64(w: &QMatrix, x: &[f32]) -> Vec<f64> {
+    assert_eq!(x.len(), w.cols, "matvec_f64: x length");
+    let mut wf = vec![0f32; w.cols];
+    (0..w.rows)
         .map(|r| {
-            dequantize(wtype, &w[r * row_bytes..(r + 1) * row_bytes], &mut wf);
+            dequantize(w.qtype, w.row(r), &mut wf);
             wf.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
         })
         .collect()

@@ -1,0 +1,121 @@
+//! `mxr inspect` as a user runs it: the table, --json for scripts (checked against gguf-py's
+//! own reading of the same file), and clean errors (exit status 1, no panic) on bad files.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use mxr_e2e::fixture::FIXTURE;
+use mxr_e2e::{python_json, repo_root, tempdir};
+use serde_json::Value as Json;
+
+fn mxr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mxr")).args(args).output().expect("running mxr")
+}
+
+fn inspect_json(path: &Path) -> Json {
+    let out = mxr(&["inspect", "--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("valid JSON")
+}
+
+#[test]
+fn table_shows_model_metadata_and_tensors() {
+    let out = mxr(&["inspect", repo_root().join(FIXTURE).to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "GGUF v3",
+        "minimax-01: 2 layers LS",
+        "general.architecture",
+        "\"minimax-01\"",
+        "minimax-01.attention.recurrent_layers",
+        "[bool; 2] [true, false]",
+        "blk.0.attn_qkv.weight",
+        "q8_0",
+        "[64, 192]",
+        "23 tensors",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn json_describes_every_tensor_and_key() {
+    let j = inspect_json(&repo_root().join(FIXTURE));
+    let tensors = j["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 23);
+    let params: u64 = tensors.iter().map(|t| t["n_elements"].as_u64().unwrap()).sum();
+    assert_eq!(j["summary"]["parameters"], params);
+    assert_eq!(j["model"]["layers"], "LS");
+    let qkv = tensors.iter().find(|t| t["name"] == "blk.0.attn_qkv.weight").unwrap();
+    assert_eq!((qkv["type"].as_str(), qkv["shape"].clone(), qkv["n_bytes"].as_u64()), (Some("q8_0"), serde_json::json!([64, 192]), Some(192 * 2 * 34)));
+    let data_offset = j["data_offset"].as_u64().unwrap();
+    assert!(tensors.iter().all(|t| t["file_offset"].as_u64().unwrap() == data_offset + t["offset"].as_u64().unwrap()));
+    let meta = j["metadata"].as_array().unwrap();
+    let flags = meta.iter().find(|m| m["key"] == "minimax-01.attention.recurrent_layers").unwrap();
+    assert_eq!((&flags["type"], &flags["element_type"], &flags["value"]), (&"array".into(), &"bool".into(), &serde_json::json!([true, false])));
+}
+
+#[test]
+fn json_of_a_gguf_py_file_agrees_with_gguf_py() {
+    let path = tempdir("cli").join("py.gguf");
+    python_json("gguf_interop.py", &["write", path.to_str().unwrap()]);
+    let theirs = python_json("gguf_interop.py", &["read", path.to_str().unwrap()]);
+    let ours = inspect_json(&path);
+    let fields = theirs["fields"].as_object().unwrap();
+    let meta = ours["metadata"].as_array().unwrap();
+    assert_eq!(meta.len(), fields.len());
+    for m in meta {
+        let f = &fields[m["key"].as_str().unwrap()];
+        assert_eq!(f["types"][0].as_str().unwrap(), m["type"].as_str().unwrap().to_uppercase(), "{}", m["key"]);
+        let flat = |v: &Json| -> Vec<Json> {
+            fn go(v: &Json, out: &mut Vec<Json>) {
+                match v.as_array() {
+                    Some(a) => a.iter().for_each(|x| go(x, out)),
+                    None => out.push(v.clone()),
+                }
+            }
+            let mut out = Vec::new();
+            go(v, &mut out);
+            out
+        };
+        assert_eq!(flat(&m["value"]), flat(&f["value"]), "{}", m["key"]);
+    }
+    for (o, t) in ours["tensors"].as_array().unwrap().iter().zip(theirs["tensors"].as_array().unwrap()) {
+        assert_eq!((&o["name"], &o["type_id"], &o["shape"], &o["n_bytes"], &o["file_offset"]), (&t["name"], &t["type"], &t["shape"], &t["n_bytes"], &t["data_offset"]));
+    }
+}
+
+#[test]
+fn bad_files_give_one_line_errors_and_exit_status_1() {
+    let dir = tempdir("cli-bad");
+    let good = std::fs::read(repo_root().join(FIXTURE)).unwrap();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), vec![]),
+        ("text".into(), b"hello, this is not a model\n".to_vec()),
+        ("bad-version".into(), [b"GGUF".as_slice(), &7u32.to_le_bytes(), &[0; 16]].concat()),
+    ];
+    for cut in [3, 10, 30, 200, 2000, good.len() / 2, good.len() - 1] {
+        cases.push((format!("cut-{cut}"), good[..cut].to_vec()));
+    }
+    let mut flipped = good.clone();
+    flipped[24 + 4] = 0xff; // high bytes of the first key's u64 length
+    cases.push(("flipped-key-length".into(), flipped));
+    for (name, bytes) in &cases {
+        let p = dir.join(format!("{name}.gguf"));
+        std::fs::write(&p, bytes).unwrap();
+        for json in [false, true] {
+            let args: Vec<&str> = if json { vec!["inspect", "--json", p.to_str().unwrap()] } else { vec!["inspect", p.to_str().unwrap()] };
+            let out = mxr(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{name}: {err}");
+            assert!(err.starts_with("mxr: error: reading ") && !err.contains("panicked"), "{name}: {err}");
+            assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
+        }
+    }
+    let out = mxr(&["inspect", dir.join("missing.gguf").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No such file"));
+    let out = mxr(&["inspect", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "a directory");
+}
