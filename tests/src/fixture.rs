@@ -87,7 +87,7 @@ pub fn write_fixture(path: &Path) -> Result<(), FormatError> {
     }
     let types: Vec<QType> = list.iter().map(|(n, d)| tensor_type(n, d, &plan)).collect();
     let mut w = b.create(path)?;
-    let mut rng = Rng::new(0x6d78_72);
+    let mut rng = Rng::new(0x006d_7872);
     for ((name, dims), q) in list.iter().zip(types) {
         let n: u64 = dims.iter().product();
         let x: Vec<f32> = if dims.len() == 1 { vec![1.0; n as usize] } else { rng.normals(n as usize, 0.05) };
