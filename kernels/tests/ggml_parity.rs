@@ -45,7 +45,7 @@ fn data_sets(n: usize) -> Vec<(&'static str, Vec<f32>)> {
 }
 
 /// (rows, blocks per row) pairs: one block, odd counts, a row count not a tile multiple.
-const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 3), (7, 5), (2, 24)];
+const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 3), (7, 5), (2, 24), (65, 1)];
 
 #[test]
 fn quantized_bytes_are_bit_identical_to_ggml_quantize_chunk() {
