@@ -5,14 +5,17 @@
 //! `rotary_dim` (64), `n_experts` (32), `n_experts_used` (2), `hidden_dim` (expert FFN
 //! width, 9216), `vocab_size` (200064). `lightning_*` names the linear-attention block.
 //!
-//! So far: [`LayerKind`] and the layer pattern as GGUF files state it ([`layers`]), and
-//! the GGUF tensor and key names ([`names`]). The config, weights and forward pass follow.
+//! So far: [`Config`] (from HF config.json in both formats, or GGUF metadata),
+//! [`LayerKind`] and the layer pattern ([`layers`]), and the GGUF names ([`names`]).
+//! Weights and the forward pass follow.
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod layers;
 pub mod names;
 
+pub use config::{Config, Residual};
 pub use layers::{layer_pattern, LayerKind};
 
 /// Errors of model description and loading.
@@ -22,4 +25,6 @@ pub enum ModelError {
     Format(#[from] mxr_quant::gguf::FormatError),
     #[error("metadata key `{key}`: {reason}")]
     BadMetadata { key: String, reason: String },
+    #[error("{origin}: {reason}")]
+    BadConfig { origin: String, reason: String },
 }

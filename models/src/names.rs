@@ -20,6 +20,7 @@ pub mod arch_keys {
     pub const EXPERT_COUNT: &str = "expert_count";
     pub const EXPERT_USED_COUNT: &str = "expert_used_count";
     pub const RESIDUAL_SCALE: &str = "residual_scale";
+    pub const VOCAB_SIZE: &str = "vocab_size";
     /// Per-layer bool array: true = lightning (recurrent) layer.
     pub const RECURRENT_LAYERS: &str = "attention.recurrent_layers";
     /// Every n-th layer is softmax attention when `recurrent_layers` is absent (default 8).
