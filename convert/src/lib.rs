@@ -1,9 +1,22 @@
-//! mxr-convert: HF safetensors checkpoint -> GGUF. So far the precision policy
-//! ([`policy`]): which GGUF tensor gets which type. The checkpoint reader, the streaming
-//! converter and `synth` follow.
+//! mxr-convert: HF safetensors checkpoint -> GGUF.
+//!
+//! - [`safetensors`]: shards and the index, validated, read with positioned reads;
+//! - [`plan`]: which checkpoint tensors make which GGUF tensor, shapes checked;
+//! - [`policy`]: the precision policy (which GGUF tensor gets which type);
+//! - [`tokenizer`]: tokenizer.json / tokenizer_config.json -> GGUF tokenizer keys;
+//! - [`run`]: the streaming, parallel conversion into a temp file renamed on success;
+//! - [`synth`]: random-weight checkpoints in MiniMax's on-disk format, any size.
 
 #![forbid(unsafe_code)]
 
+mod error;
+pub mod plan;
 pub mod policy;
+pub mod run;
+pub mod safetensors;
+pub mod synth;
+pub mod tokenizer;
 
+pub use error::ConvertError;
 pub use policy::{tensor_type, TypePlan};
+pub use run::{convert, ConvertOptions, ConvertReport};

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod convert_cmd;
 mod inspect;
 
 use std::path::PathBuf;
@@ -28,12 +29,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Convert a MiniMax-Text-01 / M1 safetensors checkpoint to GGUF (int8/int4 matrices).
+    Convert(convert_cmd::ConvertArgs),
+    /// Write a random-weight checkpoint in MiniMax's on-disk format, any size.
+    Synth(convert_cmd::SynthArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Convert(a) => convert_cmd::run_convert(a),
+        Command::Synth(a) => convert_cmd::run_synth(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
