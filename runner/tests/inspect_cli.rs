@@ -119,3 +119,42 @@ fn bad_files_give_one_line_errors_and_exit_status_1() {
     let out = mxr(&["inspect", dir.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "a directory");
 }
+
+#[test]
+fn convert_and_synth_cli_fail_cleanly_on_bad_input() {
+    let dir = tempdir("cli-convert");
+    // A directory that is not a checkpoint.
+    let out = mxr(&["convert", dir.to_str().unwrap(), "-o", dir.join("x.gguf").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("config.json") && !err.contains("panicked"), "{err}");
+    assert!(!dir.join("x.gguf").exists());
+    // An unknown --type is a usage error (clap exits 2).
+    let out = mxr(&["convert", dir.to_str().unwrap(), "--type", "q5_k"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown type `q5_k`"));
+    // synth refuses an existing directory and a bad pattern.
+    let out = mxr(&["synth", "--preset", "tiny", "-o", dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = mxr(&["synth", "--preset", "tiny", "--pattern", "LXS", "-o", dir.join("s").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`X` is not L (lightning) or S (softmax)"));
+}
+
+#[test]
+fn synth_then_convert_then_inspect() {
+    let dir = tempdir("cli-pipeline");
+    let ckpt = dir.join("ckpt");
+    let out = mxr(&["synth", "--preset", "tiny", "--pattern", "SLL", "--experts", "3", "--router", "zipf:1.2", "-o", ckpt.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gguf = dir.join("t.gguf");
+    let out = mxr(&["convert", ckpt.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "q8_0", "--expert-type", "q4_k"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Q8_0 (experts Q4_K)") && err.contains("peak RSS"), "{err}");
+    let j = inspect_json(&gguf);
+    assert_eq!(j["model"]["layers"], "SLL");
+    let t = j["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "blk.2.ffn_up_exps.weight").unwrap().clone();
+    assert_eq!((t["type"].as_str(), t["shape"].clone()), (Some("q4_K"), serde_json::json!([256, 512, 3])));
+}

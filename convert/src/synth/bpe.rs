@@ -36,7 +36,7 @@ fn words(text: &str) -> Vec<String> {
     let mut cur_class = -1;
     for c in text.chars() {
         let k = class(c);
-        let continues = k == cur_class && k != 0 || (cur == " " && k != 0);
+        let continues = k != 0 && (k == cur_class || cur == " ");
         if !continues && !cur.is_empty() {
             out.push(std::mem::take(&mut cur));
         }

@@ -61,7 +61,7 @@ pub fn plan_shards(tensors: &[SynthTensor], max_bytes: u64) -> Vec<Vec<usize>> {
             size = 0;
         }
         size += t.n_bytes();
-        shards.last_mut().map(|s| s.push(i));
+        if let Some(s) = shards.last_mut() { s.push(i) }
     }
     shards
 }

@@ -3,6 +3,7 @@
 //! - `mxr.residual.{full_attention,lightning,mlp}.{alpha,beta}` (f64): llama.cpp has one
 //!   `residual_scale` (alpha, beta implied 1) for all three sites;
 //! - `mxr.lightning.norm_epsilon` (f64): llama.cpp uses the global RMS epsilon there.
+//!
 //! Reading a file without the `mxr.*` keys (llama.cpp's converter wrote it) falls back to
 //! llama.cpp's meaning of its keys.
 

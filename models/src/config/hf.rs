@@ -54,7 +54,7 @@ fn get_f64(o: &Obj, key: &str, default: f64, bad: &dyn Fn(String) -> ModelError)
 fn common(o: &Obj, layers: Vec<LayerKind>, bad: &dyn Fn(String) -> ModelError) -> Result<Config, ModelError> {
     let dim = need_usize(o, "hidden_size", bad)?;
     let n_heads = need_usize(o, "num_attention_heads", bad)?;
-    let head_dim = get_usize(o, "head_dim", bad)?.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+    let head_dim = get_usize(o, "head_dim", bad)?.unwrap_or(dim.checked_div(n_heads).unwrap_or(0));
     Ok(Config {
         dim,
         n_layers: need_usize(o, "num_hidden_layers", bad)?,

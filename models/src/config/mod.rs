@@ -98,10 +98,10 @@ impl Config {
         if self.layers.len() != self.n_layers {
             return bad(format!("layer pattern has {} entries for {} layers", self.layers.len(), self.n_layers));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} attention heads are not a multiple of {} kv heads", self.n_heads, self.n_kv_heads));
         }
-        if self.rotary_dim > self.head_dim || self.rotary_dim % 2 != 0 {
+        if self.rotary_dim > self.head_dim || !self.rotary_dim.is_multiple_of(2) {
             return bad(format!("rotary dim {} must be even and at most head dim {}", self.rotary_dim, self.head_dim));
         }
         if self.n_experts_used > self.n_experts {
