@@ -137,6 +137,26 @@ fn dropped_writer_leaves_no_file() {
 }
 
 #[test]
+fn temp_files_of_dead_writers_are_removed_by_the_next_write() {
+    let dir = tempdir();
+    let path = dir.join("model.gguf");
+    // pid 4194305 is above Linux's pid_max (2^22): no such process can exist.
+    let stale = dir.join("model.gguf.tmp-4194305");
+    let other = dir.join("other.gguf.tmp-4194305");
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&other, b"not ours").unwrap();
+    let (b, datas) = build(None);
+    let planned = b.tensors().to_vec();
+    let mut w = b.create(&path).unwrap();
+    for (p, d) in planned.iter().zip(&datas) {
+        w.write_tensor(&p.name, d).unwrap();
+    }
+    w.finish().unwrap();
+    assert!(!stale.exists(), "stale temp of the same target removed");
+    assert!(other.exists(), "temps of other targets untouched");
+}
+
+#[test]
 fn finishing_with_missing_tensors_fails_and_cleans_up() {
     let dir = tempdir();
     let path = dir.join("short.gguf");

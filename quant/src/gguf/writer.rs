@@ -156,11 +156,28 @@ impl Builder {
     pub fn create(self, path: impl AsRef<Path>) -> Result<FileWriter> {
         let dest = path.as_ref().to_path_buf();
         let file_name = dest.file_name().ok_or_else(|| FormatError::Writer(format!("{} is not a file path", dest.display())))?;
+        remove_stale_temps(&dest);
         let tmp = dest.with_file_name(format!("{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
         let file = File::create(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
         let mut guard = FileWriter { inner: None, tmp, dest, committed: false };
         guard.inner = Some(self.write_to(BufWriter::with_capacity(8 << 20, file))?);
         Ok(guard)
+    }
+}
+
+/// Removes `NAME.tmp-PID` files beside `dest` left by writers that were killed (SIGKILL,
+/// power loss) and whose process no longer runs, so a rerun leaves no debris.
+fn remove_stale_temps(dest: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() && Path::new("/proc/self").exists() {
+            let _ = fs::remove_file(e.path());
+        }
     }
 }
 
