@@ -138,3 +138,52 @@ fn stacked_native_layout_converts_to_the_same_tensors() {
         assert!(ta.data == tb.data, "{} bytes differ between layouts", ta.info.name);
     }
 }
+
+#[test]
+fn f32_and_f16_checkpoints_convert_like_bf16() {
+    let tmp = tempdir("dtypes");
+    let dir = tiny_checkpoint(&tmp, "bf16", tiny(), u64::MAX);
+    let all = open_checkpoint(&dir).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    for (dtype, tag) in [("F32", "f32"), ("F16", "f16")] {
+        let out_dir = tmp.join(tag);
+        std::fs::create_dir(&out_dir).unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(dir.join(f), out_dir.join(f)).unwrap();
+        }
+        let tensors: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let t = &all[*name];
+                let mut raw = Vec::new();
+                t.read_rows(0, t.n_rows(), &mut raw).unwrap();
+                let mut x = Vec::new();
+                t.dtype.to_f32(&raw, &mut x);
+                let bytes = match dtype {
+                    "F32" => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    _ => quantize_to_vec(QType::F16, &x).unwrap(),
+                };
+                ((*name).clone(), dtype, t.shape.clone(), bytes)
+            })
+            .collect();
+        write_safetensors(&out_dir.join("model.safetensors"), &tensors);
+        let types = TypePlan { weights: QType::Q8_0, experts: QType::Q4K };
+        let (a, b) = (tmp.join(format!("bf16-{tag}.gguf")), tmp.join(format!("{tag}.gguf")));
+        run(&dir, &a, types);
+        run(&out_dir, &b, types);
+        let (fa, fb) = (GgufFile::open(&a).unwrap(), GgufFile::open(&b).unwrap());
+        if dtype == "F32" {
+            for ta in fa.tensors() {
+                // bf16 values are exact in f32: the same floats go in, the same bytes come out.
+                assert!(ta.data == fb.tensor(&ta.info.name).unwrap().data, "{} from F32 differs from the bf16 source", ta.info.name);
+            }
+        } else {
+            // f16 flushes the tiniest bf16 values to subnormals, so compare with the f16 values.
+            let src = &tensors.iter().find(|t| t.0 == "model.embed_tokens.weight").unwrap().3;
+            let x: Vec<f32> = src.chunks_exact(2).map(|b| mxr_quant::convert::f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect();
+            assert!(fb.tensor("token_embd.weight").unwrap().data == &quantize_to_vec(QType::BF16, &x).unwrap()[..]);
+            assert_eq!(fa.header().tensors().len(), fb.header().tensors().len());
+        }
+    }
+}
