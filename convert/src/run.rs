@@ -167,19 +167,20 @@ fn stream(
     let (msg_tx, msg_rx) = sync_channel::<Msg>(threads);
     let job_rx = Mutex::new(job_rx);
     let stop = AtomicBool::new(false);
+    let pool = BufferPool::new(4 * threads);
     std::thread::scope(|s| {
-        let (reader_tx, stop) = (msg_tx.clone(), &stop);
+        let (reader_tx, stop, reader_pool) = (msg_tx.clone(), &stop, &pool);
         s.spawn(move || {
-            if let Err(e) = read_jobs(tensors, opts.chunk_bytes, &job_tx, stop) {
+            if let Err(e) = read_jobs(tensors, opts.chunk_bytes, &job_tx, stop, reader_pool) {
                 let _ = reader_tx.send(Msg::Failed(e));
             }
         });
         for _ in 0..threads {
-            let (rx, tx) = (&job_rx, msg_tx.clone());
-            s.spawn(move || quantize_jobs(rx, &tx));
+            let (rx, tx, worker_pool) = (&job_rx, msg_tx.clone(), &pool);
+            s.spawn(move || quantize_jobs(rx, &tx, worker_pool));
         }
         drop(msg_tx);
-        let result = write_in_order(msg_rx, &mut write);
+        let result = write_in_order(msg_rx, &mut write, &pool);
         if result.is_err() {
             // Stop the reader and unblock it: take whatever it still sends until it hangs up.
             stop.store(true, Ordering::Relaxed);
@@ -193,7 +194,33 @@ fn stream(
     })
 }
 
-fn read_jobs(tensors: &[OutTensor], chunk_bytes: usize, tx: &SyncSender<Job>, stop: &AtomicBool) -> Result<(), ConvertError> {
+/// Recycled byte buffers: chunks are megabytes each, and fresh allocations of that size are
+/// fresh mmaps whose page faults and unmaps cost more system time than the quantization.
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    max: usize,
+}
+
+impl BufferPool {
+    fn new(max: usize) -> Self {
+        BufferPool { free: Mutex::new(Vec::with_capacity(max)), max }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.free.lock().ok().and_then(|mut f| f.pop()).unwrap_or_default()
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < self.max {
+                f.push(buf);
+            }
+        }
+    }
+}
+
+fn read_jobs(tensors: &[OutTensor], chunk_bytes: usize, tx: &SyncSender<Job>, stop: &AtomicBool, pool: &BufferPool) -> Result<(), ConvertError> {
     let mut seq = 0;
     for (ti, t) in tensors.iter().enumerate() {
         for p in &t.pieces {
@@ -205,7 +232,7 @@ fn read_jobs(tensors: &[OutTensor], chunk_bytes: usize, tx: &SyncSender<Job>, st
                     return Ok(());
                 }
                 let n = per_chunk.min(p.row_start + p.n_rows - row);
-                let mut raw = Vec::new();
+                let mut raw = pool.take();
                 p.src.read_rows(row, n, &mut raw)?;
                 let job = Job { seq, tensor: ti, qtype: t.qtype, row_len: t.row_len() as usize, dtype: p.src.dtype, raw };
                 if tx.send(job).is_err() {
@@ -219,7 +246,7 @@ fn read_jobs(tensors: &[OutTensor], chunk_bytes: usize, tx: &SyncSender<Job>, st
     Ok(())
 }
 
-fn quantize_jobs(rx: &Mutex<Receiver<Job>>, tx: &SyncSender<Msg>) {
+fn quantize_jobs(rx: &Mutex<Receiver<Job>>, tx: &SyncSender<Msg>, pool: &BufferPool) {
     let mut x = Vec::new();
     loop {
         let job = match rx.lock() {
@@ -231,18 +258,24 @@ fn quantize_jobs(rx: &Mutex<Receiver<Job>>, tx: &SyncSender<Msg>) {
         job.dtype.to_f32(&job.raw, &mut x);
         let row_out = job.qtype.row_bytes(job.row_len).unwrap_or(0);
         let n_rows = x.len() / job.row_len.max(1);
-        let mut bytes = vec![0u8; n_rows * row_out];
+        let mut bytes = pool.take();
+        bytes.resize(n_rows * row_out, 0);
         for (xr, or) in x.chunks_exact(job.row_len).zip(bytes.chunks_exact_mut(row_out)) {
             quantize(job.qtype, xr, or);
         }
         let msg = Msg::Done { seq: job.seq, tensor: job.tensor, bytes, input: job.raw.len() as u64 };
+        pool.give(job.raw);
         if tx.send(msg).is_err() {
             return;
         }
     }
 }
 
-fn write_in_order(rx: Receiver<Msg>, write: &mut impl FnMut(usize, &[u8], u64) -> Result<(), ConvertError>) -> Result<(), ConvertError> {
+fn write_in_order(
+    rx: Receiver<Msg>,
+    write: &mut impl FnMut(usize, &[u8], u64) -> Result<(), ConvertError>,
+    pool: &BufferPool,
+) -> Result<(), ConvertError> {
     let mut pending: BTreeMap<u64, (usize, Vec<u8>, u64)> = BTreeMap::new();
     let (mut next, mut done) = (0u64, 0u64);
     for msg in rx {
@@ -255,6 +288,7 @@ fn write_in_order(rx: Receiver<Msg>, write: &mut impl FnMut(usize, &[u8], u64) -
         while let Some((tensor, bytes, input)) = pending.remove(&next) {
             done += input;
             write(tensor, &bytes, done)?;
+            pool.give(bytes);
             next += 1;
         }
     }

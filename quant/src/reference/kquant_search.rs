@@ -48,8 +48,8 @@ pub fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     // The 18 trial scales do not depend on each other: sum them 8 at a time (each lane in
     // ggml's element order, so bit-identical), then pick winners in ggml's trial order.
     const LANES: usize = 8;
-    let trials: Vec<i32> = (-9..=9).filter(|&is| is != 0).collect();
-    for batch in trials.chunks(LANES) {
+    const TRIALS: [i32; 18] = [-9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+    for batch in TRIALS.chunks(LANES) {
         let mut iscale = [0f32; LANES];
         for (s, &is) in iscale.iter_mut().zip(batch) {
             *s = -(nmax as f32 + 0.1 * is as f32) / max;
