@@ -12,11 +12,15 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod forward;
 pub mod layers;
+pub mod model;
 pub mod names;
 
 pub use config::{Config, Residual};
+pub use forward::Session;
 pub use layers::{layer_pattern, LayerKind};
+pub use model::Model;
 
 /// Errors of model description and loading.
 #[derive(Debug, thiserror::Error)]
@@ -27,4 +31,14 @@ pub enum ModelError {
     BadMetadata { key: String, reason: String },
     #[error("{origin}: {reason}")]
     BadConfig { origin: String, reason: String },
+    #[error("the model file has no tensor `{0}`")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    TensorShape { name: String, expected: Vec<u64>, actual: Vec<u64> },
+    #[error("tensor `{name}` has type {found}, which mxr does not compute with")]
+    TensorType { name: String, found: String },
+    #[error(transparent)]
+    Kernel(#[from] mxr_kernels::KernelError),
+    #[error("{0}")]
+    Input(String),
 }

@@ -1,0 +1,101 @@
+//! The MiniMax-01 forward pass on the CPU (spec section 3), over ggml's kernels for the
+//! matrix products:
+//!
+//!   h1 = RMSNorm_in(x);  a = Attn(h1);  y = α_attn h1 + β_attn a
+//!   h2 = RMSNorm_post(y); m = MoE(h2);  x' = α_mlp h2 + β_mlp m
+//!
+//! then the final norm and lm_head. A [`Session`] carries the lightning states and the
+//! softmax layers' KV caches between calls, so a conversation is never re-read.
+
+pub mod attention;
+pub mod lightning;
+pub mod moe;
+pub mod ops;
+
+use mxr_kernels::cpu::Threads;
+
+use crate::model::{Attention, Model};
+use crate::{Config, LayerKind, ModelError};
+use attention::KvCache;
+use ops::{linear, residual, rmsnorm, sigmoid, silu};
+
+/// Per-sequence state: position, lightning states [n_heads, hd, hd] and KV caches.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub pos: usize,
+    pub lightning: Vec<Vec<f32>>,
+    pub kv: Vec<KvCache>,
+}
+
+impl Session {
+    pub fn new(c: &Config) -> Session {
+        let state = |k: &LayerKind| if *k == LayerKind::Lightning { vec![0f32; c.n_heads * c.head_dim * c.head_dim] } else { Vec::new() };
+        Session { pos: 0, lightning: c.layers.iter().map(state).collect(), kv: vec![KvCache::default(); c.n_layers] }
+    }
+}
+
+/// Which logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// [n_tokens, vocab]
+    All,
+    /// [vocab] of the last token
+    Last,
+}
+
+/// Runs `tokens` through the model after what `session` has seen; returns logits.
+pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logits, threads: Threads) -> Result<Vec<f32>, ModelError> {
+    let c = &model.config;
+    let (n, d) = (tokens.len(), c.dim);
+    if n == 0 {
+        return Err(ModelError::Input("no tokens to evaluate".into()));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+    }
+    let mut x = vec![0f32; n * d];
+    for (t, &id) in tokens.iter().enumerate() {
+        model.embed(id, &mut x[t * d..(t + 1) * d]);
+    }
+    for (l, layer) in model.layers.iter().enumerate() {
+        rmsnorm(&mut x, &layer.attn_norm, c.rms_eps);
+        let (a, r) = match &layer.attn {
+            Attention::Lightning { qkv, gate, norm, out } => {
+                let mut p = linear(&model.matrix(qkv), &x, n, threads)?;
+                p.iter_mut().for_each(|v| *v = silu(*v));
+                let slopes = lightning::slopes(c.n_heads, l, c.n_layers);
+                let mut o = lightning::attend(&p, n, c.head_dim, &slopes, &mut session.lightning[l], lightning::BLOCK, threads);
+                rmsnorm(&mut o, norm, c.lightning_norm_eps);
+                let g = linear(&model.matrix(gate), &x, n, threads)?;
+                o.iter_mut().zip(&g).for_each(|(v, &gv)| *v *= sigmoid(gv));
+                (linear(&model.matrix(out), &o, n, threads)?, c.residual_lightning)
+            }
+            Attention::Softmax { q, k, v, out } => {
+                let (a_dim, kv_dim) = (c.attn_dim(), c.kv_dim());
+                let mut qs = linear(&model.matrix(q), &x, n, threads)?;
+                let mut ks = linear(&model.matrix(k), &x, n, threads)?;
+                let vs = linear(&model.matrix(v), &x, n, threads)?;
+                attention::rope(&mut qs, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, session.pos);
+                attention::rope(&mut ks, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, session.pos);
+                let cache = &mut session.kv[l];
+                cache.k.extend_from_slice(&ks);
+                cache.v.extend_from_slice(&vs);
+                let o = attention::attend(&qs, n, c.n_heads, c.n_kv_heads, c.head_dim, cache, session.pos, threads);
+                (linear(&model.matrix(out), &o, n, threads)?, c.residual_softmax)
+            }
+        };
+        residual(&mut x, &a, r.alpha, r.beta);
+        rmsnorm(&mut x, &layer.ffn_norm, c.rms_eps);
+        let m = moe::moe(model, layer, &x, n, threads)?;
+        residual(&mut x, &m, c.residual_mlp.alpha, c.residual_mlp.beta);
+    }
+    session.pos += n;
+    let rows = match which {
+        Logits::All => x,
+        Logits::Last => x[(n - 1) * d..].to_vec(),
+    };
+    let mut rows = rows;
+    rmsnorm(&mut rows, &model.output_norm, c.rms_eps);
+    let m = rows.len() / d;
+    linear(&model.matrix(&model.output), &rows, m, threads)
+}

@@ -1,0 +1,94 @@
+//! mxr's CPU forward pass against transformers' float32 logits on the golden fixtures
+//! (tests/reference/make_fixtures.py): F32 conversions must match tightly (max abs diff
+//! <= 1e-3, same top-1 everywhere), quantized ones loosely; and the session must give the
+//! same logits whether the tokens come at once, in chunks, or one by one.
+
+use std::path::PathBuf;
+
+use mxr_convert::{convert, ConvertOptions, TypePlan};
+use mxr_e2e::{npy, repo_root, tempdir};
+use mxr_kernels::cpu::Threads;
+use mxr_models::forward::{forward, Logits};
+use mxr_models::{Model, Session};
+use mxr_quant::reference::stats::diff;
+use mxr_quant::QType;
+
+fn golden(case: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/golden").join(case)
+}
+
+fn model(case: &str, q: QType) -> Model {
+    let out = tempdir("fwd").join(format!("{case}.gguf"));
+    convert(&golden(case), &out, &ConvertOptions::new(TypePlan::uniform(q)), &|_| {}).unwrap();
+    Model::open(&out).unwrap()
+}
+
+fn reference(case: &str) -> (Vec<u32>, usize, Vec<f32>) {
+    let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(golden(case).join("tokens.json")).unwrap()).unwrap();
+    let (shape, logits) = npy::read_f32(&golden(case).join("logits.npy"));
+    (tokens, shape[1], logits)
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter().enumerate().fold(0, |best, (i, v)| if *v > x[best] { i } else { best })
+}
+
+fn top1_agreement(got: &[f32], want: &[f32], vocab: usize) -> f64 {
+    let same = got.chunks(vocab).zip(want.chunks(vocab)).filter(|(g, w)| argmax(g) == argmax(w)).count();
+    same as f64 / (want.len() / vocab) as f64
+}
+
+#[test]
+fn f32_conversions_match_transformers() {
+    for case in ["equal-alpha", "distinct-alpha"] {
+        let (tokens, vocab, want) = reference(case);
+        let m = model(case, QType::F32);
+        let mut s = Session::new(&m.config);
+        let got = forward(&m, &mut s, &tokens, Logits::All, Threads(2)).unwrap();
+        let d = diff(&got, &want);
+        eprintln!("{case} F32: {d}");
+        assert!(d.max_abs <= 1e-3 && d.nan_mismatches == 0, "{case}: {d}");
+        assert_eq!(top1_agreement(&got, &want, vocab), 1.0, "{case}: top-1");
+    }
+}
+
+#[test]
+fn quantized_conversions_stay_close() {
+    // Loose bounds: Q8_0 keeps ~0.4% relative weight error, Q4_0 ~7%. Near-tied router
+    // choices flip under that noise, which moves single logits a lot (max abs diff ~1.6 for
+    // Q8_0) while the whole stays close (NMSE ~1e-3, top-1 ~97%). The fixture's rows (64)
+    // are too short for Q4_K/Q6_K blocks, which fall back to Q8_0.
+    for (q, max_nmse, min_top1) in [(QType::Q8_0, 2e-3, 0.95), (QType::Q4_0, 5e-2, 0.70)] {
+        let (tokens, vocab, want) = reference("equal-alpha");
+        let m = model("equal-alpha", q);
+        let got = forward(&m, &mut Session::new(&m.config), &tokens, Logits::All, Threads(2)).unwrap();
+        let d = diff(&got, &want);
+        let top1 = top1_agreement(&got, &want, vocab);
+        eprintln!("{q}: {d}, top-1 {top1:.3}");
+        assert!(d.nmse <= max_nmse && top1 >= min_top1, "{q}: {d}, top-1 {top1}");
+    }
+}
+
+#[test]
+fn chunked_prefill_and_decode_equal_one_pass() {
+    let (tokens, vocab, _) = reference("distinct-alpha");
+    let tokens = &tokens[..300];
+    let m = model("distinct-alpha", QType::F32);
+    let all = forward(&m, &mut Session::new(&m.config), tokens, Logits::All, Threads(2)).unwrap();
+    // Chunks of uneven sizes, then single-token decode steps, in one session.
+    let mut s = Session::new(&m.config);
+    let mut got = Vec::new();
+    let mut at = 0;
+    for n in [1, 70, 129, 60] {
+        got.extend(forward(&m, &mut s, &tokens[at..at + n], Logits::All, Threads(3)).unwrap());
+        at += n;
+    }
+    while at < tokens.len() {
+        got.extend(forward(&m, &mut s, &tokens[at..at + 1], Logits::Last, Threads(1)).unwrap());
+        at += 1;
+    }
+    assert_eq!(s.pos, tokens.len());
+    let d = diff(&got, &all);
+    assert!(d.max_abs <= 1e-4, "chunked vs one pass: {d}");
+    assert_eq!(top1_agreement(&got, &all, vocab), 1.0);
+}
