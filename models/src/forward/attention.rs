@@ -6,6 +6,7 @@
 use mxr_kernels::cpu::Threads;
 
 use super::ops::{ranges, softmax};
+use crate::Config;
 
 /// Keys and values of one softmax layer, [len, kv_dim] each.
 #[derive(Clone, Debug, Default)]
@@ -34,7 +35,8 @@ pub fn rope(x: &mut [f32], width: usize, head_dim: usize, rotary_dim: usize, the
 
 /// Attention of `n_tokens` new queries at positions `pos0..` over the cache (which already
 /// holds their keys and values). q: [n_tokens, n_heads * hd]; returns [n_tokens, n_heads * hd].
-pub fn attend(q: &[f32], n_tokens: usize, n_heads: usize, n_kv_heads: usize, hd: usize, cache: &KvCache, pos0: usize, threads: Threads) -> Vec<f32> {
+pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usize, threads: Threads) -> Vec<f32> {
+    let (n_heads, n_kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let group = n_heads / n_kv_heads;
     let kv_dim = n_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();

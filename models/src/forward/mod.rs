@@ -80,7 +80,7 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
                 let cache = &mut session.kv[l];
                 cache.k.extend_from_slice(&ks);
                 cache.v.extend_from_slice(&vs);
-                let o = attention::attend(&qs, n, c.n_heads, c.n_kv_heads, c.head_dim, cache, session.pos, threads);
+                let o = attention::attend(&qs, n, c, cache, session.pos, threads);
                 (linear(&model.matrix(out), &o, n, threads)?, c.residual_softmax)
             }
         };
