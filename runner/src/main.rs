@@ -4,8 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-mod convert_cmd;
-mod inspect;
+use mxr::{convert_cmd, inspect, run_cmd};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +30,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text from a prompt (one shot), streaming to stdout.
+    Run(run_cmd::RunArgs),
     /// Convert a MiniMax-Text-01 / M1 safetensors checkpoint to GGUF (int8/int4 matrices).
     Convert(convert_cmd::ConvertArgs),
     /// Write a random-weight checkpoint in MiniMax's on-disk format, any size.
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Run(a) => run_cmd::run(a),
         Command::Convert(a) => convert_cmd::run_convert(a),
         Command::Synth(a) => convert_cmd::run_synth(a),
     };

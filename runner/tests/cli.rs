@@ -1,4 +1,4 @@
-//! `mxr inspect` as a user runs it: the table, --json for scripts (checked against gguf-py's
+//! The `mxr` commands as a user runs them. inspect: the table, --json for scripts (checked against gguf-py's
 //! own reading of the same file), and clean errors (exit status 1, no panic) on bad files.
 
 use std::path::Path;
@@ -157,4 +157,40 @@ fn synth_then_convert_then_inspect() {
     assert_eq!(j["model"]["layers"], "SLL");
     let t = j["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "blk.2.ffn_up_exps.weight").unwrap().clone();
     assert_eq!((t["type"].as_str(), t["shape"].clone()), (Some("q4_K"), serde_json::json!([256, 512, 3])));
+}
+
+#[test]
+fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
+    let dir = tempdir("cli-run");
+    let gguf = dir.join("g.gguf");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    let out = mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "f32"]);
+    assert!(out.status.success());
+    let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(golden.join("tokens.json")).unwrap()).unwrap();
+    let list = tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
+    let npy = dir.join("l.npy");
+    let out = mxr(&["run", "-m", gguf.to_str().unwrap(), "--prompt-tokens", &list, "-n", "0", "--dump-logits", npy.to_str().unwrap(), "--batch-size", "256"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (shape, got) = mxr_e2e::npy::read_f32(&npy);
+    let (wshape, want) = mxr_e2e::npy::read_f32(&golden.join("logits.npy"));
+    assert_eq!(shape, wshape);
+    let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max <= 1e-3, "max abs diff {max}");
+    // Same seed, same text; stderr carries the timings, stdout only the text.
+    let gen = |seed: &str| mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "ROMEO:", "-n", "24", "--seed", seed, "--temp", "0.9"]);
+    let (a, b) = (gen("5"), gen("5"));
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+    let err = String::from_utf8_lossy(&a.stderr);
+    assert!(err.contains("prompt: ") && err.contains("tokens/s") && err.contains("seed 5"), "{err}");
+    // Errors: context too small, empty prompt, no CUDA in this build.
+    let small = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "ROMEO:", "-n", "100", "--ctx-size", "50"]);
+    assert_eq!(small.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&small.stderr).contains("exceeds the context of 50 tokens"));
+    let empty = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "", "-n", "3"]);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("the prompt is empty"));
+    let cuda = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "x", "--device", "cuda"]);
+    assert_eq!(cuda.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&cuda.stderr).contains("no CUDA backend"));
 }

@@ -1,0 +1,13 @@
+//! The `mxr` binary's parts, as a library so tests can reach them: command implementations
+//! (`inspect`, `convert_cmd`, `run_cmd`), the tokenizer glue, chat templates, the sampler
+//! and .npy output.
+
+#![forbid(unsafe_code)]
+
+pub mod convert_cmd;
+pub mod inspect;
+pub mod npy;
+pub mod run_cmd;
+pub mod sampler;
+pub mod template;
+pub mod tokenizer;

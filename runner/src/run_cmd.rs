@@ -1,0 +1,233 @@
+//! `mxr run`: one prompt in, streamed text out (llama.cpp's `llama-cli -p` conventions),
+//! timings on stderr; `--dump-logits` writes every prompt position's logits as .npy.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use mxr_kernels::cpu::Threads;
+use mxr_models::forward::{forward, Logits};
+use mxr_models::layers::PatternSummary;
+use mxr_models::{Model, Session};
+
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::template::{render, Message};
+use crate::tokenizer::{StreamDecoder, TextTokenizer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model file (GGUF).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// CPU threads (default: all cores).
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    /// Where to compute: auto picks a GPU when there is one (this build: CPU only).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Context size in tokens (prompt + generated). 0 = the model's.
+    #[arg(short = 'c', long, default_value_t = 4096)]
+    pub ctx_size: usize,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed (default: from the clock; printed on stderr).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn sampler(&self) -> (Sampler, u64) {
+        let seed = self.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        let cfg = SamplerConfig {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed,
+        };
+        (Sampler::new(cfg), seed)
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Prompt text (else -f FILE, --prompt-tokens, or standard input).
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short, long, conflicts_with = "prompt")]
+    pub file: Option<PathBuf>,
+    /// The prompt as token ids: 1,2,3.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "file"])]
+    pub prompt_tokens: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub n_predict: usize,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Write float32 logits of every prompt position, shape [prompt tokens, vocab], to this .npy.
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
+    /// Prompt tokens evaluated per forward call (bounds activation memory).
+    #[arg(long, default_value_t = 512)]
+    pub batch_size: usize,
+}
+
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: TextTokenizer,
+    pub threads: Threads,
+    pub ctx: usize,
+}
+
+/// Opens the model, prints the model and device lines, checks the device choice.
+pub fn load(a: &ModelArgs) -> Result<Loaded> {
+    if a.device == Device::Cuda {
+        bail!("--device cuda: this build of mxr has no CUDA backend yet; use --device cpu");
+    }
+    let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let tokenizer = TextTokenizer::from_gguf(model.file.header()).with_context(|| format!("tokenizer of {}", a.model.display()))?;
+    let threads = Threads(a.threads.unwrap_or_else(|| Threads::all().0).max(1));
+    let c = &model.config;
+    let ctx = if a.ctx_size == 0 { c.context_length } else { a.ctx_size };
+    let h = model.file.header();
+    let (params, bytes): (u64, u64) = h.tensors().iter().fold((0, 0), |(p, b), t| (p + t.n_elements, b + t.n_bytes));
+    let state_mib = c.layers.iter().filter(|k| **k == mxr_models::LayerKind::Lightning).count() * c.n_heads * c.head_dim * c.head_dim * 4;
+    let kv_per_token = c.layers.iter().filter(|k| **k == mxr_models::LayerKind::Softmax).count() * 2 * c.kv_dim() * 4;
+    eprintln!(
+        "model: {} layers {}, {:.2}M params, {:.2} GiB, {:.2} bits/weight, ctx {ctx}, lightning state {:.1} MiB, KV {} B/token",
+        c.n_layers,
+        PatternSummary(&c.layers),
+        params as f64 / 1e6,
+        bytes as f64 / (1u64 << 30) as f64,
+        bytes as f64 * 8.0 / params.max(1) as f64,
+        state_mib as f64 / (1u64 << 20) as f64,
+        kv_per_token
+    );
+    eprintln!("device: cpu, {} threads (ggml kernels)", threads.0);
+    Ok(Loaded { model, tokenizer, threads, ctx })
+}
+
+fn prompt_text(a: &RunArgs) -> Result<String> {
+    if let Some(p) = &a.prompt {
+        return Ok(p.clone());
+    }
+    if let Some(f) = &a.file {
+        return std::fs::read_to_string(f).with_context(|| format!("reading prompt file {}", f.display()));
+    }
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s).context("reading the prompt from standard input (not valid UTF-8?)")?;
+    Ok(s)
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let l = load(&a.model)?;
+    let tokens = match &a.prompt_tokens {
+        Some(t) => t.clone(),
+        None => {
+            let mut text = prompt_text(&a)?;
+            if a.chat {
+                let template = l.tokenizer.chat_template.as_deref().context("the model has no chat template (tokenizer.chat_template)")?;
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.push(Message::new("user", &text));
+                text = render(template, &msgs, true)?;
+            }
+            l.tokenizer.encode(&text)?
+        }
+    };
+    if tokens.is_empty() {
+        bail!("the prompt is empty: give text with -p, -f or standard input, or --prompt-tokens");
+    }
+    if tokens.len() + a.n_predict > l.ctx {
+        bail!("prompt ({} tokens) + -n {} exceeds the context of {} tokens (raise --ctx-size)", tokens.len(), a.n_predict, l.ctx);
+    }
+    let c = &l.model.config;
+    let mut session = Session::new(c);
+    let started = Instant::now();
+    let mut dump = Vec::new();
+    let mut last = Vec::new();
+    for chunk in tokens.chunks(a.batch_size.max(1)) {
+        let which = if a.dump_logits.is_some() { Logits::All } else { Logits::Last };
+        let logits = forward(&l.model, &mut session, chunk, which, l.threads)?;
+        last = logits[logits.len() - c.vocab_size..].to_vec();
+        if a.dump_logits.is_some() {
+            dump.extend_from_slice(&logits);
+        }
+    }
+    let prompt_s = started.elapsed().as_secs_f64();
+    if let Some(path) = &a.dump_logits {
+        crate::npy::write_f32(path, &[tokens.len(), c.vocab_size], &dump)?;
+        eprintln!("wrote logits [{}, {}] to {}", tokens.len(), c.vocab_size, path.display());
+    }
+    let (mut sampler, seed) = a.sampling.sampler();
+    let mut history = tokens.clone();
+    let mut stream = StreamDecoder::new();
+    let mut out = std::io::stdout().lock();
+    let gen_start = Instant::now();
+    let mut generated = 0;
+    while generated < a.n_predict {
+        let next = sampler.sample(&last, &history, &l.tokenizer.suppress);
+        generated += 1;
+        if l.tokenizer.stop.contains(&next) {
+            break;
+        }
+        history.push(next);
+        let text = stream.push(&l.tokenizer, next)?;
+        out.write_all(text.as_bytes()).and_then(|_| out.flush()).context("writing to standard output")?;
+        if generated == a.n_predict {
+            break;
+        }
+        last = forward(&l.model, &mut session, &[next], Logits::Last, l.threads)?;
+    }
+    if a.n_predict > 0 {
+        writeln!(out).ok();
+    }
+    let gen_s = gen_start.elapsed().as_secs_f64();
+    eprintln!(
+        "prompt: {} tokens in {:.1} ms ({:.1} tokens/s); generation: {} tokens in {:.1} ms ({:.1} tokens/s); seed {seed}",
+        tokens.len(),
+        prompt_s * 1e3,
+        tokens.len() as f64 / prompt_s.max(1e-9),
+        generated,
+        gen_s * 1e3,
+        generated as f64 / gen_s.max(1e-9)
+    );
+    Ok(())
+}
