@@ -92,6 +92,7 @@ fn from_ggml(h: &Header) -> Result<Tokenizer> {
 
 /// Prints text as tokens arrive, holding back an incomplete UTF-8 sequence (a byte-level
 /// token may end inside a character).
+#[derive(Default)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
     printed: usize,
@@ -99,7 +100,7 @@ pub struct StreamDecoder {
 
 impl StreamDecoder {
     pub fn new() -> Self {
-        StreamDecoder { ids: Vec::new(), printed: 0 }
+        Self::default()
     }
 
     /// The new text `id` completes, if any.

@@ -92,3 +92,24 @@ fn chunked_prefill_and_decode_equal_one_pass() {
     assert!(d.max_abs <= 1e-4, "chunked vs one pass: {d}");
     assert_eq!(top1_agreement(&got, &all, vocab), 1.0);
 }
+
+#[test]
+fn saved_session_resumes_exactly() {
+    let (tokens, _, _) = reference("equal-alpha");
+    let m = model("equal-alpha", QType::F32);
+    let mut s = Session::new(&m.config);
+    forward(&m, &mut s, &tokens[..200], Logits::Last, Threads(2)).unwrap();
+    let path = tempdir("session").join("s.mxrs");
+    s.save(&m, &path).unwrap();
+    let mut loaded = Session::load(&m, &path).unwrap();
+    assert_eq!(loaded.pos, 200);
+    let a = forward(&m, &mut s, &tokens[200..220], Logits::All, Threads(2)).unwrap();
+    let b = forward(&m, &mut loaded, &tokens[200..220], Logits::All, Threads(2)).unwrap();
+    assert_eq!(a, b, "a resumed session continues bit for bit");
+    // Another model refuses it; a damaged file is an error, not a panic.
+    let other = model("distinct-alpha", QType::F32);
+    assert!(Session::load(&other, &path).unwrap_err().to_string().contains("different model"));
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(Session::load(&m, &path).unwrap_err().to_string().contains("truncated"));
+}

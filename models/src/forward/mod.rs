@@ -11,6 +11,7 @@ pub mod attention;
 pub mod lightning;
 pub mod moe;
 pub mod ops;
+pub mod session_file;
 
 use mxr_kernels::cpu::Threads;
 
