@@ -194,3 +194,34 @@ fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
     assert_eq!(cuda.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&cuda.stderr).contains("no CUDA backend"));
 }
+
+#[test]
+fn chat_repl_keeps_the_session_and_saves_it() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let dir = tempdir("cli-chat");
+    let gguf = dir.join("g.gguf");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "q8_0"]).status.success());
+    let save = dir.join("c.mxrs");
+    let script = format!("Hello there\nSecond \\\nline\n/stats\n/save {0}\n/reset\n/stats\n/load {0}\n/stats\n/nope\n/exit\n", save.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxr"))
+        .args(["chat", "-m", gguf.to_str().unwrap(), "-n", "8", "--seed", "1", "--system", "Be brief."])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let contexts: Vec<usize> = err.lines().filter_map(|l| l.strip_prefix("context: ")).map(|l| l.split(' ').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(contexts.len(), 3, "{err}");
+    assert!(contexts[0] > 0 && contexts[1] == 0 && contexts[2] == contexts[0], "{contexts:?}");
+    assert!(err.contains("4 messages") && err.contains("unknown command /nope"), "{err}");
+    // The second turn fed only its own tokens: the last reply's prompt is shorter than the context.
+    let last = err.lines().find(|l| l.starts_with("last reply: prompt ")).unwrap();
+    let prompt: usize = last["last reply: prompt ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(prompt < contexts[0] / 2, "{last} (context {})", contexts[0]);
+}

@@ -100,9 +100,9 @@ fn saved_session_resumes_exactly() {
     let mut s = Session::new(&m.config);
     forward(&m, &mut s, &tokens[..200], Logits::Last, Threads(2)).unwrap();
     let path = tempdir("session").join("s.mxrs");
-    s.save(&m, &path).unwrap();
-    let mut loaded = Session::load(&m, &path).unwrap();
-    assert_eq!(loaded.pos, 200);
+    s.save(&m, &path, b"{\"messages\": []}").unwrap();
+    let (mut loaded, extra) = Session::load(&m, &path).unwrap();
+    assert_eq!((loaded.pos, &loaded.tokens[..], &extra[..]), (200, &tokens[..200], &b"{\"messages\": []}"[..]));
     let a = forward(&m, &mut s, &tokens[200..220], Logits::All, Threads(2)).unwrap();
     let b = forward(&m, &mut loaded, &tokens[200..220], Logits::All, Threads(2)).unwrap();
     assert_eq!(a, b, "a resumed session continues bit for bit");

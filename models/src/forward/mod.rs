@@ -20,10 +20,12 @@ use crate::{Config, LayerKind, ModelError};
 use attention::KvCache;
 use ops::{linear, residual, rmsnorm, sigmoid, silu};
 
-/// Per-sequence state: position, lightning states [n_heads, hd, hd] and KV caches.
+/// Per-sequence state: the tokens seen, lightning states [n_heads, hd, hd] and KV caches.
 #[derive(Clone, Debug)]
 pub struct Session {
     pub pos: usize,
+    /// Every token evaluated so far (`pos` of them).
+    pub tokens: Vec<u32>,
     pub lightning: Vec<Vec<f32>>,
     pub kv: Vec<KvCache>,
 }
@@ -31,7 +33,7 @@ pub struct Session {
 impl Session {
     pub fn new(c: &Config) -> Session {
         let state = |k: &LayerKind| if *k == LayerKind::Lightning { vec![0f32; c.n_heads * c.head_dim * c.head_dim] } else { Vec::new() };
-        Session { pos: 0, lightning: c.layers.iter().map(state).collect(), kv: vec![KvCache::default(); c.n_layers] }
+        Session { pos: 0, tokens: Vec::new(), lightning: c.layers.iter().map(state).collect(), kv: vec![KvCache::default(); c.n_layers] }
     }
 }
 
@@ -91,6 +93,7 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
         residual(&mut x, &m, c.residual_mlp.alpha, c.residual_mlp.beta);
     }
     session.pos += n;
+    session.tokens.extend_from_slice(tokens);
     let rows = match which {
         Logits::All => x,
         Logits::Last => x[(n - 1) * d..].to_vec(),

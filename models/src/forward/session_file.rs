@@ -2,9 +2,11 @@
 //! so a long document read once can be resumed instantly.
 //!
 //! Format (little-endian): b"MXRS", version u32 (1), model fingerprint u64, position u64,
-//! layer count u32, then per layer three f32 arrays (lightning state, K cache, V cache), each
-//! a u64 element count and the values. The fingerprint hashes the model file's size and
-//! header, so a session never loads into a different model.
+//! the `position` token ids (u32 each), layer count u32, then per layer three f32 arrays
+//! (lightning state, K cache, V cache), each a u64 element count and the values, and last
+//! the caller's extra bytes (u64 length + bytes; the chat REPL keeps its messages there).
+//! The fingerprint hashes the model file's size and header, so a session never loads into
+//! a different model.
 
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
@@ -33,7 +35,7 @@ fn io(path: &Path, e: std::io::Error) -> ModelError {
 
 impl Session {
     /// Writes the session to `path` (through a temporary file renamed on success).
-    pub fn save(&self, model: &Model, path: &Path) -> Result<(), ModelError> {
+    pub fn save(&self, model: &Model, path: &Path, extra: &[u8]) -> Result<(), ModelError> {
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let result = (|| -> std::io::Result<()> {
             let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
@@ -41,6 +43,9 @@ impl Session {
             w.write_all(&VERSION.to_le_bytes())?;
             w.write_all(&fingerprint(model).to_le_bytes())?;
             w.write_all(&(self.pos as u64).to_le_bytes())?;
+            for t in &self.tokens {
+                w.write_all(&t.to_le_bytes())?;
+            }
             w.write_all(&(self.lightning.len() as u32).to_le_bytes())?;
             for (state, kv) in self.lightning.iter().zip(&self.kv) {
                 for a in [state, &kv.k, &kv.v] {
@@ -50,6 +55,8 @@ impl Session {
                     }
                 }
             }
+            w.write_all(&(extra.len() as u64).to_le_bytes())?;
+            w.write_all(extra)?;
             w.into_inner().map_err(|e| e.into_error())?.sync_all()
         })();
         if let Err(e) = result {
@@ -59,8 +66,9 @@ impl Session {
         std::fs::rename(&tmp, path).map_err(|e| io(path, e))
     }
 
-    /// Reads a session saved for `model`; refuses one saved for another model.
-    pub fn load(model: &Model, path: &Path) -> Result<Session, ModelError> {
+    /// Reads a session saved for `model` and its extra bytes; refuses one saved for another
+    /// model.
+    pub fn load(model: &Model, path: &Path) -> Result<(Session, Vec<u8>), ModelError> {
         let mut bytes = Vec::new();
         std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(|e| io(path, e))?;
         let bad = |why: &str| ModelError::Input(format!("{}: not a session of this model ({why})", path.display()));
@@ -82,12 +90,13 @@ impl Session {
             return Err(bad("saved for a different model file"));
         }
         let pos = u64_of(take(8)?) as usize;
+        let tokens: Vec<u32> = take(pos.checked_mul(4).ok_or_else(|| bad("size"))?)?.chunks_exact(4).map(u32_of).collect();
         let fresh = Session::new(&model.config);
         if u32_of(take(4)?) as usize != fresh.lightning.len() {
             return Err(bad("layer count"));
         }
         let c = &model.config;
-        let mut s = Session { pos, lightning: Vec::new(), kv: Vec::new() };
+        let mut s = Session { pos, tokens, lightning: Vec::new(), kv: Vec::new() };
         for l in 0..c.n_layers {
             let mut arrays = Vec::with_capacity(3);
             for (which, expected) in [("state", Some(fresh.lightning[l].len())), ("keys", None), ("values", None)] {
@@ -104,9 +113,11 @@ impl Session {
             s.lightning.push(arrays.pop().unwrap_or_default());
             s.kv.push(KvCache { k, v });
         }
+        let n_extra = u64_of(take(8)?) as usize;
+        let extra = take(n_extra)?.to_vec();
         if at != bytes.len() {
             return Err(bad("trailing bytes"));
         }
-        Ok(s)
+        Ok((s, extra))
     }
 }
