@@ -165,14 +165,17 @@ impl Chat {
         let c = &self.l.model.config;
         let started = Instant::now();
         let mut logits = Vec::new();
+        self.interrupted.store(false, Ordering::SeqCst);
         for chunk in new.chunks(512) {
+            if self.interrupted.load(Ordering::SeqCst) {
+                break; // Ctrl-C during a long prompt: stop reading it; the reply loop stops too
+            }
             logits = forward(&self.l.model, &mut self.session, chunk, Logits::Last, self.l.threads)?;
         }
         if logits.is_empty() {
             logits = vec![0.0; c.vocab_size];
         }
         let prompt_s = started.elapsed().as_secs_f64();
-        self.interrupted.store(false, Ordering::SeqCst);
         let (mut reply, mut stream, mut n, mut reply_done) = (String::new(), StreamDecoder::new(), 0, false);
         let gen_start = Instant::now();
         let mut out = std::io::stdout().lock();

@@ -10,11 +10,12 @@ use mxr_quant::gguf::{Array, Header};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::Tokenizer;
+use tokenizers::{AddedToken, Tokenizer};
 
 pub const KEY_HF_JSON: &str = "tokenizer.huggingface.json";
 pub const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
 pub const KEY_MERGES: &str = "tokenizer.ggml.merges";
+pub const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 pub const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
 pub const KEY_EOT: &str = "tokenizer.ggml.eot_token_id";
 pub const KEY_SUPPRESS: &str = "tokenizer.ggml.suppress_tokens";
@@ -82,11 +83,23 @@ fn from_ggml(h: &Header) -> Result<Tokenizer> {
             .collect::<Result<Vec<_>>>()?,
         _ => Vec::new(),
     };
+    // llama.cpp token types: 3 = control (special), 4 = user-defined (added, not special).
+    let types = match h.get_array(KEY_TOKEN_TYPE)? {
+        Some(Array::I32(t)) => t.clone(),
+        _ => Vec::new(),
+    };
+    let added: Vec<AddedToken> = types
+        .iter()
+        .zip(&tokens)
+        .filter(|(ty, _)| **ty == 3 || **ty == 4)
+        .map(|(ty, t)| AddedToken::from(t.clone(), *ty == 3))
+        .collect();
     let vocab: tokenizers::models::bpe::Vocab = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| anyhow!("building BPE: {e}"))?;
     let mut t = Tokenizer::new(bpe);
     t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     t.with_decoder(Some(ByteLevelDecoder::default()));
+    t.add_special_tokens(&added);
     Ok(t)
 }
 

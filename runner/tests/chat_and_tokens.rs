@@ -5,7 +5,7 @@ use mxr::template::{render, Message};
 use mxr::tokenizer::TextTokenizer;
 use mxr_convert::{convert, ConvertOptions, TypePlan};
 use mxr_e2e::{repo_root, tempdir};
-use mxr_quant::gguf::GgufFile;
+use mxr_quant::gguf::{GgufFile, Header};
 use mxr_quant::QType;
 use serde_json::Value as Json;
 
@@ -57,4 +57,30 @@ fn generation_tags_are_no_ops_and_errors_are_reported() {
     let e = render("{{ raise_exception('roles must alternate') }}", &[], false).unwrap_err().to_string();
     assert!(e.contains("roles must alternate"), "{e}");
     assert!(render("{% for %}", &[], false).unwrap_err().to_string().contains("does not parse"));
+}
+
+#[test]
+fn files_without_the_hf_tokenizer_fall_back_to_the_ggml_vocabulary() {
+    use mxr_quant::gguf::Builder;
+    let exp = expected();
+    let case = "equal-alpha";
+    let dir = tempdir("chat-ggml");
+    let full = dir.join("full.gguf");
+    convert(&repo_root().join("tests/fixtures/golden").join(case), &full, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {}).unwrap();
+    // Copy the metadata without tokenizer.huggingface.json, as llama.cpp's converter writes it.
+    let f = GgufFile::open(&full).unwrap();
+    let mut b = Builder::new();
+    for (k, v) in f.header().metadata() {
+        if k != "tokenizer.huggingface.json" {
+            b.set(k.clone(), v.clone()).unwrap();
+        }
+    }
+    let stripped = Header::parse(&b.write_to(Vec::new()).unwrap().finish().unwrap()).unwrap();
+    let tok = TextTokenizer::from_gguf(&stripped).unwrap();
+    for t in exp["cases"][case]["texts"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        let want: Vec<u32> = t["ids"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
+        assert_eq!(tok.decode(&want).unwrap(), text);
+    }
 }

@@ -183,6 +183,17 @@ fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
     assert_eq!(a.stdout, b.stdout);
     let err = String::from_utf8_lossy(&a.stderr);
     assert!(err.contains("prompt: ") && err.contains("tokens/s") && err.contains("seed 5"), "{err}");
+    // The same prompt from a file and from standard input gives the same text.
+    let pf = dir.join("p.txt");
+    std::fs::write(&pf, "ROMEO:").unwrap();
+    let from_file = mxr(&["run", "-m", gguf.to_str().unwrap(), "-f", pf.to_str().unwrap(), "-n", "24", "--seed", "5", "--temp", "0.9"]);
+    assert_eq!(from_file.stdout, a.stdout);
+    let from_stdin = Command::new(env!("CARGO_BIN_EXE_mxr"))
+        .args(["run", "-m", gguf.to_str().unwrap(), "-n", "24", "--seed", "5", "--temp", "0.9"])
+        .stdin(std::fs::File::open(&pf).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(from_stdin.stdout, a.stdout);
     // Errors: context too small, empty prompt, no CUDA in this build.
     let small = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "ROMEO:", "-n", "100", "--ctx-size", "50"]);
     assert_eq!(small.status.code(), Some(1));
