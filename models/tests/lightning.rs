@@ -35,7 +35,7 @@ fn blocked_equals_recurrence_for_any_block_size() {
     // Layer 0 of 3: the fastest decays (s up to 0.84) and slowest (s = 1/16) both appear.
     let s = slopes(heads, 0, 3);
     let want = recurrence(&qkv, n, hd, &s);
-    for block in [1, 7, 64, 97, 256] {
+    for block in [1, 7, 16, 64, 97, 256] {
         let mut state = vec![0f32; heads * hd * hd];
         let got = attend(&qkv, n, hd, &s, &mut state, block, Threads(2));
         let d = diff(&got, &want);
