@@ -93,7 +93,11 @@ fn chunk(t: &SynthTensor, u: &[f32], start: u64, end: u64) -> Vec<u8> {
                 let n_experts = t.shape[0];
                 let rank = (row + layer * 5) % n_experts;
                 let beta = -s * (1.0 + rank as f64).ln() / (0.45 * (dim as f64).sqrt());
-                noise + beta as f32 * u[col]
+                // Per-token spread of about one logit (a row of std 1/sqrt(dim) against a
+                // hidden state of norm sqrt(dim)), so top-k choices vary by token and the
+                // popularity follows the bias gradually instead of always picking rank 0.
+                let spread = noise * (1.0 / (dim as f32).sqrt()) / 0.02;
+                spread + beta as f32 * u[col]
             }
         };
         out.extend_from_slice(&f32_to_bf16(v).to_le_bytes());

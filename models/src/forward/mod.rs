@@ -28,12 +28,20 @@ pub struct Session {
     pub tokens: Vec<u32>,
     pub lightning: Vec<Vec<f32>>,
     pub kv: Vec<KvCache>,
+    /// How often each expert was chosen, per layer: [n_layers][n_experts] (routing statistics).
+    pub expert_counts: Vec<Vec<u64>>,
 }
 
 impl Session {
     pub fn new(c: &Config) -> Session {
         let state = |k: &LayerKind| if *k == LayerKind::Lightning { vec![0f32; c.n_heads * c.head_dim * c.head_dim] } else { Vec::new() };
-        Session { pos: 0, tokens: Vec::new(), lightning: c.layers.iter().map(state).collect(), kv: vec![KvCache::default(); c.n_layers] }
+        Session {
+            pos: 0,
+            tokens: Vec::new(),
+            lightning: c.layers.iter().map(state).collect(),
+            kv: vec![KvCache::default(); c.n_layers],
+            expert_counts: vec![vec![0; c.n_experts]; c.n_layers],
+        }
     }
 }
 
@@ -89,7 +97,7 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
         };
         residual(&mut x, &a, r.alpha, r.beta);
         rmsnorm(&mut x, &layer.ffn_norm, c.rms_eps);
-        let m = moe::moe(model, layer, &x, n, threads)?;
+        let m = moe::moe(model, layer, &x, n, &mut session.expert_counts[l], threads)?;
         residual(&mut x, &m, c.residual_mlp.alpha, c.residual_mlp.beta);
     }
     session.pos += n;

@@ -96,7 +96,7 @@ impl Session {
             return Err(bad("layer count"));
         }
         let c = &model.config;
-        let mut s = Session { pos, tokens, lightning: Vec::new(), kv: Vec::new() };
+        let mut s = Session { pos, tokens, lightning: Vec::new(), kv: Vec::new(), expert_counts: fresh.expert_counts.clone() };
         for l in 0..c.n_layers {
             let mut arrays = Vec::with_capacity(3);
             for (which, expected) in [("state", Some(fresh.lightning[l].len())), ("keys", None), ("values", None)] {
