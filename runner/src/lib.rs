@@ -8,6 +8,7 @@ pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod inspect;
 pub mod npy;
+pub mod ppl_cmd;
 pub mod run_cmd;
 pub mod sampler;
 pub mod template;

@@ -4,7 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-use mxr::{chat_cmd, convert_cmd, inspect, run_cmd};
+use mxr::{chat_cmd, convert_cmd, inspect, ppl_cmd, run_cmd};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +34,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Chat with the model in an interactive REPL (history, /help for commands).
     Chat(chat_cmd::ChatArgs),
+    /// Perplexity of a text (and KL divergence against a base model).
+    Ppl(ppl_cmd::PplArgs),
     /// Convert a MiniMax-Text-01 / M1 safetensors checkpoint to GGUF (int8/int4 matrices).
     Convert(convert_cmd::ConvertArgs),
     /// Write a random-weight checkpoint in MiniMax's on-disk format, any size.
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Inspect { file, json } => inspect::run(&file, json),
         Command::Run(a) => run_cmd::run(a),
         Command::Chat(a) => chat_cmd::run(a),
+        Command::Ppl(a) => ppl_cmd::run(a),
         Command::Convert(a) => convert_cmd::run_convert(a),
         Command::Synth(a) => convert_cmd::run_synth(a),
     };
