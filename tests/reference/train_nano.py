@@ -7,7 +7,8 @@ DIR holds train.00.txt, train.01.txt and val.txt (shared/data/open_shakespeare).
 transformers' native MiniMaxForCausalLM with the real architecture's pattern at toy size:
 8 layers (7 lightning + 1 softmax), 8 experts top-2, head_dim 32 with rotary_dim 16 (RoPE
 patched to partial NeoX as MiniMax defines it, see make_fixtures.py), equal residual alphas
-(2 * layers)^0.25 with betas 1, lightning-norm epsilon 1e-6. About 10 M parameters.
+(2 * layers)^0.25 with betas 1, lightning-norm epsilon 1e-6. Hidden size and expert width
+256, so every matrix row is a whole number of Q4_K/Q6_K blocks. About 17 M parameters.
 
 Steps: train a byte-level BPE (vocabulary 4096, MiniMax's special tokens), tokenize, train
 with AdamW (+ the router load-balancing loss) for a fixed time, evaluate every few hundred
@@ -34,7 +35,7 @@ import make_fixtures as mf  # noqa: E402  (partial RoPE patch, remote names, cha
 
 DEVICE = torch.device("cpu")
 SPECIAL = ["<beginning_of_sentence>", "<end_of_sentence>", "<end_of_document>"]
-SIZE = dict(hidden=192, heads=6, kv_heads=2, head_dim=32, rotary=16, ffn=256, experts=8, top_k=2,
+SIZE = dict(hidden=256, heads=8, kv_heads=2, head_dim=32, rotary=16, ffn=256, experts=8, top_k=2,
             vocab=4096, attn_types=[0, 0, 0, 0, 0, 0, 0, 1], theta=10000.0)
 
 
@@ -150,7 +151,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 200 == 0 or time.time() - start >= budget:
+        if step % 100 == 0 or time.time() - start >= budget:
             vl, _ = evaluate(model, val, 64)
             log.append({"step": step, "seconds": round(time.time() - start, 1), "train_loss": out.loss.item(), "val_loss": vl})
             print(f"step {step}: train loss {out.loss.item():.4f}, val loss {vl:.4f} (ppl {math.exp(vl):.2f}), lr {lr:.2e}", flush=True)
