@@ -7,6 +7,7 @@
 pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod inspect;
+pub mod nano;
 pub mod npy;
 pub mod ppl_cmd;
 pub mod run_cmd;

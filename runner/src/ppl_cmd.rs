@@ -51,7 +51,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     }
     let l = load(&a.model)?;
     let base = match &a.kl_base {
-        Some(p) => Some(load(&ModelArgs { model: p.clone(), ..a.model.clone() })?),
+        Some(p) => Some(load(&ModelArgs { model: Some(p.clone()), ..a.model.clone() })?),
         None => None,
     };
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;

@@ -25,9 +25,10 @@ pub enum Device {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Model file (GGUF).
+    /// Model file (GGUF). Default: the bundled nano model (nano/checkpoint, converted to
+    /// nano/mxr-nano-q8_0.gguf on first use).
     #[arg(short, long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     pub threads: Option<usize>,
@@ -119,8 +120,12 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     if a.device == Device::Cuda {
         bail!("--device cuda: this build of mxr has no CUDA backend yet; use --device cpu");
     }
-    let model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
-    let tokenizer = TextTokenizer::from_gguf(model.file.header()).with_context(|| format!("tokenizer of {}", a.model.display()))?;
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => crate::nano::default_model()?,
+    };
+    let model = Model::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = TextTokenizer::from_gguf(model.file.header()).with_context(|| format!("tokenizer of {}", path.display()))?;
     let threads = Threads(a.threads.unwrap_or_else(|| Threads::all().0).max(1));
     let c = &model.config;
     let ctx = if a.ctx_size == 0 { c.context_length } else { a.ctx_size };

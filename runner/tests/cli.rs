@@ -236,3 +236,20 @@ fn chat_repl_keeps_the_session_and_saves_it() {
     let prompt: usize = last["last reply: prompt ".len()..].split(' ').next().unwrap().parse().unwrap();
     assert!(prompt < contexts[0] / 2, "{last} (context {})", contexts[0]);
 }
+
+#[test]
+fn run_and_chat_default_to_the_bundled_nano_model() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let a = mxr(&["run", "-p", "ROMEO:", "-n", "24", "--temp", "0"]);
+    let err = String::from_utf8_lossy(&a.stderr);
+    assert!(a.status.success(), "{err}");
+    assert!(err.contains("8 layers LLLLLLLS"), "{err}");
+    let text = String::from_utf8(a.stdout.clone()).unwrap();
+    assert!(text.split_whitespace().count() >= 5, "the nano model writes words: {text:?}");
+    assert_eq!(mxr(&["run", "-p", "ROMEO:", "-n", "24", "--temp", "0"]).stdout, a.stdout, "greedy is deterministic");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxr")).args(["chat", "-n", "8"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"Good morrow\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

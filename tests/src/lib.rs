@@ -114,3 +114,9 @@ fn int_eq(v: &Value, j: &Json) -> bool {
 fn flatten_json(a: &[Json]) -> Vec<Json> {
     a.iter().flat_map(|x| x.as_array().map_or_else(|| vec![x.clone()], |inner| flatten_json(inner))).collect()
 }
+
+/// Token ids of `text` under the HF tokenizer.json at `path` (as transformers would give them).
+pub fn tokenize(path: &Path, text: &str) -> Vec<u32> {
+    let t = tokenizers::Tokenizer::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    t.encode(text, false).unwrap_or_else(|e| panic!("tokenizing: {e}")).get_ids().to_vec()
+}
