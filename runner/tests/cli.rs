@@ -253,3 +253,29 @@ fn run_and_chat_default_to_the_bundled_nano_model() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn ppl_reports_perplexity_and_kl_against_a_base() {
+    let dir = tempdir("cli-ppl");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    let (f32, q8) = (dir.join("f32.gguf"), dir.join("q8.gguf"));
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", f32.to_str().unwrap(), "--type", "f32"]).status.success());
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", q8.to_str().unwrap(), "--type", "q8_0"]).status.success());
+    let text = repo_root().join("convert/src/synth/corpus.txt");
+    let ppl = |m: &std::path::Path| {
+        let out = mxr(&["ppl", "-m", m.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "128", "--kl-base", f32.to_str().unwrap(), "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Json>(&out.stdout).unwrap()
+    };
+    let same = ppl(&f32);
+    assert!(same["kl_mean"].as_f64().unwrap().abs() < 1e-9, "{same}");
+    assert_eq!(same["top1_agreement"].as_f64(), Some(1.0));
+    assert_eq!(same["predictions"].as_u64().unwrap(), same["windows"].as_u64().unwrap() * 127);
+    let q = ppl(&q8);
+    let kl = q["kl_mean"].as_f64().unwrap();
+    assert!(kl > 0.0 && kl < 0.05, "{q}");
+    assert!((q["ppl"].as_f64().unwrap() / same["ppl"].as_f64().unwrap() - 1.0).abs() < 0.1, "{q} vs {same}");
+    let out = mxr(&["ppl", "-m", f32.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "100000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than one window"));
+}
