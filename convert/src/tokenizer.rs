@@ -22,6 +22,7 @@ pub mod keys {
     pub const MERGES: &str = "tokenizer.ggml.merges";
     pub const BOS_ID: &str = "tokenizer.ggml.bos_token_id";
     pub const EOS_ID: &str = "tokenizer.ggml.eos_token_id";
+    pub const EOT_ID: &str = "tokenizer.ggml.eot_token_id";
     pub const UNK_ID: &str = "tokenizer.ggml.unknown_token_id";
     pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
     pub const SUPPRESS: &str = "tokenizer.ggml.suppress_tokens";

@@ -12,14 +12,10 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-pub const KEY_HF_JSON: &str = "tokenizer.huggingface.json";
-pub const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
-pub const KEY_MERGES: &str = "tokenizer.ggml.merges";
-pub const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
-pub const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
-pub const KEY_EOT: &str = "tokenizer.ggml.eot_token_id";
-pub const KEY_SUPPRESS: &str = "tokenizer.ggml.suppress_tokens";
-pub const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+use mxr_convert::tokenizer::keys::{
+    CHAT_TEMPLATE as KEY_CHAT_TEMPLATE, EOS_ID as KEY_EOS, EOT_ID as KEY_EOT, HF_JSON as KEY_HF_JSON, MERGES as KEY_MERGES,
+    SUPPRESS as KEY_SUPPRESS, TOKENS as KEY_TOKENS, TOKEN_TYPE as KEY_TOKEN_TYPE,
+};
 
 /// MiniMax's end-of-turn token: generation stops on it whatever the metadata says.
 pub const END_OF_SENTENCE: &str = "<end_of_sentence>";
