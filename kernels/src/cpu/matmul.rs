@@ -20,6 +20,10 @@ type Result<T> = std::result::Result<T, KernelError>;
 /// Weight rows per work item: enough to amortise the counter, small enough to balance.
 const TILE_ROWS: usize = 16;
 
+/// Weight bytes x tokens below which another thread costs more (spawn and join, tens of
+/// microseconds) than it saves: small products run on fewer threads.
+const BYTES_PER_THREAD: usize = 1 << 18;
+
 /// How many threads a CPU op may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Threads(pub usize);
@@ -56,7 +60,8 @@ pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32], threads: T
     let acts = acts.as_bytes();
 
     let n_tiles = rows.div_ceil(TILE_ROWS);
-    let n_threads = threads.0.clamp(1, n_tiles);
+    let useful = (w.data.len().saturating_mul(n_tokens) / BYTES_PER_THREAD).max(1);
+    let n_threads = threads.0.clamp(1, n_tiles).min(useful);
     let next = AtomicUsize::new(0);
     // Each finished tile: (first row, [n_tokens, tile_rows] results).
     let done: Mutex<Vec<(usize, Vec<f32>)>> = Mutex::new(Vec::with_capacity(n_tiles));

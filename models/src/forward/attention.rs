@@ -43,7 +43,8 @@ pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usi
     let mut per_head: Vec<Vec<f32>> = vec![Vec::new(); n_heads];
     std::thread::scope(|s| {
         let mut outs = per_head.iter_mut();
-        let handles: Vec<_> = ranges(n_heads, threads)
+        // Per head: every query against its causal prefix, 2 hd multiply-adds per key.
+        let handles: Vec<_> = ranges(n_heads, n_tokens * (pos0 + n_tokens) * 2 * hd, threads)
             .into_iter()
             .map(|r| {
                 let mine: Vec<&mut Vec<f32>> = outs.by_ref().take(r.len()).collect();

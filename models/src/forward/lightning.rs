@@ -31,7 +31,8 @@ pub fn slopes(n_heads: usize, layer: usize, n_layers: usize) -> Vec<f64> {
 pub fn attend(qkv: &[f32], n_tokens: usize, hd: usize, slopes: &[f64], state: &mut [f32], block: usize, threads: Threads) -> Vec<f32> {
     let n_heads = slopes.len();
     let mut per_head: Vec<Vec<f32>> = vec![Vec::new(); n_heads];
-    let work = ranges(n_heads, threads);
+    // Per head and token: the inter term and the state update, 2 hd² multiply-adds.
+    let work = ranges(n_heads, n_tokens * 2 * hd * hd, threads);
     std::thread::scope(|s| {
         let mut states = state.chunks_mut(hd * hd);
         let mut outs = per_head.iter_mut();

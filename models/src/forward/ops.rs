@@ -51,9 +51,11 @@ pub fn residual(a: &mut [f32], b: &[f32], alpha: f64, beta: f64) {
     }
 }
 
-/// Splits `n` items into at most `threads` contiguous ranges.
-pub fn ranges(n: usize, threads: Threads) -> Vec<std::ops::Range<usize>> {
-    let parts = threads.0.clamp(1, n.max(1));
+/// Splits `n` items of `work_each` multiply-adds into at most `threads` contiguous ranges,
+/// using no more threads than the work pays for (about 2^17 multiply-adds per thread).
+pub fn ranges(n: usize, work_each: usize, threads: Threads) -> Vec<std::ops::Range<usize>> {
+    let useful = (n.saturating_mul(work_each) >> 17).max(1);
+    let parts = threads.0.clamp(1, n.max(1)).min(useful);
     let per = n.div_ceil(parts);
     (0..parts).map(|p| p * per..((p + 1) * per).min(n)).filter(|r| !r.is_empty()).collect()
 }
