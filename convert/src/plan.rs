@@ -66,10 +66,10 @@ struct Builder<'a> {
 impl Builder<'_> {
     /// The checkpoint tensor `name`, which must have shape `shape` (PyTorch order).
     fn take(&mut self, name: &str, shape: &[u64], why: &str) -> Result<TensorRef, ConvertError> {
-        let t = self.all.get(name).ok_or_else(|| ConvertError::Checkpoint {
-            dir: self.dir.to_path_buf(),
-            reason: format!("has no tensor `{name}` ({why})"),
-        })?;
+        let t = self
+            .all
+            .get(name)
+            .ok_or_else(|| ConvertError::Checkpoint { dir: self.dir.to_path_buf(), reason: format!("has no tensor `{name}` ({why})") })?;
         if t.shape != shape {
             return Err(ConvertError::BadTensor {
                 path: t.file.path.clone(),
@@ -160,7 +160,11 @@ fn moe(b: &mut Builder, i: usize, p: &str) -> Result<(), ConvertError> {
         let half = |offset: u64| (0..e).map(|x| Piece { src: t.clone(), row_start: x * 2 * h + offset, n_rows: h }).collect();
         b.push(names::blk(i, blk::FFN_GATE_EXPS), gate_dims.clone(), half(0));
         b.push(names::blk(i, blk::FFN_UP_EXPS), gate_dims, half(h));
-        let down = if b.exists(&format!("{p}mlp.experts.down_proj")) { format!("{p}mlp.experts.down_proj") } else { format!("{p}mlp.experts.down_proj.weight") };
+        let down = if b.exists(&format!("{p}mlp.experts.down_proj")) {
+            format!("{p}mlp.experts.down_proj")
+        } else {
+            format!("{p}mlp.experts.down_proj.weight")
+        };
         let t = b.take(&down, &[e, dim, h], &why)?;
         b.push(names::blk(i, blk::FFN_DOWN_EXPS), down_dims, vec![Piece { src: t, row_start: 0, n_rows: e * dim }]);
         return Ok(());

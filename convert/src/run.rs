@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -87,7 +87,9 @@ pub fn convert(dir: &Path, out: &Path, opts: &ConvertOptions, progress: &(dyn Fn
     let all = open_checkpoint(dir)?;
     let plan = plan(dir, &cfg, &all, opts.types)?;
     let tok = tokenizer::read(dir, cfg.vocab_size)?;
-    let embd = all.get("model.embed_tokens.weight").ok_or_else(|| ConvertError::Checkpoint { dir: dir.into(), reason: "has no embeddings".into() })?;
+    let embd = all
+        .get("model.embed_tokens.weight")
+        .ok_or_else(|| ConvertError::Checkpoint { dir: dir.into(), reason: "has no embeddings".into() })?;
     let suppress = zero_rows(embd, tok.base_vocab as u64)?;
 
     let mut b = Builder::new();
@@ -220,7 +222,13 @@ impl BufferPool {
     }
 }
 
-fn read_jobs(tensors: &[OutTensor], chunk_bytes: usize, tx: &SyncSender<Job>, stop: &AtomicBool, pool: &BufferPool) -> Result<(), ConvertError> {
+fn read_jobs(
+    tensors: &[OutTensor],
+    chunk_bytes: usize,
+    tx: &SyncSender<Job>,
+    stop: &AtomicBool,
+    pool: &BufferPool,
+) -> Result<(), ConvertError> {
     let mut seq = 0;
     for (ti, t) in tensors.iter().enumerate() {
         for p in &t.pieces {

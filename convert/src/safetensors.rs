@@ -82,7 +82,11 @@ impl TensorRef {
         let row_bytes = self.row_len() * self.dtype.size() as u64;
         let (start, len) = (row * row_bytes, n * row_bytes);
         if start + len > self.n_bytes {
-            return Err(ConvertError::BadTensor { path: self.file.path.clone(), tensor: self.name.clone(), reason: format!("rows {row}..{} past the end", row + n) });
+            return Err(ConvertError::BadTensor {
+                path: self.file.path.clone(),
+                tensor: self.name.clone(),
+                reason: format!("rows {row}..{} past the end", row + n),
+            });
         }
         buf.resize(len as usize, 0);
         self.file.file.read_exact_at(buf, self.offset + start).map_err(|e| ConvertError::BadTensor {
@@ -143,12 +147,13 @@ fn parse_entry(name: &str, e: &Json, shard: &Arc<Shard>, data_start: u64, file_l
         .and_then(|a| a.iter().map(Json::as_u64).collect())
         .filter(|v: &Vec<u64>| v.len() == 2)
         .ok_or_else(|| bad("data_offsets is not [begin, end]".into()))?;
-    let n_bytes = shape
-        .iter()
-        .try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+    let n_bytes =
+        shape.iter().try_fold(dtype.size() as u64, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
     if offs[1] < offs[0] || offs[1] - offs[0] != n_bytes {
-        return Err(bad(format!("data_offsets {offs:?} hold {} bytes, shape {shape:?} of {dtype_name} needs {n_bytes}", offs[1].saturating_sub(offs[0]))));
+        return Err(bad(format!(
+            "data_offsets {offs:?} hold {} bytes, shape {shape:?} of {dtype_name} needs {n_bytes}",
+            offs[1].saturating_sub(offs[0])
+        )));
     }
     if data_start + offs[1] > file_len {
         return Err(bad(format!("data ends at byte {} but the file has {file_len} (truncated?)", data_start + offs[1])));
@@ -178,7 +183,10 @@ pub fn open_checkpoint(dir: &Path) -> Result<HashMap<String, TensorRef>, Convert
         for (file, names) in by_shard {
             let path = dir.join(file);
             if !path.exists() {
-                return Err(ConvertError::Checkpoint { dir: dir.to_path_buf(), reason: format!("shard {file} (listed in model.safetensors.index.json for `{}`) is missing", names[0]) });
+                return Err(ConvertError::Checkpoint {
+                    dir: dir.to_path_buf(),
+                    reason: format!("shard {file} (listed in model.safetensors.index.json for `{}`) is missing", names[0]),
+                });
             }
             let mut tensors = open_shard(&path)?;
             for name in names {
@@ -194,6 +202,9 @@ pub fn open_checkpoint(dir: &Path) -> Result<HashMap<String, TensorRef>, Convert
     } else if single.exists() {
         Ok(open_shard(&single)?.into_iter().collect())
     } else {
-        Err(ConvertError::Checkpoint { dir: dir.to_path_buf(), reason: "has neither model.safetensors.index.json nor model.safetensors".into() })
+        Err(ConvertError::Checkpoint {
+            dir: dir.to_path_buf(),
+            reason: "has neither model.safetensors.index.json nor model.safetensors".into(),
+        })
     }
 }

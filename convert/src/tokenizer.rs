@@ -66,7 +66,10 @@ pub fn read(dir: &Path, vocab_size: usize) -> Result<Tokenizer, ConvertError> {
     let j: Json = serde_json::from_str(&hf_json).map_err(|e| bad(&path, format!("not valid JSON: {e}")))?;
     let model = j.get("model").ok_or_else(|| bad(&path, "no `model` section".into()))?;
     if model.get("type").and_then(Json::as_str) != Some("BPE") {
-        return Err(bad(&path, format!("model type {} is not BPE (mxr converts byte-level BPE tokenizers)", model.get("type").unwrap_or(&Json::Null))));
+        return Err(bad(
+            &path,
+            format!("model type {} is not BPE (mxr converts byte-level BPE tokenizers)", model.get("type").unwrap_or(&Json::Null)),
+        ));
     }
     let vocab = model.get("vocab").and_then(Json::as_object).ok_or_else(|| bad(&path, "no `model.vocab` object".into()))?;
     let mut by_id: HashMap<u64, (String, i32)> = HashMap::with_capacity(vocab.len());
@@ -164,7 +167,11 @@ fn pre_tokenizer(j: &Json) -> &'static str {
     let pre = j.get("pre_tokenizer");
     let is_plain_byte_level = pre.and_then(|p| p.get("type")).and_then(Json::as_str) == Some("ByteLevel")
         && pre.and_then(|p| p.get("use_regex")).and_then(Json::as_bool).unwrap_or(true);
-    if is_plain_byte_level { "gpt-2" } else { "default" }
+    if is_plain_byte_level {
+        "gpt-2"
+    } else {
+        "default"
+    }
 }
 
 impl Tokenizer {

@@ -40,15 +40,26 @@ fn missing_shard() {
 #[test]
 fn index_names_a_tensor_its_shard_lacks() {
     let err = convert_damaged("index", 3_000_000, |d| {
-        edit(&d.join("model.safetensors.index.json"), |t| t.replacen("\"weight_map\": {", "\"weight_map\": {\n    \"model.layers.0.extra.weight\": \"model-00001-of-00004.safetensors\",", 1))
+        edit(&d.join("model.safetensors.index.json"), |t| {
+            t.replacen(
+                "\"weight_map\": {",
+                "\"weight_map\": {\n    \"model.layers.0.extra.weight\": \"model-00001-of-00004.safetensors\",",
+                1,
+            )
+        })
     });
     expect(&err, &["model.layers.0.extra.weight", "model-00001-of-00004.safetensors", "not in this shard"]);
 }
 
 #[test]
 fn shape_that_disagrees_with_the_config() {
-    let err = convert_damaged("shape", u64::MAX, |d| edit(&d.join("config.json"), |t| t.replace("\"intermediate_size\": 512", "\"intermediate_size\": 256")));
-    expect(&err, &["model-00001-of-00001.safetensors", "block_sparse_moe.experts.0.w1.weight", "has shape [512, 256], expected [256, 256]"]);
+    let err = convert_damaged("shape", u64::MAX, |d| {
+        edit(&d.join("config.json"), |t| t.replace("\"intermediate_size\": 512", "\"intermediate_size\": 256"))
+    });
+    expect(
+        &err,
+        &["model-00001-of-00001.safetensors", "block_sparse_moe.experts.0.w1.weight", "has shape [512, 256], expected [256, 256]"],
+    );
 }
 
 #[test]
@@ -71,14 +82,19 @@ fn unknown_dtype() {
 #[test]
 fn config_with_fewer_layers_than_the_weights() {
     let err = convert_damaged("layers", u64::MAX, |d| {
-        edit(&d.join("config.json"), |t| t.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1").replace("\"attn_type_list\": [\n    0,\n    1\n  ]", "\"attn_type_list\": [0]"))
+        edit(&d.join("config.json"), |t| {
+            t.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1")
+                .replace("\"attn_type_list\": [\n    0,\n    1\n  ]", "\"attn_type_list\": [0]")
+        })
     });
     expect(&err, &["model.layers.1.", "for layer 1, but config.json says 1 layers"]);
 }
 
 #[test]
 fn config_with_fewer_experts_than_the_weights() {
-    let err = convert_damaged("experts", u64::MAX, |d| edit(&d.join("config.json"), |t| t.replace("\"num_local_experts\": 4", "\"num_local_experts\": 3")));
+    let err = convert_damaged("experts", u64::MAX, |d| {
+        edit(&d.join("config.json"), |t| t.replace("\"num_local_experts\": 4", "\"num_local_experts\": 3"))
+    });
     expect(&err, &["block_sparse_moe.gate.weight", "has shape [4, 256], expected [3, 256]"]);
 }
 

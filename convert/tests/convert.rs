@@ -46,7 +46,10 @@ fn converted_file_has_config_policy_and_exact_bytes() {
     assert_eq!((ty("token_embd.weight"), ty("output.weight")), (QType::BF16, QType::BF16));
     assert_eq!((ty("blk.0.attn_qkv.weight"), ty("blk.1.attn_q.weight")), (QType::Q8_0, QType::Q8_0));
     assert_eq!((ty("blk.0.ffn_gate_exps.weight"), ty("blk.1.ffn_down_exps.weight")), (QType::Q4K, QType::Q4K));
-    assert_eq!((ty("blk.0.ffn_gate_inp.weight"), ty("blk.0.attn_norm_2.weight"), ty("output_norm.weight")), (QType::F32, QType::F32, QType::F32));
+    assert_eq!(
+        (ty("blk.0.ffn_gate_inp.weight"), ty("blk.0.attn_norm_2.weight"), ty("output_norm.weight")),
+        (QType::F32, QType::F32, QType::F32)
+    );
     assert_eq!(h.tensor("blk.1.ffn_down_exps.weight").unwrap().dims, vec![512, 256, 4]);
 
     // Bytes: expert 2's up projection of layer 1 sits at slice 2 of ffn_up_exps.
@@ -114,7 +117,8 @@ fn stacked_native_layout_converts_to_the_same_tensors() {
         tensors.push((format!("{p}mlp.experts.down_proj"), "BF16", vec![e, d, h], down));
     }
     write_safetensors(&native.join("model.safetensors"), &tensors);
-    let layer_types: Vec<&str> = c.layers.iter().map(|k| if *k == mxr_models::LayerKind::Lightning { "linear_attention" } else { "full_attention" }).collect();
+    let layer_types: Vec<&str> =
+        c.layers.iter().map(|k| if *k == mxr_models::LayerKind::Lightning { "linear_attention" } else { "full_attention" }).collect();
     let cfg = serde_json::json!({"model_type": "minimax", "layer_types": layer_types, "hidden_size": c.dim,
         "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
         "head_dim": c.head_dim, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,

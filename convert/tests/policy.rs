@@ -18,7 +18,13 @@ fn norms_router_and_vectors_stay_f32() {
 
 #[test]
 fn embeddings_and_lm_head_are_bf16_unless_f32_or_f16_is_asked() {
-    for (asked, want) in [(QType::Q8_0, QType::BF16), (QType::Q4K, QType::BF16), (QType::F32, QType::F32), (QType::F16, QType::F16), (QType::BF16, QType::BF16)] {
+    for (asked, want) in [
+        (QType::Q8_0, QType::BF16),
+        (QType::Q4K, QType::BF16),
+        (QType::F32, QType::F32),
+        (QType::F16, QType::F16),
+        (QType::BF16, QType::BF16),
+    ] {
         let plan = TypePlan::uniform(asked);
         assert_eq!(tensor_type("token_embd.weight", &[6144, 200064], &plan), want);
         assert_eq!(tensor_type("output.weight", &[6144, 200064], &plan), want);

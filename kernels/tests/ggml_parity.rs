@@ -56,7 +56,12 @@ fn quantized_bytes_are_bit_identical_to_ggml_quantize_chunk() {
                 let ours: Vec<u8> = x.chunks(n).flat_map(|r| reference::quantize_to_vec(q, r).unwrap()).collect();
                 let theirs = ggml::quantize_chunk(q, &x, n).unwrap();
                 if let Some(i) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
-                    panic!("{q} {name} {rows}x{n}: first differing byte {i} (block {}): ours {} ggml {}", i / q.type_size(), ours[i], theirs[i]);
+                    panic!(
+                        "{q} {name} {rows}x{n}: first differing byte {i} (block {}): ours {} ggml {}",
+                        i / q.type_size(),
+                        ours[i],
+                        theirs[i]
+                    );
                 }
                 assert_eq!(ours.len(), theirs.len());
             }

@@ -22,7 +22,12 @@ fn c(s: &str) -> CString {
 
 /// (name, type, dims) of the tensors both tests use.
 fn tensors() -> Vec<(&'static str, QType, Vec<u64>)> {
-    vec![("a.f32", QType::F32, vec![8, 3]), ("b.q8_0", QType::Q8_0, vec![64, 2]), ("c.q4_k", QType::Q4K, vec![256]), ("d.bf16", QType::BF16, vec![32, 5])]
+    vec![
+        ("a.f32", QType::F32, vec![8, 3]),
+        ("b.q8_0", QType::Q8_0, vec![64, 2]),
+        ("c.q4_k", QType::Q4K, vec![256]),
+        ("d.bf16", QType::BF16, vec![32, 5]),
+    ]
 }
 
 fn tensor_bytes(q: QType, dims: &[u64], seed: u64) -> Vec<u8> {

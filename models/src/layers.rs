@@ -32,19 +32,17 @@ impl LayerKind {
 
 /// llama.cpp's default rule: softmax every `interval`-th layer.
 pub fn pattern_from_interval(n_layers: usize, interval: usize) -> Vec<LayerKind> {
-    (0..n_layers)
-        .map(|i| if interval > 0 && (i + 1) % interval == 0 { LayerKind::Softmax } else { LayerKind::Lightning })
-        .collect()
+    (0..n_layers).map(|i| if interval > 0 && (i + 1) % interval == 0 { LayerKind::Softmax } else { LayerKind::Lightning }).collect()
 }
 
 /// The layer pattern a MiniMax-01 GGUF header states (see the module doc).
 pub fn layer_pattern(h: &Header) -> Result<Vec<LayerKind>, ModelError> {
     let count_key = arch_key(arch_keys::BLOCK_COUNT);
     let n_layers = h.get_u64(&count_key)?.ok_or_else(|| ModelError::BadMetadata { key: count_key.clone(), reason: "missing".into() })?;
-    let n_layers = usize::try_from(n_layers).ok().filter(|&n| n <= 1 << 16).ok_or_else(|| ModelError::BadMetadata {
-        key: count_key,
-        reason: format!("{n_layers} layers is not a plausible model"),
-    })?;
+    let n_layers = usize::try_from(n_layers)
+        .ok()
+        .filter(|&n| n <= 1 << 16)
+        .ok_or_else(|| ModelError::BadMetadata { key: count_key, reason: format!("{n_layers} layers is not a plausible model") })?;
     let key = arch_key(arch_keys::RECURRENT_LAYERS);
     match h.get_array(&key)? {
         Some(Array::Bool(flags)) if flags.len() == n_layers => {

@@ -51,7 +51,8 @@ impl Model {
         let file = GgufFile::open(path)?;
         let config = Config::from_gguf(file.header())?;
         let c = &config;
-        let (d, a, kv, h, e, v) = (c.dim as u64, c.attn_dim() as u64, c.kv_dim() as u64, c.hidden_dim as u64, c.n_experts as u64, c.vocab_size as u64);
+        let (d, a, kv, h, e, v) =
+            (c.dim as u64, c.attn_dim() as u64, c.kv_dim() as u64, c.hidden_dim as u64, c.n_experts as u64, c.vocab_size as u64);
         let t = |name: String, dims: &[u64]| tensor(&file, &name, dims);
         let vec = |name: String, n: u64| -> Result<Vec<f32>, ModelError> { to_f32(&file, &t(name, &[n])?) };
         let token_embd = t(names::TOKEN_EMBD.into(), &[d, v])?;

@@ -88,8 +88,7 @@ pub enum QType {
 
 impl QType {
     /// Weight types (what `--type` may name), in the order documentation lists them.
-    pub const WEIGHT_TYPES: [QType; 7] =
-        [QType::F32, QType::F16, QType::BF16, QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q6K];
+    pub const WEIGHT_TYPES: [QType; 7] = [QType::F32, QType::F16, QType::BF16, QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q6K];
 
     /// ggml's type id.
     pub const fn ggml_id(self) -> u32 {
@@ -107,18 +106,9 @@ impl QType {
 
     /// The mxr type for a ggml id, if mxr computes with it.
     pub fn from_ggml(id: u32) -> Option<QType> {
-        [
-            QType::F32,
-            QType::F16,
-            QType::BF16,
-            QType::Q8_0,
-            QType::Q4_0,
-            QType::Q4K,
-            QType::Q6K,
-            QType::Q8K,
-        ]
-        .into_iter()
-        .find(|q| q.ggml_id() == id)
+        [QType::F32, QType::F16, QType::BF16, QType::Q8_0, QType::Q4_0, QType::Q4K, QType::Q6K, QType::Q8K]
+            .into_iter()
+            .find(|q| q.ggml_id() == id)
     }
 
     /// Parses the names `--type` accepts (`q4_k`, `Q4_K`, `bf16`, ...).

@@ -3,7 +3,10 @@
 
 use mxr_quant::blocks::{Block, BlockQ8K};
 use mxr_quant::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
-use mxr_quant::reference::{self, stats::{cos_pattern, diff, rmse, Rng}};
+use mxr_quant::reference::{
+    self,
+    stats::{cos_pattern, diff, rmse, Rng},
+};
 use mxr_quant::QType;
 
 /// Round-trip RMSE budgets on 0.1 + 2cos(i + offset) data (|x| <= 2.1). A b-bit block

@@ -68,7 +68,17 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let flag = interrupted.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
     let session = Session::new(&l.model.config);
-    let mut chat = Chat { l, sampler, session, system: a.system, messages: Vec::new(), seen: String::new(), n_predict: a.n_predict, last: None, interrupted };
+    let mut chat = Chat {
+        l,
+        sampler,
+        session,
+        system: a.system,
+        messages: Vec::new(),
+        seen: String::new(),
+        n_predict: a.n_predict,
+        last: None,
+        interrupted,
+    };
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
     loop {
         let mut input = String::new();
@@ -137,7 +147,11 @@ impl Chat {
     fn stats(&self) {
         eprintln!("context: {} of {} tokens; {} messages", self.session.pos, self.l.ctx, self.messages.len());
         if let Some((np, ps, ng, gs)) = self.last {
-            eprintln!("last reply: prompt {np} tokens at {:.1} tokens/s, {ng} tokens generated at {:.1} tokens/s", np as f64 / ps.max(1e-9), ng as f64 / gs.max(1e-9));
+            eprintln!(
+                "last reply: prompt {np} tokens at {:.1} tokens/s, {ng} tokens generated at {:.1} tokens/s",
+                np as f64 / ps.max(1e-9),
+                ng as f64 / gs.max(1e-9)
+            );
         }
     }
 
@@ -159,7 +173,11 @@ impl Chat {
         };
         if self.session.pos + new.len() + self.n_predict.min(64) > self.l.ctx {
             self.messages.pop();
-            anyhow::bail!("the conversation ({} tokens) would overflow the context of {}: /reset or raise --ctx-size", self.session.pos + new.len(), self.l.ctx);
+            anyhow::bail!(
+                "the conversation ({} tokens) would overflow the context of {}: /reset or raise --ctx-size",
+                self.session.pos + new.len(),
+                self.l.ctx
+            );
         }
         self.seen = rendered;
         let c = &self.l.model.config;
@@ -220,7 +238,13 @@ impl Chat {
         let (session, extra) = Session::load(&self.l.model, path)?;
         let j: serde_json::Value = serde_json::from_slice(&extra).context("the saved conversation is not valid JSON")?;
         let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
-        self.messages = j["messages"].as_array().map(Vec::as_slice).unwrap_or(&[]).iter().map(|m| Message::new(&text(m, "role"), &text(m, "text"))).collect();
+        self.messages = j["messages"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .iter()
+            .map(|m| Message::new(&text(m, "role"), &text(m, "text")))
+            .collect();
         self.system = j["system"].as_str().map(str::to_string);
         self.seen = text(&j, "seen");
         self.session = session;

@@ -38,9 +38,10 @@ fn parse_qtype(s: &str) -> Result<QType, String> {
 
 fn bar(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
-    let style = ProgressStyle::with_template("{spinner} {msg:24!} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{spinner} {msg:24!} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     pb.set_style(style);
     pb.set_message(what.to_string());
     pb
@@ -97,7 +98,11 @@ pub fn run_convert(a: ConvertArgs) -> Result<()> {
 }
 
 fn describe(t: TypePlan) -> String {
-    if t.weights == t.experts { format!("{}", t.weights) } else { format!("{} (experts {})", t.weights, t.experts) }
+    if t.weights == t.experts {
+        format!("{}", t.weights)
+    } else {
+        format!("{} (experts {})", t.weights, t.experts)
+    }
 }
 
 #[derive(Args)]
@@ -153,7 +158,9 @@ pub struct SynthArgs {
 
 fn synth_config(a: &SynthArgs) -> Result<Config> {
     let mut c = match (&a.config, a.preset.as_str()) {
-        (Some(p), _) => from_hf_json(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, &p.display().to_string())?,
+        (Some(p), _) => {
+            from_hf_json(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, &p.display().to_string())?
+        }
         (None, "minimax-text-01") => minimax_text_01(),
         (None, "tiny") => tiny_config(),
         (None, other) => bail!("unknown preset `{other}` (minimax-text-01, tiny)"),

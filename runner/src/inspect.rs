@@ -15,12 +15,7 @@ use serde_json::{json, Value as Json};
 pub fn run(path: &Path, as_json: bool) -> Result<()> {
     let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     let out = io::stdout().lock();
-    if as_json {
-        write_json(out, &file)
-    } else {
-        write_table(out, &file)
-    }
-    .or_else(ignore_broken_pipe)
+    if as_json { write_json(out, &file) } else { write_table(out, &file) }.or_else(ignore_broken_pipe)
 }
 
 /// `mxr inspect f.gguf | head` must not fail.
@@ -51,7 +46,11 @@ fn totals(h: &Header) -> Totals {
 }
 
 fn bits_per_weight(t: &Totals) -> f64 {
-    if t.params == 0 { 0.0 } else { t.bytes as f64 * 8.0 / t.params as f64 }
+    if t.params == 0 {
+        0.0
+    } else {
+        t.bytes as f64 * 8.0 / t.params as f64
+    }
 }
 
 /// "arch: 80 layers (LLLLLLLS)x10" for MiniMax-01 files; None for other architectures.
@@ -69,7 +68,11 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", units[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
 }
 
 fn type_label(v: &Value) -> String {
@@ -103,7 +106,11 @@ fn write_table(mut w: impl Write, f: &GgufFile) -> Result<()> {
     }
     writeln!(w, "\ntensors:")?;
     let name_width = h.tensors().iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-    writeln!(w, "  {:>5}  {:<name_width$}  {:<7} {:<24} {:>14} {:>12} {:>14}", "#", "name", "type", "shape", "elements", "bytes", "offset")?;
+    writeln!(
+        w,
+        "  {:>5}  {:<name_width$}  {:<7} {:<24} {:>14} {:>12} {:>14}",
+        "#", "name", "type", "shape", "elements", "bytes", "offset"
+    )?;
     for (i, info) in h.tensors().iter().enumerate() {
         let shape = format!("{:?}", info.dims);
         writeln!(

@@ -22,9 +22,13 @@ pub fn default_model() -> Result<PathBuf> {
     }
     let ckpt = dir.join("checkpoint");
     if !ckpt.join("config.json").exists() {
-        bail!("no -m given and the bundled nano model is not at {} (this binary was moved away from its source tree): pass -m MODEL.gguf", ckpt.display());
+        bail!(
+            "no -m given and the bundled nano model is not at {} (this binary was moved away from its source tree): pass -m MODEL.gguf",
+            ckpt.display()
+        );
     }
     eprintln!("converting the bundled nano model to {} (first use)", gguf.display());
-    convert(&ckpt, &gguf, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {}).with_context(|| format!("converting {}", ckpt.display()))?;
+    convert(&ckpt, &gguf, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {})
+        .with_context(|| format!("converting {}", ckpt.display()))?;
     Ok(gguf)
 }

@@ -107,7 +107,11 @@ pub fn run(a: PplArgs) -> Result<()> {
         println!("{j}");
     } else {
         eprintln!();
-        println!("perplexity {ppl:.4} (mean NLL {mean:.6}) over {n_windows} windows of {} tokens, {count} predictions, {:.1} tokens/s", a.window, tokens as f64 / secs);
+        println!(
+            "perplexity {ppl:.4} (mean NLL {mean:.6}) over {n_windows} windows of {} tokens, {count} predictions, {:.1} tokens/s",
+            a.window,
+            tokens as f64 / secs
+        );
         if base.is_some() {
             println!("vs base: mean KL {:.6}, top-1 agreement {:.2}%", kl / count as f64, 100.0 * agree as f64 / count as f64);
         }

@@ -62,7 +62,9 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     pub fn sampler(&self) -> (Sampler, u64) {
-        let seed = self.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        let seed = self
+            .seed
+            .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         let cfg = SamplerConfig {
             temperature: self.temp,
             top_k: self.top_k,

@@ -47,7 +47,8 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool)
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> { Err(Error::new(ErrorKind::InvalidOperation, msg)) });
     let src = strip_generation_tags(template);
     env.add_template("chat", &src).map_err(|e| anyhow!("chat template does not parse: {e}"))?;
-    let msgs: Vec<serde_json::Value> = messages.iter().map(|m| json!({"role": m.role, "content": [{"type": "text", "text": m.text}]})).collect();
+    let msgs: Vec<serde_json::Value> =
+        messages.iter().map(|m| json!({"role": m.role, "content": [{"type": "text", "text": m.text}]})).collect();
     let tmpl = env.get_template("chat").map_err(|e| anyhow!("chat template: {e}"))?;
     tmpl.render(context! { messages => msgs, add_generation_prompt => add_generation_prompt, tools => None::<Vec<()>> })
         .map_err(|e| anyhow!("rendering the chat template: {e}"))

@@ -4,7 +4,6 @@
 //! `tokenizer.ggml.tokens` / `.merges`. Also the stop tokens and the tokens generation must
 //! never produce (all-zero embedding rows, `tokenizer.ggml.suppress_tokens`).
 
-
 use anyhow::{anyhow, bail, Context, Result};
 use mxr_quant::gguf::{Array, Header};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -84,12 +83,8 @@ fn from_ggml(h: &Header) -> Result<Tokenizer> {
         Some(Array::I32(t)) => t.clone(),
         _ => Vec::new(),
     };
-    let added: Vec<AddedToken> = types
-        .iter()
-        .zip(&tokens)
-        .filter(|(ty, _)| **ty == 3 || **ty == 4)
-        .map(|(ty, t)| AddedToken::from(t.clone(), *ty == 3))
-        .collect();
+    let added: Vec<AddedToken> =
+        types.iter().zip(&tokens).filter(|(ty, _)| **ty == 3 || **ty == 4).map(|(ty, t)| AddedToken::from(t.clone(), *ty == 3)).collect();
     let vocab: tokenizers::models::bpe::Vocab = tokens.into_iter().enumerate().map(|(i, t)| (t, i as u32)).collect();
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| anyhow!("building BPE: {e}"))?;
     let mut t = Tokenizer::new(bpe);

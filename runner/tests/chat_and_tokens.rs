@@ -11,7 +11,8 @@ use serde_json::Value as Json;
 
 fn tokenizer(case: &str) -> TextTokenizer {
     let out = tempdir("chat").join(format!("{case}.gguf"));
-    convert(&repo_root().join("tests/fixtures/golden").join(case), &out, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {}).unwrap();
+    convert(&repo_root().join("tests/fixtures/golden").join(case), &out, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {})
+        .unwrap();
     TextTokenizer::from_gguf(GgufFile::open(&out).unwrap().header()).unwrap()
 }
 
@@ -26,7 +27,12 @@ fn chat_templates_render_exactly_as_transformers() {
         let tok = tokenizer(case);
         let template = tok.chat_template.as_deref().expect("template embedded");
         for chat in data["chats"].as_array().unwrap() {
-            let msgs: Vec<Message> = chat["messages"].as_array().unwrap().iter().map(|m| Message::new(m["role"].as_str().unwrap(), m["text"].as_str().unwrap())).collect();
+            let msgs: Vec<Message> = chat["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Message::new(m["role"].as_str().unwrap(), m["text"].as_str().unwrap()))
+                .collect();
             let got = render(template, &msgs, chat["add_generation_prompt"].as_bool().unwrap()).unwrap();
             assert_eq!(got, chat["rendered"].as_str().unwrap(), "{case}");
         }
@@ -66,7 +72,8 @@ fn files_without_the_hf_tokenizer_fall_back_to_the_ggml_vocabulary() {
     let case = "equal-alpha";
     let dir = tempdir("chat-ggml");
     let full = dir.join("full.gguf");
-    convert(&repo_root().join("tests/fixtures/golden").join(case), &full, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {}).unwrap();
+    convert(&repo_root().join("tests/fixtures/golden").join(case), &full, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {})
+        .unwrap();
     // Copy the metadata without tokenizer.huggingface.json, as llama.cpp's converter writes it.
     let f = GgufFile::open(&full).unwrap();
     let mut b = Builder::new();

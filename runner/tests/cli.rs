@@ -48,12 +48,18 @@ fn json_describes_every_tensor_and_key() {
     assert_eq!(j["summary"]["parameters"], params);
     assert_eq!(j["model"]["layers"], "LS");
     let qkv = tensors.iter().find(|t| t["name"] == "blk.0.attn_qkv.weight").unwrap();
-    assert_eq!((qkv["type"].as_str(), qkv["shape"].clone(), qkv["n_bytes"].as_u64()), (Some("q8_0"), serde_json::json!([64, 192]), Some(192 * 2 * 34)));
+    assert_eq!(
+        (qkv["type"].as_str(), qkv["shape"].clone(), qkv["n_bytes"].as_u64()),
+        (Some("q8_0"), serde_json::json!([64, 192]), Some(192 * 2 * 34))
+    );
     let data_offset = j["data_offset"].as_u64().unwrap();
     assert!(tensors.iter().all(|t| t["file_offset"].as_u64().unwrap() == data_offset + t["offset"].as_u64().unwrap()));
     let meta = j["metadata"].as_array().unwrap();
     let flags = meta.iter().find(|m| m["key"] == "minimax-01.attention.recurrent_layers").unwrap();
-    assert_eq!((&flags["type"], &flags["element_type"], &flags["value"]), (&"array".into(), &"bool".into(), &serde_json::json!([true, false])));
+    assert_eq!(
+        (&flags["type"], &flags["element_type"], &flags["value"]),
+        (&"array".into(), &"bool".into(), &serde_json::json!([true, false]))
+    );
 }
 
 #[test]
@@ -82,7 +88,10 @@ fn json_of_a_gguf_py_file_agrees_with_gguf_py() {
         assert_eq!(flat(&m["value"]), flat(&f["value"]), "{}", m["key"]);
     }
     for (o, t) in ours["tensors"].as_array().unwrap().iter().zip(theirs["tensors"].as_array().unwrap()) {
-        assert_eq!((&o["name"], &o["type_id"], &o["shape"], &o["n_bytes"], &o["file_offset"]), (&t["name"], &t["type"], &t["shape"], &t["n_bytes"], &t["data_offset"]));
+        assert_eq!(
+            (&o["name"], &o["type_id"], &o["shape"], &o["n_bytes"], &o["file_offset"]),
+            (&t["name"], &t["type"], &t["shape"], &t["n_bytes"], &t["data_offset"])
+        );
     }
 }
 
@@ -146,7 +155,8 @@ fn convert_and_synth_cli_fail_cleanly_on_bad_input() {
 fn synth_then_convert_then_inspect() {
     let dir = tempdir("cli-pipeline");
     let ckpt = dir.join("ckpt");
-    let out = mxr(&["synth", "--preset", "tiny", "--pattern", "SLL", "--experts", "3", "--router", "zipf:1.2", "-o", ckpt.to_str().unwrap()]);
+    let out =
+        mxr(&["synth", "--preset", "tiny", "--pattern", "SLL", "--experts", "3", "--router", "zipf:1.2", "-o", ckpt.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let gguf = dir.join("t.gguf");
     let out = mxr(&["convert", ckpt.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "q8_0", "--expert-type", "q4_k"]);
@@ -169,7 +179,19 @@ fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
     let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(golden.join("tokens.json")).unwrap()).unwrap();
     let list = tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",");
     let npy = dir.join("l.npy");
-    let out = mxr(&["run", "-m", gguf.to_str().unwrap(), "--prompt-tokens", &list, "-n", "0", "--dump-logits", npy.to_str().unwrap(), "--batch-size", "256"]);
+    let out = mxr(&[
+        "run",
+        "-m",
+        gguf.to_str().unwrap(),
+        "--prompt-tokens",
+        &list,
+        "-n",
+        "0",
+        "--dump-logits",
+        npy.to_str().unwrap(),
+        "--batch-size",
+        "256",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (shape, got) = mxr_e2e::npy::read_f32(&npy);
     let (wshape, want) = mxr_e2e::npy::read_f32(&golden.join("logits.npy"));
@@ -215,7 +237,8 @@ fn chat_repl_keeps_the_session_and_saves_it() {
     let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
     assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "q8_0"]).status.success());
     let save = dir.join("c.mxrs");
-    let script = format!("Hello there\nSecond \\\nline\n/stats\n/save {0}\n/reset\n/stats\n/load {0}\n/stats\n/nope\n/exit\n", save.display());
+    let script =
+        format!("Hello there\nSecond \\\nline\n/stats\n/save {0}\n/reset\n/stats\n/load {0}\n/stats\n/nope\n/exit\n", save.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_mxr"))
         .args(["chat", "-m", gguf.to_str().unwrap(), "-n", "8", "--seed", "1", "--system", "Be brief."])
         .stdin(Stdio::piped())
@@ -227,7 +250,8 @@ fn chat_repl_keeps_the_session_and_saves_it() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let contexts: Vec<usize> = err.lines().filter_map(|l| l.strip_prefix("context: ")).map(|l| l.split(' ').next().unwrap().parse().unwrap()).collect();
+    let contexts: Vec<usize> =
+        err.lines().filter_map(|l| l.strip_prefix("context: ")).map(|l| l.split(' ').next().unwrap().parse().unwrap()).collect();
     assert_eq!(contexts.len(), 3, "{err}");
     assert!(contexts[0] > 0 && contexts[1] == 0 && contexts[2] == contexts[0], "{contexts:?}");
     assert!(err.contains("4 messages") && err.contains("unknown command /nope"), "{err}");
@@ -248,7 +272,13 @@ fn run_and_chat_default_to_the_bundled_nano_model() {
     let text = String::from_utf8(a.stdout.clone()).unwrap();
     assert!(text.split_whitespace().count() >= 5, "the nano model writes words: {text:?}");
     assert_eq!(mxr(&["run", "-p", "ROMEO:", "-n", "24", "--temp", "0"]).stdout, a.stdout, "greedy is deterministic");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mxr")).args(["chat", "-n", "8"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mxr"))
+        .args(["chat", "-n", "8"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(b"Good morrow\n/exit\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -263,7 +293,18 @@ fn ppl_reports_perplexity_and_kl_against_a_base() {
     assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", q8.to_str().unwrap(), "--type", "q8_0"]).status.success());
     let text = repo_root().join("convert/src/synth/corpus.txt");
     let ppl = |m: &std::path::Path| {
-        let out = mxr(&["ppl", "-m", m.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "128", "--kl-base", f32.to_str().unwrap(), "--json"]);
+        let out = mxr(&[
+            "ppl",
+            "-m",
+            m.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
+            "--ctx",
+            "128",
+            "--kl-base",
+            f32.to_str().unwrap(),
+            "--json",
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<Json>(&out.stdout).unwrap()
     };

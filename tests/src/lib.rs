@@ -33,7 +33,12 @@ pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
         .output()
         .unwrap_or_else(|e| panic!("running python3 {}: {e} (install python3 and `pip install gguf numpy`)", path.display()));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python3 {} {args:?} failed ({}); `pip install gguf numpy` if the module is missing:\n{stderr}", path.display(), out.status);
+    assert!(
+        out.status.success(),
+        "python3 {} {args:?} failed ({}); `pip install gguf numpy` if the module is missing:\n{stderr}",
+        path.display(),
+        out.status
+    );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script} printed invalid JSON: {e}"))
 }
 

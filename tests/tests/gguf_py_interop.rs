@@ -10,7 +10,8 @@ use mxr_quant::QType;
 use serde_json::Value as Json;
 
 /// Tensor types written for gguf-py to read: mxr's seven plus two it only stores.
-const TYPES: &[(&str, u32)] = &[("f32", 0), ("f16", 1), ("bf16", 30), ("q8_0", 8), ("q4_0", 2), ("q4_K", 12), ("q6_K", 14), ("q5_K", 13), ("iq4_xs", 23)];
+const TYPES: &[(&str, u32)] =
+    &[("f32", 0), ("f16", 1), ("bf16", 30), ("q8_0", 8), ("q4_0", 2), ("q4_K", 12), ("q6_K", 14), ("q5_K", 13), ("iq4_xs", 23)];
 
 #[test]
 fn gguf_py_reads_what_mxr_writes() {

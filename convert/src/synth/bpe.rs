@@ -30,7 +30,17 @@ pub fn byte_to_char() -> [char; 256] {
 /// Splits text the way GPT-2's pre-tokenizer roughly does: runs of letters, of digits, of
 /// other non-space characters, each taking one leading space; other whitespace alone.
 fn words(text: &str) -> Vec<String> {
-    let class = |c: char| if c.is_alphabetic() { 1 } else if c.is_numeric() { 2 } else if c.is_whitespace() { 0 } else { 3 };
+    let class = |c: char| {
+        if c.is_alphabetic() {
+            1
+        } else if c.is_numeric() {
+            2
+        } else if c.is_whitespace() {
+            0
+        } else {
+            3
+        }
+    };
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut cur_class = -1;
@@ -110,8 +120,10 @@ pub fn tokenizer_json(vocab: &[String], merges: &[(String, String)], special: &[
     let added: Vec<Json> = special
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"id": vocab.len() + i, "content": s, "single_word": false, "lstrip": false,
-                             "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, s)| {
+            json!({"id": vocab.len() + i, "content": s, "single_word": false, "lstrip": false,
+                             "rstrip": false, "normalized": false, "special": true})
+        })
         .collect();
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     json!({

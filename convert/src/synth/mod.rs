@@ -22,7 +22,7 @@ use mxr_models::{Config, LayerKind};
 use serde_json::json;
 
 use crate::ConvertError;
-use safetensors_out::{plan_shards, write_shard, SynthTensor, Fill};
+use safetensors_out::{plan_shards, write_shard, Fill, SynthTensor};
 
 /// How experts are chosen by the synthetic router.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -181,7 +181,10 @@ fn write_all(dir: &Path, opts: &SynthOptions, progress: &(dyn Fn(u64, u64) + Syn
     let n_special = SPECIAL_TOKENS.len();
     let bpe_size = opts.tokenizer_vocab.min(cfg.vocab_size.saturating_sub(n_special)).max(256);
     if bpe_size + n_special > cfg.vocab_size {
-        return Err(ConvertError::BadFile { path: dir.into(), reason: format!("vocab size {} is too small for a byte-level tokenizer (needs {})", cfg.vocab_size, 256 + n_special) });
+        return Err(ConvertError::BadFile {
+            path: dir.into(),
+            reason: format!("vocab size {} is too small for a byte-level tokenizer (needs {})", cfg.vocab_size, 256 + n_special),
+        });
     }
     let (vocab, merges) = bpe::train(include_str!("corpus.txt"), bpe_size);
     let tokenizer_rows = (vocab.len() + n_special) as u64;

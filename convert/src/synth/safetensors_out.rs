@@ -61,7 +61,9 @@ pub fn plan_shards(tensors: &[SynthTensor], max_bytes: u64) -> Vec<Vec<usize>> {
             size = 0;
         }
         size += t.n_bytes();
-        if let Some(s) = shards.last_mut() { s.push(i) }
+        if let Some(s) = shards.last_mut() {
+            s.push(i)
+        }
     }
     shards
 }
@@ -136,11 +138,15 @@ pub fn write_shard<'a>(
         let n = t.n_elements();
         let mut start = 0;
         while start < n {
-            let batch: Vec<(u64, u64)> = (0..threads).map(|k| (start + k * CHUNK, (start + (k + 1) * CHUNK).min(n))).filter(|(a, b)| a < b).collect();
+            let batch: Vec<(u64, u64)> =
+                (0..threads).map(|k| (start + k * CHUNK, (start + (k + 1) * CHUNK).min(n))).filter(|(a, b)| a < b).collect();
             let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
                 let u = &u;
                 let handles: Vec<_> = batch.iter().map(|&(a, b)| s.spawn(move || chunk(t, u, a, b))).collect();
-                handles.into_iter().map(|h| h.join().map_err(|_| ConvertError::Stopped(format!("generating `{}` failed", t.name)))).collect::<Result<Vec<_>, _>>()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| ConvertError::Stopped(format!("generating `{}` failed", t.name))))
+                    .collect::<Result<Vec<_>, _>>()
             })?;
             for p in &parts {
                 w.write_all(p).map_err(io)?;

@@ -92,8 +92,8 @@ pub fn to_float(qtype: QType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         return Ok(());
     }
     // SAFETY: static traits table entry for a valid id.
-    let f = unsafe { (*sys::ggml_get_type_traits(qtype.ggml_id())).to_float }
-        .ok_or(KernelError::Unsupported { what: "to_float", qtype })?;
+    let f =
+        unsafe { (*sys::ggml_get_type_traits(qtype.ggml_id())).to_float }.ok_or(KernelError::Unsupported { what: "to_float", qtype })?;
     // SAFETY: bytes holds exactly out.len() elements of qtype.
     unsafe { f(bytes.as_ptr() as *const c_void, out.as_mut_ptr(), out.len() as i64) };
     Ok(())
@@ -119,8 +119,9 @@ impl DotKernel {
         // SAFETY: static CPU traits table entry for a valid id.
         let t = unsafe { *sys::ggml_get_type_traits_cpu(wtype.ggml_id()) };
         let vec_dot = t.vec_dot.ok_or(KernelError::Unsupported { what: "vec_dot", qtype: wtype })?;
-        let atype = QType::from_ggml(t.vec_dot_type).filter(|&a| a == wtype.vec_dot_type()).ok_or_else(|| {
-            KernelError::TableMismatch { qtype: wtype, detail: format!("ggml vec_dot_type is type id {}", t.vec_dot_type) }
+        let atype = QType::from_ggml(t.vec_dot_type).filter(|&a| a == wtype.vec_dot_type()).ok_or_else(|| KernelError::TableMismatch {
+            qtype: wtype,
+            detail: format!("ggml vec_dot_type is type id {}", t.vec_dot_type),
         })?;
         // SAFETY: as above, for the activation type.
         let from_float = unsafe { (*sys::ggml_get_type_traits_cpu(atype.ggml_id())).from_float }

@@ -44,7 +44,11 @@ pub fn matvec(w: &QMatrix, x: &[f32], y: &mut [f32], threads: Threads) -> Result
 pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32], threads: Threads) -> Result<()> {
     let (rows, cols) = (w.rows, w.cols);
     let len = |what, expected: usize, actual| {
-        if expected == actual { Ok(()) } else { Err(KernelError::Length { op: "matmul", what, expected, actual }) }
+        if expected == actual {
+            Ok(())
+        } else {
+            Err(KernelError::Length { op: "matmul", what, expected, actual })
+        }
     };
     len("x", n_tokens * cols, x.len())?;
     len("y", n_tokens * rows, y.len())?;

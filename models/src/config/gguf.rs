@@ -75,7 +75,10 @@ impl Config {
     pub fn from_gguf(h: &Header) -> Result<Config, ModelError> {
         let arch = h.get_str(keys::GENERAL_ARCHITECTURE)?.unwrap_or("");
         if arch != names::ARCH {
-            return Err(ModelError::BadMetadata { key: keys::GENERAL_ARCHITECTURE.into(), reason: format!("is `{arch}`, expected `{}`", names::ARCH) });
+            return Err(ModelError::BadMetadata {
+                key: keys::GENERAL_ARCHITECTURE.into(),
+                reason: format!("is `{arch}`, expected `{}`", names::ARCH),
+            });
         }
         let need = |suffix: &str| -> Result<usize, ModelError> {
             let key = arch_key(suffix);

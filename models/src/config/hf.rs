@@ -26,7 +26,9 @@ pub fn from_hf_json(text: &str, source: &str) -> Result<Config, ModelError> {
     let cfg = match model_type {
         "minimax_text_01" | "minimax_m1" | "minimax_text01" => remote(o, &bad)?,
         "minimax" => native(o, &bad)?,
-        other => return Err(bad(format!("model_type `{other}` is not a MiniMax-01 model (expected minimax_text_01, minimax_m1 or minimax)"))),
+        other => {
+            return Err(bad(format!("model_type `{other}` is not a MiniMax-01 model (expected minimax_text_01, minimax_m1 or minimax)")))
+        }
     };
     cfg.validate(source)?;
     Ok(cfg)
@@ -35,7 +37,11 @@ pub fn from_hf_json(text: &str, source: &str) -> Result<Config, ModelError> {
 fn get_usize(o: &Obj, key: &str, bad: &dyn Fn(String) -> ModelError) -> Result<Option<usize>, ModelError> {
     match o.get(key) {
         None | Some(Json::Null) => Ok(None),
-        Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| bad(format!("`{key}` is {v}, expected a non-negative integer"))),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| bad(format!("`{key}` is {v}, expected a non-negative integer"))),
     }
 }
 
@@ -99,7 +105,10 @@ fn remote(o: &Obj, bad: &dyn Fn(String) -> ModelError) -> Result<Config, ModelEr
     c.rotary_dim = get_usize(o, "rotary_dim", bad)?.unwrap_or(c.head_dim);
     c.rope_theta = get_f64(o, "rope_theta", 1e6, bad)?;
     let site = |name: &str| -> Result<Residual, ModelError> {
-        Ok(Residual { alpha: get_f64(o, &format!("layernorm_{name}_alpha"), 1.0, bad)?, beta: get_f64(o, &format!("layernorm_{name}_beta"), 1.0, bad)? })
+        Ok(Residual {
+            alpha: get_f64(o, &format!("layernorm_{name}_alpha"), 1.0, bad)?,
+            beta: get_f64(o, &format!("layernorm_{name}_beta"), 1.0, bad)?,
+        })
     };
     c.residual_softmax = site("full_attention")?;
     c.residual_lightning = site("linear_attention")?;
@@ -108,9 +117,10 @@ fn remote(o: &Obj, bad: &dyn Fn(String) -> ModelError) -> Result<Config, ModelEr
 }
 
 fn native(o: &Obj, bad: &dyn Fn(String) -> ModelError) -> Result<Config, ModelError> {
-    let list = o.get("layer_types").and_then(Json::as_array).ok_or_else(|| {
-        bad("`layer_types` is missing (transformers would silently alternate full/linear attention)".into())
-    })?;
+    let list = o
+        .get("layer_types")
+        .and_then(Json::as_array)
+        .ok_or_else(|| bad("`layer_types` is missing (transformers would silently alternate full/linear attention)".into()))?;
     let layers = list
         .iter()
         .enumerate()
@@ -133,7 +143,10 @@ fn native(o: &Obj, bad: &dyn Fn(String) -> ModelError) -> Result<Config, ModelEr
     }
     c.rotary_dim = rotary as usize;
     let site = |name: &str| -> Result<Residual, ModelError> {
-        Ok(Residual { alpha: get_f64(o, &format!("{name}_alpha_factor"), 1.0, bad)?, beta: get_f64(o, &format!("{name}_beta_factor"), 1.0, bad)? })
+        Ok(Residual {
+            alpha: get_f64(o, &format!("{name}_alpha_factor"), 1.0, bad)?,
+            beta: get_f64(o, &format!("{name}_beta_factor"), 1.0, bad)?,
+        })
     };
     c.residual_softmax = site("full_attn")?;
     c.residual_lightning = site("linear_attn")?;

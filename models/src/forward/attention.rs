@@ -56,7 +56,10 @@ pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usi
                             let qt = &q[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
                             let len = pos0 + t + 1; // causal: keys 0..=pos
                             let mut scores: Vec<f32> = (0..len)
-                                .map(|j| qt.iter().zip(&cache.k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                                .map(|j| {
+                                    qt.iter().zip(&cache.k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]).map(|(a, b)| a * b).sum::<f32>()
+                                        * scale
+                                })
                                 .collect();
                             softmax(&mut scores);
                             let ot = &mut o[t * hd..(t + 1) * hd];
@@ -71,7 +74,11 @@ pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usi
                 })
             })
             .collect();
-        handles.into_iter().for_each(|h| h.join().unwrap_or(()));
+        for h in handles {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic); // a bug in a worker must not pass as a result
+            }
+        }
     });
     let mut o = vec![0f32; n_tokens * n_heads * hd];
     for (h, out) in per_head.iter().enumerate() {

@@ -46,7 +46,11 @@ pub fn attend(qkv: &[f32], n_tokens: usize, hd: usize, slopes: &[f64], state: &m
                 }
             }));
         }
-        handles.into_iter().for_each(|h| h.join().unwrap_or(()));
+        for h in handles {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic); // a bug in a worker must not pass as a result
+            }
+        }
     });
     let mut o = vec![0f32; n_tokens * n_heads * hd];
     for (h, out) in per_head.iter().enumerate() {

@@ -314,7 +314,12 @@ impl<'a> Cursor<'a> {
     fn array_value(&mut self, what: &dyn Fn() -> String, depth: usize) -> Result<Array> {
         if depth >= MAX_ARRAY_DEPTH {
             let max = MAX_ARRAY_DEPTH as u64;
-            return Err(FormatError::TooLarge { what: format!("array nesting of {}", what()), offset: self.pos as u64, value: depth as u64 + 1, max });
+            return Err(FormatError::TooLarge {
+                what: format!("array nesting of {}", what()),
+                offset: self.pos as u64,
+                value: depth as u64 + 1,
+                max,
+            });
         }
         let elem = self.value_type(&|| format!("array element type of {}", what()))?;
         let min_size = elem.scalar_size().unwrap_or(if elem == ValueType::String { 8 } else { 12 }) as u64;

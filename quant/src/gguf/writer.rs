@@ -249,7 +249,12 @@ impl<W: Write> DataWriter<W> {
         let t = self.tensors.get(self.current).ok_or_else(|| FormatError::Writer("data written after the last tensor".into()))?;
         let left = t.n_bytes - self.written;
         if bytes.len() as u64 > left {
-            return Err(FormatError::Writer(format!("tensor `{}`: {} bytes written, only {left} left of {}", t.name, bytes.len(), t.n_bytes)));
+            return Err(FormatError::Writer(format!(
+                "tensor `{}`: {} bytes written, only {left} left of {}",
+                t.name,
+                bytes.len(),
+                t.n_bytes
+            )));
         }
         let name = t.name.clone();
         self.w.write_all(bytes).map_err(|e| FormatError::Writer(format!("writing tensor `{name}`: {e}")))?;

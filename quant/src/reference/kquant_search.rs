@@ -79,15 +79,7 @@ pub fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
 /// Asymmetric quantization of `x` to [0, nmax] with a scale and a (non-positive) min found
 /// by weighted least squares over `nstep + 1` trial scales (ggml's make_qkx2_quants with
 /// use_mad = false). Returns (scale, -min); `l` gets the levels.
-pub fn make_qkx2_quants(
-    nmax: i32,
-    x: &[f32],
-    weights: &[f32],
-    l: &mut [u8],
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f32, f32) {
+pub fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = weights[0];

@@ -12,6 +12,5 @@ pub use dequantize::{dequantize, dequantize_to_vec};
 pub use dot::{matvec_f64, matvec_quantized, vec_dot};
 pub use kquant_search::nearest_int;
 pub use quantize::{
-    quantize, quantize_block_q4_0, quantize_block_q4k, quantize_block_q6k, quantize_block_q8_0,
-    quantize_block_q8k, quantize_to_vec,
+    quantize, quantize_block_q4_0, quantize_block_q4k, quantize_block_q6k, quantize_block_q8_0, quantize_block_q8k, quantize_to_vec,
 };

@@ -172,10 +172,7 @@ pub fn quantize_block_q6k(x: &[f32]) -> BlockQ6K {
         for i in 0..32 {
             ql[i] = (lv(j + i) & 0xF) | ((lv(j + i + 64) & 0xF) << 4);
             ql[i + 32] = (lv(j + i + 32) & 0xF) | ((lv(j + i + 96) & 0xF) << 4);
-            qh[i] = (lv(j + i) >> 4)
-                | ((lv(j + i + 32) >> 4) << 2)
-                | ((lv(j + i + 64) >> 4) << 4)
-                | ((lv(j + i + 96) >> 4) << 6);
+            qh[i] = (lv(j + i) >> 4) | ((lv(j + i + 32) >> 4) << 2) | ((lv(j + i + 64) >> 4) << 4) | ((lv(j + i + 96) >> 4) << 6);
         }
     }
     block

@@ -48,7 +48,13 @@ pub fn diff<A: Into<f64> + Copy, B: Into<f64> + Copy>(actual: &[A], expected: &[
         err2 += e * e;
         ref2 += b * b;
     }
-    d.nmse = if ref2 > 0.0 { err2 / ref2 } else if err2 > 0.0 { f64::INFINITY } else { 0.0 };
+    d.nmse = if ref2 > 0.0 {
+        err2 / ref2
+    } else if err2 > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    };
     d
 }
 
