@@ -12,6 +12,13 @@ pub fn nearest_int(fval: f32) -> i32 {
     (val.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
+/// [`nearest_int`] as a float: (x + 1.5 * 2^23) - 1.5 * 2^23 rounds to the nearest integer
+/// (ties to even) for |x| <= 4194303, the same value the bit trick extracts.
+#[inline]
+pub fn nearest_f32(fval: f32) -> f32 {
+    (fval + 12_582_912.0) - 12_582_912.0
+}
+
 /// Symmetric quantization of `x` to integers in [0, 2*nmax) with a least-squares scale
 /// refined over 18 trial scales, weighting errors by x^2 (ggml's make_qx_quants with
 /// rmse_type = 1 and no importance weights). Returns the scale; `l` gets the levels.
@@ -121,8 +128,10 @@ pub fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], rmi
     // recomputed from the next trial on. Same answer as ggml's loop, several times faster.
     const LANES: usize = 8;
     assert!(n <= 256, "make_qkx2_quants: sub-blocks of at most 256 values");
-    // laux[i][k]: level of element i in lane k (lanes contiguous, so the lane loops vectorise).
-    let mut laux = [[0u8; LANES]; 256];
+    // laux[i][k]: level of element i in lane k, as f32 (lanes contiguous and all-float, so
+    // the lane loops vectorise; nearest_f32 rounds exactly as nearest_int does).
+    let mut laux = [[0f32; LANES]; 256];
+    let nmax_f = nmax as f32;
     let mut is = 0;
     while is <= nstep {
         let lanes = LANES.min((nstep - is + 1) as usize);
@@ -134,9 +143,8 @@ pub fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], rmi
         for i in 0..n {
             let (w, xi) = (weights[i], x[i]);
             for k in 0..LANES {
-                let q = level(iscale[k], xi, min);
-                laux[i][k] = q as u8;
-                let q = q as f32;
+                let q = nearest_f32(iscale[k] * (xi - min)).max(0.0).min(nmax_f);
+                laux[i][k] = q;
                 sum_l[k] += w * q;
                 sum_l2[k] += w * q * q;
                 sum_xl[k] += w * q * xi;
@@ -160,7 +168,7 @@ pub fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], rmi
         for i in 0..n {
             let (w, xi) = (weights[i], x[i]);
             for k in 0..LANES {
-                let diff = this_scale[k] * laux[i][k] as f32 + this_min[k] - xi;
+                let diff = this_scale[k] * laux[i][k] + this_min[k] - xi;
                 cur_error[k] += w * (diff * diff);
             }
         }
@@ -168,7 +176,7 @@ pub fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], rmi
         for k in (0..lanes).filter(|&k| valid[k]) {
             if cur_error[k] < best_error {
                 for (li, lanes) in l.iter_mut().zip(&laux[..n]) {
-                    *li = lanes[k];
+                    *li = lanes[k] as u8;
                 }
                 best_error = cur_error[k];
                 scale = this_scale[k];
