@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use mxr_models::layers::PatternSummary;
-use mxr_models::{layer_pattern, names};
+use mxr_models::{layer_pattern, names, Config};
 use mxr_quant::gguf::{keys, Array, GgufFile, Header, Value};
 use serde_json::{json, Value as Json};
 
@@ -55,9 +55,24 @@ fn bits_per_weight(t: &Totals) -> f64 {
 
 /// "arch: 80 layers (LLLLLLLS)x10" for MiniMax-01 files; None for other architectures.
 fn model_line(h: &Header) -> Option<String> {
-    (h.get_str(keys::GENERAL_ARCHITECTURE).ok()?? == names::ARCH).then(|| match layer_pattern(h) {
-        Ok(p) => format!("{}: {} layers {}", names::ARCH, p.len(), PatternSummary(&p)),
-        Err(e) => format!("{}: layer pattern unreadable: {e}", names::ARCH),
+    (h.get_str(keys::GENERAL_ARCHITECTURE).ok()?? == names::ARCH).then(|| match (layer_pattern(h), Config::from_gguf(h)) {
+        (Ok(p), Ok(c)) => format!(
+            "{}: {} layers {}, dim {}, {} heads x {} (rotary {}), {} kv heads, {} experts x {} (top {}), vocab {}",
+            names::ARCH,
+            p.len(),
+            PatternSummary(&p),
+            c.dim,
+            c.n_heads,
+            c.head_dim,
+            c.rotary_dim,
+            c.n_kv_heads,
+            c.n_experts,
+            c.hidden_dim,
+            c.n_experts_used,
+            c.vocab_size
+        ),
+        (Ok(p), Err(e)) => format!("{}: {} layers {}; config incomplete: {e}", names::ARCH, p.len(), PatternSummary(&p)),
+        (Err(e), _) => format!("{}: layer pattern unreadable: {e}", names::ARCH),
     })
 }
 
