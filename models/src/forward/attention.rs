@@ -5,7 +5,7 @@
 
 use mxr_kernels::cpu::Threads;
 
-use super::ops::{ranges, softmax};
+use super::ops::{interleave_heads, join_all, ranges, softmax};
 use crate::Config;
 
 /// Keys and values of one softmax layer, [len, kv_dim] each.
@@ -74,17 +74,7 @@ pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usi
                 })
             })
             .collect();
-        for h in handles {
-            if let Err(panic) = h.join() {
-                std::panic::resume_unwind(panic); // a bug in a worker must not pass as a result
-            }
-        }
+        join_all(handles);
     });
-    let mut o = vec![0f32; n_tokens * n_heads * hd];
-    for (h, out) in per_head.iter().enumerate() {
-        for t in 0..n_tokens {
-            o[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
-        }
-    }
-    o
+    interleave_heads(&per_head, n_tokens, hd)
 }

@@ -13,7 +13,7 @@
 
 use mxr_kernels::cpu::Threads;
 
-use super::ops::ranges;
+use super::ops::{interleave_heads, join_all, ranges};
 
 /// Tokens per block of the blocked prefill.
 pub const BLOCK: usize = 64;
@@ -46,19 +46,9 @@ pub fn attend(qkv: &[f32], n_tokens: usize, hd: usize, slopes: &[f64], state: &m
                 }
             }));
         }
-        for h in handles {
-            if let Err(panic) = h.join() {
-                std::panic::resume_unwind(panic); // a bug in a worker must not pass as a result
-            }
-        }
+        join_all(handles);
     });
-    let mut o = vec![0f32; n_tokens * n_heads * hd];
-    for (h, out) in per_head.iter().enumerate() {
-        for t in 0..n_tokens {
-            o[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
-        }
-    }
-    o
+    interleave_heads(&per_head, n_tokens, hd)
 }
 
 /// One head over all tokens: returns [n_tokens, hd].

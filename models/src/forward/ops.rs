@@ -59,3 +59,24 @@ pub fn ranges(n: usize, work_each: usize, threads: Threads) -> Vec<std::ops::Ran
     let per = n.div_ceil(parts);
     (0..parts).map(|p| p * per..((p + 1) * per).min(n)).filter(|r| !r.is_empty()).collect()
 }
+
+/// Joins scoped workers; a worker's panic is re-raised (a bug must not pass as a result).
+pub fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, T>>) {
+    for h in handles {
+        if let Err(panic) = h.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Per-head outputs ([n_tokens, hd] each) -> [n_tokens, n_heads * hd], head-major per token.
+pub fn interleave_heads(per_head: &[Vec<f32>], n_tokens: usize, hd: usize) -> Vec<f32> {
+    let n_heads = per_head.len();
+    let mut o = vec![0f32; n_tokens * n_heads * hd];
+    for (h, out) in per_head.iter().enumerate() {
+        for t in 0..n_tokens {
+            o[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd].copy_from_slice(&out[t * hd..(t + 1) * hd]);
+        }
+    }
+    o
+}
