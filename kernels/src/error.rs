@@ -16,4 +16,14 @@ pub enum KernelError {
     Matrix(#[from] mxr_quant::matrix::MatrixError),
     #[error("could not start worker threads: {0}")]
     Threads(String),
+    #[error("no usable GPU: {0}")]
+    NoGpu(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    #[error("NVRTC could not compile kernels/cuda/{source_name}.cu for {arch}:\n{detail}")]
+    Compile { source_name: &'static str, arch: &'static str, detail: String },
+    #[error("out of GPU memory: {what} of {bytes} bytes")]
+    OutOfMemory { what: String, bytes: usize },
+    #[error("{0}")]
+    Shape(String),
 }

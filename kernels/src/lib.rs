@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod cpu;
+pub mod cuda;
 mod error;
 
 pub use error::KernelError;

@@ -1,0 +1,38 @@
+// Elementwise and row-moving ops of the forward pass (prepended: common.cuh).
+
+extern "C" __global__ void silu_inplace(float* x, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = silu(x[i]);
+}
+
+// o *= sigmoid(g)
+extern "C" __global__ void sigmoid_gate(float* o, const float* g, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) o[i] *= sigmoid(g[i]);
+}
+
+// out = silu(g) * u
+extern "C" __global__ void swiglu(const float* g, const float* u, float* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = silu(g[i]) * u[i];
+}
+
+// x = alpha * x + beta * a
+extern "C" __global__ void residual(float* x, const float* a, long long n, float alpha, float beta) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = x[i] * alpha + a[i] * beta;
+}
+
+// dst[i, :] = src[idx[i] / div, :] for i = blockIdx.y
+extern "C" __global__ void gather_rows(const float* src, const int* idx, int div, int width, float* dst) {
+    const float* s = src + (size_t)(idx[blockIdx.y] / div) * width;
+    float* d = dst + (size_t)blockIdx.y * width;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];
+}
+
+// dst[idx[i], :] = src[i, :] for i = blockIdx.y
+extern "C" __global__ void scatter_rows(const float* src, const int* idx, int width, float* dst) {
+    const float* s = src + (size_t)blockIdx.y * width;
+    float* d = dst + (size_t)idx[blockIdx.y] * width;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];
+}

@@ -1,0 +1,239 @@
+//! The CUDA backend, on cudarc with the CUDA libraries loaded at run time: the binary
+//! builds and runs where there is no CUDA, and [`Gpu::open`] says clearly why there is no
+//! GPU. Kernels are the .cu files of kernels/cuda, compiled by NVRTC at first use for
+//! the device's architecture and cached on disk ([`nvrtc`]); dense bf16 products go to
+//! cuBLAS ([`blas`]). Every launch goes through a typed, shape-checked function in
+//! [`ops`]; `unsafe` is confined to this module.
+
+#![allow(unsafe_code)]
+
+pub mod blas;
+pub mod matrix;
+pub mod nvrtc;
+pub mod ops;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+
+use crate::KernelError;
+pub use matrix::GpuMatrix;
+pub use nvrtc::Source;
+
+type Result<T> = std::result::Result<T, KernelError>;
+
+/// What the device is.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_bytes: usize,
+    pub free_bytes: usize,
+    /// e.g. 13000 for CUDA 13.0
+    pub driver_version: i32,
+    pub sm_count: i32,
+}
+
+impl DeviceInfo {
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+    }
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cuda:{} {} ({}, {} SMs, {:.1} GiB, {:.1} GiB free, driver {}.{})",
+            self.ordinal,
+            self.name,
+            self.arch(),
+            self.sm_count,
+            self.total_bytes as f64 / (1u64 << 30) as f64,
+            self.free_bytes as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            (self.driver_version % 1000) / 10
+        )
+    }
+}
+
+/// One GPU: its context, one stream all work is ordered on, cuBLAS, and compiled modules.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: cudarc::cublas::CudaBlas,
+    info: DeviceInfo,
+    arch: &'static str,
+    nvrtc_version: (i32, i32),
+    modules: Mutex<HashMap<Source, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+/// Why there is no usable GPU, without touching a library that is absent.
+pub fn probe() -> std::result::Result<usize, String> {
+    // SAFETY: these only try to dlopen the libraries.
+    let (driver, nvrtc, cublas) =
+        unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::nvrtc::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
+    if !driver {
+        return Err("no CUDA driver (libcuda.so) was found".into());
+    }
+    if !nvrtc {
+        return Err("the CUDA driver is present but NVRTC (libnvrtc.so) was not found: install the CUDA toolkit's runtime libraries or add them to LD_LIBRARY_PATH".into());
+    }
+    if !cublas {
+        return Err("the CUDA driver is present but cuBLAS (libcublas.so) was not found: add the CUDA libraries to LD_LIBRARY_PATH".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        Ok(_) => Err("the CUDA driver reports no GPU".into()),
+        Err(e) => Err(format!("the CUDA driver could not start: {e}")),
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        let n = probe().map_err(KernelError::NoGpu)?;
+        if ordinal >= n {
+            return Err(KernelError::NoGpu(format!("GPU {ordinal} asked for, but there are {n}")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv("opening the device", e))?;
+        let stream = ctx.default_stream();
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("cuBLAS: {e:?}")))?;
+        let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| drv("memory info", e))?;
+        let mut driver_version = 0;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        let (mut maj, mut min) = (0, 0);
+        // SAFETY: writes two ints.
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) };
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| drv("device attributes", e))?;
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(|e| drv("device name", e))?,
+            compute_capability: ctx.compute_capability().map_err(|e| drv("compute capability", e))?,
+            total_bytes,
+            free_bytes,
+            driver_version,
+            sm_count,
+        };
+        let arch: &'static str = Box::leak(info.arch().into_boxed_str());
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            info,
+            arch,
+            nvrtc_version: (maj, min),
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Free and total device memory now.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| drv("memory info", e))
+    }
+
+    /// Compiles (or loads from the cache) every kernel source now; returns how many came
+    /// from the cache. Without this, each source compiles at its first use.
+    pub fn warm_up(&self) -> Result<usize> {
+        let mut cached = 0;
+        for s in Source::ALL {
+            if self.module(s)?.1 {
+                cached += 1;
+            }
+        }
+        Ok(cached)
+    }
+
+    fn module(&self, s: Source) -> Result<(Arc<CudaModule>, bool)> {
+        let mut mods = self.modules.lock().map_err(|_| KernelError::Threads("module cache poisoned".into()))?;
+        if let Some(m) = mods.get(&s) {
+            return Ok((m.clone(), true));
+        }
+        let c = nvrtc::compile(s, self.arch, self.nvrtc_version)?;
+        let m = self.ctx.load_module(c.ptx).map_err(|e| drv("loading a compiled kernel module", e))?;
+        mods.insert(s, m.clone());
+        Ok((m, c.from_cache))
+    }
+
+    /// The kernel `name` of `source`.
+    pub(crate) fn function(&self, source: Source, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().map_err(|_| KernelError::Threads("function cache poisoned".into()))?.get(name) {
+            return Ok(f.clone());
+        }
+        let (m, _) = self.module(source)?;
+        let f = m.load_function(name).map_err(|e| drv(name, e))?;
+        self.functions.lock().map_err(|_| KernelError::Threads("function cache poisoned".into()))?.insert(name, f.clone());
+        Ok(f)
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(|e| oom_or("upload", host.len() * std::mem::size_of::<T>(), e))
+    }
+
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(n.max(1)).map_err(|e| oom_or("allocation", n * std::mem::size_of::<T>(), e))
+    }
+
+    /// Uninitialised device memory for outputs that a kernel writes in full.
+    pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: callers only hand the buffer to kernels that write every element before it is read.
+        unsafe { self.stream.alloc(n.max(1)) }.map_err(|e| oom_or("allocation", n * std::mem::size_of::<T>(), e))
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaView<'_, T>) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); dev.len()];
+        self.stream.memcpy_dtoh(dev, &mut host).map_err(|e| drv("download", e))?;
+        Ok(host)
+    }
+
+    pub fn copy<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(KernelError::Length { op: "copy", what: "destination", expected: src.len(), actual: dst.len() });
+        }
+        self.stream.memcpy_dtod(src, dst).map_err(|e| drv("device copy", e))
+    }
+
+    pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        if host.len() != dst.len() {
+            return Err(KernelError::Length { op: "write", what: "destination", expected: host.len(), actual: dst.len() });
+        }
+        self.stream.memcpy_htod(host, dst).map_err(|e| drv("upload", e))
+    }
+
+    pub fn memset_zero<T: DeviceRepr + ValidAsZeroBits>(&self, dst: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memset_zeros(dst).map_err(|e| drv("memset", e))
+    }
+
+    /// Waits for all queued work; reports a kernel fault here.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv("running kernels", e))
+    }
+
+    pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {
+        &self.blas
+    }
+}
+
+pub(crate) fn drv(what: &str, e: cudarc::driver::DriverError) -> KernelError {
+    KernelError::Cuda(format!("{what}: {e}"))
+}
+
+fn oom_or(what: &str, bytes: usize, e: cudarc::driver::DriverError) -> KernelError {
+    if format!("{e:?}").contains("OUT_OF_MEMORY") {
+        KernelError::OutOfMemory { what: what.to_string(), bytes }
+    } else {
+        drv(what, e)
+    }
+}

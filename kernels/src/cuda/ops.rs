@@ -1,0 +1,323 @@
+//! One typed launcher per kernel: shapes are checked here, then the kernel is queued on the
+//! GPU's stream. Nothing waits; [`Gpu::sync`] or a download does.
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use mxr_quant::QType;
+
+use super::{drv, Gpu, GpuMatrix, Result, Source};
+use crate::KernelError;
+
+fn need(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if actual < expected {
+        return Err(KernelError::Length { op, what, expected, actual });
+    }
+    Ok(())
+}
+
+fn int(op: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| KernelError::Shape(format!("{op}: {v} does not fit the kernel's 32-bit index")))
+}
+
+fn grid1(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Suffix of the per-type kernels.
+fn suffix(q: QType) -> Result<&'static str> {
+    Ok(match q {
+        QType::Q8_0 => "q8_0",
+        QType::Q4K => "q4_k",
+        QType::Q6K => "q6_k",
+        QType::Q4_0 => "q4_0",
+        QType::BF16 => "bf16",
+        QType::F16 => "f16",
+        QType::F32 => "f32",
+        _ => return Err(KernelError::Unsupported { what: "GPU kernel", qtype: q }),
+    })
+}
+
+macro_rules! per_type {
+    ($prefix:literal, $q:expr) => {
+        match suffix($q)? {
+            "q8_0" => concat!($prefix, "q8_0"),
+            "q4_k" => concat!($prefix, "q4_k"),
+            "q6_k" => concat!($prefix, "q6_k"),
+            "q4_0" => concat!($prefix, "q4_0"),
+            "bf16" => concat!($prefix, "bf16"),
+            "f16" => concat!($prefix, "f16"),
+            _ => concat!($prefix, "f32"),
+        }
+    };
+}
+
+macro_rules! launch {
+    ($gpu:expr, $src:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let name: &'static str = $name;
+        let cfg: LaunchConfig = $cfg;
+        let f = $gpu.function($src, name)?;
+        let mut b = $gpu.stream.launch_builder(&f);
+        $(b.arg($arg);)+
+        // SAFETY: the launcher checked every buffer against the sizes the kernel touches.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| drv(name, e))
+    }};
+}
+
+/// Rows per block of the matrix-vector kernels (one warp each).
+const MATVEC_WARPS: u32 = 8;
+
+impl Gpu {
+    /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
+    /// matrix when `ids` is None.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec(&self, w: &GpuMatrix, ids: Option<&CudaSlice<i32>>, x: &CudaView<'_, f32>, x_div: usize, pairs: usize, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        let (rows, cols) = (w.rows, w.cols);
+        need("matvec", "x", pairs.div_ceil(x_div.max(1)) * cols, x.len())?;
+        need("matvec", "y", pairs * rows, y.len())?;
+        if let Some(ids) = ids {
+            need("matvec", "ids", pairs, ids.len())?;
+        } else if w.n_experts != 1 {
+            return Err(KernelError::Shape("matvec: a stack of experts needs expert ids".into()));
+        }
+        if pairs == 0 || rows == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(MATVEC_WARPS), int("matvec", pairs)? as u32, 1),
+            block_dim: (32 * MATVEC_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (stride, r, c, xd) = (w.stride as i64, int("matvec", rows)?, int("matvec", cols)?, int("matvec", x_div.max(1))?);
+        let null = 0u64;
+        let name = per_type!("matvec_", w.qtype);
+        match ids {
+            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
+            None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
+        }
+    }
+
+    /// out [rows, cols] bf16 = expert `e` of `w`.
+    pub fn to_bf16(&self, w: &GpuMatrix, e: usize, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
+        need("to_bf16", "out", w.rows * w.cols, out.len())?;
+        if e >= w.n_experts {
+            return Err(KernelError::Shape(format!("to_bf16: expert {e} of {}", w.n_experts)));
+        }
+        let units = w.rows * units_per_row(w.qtype, w.cols);
+        let (r, c) = (int("to_bf16", w.rows)?, int("to_bf16", w.cols)?);
+        let src = w.expert(e);
+        launch!(self, Source::Dequant, per_type!("to_bf16_", w.qtype), grid1(units, 256), &src, &r, &c, out)
+    }
+
+    /// out[t, :] = row ids[t] of `w` as f32 (the embedding lookup), t < n.
+    pub fn gather_embed(&self, w: &GpuMatrix, ids: &CudaSlice<i32>, n: usize, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        need("gather_embed", "ids", n, ids.len())?;
+        need("gather_embed", "out", n * w.cols, out.len())?;
+        let units = units_per_row(w.qtype, w.cols);
+        let cfg = LaunchConfig { grid_dim: ((units as u32).div_ceil(128).max(1), int("gather_embed", n)? as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (r, c) = (int("gather_embed", w.rows)?, int("gather_embed", w.cols)?);
+        launch!(self, Source::Dequant, per_type!("gather_rows_", w.qtype), cfg, &w.buf, &r, &c, ids, out)
+    }
+
+    pub fn f32_to_bf16(&self, x: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
+        need("f32_to_bf16", "out", x.len(), out.len())?;
+        let n = x.len() as i64;
+        launch!(self, Source::Dequant, "f32_to_bf16_n", grid1(x.len(), 256), x, &n, out)
+    }
+
+    /// RMSNorm of every `w.len()`-wide row of x, in place.
+    pub fn rmsnorm(&self, x: &mut CudaViewMut<'_, f32>, w: &CudaSlice<f32>, eps: f32) -> Result<()> {
+        let width = w.len();
+        if width == 0 || x.len() % width != 0 {
+            return Err(KernelError::Shape(format!("rmsnorm: {} values are not rows of {width}", x.len())));
+        }
+        let rows = x.len() / width;
+        let cfg = LaunchConfig { grid_dim: (int("rmsnorm", rows)? as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let wd = int("rmsnorm", width)?;
+        launch!(self, Source::Norm, "rmsnorm", cfg, x, w, &wd, &eps)
+    }
+
+    pub fn silu(&self, x: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        let n = x.len() as i64;
+        launch!(self, Source::Elementwise, "silu_inplace", grid1(x.len(), 256), x, &n)
+    }
+
+    /// o *= sigmoid(g)
+    pub fn sigmoid_gate(&self, o: &mut CudaViewMut<'_, f32>, g: &CudaView<'_, f32>) -> Result<()> {
+        need("sigmoid_gate", "g", o.len(), g.len())?;
+        let n = o.len() as i64;
+        launch!(self, Source::Elementwise, "sigmoid_gate", grid1(o.len(), 256), o, g, &n)
+    }
+
+    /// out = silu(g) * u
+    pub fn swiglu(&self, g: &CudaView<'_, f32>, u: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        need("swiglu", "u", g.len(), u.len())?;
+        need("swiglu", "out", g.len(), out.len())?;
+        let n = g.len() as i64;
+        launch!(self, Source::Elementwise, "swiglu", grid1(g.len(), 256), g, u, out, &n)
+    }
+
+    /// x = alpha x + beta a
+    pub fn residual(&self, x: &mut CudaViewMut<'_, f32>, a: &CudaView<'_, f32>, alpha: f32, beta: f32) -> Result<()> {
+        need("residual", "a", x.len(), a.len())?;
+        let n = x.len() as i64;
+        launch!(self, Source::Elementwise, "residual", grid1(x.len(), 256), x, a, &n, &alpha, &beta)
+    }
+
+    /// dst[i, :] = src[idx[i] / div, :] for i < n (rows of `width`).
+    pub fn gather_rows(&self, src: &CudaView<'_, f32>, idx: &CudaView<'_, i32>, div: usize, n: usize, width: usize, dst: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        need("gather_rows", "idx", n, idx.len())?;
+        need("gather_rows", "dst", n * width, dst.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int("gather_rows", n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (d, w) = (int("gather_rows", div.max(1))?, int("gather_rows", width)?);
+        launch!(self, Source::Elementwise, "gather_rows", cfg, src, idx, &d, &w, dst)
+    }
+
+    /// dst[idx[i], :] = src[i, :] for i < n.
+    pub fn scatter_rows(&self, src: &CudaView<'_, f32>, idx: &CudaView<'_, i32>, n: usize, width: usize, dst: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        need("scatter_rows", "idx", n, idx.len())?;
+        need("scatter_rows", "src", n * width, src.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int("scatter_rows", n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let w = int("scatter_rows", width)?;
+        launch!(self, Source::Elementwise, "scatter_rows", cfg, src, idx, &w, dst)
+    }
+
+    /// Top-k routing of each token's router logits [n_tokens, n_experts]: ids and
+    /// renormalised weights [n_tokens, k]; counts[e] += 1 per choice.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_topk(
+        &self,
+        logits: &CudaView<'_, f32>,
+        n_tokens: usize,
+        n_experts: usize,
+        k: usize,
+        ids: &mut CudaViewMut<'_, i32>,
+        weights: &mut CudaViewMut<'_, f32>,
+        counts: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        if k == 0 || k > 16 || k > n_experts || n_experts > 256 {
+            return Err(KernelError::Shape(format!("route_topk: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)")));
+        }
+        need("route_topk", "logits", n_tokens * n_experts, logits.len())?;
+        need("route_topk", "ids", n_tokens * k, ids.len())?;
+        need("route_topk", "weights", n_tokens * k, weights.len())?;
+        need("route_topk", "counts", n_experts, counts.len())?;
+        let cfg = LaunchConfig { grid_dim: ((n_tokens as u32).div_ceil(4).max(1), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (n, e, kk) = (int("route_topk", n_tokens)?, n_experts as i32, k as i32);
+        launch!(self, Source::Moe, "route_topk", cfg, logits, &n, &e, &kk, ids, weights, counts)
+    }
+
+    /// out[t, :] = Σ_j weights[t, j] y[t k + j, :]
+    pub fn moe_combine(&self, y: &CudaView<'_, f32>, weights: &CudaView<'_, f32>, n_tokens: usize, k: usize, width: usize, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        need("moe_combine", "y", n_tokens * k * width, y.len())?;
+        need("moe_combine", "weights", n_tokens * k, weights.len())?;
+        need("moe_combine", "out", n_tokens * width, out.len())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int("moe_combine", n_tokens)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (kk, w) = (k as i32, int("moe_combine", width)?);
+        launch!(self, Source::Moe, "moe_combine", cfg, y, weights, &kk, &w, out)
+    }
+
+    /// Lightning attention over n_tokens: qkv [n, n_heads * 3 * hd] (after SiLU), state
+    /// [n_heads, hd, hd] updated, decay [n_heads] (λ = e^{-s}), out [n, n_heads * hd].
+    #[allow(clippy::too_many_arguments)]
+    pub fn lightning(&self, qkv: &CudaView<'_, f32>, state: &mut CudaSlice<f32>, decay: &CudaSlice<f32>, out: &mut CudaViewMut<'_, f32>, n_tokens: usize, n_heads: usize, hd: usize) -> Result<()> {
+        let name = match hd {
+            16 => "lightning_16",
+            32 => "lightning_32",
+            64 => "lightning_64",
+            128 => "lightning_128",
+            _ => return Err(KernelError::Shape(format!("lightning: head_dim {hd} (the GPU kernel takes 16, 32, 64 or 128)"))),
+        };
+        need("lightning", "qkv", n_tokens * n_heads * 3 * hd, qkv.len())?;
+        need("lightning", "state", n_heads * hd * hd, state.len())?;
+        need("lightning", "decay", n_heads, decay.len())?;
+        need("lightning", "out", n_tokens * n_heads * hd, out.len())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig { grid_dim: (hd.div_ceil(32) as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let (n, h) = (int("lightning", n_tokens)?, n_heads as i32);
+        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h)
+    }
+
+    /// Partial NeoX RoPE on x [n_tokens, width] (heads of head_dim), positions pos0...
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(&self, x: &mut CudaViewMut<'_, f32>, n_tokens: usize, width: usize, head_dim: usize, rotary_dim: usize, theta: f64, pos0: usize) -> Result<()> {
+        need("rope", "x", n_tokens * width, x.len())?;
+        if head_dim == 0 || width % head_dim != 0 || rotary_dim > head_dim || rotary_dim % 2 != 0 {
+            return Err(KernelError::Shape(format!("rope: width {width}, head_dim {head_dim}, rotary_dim {rotary_dim}")));
+        }
+        let n = n_tokens * (width / head_dim) * (rotary_dim / 2);
+        if n == 0 {
+            return Ok(());
+        }
+        let (nt, w, hd, rd, p) = (int("rope", n_tokens)?, int("rope", width)?, head_dim as i32, rotary_dim as i32, int("rope", pos0)?);
+        launch!(self, Source::Attention, "rope", grid1(n, 256), x, &nt, &w, &hd, &rd, &theta, &p)
+    }
+
+    /// Causal GQA attention of n_tokens queries at positions pos0.. over caches holding
+    /// keys and values of positions 0..pos0 + n_tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &CudaView<'_, f32>,
+        vc: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        hd: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let name = match hd {
+            32 => "attend_32",
+            64 => "attend_64",
+            128 => "attend_128",
+            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes 32, 64 or 128)"))),
+        };
+        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 16 {
+            return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
+        }
+        need("attend", "q", n_tokens * n_heads * hd, q.len())?;
+        need("attend", "k cache", (pos0 + n_tokens) * n_kv_heads * hd, kc.len())?;
+        need("attend", "v cache", (pos0 + n_tokens) * n_kv_heads * hd, vc.len())?;
+        need("attend", "out", n_tokens * n_heads * hd, out.len())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        let group = (n_heads / n_kv_heads) as u32;
+        let cfg = LaunchConfig { grid_dim: (int("attend", n_tokens)? as u32, n_kv_heads as u32, 1), block_dim: (32 * group, 1, 1), shared_mem_bytes: 0 };
+        let (h, kvh, p, scale) = (n_heads as i32, n_kv_heads as i32, int("attend", pos0)?, 1.0 / (hd as f32).sqrt());
+        launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &p, &scale)
+    }
+}
+
+/// Units per row of the dequantizing kernels (formats.cuh's `units`).
+fn units_per_row(q: QType, cols: usize) -> usize {
+    match q {
+        QType::Q8_0 | QType::Q6K => cols / 16,
+        QType::Q4K | QType::Q4_0 => cols / 32,
+        QType::BF16 | QType::F16 => {
+            if cols % 8 == 0 {
+                cols / 8
+            } else {
+                cols
+            }
+        }
+        _ => {
+            if cols % 4 == 0 {
+                cols / 4
+            } else {
+                cols
+            }
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Every CUDA kernel against a plain reference on random inputs with ugly shapes.
+//! Needs a GPU: ignored by `cargo test`; scripts/gpu-check.sh runs it with --ignored on
+//! the GPU machine. Each check prints one `CHECK kernel | case | error | budget` line, which
+//! the script gathers into its table.
+//!
+//! Budgets: products accumulate in f32 in another order than the f64 reference, so a row of
+//! n terms is off by ~n·2^-24 relative to Σ|terms| — NMSE below 1e-10 for f32 math; the
+//! bf16 GEMM rounds nothing more (inputs are bf16 already on both sides), NMSE 1e-8.
+
+use mxr_kernels::cuda::{Gpu, GpuMatrix};
+use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
+use mxr_quant::reference::{dequantize_to_vec, matvec_f64, quantize_to_vec, stats::diff, stats::Rng};
+use mxr_quant::{QMatrix, QType};
+
+fn gpu() -> Gpu {
+    Gpu::open(0).expect("these tests need a GPU")
+}
+
+fn check(kernel: &str, case: &str, nmse: f64, budget: f64) {
+    let ok = nmse <= budget && nmse.is_finite();
+    println!("CHECK {kernel} | {case} | nmse {nmse:.2e} | {budget:.0e} | {}", if ok { "ok" } else { "FAIL" });
+    assert!(ok, "{kernel} {case}: nmse {nmse:e} over {budget:e}");
+}
+
+const TYPES: [QType; 7] = [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0, QType::BF16, QType::F16, QType::F32];
+
+/// (rows, cols) per type: a single row, rows that fill no block of warps, long rows,
+/// and (for the float types) rows that are not a multiple of the 16-byte load.
+fn shapes(q: QType) -> Vec<(usize, usize)> {
+    let b = q.block_size().max(32);
+    let mut v = vec![(1, b), (65, 3 * b), (513, b), (7, 24 * b)];
+    if q.block_size() == 1 {
+        v.push((9, 17));
+        v.push((33, 6));
+    }
+    v
+}
+
+fn quantized(q: QType, n: usize, seed: u64) -> Vec<u8> {
+    quantize_to_vec(q, &Rng::new(seed).normals(n, 0.5)).unwrap()
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn matvec_every_type_and_shape() {
+    let g = gpu();
+    for q in TYPES {
+        for (rows, cols) in shapes(q) {
+            let w = quantized(q, rows * cols, 1);
+            let x = Rng::new(2).normals(cols, 1.0);
+            let want = matvec_f64(&QMatrix::new(q, rows, cols, &w).unwrap(), &x);
+            let gw = GpuMatrix::upload(&g, q, 1, rows, cols, &w).unwrap();
+            let gx = g.upload(&x).unwrap();
+            let mut gy = g.zeros::<f32>(rows).unwrap();
+            g.matvec(&gw, None, &gx.as_view(), 1, 1, &mut gy.as_view_mut()).unwrap();
+            let got = g.download(&gy.as_view()).unwrap();
+            check("matvec", &format!("{q} {rows}x{cols}"), diff(&got, &want).nmse, 1e-10);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn matvec_gathers_experts_and_inputs() {
+    let g = gpu();
+    let (n_exp, rows, cols) = (3, 37, 256);
+    for q in TYPES {
+        let w = quantized(q, n_exp * rows * cols, 3);
+        let xs = Rng::new(4).normals(2 * cols, 1.0);
+        let ids = [2i32, 0, 2, 1];
+        let row_bytes = q.row_bytes(cols).unwrap();
+        let gw = GpuMatrix::upload(&g, q, n_exp, rows, cols, &w).unwrap();
+        let (gx, gids) = (g.upload(&xs).unwrap(), g.upload(&ids).unwrap());
+        for x_div in [1usize, 2] {
+            // x_div 1: pair p reads x row p (rows 0..4 of a 4-row input); 2: row p / 2.
+            let x_all: Vec<f32> = if x_div == 1 { xs.iter().chain(&xs).copied().collect() } else { xs.clone() };
+            let gx_all = if x_div == 1 { g.upload(&x_all).unwrap() } else { gx.clone() };
+            let mut gy = g.zeros::<f32>(4 * rows).unwrap();
+            g.matvec(&gw, Some(&gids), &gx_all.as_view(), x_div, 4, &mut gy.as_view_mut()).unwrap();
+            let got = g.download(&gy.as_view()).unwrap();
+            let mut want = Vec::new();
+            for (p, &e) in ids.iter().enumerate() {
+                let e = e as usize;
+                let m = QMatrix::new(q, rows, cols, &w[e * rows * row_bytes..(e + 1) * rows * row_bytes]).unwrap();
+                want.extend(matvec_f64(&m, &x_all[(p / x_div) * cols..(p / x_div + 1) * cols]));
+            }
+            check("matvec (experts)", &format!("{q} x_div {x_div}"), diff(&got, &want).nmse, 1e-10);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn dequantize_to_bf16_and_gather_rows_are_exact() {
+    let g = gpu();
+    for q in TYPES {
+        for (rows, cols) in shapes(q) {
+            let w = quantized(q, 2 * rows * cols, 5);
+            let f = dequantize_to_vec(q, &w, 2 * rows * cols).unwrap();
+            let gw = GpuMatrix::upload(&g, q, 2, rows, cols, &w).unwrap();
+            let mut out = g.zeros::<u16>(rows * cols).unwrap();
+            g.to_bf16(&gw, 1, &mut out.as_view_mut()).unwrap();
+            let got = g.download(&out.as_view()).unwrap();
+            let want: Vec<u16> = f[rows * cols..].iter().map(|&v| f32_to_bf16(v)).collect();
+            let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            println!("CHECK to_bf16 | {q} {rows}x{cols} | {bad} of {} differ | 0 | {}", want.len(), if bad == 0 { "ok" } else { "FAIL" });
+            assert_eq!(bad, 0, "to_bf16 {q} {rows}x{cols}");
+
+            let ids: Vec<i32> = vec![(rows - 1) as i32, 0, (rows / 2) as i32];
+            let one = GpuMatrix::upload(&g, q, 1, rows, cols, &w[..q.row_bytes(cols).unwrap() * rows]).unwrap();
+            let gids = g.upload(&ids).unwrap();
+            let mut rows_out = g.zeros::<f32>(3 * cols).unwrap();
+            g.gather_embed(&one, &gids, 3, &mut rows_out.as_view_mut()).unwrap();
+            let got = g.download(&rows_out.as_view()).unwrap();
+            let want: Vec<f32> = ids.iter().flat_map(|&r| f[r as usize * cols..(r as usize + 1) * cols].to_vec()).collect();
+            assert_eq!(got, want, "gather_embed {q} {rows}x{cols}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gemm_bf16_matches_f64() {
+    let g = gpu();
+    for (rows, cols, n) in [(1, 64, 1), (65, 96, 3), (513, 256, 77), (1000, 1024, 130)] {
+        let w: Vec<u16> = Rng::new(6).normals(rows * cols, 0.5).iter().map(|&v| f32_to_bf16(v)).collect();
+        let x: Vec<u16> = Rng::new(7).normals(n * cols, 1.0).iter().map(|&v| f32_to_bf16(v)).collect();
+        let (gw, gx) = (g.upload(&w).unwrap(), g.upload(&x).unwrap());
+        let mut gy = g.zeros::<f32>(n * rows).unwrap();
+        g.gemm_bf16(&gw.as_view(), &gx.as_view(), &mut gy.as_view_mut(), rows, cols, n).unwrap();
+        let got = g.download(&gy.as_view()).unwrap();
+        let mut want = vec![0f64; n * rows];
+        for t in 0..n {
+            for r in 0..rows {
+                want[t * rows + r] = (0..cols).map(|c| bf16_to_f32(w[r * cols + c]) as f64 * bf16_to_f32(x[t * cols + c]) as f64).sum();
+            }
+        }
+        check("gemm_bf16", &format!("{rows}x{cols} x {n}"), diff(&got, &want).nmse, 1e-8);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn norm_and_elementwise() {
+    let g = gpu();
+    let (rows, width) = (5, 1031);
+    let x = Rng::new(8).normals(rows * width, 2.0);
+    let a = Rng::new(9).normals(rows * width, 1.0);
+    let w = Rng::new(10).normals(width, 1.0);
+    let (gx, ga, gw) = (g.upload(&x).unwrap(), g.upload(&a).unwrap(), g.upload(&w).unwrap());
+
+    let mut y = gx.clone();
+    g.rmsnorm(&mut y.as_view_mut(), &gw, 1e-6).unwrap();
+    let want: Vec<f64> = x
+        .chunks(width)
+        .flat_map(|r| {
+            let ms = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / width as f64;
+            let s = 1.0 / (ms + 1e-6).sqrt();
+            r.iter().zip(&w).map(move |(&v, &wv)| v as f64 * s * wv as f64).collect::<Vec<_>>()
+        })
+        .collect();
+    check("rmsnorm", &format!("{rows}x{width}"), diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+
+    let silu = |v: f64| v / (1.0 + (-v).exp());
+    let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+    let mut y = gx.clone();
+    g.silu(&mut y.as_view_mut()).unwrap();
+    let want: Vec<f64> = x.iter().map(|&v| silu(v as f64)).collect();
+    check("silu", "5x1031", diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+
+    let mut y = gx.clone();
+    g.sigmoid_gate(&mut y.as_view_mut(), &ga.as_view()).unwrap();
+    let want: Vec<f64> = x.iter().zip(&a).map(|(&v, &gv)| v as f64 * sig(gv as f64)).collect();
+    check("sigmoid_gate", "5x1031", diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+
+    let mut y = g.zeros::<f32>(x.len()).unwrap();
+    g.swiglu(&gx.as_view(), &ga.as_view(), &mut y.as_view_mut()).unwrap();
+    let want: Vec<f64> = x.iter().zip(&a).map(|(&v, &u)| silu(v as f64) * u as f64).collect();
+    check("swiglu", "5x1031", diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+
+    let mut y = gx.clone();
+    g.residual(&mut y.as_view_mut(), &ga.as_view(), 1.7, -0.3).unwrap();
+    let want: Vec<f64> = x.iter().zip(&a).map(|(&v, &u)| 1.7 * v as f64 - 0.3 * u as f64).collect();
+    check("residual", "5x1031", diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+
+    let idx = [3i32, 0, 3, 1, 4];
+    let gi = g.upload(&idx).unwrap();
+    let mut y = g.zeros::<f32>(5 * width).unwrap();
+    g.gather_rows(&gx.as_view(), &gi.as_view(), 1, 5, width, &mut y.as_view_mut()).unwrap();
+    let want: Vec<f32> = idx.iter().flat_map(|&i| x[i as usize * width..(i as usize + 1) * width].to_vec()).collect();
+    assert_eq!(g.download(&y.as_view()).unwrap(), want, "gather_rows");
+    let perm = [2i32, 4, 0, 1, 3];
+    let gp = g.upload(&perm).unwrap();
+    let mut z = g.zeros::<f32>(5 * width).unwrap();
+    g.scatter_rows(&gx.as_view(), &gp.as_view(), 5, width, &mut z.as_view_mut()).unwrap();
+    let got = g.download(&z.as_view()).unwrap();
+    for (i, &p) in perm.iter().enumerate() {
+        assert_eq!(&got[p as usize * width..(p as usize + 1) * width], &x[i * width..(i + 1) * width], "scatter_rows");
+    }
+    println!("CHECK gather/scatter_rows | 5x1031 | exact | 0 | ok");
+}
+
+/// The CPU router's rule: softmax in f32, top k, ties to the lower index, renormalised.
+fn route_ref(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let p: Vec<f32> = logits.iter().map(|&l| (l - m).exp()).collect();
+    let s: f32 = p.iter().sum();
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let top: Vec<(usize, f32)> = order.into_iter().take(k).map(|e| (e, p[e] / s)).collect();
+    let t: f32 = top.iter().map(|x| x.1).sum();
+    top.into_iter().map(|(e, w)| (e, w / t)).collect()
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn routing_picks_the_same_experts() {
+    let g = gpu();
+    for (n_tokens, n_exp, k) in [(1, 8, 2), (37, 32, 2), (5, 45, 3), (9, 256, 8)] {
+        let mut logits = Rng::new(11).normals(n_tokens * n_exp, 1.5);
+        // A tie in the first token: experts 1 and 5 equal and largest.
+        logits[1] = 9.0;
+        logits[5] = 9.0;
+        let gl = g.upload(&logits).unwrap();
+        let mut ids = g.zeros::<i32>(n_tokens * k).unwrap();
+        let mut w = g.zeros::<f32>(n_tokens * k).unwrap();
+        let mut counts = g.zeros::<u32>(n_exp).unwrap();
+        g.route_topk(&gl.as_view(), n_tokens, n_exp, k, &mut ids.as_view_mut(), &mut w.as_view_mut(), &mut counts).unwrap();
+        let (ids, w, counts) = (g.download(&ids.as_view()).unwrap(), g.download(&w.as_view()).unwrap(), g.download(&counts.as_view()).unwrap());
+        let mut want_counts = vec![0u32; n_exp];
+        let mut wd = Vec::new();
+        let mut ww = Vec::new();
+        for t in 0..n_tokens {
+            for (j, (e, we)) in route_ref(&logits[t * n_exp..(t + 1) * n_exp], k).into_iter().enumerate() {
+                assert_eq!(ids[t * k + j] as usize, e, "token {t} choice {j}");
+                want_counts[e] += 1;
+                wd.push(w[t * k + j]);
+                ww.push(we);
+            }
+        }
+        assert_eq!(counts, want_counts);
+        check("route_topk", &format!("{n_tokens} tokens, top-{k} of {n_exp}"), diff(&wd, &ww).nmse, 1e-12);
+    }
+}
+
+/// Lightning recurrence in f64: S = λS + kᵀv, o = q S.
+fn lightning_ref(qkv: &[f32], n: usize, heads: usize, hd: usize, decay: &[f32], state: &mut [f64]) -> Vec<f64> {
+    let mut out = vec![0f64; n * heads * hd];
+    for t in 0..n {
+        for h in 0..heads {
+            let base = t * heads * 3 * hd + h * 3 * hd;
+            let (q, k, v) = (&qkv[base..base + hd], &qkv[base + hd..base + 2 * hd], &qkv[base + 2 * hd..base + 3 * hd]);
+            let s = &mut state[h * hd * hd..(h + 1) * hd * hd];
+            for a in 0..hd {
+                for b in 0..hd {
+                    s[a * hd + b] = decay[h] as f64 * s[a * hd + b] + k[a] as f64 * v[b] as f64;
+                }
+            }
+            for b in 0..hd {
+                out[t * heads * hd + h * hd + b] = (0..hd).map(|a| q[a] as f64 * s[a * hd + b]).sum();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn lightning_matches_the_recurrence() {
+    let g = gpu();
+    for (hd, heads, n) in [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17)] {
+        let qkv = Rng::new(12).normals(n * heads * 3 * hd, 0.3);
+        let decay: Vec<f32> = (0..heads).map(|h| (-0.1 * (h as f64 + 1.0)).exp() as f32).collect();
+        let init = Rng::new(13).normals(heads * hd * hd, 0.2);
+        let mut s64: Vec<f64> = init.iter().map(|&v| v as f64).collect();
+        let want = lightning_ref(&qkv, n, heads, hd, &decay, &mut s64);
+        let (gq, gd) = (g.upload(&qkv).unwrap(), g.upload(&decay).unwrap());
+        let mut gs = g.upload(&init).unwrap();
+        let mut go = g.zeros::<f32>(n * heads * hd).unwrap();
+        g.lightning(&gq.as_view(), &mut gs, &gd, &mut go.as_view_mut(), n, heads, hd).unwrap();
+        let case = format!("hd {hd}, {heads} heads, {n} tokens");
+        check("lightning (out)", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
+        check("lightning (state)", &case, diff(&g.download(&gs.as_view()).unwrap(), &s64).nmse, 1e-10);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn rope_and_attention() {
+    let g = gpu();
+    for (hd, rd, heads, kv_heads, pos0, n) in [(128, 64, 8, 2, 0, 5), (64, 64, 4, 4, 33, 1), (32, 16, 16, 1, 7, 40), (128, 64, 64, 8, 100, 3)] {
+        let (width, kv_dim) = (heads * hd, kv_heads * hd);
+        let q = Rng::new(14).normals(n * width, 1.0);
+        let len = pos0 + n;
+        let kc = Rng::new(15).normals(len * kv_dim, 1.0);
+        let vc = Rng::new(16).normals(len * kv_dim, 1.0);
+        let theta = 10000.0f64;
+        // RoPE reference
+        let mut qr: Vec<f64> = q.iter().map(|&v| v as f64).collect();
+        for t in 0..n {
+            for h in 0..heads {
+                for i in 0..rd / 2 {
+                    let ang = (pos0 + t) as f64 * theta.powf(-((2 * i) as f64) / rd as f64);
+                    let (c, s) = (ang.cos() as f32 as f64, ang.sin() as f32 as f64);
+                    let o = t * width + h * hd;
+                    let (a, b) = (qr[o + i], qr[o + i + rd / 2]);
+                    qr[o + i] = a * c - b * s;
+                    qr[o + i + rd / 2] = b * c + a * s;
+                }
+            }
+        }
+        let mut gq = g.upload(&q).unwrap();
+        g.rope(&mut gq.as_view_mut(), n, width, hd, rd, theta, pos0).unwrap();
+        let got_q = g.download(&gq.as_view()).unwrap();
+        let case = format!("hd {hd}/{rd}, {heads}/{kv_heads} heads, pos {pos0}+{n}");
+        check("rope", &case, diff(&got_q, &qr).nmse, 1e-12);
+        // attention reference on the rotated q the GPU produced
+        let group = heads / kv_heads;
+        let mut want = vec![0f64; n * width];
+        for t in 0..n {
+            for h in 0..heads {
+                let gk = h / group;
+                let qv = &got_q[t * width + h * hd..t * width + (h + 1) * hd];
+                let scores: Vec<f64> = (0..pos0 + t + 1)
+                    .map(|j| (0..hd).map(|c| qv[c] as f64 * kc[j * kv_dim + gk * hd + c] as f64).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for c in 0..hd {
+                        want[t * width + h * hd + c] += ej / z * vc[j * kv_dim + gk * hd + c] as f64;
+                    }
+                }
+            }
+        }
+        let (gk, gv) = (g.upload(&kc).unwrap(), g.upload(&vc).unwrap());
+        let mut go = g.zeros::<f32>(n * width).unwrap();
+        g.attend(&gq.as_view(), &gk.as_view(), &gv.as_view(), &mut go.as_view_mut(), n, heads, kv_heads, hd, pos0).unwrap();
+        check("attend", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn kernel_cache_is_reused() {
+    let g = gpu();
+    let first = g.warm_up().unwrap();
+    let g2 = Gpu::open(0).unwrap();
+    let second = g2.warm_up().unwrap();
+    println!("CHECK nvrtc cache | sources from cache: {first} then {second} | - | 7 | {}", if second == 7 { "ok" } else { "FAIL" });
+    assert_eq!(second, 7, "a second process-level open should load every module from the disk cache");
+}

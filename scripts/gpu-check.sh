@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU checks in two halves, since the GPU machine has no Rust toolchain:
+#
+#   scripts/gpu-check.sh build   (here)  build mxr and the GPU test binaries in release
+#                                        and stage them in carry/gpu/ (git-ignored)
+#   scripts/gpu-check.sh run     (there) run every staged GPU test with --ignored,
+#                                        full logs to $OUT (or /tmp/gpu-check), and print
+#                                        a table of every check last
+#
+# The device tool carries carry/ over: run(command="scripts/gpu-check.sh run", carry=["carry"]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=carry/gpu
+# Test targets that hold GPU tests (each marked #[ignore = "needs a GPU"]).
+TARGETS=(gpu_kernels)
+
+build() {
+    cargo build --release -p mxr
+    mkdir -p "$STAGE"
+    rm -f "$STAGE"/*
+    cp target/release/mxr "$STAGE/mxr"
+    for t in "${TARGETS[@]}"; do
+        exe=$(cargo test --release --workspace --test "$t" --no-run --message-format=json 2>/dev/null |
+            python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])' | tail -1)
+        [ -n "$exe" ] || { echo "gpu-check: no test binary for $t" >&2; exit 1; }
+        cp "$exe" "$STAGE/$t"
+    done
+    strip "$STAGE"/* 2>/dev/null || true
+    ls -la "$STAGE"
+}
+
+run() {
+    local out=${OUT:-/tmp/gpu-check}
+    mkdir -p "$out"
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export MXR_CACHE_DIR=${MXR_CACHE_DIR:-/tmp/mxr-cache}
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
+    local status=0
+    for t in "${TARGETS[@]}"; do
+        [ -x "$STAGE/$t" ] || continue
+        # Tests run from the repository root so fixture paths resolve.
+        if ! "$STAGE/$t" --ignored --nocapture --test-threads 1 >"$out/$t.log" 2>&1; then
+            status=1
+        fi
+        grep -E "^test result|FAILED|panicked" "$out/$t.log" | sed "s/^/$t: /" || true
+    done
+    echo
+    printf '%-28s | %-44s | %-28s | %-7s | %s\n' check case error budget result
+    grep -h '^CHECK ' "$out"/*.log | sed 's/^CHECK //' |
+        awk -F' [|] ' '{ printf "%-28s | %-44s | %-28s | %-7s | %s\n", $1, $2, $3, $4, $5 }'
+    return $status
+}
+
+case "${1:-}" in
+build) build ;;
+run) run ;;
+*) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac
