@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=carry/gpu
 # Test targets that hold GPU tests (each marked #[ignore = "needs a GPU"]).
-TARGETS=(gpu_kernels)
+TARGETS=(gpu_kernels gpu_forward)
 
 build() {
     cargo build --release -p mxr

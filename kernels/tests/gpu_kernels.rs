@@ -226,7 +226,8 @@ fn routing_picks_the_same_experts() {
         let mut w = g.zeros::<f32>(n_tokens * k).unwrap();
         let mut counts = g.zeros::<u32>(n_exp).unwrap();
         g.route_topk(&gl.as_view(), n_tokens, n_exp, k, &mut ids.as_view_mut(), &mut w.as_view_mut(), &mut counts).unwrap();
-        let (ids, w, counts) = (g.download(&ids.as_view()).unwrap(), g.download(&w.as_view()).unwrap(), g.download(&counts.as_view()).unwrap());
+        let (ids, w, counts) =
+            (g.download(&ids.as_view()).unwrap(), g.download(&w.as_view()).unwrap(), g.download(&counts.as_view()).unwrap());
         let mut want_counts = vec![0u32; n_exp];
         let mut wd = Vec::new();
         let mut ww = Vec::new();
@@ -288,7 +289,9 @@ fn lightning_matches_the_recurrence() {
 #[ignore = "needs a GPU"]
 fn rope_and_attention() {
     let g = gpu();
-    for (hd, rd, heads, kv_heads, pos0, n) in [(128, 64, 8, 2, 0, 5), (64, 64, 4, 4, 33, 1), (32, 16, 16, 1, 7, 40), (128, 64, 64, 8, 100, 3)] {
+    for (hd, rd, heads, kv_heads, pos0, n) in
+        [(128, 64, 8, 2, 0, 5), (64, 64, 4, 4, 33, 1), (32, 16, 16, 1, 7, 40), (128, 64, 64, 8, 100, 3)]
+    {
         let (width, kv_dim) = (heads * hd, kv_heads * hd);
         let q = Rng::new(14).normals(n * width, 1.0);
         let len = pos0 + n;

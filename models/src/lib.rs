@@ -12,7 +12,9 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod engine;
 pub mod forward;
+pub mod gpu;
 pub mod layers;
 pub mod model;
 pub mod names;

@@ -15,6 +15,12 @@ use crate::{Config, LayerKind, ModelError};
 #[derive(Clone, Debug)]
 pub struct Tensor(TensorInfo);
 
+impl Tensor {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+}
+
 /// The attention tensors of one layer.
 #[derive(Clone, Debug)]
 pub enum Attention {

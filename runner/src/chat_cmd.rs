@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mxr_models::forward::{forward, Logits};
+use mxr_models::engine::State;
+use mxr_models::forward::Logits;
 use mxr_models::Session;
 use rustyline::error::ReadlineError;
 use serde_json::json;
@@ -50,7 +51,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
 struct Chat {
     l: Loaded,
     sampler: Sampler,
-    session: Session,
+    session: State,
     system: Option<String>,
     messages: Vec<Message>,
     /// The text the session has consumed: rendered prompts and generated replies.
@@ -67,7 +68,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
-    let session = Session::new(&l.model.config);
+    let session = l.new_state()?;
     let mut chat = Chat {
         l,
         sampler,
@@ -123,10 +124,10 @@ impl Chat {
         match cmd {
             "/exit" | "/quit" => return Ok(true),
             "/help" => COMMANDS.iter().for_each(|(c, h)| eprintln!("  {c:<14} {h}")),
-            "/reset" => self.reset(),
+            "/reset" => self.reset()?,
             "/system" => {
                 self.system = (!arg.is_empty()).then(|| arg.to_string());
-                self.reset();
+                self.reset()?;
             }
             "/stats" => self.stats(),
             "/save" => self.save(Path::new(arg))?,
@@ -137,15 +138,16 @@ impl Chat {
         Ok(false)
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> Result<()> {
         self.messages.clear();
         self.seen.clear();
-        self.session = Session::new(&self.l.model.config);
+        self.session = self.l.new_state()?;
         eprintln!("(conversation cleared)");
+        Ok(())
     }
 
     fn stats(&self) {
-        eprintln!("context: {} of {} tokens; {} messages", self.session.pos, self.l.ctx, self.messages.len());
+        eprintln!("context: {} of {} tokens; {} messages", self.session.pos(), self.l.ctx, self.messages.len());
         if let Some((np, ps, ng, gs)) = self.last {
             eprintln!(
                 "last reply: prompt {np} tokens at {:.1} tokens/s, {ng} tokens generated at {:.1} tokens/s",
@@ -167,15 +169,15 @@ impl Chat {
         let new = match rendered.strip_prefix(self.seen.as_str()) {
             Some(rest) => self.l.tokenizer.encode(rest)?,
             None => {
-                self.session = Session::new(&self.l.model.config);
+                self.session = self.l.new_state()?;
                 self.l.tokenizer.encode(&rendered)?
             }
         };
-        if self.session.pos + new.len() + self.n_predict.min(64) > self.l.ctx {
+        if self.session.pos() + new.len() + self.n_predict.min(64) > self.l.ctx {
             self.messages.pop();
             anyhow::bail!(
                 "the conversation ({} tokens) would overflow the context of {}: /reset or raise --ctx-size",
-                self.session.pos + new.len(),
+                self.session.pos() + new.len(),
                 self.l.ctx
             );
         }
@@ -188,7 +190,7 @@ impl Chat {
             if self.interrupted.load(Ordering::SeqCst) {
                 break; // Ctrl-C during a long prompt: stop reading it; the reply loop stops too
             }
-            logits = forward(&self.l.model, &mut self.session, chunk, Logits::Last, self.l.threads)?;
+            logits = self.l.forward(&mut self.session, chunk, Logits::Last)?;
         }
         if logits.is_empty() {
             logits = vec![0.0; c.vocab_size];
@@ -197,14 +199,14 @@ impl Chat {
         let (mut reply, mut stream, mut n, mut reply_done) = (String::new(), StreamDecoder::new(), 0, false);
         let gen_start = Instant::now();
         let mut out = std::io::stdout().lock();
-        while n < self.n_predict && self.session.pos < self.l.ctx {
+        while n < self.n_predict && self.session.pos() < self.l.ctx {
             if self.interrupted.swap(false, Ordering::SeqCst) {
                 write!(out, " [stopped]").ok();
                 break;
             }
-            let next = self.sampler.sample(&logits, &self.session.tokens, &self.l.tokenizer.suppress);
+            let next = self.sampler.sample(&logits, self.session.tokens(), &self.l.tokenizer.suppress);
             n += 1;
-            logits = forward(&self.l.model, &mut self.session, &[next], Logits::Last, self.l.threads)?;
+            logits = self.l.forward(&mut self.session, &[next], Logits::Last)?;
             if self.l.tokenizer.stop.contains(&next) {
                 self.seen.push_str(&reply);
                 reply_done = true;
@@ -228,8 +230,8 @@ impl Chat {
         anyhow::ensure!(!path.as_os_str().is_empty(), "/save needs a file name");
         let msgs: Vec<_> = self.messages.iter().map(|m| json!({"role": m.role, "text": m.text})).collect();
         let extra = json!({"system": self.system, "messages": msgs, "seen": self.seen}).to_string();
-        self.session.save(&self.l.model, path, extra.as_bytes())?;
-        eprintln!("(saved {} tokens to {})", self.session.pos, path.display());
+        self.l.backend.to_session(&self.session)?.save(&self.l.model, path, extra.as_bytes())?;
+        eprintln!("(saved {} tokens to {})", self.session.pos(), path.display());
         Ok(())
     }
 
@@ -247,8 +249,8 @@ impl Chat {
             .collect();
         self.system = j["system"].as_str().map(str::to_string);
         self.seen = text(&j, "seen");
-        self.session = session;
-        eprintln!("(resumed {} messages, {} tokens)", self.messages.len(), self.session.pos);
+        self.session = self.l.backend.from_session(session, self.l.ctx)?;
+        eprintln!("(resumed {} messages, {} tokens)", self.messages.len(), self.session.pos());
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-use mxr::{chat_cmd, convert_cmd, inspect, ppl_cmd, run_cmd};
+use mxr::{bench_cmd, chat_cmd, convert_cmd, inspect, ppl_cmd, run_cmd};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mxr", version, about = "Run MiniMax-Text-01 (hybrid lightning-attention MoE) from a quantized GGUF file")]
+#[command(name = "mxr", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MXR_COMMIT"), ")"), about = "Run MiniMax-Text-01 (hybrid lightning-attention MoE) from a quantized GGUF file")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,6 +34,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Chat with the model in an interactive REPL (history, /help for commands).
     Chat(chat_cmd::ChatArgs),
+    /// Throughput, llama-bench style: prefill and decode tokens/s, bandwidth, MFU.
+    Bench(bench_cmd::BenchArgs),
     /// Perplexity of a text (and KL divergence against a base model).
     Ppl(ppl_cmd::PplArgs),
     /// Convert a MiniMax-Text-01 / M1 safetensors checkpoint to GGUF (int8/int4 matrices).
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run_cmd::run(a),
         Command::Chat(a) => chat_cmd::run(a),
         Command::Ppl(a) => ppl_cmd::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
         Command::Convert(a) => convert_cmd::run_convert(a),
         Command::Synth(a) => convert_cmd::run_synth(a),
     };

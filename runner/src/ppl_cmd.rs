@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mxr_models::forward::{forward, Logits};
-use mxr_models::Session;
+use mxr_models::forward::Logits;
 
 use crate::run_cmd::{load, ModelArgs};
 
@@ -73,9 +72,9 @@ pub fn run(a: PplArgs) -> Result<()> {
     let (mut nll, mut kl, mut agree, mut count) = (0f64, 0f64, 0usize, 0usize);
     for w in 0..n_windows {
         let toks = &ids[w * a.window..(w + 1) * a.window];
-        let logits = forward(&l.model, &mut Session::new(&l.model.config), toks, Logits::All, l.threads)?;
+        let logits = l.forward(&mut l.new_state()?, toks, Logits::All)?;
         let base_logits = match &base {
-            Some(b) => Some(forward(&b.model, &mut Session::new(&b.model.config), toks, Logits::All, b.threads)?),
+            Some(b) => Some(b.forward(&mut b.new_state()?, toks, Logits::All)?),
             None => None,
         };
         for t in 0..a.window - 1 {

@@ -8,9 +8,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use mxr_kernels::cpu::Threads;
-use mxr_models::forward::{forward, Logits};
+use mxr_kernels::cuda::Gpu;
+use mxr_models::engine::{Backend, State};
+use mxr_models::forward::Logits;
+use mxr_models::gpu::GpuModel;
 use mxr_models::layers::PatternSummary;
-use mxr_models::{Model, Session};
+use mxr_models::Model;
 
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::template::{render, Message};
@@ -32,7 +35,7 @@ pub struct ModelArgs {
     /// CPU threads (default: all cores).
     #[arg(short, long)]
     pub threads: Option<usize>,
-    /// Where to compute: auto picks a GPU when there is one (this build: CPU only).
+    /// Where to compute: auto uses the first GPU when there is one and the model fits it.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
     /// Context size in tokens (prompt + generated). 0 = the model's.
@@ -115,13 +118,53 @@ pub struct Loaded {
     pub tokenizer: TextTokenizer,
     pub threads: Threads,
     pub ctx: usize,
+    pub backend: Backend,
+}
+
+impl Loaded {
+    pub fn new_state(&self) -> Result<State> {
+        Ok(self.backend.new_state(&self.model, self.ctx)?)
+    }
+
+    pub fn forward(&self, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        Ok(self.backend.forward(&self.model, state, tokens, which)?)
+    }
+}
+
+/// Puts the model on the device `--device` names (auto: a GPU if one is usable).
+fn backend(device: Device, model: &Model, threads: Threads) -> Result<Backend> {
+    if device == Device::Cpu {
+        return Ok(Backend::Cpu(threads));
+    }
+    let gpu = match Gpu::open(0) {
+        Ok(g) => g,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: no GPU used ({e})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => bail!("--device cuda: {e}"),
+    };
+    let started = Instant::now();
+    let name = gpu.info().to_string();
+    match GpuModel::upload(model, gpu) {
+        Ok(g) => {
+            eprintln!(
+                "uploaded {:.2} GiB of weights to {name} in {:.1} s",
+                g.weight_bytes as f64 / (1u64 << 30) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(Backend::Cuda(Box::new(g)))
+        }
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: the GPU was not used ({e})");
+            Ok(Backend::Cpu(threads))
+        }
+        Err(e) => Err(e).context("--device cuda"),
+    }
 }
 
 /// Opens the model, prints the model and device lines, checks the device choice.
 pub fn load(a: &ModelArgs) -> Result<Loaded> {
-    if a.device == Device::Cuda {
-        bail!("--device cuda: this build of mxr has no CUDA backend yet; use --device cpu");
-    }
     let path = match &a.model {
         Some(p) => p.clone(),
         None => crate::nano::default_model()?,
@@ -145,8 +188,12 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
         state_mib as f64 / (1u64 << 20) as f64,
         kv_per_token
     );
-    eprintln!("device: cpu, {} threads (ggml kernels)", threads.0);
-    Ok(Loaded { model, tokenizer, threads, ctx })
+    let backend = backend(a.device, &model, threads)?;
+    match &backend {
+        Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels)", t.0),
+        Backend::Cuda(g) => eprintln!("device: {}", g.gpu.info()),
+    }
+    Ok(Loaded { model, tokenizer, threads, ctx, backend })
 }
 
 fn prompt_text(a: &RunArgs) -> Result<String> {
@@ -186,13 +233,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!("prompt ({} tokens) + -n {} exceeds the context of {} tokens (raise --ctx-size)", tokens.len(), a.n_predict, l.ctx);
     }
     let c = &l.model.config;
-    let mut session = Session::new(c);
+    let mut session = l.new_state()?;
     let started = Instant::now();
     let mut dump = Vec::new();
     let mut last = Vec::new();
     for chunk in tokens.chunks(a.batch_size.max(1)) {
         let which = if a.dump_logits.is_some() { Logits::All } else { Logits::Last };
-        let logits = forward(&l.model, &mut session, chunk, which, l.threads)?;
+        let logits = l.forward(&mut session, chunk, which)?;
         last = logits[logits.len() - c.vocab_size..].to_vec();
         if a.dump_logits.is_some() {
             dump.extend_from_slice(&logits);
@@ -221,7 +268,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         if generated == a.n_predict {
             break;
         }
-        last = forward(&l.model, &mut session, &[next], Logits::Last, l.threads)?;
+        last = l.forward(&mut session, &[next], Logits::Last)?;
     }
     if a.n_predict > 0 {
         writeln!(out).ok();

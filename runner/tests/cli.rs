@@ -216,16 +216,23 @@ fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
         .output()
         .unwrap();
     assert_eq!(from_stdin.stdout, a.stdout);
-    // Errors: context too small, empty prompt, no CUDA in this build.
+    // Errors: context too small, empty prompt, --device cuda where there is no GPU.
     let small = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "ROMEO:", "-n", "100", "--ctx-size", "50"]);
     assert_eq!(small.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&small.stderr).contains("exceeds the context of 50 tokens"));
     let empty = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "", "-n", "3"]);
     assert_eq!(empty.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&empty.stderr).contains("the prompt is empty"));
-    let cuda = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "x", "--device", "cuda"]);
-    assert_eq!(cuda.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&cuda.stderr).contains("no CUDA backend"));
+    if let Err(why) = mxr_kernels::cuda::probe() {
+        let cuda = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "x", "--device", "cuda"]);
+        assert_eq!(cuda.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&cuda.stderr);
+        assert!(err.contains("--device cuda: no usable GPU") && err.contains(&why), "{err}");
+        // auto falls back to the CPU and says why
+        let auto = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "x", "-n", "1", "--device", "auto"]);
+        assert!(auto.status.success());
+        assert!(String::from_utf8_lossy(&auto.stderr).contains("device: no GPU used"));
+    }
 }
 
 #[test]

@@ -7,8 +7,12 @@ pub mod npy;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The workspace root (tests/ is one level below it).
+/// The workspace root (tests/ is one level below it), or `$MXR_REPO_ROOT` when a test
+/// binary runs on another machine (the GPU machine) from a copy of the tree elsewhere.
 pub fn repo_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("MXR_REPO_ROOT").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 

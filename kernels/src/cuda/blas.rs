@@ -9,7 +9,15 @@ use crate::KernelError;
 impl Gpu {
     /// y[t, r] = Σ_c W[r, c] · x[t, c]: W [rows, cols] bf16 (row-major, ggml order),
     /// x [n, cols] bf16, y [n, rows] f32.
-    pub fn gemm_bf16(&self, w: &CudaView<'_, u16>, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_, f32>, rows: usize, cols: usize, n: usize) -> Result<()> {
+    pub fn gemm_bf16(
+        &self,
+        w: &CudaView<'_, u16>,
+        x: &CudaView<'_, u16>,
+        y: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) -> Result<()> {
         let check = |what, expected: usize, actual: usize| {
             if actual < expected {
                 Err(KernelError::Length { op: "gemm_bf16", what, expected, actual })

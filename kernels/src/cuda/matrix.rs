@@ -35,6 +35,17 @@ impl GpuMatrix {
         self.buf.slice(e * self.stride..(e + 1) * self.stride)
     }
 
+    /// The values as 16-bit words, for a single BF16 (or F16) matrix: cuBLAS reads it as is.
+    pub fn as_u16(&self) -> Option<CudaView<'_, u16>> {
+        if !matches!(self.qtype, QType::BF16 | QType::F16) || self.n_experts != 1 {
+            return None;
+        }
+        let n = self.rows * self.cols;
+        // SAFETY: the buffer holds at least rows * cols 2-byte values (checked at upload);
+        // u16 has no invalid bit patterns.
+        unsafe { self.buf.transmute::<u16>(n) }
+    }
+
     pub fn bytes(&self) -> usize {
         self.buf.len()
     }

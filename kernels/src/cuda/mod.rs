@@ -15,8 +15,8 @@ pub mod ops;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::KernelError;
 pub use matrix::GpuMatrix;
@@ -75,8 +75,9 @@ pub struct Gpu {
 /// Why there is no usable GPU, without touching a library that is absent.
 pub fn probe() -> std::result::Result<usize, String> {
     // SAFETY: these only try to dlopen the libraries.
-    let (driver, nvrtc, cublas) =
-        unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::nvrtc::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
+    let (driver, nvrtc, cublas) = unsafe {
+        (cudarc::driver::sys::is_culib_present(), cudarc::nvrtc::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present())
+    };
     if !driver {
         return Err("no CUDA driver (libcuda.so) was found".into());
     }
@@ -219,6 +220,24 @@ impl Gpu {
     /// Waits for all queued work; reports a kernel fault here.
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| drv("running kernels", e))
+    }
+
+    /// Device memory bandwidth as a device-to-device copy sees it: bytes read plus bytes
+    /// written per second, best of `reps` copies of `bytes` (after one warm-up copy).
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let src = self.zeros::<u8>(bytes)?;
+        let mut dst = self.zeros::<u8>(bytes)?;
+        let mut best = f64::INFINITY;
+        for i in 0..=reps.max(1) {
+            self.sync()?;
+            let t = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(|e| drv("device copy", e))?;
+            self.sync()?;
+            if i > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(2.0 * bytes as f64 / best)
     }
 
     pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {

@@ -78,7 +78,9 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 
 fn cache_dir() -> Option<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let base = env("MXR_CACHE_DIR").or_else(|| env("XDG_CACHE_HOME").map(|p| p.join("mxr"))).or_else(|| env("HOME").map(|p| p.join(".cache/mxr")))?;
+    let base = env("MXR_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|p| p.join("mxr")))
+        .or_else(|| env("HOME").map(|p| p.join(".cache/mxr")))?;
     Some(base.join("kernels"))
 }
 

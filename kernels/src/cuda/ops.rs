@@ -69,7 +69,15 @@ impl Gpu {
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
     /// matrix when `ids` is None.
     #[allow(clippy::too_many_arguments)]
-    pub fn matvec(&self, w: &GpuMatrix, ids: Option<&CudaSlice<i32>>, x: &CudaView<'_, f32>, x_div: usize, pairs: usize, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    pub fn matvec(
+        &self,
+        w: &GpuMatrix,
+        ids: Option<&CudaSlice<i32>>,
+        x: &CudaView<'_, f32>,
+        x_div: usize,
+        pairs: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         let (rows, cols) = (w.rows, w.cols);
         need("matvec", "x", pairs.div_ceil(x_div.max(1)) * cols, x.len())?;
         need("matvec", "y", pairs * rows, y.len())?;
@@ -112,7 +120,11 @@ impl Gpu {
         need("gather_embed", "ids", n, ids.len())?;
         need("gather_embed", "out", n * w.cols, out.len())?;
         let units = units_per_row(w.qtype, w.cols);
-        let cfg = LaunchConfig { grid_dim: ((units as u32).div_ceil(128).max(1), int("gather_embed", n)? as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((units as u32).div_ceil(128).max(1), int("gather_embed", n)? as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (r, c) = (int("gather_embed", w.rows)?, int("gather_embed", w.cols)?);
         launch!(self, Source::Dequant, per_type!("gather_rows_", w.qtype), cfg, &w.buf, &r, &c, ids, out)
     }
@@ -163,25 +175,48 @@ impl Gpu {
     }
 
     /// dst[i, :] = src[idx[i] / div, :] for i < n (rows of `width`).
-    pub fn gather_rows(&self, src: &CudaView<'_, f32>, idx: &CudaView<'_, i32>, div: usize, n: usize, width: usize, dst: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    pub fn gather_rows(
+        &self,
+        src: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        div: usize,
+        n: usize,
+        width: usize,
+        dst: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         need("gather_rows", "idx", n, idx.len())?;
         need("gather_rows", "dst", n * width, dst.len())?;
         if n == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int("gather_rows", n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((width as u32).div_ceil(256), int("gather_rows", n)? as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (d, w) = (int("gather_rows", div.max(1))?, int("gather_rows", width)?);
         launch!(self, Source::Elementwise, "gather_rows", cfg, src, idx, &d, &w, dst)
     }
 
     /// dst[idx[i], :] = src[i, :] for i < n.
-    pub fn scatter_rows(&self, src: &CudaView<'_, f32>, idx: &CudaView<'_, i32>, n: usize, width: usize, dst: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    pub fn scatter_rows(
+        &self,
+        src: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        n: usize,
+        width: usize,
+        dst: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         need("scatter_rows", "idx", n, idx.len())?;
         need("scatter_rows", "src", n * width, src.len())?;
         if n == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int("scatter_rows", n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((width as u32).div_ceil(256), int("scatter_rows", n)? as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let w = int("scatter_rows", width)?;
         launch!(self, Source::Elementwise, "scatter_rows", cfg, src, idx, &w, dst)
     }
@@ -200,7 +235,9 @@ impl Gpu {
         counts: &mut CudaSlice<u32>,
     ) -> Result<()> {
         if k == 0 || k > 16 || k > n_experts || n_experts > 256 {
-            return Err(KernelError::Shape(format!("route_topk: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)")));
+            return Err(KernelError::Shape(format!(
+                "route_topk: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)"
+            )));
         }
         need("route_topk", "logits", n_tokens * n_experts, logits.len())?;
         need("route_topk", "ids", n_tokens * k, ids.len())?;
@@ -212,14 +249,26 @@ impl Gpu {
     }
 
     /// out[t, :] = Σ_j weights[t, j] y[t k + j, :]
-    pub fn moe_combine(&self, y: &CudaView<'_, f32>, weights: &CudaView<'_, f32>, n_tokens: usize, k: usize, width: usize, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    pub fn moe_combine(
+        &self,
+        y: &CudaView<'_, f32>,
+        weights: &CudaView<'_, f32>,
+        n_tokens: usize,
+        k: usize,
+        width: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         need("moe_combine", "y", n_tokens * k * width, y.len())?;
         need("moe_combine", "weights", n_tokens * k, weights.len())?;
         need("moe_combine", "out", n_tokens * width, out.len())?;
         if n_tokens == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int("moe_combine", n_tokens)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((width as u32).div_ceil(256), int("moe_combine", n_tokens)? as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (kk, w) = (k as i32, int("moe_combine", width)?);
         launch!(self, Source::Moe, "moe_combine", cfg, y, weights, &kk, &w, out)
     }
@@ -227,7 +276,16 @@ impl Gpu {
     /// Lightning attention over n_tokens: qkv [n, n_heads * 3 * hd] (after SiLU), state
     /// [n_heads, hd, hd] updated, decay [n_heads] (λ = e^{-s}), out [n, n_heads * hd].
     #[allow(clippy::too_many_arguments)]
-    pub fn lightning(&self, qkv: &CudaView<'_, f32>, state: &mut CudaSlice<f32>, decay: &CudaSlice<f32>, out: &mut CudaViewMut<'_, f32>, n_tokens: usize, n_heads: usize, hd: usize) -> Result<()> {
+    pub fn lightning(
+        &self,
+        qkv: &CudaView<'_, f32>,
+        state: &mut CudaSlice<f32>,
+        decay: &CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        hd: usize,
+    ) -> Result<()> {
         let name = match hd {
             16 => "lightning_16",
             32 => "lightning_32",
@@ -249,7 +307,16 @@ impl Gpu {
 
     /// Partial NeoX RoPE on x [n_tokens, width] (heads of head_dim), positions pos0...
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(&self, x: &mut CudaViewMut<'_, f32>, n_tokens: usize, width: usize, head_dim: usize, rotary_dim: usize, theta: f64, pos0: usize) -> Result<()> {
+    pub fn rope(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        n_tokens: usize,
+        width: usize,
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f64,
+        pos0: usize,
+    ) -> Result<()> {
         need("rope", "x", n_tokens * width, x.len())?;
         if head_dim == 0 || width % head_dim != 0 || rotary_dim > head_dim || rotary_dim % 2 != 0 {
             return Err(KernelError::Shape(format!("rope: width {width}, head_dim {head_dim}, rotary_dim {rotary_dim}")));
@@ -294,7 +361,11 @@ impl Gpu {
             return Ok(());
         }
         let group = (n_heads / n_kv_heads) as u32;
-        let cfg = LaunchConfig { grid_dim: (int("attend", n_tokens)? as u32, n_kv_heads as u32, 1), block_dim: (32 * group, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (int("attend", n_tokens)? as u32, n_kv_heads as u32, 1),
+            block_dim: (32 * group, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (h, kvh, p, scale) = (n_heads as i32, n_kv_heads as i32, int("attend", pos0)?, 1.0 / (hd as f32).sqrt());
         launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &p, &scale)
     }

@@ -1,0 +1,78 @@
+//! One interface over the CPU and GPU forward passes, for the runner: a [`Backend`] (where
+//! the model computes) and a [`State`] per sequence.
+
+use mxr_kernels::cpu::Threads;
+
+use crate::forward::{forward, Logits, Session};
+use crate::gpu::{GpuModel, GpuSession};
+use crate::{Model, ModelError};
+
+pub enum Backend {
+    Cpu(Threads),
+    Cuda(Box<GpuModel>),
+}
+
+/// One sequence's state, where its backend keeps it.
+pub enum State {
+    Cpu(Session),
+    Cuda(GpuSession),
+}
+
+impl State {
+    pub fn pos(&self) -> usize {
+        match self {
+            State::Cpu(s) => s.pos,
+            State::Cuda(s) => s.pos,
+        }
+    }
+
+    /// Every token evaluated so far.
+    pub fn tokens(&self) -> &[u32] {
+        match self {
+            State::Cpu(s) => &s.tokens,
+            State::Cuda(s) => &s.tokens,
+        }
+    }
+}
+
+impl Backend {
+    /// An empty sequence with room for `ctx` tokens.
+    pub fn new_state(&self, model: &Model, ctx: usize) -> Result<State, ModelError> {
+        Ok(match self {
+            Backend::Cpu(_) => State::Cpu(Session::new(&model.config)),
+            Backend::Cuda(g) => State::Cuda(GpuSession::new(g, ctx)?),
+        })
+    }
+
+    pub fn forward(&self, model: &Model, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        match (self, state) {
+            (Backend::Cpu(t), State::Cpu(s)) => forward(model, s, tokens, which, *t),
+            (Backend::Cuda(g), State::Cuda(s)) => g.forward(s, tokens, which),
+            _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
+        }
+    }
+
+    /// The state in host memory (to save it).
+    pub fn to_session(&self, state: &State) -> Result<Session, ModelError> {
+        match (self, state) {
+            (_, State::Cpu(s)) => Ok(s.clone()),
+            (Backend::Cuda(g), State::Cuda(s)) => s.to_host(g),
+            _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
+        }
+    }
+
+    /// A state for this backend holding `session` (a loaded one), room for `ctx` tokens.
+    pub fn from_session(&self, session: Session, ctx: usize) -> Result<State, ModelError> {
+        Ok(match self {
+            Backend::Cpu(_) => State::Cpu(session),
+            Backend::Cuda(g) => State::Cuda(GpuSession::from_host(g, &session, ctx)?),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Backend::Cpu(t) => format!("cpu, {} threads", t.0),
+            Backend::Cuda(g) => g.gpu.info().to_string(),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! [`GpuSession`] and the forward pass on the GPU, step for step as the CPU's
+//! (crate::forward): embedding, per layer RMSNorm → attention → scaled residual →
+//! RMSNorm → MoE → scaled residual, then the final norm and lm_head.
+
+use mxr_kernels::cuda::CudaSlice;
+
+use super::{GpuAttention, GpuModel};
+use crate::forward::attention::KvCache;
+use crate::forward::{Logits, Session};
+use crate::{LayerKind, ModelError};
+
+/// One sequence's state on the GPU.
+pub struct GpuSession {
+    pub pos: usize,
+    pub tokens: Vec<u32>,
+    /// Tokens the KV caches hold room for.
+    pub capacity: usize,
+    /// Per layer: the lightning state [n_heads, hd, hd] (lightning layers).
+    lightning: Vec<Option<CudaSlice<f32>>>,
+    /// Per layer: K and V caches [capacity, kv_dim] (softmax layers).
+    kv: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    counts: Vec<CudaSlice<u32>>,
+}
+
+impl GpuSession {
+    /// An empty session with KV room for `capacity` tokens.
+    pub fn new(m: &GpuModel, capacity: usize) -> Result<GpuSession, ModelError> {
+        let c = &m.config;
+        let g = &m.gpu;
+        let mut lightning = Vec::new();
+        let mut kv = Vec::new();
+        for kind in &c.layers {
+            match kind {
+                LayerKind::Lightning => {
+                    lightning.push(Some(g.zeros::<f32>(c.n_heads * c.head_dim * c.head_dim)?));
+                    kv.push(None);
+                }
+                LayerKind::Softmax => {
+                    lightning.push(None);
+                    kv.push(Some((g.zeros::<f32>(capacity * c.kv_dim())?, g.zeros::<f32>(capacity * c.kv_dim())?)));
+                }
+            }
+        }
+        let counts = (0..c.n_layers).map(|_| g.zeros::<u32>(c.n_experts)).collect::<Result<_, _>>()?;
+        Ok(GpuSession { pos: 0, tokens: Vec::new(), capacity, lightning, kv, counts })
+    }
+
+    /// The session in host memory (for saving, or to continue on the CPU).
+    pub fn to_host(&self, m: &GpuModel) -> Result<Session, ModelError> {
+        let (g, c) = (&m.gpu, &m.config);
+        let mut s = Session::new(c);
+        s.pos = self.pos;
+        s.tokens = self.tokens.clone();
+        for l in 0..c.n_layers {
+            if let Some(st) = &self.lightning[l] {
+                s.lightning[l] = g.download(&st.as_view())?;
+            }
+            if let Some((k, v)) = &self.kv[l] {
+                let n = self.pos * c.kv_dim();
+                s.kv[l] = KvCache { k: g.download(&k.slice(..n))?, v: g.download(&v.slice(..n))? };
+            }
+            s.expert_counts[l] = g.download(&self.counts[l].as_view())?.into_iter().map(u64::from).collect();
+        }
+        Ok(s)
+    }
+
+    /// A GPU session holding what `s` holds, with KV room for `capacity` tokens.
+    pub fn from_host(m: &GpuModel, s: &Session, capacity: usize) -> Result<GpuSession, ModelError> {
+        if s.pos > capacity {
+            return Err(ModelError::Input(format!("the session holds {} tokens, more than the context of {capacity}", s.pos)));
+        }
+        let (g, c) = (&m.gpu, &m.config);
+        let mut out = GpuSession::new(m, capacity)?;
+        out.pos = s.pos;
+        out.tokens = s.tokens.clone();
+        for l in 0..c.n_layers {
+            if let Some(st) = &mut out.lightning[l] {
+                g.write(&s.lightning[l], &mut st.as_view_mut())?;
+            }
+            if let Some((k, v)) = &mut out.kv[l] {
+                let n = s.pos * c.kv_dim();
+                g.write(&s.kv[l].k, &mut k.slice_mut(..n))?;
+                g.write(&s.kv[l].v, &mut v.slice_mut(..n))?;
+            }
+            let counts: Vec<u32> = s.expert_counts[l].iter().map(|&n| n.min(u32::MAX as u64) as u32).collect();
+            g.write(&counts, &mut out.counts[l].as_view_mut())?;
+        }
+        Ok(out)
+    }
+}
+
+impl GpuModel {
+    /// Runs `tokens` after what `session` has seen; returns logits as the CPU's forward.
+    pub fn forward(&self, session: &mut GpuSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (n, d) = (tokens.len(), c.dim);
+        if n == 0 {
+            return Err(ModelError::Input("no tokens to evaluate".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        if session.pos + n > session.capacity {
+            return Err(ModelError::Input(format!("{} tokens after {} exceed the context of {}", n, session.pos, session.capacity)));
+        }
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ids = g.upload(&ids)?;
+        let mut x = self.stage("embed", || {
+            let mut x = g.alloc::<f32>(n * d)?;
+            g.gather_embed(&self.token_embd, &ids, n, &mut x.as_view_mut())?;
+            Ok(x)
+        })?;
+        let pos = session.pos;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let stage = match layer.attn {
+                GpuAttention::Lightning { .. } => "lightning attention",
+                GpuAttention::Softmax { .. } => "softmax attention",
+            };
+            self.stage(stage, || {
+                g.rmsnorm(&mut x.as_view_mut(), &layer.attn_norm, c.rms_eps as f32)?;
+                let (a, r) = match &layer.attn {
+                    GpuAttention::Lightning { qkv, gate, norm, out, decay } => {
+                        let mut p = self.linear(qkv, &x.as_view(), n)?;
+                        g.silu(&mut p.as_view_mut())?;
+                        let state =
+                            session.lightning[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no lightning state")))?;
+                        let mut o = g.alloc::<f32>(n * c.attn_dim())?;
+                        g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
+                        g.rmsnorm(&mut o.as_view_mut(), norm, c.lightning_norm_eps as f32)?;
+                        let gv = self.linear(gate, &x.as_view(), n)?;
+                        g.sigmoid_gate(&mut o.as_view_mut(), &gv.as_view())?;
+                        (self.linear(out, &o.as_view(), n)?, c.residual_lightning)
+                    }
+                    GpuAttention::Softmax { q, k, v, out } => {
+                        let (a_dim, kv_dim) = (c.attn_dim(), c.kv_dim());
+                        let mut qs = self.linear(q, &x.as_view(), n)?;
+                        let mut ks = self.linear(k, &x.as_view(), n)?;
+                        let vs = self.linear(v, &x.as_view(), n)?;
+                        g.rope(&mut qs.as_view_mut(), n, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
+                        g.rope(&mut ks.as_view_mut(), n, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
+                        let (kc, vc) = session.kv[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no KV cache")))?;
+                        g.copy(&ks.as_view(), &mut kc.slice_mut(pos * kv_dim..(pos + n) * kv_dim))?;
+                        g.copy(&vs.as_view(), &mut vc.slice_mut(pos * kv_dim..(pos + n) * kv_dim))?;
+                        let mut o = g.alloc::<f32>(n * a_dim)?;
+                        g.attend(
+                            &qs.as_view(),
+                            &kc.as_view(),
+                            &vc.as_view(),
+                            &mut o.as_view_mut(),
+                            n,
+                            c.n_heads,
+                            c.n_kv_heads,
+                            c.head_dim,
+                            pos,
+                        )?;
+                        (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
+                    }
+                };
+                g.residual(&mut x.as_view_mut(), &a.as_view(), r.alpha as f32, r.beta as f32).map_err(ModelError::from)
+            })?;
+            self.stage("moe", || {
+                g.rmsnorm(&mut x.as_view_mut(), &layer.ffn_norm, c.rms_eps as f32)?;
+                let m = self.moe(layer, &x.as_view(), n, &mut session.counts[l])?;
+                g.residual(&mut x.as_view_mut(), &m.as_view(), c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32)
+                    .map_err(ModelError::from)
+            })?;
+        }
+        session.pos += n;
+        session.tokens.extend_from_slice(tokens);
+        let (first, rows) = match which {
+            Logits::All => (0, n),
+            Logits::Last => (n - 1, 1),
+        };
+        self.stage("lm_head", || {
+            let mut h = g.alloc::<f32>(rows * d)?;
+            g.copy(&x.slice(first * d..n * d), &mut h.as_view_mut())?;
+            g.rmsnorm(&mut h.as_view_mut(), &self.output_norm, c.rms_eps as f32)?;
+            let logits = self.linear(self.lm_head(), &h.as_view(), rows)?;
+            Ok(g.download(&logits.as_view())?)
+        })
+    }
+}

@@ -1,0 +1,204 @@
+//! The MiniMax-01 forward pass on one GPU: the same steps as [`crate::forward`], over the
+//! CUDA kernels of mxr-kernels. [`GpuModel`] holds the weights in device memory (uploaded
+//! once from the mapped file); [`GpuSession`] the lightning states, the KV caches and the
+//! routing counters of one sequence.
+//!
+//! Products: up to [`MATVEC_MAX_TOKENS`] tokens use the quantized matrix-vector kernels
+//! (f32 activations, weights read once per token); more tokens dequantize the weight to
+//! bf16 and multiply on tensor cores through cuBLAS (f32 accumulation).
+
+mod forward;
+mod moe;
+
+use std::sync::Mutex;
+
+use mxr_kernels::cuda::{CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix};
+use mxr_kernels::KernelError;
+
+use crate::forward::lightning::slopes;
+use crate::model::{Attention, Tensor};
+use crate::{Config, LayerKind, Model, ModelError};
+pub use forward::GpuSession;
+
+/// Up to this many tokens a product runs as matrix-vector products.
+pub const MATVEC_MAX_TOKENS: usize = 4;
+
+pub(crate) enum GpuAttention {
+    Lightning { qkv: GpuMatrix, gate: GpuMatrix, norm: CudaSlice<f32>, out: GpuMatrix, decay: CudaSlice<f32> },
+    Softmax { q: GpuMatrix, k: GpuMatrix, v: GpuMatrix, out: GpuMatrix },
+}
+
+pub(crate) struct GpuLayer {
+    pub attn_norm: CudaSlice<f32>,
+    pub attn: GpuAttention,
+    pub ffn_norm: CudaSlice<f32>,
+    pub router: GpuMatrix,
+    pub gate_exps: GpuMatrix,
+    pub up_exps: GpuMatrix,
+    pub down_exps: GpuMatrix,
+}
+
+pub struct GpuModel {
+    pub gpu: Gpu,
+    pub config: Config,
+    pub(crate) token_embd: GpuMatrix,
+    pub(crate) layers: Vec<GpuLayer>,
+    pub(crate) output_norm: CudaSlice<f32>,
+    /// None when tied to the embedding.
+    pub(crate) output: Option<GpuMatrix>,
+    /// Device bytes of the weights.
+    pub weight_bytes: usize,
+    /// bf16 staging for dequantized weights (grown on demand).
+    scratch: Mutex<Option<CudaSlice<u16>>>,
+    /// Per-stage seconds, when profiling (each stage then waits for the GPU before and after).
+    profile: Mutex<Option<Vec<(&'static str, f64)>>>,
+}
+
+impl GpuModel {
+    /// Uploads every tensor of `model` to `gpu`.
+    pub fn upload(model: &Model, gpu: Gpu) -> Result<GpuModel, ModelError> {
+        let c = model.config.clone();
+        let mut bytes = 0usize;
+        let mut up = |t: &Tensor, n_experts: usize| -> Result<GpuMatrix, ModelError> {
+            let m = model.matrix(t);
+            let m = GpuMatrix::upload(&gpu, m.qtype, n_experts, m.rows / n_experts, m.cols, m.data).map_err(|e| upload_error(t, e))?;
+            bytes += m.bytes();
+            Ok(m)
+        };
+        let token_embd = up(&model.token_embd, 1)?;
+        let output = if model.output.name() == model.token_embd.name() { None } else { Some(up(&model.output, 1)?) };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for (l, layer) in model.layers.iter().enumerate() {
+            let attn = match &layer.attn {
+                Attention::Lightning { qkv, gate, norm, out } => {
+                    let decay: Vec<f32> = slopes(c.n_heads, l, c.n_layers).iter().map(|s| (-s).exp() as f32).collect();
+                    GpuAttention::Lightning {
+                        qkv: up(qkv, 1)?,
+                        gate: up(gate, 1)?,
+                        norm: gpu.upload(norm)?,
+                        out: up(out, 1)?,
+                        decay: gpu.upload(&decay)?,
+                    }
+                }
+                Attention::Softmax { q, k, v, out } => GpuAttention::Softmax { q: up(q, 1)?, k: up(k, 1)?, v: up(v, 1)?, out: up(out, 1)? },
+            };
+            layers.push(GpuLayer {
+                attn_norm: gpu.upload(&layer.attn_norm)?,
+                attn,
+                ffn_norm: gpu.upload(&layer.ffn_norm)?,
+                router: up(&layer.router, 1)?,
+                gate_exps: up(&layer.gate_exps, c.n_experts)?,
+                up_exps: up(&layer.up_exps, c.n_experts)?,
+                down_exps: up(&layer.down_exps, c.n_experts)?,
+            });
+        }
+        let output_norm = gpu.upload(&model.output_norm)?;
+        debug_assert_eq!(layers.len(), c.layers.iter().filter(|k| matches!(k, LayerKind::Lightning | LayerKind::Softmax)).count());
+        Ok(GpuModel {
+            gpu,
+            config: c,
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            weight_bytes: bytes,
+            scratch: Mutex::new(None),
+            profile: Mutex::new(None),
+        })
+    }
+
+    /// Starts (or stops) timing each stage of the forward pass; timing serialises the GPU
+    /// at every stage boundary, so it slows the whole pass a little.
+    pub fn set_profiling(&self, on: bool) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = on.then(Vec::new);
+        }
+    }
+
+    /// Seconds per stage since profiling started (summed per stage name), and resets them.
+    pub fn take_profile(&self) -> Vec<(&'static str, f64)> {
+        let Ok(mut p) = self.profile.lock() else { return Vec::new() };
+        let Some(v) = p.as_mut() else { return Vec::new() };
+        let mut sums: Vec<(&'static str, f64)> = Vec::new();
+        for (k, t) in v.drain(..) {
+            match sums.iter_mut().find(|(n, _)| *n == k) {
+                Some(e) => e.1 += t,
+                None => sums.push((k, t)),
+            }
+        }
+        sums
+    }
+
+    /// Runs `f` as stage `name` of the profile.
+    pub(crate) fn stage<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+        let on = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if !on {
+            return f();
+        }
+        self.gpu.sync()?;
+        let t = std::time::Instant::now();
+        let r = f()?;
+        self.gpu.sync()?;
+        if let Ok(mut p) = self.profile.lock() {
+            if let Some(v) = p.as_mut() {
+                v.push((name, t.elapsed().as_secs_f64()));
+            }
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn lm_head(&self) -> &GpuMatrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+
+    /// y [n, w.rows] = x [n, w.cols] · Wᵀ.
+    pub(crate) fn linear(&self, w: &GpuMatrix, x: &CudaView<'_, f32>, n: usize) -> Result<CudaSlice<f32>, ModelError> {
+        let g = &self.gpu;
+        let mut y = g.alloc::<f32>(n * w.rows)?;
+        if n <= MATVEC_MAX_TOKENS {
+            g.matvec(w, None, x, 1, n, &mut y.as_view_mut())?;
+        } else {
+            self.gemm(w, 0, x, n, &mut y.as_view_mut())?;
+        }
+        Ok(y)
+    }
+
+    /// y [n, rows] = x · W_eᵀ on tensor cores: W_e dequantized to bf16 (unless it is bf16
+    /// already), x rounded to bf16, f32 accumulation.
+    pub(crate) fn gemm(
+        &self,
+        w: &GpuMatrix,
+        e: usize,
+        x: &CudaView<'_, f32>,
+        n: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
+        let g = &self.gpu;
+        let mut xb = g.alloc::<u16>(n * w.cols)?;
+        g.f32_to_bf16(&x.slice(..n * w.cols), &mut xb.as_view_mut())?;
+        if let (Some(wb), 1) = (w.as_u16().filter(|_| w.qtype == mxr_quant::QType::BF16), w.n_experts) {
+            g.gemm_bf16(&wb, &xb.as_view(), y, w.rows, w.cols, n)?;
+            return Ok(());
+        }
+        let mut scratch = self.scratch.lock().map_err(|_| KernelError::Threads("GPU scratch poisoned".into()))?;
+        let need = w.rows * w.cols;
+        if scratch.as_ref().is_none_or(|s| s.len() < need) {
+            *scratch = None; // free the old one first
+            *scratch = Some(g.alloc::<u16>(need)?);
+        }
+        let Some(s) = scratch.as_mut() else { return Err(KernelError::Shape("GPU scratch missing".into()).into()) };
+        let mut wb = s.slice_mut(..need);
+        g.to_bf16(w, e, &mut wb)?;
+        g.gemm_bf16(&wb.as_view(), &xb.as_view(), y, w.rows, w.cols, n)?;
+        Ok(())
+    }
+}
+
+fn upload_error(t: &Tensor, e: KernelError) -> ModelError {
+    match e {
+        KernelError::OutOfMemory { bytes, .. } => {
+            ModelError::Kernel(KernelError::OutOfMemory { what: format!("uploading {}", t.name()), bytes })
+        }
+        other => ModelError::Input(format!("uploading {} to the GPU: {other}", t.name())),
+    }
+}

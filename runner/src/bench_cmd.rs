@@ -1,0 +1,266 @@
+//! `mxr bench`: llama-bench-style throughput. `-p` prompt sizes (prefill tokens/s, MFU
+//! against the card's bf16 tensor-core peak), `-n` generated tokens (decode tokens/s,
+//! ms/token, bytes read per token, GB/s and the share of the card's measured copy
+//! bandwidth); each test runs `--reps` times after a warm-up, and the table shows the
+//! mean ± standard deviation. `--profile` adds seconds per stage of the forward pass.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use mxr_models::engine::Backend;
+use mxr_models::forward::Logits;
+use mxr_models::{LayerKind, Model};
+
+use crate::run_cmd::{load, Loaded, ModelArgs};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt sizes to prefill (0 or empty: none).
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    pub n_prompt: Vec<usize>,
+    /// Tokens to generate, one at a time (0: no decode test).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: usize,
+    /// Prompt tokens per forward call.
+    #[arg(short = 'b', long, default_value_t = 4096)]
+    pub batch_size: usize,
+    /// Print JSON records instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Per-stage seconds (attention, lightning, MoE, lm_head) for each test (GPU only).
+    #[arg(long)]
+    pub profile: bool,
+    /// bf16 tensor-core peak of the card in TFLOP/s for MFU (default: 790 for H100/H200,
+    /// the rate a large cuBLAS bf16 GEMM sustains there).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+}
+
+/// Per-token work of the model: bytes a decode step reads, FLOPs a prefill token costs.
+struct Work {
+    /// Weights read per decoded token: attention, router, the chosen experts, lm_head.
+    decode_weight_bytes: f64,
+    /// Lightning states read and written per decoded token.
+    state_bytes: f64,
+    /// KV bytes per token of depth (read once per decoded token).
+    kv_bytes_per_pos: f64,
+    /// 2 x active matrix parameters (lm_head excluded) + lightning state math, per token.
+    flops_per_token: f64,
+    /// Softmax attention FLOPs per (query, key) pair.
+    attn_flops_per_pair: f64,
+}
+
+fn work(m: &Model) -> Work {
+    let c = &m.config;
+    let h = m.file.header();
+    let tensor = |name: &str| h.tensor(name).map(|t| (t.n_bytes as f64, t.n_elements as f64)).unwrap_or((0.0, 0.0));
+    let (mut bytes, mut params) = (0f64, 0f64);
+    for t in h.tensors() {
+        let name = t.name.as_str();
+        if !name.starts_with("blk.") || t.dims.len() < 2 {
+            continue;
+        }
+        let share = if name.contains("_exps") { c.n_experts_used as f64 / c.n_experts as f64 } else { 1.0 };
+        bytes += t.n_bytes as f64 * share;
+        params += t.n_elements as f64 * share;
+    }
+    let out = if h.tensor(mxr_models::names::OUTPUT).is_some() {
+        tensor(mxr_models::names::OUTPUT)
+    } else {
+        tensor(mxr_models::names::TOKEN_EMBD)
+    };
+    let n_light = c.layers.iter().filter(|k| **k == LayerKind::Lightning).count() as f64;
+    let n_soft = c.layers.len() as f64 - n_light;
+    let state = (c.n_heads * c.head_dim * c.head_dim) as f64;
+    Work {
+        decode_weight_bytes: bytes + out.0,
+        state_bytes: n_light * state * 4.0 * 2.0,
+        kv_bytes_per_pos: n_soft * (2 * c.kv_dim()) as f64 * 4.0,
+        flops_per_token: 2.0 * params + n_light * 4.0 * state,
+        attn_flops_per_pair: n_soft * 4.0 * (c.n_heads * c.head_dim) as f64,
+    }
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
+/// Deterministic token ids spread over the vocabulary.
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+struct Record {
+    test: String,
+    tokens: usize,
+    seconds: Vec<f64>,
+    /// decode: bytes read per token; prefill: FLOPs per token
+    per_token: f64,
+    profile: Vec<(&'static str, f64)>,
+}
+
+fn prefill(l: &Loaded, n: usize, batch: usize, rep: usize) -> Result<f64> {
+    let ids = tokens(n, l.model.config.vocab_size, rep as u64 + 1);
+    let mut st = l.new_state()?;
+    let t = Instant::now();
+    for chunk in ids.chunks(batch.max(1)) {
+        l.forward(&mut st, chunk, Logits::Last)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn decode(l: &Loaded, n: usize, rep: usize) -> Result<f64> {
+    let ids = tokens(n, l.model.config.vocab_size, 1000 + rep as u64);
+    let mut st = l.new_state()?;
+    let t = Instant::now();
+    for &id in &ids {
+        l.forward(&mut st, &[id], Logits::Last)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let mut margs = a.model.clone();
+    let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen);
+    margs.ctx_size = margs.ctx_size.max(longest);
+    let l = load(&margs)?;
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let w = work(&l.model);
+    let c = &l.model.config;
+    let (bandwidth, peak, device) = match &l.backend {
+        Backend::Cuda(g) => {
+            let bw = g.gpu.copy_bandwidth(1 << 30, 5)?;
+            let name = g.gpu.info().name.clone();
+            let peak = a.peak_tflops.unwrap_or(if name.contains("H100") || name.contains("H200") { 790.0 } else { 0.0 });
+            (Some(bw), peak * 1e12, g.gpu.info().to_string())
+        }
+        Backend::Cpu(t) => (None, a.peak_tflops.unwrap_or(0.0) * 1e12, format!("cpu, {} threads", t.0)),
+    };
+    let profiling = |on: bool| {
+        if let Backend::Cuda(g) = &l.backend {
+            g.set_profiling(on);
+        }
+    };
+    let take = || match &l.backend {
+        Backend::Cuda(g) => g.take_profile(),
+        Backend::Cpu(_) => Vec::new(),
+    };
+    let mut records = Vec::new();
+    for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
+        prefill(&l, n.min(64), a.batch_size, 0)?; // warm-up: kernels compiled, scratch grown
+        let seconds = (0..a.reps).map(|r| prefill(&l, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
+        let mut profile = Vec::new();
+        if a.profile {
+            profiling(true);
+            prefill(&l, n, a.batch_size, 0)?;
+            profile = take();
+            profiling(false);
+        }
+        // average causal depth n/2 for the softmax layers
+        let per_token = w.flops_per_token + w.attn_flops_per_pair * n as f64 / 2.0;
+        records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile });
+    }
+    if a.n_gen > 0 {
+        decode(&l, 2, 0)?;
+        let seconds = (0..a.reps).map(|r| decode(&l, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
+        let mut profile = Vec::new();
+        if a.profile {
+            profiling(true);
+            decode(&l, a.n_gen, 0)?;
+            profile = take();
+            profiling(false);
+        }
+        let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
+        records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile });
+    }
+    let h = l.model.file.header();
+    let (params, size): (u64, u64) = h.tensors().iter().fold((0, 0), |(p, b), t| (p + t.n_elements, b + t.n_bytes));
+    let model_name = format!("minimax-01 {}L {}x{}E", c.n_layers, c.n_experts, c.n_experts_used);
+    let commit = env!("MXR_COMMIT");
+    if a.json {
+        for r in &records {
+            let rates: Vec<f64> = r.seconds.iter().map(|s| r.tokens as f64 / s).collect();
+            let (ts, sd) = mean_sd(&rates);
+            let mut j = serde_json::json!({
+                "model": model_name, "model_size": size, "model_n_params": params, "device": device, "commit": commit,
+                "test": r.test, "n_tokens": r.tokens, "reps": r.seconds.len(), "seconds": r.seconds, "avg_ts": ts, "stddev_ts": sd,
+                "ms_per_token": 1e3 / ts,
+            });
+            if r.test.starts_with("tg") {
+                j["bytes_per_token"] = serde_json::json!(r.per_token);
+                j["gb_per_s"] = serde_json::json!(r.per_token * ts / 1e9);
+                if let Some(bw) = bandwidth {
+                    j["copy_bandwidth_gb_per_s"] = serde_json::json!(bw / 1e9);
+                    j["bandwidth_fraction"] = serde_json::json!(r.per_token * ts / bw);
+                }
+            } else {
+                j["flops_per_token"] = serde_json::json!(r.per_token);
+                if peak > 0.0 {
+                    j["mfu"] = serde_json::json!(r.per_token * ts / peak);
+                }
+            }
+            if !r.profile.is_empty() {
+                j["profile_seconds"] = serde_json::json!(r
+                    .profile
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::json!(*v)))
+                    .collect::<serde_json::Map<String, serde_json::Value>>());
+            }
+            println!("{j}");
+        }
+        return Ok(());
+    }
+    println!("mxr {} (commit {commit}); device: {device}", env!("CARGO_PKG_VERSION"));
+    if let Some(bw) = bandwidth {
+        println!("measured device copy bandwidth {:.0} GB/s; bf16 peak for MFU {:.0} TFLOP/s", bw / 1e9, peak / 1e12);
+    }
+    println!("| model | size | params | test | t/s | ms/token | GB/token | GB/s | % BW | MFU |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &records {
+        let rates: Vec<f64> = r.seconds.iter().map(|s| r.tokens as f64 / s).collect();
+        let (ts, sd) = mean_sd(&rates);
+        let (gbt, gbs, bw, mfu) = if r.test.starts_with("tg") {
+            let gbs = r.per_token * ts / 1e9;
+            (
+                format!("{:.2}", r.per_token / 1e9),
+                format!("{gbs:.0}"),
+                bandwidth.map_or("-".into(), |b| format!("{:.0}%", 100.0 * gbs * 1e9 / b)),
+                "-".into(),
+            )
+        } else {
+            ("-".into(), "-".into(), "-".into(), if peak > 0.0 { format!("{:.1}%", 100.0 * r.per_token * ts / peak) } else { "-".into() })
+        };
+        println!(
+            "| {model_name} | {:.2} GiB | {:.2} B | {} | {ts:.2} ± {sd:.2} | {:.3} | {gbt} | {gbs} | {bw} | {mfu} |",
+            size as f64 / (1u64 << 30) as f64,
+            params as f64 / 1e9,
+            r.test,
+            1e3 / ts
+        );
+    }
+    for r in records.iter().filter(|r| !r.profile.is_empty()) {
+        let total: f64 = r.profile.iter().map(|p| p.1).sum();
+        let parts: Vec<String> = r.profile.iter().map(|(k, v)| format!("{k} {:.2} ms ({:.0}%)", v * 1e3, 100.0 * v / total)).collect();
+        println!("profile {}: {}", r.test, parts.join(", "));
+    }
+    Ok(())
+}
