@@ -2,7 +2,9 @@
 // starts at `w`; its rows split into `units` (16 or 32 values, one 16-byte load where the
 // layout allows it). Each format gives:
 //   units(cols)                        units per row
-//   dot(w, rows, cols, r, u, x)        the unit's values · x (x: the whole f32 input row)
+//   X, load_x(x, u, X&)                the inputs a unit multiplies (x: the whole f32 row),
+//                                      loaded once and used for several rows
+//   dot(w, rows, cols, r, u, X)        the unit's values of row r · those inputs
 //   decode(w, rows, cols, r, u, out)   the unit's values into out[] (the whole output row)
 // Layouts: ggml's blocks as in the GGUF file, except Q8_0, which is repacked at load time
 // into int8 values [rows][cols] followed by f16 scales [rows][cols/32], so that values are
@@ -32,10 +34,15 @@ struct Q8_0 {
         const u16* s = (const u16*)(w + (size_t)rows * cols);
         return f16_to_f32(s[(size_t)r * (cols >> 5) + (u >> 1)]);
     }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const float* x) {
+    struct X { float4 v[4]; };
+    __device__ static void load_x(const float* x, int u, X& xu) {
+        const float4* p = (const float4*)(x + (u << 4));
+#pragma unroll
+        for (int i = 0; i < 4; i++) xu.v[i] = p[i];
+    }
+    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
         uint4 q = *(const uint4*)(w + (size_t)r * cols + (u << 4));
-        const float4* xv = (const float4*)(x + (u << 4));
-        float s = dot_i8x4(q.x, xv[0]) + dot_i8x4(q.y, xv[1]) + dot_i8x4(q.z, xv[2]) + dot_i8x4(q.w, xv[3]);
+        float s = dot_i8x4(q.x, xu.v[0]) + dot_i8x4(q.y, xu.v[1]) + dot_i8x4(q.z, xu.v[2]) + dot_i8x4(q.w, xu.v[3]);
         return scale(w, rows, cols, r, u) * s;
     }
     template <class T>
@@ -61,7 +68,20 @@ struct Q4_K {
         }
     }
     __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 144 + (size_t)(u >> 3) * 144; }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const float* x) {
+    // The 16 low-nibble inputs, the 16 high-nibble inputs, and their sums (for the mins).
+    struct X { float4 l[4], h[4]; float sl, sh; };
+    __device__ static void load_x(const float* x, int u, X& xu) {
+        int c = u & 7, j = c >> 1;
+        const float4* xl = (const float4*)(x + (u >> 3) * 256 + j * 64 + (c & 1) * 16);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            xu.l[i] = xl[i];
+            xu.h[i] = xl[i + 8];
+        }
+        xu.sl = sum4(xu.l[0]) + sum4(xu.l[1]) + sum4(xu.l[2]) + sum4(xu.l[3]);
+        xu.sh = sum4(xu.h[0]) + sum4(xu.h[1]) + sum4(xu.h[2]) + sum4(xu.h[3]);
+    }
+    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
         const u8* b = block(w, cols, r, u);
         int c = u & 7, j = c >> 1;
         uint4 q = *(const uint4*)(b + 16 + (c << 4));
@@ -69,14 +89,11 @@ struct Q4_K {
         float sc0, m0, sc1, m1;
         scale_min(b + 4, 2 * j, sc0, m0);
         scale_min(b + 4, 2 * j + 1, sc1, m1);
-        const float4* xl = (const float4*)(x + (u >> 3) * 256 + j * 64 + (c & 1) * 16);
-        const float4* xh = xl + 8;
-        float4 l0 = xl[0], l1 = xl[1], l2 = xl[2], l3 = xl[3], h0 = xh[0], h1 = xh[1], h2 = xh[2], h3 = xh[3];
         const u32 M = 0x0F0F0F0Fu;
-        float lo = dot_u8x4(q.x & M, l0) + dot_u8x4(q.y & M, l1) + dot_u8x4(q.z & M, l2) + dot_u8x4(q.w & M, l3);
-        float hi = dot_u8x4((q.x >> 4) & M, h0) + dot_u8x4((q.y >> 4) & M, h1) + dot_u8x4((q.z >> 4) & M, h2) + dot_u8x4((q.w >> 4) & M, h3);
-        float sl = sum4(l0) + sum4(l1) + sum4(l2) + sum4(l3), sh = sum4(h0) + sum4(h1) + sum4(h2) + sum4(h3);
-        return d * (sc0 * lo + sc1 * hi) - dmin * (m0 * sl + m1 * sh);
+        float lo = dot_u8x4(q.x & M, xu.l[0]) + dot_u8x4(q.y & M, xu.l[1]) + dot_u8x4(q.z & M, xu.l[2]) + dot_u8x4(q.w & M, xu.l[3]);
+        float hi = dot_u8x4((q.x >> 4) & M, xu.h[0]) + dot_u8x4((q.y >> 4) & M, xu.h[1]) + dot_u8x4((q.z >> 4) & M, xu.h[2]) +
+                   dot_u8x4((q.w >> 4) & M, xu.h[3]);
+        return d * (sc0 * lo + sc1 * hi) - dmin * (m0 * xu.sl + m1 * xu.sh);
     }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
@@ -120,10 +137,22 @@ struct Q6_K {
             f(base + 96, s3 * (float)(((c >> 4) | (((hb >> 6) & 3) << 4)) - 32));
         }
     }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const float* x) {
-        const float* xb = x + (u >> 4) * 256;
+    // Inputs of the unit's 16 values, in the order `each` visits them.
+    struct X { float v[16]; };
+    __device__ static void load_x(const float* x, int u, X& xu) {
+        const float* xb = x + (u >> 4) * 256 + ((u >> 3) & 1) * 128 + (u & 7) * 4;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            xu.v[4 * i] = xb[i];
+            xu.v[4 * i + 1] = xb[i + 32];
+            xu.v[4 * i + 2] = xb[i + 64];
+            xu.v[4 * i + 3] = xb[i + 96];
+        }
+    }
+    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
         float acc = 0.f;
-        each(block(w, cols, r, u), u, [&](int i, float v) { acc += v * xb[i]; });
+        int k = 0;
+        each(block(w, cols, r, u), u, [&](int, float v) { acc += v * xu.v[k++]; });
         return acc;
     }
     template <class T>
@@ -147,9 +176,11 @@ struct Q4_0 {
             f(u * 32 + j + 16, (float)((q >> 4) - 8) * d);
         }
     }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const float* x) {
+    struct X { const float* p; };
+    __device__ static void load_x(const float* x, int u, X& xu) { xu.p = x; }
+    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
         float acc = 0.f;
-        each(w, cols, r, u, [&](int i, float v) { acc += v * x[i]; });
+        each(w, cols, r, u, [&](int i, float v) { acc += v * xu.p[i]; });
         return acc;
     }
     template <class T>
@@ -164,17 +195,24 @@ template <bool BF>
 struct Half {
     __device__ static float cvt(u16 h) { return BF ? bf16_to_f32(h) : f16_to_f32(h); }
     __device__ static int units(int cols) { return (cols & 7) ? cols : cols >> 3; }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const float* x) {
+    struct X { float v[8]; };
+    __device__ static void load_x(const float* x, int u, X& xu) {
+        // units of 8 only when cols % 8 == 0 (then x rows are 32-byte aligned)
+        const float* p = x + (u << 3);
+#pragma unroll
+        for (int i = 0; i < 8; i++) xu.v[i] = p[i];
+    }
+    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
         const u16* row = (const u16*)w + (size_t)r * cols;
-        if (cols & 7) return cvt(row[u]) * x[u];
         uint4 q = *(const uint4*)(row + (u << 3));
-        const float* xv = x + (u << 3);
         u32 p[4] = {q.x, q.y, q.z, q.w};
         float acc = 0.f;
 #pragma unroll
-        for (int k = 0; k < 4; k++) acc += cvt((u16)(p[k] & 0xFFFF)) * xv[2 * k] + cvt((u16)(p[k] >> 16)) * xv[2 * k + 1];
+        for (int k = 0; k < 4; k++) acc += cvt((u16)(p[k] & 0xFFFF)) * xu.v[2 * k] + cvt((u16)(p[k] >> 16)) * xu.v[2 * k + 1];
         return acc;
     }
+    // Rows whose length is not a multiple of 8: one value per unit.
+    __device__ static float dot1(const u8* w, int cols, int r, int u, const float* x) { return cvt(((const u16*)w)[(size_t)r * cols + u]) * x[u]; }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
         const u16* row = (const u16*)w + (size_t)r * cols;
@@ -185,13 +223,13 @@ struct Half {
 
 struct F32 {
     __device__ static int units(int cols) { return (cols & 3) ? cols : cols >> 2; }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const float* x) {
-        const float* row = (const float*)w + (size_t)r * cols;
-        if (cols & 3) return row[u] * x[u];
-        float4 a = *(const float4*)(row + (u << 2));
-        const float* xv = x + (u << 2);
-        return a.x * xv[0] + a.y * xv[1] + a.z * xv[2] + a.w * xv[3];
+    struct X { float4 v; };
+    __device__ static void load_x(const float* x, int u, X& xu) { xu.v = *(const float4*)(x + (u << 2)); }
+    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
+        float4 a = *(const float4*)((const float*)w + (size_t)r * cols + (u << 2));
+        return a.x * xu.v.x + a.y * xu.v.y + a.z * xu.v.z + a.w * xu.v.w;
     }
+    __device__ static float dot1(const u8* w, int cols, int r, int u, const float* x) { return ((const float*)w)[(size_t)r * cols + u] * x[u]; }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
         const float* row = (const float*)w + (size_t)r * cols;

@@ -5,36 +5,37 @@
 // and keeps them in registers (S[:, b] is HD floats per lane); q and k of a chunk of tokens
 // are staged in shared memory and read as broadcasts.
 //
-// qkv: [n_tokens, n_heads * 3 * HD] (after SiLU), per head [q | k | v];
-// state: [n_heads, HD, HD] row-major (S[a][b]); decay: [n_heads]; out: [n_tokens, n_heads * HD].
-// grid = (ceil(HD / 32), n_heads), block = 32 threads.
+// qkv: [n_tokens, n_heads * 3 * hd] (after SiLU), per head [q | k | v];
+// state: [n_heads, hd, hd] row-major (S[a][b]); decay: [n_heads]; out: [n_tokens, n_heads * hd].
+// HD is the register tile (16, 32, 64 or 128), hd <= HD the head size: rows a >= hd see
+// q = k = 0 and so stay zero. grid = (ceil(hd / 32), n_heads), block = 32 threads.
 
 #define CHUNK 16
 
 template <int HD>
-__device__ void lightning(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads) {
+__device__ void lightning(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd) {
     __shared__ __align__(16) float qs[CHUNK][HD];
     __shared__ __align__(16) float ks[CHUNK][HD];
     int h = blockIdx.y, lane = threadIdx.x, b = blockIdx.x * 32 + lane;
-    bool live = b < HD;
-    float* st = state + (size_t)h * HD * HD;
+    bool live = b < hd;
+    float* st = state + (size_t)h * hd * hd;
     float s[HD];
 #pragma unroll
-    for (int a = 0; a < HD; a++) s[a] = live ? st[a * HD + b] : 0.f;
+    for (int a = 0; a < HD; a++) s[a] = (live && a < hd) ? st[a * hd + b] : 0.f;
     float lam = decay[h];
-    size_t stride = (size_t)n_heads * 3 * HD;
+    size_t stride = (size_t)n_heads * 3 * hd;
     for (int t0 = 0; t0 < n_tokens; t0 += CHUNK) {
         int m = min(CHUNK, n_tokens - t0);
         __syncwarp();
         for (int i = lane; i < m * HD; i += 32) {
             int t = i / HD, a = i % HD;
-            const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * HD;
-            qs[t][a] = row[a];
-            ks[t][a] = row[HD + a];
+            const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
+            qs[t][a] = a < hd ? row[a] : 0.f;
+            ks[t][a] = a < hd ? row[hd + a] : 0.f;
         }
         __syncwarp();
         for (int t = 0; t < m; t++) {
-            float v = live ? qkv[(size_t)(t0 + t) * stride + (size_t)h * 3 * HD + 2 * HD + b] : 0.f;
+            float v = live ? qkv[(size_t)(t0 + t) * stride + (size_t)h * 3 * hd + 2 * hd + b] : 0.f;
             float o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
 #pragma unroll
             for (int a = 0; a < HD; a += 4) {
@@ -49,19 +50,20 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
                 o2 = fmaf(q4.z, s[a + 2], o2);
                 o3 = fmaf(q4.w, s[a + 3], o3);
             }
-            if (live) out[(size_t)(t0 + t) * n_heads * HD + (size_t)h * HD + b] = (o0 + o1) + (o2 + o3);
+            if (live) out[(size_t)(t0 + t) * n_heads * hd + (size_t)h * hd + b] = (o0 + o1) + (o2 + o3);
         }
     }
     if (live) {
 #pragma unroll
-        for (int a = 0; a < HD; a++) st[a * HD + b] = s[a];
+        for (int a = 0; a < HD; a++)
+            if (a < hd) st[a * hd + b] = s[a];
     }
 }
 
 #define LIGHTNING(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(32) lightning_##HD(const float* qkv, float* state, const float* decay, float* out, int n_tokens, \
-                                                                    int n_heads) {                                                    \
-        lightning<HD>(qkv, state, decay, out, n_tokens, n_heads);                                                                      \
+                                                                    int n_heads, int hd) {                                            \
+        lightning<HD>(qkv, state, decay, out, n_tokens, n_heads, hd);                                                                      \
     }
 
 LIGHTNING(16)

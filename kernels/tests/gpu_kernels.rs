@@ -28,7 +28,7 @@ const TYPES: [QType; 7] = [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0, QTy
 /// and (for the float types) rows that are not a multiple of the 16-byte load.
 fn shapes(q: QType) -> Vec<(usize, usize)> {
     let b = q.block_size().max(32);
-    let mut v = vec![(1, b), (65, 3 * b), (513, b), (7, 24 * b)];
+    let mut v = vec![(1, b), (65, 3 * b), (513, b), (7, 24 * b), (6, 2 * b)];
     if q.block_size() == 1 {
         v.push((9, 17));
         v.push((33, 6));
@@ -136,6 +136,11 @@ fn gemm_bf16_matches_f64() {
             }
         }
         check("gemm_bf16", &format!("{rows}x{cols} x {n}"), diff(&got, &want).nmse, 1e-8);
+        // the f32 product of the same values (no TF32: the budget is f32 rounding)
+        let (wf, xf): (Vec<f32>, Vec<f32>) = (w.iter().map(|&v| bf16_to_f32(v)).collect(), x.iter().map(|&v| bf16_to_f32(v)).collect());
+        let (gw, gx) = (g.upload(&wf).unwrap(), g.upload(&xf).unwrap());
+        g.gemm_f32(&gw.as_view(), &gx.as_view(), &mut gy.as_view_mut(), rows, cols, n).unwrap();
+        check("gemm_f32", &format!("{rows}x{cols} x {n}"), diff(&g.download(&gy.as_view()).unwrap(), &want).nmse, 1e-12);
     }
 }
 
@@ -269,7 +274,7 @@ fn lightning_ref(qkv: &[f32], n: usize, heads: usize, hd: usize, decay: &[f32], 
 #[ignore = "needs a GPU"]
 fn lightning_matches_the_recurrence() {
     let g = gpu();
-    for (hd, heads, n) in [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17)] {
+    for (hd, heads, n) in [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17), (24, 3, 9), (100, 2, 5)] {
         let qkv = Rng::new(12).normals(n * heads * 3 * hd, 0.3);
         let decay: Vec<f32> = (0..heads).map(|h| (-0.1 * (h as f64 + 1.0)).exp() as f32).collect();
         let init = Rng::new(13).normals(heads * hd * hd, 0.2);
@@ -289,9 +294,14 @@ fn lightning_matches_the_recurrence() {
 #[ignore = "needs a GPU"]
 fn rope_and_attention() {
     let g = gpu();
-    for (hd, rd, heads, kv_heads, pos0, n) in
-        [(128, 64, 8, 2, 0, 5), (64, 64, 4, 4, 33, 1), (32, 16, 16, 1, 7, 40), (128, 64, 64, 8, 100, 3)]
-    {
+    for (hd, rd, heads, kv_heads, pos0, n) in [
+        (128, 64, 8, 2, 0, 5),
+        (64, 64, 4, 4, 33, 1),
+        (32, 16, 16, 1, 7, 40),
+        (128, 64, 64, 8, 100, 3),
+        (24, 8, 4, 2, 3, 6),
+        (80, 32, 6, 3, 50, 2),
+    ] {
         let (width, kv_dim) = (heads * hd, kv_heads * hd);
         let q = Rng::new(14).normals(n * width, 1.0);
         let len = pos0 + n;
@@ -313,7 +323,8 @@ fn rope_and_attention() {
             }
         }
         let mut gq = g.upload(&q).unwrap();
-        g.rope(&mut gq.as_view_mut(), n, width, hd, rd, theta, pos0).unwrap();
+        let gpos = g.upload(&[pos0 as i32]).unwrap();
+        g.rope(&mut gq.as_view_mut(), n, width, hd, rd, theta, &gpos).unwrap();
         let got_q = g.download(&gq.as_view()).unwrap();
         let case = format!("hd {hd}/{rd}, {heads}/{kv_heads} heads, pos {pos0}+{n}");
         check("rope", &case, diff(&got_q, &qr).nmse, 1e-12);
@@ -337,9 +348,16 @@ fn rope_and_attention() {
                 }
             }
         }
-        let (gk, gv) = (g.upload(&kc).unwrap(), g.upload(&vc).unwrap());
+        // The cache: the first pos0 rows uploaded, the last n appended by kv_append.
+        let (mut gk, mut gv) = (g.zeros::<f32>(len * kv_dim).unwrap(), g.zeros::<f32>(len * kv_dim).unwrap());
+        g.write(&kc[..pos0 * kv_dim], &mut gk.slice_mut(..pos0 * kv_dim)).unwrap();
+        g.write(&vc[..pos0 * kv_dim], &mut gv.slice_mut(..pos0 * kv_dim)).unwrap();
+        let (nk, nv) = (g.upload(&kc[pos0 * kv_dim..]).unwrap(), g.upload(&vc[pos0 * kv_dim..]).unwrap());
+        g.kv_append(&nk.as_view(), &mut gk, &gpos, pos0, n, kv_dim).unwrap();
+        g.kv_append(&nv.as_view(), &mut gv, &gpos, pos0, n, kv_dim).unwrap();
+        assert_eq!(g.download(&gk.as_view()).unwrap(), kc, "kv_append");
         let mut go = g.zeros::<f32>(n * width).unwrap();
-        g.attend(&gq.as_view(), &gk.as_view(), &gv.as_view(), &mut go.as_view_mut(), n, heads, kv_heads, hd, pos0).unwrap();
+        g.attend(&gq.as_view(), &gk.as_view(), &gv.as_view(), &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0).unwrap();
         check("attend", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
     }
 }

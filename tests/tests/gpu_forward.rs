@@ -147,6 +147,14 @@ fn nano_greedy_text_is_the_same_on_gpu_and_cpu() {
         gpu_l = g.forward(&mut gpu_s, &[b], Logits::Last).unwrap();
     }
     let same = cpu_t.iter().zip(&gpu_t).take_while(|(a, b)| a == b).count();
+    // Diagnostics: how far apart the two are at the first step, and where they part.
+    if same < n {
+        let mut s1 = GpuSession::new(&g, prompt.len() + n).unwrap();
+        let mut c1 = Session::new(&m.config);
+        let lg = g.forward(&mut s1, &prompt, Logits::All).unwrap();
+        let lc = forward(&m, &mut c1, &prompt, Logits::All, Threads::all()).unwrap();
+        println!("CHECK nano prompt logits GPU vs CPU | {} tokens | max abs {:.2e} | info | -", prompt.len(), diff(&lg, &lc).max_abs);
+    }
     println!(
         "CHECK nano greedy GPU vs CPU | {} prompt tokens + {n} | {same} of {n} tokens equal | {n} | {}",
         prompt.len(),

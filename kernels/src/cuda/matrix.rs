@@ -46,6 +46,16 @@ impl GpuMatrix {
         unsafe { self.buf.transmute::<u16>(n) }
     }
 
+    /// The values as f32, for a single F32 matrix.
+    pub fn as_f32(&self) -> Option<CudaView<'_, f32>> {
+        if self.qtype != QType::F32 || self.n_experts != 1 {
+            return None;
+        }
+        // SAFETY: the buffer holds at least rows * cols f32 values (checked at upload) and
+        // is 256-byte aligned; every bit pattern is a valid f32.
+        unsafe { self.buf.transmute::<f32>(self.rows * self.cols) }
+    }
+
     pub fn bytes(&self) -> usize {
         self.buf.len()
     }

@@ -102,7 +102,13 @@ impl Gpu {
             return Err(KernelError::NoGpu(format!("GPU {ordinal} asked for, but there are {n}")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| drv("opening the device", e))?;
-        let stream = ctx.default_stream();
+        // All work is ordered on one stream, so cudarc's per-buffer event tracking (for
+        // cross-stream hazards) is pure overhead, and its event records would get in the
+        // way of graph capture.
+        // SAFETY: buffers are only ever used on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("cuBLAS: {e:?}")))?;
         let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| drv("memory info", e))?;
         let mut driver_version = 0;
@@ -240,8 +246,32 @@ impl Gpu {
         Ok(2.0 * bytes as f64 / best)
     }
 
+    /// Records the work `f` queues (without running it) as a CUDA graph, for replay with
+    /// [`Graph::launch`]. `f` must not wait for the GPU (no downloads, no sync).
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        self.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| drv("starting graph capture", e))?;
+        let body = f();
+        let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        body?;
+        match end.map_err(|e| drv("ending graph capture", e))? {
+            Some(g) => Ok(Graph(g)),
+            None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
+        }
+    }
+
     pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {
         &self.blas
+    }
+}
+
+/// A captured sequence of GPU work, replayed as one launch.
+pub struct Graph(cudarc::driver::CudaGraph);
+
+impl Graph {
+    pub fn launch(&self) -> Result<()> {
+        self.0.launch().map_err(|e| drv("launching a graph", e))
     }
 }
 

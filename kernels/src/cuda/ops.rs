@@ -62,8 +62,9 @@ macro_rules! launch {
     }};
 }
 
-/// Rows per block of the matrix-vector kernels (one warp each).
-const MATVEC_WARPS: u32 = 8;
+/// Warps per block of the matrix-vector kernels, and rows per warp (matvec.cu).
+const MATVEC_WARPS: u32 = 4;
+const MATVEC_ROWS: u32 = 4;
 
 impl Gpu {
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
@@ -89,14 +90,26 @@ impl Gpu {
         if pairs == 0 || rows == 0 {
             return Ok(());
         }
+        // Float rows that are not whole 16-byte loads take the one-value-at-a-time kernel.
+        let scalar = match w.qtype {
+            QType::BF16 | QType::F16 => cols % 8 != 0,
+            QType::F32 => cols % 4 != 0,
+            _ => false,
+        };
+        let rows_per_block = if scalar { MATVEC_WARPS } else { MATVEC_WARPS * MATVEC_ROWS };
         let cfg = LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(MATVEC_WARPS), int("matvec", pairs)? as u32, 1),
+            grid_dim: ((rows as u32).div_ceil(rows_per_block), int("matvec", pairs)? as u32, 1),
             block_dim: (32 * MATVEC_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
         let (stride, r, c, xd) = (w.stride as i64, int("matvec", rows)?, int("matvec", cols)?, int("matvec", x_div.max(1))?);
         let null = 0u64;
-        let name = per_type!("matvec_", w.qtype);
+        let name = match (scalar, w.qtype) {
+            (true, QType::BF16) => "matvec_bf16_scalar",
+            (true, QType::F16) => "matvec_f16_scalar",
+            (true, _) => "matvec_f32_scalar",
+            _ => per_type!("matvec_", w.qtype),
+        };
         match ids {
             Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
             None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
@@ -287,11 +300,11 @@ impl Gpu {
         hd: usize,
     ) -> Result<()> {
         let name = match hd {
-            16 => "lightning_16",
-            32 => "lightning_32",
-            64 => "lightning_64",
-            128 => "lightning_128",
-            _ => return Err(KernelError::Shape(format!("lightning: head_dim {hd} (the GPU kernel takes 16, 32, 64 or 128)"))),
+            1..=16 => "lightning_16",
+            17..=32 => "lightning_32",
+            33..=64 => "lightning_64",
+            65..=128 => "lightning_128",
+            _ => return Err(KernelError::Shape(format!("lightning: head_dim {hd} (the GPU kernel takes up to 128)"))),
         };
         need("lightning", "qkv", n_tokens * n_heads * 3 * hd, qkv.len())?;
         need("lightning", "state", n_heads * hd * hd, state.len())?;
@@ -301,11 +314,12 @@ impl Gpu {
             return Ok(());
         }
         let cfg = LaunchConfig { grid_dim: (hd.div_ceil(32) as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-        let (n, h) = (int("lightning", n_tokens)?, n_heads as i32);
-        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h)
+        let (n, h, d) = (int("lightning", n_tokens)?, n_heads as i32, hd as i32);
+        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d)
     }
 
-    /// Partial NeoX RoPE on x [n_tokens, width] (heads of head_dim), positions pos0...
+    /// Partial NeoX RoPE on x [n_tokens, width] (heads of head_dim), positions *pos...
+    /// (`pos`: one i32 in device memory).
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -315,7 +329,7 @@ impl Gpu {
         head_dim: usize,
         rotary_dim: usize,
         theta: f64,
-        pos0: usize,
+        pos: &CudaSlice<i32>,
     ) -> Result<()> {
         need("rope", "x", n_tokens * width, x.len())?;
         if head_dim == 0 || width % head_dim != 0 || rotary_dim > head_dim || rotary_dim % 2 != 0 {
@@ -325,12 +339,31 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        let (nt, w, hd, rd, p) = (int("rope", n_tokens)?, int("rope", width)?, head_dim as i32, rotary_dim as i32, int("rope", pos0)?);
-        launch!(self, Source::Attention, "rope", grid1(n, 256), x, &nt, &w, &hd, &rd, &theta, &p)
+        let (nt, w, hd, rd) = (int("rope", n_tokens)?, int("rope", width)?, head_dim as i32, rotary_dim as i32);
+        launch!(self, Source::Attention, "rope", grid1(n, 256), x, &nt, &w, &hd, &rd, &theta, pos)
     }
 
-    /// Causal GQA attention of n_tokens queries at positions pos0.. over caches holding
-    /// keys and values of positions 0..pos0 + n_tokens.
+    /// cache[*pos + t, :] = src[t, :] for t < n_tokens; `capacity` rows fit the cache and
+    /// `pos_host` is the value *pos holds (checked here, read by the kernel on the GPU).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append(
+        &self,
+        src: &CudaView<'_, f32>,
+        cache: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        n_tokens: usize,
+        width: usize,
+    ) -> Result<()> {
+        need("kv_append", "src", n_tokens * width, src.len())?;
+        need("kv_append", "cache", (pos_host + n_tokens) * width, cache.len())?;
+        let (n, w) = (int("kv_append", n_tokens)?, int("kv_append", width)?);
+        int("kv_append", (pos_host + n_tokens) * width)?;
+        launch!(self, Source::Attention, "kv_append", grid1(n_tokens * width, 256), src, cache, pos, &n, &w)
+    }
+
+    /// Causal GQA attention of n_tokens queries at positions *pos.. over caches holding
+    /// keys and values of positions 0..*pos + n_tokens (`pos_host` = *pos, for the checks).
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
@@ -342,13 +375,14 @@ impl Gpu {
         n_heads: usize,
         n_kv_heads: usize,
         hd: usize,
+        pos: &CudaSlice<i32>,
         pos0: usize,
     ) -> Result<()> {
         let name = match hd {
-            32 => "attend_32",
-            64 => "attend_64",
-            128 => "attend_128",
-            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes 32, 64 or 128)"))),
+            1..=32 => "attend_32",
+            33..=64 => "attend_64",
+            65..=128 => "attend_128",
+            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
         };
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 16 {
             return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
@@ -366,8 +400,9 @@ impl Gpu {
             block_dim: (32 * group, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (h, kvh, p, scale) = (n_heads as i32, n_kv_heads as i32, int("attend", pos0)?, 1.0 / (hd as f32).sqrt());
-        launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &p, &scale)
+        int("attend", (pos0 + n_tokens) * n_kv_heads * hd)?;
+        let (h, kvh, d, scale) = (n_heads as i32, n_kv_heads as i32, hd as i32, 1.0 / (hd as f32).sqrt());
+        launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &d, pos, &scale)
     }
 }
 

@@ -1,8 +1,12 @@
 //! [`GpuSession`] and the forward pass on the GPU, step for step as the CPU's
 //! (crate::forward): embedding, per layer RMSNorm → attention → scaled residual →
 //! RMSNorm → MoE → scaled residual, then the final norm and lm_head.
+//!
+//! A decode step (one token, last logits) is captured once per session as a CUDA graph
+//! and replayed for every later token: the token id and the position are read from
+//! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::CudaSlice;
+use mxr_kernels::cuda::{CudaSlice, Graph};
 
 use super::{GpuAttention, GpuModel};
 use crate::forward::attention::KvCache;
@@ -20,6 +24,16 @@ pub struct GpuSession {
     /// Per layer: K and V caches [capacity, kv_dim] (softmax layers).
     kv: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
     counts: Vec<CudaSlice<u32>>,
+    /// The decode step's graph and its buffers (None only while a step runs).
+    step: Option<Step>,
+}
+
+/// The decode step's inputs and output, at fixed addresses for its graph.
+struct Step {
+    token: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+    logits: CudaSlice<f32>,
+    graph: Option<Graph>,
 }
 
 impl GpuSession {
@@ -42,7 +56,15 @@ impl GpuSession {
             }
         }
         let counts = (0..c.n_layers).map(|_| g.zeros::<u32>(c.n_experts)).collect::<Result<_, _>>()?;
-        Ok(GpuSession { pos: 0, tokens: Vec::new(), capacity, lightning, kv, counts })
+        Ok(GpuSession {
+            pos: 0,
+            tokens: Vec::new(),
+            capacity,
+            lightning,
+            kv,
+            counts,
+            step: Some(Step { token: g.zeros::<i32>(1)?, pos: g.zeros::<i32>(1)?, logits: g.zeros::<f32>(c.vocab_size)?, graph: None }),
+        })
     }
 
     /// The session in host memory (for saving, or to continue on the CPU).
@@ -93,7 +115,7 @@ impl GpuModel {
     /// Runs `tokens` after what `session` has seen; returns logits as the CPU's forward.
     pub fn forward(&self, session: &mut GpuSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
-        let (n, d) = (tokens.len(), c.dim);
+        let n = tokens.len();
         if n == 0 {
             return Err(ModelError::Input("no tokens to evaluate".into()));
         }
@@ -103,14 +125,67 @@ impl GpuModel {
         if session.pos + n > session.capacity {
             return Err(ModelError::Input(format!("{} tokens after {} exceed the context of {}", n, session.pos, session.capacity)));
         }
-        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        let ids = g.upload(&ids)?;
+        let pos_host = session.pos;
+        let logits = if n == 1 && which == Logits::Last && self.graphs_enabled() {
+            self.decode(session, tokens[0])?
+        } else {
+            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+            let ids = g.upload(&ids)?;
+            let pos = g.upload(&[pos_host as i32])?;
+            let logits = self.body(session, &ids, &pos, pos_host, n, which)?;
+            g.download(&logits.as_view())?
+        };
+        session.pos += n;
+        session.tokens.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// One token through the session's decode graph (captured at the first call).
+    fn decode(&self, session: &mut GpuSession, token: u32) -> Result<Vec<f32>, ModelError> {
+        let mut step = session.step.take().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
+        let result = self.decode_with(session, &mut step, token);
+        session.step = Some(step);
+        result
+    }
+
+    fn decode_with(&self, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<Vec<f32>, ModelError> {
+        let g = &self.gpu;
+        g.write(&[token as i32], &mut step.token.as_view_mut())?;
+        g.write(&[session.pos as i32], &mut step.pos.as_view_mut())?;
+        if step.graph.is_none() {
+            let pos_host = session.pos;
+            let Step { token, pos, logits, .. } = step;
+            let graph = g.capture(|| {
+                let out = self.body(session, token, pos, pos_host, 1, Logits::Last).map_err(to_kernel)?;
+                g.copy(&out.as_view(), &mut logits.as_view_mut())
+            })?;
+            step.graph = Some(graph);
+        }
+        if let Some(graph) = &step.graph {
+            graph.launch()?;
+        }
+        Ok(g.download(&step.logits.as_view())?)
+    }
+
+    /// The layers and the head over `n` tokens whose ids are in `ids` (device), starting at
+    /// the position in `pos` (device; `pos_host` is the same number, for shape checks).
+    /// Queues work only: nothing here waits for the GPU unless profiling is on.
+    fn body(
+        &self,
+        session: &mut GpuSession,
+        ids: &CudaSlice<i32>,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        n: usize,
+        which: Logits,
+    ) -> Result<CudaSlice<f32>, ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let d = c.dim;
         let mut x = self.stage("embed", || {
             let mut x = g.alloc::<f32>(n * d)?;
-            g.gather_embed(&self.token_embd, &ids, n, &mut x.as_view_mut())?;
+            g.gather_embed(&self.token_embd, ids, n, &mut x.as_view_mut())?;
             Ok(x)
         })?;
-        let pos = session.pos;
         for (l, layer) in self.layers.iter().enumerate() {
             let stage = match layer.attn {
                 GpuAttention::Lightning { .. } => "lightning attention",
@@ -139,8 +214,8 @@ impl GpuModel {
                         g.rope(&mut qs.as_view_mut(), n, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
                         g.rope(&mut ks.as_view_mut(), n, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
                         let (kc, vc) = session.kv[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no KV cache")))?;
-                        g.copy(&ks.as_view(), &mut kc.slice_mut(pos * kv_dim..(pos + n) * kv_dim))?;
-                        g.copy(&vs.as_view(), &mut vc.slice_mut(pos * kv_dim..(pos + n) * kv_dim))?;
+                        g.kv_append(&ks.as_view(), kc, pos, pos_host, n, kv_dim)?;
+                        g.kv_append(&vs.as_view(), vc, pos, pos_host, n, kv_dim)?;
                         let mut o = g.alloc::<f32>(n * a_dim)?;
                         g.attend(
                             &qs.as_view(),
@@ -152,6 +227,7 @@ impl GpuModel {
                             c.n_kv_heads,
                             c.head_dim,
                             pos,
+                            pos_host,
                         )?;
                         (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
                     }
@@ -165,8 +241,6 @@ impl GpuModel {
                     .map_err(ModelError::from)
             })?;
         }
-        session.pos += n;
-        session.tokens.extend_from_slice(tokens);
         let (first, rows) = match which {
             Logits::All => (0, n),
             Logits::Last => (n - 1, 1),
@@ -175,8 +249,15 @@ impl GpuModel {
             let mut h = g.alloc::<f32>(rows * d)?;
             g.copy(&x.slice(first * d..n * d), &mut h.as_view_mut())?;
             g.rmsnorm(&mut h.as_view_mut(), &self.output_norm, c.rms_eps as f32)?;
-            let logits = self.linear(self.lm_head(), &h.as_view(), rows)?;
-            Ok(g.download(&logits.as_view())?)
+            self.linear(self.lm_head(), &h.as_view(), rows)
         })
+    }
+}
+
+/// Errors inside a graph capture travel as kernel errors.
+fn to_kernel(e: ModelError) -> mxr_kernels::KernelError {
+    match e {
+        ModelError::Kernel(k) => k,
+        other => mxr_kernels::KernelError::Cuda(other.to_string()),
     }
 }

@@ -17,7 +17,7 @@ use mxr_kernels::KernelError;
 
 use crate::forward::lightning::slopes;
 use crate::model::{Attention, Tensor};
-use crate::{Config, LayerKind, Model, ModelError};
+use crate::{Config, Model, ModelError};
 pub use forward::GpuSession;
 
 /// Up to this many tokens a product runs as matrix-vector products.
@@ -52,6 +52,8 @@ pub struct GpuModel {
     scratch: Mutex<Option<CudaSlice<u16>>>,
     /// Per-stage seconds, when profiling (each stage then waits for the GPU before and after).
     profile: Mutex<Option<Vec<(&'static str, f64)>>>,
+    /// Decode steps replay a captured CUDA graph (off: every kernel is launched each step).
+    graphs: std::sync::atomic::AtomicBool,
 }
 
 impl GpuModel {
@@ -93,7 +95,6 @@ impl GpuModel {
             });
         }
         let output_norm = gpu.upload(&model.output_norm)?;
-        debug_assert_eq!(layers.len(), c.layers.iter().filter(|k| matches!(k, LayerKind::Lightning | LayerKind::Softmax)).count());
         Ok(GpuModel {
             gpu,
             config: c,
@@ -104,6 +105,7 @@ impl GpuModel {
             weight_bytes: bytes,
             scratch: Mutex::new(None),
             profile: Mutex::new(None),
+            graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
         })
     }
 
@@ -113,6 +115,16 @@ impl GpuModel {
         if let Ok(mut p) = self.profile.lock() {
             *p = on.then(Vec::new);
         }
+    }
+
+    /// Whether decode steps replay a CUDA graph (default on; `MXR_NO_CUDA_GRAPH=1` turns
+    /// it off). Profiling turns it off too, since a graph cannot be timed by stage.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn graphs_enabled(&self) -> bool {
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed) && !self.profile.lock().map(|p| p.is_some()).unwrap_or(true)
     }
 
     /// Seconds per stage since profiling started (summed per stage name), and resets them.
