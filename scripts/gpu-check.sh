@@ -50,7 +50,7 @@ run() {
     done
     echo
     printf '%-28s | %-44s | %-28s | %-7s | %s\n' check case error budget result
-    grep -h '^CHECK ' "$out"/*.log | sed 's/^CHECK //' |
+    grep -ho 'CHECK .*' "$out"/*.log | sed 's/^CHECK //' |
         awk -F' [|] ' '{ printf "%-28s | %-44s | %-28s | %-7s | %s\n", $1, $2, $3, $4, $5 }'
     return $status
 }

@@ -32,6 +32,54 @@ extern "C" __global__ void kv_append(const float* src, float* cache, const int* 
 #define TILE 32
 #define MAX_GROUP 16
 
+// Shared staging of one block: a tile of keys and values of one KV head, and the group's
+// query rows.
+template <int HD>
+struct Stage {
+    float k[TILE][HD + 1];
+    float v[TILE][HD];
+    float q[MAX_GROUP][HD];
+};
+
+// Online softmax of this warp's query (st.q[warp]) over keys [j_begin, j_end) of KV head g:
+// running max m, denominator l and unnormalised output acc (lane's dims lane + 32 i).
+// Every warp of the block must call it with the same range (it synchronises the block).
+template <int HD>
+__device__ void scan(Stage<HD>& st, const float* kc, const float* vc, int g, int kv_dim, int hd, int j_begin, int j_end, float scale,
+                     float& m, float& l, float* acc) {
+    constexpr int PER = HD / 32;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int j0 = j_begin; j0 < j_end; j0 += TILE) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
+            int j = i / HD, c = i % HD;
+            bool ok = j0 + j < j_end && c < hd;
+            size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
+            st.k[j][c] = ok ? kc[off] : 0.f;
+            st.v[j][c] = ok ? vc[off] : 0.f;
+        }
+        __syncthreads();
+        float sc = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < HD; c++) sc = fmaf(st.q[warp][c], st.k[lane][c], sc);
+        bool valid = j0 + lane < j_end;
+        sc = valid ? sc * scale : __int_as_float(0xff800000);
+        float m_new = fmaxf(m, warp_max(sc));
+        float corr = expf(m - m_new);
+        float p = valid ? expf(sc - m_new) : 0.f;
+        l = l * corr + warp_sum(p);
+#pragma unroll
+        for (int i = 0; i < PER; i++) acc[i] *= corr;
+        int n_keys = min(TILE, j_end - j0);
+        for (int j = 0; j < n_keys; j++) {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[i] = fmaf(pj, st.v[j][lane + 32 * i], acc[i]);
+        }
+        m = m_new;
+    }
+}
+
 // out[t, h, :] = softmax_j(q[t, h] · k[j, g] * scale) v[j, g] over j <= *pos + t, where
 // g = h / group. q: [n_tokens, n_heads * hd]; kc, vc: [>= *pos + n_tokens, n_kv_heads * hd];
 // HD (32, 64, 128) is the tile width, hd <= HD the head size (dims past hd read as zero).
@@ -40,48 +88,16 @@ extern "C" __global__ void kv_append(const float* src, float* cache, const int* 
 // lane j scores key j; then every lane accumulates its HD/32 output dims.
 template <int HD>
 __device__ void attend(const float* q, const float* kc, const float* vc, float* out, int n_heads, int n_kv_heads, int hd, const int* pos, float scale) {
-    int pos0 = *pos;
     constexpr int PER = HD / 32;
-    __shared__ float ksh[TILE][HD + 1];
-    __shared__ float vsh[TILE][HD];
-    __shared__ float qsh[MAX_GROUP][HD];
+    __shared__ Stage<HD> st;
     int t = blockIdx.x, g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int group = blockDim.x >> 5, h = g * group + warp;
-    int kv_dim = n_kv_heads * hd, len = pos0 + t + 1;
     const float* qt = q + (size_t)t * n_heads * hd + (size_t)h * hd;
-    for (int c = lane; c < HD; c += 32) qsh[warp][c] = c < hd ? qt[c] : 0.f;
+    for (int c = lane; c < HD; c += 32) st.q[warp][c] = c < hd ? qt[c] : 0.f;
     float m = __int_as_float(0xff800000), l = 0.f, acc[PER];
 #pragma unroll
     for (int i = 0; i < PER; i++) acc[i] = 0.f;
-    for (int j0 = 0; j0 < len; j0 += TILE) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-            int j = i / HD, c = i % HD;
-            bool ok = j0 + j < len && c < hd;
-            size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
-            ksh[j][c] = ok ? kc[off] : 0.f;
-            vsh[j][c] = ok ? vc[off] : 0.f;
-        }
-        __syncthreads();
-        float sc = 0.f;
-#pragma unroll 8
-        for (int c = 0; c < HD; c++) sc = fmaf(qsh[warp][c], ksh[lane][c], sc);
-        bool valid = j0 + lane < len;
-        sc = valid ? sc * scale : __int_as_float(0xff800000);
-        float m_new = fmaxf(m, warp_max(sc));
-        float corr = expf(m - m_new);
-        float p = valid ? expf(sc - m_new) : 0.f;
-        l = l * corr + warp_sum(p);
-#pragma unroll
-        for (int i = 0; i < PER; i++) acc[i] *= corr;
-        int n_keys = min(TILE, len - j0);
-        for (int j = 0; j < n_keys; j++) {
-            float pj = __shfl_sync(0xffffffffu, p, j);
-#pragma unroll
-            for (int i = 0; i < PER; i++) acc[i] = fmaf(pj, vsh[j][lane + 32 * i], acc[i]);
-        }
-        m = m_new;
-    }
+    scan<HD>(st, kc, vc, g, n_kv_heads * hd, hd, 0, *pos + t + 1, scale, m, l, acc);
     float inv = 1.f / l;
     float* o = out + (size_t)t * n_heads * hd + (size_t)h * hd;
 #pragma unroll
@@ -89,10 +105,60 @@ __device__ void attend(const float* q, const float* kc, const float* vc, float* 
         if (lane + 32 * i < hd) o[lane + 32 * i] = acc[i] * inv;
 }
 
-#define ATTEND(HD)                                                                                                             \
+// Decode (one query at position *pos) split over the keys: block (g, s) scans its share of
+// keys 0..*pos for the group of KV head g and writes, per query head h, the partial
+// (m, l, acc[hd]) to part[(h * splits + s) * (hd + 2)]. The split count is fixed by the
+// launcher (from the cache's capacity), so a captured graph serves every position.
+template <int HD>
+__device__ void attend_split(const float* q, const float* kc, const float* vc, float* part, int n_heads, int n_kv_heads, int hd, const int* pos,
+                             float scale) {
+    constexpr int PER = HD / 32;
+    __shared__ Stage<HD> st;
+    int g = blockIdx.x, s = blockIdx.y, splits = gridDim.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int group = blockDim.x >> 5, h = g * group + warp;
+    for (int c = lane; c < HD; c += 32) st.q[warp][c] = c < hd ? q[(size_t)h * hd + c] : 0.f;
+    int len = *pos + 1, per = (len + splits - 1) / splits;
+    int j_begin = min(len, s * per), j_end = min(len, j_begin + per);
+    float m = __int_as_float(0xff800000), l = 0.f, acc[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) acc[i] = 0.f;
+    scan<HD>(st, kc, vc, g, n_kv_heads * hd, hd, j_begin, j_end, scale, m, l, acc);
+    float* p = part + ((size_t)h * splits + s) * (hd + 2);
+    if (lane == 0) {
+        p[0] = m;
+        p[1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < PER; i++)
+        if (lane + 32 * i < hd) p[2 + lane + 32 * i] = acc[i];
+}
+
+// out[h, :] from the splits' partials: one block per query head, one thread per dim.
+extern "C" __global__ void attend_combine(const float* part, int splits, int hd, float* out) {
+    int h = blockIdx.x;
+    const float* p = part + (size_t)h * splits * (hd + 2);
+    float m = __int_as_float(0xff800000);
+    for (int s = 0; s < splits; s++) m = fmaxf(m, p[s * (hd + 2)]);
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+        float l = 0.f, a = 0.f;
+        for (int s = 0; s < splits; s++) {
+            const float* q = p + s * (hd + 2);
+            float w = q[1] > 0.f ? expf(q[0] - m) : 0.f;
+            l += w * q[1];
+            a += w * q[2 + c];
+        }
+        out[(size_t)h * hd + c] = a / l;
+    }
+}
+
+#define ATTEND(HD)                                                                                                                   \
     extern "C" __global__ void attend_##HD(const float* q, const float* kc, const float* vc, float* out, int n_heads, int n_kv_heads, \
-                                           int hd, const int* pos, float scale) {                                             \
-        attend<HD>(q, kc, vc, out, n_heads, n_kv_heads, hd, pos, scale);                                                          \
+                                           int hd, const int* pos, float scale) {                                                  \
+        attend<HD>(q, kc, vc, out, n_heads, n_kv_heads, hd, pos, scale);                                                           \
+    }                                                                                                                                \
+    extern "C" __global__ void attend_split_##HD(const float* q, const float* kc, const float* vc, float* part, int n_heads,        \
+                                                 int n_kv_heads, int hd, const int* pos, float scale) {                               \
+        attend_split<HD>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                    \
     }
 
 ATTEND(32)

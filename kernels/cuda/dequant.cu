@@ -1,6 +1,7 @@
-// Dequantization (prepended: common.cuh, formats.cuh): whole matrices to bf16 for the
+// Format conversions (prepended: common.cuh, formats.cuh): whole matrices to bf16 for the
 // tensor-core products of prefill, gathered rows to f32 (the token embedding lookup),
-// and f32 activations to bf16.
+// f32 activations to bf16, and f32 activations to int8 blocks for the matrix-vector
+// products of quantized weights.
 
 // out[r, :] (bf16) = W[r, :], one thread per unit.
 template <class F>
@@ -38,4 +39,24 @@ DEQUANT(f32, F32)
 extern "C" __global__ void f32_to_bf16_n(const float* x, long long n, u16* out) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16(x[i]);
+}
+
+// x [n, cols] (cols % 32 == 0) -> int8 values and one scale per 32-block, as ggml's
+// quantize_row_q8_0: d = max|x| / 127, q = roundf(x / d) computed with the f32 inverse of
+// d, and d kept rounded to f16 (stored here as the f32 value of that f16). One warp per
+// block.
+extern "C" __global__ void quantize_act(const float* x, long long n_blocks, i8* xq, float* xd) {
+    long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (blk >= n_blocks) return;
+    float v = x[blk * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.f;
+    float id = d != 0.f ? 1.f / d : 0.f;
+    xq[blk * 32 + lane] = (i8)roundf(v * id);
+    if (lane == 0) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(d));
+        xd[blk] = f16_to_f32(h);
+    }
 }

@@ -1,55 +1,92 @@
 // Weight formats as the GPU holds them, one struct per type. A matrix of `rows` x `cols`
-// starts at `w`; its rows split into `units` (16 or 32 values, one 16-byte load where the
-// layout allows it). Each format gives:
-//   units(cols)                        units per row
-//   X, load_x(x, u, X&)                the inputs a unit multiplies (x: the whole f32 row),
-//                                      loaded once and used for several rows
-//   dot(w, rows, cols, r, u, X)        the unit's values of row r · those inputs
-//   decode(w, rows, cols, r, u, out)   the unit's values into out[] (the whole output row)
-// Layouts: ggml's blocks as in the GGUF file, except Q8_0, which is repacked at load time
-// into int8 values [rows][cols] followed by f16 scales [rows][cols/32], so that values are
-// 16-byte aligned.
+// starts at `w`; each row splits into `units` (one or two 16-byte loads of weights).
+//
+// Quantized types (Q8_0, Q4_0, Q4_K, Q6_K) multiply int8 activations: the input row is
+// quantized in blocks of 32 (`quantize_act` in dequant.cu: int8 values, one f32 scale per
+// block, as ggml's Q8_0), and units are dotted with __dp4a, four products per instruction.
+//   units(cols), XQ, load_xq(xq, xd, u, XQ&), dotq(w, rows, cols, r, u, XQ)
+// Float types (BF16, F16, F32) multiply f32 activations:
+//   units(cols), X, load_x(x, u, X&), dot(w, rows, cols, r, u, X)
+// Every type decodes a unit to floats: decode(w, rows, cols, r, u, out) writes the unit's
+// values into out[] (the whole output row).
+//
+// Layouts (packed by kernels/src/cuda/matrix.rs at upload):
+//   Q8_0  int8 values [rows][cols], then f16 scales [rows][cols/32]
+//   Q4_0  nibbles [rows][cols/2] (block b: 16 bytes, value j low nibble, j+16 high), then
+//         f16 scales [rows][cols/32]
+//   Q4_K  ggml's blocks (144 bytes per 256 values), as in the file
+//   Q6_K  ggml's blocks (210 bytes) each padded to 212, so that words are 4-byte aligned
 
 __device__ __forceinline__ void store_val(float* out, int i, float v) { out[i] = v; }
 __device__ __forceinline__ void store_val(u16* out, int i, float v) { out[i] = f32_to_bf16(v); }
 
-// Byte k of w as a float, exactly, with two integer ops and one float add:
-// 0x4B000000 | byte is the float 2^23 + byte.
-__device__ __forceinline__ float byte_f(u32 w, int k) { return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + k)) - 8388608.f; }
+__device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
+// Σ of the four signed bytes of b
+__device__ __forceinline__ int bsum4(int b) { return __dp4a(0x01010101, b, 0); }
 
-// Σ_k (signed byte k of w) * x_k
-__device__ __forceinline__ float dot_i8x4(u32 w, float4 x) {
-    u32 b = w ^ 0x80808080u;  // two's complement -> offset 128
-    return (byte_f(b, 0) - 128.f) * x.x + (byte_f(b, 1) - 128.f) * x.y + (byte_f(b, 2) - 128.f) * x.z + (byte_f(b, 3) - 128.f) * x.w;
+// Activations of one 32-block: 8 words of int8 values and the block's scale.
+struct XBlock {
+    int v[8];
+    float d;
+};
+__device__ __forceinline__ void load_block(const i8* xq, const float* xd, int blk, XBlock& x) {
+    const int4* p = (const int4*)(xq + blk * 32);
+    int4 a = p[0], b = p[1];
+    x.v[0] = a.x; x.v[1] = a.y; x.v[2] = a.z; x.v[3] = a.w;
+    x.v[4] = b.x; x.v[5] = b.y; x.v[6] = b.z; x.v[7] = b.w;
+    x.d = xd[blk];
 }
 
-// Σ_k (unsigned nibble-byte k of w) * x_k, for w with every byte < 16
-__device__ __forceinline__ float dot_u8x4(u32 w, float4 x) { return byte_f(w, 0) * x.x + byte_f(w, 1) * x.y + byte_f(w, 2) * x.z + byte_f(w, 3) * x.w; }
-
-__device__ __forceinline__ float sum4(float4 x) { return (x.x + x.y) + (x.z + x.w); }
-
 struct Q8_0 {
-    __device__ static int units(int cols) { return cols >> 4; }
+    __device__ static int units(int cols) { return cols >> 5; }
     __device__ static float scale(const u8* w, int rows, int cols, int r, int u) {
-        const u16* s = (const u16*)(w + (size_t)rows * cols);
-        return f16_to_f32(s[(size_t)r * (cols >> 5) + (u >> 1)]);
+        return f16_to_f32(((const u16*)(w + (size_t)rows * cols))[(size_t)r * (cols >> 5) + u]);
     }
-    struct X { float4 v[4]; };
-    __device__ static void load_x(const float* x, int u, X& xu) {
-        const float4* p = (const float4*)(x + (u << 4));
-#pragma unroll
-        for (int i = 0; i < 4; i++) xu.v[i] = p[i];
-    }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
-        uint4 q = *(const uint4*)(w + (size_t)r * cols + (u << 4));
-        float s = dot_i8x4(q.x, xu.v[0]) + dot_i8x4(q.y, xu.v[1]) + dot_i8x4(q.z, xu.v[2]) + dot_i8x4(q.w, xu.v[3]);
-        return scale(w, rows, cols, r, u) * s;
+    typedef XBlock XQ;
+    __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) { load_block(xq, xd, u, x); }
+    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
+        const int4* p = (const int4*)(w + (size_t)r * cols + (u << 5));
+        int4 a = p[0], b = p[1];
+        int s = dp4a(a.x, x.v[0], 0);
+        s = dp4a(a.y, x.v[1], s); s = dp4a(a.z, x.v[2], s); s = dp4a(a.w, x.v[3], s);
+        s = dp4a(b.x, x.v[4], s); s = dp4a(b.y, x.v[5], s); s = dp4a(b.z, x.v[6], s); s = dp4a(b.w, x.v[7], s);
+        return (float)s * (scale(w, rows, cols, r, u) * x.d);
     }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const i8* q = (const i8*)(w + (size_t)r * cols + (u << 4));
+        const i8* q = (const i8*)(w + (size_t)r * cols + (u << 5));
         float d = scale(w, rows, cols, r, u);
-        for (int i = 0; i < 16; i++) store_val(out, (u << 4) + i, (float)q[i] * d);
+        for (int i = 0; i < 32; i++) store_val(out, (u << 5) + i, (float)q[i] * d);
+    }
+};
+
+struct Q4_0 {
+    __device__ static int units(int cols) { return cols >> 5; }
+    __device__ static float scale(const u8* w, int rows, int cols, int r, int u) {
+        return f16_to_f32(((const u16*)(w + (size_t)rows * (cols >> 1)))[(size_t)r * (cols >> 5) + u]);
+    }
+    typedef XBlock XQ;
+    __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) { load_block(xq, xd, u, x); }
+    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
+        int4 q = *(const int4*)(w + (size_t)r * (cols >> 1) + (u << 4));
+        const int M = 0x0F0F0F0F;
+        int s = dp4a(q.x & M, x.v[0], 0);
+        s = dp4a(q.y & M, x.v[1], s); s = dp4a(q.z & M, x.v[2], s); s = dp4a(q.w & M, x.v[3], s);
+        s = dp4a((q.x >> 4) & M, x.v[4], s); s = dp4a((q.y >> 4) & M, x.v[5], s);
+        s = dp4a((q.z >> 4) & M, x.v[6], s); s = dp4a((q.w >> 4) & M, x.v[7], s);
+        int sx = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) sx = dp4a(0x01010101, x.v[i], sx);
+        return (float)(s - 8 * sx) * (scale(w, rows, cols, r, u) * x.d);
+    }
+    template <class T>
+    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
+        const u8* q = w + (size_t)r * (cols >> 1) + (u << 4);
+        float d = scale(w, rows, cols, r, u);
+        for (int j = 0; j < 16; j++) {
+            store_val(out, u * 32 + j, (float)((q[j] & 0xF) - 8) * d);
+            store_val(out, u * 32 + j + 16, (float)((q[j] >> 4) - 8) * d);
+        }
     }
 };
 
@@ -68,32 +105,38 @@ struct Q4_K {
         }
     }
     __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 144 + (size_t)(u >> 3) * 144; }
-    // The 16 low-nibble inputs, the 16 high-nibble inputs, and their sums (for the mins).
-    struct X { float4 l[4], h[4]; float sl, sh; };
-    __device__ static void load_x(const float* x, int u, X& xu) {
-        int c = u & 7, j = c >> 1;
-        const float4* xl = (const float4*)(x + (u >> 3) * 256 + j * 64 + (c & 1) * 16);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            xu.l[i] = xl[i];
-            xu.h[i] = xl[i + 8];
-        }
-        xu.sl = sum4(xu.l[0]) + sum4(xu.l[1]) + sum4(xu.l[2]) + sum4(xu.l[3]);
-        xu.sh = sum4(xu.h[0]) + sum4(xu.h[1]) + sum4(xu.h[2]) + sum4(xu.h[3]);
+    // The 16 inputs of the low nibbles and of the high nibbles, their blocks' scales, sums.
+    struct XQ {
+        int l[4], h[4];
+        float dl, dh;
+        int sl, sh;
+    };
+    __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) {
+        int c = u & 7, j = c >> 1, blk = (u >> 3) * 8 + 2 * j;
+        const int4* pl = (const int4*)(xq + blk * 32 + (c & 1) * 16);
+        const int4* ph = (const int4*)(xq + (blk + 1) * 32 + (c & 1) * 16);
+        int4 a = *pl, b = *ph;
+        x.l[0] = a.x; x.l[1] = a.y; x.l[2] = a.z; x.l[3] = a.w;
+        x.h[0] = b.x; x.h[1] = b.y; x.h[2] = b.z; x.h[3] = b.w;
+        x.dl = xd[blk];
+        x.dh = xd[blk + 1];
+        x.sl = bsum4(a.x) + bsum4(a.y) + bsum4(a.z) + bsum4(a.w);
+        x.sh = bsum4(b.x) + bsum4(b.y) + bsum4(b.z) + bsum4(b.w);
     }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
+    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
         const u8* b = block(w, cols, r, u);
         int c = u & 7, j = c >> 1;
-        uint4 q = *(const uint4*)(b + 16 + (c << 4));
+        int4 q = *(const int4*)(b + 16 + (c << 4));
         float d = f16_to_f32(*(const u16*)b), dmin = f16_to_f32(*(const u16*)(b + 2));
         float sc0, m0, sc1, m1;
         scale_min(b + 4, 2 * j, sc0, m0);
         scale_min(b + 4, 2 * j + 1, sc1, m1);
-        const u32 M = 0x0F0F0F0Fu;
-        float lo = dot_u8x4(q.x & M, xu.l[0]) + dot_u8x4(q.y & M, xu.l[1]) + dot_u8x4(q.z & M, xu.l[2]) + dot_u8x4(q.w & M, xu.l[3]);
-        float hi = dot_u8x4((q.x >> 4) & M, xu.h[0]) + dot_u8x4((q.y >> 4) & M, xu.h[1]) + dot_u8x4((q.z >> 4) & M, xu.h[2]) +
-                   dot_u8x4((q.w >> 4) & M, xu.h[3]);
-        return d * (sc0 * lo + sc1 * hi) - dmin * (m0 * xu.sl + m1 * xu.sh);
+        const int M = 0x0F0F0F0F;
+        int lo = dp4a(q.x & M, x.l[0], 0);
+        lo = dp4a(q.y & M, x.l[1], lo); lo = dp4a(q.z & M, x.l[2], lo); lo = dp4a(q.w & M, x.l[3], lo);
+        int hi = dp4a((q.x >> 4) & M, x.h[0], 0);
+        hi = dp4a((q.y >> 4) & M, x.h[1], hi); hi = dp4a((q.z >> 4) & M, x.h[2], hi); hi = dp4a((q.w >> 4) & M, x.h[3], hi);
+        return d * (sc0 * x.dl * (float)lo + sc1 * x.dh * (float)hi) - dmin * (m0 * x.dl * (float)x.sl + m1 * x.dh * (float)x.sh);
     }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
@@ -113,94 +156,74 @@ struct Q4_K {
     }
 };
 
-// ggml block_q6_K, 210 bytes per 256 values: ql[128], qh[64], int8 scales[16], d (f16).
+// ggml block_q6_K in 212-byte slots: ql[128], qh[64], int8 scales[16], d (f16), 2 pad.
 // A unit is 16 values: half h, positions l0..l0+3 (l0 = 4g) of each of the four 32-wide
-// quarters. Rows are not 4-byte aligned (210-byte blocks): loads are bytes.
+// quarters; the quarters' 6-bit values come out of one ql word pair and one qh word.
 struct Q6_K {
     __device__ static int units(int cols) { return cols >> 4; }
-    __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 210 + (size_t)(u >> 4) * 210; }
-    template <class F>
-    __device__ static void each(const u8* b, int u, F f) {
-        int h = (u >> 3) & 1, l0 = (u & 7) * 4, is = l0 >> 4;
-        const u8* ql = b + h * 64;
-        const u8* qh = b + 128 + h * 32;
-        const i8* sc = (const i8*)(b + 192) + h * 8 + is;
-        float d = f16_to_f32(load_u16(b + 208));
-        float s0 = d * sc[0], s1 = d * sc[2], s2 = d * sc[4], s3 = d * sc[6];
-        for (int i = 0; i < 4; i++) {
-            int l = l0 + i;
-            int a = ql[l], c = ql[l + 32], hb = qh[l];
-            int base = h * 128 + l;
-            f(base, s0 * (float)(((a & 0xF) | ((hb & 3) << 4)) - 32));
-            f(base + 32, s1 * (float)(((c & 0xF) | (((hb >> 2) & 3) << 4)) - 32));
-            f(base + 64, s2 * (float)(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32));
-            f(base + 96, s3 * (float)(((c >> 4) | (((hb >> 6) & 3) << 4)) - 32));
-        }
+    __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 212 + (size_t)(u >> 4) * 212; }
+    // The four quarters' 6-bit values (as unsigned bytes, value = byte - 32) of unit u.
+    __device__ static void words(const u8* b, int u, int q[4]) {
+        int h = (u >> 3) & 1, l0 = (u & 7) * 4;
+        int a = *(const int*)(b + h * 64 + l0), c = *(const int*)(b + h * 64 + l0 + 32), hb = *(const int*)(b + 128 + h * 32 + l0);
+        const int M = 0x0F0F0F0F, H = 0x30303030;
+        q[0] = (a & M) | ((hb << 4) & H);
+        q[1] = (c & M) | ((hb << 2) & H);
+        q[2] = ((a >> 4) & M) | (hb & H);
+        q[3] = ((c >> 4) & M) | ((hb >> 2) & H);
     }
-    // Inputs of the unit's 16 values, in the order `each` visits them.
-    struct X { float v[16]; };
-    __device__ static void load_x(const float* x, int u, X& xu) {
-        const float* xb = x + (u >> 4) * 256 + ((u >> 3) & 1) * 128 + (u & 7) * 4;
+    struct XQ {
+        int v[4], s[4];
+        float d[4];
+    };
+    __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) {
+        int sb = u >> 4, h = (u >> 3) & 1, l0 = (u & 7) * 4;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            xu.v[4 * i] = xb[i];
-            xu.v[4 * i + 1] = xb[i + 32];
-            xu.v[4 * i + 2] = xb[i + 64];
-            xu.v[4 * i + 3] = xb[i + 96];
+        for (int k = 0; k < 4; k++) {
+            int blk = sb * 8 + h * 4 + k;
+            x.v[k] = *(const int*)(xq + blk * 32 + l0);
+            x.s[k] = bsum4(x.v[k]);
+            x.d[k] = xd[blk];
         }
     }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
+    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
+        const u8* b = block(w, cols, r, u);
+        int q[4];
+        words(b, u, q);
+        const i8* sc = (const i8*)(b + 192) + ((u >> 3) & 1) * 8 + (((u & 7) * 4) >> 4);
         float acc = 0.f;
-        int k = 0;
-        each(block(w, cols, r, u), u, [&](int, float v) { acc += v * xu.v[k++]; });
-        return acc;
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc += (float)sc[2 * k] * x.d[k] * (float)(dp4a(q[k], x.v[k], 0) - 32 * x.s[k]);
+        return f16_to_f32(*(const u16*)(b + 208)) * acc;
     }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        T* ob = out + (u >> 4) * 256;
-        each(block(w, cols, r, u), u, [&](int i, float v) { store_val(ob, i, v); });
-    }
-};
-
-// ggml block_q4_0, 18 bytes per 32 values: d (f16), 16 bytes: value j = low nibble - 8,
-// value j + 16 = high nibble - 8. A unit is one block; byte loads.
-struct Q4_0 {
-    __device__ static int units(int cols) { return cols >> 5; }
-    template <class F>
-    __device__ static void each(const u8* w, int cols, int r, int u, F f) {
-        const u8* b = w + (size_t)r * (cols >> 5) * 18 + (size_t)u * 18;
-        float d = f16_to_f32(load_u16(b));
-        for (int j = 0; j < 16; j++) {
-            int q = b[2 + j];
-            f(u * 32 + j, (float)((q & 0xF) - 8) * d);
-            f(u * 32 + j + 16, (float)((q >> 4) - 8) * d);
+        const u8* b = block(w, cols, r, u);
+        int q[4];
+        words(b, u, q);
+        int h = (u >> 3) & 1, l0 = (u & 7) * 4;
+        const i8* sc = (const i8*)(b + 192) + h * 8 + (l0 >> 4);
+        float d = f16_to_f32(load_u16(b + 208));
+        T* ob = out + (u >> 4) * 256 + h * 128 + l0;
+        for (int k = 0; k < 4; k++) {
+            float s = d * (float)sc[2 * k];
+            for (int i = 0; i < 4; i++) store_val(ob, 32 * k + i, s * (float)((int)((q[k] >> (8 * i)) & 0xFF) - 32));
         }
-    }
-    struct X { const float* p; };
-    __device__ static void load_x(const float* x, int u, X& xu) { xu.p = x; }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
-        float acc = 0.f;
-        each(w, cols, r, u, [&](int i, float v) { acc += v * xu.p[i]; });
-        return acc;
-    }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        each(w, cols, r, u, [&](int i, float v) { store_val(out, i, v); });
     }
 };
 
 // 16-bit floats (BF16, F16): units of 8 values (one 16-byte load) when rows are 16-byte
-// aligned (cols % 8 == 0), else single values.
+// aligned (cols % 8 == 0); otherwise the launcher picks the one-value kernel (dot1).
 template <bool BF>
 struct Half {
     __device__ static float cvt(u16 h) { return BF ? bf16_to_f32(h) : f16_to_f32(h); }
     __device__ static int units(int cols) { return (cols & 7) ? cols : cols >> 3; }
     struct X { float v[8]; };
     __device__ static void load_x(const float* x, int u, X& xu) {
-        // units of 8 only when cols % 8 == 0 (then x rows are 32-byte aligned)
-        const float* p = x + (u << 3);
-#pragma unroll
-        for (int i = 0; i < 8; i++) xu.v[i] = p[i];
+        const float4* p = (const float4*)(x + (u << 3));
+        float4 a = p[0], b = p[1];
+        xu.v[0] = a.x; xu.v[1] = a.y; xu.v[2] = a.z; xu.v[3] = a.w;
+        xu.v[4] = b.x; xu.v[5] = b.y; xu.v[6] = b.z; xu.v[7] = b.w;
     }
     __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
         const u16* row = (const u16*)w + (size_t)r * cols;
@@ -211,7 +234,6 @@ struct Half {
         for (int k = 0; k < 4; k++) acc += cvt((u16)(p[k] & 0xFFFF)) * xu.v[2 * k] + cvt((u16)(p[k] >> 16)) * xu.v[2 * k + 1];
         return acc;
     }
-    // Rows whose length is not a multiple of 8: one value per unit.
     __device__ static float dot1(const u8* w, int cols, int r, int u, const float* x) { return cvt(((const u16*)w)[(size_t)r * cols + u]) * x[u]; }
     template <class T>
     __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {

@@ -1,4 +1,4 @@
-// Quantized matrix-vector products for decode (prepended: common.cuh, formats.cuh).
+// Matrix-vector products for decode (prepended: common.cuh, formats.cuh).
 //
 // y[p, r] = W_{e(p)}[r, :] · x[p / x_div, :] for every pair p = blockIdx.y.
 // Dense use: ids = null (one matrix), x_div = 1, one pair per token.
@@ -8,45 +8,86 @@
 //
 // A warp computes ROWS rows: each lane strides over the units of the row, loads the
 // unit's inputs once and the ROWS weight units (independent 16-byte loads, so several are
-// in flight), then the warp sums. Blocks of WARPS warps.
+// in flight), then the warp sums. Blocks of WARPS warps. Quantized weights take int8
+// activations (xq, xd: quantize_act's output), float weights f32 activations (x).
 
+// Both are set by the launcher at compile time (-D), defaults here.
+#ifndef ROWS
 #define ROWS 4
+#endif
+#ifndef WARPS
 #define WARPS 4
+#endif
 
-template <class F>
-__device__ void matvec(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
-    int p = blockIdx.y;
-    const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
-    const float* xp = x + (size_t)(p / x_div) * cols;
+// The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
+// Input::dot(r, u, in) one row's product with them.
+template <class Input>
+__device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row) {
     int lane = threadIdx.x & 31;
     int r0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
     if (r0 >= rows) return;
-    int n = F::units(cols);
     float acc[ROWS];
 #pragma unroll
     for (int i = 0; i < ROWS; i++) acc[i] = 0.f;
     if (r0 + ROWS <= rows) {
 #pragma unroll 2
-        for (int u = lane; u < n; u += 32) {
-            typename F::X xu;
-            F::load_x(xp, u, xu);
+        for (int u = lane; u < n_units; u += 32) {
+            typename Input::T x;
+            in.load(u, x);
 #pragma unroll
-            for (int i = 0; i < ROWS; i++) acc[i] += F::dot(wp, rows, cols, r0 + i, u, xu);
+            for (int i = 0; i < ROWS; i++) acc[i] += in.dot(r0 + i, u, x);
         }
     } else {
-        for (int u = lane; u < n; u += 32) {
-            typename F::X xu;
-            F::load_x(xp, u, xu);
-            for (int i = 0; i < ROWS && r0 + i < rows; i++) acc[i] += F::dot(wp, rows, cols, r0 + i, u, xu);
+        for (int u = lane; u < n_units; u += 32) {
+            typename Input::T x;
+            in.load(u, x);
+            for (int i = 0; i < ROWS && r0 + i < rows; i++) acc[i] += in.dot(r0 + i, u, x);
         }
     }
 #pragma unroll
     for (int i = 0; i < ROWS; i++) acc[i] = warp_sum(acc[i]);
     if (lane == 0)
-        for (int i = 0; i < ROWS && r0 + i < rows; i++) y[(size_t)p * rows + r0 + i] = acc[i];
+        for (int i = 0; i < ROWS && r0 + i < rows; i++) y_row[r0 + i] = acc[i];
 }
 
-// Float matrices whose rows are not a whole number of 16-byte loads: one value at a time.
+template <class F>
+struct QuantInput {
+    typedef typename F::XQ T;
+    const u8* w;
+    int rows, cols;
+    const i8* xq;
+    const float* xd;
+    __device__ void load(int u, T& x) const { F::load_xq(xq, xd, u, x); }
+    __device__ float dot(int r, int u, const T& x) const { return F::dotq(w, rows, cols, r, u, x); }
+};
+
+template <class F>
+struct FloatInput {
+    typedef typename F::X T;
+    const u8* w;
+    int rows, cols;
+    const float* x;
+    __device__ void load(int u, T& v) const { F::load_x(x, u, v); }
+    __device__ float dot(int r, int u, const T& v) const { return F::dot(w, rows, cols, r, u, v); }
+};
+
+template <class F>
+__device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y) {
+    int p = blockIdx.y;
+    size_t xrow = (size_t)(p / x_div);
+    QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
+    matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+}
+
+template <class F>
+__device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
+    int p = blockIdx.y;
+    FloatInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * cols};
+    matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+}
+
+// Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,
+// one row per warp.
 template <class F>
 __device__ void matvec_scalar(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
     int p = blockIdx.y;
@@ -61,20 +102,22 @@ __device__ void matvec_scalar(const u8* w, long long expert_stride, const int* i
     if (lane == 0) y[(size_t)p * rows + r] = acc;
 }
 
-#define ARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
-#define PASS w, expert_stride, ids, rows, cols, x, x_div, y
-#define MATVEC(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(ARGS) { matvec<F>(PASS); }
+#define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
+#define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
+#define MATVEC_Q(name, F) \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+#define MATVEC_F(name, F) \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(ARGS) { matvec_scalar<F>(PASS); }
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
-MATVEC(matvec_q8_0, Q8_0)
-MATVEC(matvec_q4_k, Q4_K)
-MATVEC(matvec_q6_k, Q6_K)
-MATVEC(matvec_q4_0, Q4_0)
-MATVEC(matvec_bf16, Half<true>)
-MATVEC(matvec_f16, Half<false>)
-MATVEC(matvec_f32, F32)
+MATVEC_Q(matvec_q8_0, Q8_0)
+MATVEC_Q(matvec_q4_k, Q4_K)
+MATVEC_Q(matvec_q6_k, Q6_K)
+MATVEC_Q(matvec_q4_0, Q4_0)
+MATVEC_F(matvec_bf16, Half<true>)
+MATVEC_F(matvec_f16, Half<false>)
+MATVEC_F(matvec_f32, F32)
 MATVEC_SCALAR(matvec_bf16_scalar, Half<true>)
 MATVEC_SCALAR(matvec_f16_scalar, Half<false>)
 MATVEC_SCALAR(matvec_f32_scalar, F32)

@@ -6,6 +6,9 @@
 //! Budgets: products accumulate in f32 in another order than the f64 reference, so a row of
 //! n terms is off by ~n·2^-24 relative to Σ|terms| — NMSE below 1e-10 for f32 math; the
 //! bf16 GEMM rounds nothing more (inputs are bf16 already on both sides), NMSE 1e-8.
+//! Quantized weights multiply int8 activations (ggml's Q8_0 quantization of the input): the
+//! reference applies the same quantization to x (mxr-quant's bit-exact port), so the same
+//! budget holds.
 
 use mxr_kernels::cuda::{Gpu, GpuMatrix};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
@@ -40,6 +43,14 @@ fn quantized(q: QType, n: usize, seed: u64) -> Vec<u8> {
     quantize_to_vec(q, &Rng::new(seed).normals(n, 0.5)).unwrap()
 }
 
+/// The input as the kernel sees it: f32 for float weights, else rounded through Q8_0.
+fn as_kernel_input(q: QType, x: &[f32]) -> Vec<f32> {
+    if matches!(q, QType::F32 | QType::F16 | QType::BF16) {
+        return x.to_vec();
+    }
+    dequantize_to_vec(QType::Q8_0, &quantize_to_vec(QType::Q8_0, x).unwrap(), x.len()).unwrap()
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn matvec_every_type_and_shape() {
@@ -48,7 +59,7 @@ fn matvec_every_type_and_shape() {
         for (rows, cols) in shapes(q) {
             let w = quantized(q, rows * cols, 1);
             let x = Rng::new(2).normals(cols, 1.0);
-            let want = matvec_f64(&QMatrix::new(q, rows, cols, &w).unwrap(), &x);
+            let want = matvec_f64(&QMatrix::new(q, rows, cols, &w).unwrap(), &as_kernel_input(q, &x));
             let gw = GpuMatrix::upload(&g, q, 1, rows, cols, &w).unwrap();
             let gx = g.upload(&x).unwrap();
             let mut gy = g.zeros::<f32>(rows).unwrap();
@@ -82,7 +93,7 @@ fn matvec_gathers_experts_and_inputs() {
             for (p, &e) in ids.iter().enumerate() {
                 let e = e as usize;
                 let m = QMatrix::new(q, rows, cols, &w[e * rows * row_bytes..(e + 1) * rows * row_bytes]).unwrap();
-                want.extend(matvec_f64(&m, &x_all[(p / x_div) * cols..(p / x_div + 1) * cols]));
+                want.extend(matvec_f64(&m, &as_kernel_input(q, &x_all[(p / x_div) * cols..(p / x_div + 1) * cols])));
             }
             check("matvec (experts)", &format!("{q} x_div {x_div}"), diff(&got, &want).nmse, 1e-10);
         }
@@ -359,6 +370,28 @@ fn rope_and_attention() {
         let mut go = g.zeros::<f32>(n * width).unwrap();
         g.attend(&gq.as_view(), &gk.as_view(), &gv.as_view(), &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0).unwrap();
         check("attend", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
+        // The last query alone, split over the keys (decode), for several split counts.
+        let last = n - 1;
+        let gq_last = g.upload(&got_q[last * width..]).unwrap();
+        let gpos_last = g.upload(&[(pos0 + last) as i32]).unwrap();
+        for splits in [1usize, 3, 7, 64] {
+            let mut go = g.zeros::<f32>(width).unwrap();
+            g.attend_decode(
+                &gq_last.as_view(),
+                &gk.as_view(),
+                &gv.as_view(),
+                &mut go.as_view_mut(),
+                heads,
+                kv_heads,
+                hd,
+                &gpos_last,
+                pos0 + last,
+                splits,
+            )
+            .unwrap();
+            let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
+            check("attend_decode", &format!("{case}, {splits} splits"), d.nmse, 1e-10);
+        }
     }
 }
 

@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Per-stage seconds (attention, lightning, MoE, lm_head) for each test (GPU only).
     #[arg(long)]
     pub profile: bool,
+    /// Time the decode kernels alone on the real model's shapes (no model needed).
+    #[arg(long)]
+    pub kernels: bool,
     /// bf16 tensor-core peak of the card in TFLOP/s for MFU (default: 790 for H100/H200,
     /// the rate a large cuBLAS bf16 GEMM sustains there).
     #[arg(long)]
@@ -137,6 +140,9 @@ fn decode(l: &Loaded, n: usize, rep: usize) -> Result<f64> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.kernels {
+        return crate::kernel_bench::run(&mxr_kernels::cuda::Gpu::open(0)?);
+    }
     let mut margs = a.model.clone();
     let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen);
     margs.ctx_size = margs.ctx_size.max(longest);

@@ -8,6 +8,7 @@ pub mod bench_cmd;
 pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod inspect;
+pub mod kernel_bench;
 pub mod nano;
 pub mod npy;
 pub mod ppl_cmd;

@@ -1,7 +1,8 @@
 //! Weight matrices on the GPU. A [`GpuMatrix`] holds one matrix or a stack of equally
-//! shaped experts, each expert starting on a 256-byte boundary. The bytes are ggml's blocks
-//! as in the file, except Q8_0, which is repacked per expert into int8 values [rows][cols]
-//! then f16 scales [rows][cols/32] (formats.cuh), so the kernels load 16 aligned bytes.
+//! shaped experts, each expert starting on a 256-byte boundary. The layouts (formats.cuh):
+//! Q8_0 and Q4_0 are repacked per expert into values then f16 scales, Q6_K blocks are
+//! padded from 210 to 212 bytes, so that the kernels load aligned words; every other
+//! type keeps ggml's bytes as in the file.
 
 use cudarc::driver::{CudaSlice, CudaView};
 use mxr_quant::QType;
@@ -35,25 +36,23 @@ impl GpuMatrix {
         self.buf.slice(e * self.stride..(e + 1) * self.stride)
     }
 
-    /// The values as 16-bit words, for a single BF16 (or F16) matrix: cuBLAS reads it as is.
-    pub fn as_u16(&self) -> Option<CudaView<'_, u16>> {
-        if !matches!(self.qtype, QType::BF16 | QType::F16) || self.n_experts != 1 {
+    /// Expert `e`'s values as 16-bit words, for a BF16 or F16 matrix: cuBLAS reads it as is.
+    pub fn expert_u16(&self, e: usize) -> Option<CudaView<'_, u16>> {
+        if !matches!(self.qtype, QType::BF16 | QType::F16) || e >= self.n_experts {
             return None;
         }
-        let n = self.rows * self.cols;
-        // SAFETY: the buffer holds at least rows * cols 2-byte values (checked at upload);
-        // u16 has no invalid bit patterns.
-        unsafe { self.buf.transmute::<u16>(n) }
+        // SAFETY: each expert holds rows * cols 2-byte values (checked at upload) from a
+        // 256-byte aligned start; u16 has no invalid bit patterns.
+        unsafe { self.expert(e).transmute::<u16>(self.rows * self.cols) }
     }
 
-    /// The values as f32, for a single F32 matrix.
-    pub fn as_f32(&self) -> Option<CudaView<'_, f32>> {
-        if self.qtype != QType::F32 || self.n_experts != 1 {
+    /// Expert `e`'s values as f32, for an F32 matrix.
+    pub fn expert_f32(&self, e: usize) -> Option<CudaView<'_, f32>> {
+        if self.qtype != QType::F32 || e >= self.n_experts {
             return None;
         }
-        // SAFETY: the buffer holds at least rows * cols f32 values (checked at upload) and
-        // is 256-byte aligned; every bit pattern is a valid f32.
-        unsafe { self.buf.transmute::<f32>(self.rows * self.cols) }
+        // SAFETY: as for expert_u16, with 4-byte values; every bit pattern is a valid f32.
+        unsafe { self.expert(e).transmute::<f32>(self.rows * self.cols) }
     }
 
     pub fn bytes(&self) -> usize {
@@ -62,7 +61,7 @@ impl GpuMatrix {
 
     /// Bytes one product reads from one expert's matrix.
     pub fn expert_bytes(&self) -> usize {
-        self.qtype.row_bytes(self.cols).unwrap_or(0) * self.rows
+        gpu_bytes(self.qtype, self.rows, self.cols)
     }
 }
 
@@ -76,17 +75,33 @@ pub fn pack(qtype: QType, n_experts: usize, rows: usize, cols: usize, data: &[u8
     if !supported(qtype) {
         return Err(KernelError::Unsupported { what: "GPU kernel", qtype });
     }
-    let stride = expert_bytes.div_ceil(ALIGN) * ALIGN;
+    let packed = gpu_bytes(qtype, rows, cols);
+    let stride = packed.div_ceil(ALIGN) * ALIGN;
     let mut out = vec![0u8; stride * n_experts.max(1)];
     for e in 0..n_experts {
-        let (src, dst) = (&data[e * expert_bytes..(e + 1) * expert_bytes], &mut out[e * stride..e * stride + expert_bytes]);
-        if qtype == QType::Q8_0 {
-            repack_q8_0(src, rows, cols, dst);
-        } else {
-            dst.copy_from_slice(src);
+        let (src, dst) = (&data[e * expert_bytes..(e + 1) * expert_bytes], &mut out[e * stride..e * stride + packed]);
+        match qtype {
+            QType::Q8_0 => split_blocks(src, 34, rows * cols, dst),
+            QType::Q4_0 => split_blocks(src, 18, rows * cols / 2, dst),
+            QType::Q6K => {
+                for (b, d) in src.chunks_exact(210).zip(dst.chunks_exact_mut(212)) {
+                    d[..210].copy_from_slice(b);
+                }
+            }
+            _ => dst.copy_from_slice(src),
         }
     }
     Ok(out)
+}
+
+/// Bytes of one rows x cols matrix in the GPU layout.
+fn gpu_bytes(q: QType, rows: usize, cols: usize) -> usize {
+    let canonical = q.row_bytes(cols).unwrap_or(0) * rows;
+    if q == QType::Q6K {
+        canonical / 210 * 212
+    } else {
+        canonical
+    }
 }
 
 /// The types the GPU kernels read.
@@ -94,15 +109,15 @@ pub fn supported(q: QType) -> bool {
     matches!(q, QType::F32 | QType::F16 | QType::BF16 | QType::Q8_0 | QType::Q4_0 | QType::Q4K | QType::Q6K)
 }
 
-/// ggml block_q8_0 (f16 d, 32 x i8) -> values [rows][cols] then scales [rows][cols/32].
-fn repack_q8_0(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    let blocks = cols / 32;
-    let (values, scales) = dst.split_at_mut(rows * cols);
-    for (i, b) in src.chunks_exact(34).enumerate() {
+/// Blocks of (f16 d, payload) -> all payloads (`values` bytes), then all scales:
+/// ggml's block_q8_0 (34 bytes) and block_q4_0 (18 bytes) as formats.cuh reads them.
+fn split_blocks(src: &[u8], block: usize, values: usize, dst: &mut [u8]) {
+    let payload = block - 2;
+    let (vals, scales) = dst.split_at_mut(values);
+    for (i, b) in src.chunks_exact(block).enumerate() {
         scales[2 * i..2 * i + 2].copy_from_slice(&b[..2]);
-        values[32 * i..32 * i + 32].copy_from_slice(&b[2..]);
+        vals[payload * i..payload * (i + 1)].copy_from_slice(&b[2..]);
     }
-    debug_assert_eq!(src.len(), rows * blocks * 34);
 }
 
 #[cfg(test)]
@@ -127,12 +142,23 @@ mod tests {
 
     #[test]
     fn experts_are_aligned_and_sizes_checked() {
-        let row = QType::Q4_0.row_bytes(32).unwrap(); // 18
+        let row = QType::Q4K.row_bytes(256).unwrap(); // 144
         let data: Vec<u8> = (0..3 * 5 * row).map(|i| i as u8).collect();
-        let out = pack(QType::Q4_0, 3, 5, 32, &data).unwrap();
-        assert_eq!(out.len(), 3 * 256);
-        assert_eq!(&out[256..256 + 5 * row], &data[5 * row..10 * row]);
-        assert!(pack(QType::Q4_0, 3, 5, 32, &data[1..]).is_err());
+        let out = pack(QType::Q4K, 3, 5, 256, &data).unwrap();
+        assert_eq!(out.len(), 3 * 768); // 720 bytes per expert, padded to 768
+        assert_eq!(&out[768..768 + 5 * row], &data[5 * row..10 * row]);
+        // Q4_0: nibbles of both blocks, then both scales
+        let q4: Vec<u8> = (0..36u8).collect();
+        let out = pack(QType::Q4_0, 1, 1, 64, &q4).unwrap();
+        assert_eq!(&out[..16], &q4[2..18]);
+        assert_eq!(&out[16..32], &q4[20..36]);
+        assert_eq!(&out[32..36], &[0, 1, 18, 19]);
+        // Q6_K: 210-byte blocks in 212-byte slots
+        let q6: Vec<u8> = (0..420).map(|i| (i % 251) as u8).collect();
+        let out = pack(QType::Q6K, 1, 1, 512, &q6).unwrap();
+        assert_eq!(&out[..210], &q6[..210]);
+        assert_eq!(&out[212..422], &q6[210..]);
+        assert!(pack(QType::Q4K, 3, 5, 256, &data[1..]).is_err());
         assert!(pack(QType::Q4_0, 1, 1, 31, &[0; 18]).is_err());
         assert!(pack(QType::Q8K, 1, 1, 256, &[0; 292]).is_err());
     }

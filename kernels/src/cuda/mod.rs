@@ -60,8 +60,29 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
+/// Launch geometry that can be tuned per run (MXR_MATVEC_ROWS, MXR_MATVEC_WARPS), for
+/// kernel experiments; the defaults are the measured best on H100/H200.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Output rows per warp of the matrix-vector kernels.
+    pub matvec_rows: u32,
+    /// Warps per block of the matrix-vector kernels.
+    pub matvec_warps: u32,
+}
+
+impl Tuning {
+    fn from_env() -> Tuning {
+        let get = |k: &str, d: u32, ok: fn(u32) -> bool| std::env::var(k).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(d);
+        Tuning {
+            matvec_rows: get("MXR_MATVEC_ROWS", 4, |v| (1..=16).contains(&v)),
+            matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
+        }
+    }
+}
+
 /// One GPU: its context, one stream all work is ordered on, cuBLAS, and compiled modules.
 pub struct Gpu {
+    pub tuning: Tuning,
     ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
@@ -131,6 +152,7 @@ impl Gpu {
         };
         let arch: &'static str = Box::leak(info.arch().into_boxed_str());
         Ok(Gpu {
+            tuning: Tuning::from_env(),
             ctx,
             stream,
             blas,
@@ -168,7 +190,11 @@ impl Gpu {
         if let Some(m) = mods.get(&s) {
             return Ok((m.clone(), true));
         }
-        let c = nvrtc::compile(s, self.arch, self.nvrtc_version)?;
+        let defines = match s {
+            Source::Matvec => vec![format!("ROWS={}", self.tuning.matvec_rows), format!("WARPS={}", self.tuning.matvec_warps)],
+            _ => Vec::new(),
+        };
+        let c = nvrtc::compile(s, self.arch, self.nvrtc_version, &defines)?;
         let m = self.ctx.load_module(c.ptx).map_err(|e| drv("loading a compiled kernel module", e))?;
         mods.insert(s, m.clone());
         Ok((m, c.from_cache))

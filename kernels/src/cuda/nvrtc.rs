@@ -93,10 +93,12 @@ pub struct Compiled {
 }
 
 /// PTX for `source` on `arch` (e.g. "sm_90"), from the disk cache or NVRTC.
-pub fn compile(source: Source, arch: &'static str, nvrtc_version: (i32, i32)) -> Result<Compiled, KernelError> {
+/// `defines`: extra `-D` options (NAME=VALUE) for this source.
+pub fn compile(source: Source, arch: &'static str, nvrtc_version: (i32, i32), defines: &[String]) -> Result<Compiled, KernelError> {
     let text = source.text();
     let version = format!("{}.{}", nvrtc_version.0, nvrtc_version.1);
-    let opts = OPTIONS.join(" ");
+    let options: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).chain(defines.iter().map(|d| format!("-D{d}"))).collect();
+    let opts = options.join(" ");
     let key = fnv1a(&[text.as_bytes(), arch.as_bytes(), opts.as_bytes(), version.as_bytes()]);
     let path = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.ptx", source.name())));
     if let Some(p) = &path {
@@ -106,7 +108,7 @@ pub fn compile(source: Source, arch: &'static str, nvrtc_version: (i32, i32)) ->
             }
         }
     }
-    let co = CompileOptions { arch: Some(arch), options: OPTIONS.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    let co = CompileOptions { arch: Some(arch), options, ..Default::default() };
     let ptx = compile_ptx_with_opts(&text, co).map_err(|e| {
         let detail = match &e {
             cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),

@@ -22,6 +22,11 @@ fn grid1(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Whether the type's kernels take int8 activations.
+fn quantized(q: QType) -> bool {
+    matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q4K | QType::Q6K)
+}
+
 /// Suffix of the per-type kernels.
 fn suffix(q: QType) -> Result<&'static str> {
     Ok(match q {
@@ -62,10 +67,6 @@ macro_rules! launch {
     }};
 }
 
-/// Warps per block of the matrix-vector kernels, and rows per warp (matvec.cu).
-const MATVEC_WARPS: u32 = 4;
-const MATVEC_ROWS: u32 = 4;
-
 impl Gpu {
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
     /// matrix when `ids` is None.
@@ -96,10 +97,11 @@ impl Gpu {
             QType::F32 => cols % 4 != 0,
             _ => false,
         };
-        let rows_per_block = if scalar { MATVEC_WARPS } else { MATVEC_WARPS * MATVEC_ROWS };
+        let (warps, per_warp) = (self.tuning.matvec_warps, self.tuning.matvec_rows);
+        let rows_per_block = if scalar { warps } else { warps * per_warp };
         let cfg = LaunchConfig {
             grid_dim: ((rows as u32).div_ceil(rows_per_block), int("matvec", pairs)? as u32, 1),
-            block_dim: (32 * MATVEC_WARPS, 1, 1),
+            block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: 0,
         };
         let (stride, r, c, xd) = (w.stride as i64, int("matvec", rows)?, int("matvec", cols)?, int("matvec", x_div.max(1))?);
@@ -110,10 +112,34 @@ impl Gpu {
             (true, _) => "matvec_f32_scalar",
             _ => per_type!("matvec_", w.qtype),
         };
-        match ids {
-            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
-            None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
+        if !quantized(w.qtype) {
+            return match ids {
+                Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
+                None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
+            };
         }
+        // Quantized weights multiply int8 activations: quantize the input rows first.
+        let n_rows = pairs.div_ceil(x_div.max(1));
+        let (xq, xs) = self.quantize_act(&x.slice(..n_rows * cols), n_rows, cols)?;
+        match ids {
+            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, &xq, &xs, &xd, y),
+            None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, &xq, &xs, &xd, y),
+        }
+    }
+
+    /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
+    /// 32 values, as ggml's Q8_0 activations (dequant.cu, `quantize_act`).
+    pub fn quantize_act(&self, x: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<(CudaSlice<i8>, CudaSlice<f32>)> {
+        if cols % 32 != 0 {
+            return Err(KernelError::Shape(format!("quantize_act: {cols} columns are not blocks of 32")));
+        }
+        need("quantize_act", "x", n * cols, x.len())?;
+        let blocks = n * cols / 32;
+        let mut q = self.alloc::<i8>(n * cols)?;
+        let mut d = self.alloc::<f32>(blocks)?;
+        let nb = blocks as i64;
+        launch!(self, Source::Dequant, "quantize_act", grid1(blocks * 32, 256), x, &nb, &mut q, &mut d)?;
+        Ok((q, d))
     }
 
     /// out [rows, cols] bf16 = expert `e` of `w`.
@@ -409,8 +435,8 @@ impl Gpu {
 /// Units per row of the dequantizing kernels (formats.cuh's `units`).
 fn units_per_row(q: QType, cols: usize) -> usize {
     match q {
-        QType::Q8_0 | QType::Q6K => cols / 16,
-        QType::Q4K | QType::Q4_0 => cols / 32,
+        QType::Q6K => cols / 16,
+        QType::Q8_0 | QType::Q4K | QType::Q4_0 => cols / 32,
         QType::BF16 | QType::F16 => {
             if cols % 8 == 0 {
                 cols / 8
@@ -425,5 +451,49 @@ fn units_per_row(q: QType, cols: usize) -> usize {
                 cols
             }
         }
+    }
+}
+
+impl Gpu {
+    /// Attention of one query at position *pos (decode) over the caches, split over the
+    /// keys into `splits` parts scanned in parallel, then combined. `splits` must not
+    /// depend on the position when the call is captured into a graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_decode(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &CudaView<'_, f32>,
+        vc: &CudaView<'_, f32>,
+        out: &mut CudaViewMut<'_, f32>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        hd: usize,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let name = match hd {
+            1..=32 => "attend_split_32",
+            33..=64 => "attend_split_64",
+            65..=128 => "attend_split_128",
+            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
+        };
+        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 16 {
+            return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
+        }
+        let splits = splits.clamp(1, 1024);
+        need("attend_decode", "q", n_heads * hd, q.len())?;
+        need("attend_decode", "k cache", (pos_host + 1) * n_kv_heads * hd, kc.len())?;
+        need("attend_decode", "v cache", (pos_host + 1) * n_kv_heads * hd, vc.len())?;
+        need("attend_decode", "out", n_heads * hd, out.len())?;
+        int("attend_decode", (pos_host + 1) * n_kv_heads * hd)?;
+        let mut part = self.alloc::<f32>(n_heads * splits * (hd + 2))?;
+        let group = (n_heads / n_kv_heads) as u32;
+        let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (32 * group, 1, 1), shared_mem_bytes: 0 };
+        let (h, kvh, d, scale) = (n_heads as i32, n_kv_heads as i32, hd as i32, 1.0 / (hd as f32).sqrt());
+        launch!(self, Source::Attention, name, cfg, q, kc, vc, &mut part, &h, &kvh, &d, pos, &scale)?;
+        let cfg = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let sp = splits as i32;
+        launch!(self, Source::Attention, "attend_combine", cfg, &part, &sp, &d, out)
     }
 }

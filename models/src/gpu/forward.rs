@@ -217,18 +217,16 @@ impl GpuModel {
                         g.kv_append(&ks.as_view(), kc, pos, pos_host, n, kv_dim)?;
                         g.kv_append(&vs.as_view(), vc, pos, pos_host, n, kv_dim)?;
                         let mut o = g.alloc::<f32>(n * a_dim)?;
-                        g.attend(
-                            &qs.as_view(),
-                            &kc.as_view(),
-                            &vc.as_view(),
-                            &mut o.as_view_mut(),
-                            n,
-                            c.n_heads,
-                            c.n_kv_heads,
-                            c.head_dim,
-                            pos,
-                            pos_host,
-                        )?;
+                        let (qv, kv, vv) = (qs.as_view(), kc.as_view(), vc.as_view());
+                        let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+                        if n == 1 {
+                            // split over the keys: enough blocks to fill the GPU at any depth;
+                            // fixed per session, so the decode graph serves every position
+                            let splits = session.capacity.div_ceil(256).clamp(1, 128);
+                            g.attend_decode(&qv, &kv, &vv, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits)?;
+                        } else {
+                            g.attend(&qv, &kv, &vv, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host)?;
+                        }
                         (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
                     }
                 };

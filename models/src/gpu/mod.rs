@@ -21,7 +21,7 @@ use crate::{Config, Model, ModelError};
 pub use forward::GpuSession;
 
 /// Up to this many tokens a product runs as matrix-vector products.
-pub const MATVEC_MAX_TOKENS: usize = 4;
+pub const MATVEC_MAX_TOKENS: usize = 8;
 
 pub(crate) enum GpuAttention {
     Lightning { qkv: GpuMatrix, gate: GpuMatrix, norm: CudaSlice<f32>, out: GpuMatrix, decay: CudaSlice<f32> },
@@ -175,8 +175,9 @@ impl GpuModel {
         Ok(y)
     }
 
-    /// y [n, rows] = x · W_eᵀ on tensor cores: W_e dequantized to bf16 (unless it is bf16
-    /// already), x rounded to bf16, f32 accumulation.
+    /// y [n, rows] = x · W_eᵀ. F32 weights (the router; F32 files) in f32; all others on
+    /// tensor cores: W_e dequantized to bf16 (unless it is bf16 already), x rounded to bf16,
+    /// f32 accumulation.
     pub(crate) fn gemm(
         &self,
         w: &GpuMatrix,
@@ -186,9 +187,13 @@ impl GpuModel {
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
         let g = &self.gpu;
+        if let Some(wf) = w.expert_f32(e) {
+            g.gemm_f32(&wf, &x.slice(..n * w.cols), y, w.rows, w.cols, n)?;
+            return Ok(());
+        }
         let mut xb = g.alloc::<u16>(n * w.cols)?;
         g.f32_to_bf16(&x.slice(..n * w.cols), &mut xb.as_view_mut())?;
-        if let (Some(wb), 1) = (w.as_u16().filter(|_| w.qtype == mxr_quant::QType::BF16), w.n_experts) {
+        if let Some(wb) = w.expert_u16(e).filter(|_| w.qtype == mxr_quant::QType::BF16) {
             g.gemm_bf16(&wb, &xb.as_view(), y, w.rows, w.cols, n)?;
             return Ok(());
         }

@@ -1,0 +1,92 @@
+//! `mxr bench --kernels`: the decode kernels alone on the real model's shapes, to see how
+//! close each comes to the card's copy bandwidth (no model file needed).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use mxr_kernels::cuda::{Gpu, GpuMatrix};
+use mxr_quant::reference::quantize_to_vec;
+use mxr_quant::reference::stats::Rng;
+use mxr_quant::QType;
+
+/// A matrix of `rows` copies of one random quantized row (the contents do not change
+/// the timing).
+fn matrix(g: &Gpu, q: QType, n_experts: usize, rows: usize, cols: usize) -> Result<GpuMatrix> {
+    let row =
+        quantize_to_vec(q, &Rng::new(1).normals(cols, 0.5)).ok_or_else(|| anyhow::anyhow!("cannot quantize a row of {cols} to {q}"))?;
+    let data: Vec<u8> = row.iter().copied().cycle().take(row.len() * rows * n_experts).collect();
+    Ok(GpuMatrix::upload(g, q, n_experts, rows, cols, &data)?)
+}
+
+/// Seconds per call of `f`: the median of 5 batches of `iters` calls, after a warm-up.
+fn time(g: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    g.sync()?;
+    let mut v = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        g.sync()?;
+        v.push(t.elapsed().as_secs_f64() / iters as f64);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[2])
+}
+
+pub fn run(g: &Gpu) -> Result<()> {
+    let bw = g.copy_bandwidth(1 << 30, 5)?;
+    println!(
+        "{}; copy bandwidth {:.0} GB/s; matvec {} rows/warp, {} warps/block",
+        g.info(),
+        bw / 1e9,
+        g.tuning.matvec_rows,
+        g.tuning.matvec_warps
+    );
+    println!("| kernel | type | shape | us | GB/s | % BW |");
+    println!("| --- | --- | --- | ---: | ---: | ---: |");
+    let row = |k: &str, q: &str, shape: &str, s: f64, bytes: f64| {
+        println!("| {k} | {q} | {shape} | {:.1} | {:.0} | {:.0}% |", s * 1e6, bytes / s / 1e9, 100.0 * bytes / s / bw);
+    };
+    for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0, QType::BF16] {
+        let (rows, cols) = (24576, 6144);
+        let w = matrix(g, q, 1, rows, cols)?;
+        let x = g.upload(&Rng::new(2).normals(cols, 1.0))?;
+        let mut y = g.zeros::<f32>(rows)?;
+        let s = time(g, 50, || Ok(g.matvec(&w, None, &x.as_view(), 1, 1, &mut y.as_view_mut())?))?;
+        row("matvec", &q.to_string(), "24576x6144", s, w.expert_bytes() as f64);
+        // two experts of eight, gate-shaped then down-shaped
+        let (h, d) = (9216, 6144);
+        let gate = matrix(g, q, 8, h, d)?;
+        let down = matrix(g, q, 8, d, h)?;
+        let ids = g.upload(&[3i32, 6])?;
+        let xd = g.upload(&Rng::new(3).normals(2 * h, 1.0))?;
+        let mut yg = g.zeros::<f32>(2 * h)?;
+        let s = time(g, 50, || Ok(g.matvec(&gate, Some(&ids), &x.as_view(), 2, 2, &mut yg.as_view_mut())?))?;
+        row("matvec 2 experts", &q.to_string(), "2 x 9216x6144", s, 2.0 * gate.expert_bytes() as f64);
+        let mut yd = g.zeros::<f32>(2 * d)?;
+        let s = time(g, 50, || Ok(g.matvec(&down, Some(&ids), &xd.as_view(), 1, 2, &mut yd.as_view_mut())?))?;
+        row("matvec 2 experts", &q.to_string(), "2 x 6144x9216", s, 2.0 * down.expert_bytes() as f64);
+    }
+    let (heads, hd) = (64, 128);
+    let qkv = g.upload(&Rng::new(4).normals(heads * 3 * hd, 0.3))?;
+    let decay = g.upload(&vec![0.99f32; heads])?;
+    let mut state = g.zeros::<f32>(heads * hd * hd)?;
+    let mut o = g.zeros::<f32>(heads * hd)?;
+    let s = time(g, 50, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), 1, heads, hd)?))?;
+    row("lightning decode", "f32 state", "64 x 128x128", s, (2 * heads * hd * hd * 4) as f64);
+    for depth in [4096usize, 65536] {
+        let kv_dim = 8 * hd;
+        let kc = g.zeros::<f32>(depth * kv_dim)?;
+        let vc = g.zeros::<f32>(depth * kv_dim)?;
+        let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
+        let pos = g.upload(&[(depth - 1) as i32])?;
+        let mut out = g.zeros::<f32>(heads * hd)?;
+        let s = time(g, 20, || {
+            Ok(g.attend(&q.as_view(), &kc.as_view(), &vc.as_view(), &mut out.as_view_mut(), 1, heads, 8, hd, &pos, depth - 1)?)
+        })?;
+        row("attention decode", "f32 KV", &format!("depth {depth}"), s, (2 * depth * kv_dim * 4) as f64);
+    }
+    Ok(())
+}
