@@ -74,8 +74,8 @@ impl Tuning {
     fn from_env() -> Tuning {
         let get = |k: &str, d: u32, ok: fn(u32) -> bool| std::env::var(k).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(d);
         Tuning {
-            matvec_rows: get("MXR_MATVEC_ROWS", 4, |v| (1..=16).contains(&v)),
-            matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
+            matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
+            matvec_warps: get("MXR_MATVEC_WARPS", 8, |v| (1..=32).contains(&v)),
         }
     }
 }
