@@ -80,29 +80,91 @@ __device__ void scan(Stage<HD>& st, const float* kc, const float* vc, int g, int
     }
 }
 
-// out[t, h, :] = softmax_j(q[t, h] · k[j, g] * scale) v[j, g] over j <= *pos + t, where
-// g = h / group. q: [n_tokens, n_heads * hd]; kc, vc: [>= *pos + n_tokens, n_kv_heads * hd];
-// HD (32, 64, 128) is the tile width, hd <= HD the head size (dims past hd read as zero).
-// grid = (n_tokens, n_kv_heads), block = group warps: warp w is query head g * group + w,
-// and the warps share each tile of 32 keys and values staged in shared memory. In a tile,
-// lane j scores key j; then every lane accumulates its HD/32 output dims.
+// Prefill: out[t, h, :] = softmax_j(q[t, h] · k[j, g] * scale) v[j, g] over j <= *pos + t,
+// g = h / group. q: [n_tokens, n_heads * hd]; kc, vc: [>= *pos + n_tokens, n_kv_heads * hd].
+// grid = (ceil(n_tokens / QT), n_kv_heads), block = group warps: warp w is query head
+// g * group + w for the QT queries of the tile, so each tile of keys and values staged in
+// shared memory serves group x QT query rows. Keys are stored transposed (kt[c][j]) so
+// that lane j scores key j without bank conflicts; each lane keeps QT x HD/32 outputs.
+#define QT 4
 template <int HD>
-__device__ void attend(const float* q, const float* kc, const float* vc, float* out, int n_heads, int n_kv_heads, int hd, const int* pos, float scale) {
+__device__ void attend(const float* q, const float* kc, const float* vc, float* out, int n_tokens, int n_heads, int n_kv_heads, int hd, const int* pos,
+                       float scale) {
     constexpr int PER = HD / 32;
-    __shared__ Stage<HD> st;
-    int t = blockIdx.x, g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ float kt[HD][TILE];
+    __shared__ float vt[TILE][HD];
+    __shared__ float qs[MAX_GROUP / 2][QT][HD];
+    int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int group = blockDim.x >> 5, h = g * group + warp;
-    const float* qt = q + (size_t)t * n_heads * hd + (size_t)h * hd;
-    for (int c = lane; c < HD; c += 32) st.q[warp][c] = c < hd ? qt[c] : 0.f;
-    float m = __int_as_float(0xff800000), l = 0.f, acc[PER];
+    int t0 = blockIdx.x * QT, nq = min(QT, n_tokens - t0), pos0 = *pos, kv_dim = n_kv_heads * hd;
+    for (int i = lane; i < QT * HD; i += 32) {
+        int t = i / HD, c = i % HD;
+        qs[warp][t][c] = (t < nq && c < hd) ? q[(size_t)(t0 + t) * n_heads * hd + (size_t)h * hd + c] : 0.f;
+    }
+    float m[QT], l[QT], acc[QT][PER];
 #pragma unroll
-    for (int i = 0; i < PER; i++) acc[i] = 0.f;
-    scan<HD>(st, kc, vc, g, n_kv_heads * hd, hd, 0, *pos + t + 1, scale, m, l, acc);
-    float inv = 1.f / l;
-    float* o = out + (size_t)t * n_heads * hd + (size_t)h * hd;
+    for (int t = 0; t < QT; t++) {
+        m[t] = __int_as_float(0xff800000);
+        l[t] = 0.f;
 #pragma unroll
-    for (int i = 0; i < PER; i++)
-        if (lane + 32 * i < hd) o[lane + 32 * i] = acc[i] * inv;
+        for (int i = 0; i < PER; i++) acc[t][i] = 0.f;
+    }
+    int end = pos0 + t0 + nq;  // keys 0..end-1 are seen by some query of the tile
+    for (int j0 = 0; j0 < end; j0 += TILE) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
+            int j = i / HD, c = i % HD;
+            bool ok = j0 + j < end && c < hd;
+            size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
+            kt[c][j] = ok ? kc[off] : 0.f;
+            vt[j][c] = ok ? vc[off] : 0.f;
+        }
+        __syncthreads();
+        float sc[QT];
+#pragma unroll
+        for (int t = 0; t < QT; t++) sc[t] = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < HD; c++) {
+            float k = kt[c][lane];
+#pragma unroll
+            for (int t = 0; t < QT; t++) sc[t] = fmaf(qs[warp][t][c], k, sc[t]);
+        }
+        float p[QT];
+#pragma unroll
+        for (int t = 0; t < QT; t++) {
+            bool valid = t < nq && j0 + lane <= pos0 + t0 + t;
+            float s = valid ? sc[t] * scale : __int_as_float(0xff800000);
+            float m_new = fmaxf(m[t], warp_max(s));
+            // a query with no valid key in this tile keeps m = -inf: guard the exponent
+            float corr = m_new == m[t] ? 1.f : expf(m[t] - m_new);
+            p[t] = valid ? expf(s - m_new) : 0.f;
+            l[t] = l[t] * corr + warp_sum(p[t]);
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[t][i] *= corr;
+            m[t] = m_new;
+        }
+        int n_keys = min(TILE, end - j0);
+        for (int j = 0; j < n_keys; j++) {
+            float v[PER];
+#pragma unroll
+            for (int i = 0; i < PER; i++) v[i] = vt[j][lane + 32 * i];
+#pragma unroll
+            for (int t = 0; t < QT; t++) {
+                float pj = __shfl_sync(0xffffffffu, p[t], j);
+#pragma unroll
+                for (int i = 0; i < PER; i++) acc[t][i] = fmaf(pj, v[i], acc[t][i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < QT; t++) {
+        if (t >= nq) break;
+        float inv = 1.f / l[t];
+        float* o = out + (size_t)(t0 + t) * n_heads * hd + (size_t)h * hd;
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < hd) o[lane + 32 * i] = acc[t][i] * inv;
+    }
 }
 
 // Decode (one query at position *pos) split over the keys: block (g, s) scans its share of
@@ -153,8 +215,8 @@ extern "C" __global__ void attend_combine(const float* part, int splits, int hd,
 
 #define ATTEND(HD)                                                                                                                   \
     extern "C" __global__ void attend_##HD(const float* q, const float* kc, const float* vc, float* out, int n_heads, int n_kv_heads, \
-                                           int hd, const int* pos, float scale) {                                                  \
-        attend<HD>(q, kc, vc, out, n_heads, n_kv_heads, hd, pos, scale);                                                           \
+                                           int n_tokens, int hd, const int* pos, float scale) {                                    \
+        attend<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale);                                                 \
     }                                                                                                                                \
     extern "C" __global__ void attend_split_##HD(const float* q, const float* kc, const float* vc, float* part, int n_heads,        \
                                                  int n_kv_heads, int hd, const int* pos, float scale) {                               \

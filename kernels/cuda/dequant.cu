@@ -3,23 +3,42 @@
 // f32 activations to bf16, and f32 activations to int8 blocks for the matrix-vector
 // products of quantized weights.
 
-// out[r, :] (bf16) = W[r, :], one thread per unit.
+// out[r, :] = W[r, :] as bf16, 8 values per thread (cols % 8 == 0): a warp writes 512
+// consecutive bytes.
 template <class F>
 __device__ void to_bf16(const u8* w, int rows, int cols, u16* out) {
-    long long n_units = F::units(cols);
+    long long per_row = cols >> 3;
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_units * rows) return;
-    int r = (int)(i / n_units), u = (int)(i % n_units);
-    F::decode(w, rows, cols, r, u, out + (size_t)r * cols);
+    if (i >= per_row * rows) return;
+    int r = (int)(i / per_row), c = (int)(i % per_row) * 8;
+    float v[8];
+    F::decode8(w, rows, cols, r, c, v);
+    store8(out + (size_t)r * cols + c, v);
 }
 
-// out[t, :] (f32) = W[ids[t], :] for t = blockIdx.y (W has `rows` rows).
+// out[t, :] (f32) = W[ids[t], :] for t = blockIdx.y (W has `rows` rows), cols % 8 == 0.
 template <class F>
 __device__ void gather_rows(const u8* w, int rows, int cols, const int* ids, float* out) {
     int t = blockIdx.y;
-    int n_units = F::units(cols);
-    for (int u = blockIdx.x * blockDim.x + threadIdx.x; u < n_units; u += gridDim.x * blockDim.x)
-        F::decode(w, rows, cols, ids[t], u, out + (size_t)t * cols);
+    for (int c = (blockIdx.x * blockDim.x + threadIdx.x) * 8; c < cols; c += gridDim.x * blockDim.x * 8) {
+        float v[8];
+        F::decode8(w, rows, cols, ids[t], c, v);
+        store8(out + (size_t)t * cols + c, v);
+    }
+}
+
+// The same for float matrices with rows that are not a multiple of 8: one value a thread.
+template <class F>
+__device__ void to_bf16_scalar(const u8* w, int rows, int cols, u16* out) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * cols) return;
+    store1(out + i, F::value(w, cols, (int)(i / cols), (int)(i % cols)));
+}
+
+template <class F>
+__device__ void gather_rows_scalar(const u8* w, int rows, int cols, const int* ids, float* out) {
+    int t = blockIdx.y;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) out[(size_t)t * cols + c] = F::value(w, cols, ids[t], c);
 }
 
 #define DEQUANT(suffix, F)                                                                                                  \
@@ -35,6 +54,16 @@ DEQUANT(q4_0, Q4_0)
 DEQUANT(bf16, Half<true>)
 DEQUANT(f16, Half<false>)
 DEQUANT(f32, F32)
+
+#define DEQUANT_SCALAR(suffix, F)                                                                                                  \
+    extern "C" __global__ void to_bf16_scalar_##suffix(const u8* w, int rows, int cols, u16* out) { to_bf16_scalar<F>(w, rows, cols, out); } \
+    extern "C" __global__ void gather_rows_scalar_##suffix(const u8* w, int rows, int cols, const int* ids, float* out) {         \
+        gather_rows_scalar<F>(w, rows, cols, ids, out);                                                                          \
+    }
+
+DEQUANT_SCALAR(bf16, Half<true>)
+DEQUANT_SCALAR(f16, Half<false>)
+DEQUANT_SCALAR(f32, F32)
 
 extern "C" __global__ void f32_to_bf16_n(const float* x, long long n, u16* out) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -7,8 +7,8 @@
 //   units(cols), XQ, load_xq(xq, xd, u, XQ&), dotq(w, rows, cols, r, u, XQ)
 // Float types (BF16, F16, F32) multiply f32 activations:
 //   units(cols), X, load_x(x, u, X&), dot(w, rows, cols, r, u, X)
-// Every type decodes a unit to floats: decode(w, rows, cols, r, u, out) writes the unit's
-// values into out[] (the whole output row).
+// Every type decodes 8 consecutive values: decode8(w, rows, cols, r, c, v) fills v[0..8)
+// with W[r, c..c+8) (c a multiple of 8), for the coalesced dequantization kernels.
 //
 // Layouts (packed by kernels/src/cuda/matrix.rs at upload):
 //   Q8_0  int8 values [rows][cols], then f16 scales [rows][cols/32]
@@ -17,8 +17,21 @@
 //   Q4_K  ggml's blocks (144 bytes per 256 values), as in the file
 //   Q6_K  ggml's blocks (210 bytes) each padded to 212, so that words are 4-byte aligned
 
-__device__ __forceinline__ void store_val(float* out, int i, float v) { out[i] = v; }
-__device__ __forceinline__ void store_val(u16* out, int i, float v) { out[i] = f32_to_bf16(v); }
+// 8 values to 8 consecutive outputs (16 or 32 aligned bytes).
+__device__ __forceinline__ void store8(u16* out, const float* v) {
+    uint4 o;
+    o.x = (u32)f32_to_bf16(v[0]) | ((u32)f32_to_bf16(v[1]) << 16);
+    o.y = (u32)f32_to_bf16(v[2]) | ((u32)f32_to_bf16(v[3]) << 16);
+    o.z = (u32)f32_to_bf16(v[4]) | ((u32)f32_to_bf16(v[5]) << 16);
+    o.w = (u32)f32_to_bf16(v[6]) | ((u32)f32_to_bf16(v[7]) << 16);
+    *(uint4*)out = o;
+}
+__device__ __forceinline__ void store8(float* out, const float* v) {
+    ((float4*)out)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    ((float4*)out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store1(u16* out, float v) { *out = f32_to_bf16(v); }
+__device__ __forceinline__ void store1(float* out, float v) { *out = v; }
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
 // Σ of the four signed bytes of b
@@ -52,11 +65,14 @@ struct Q8_0 {
         s = dp4a(b.x, x.v[4], s); s = dp4a(b.y, x.v[5], s); s = dp4a(b.z, x.v[6], s); s = dp4a(b.w, x.v[7], s);
         return (float)s * (scale(w, rows, cols, r, u) * x.d);
     }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const i8* q = (const i8*)(w + (size_t)r * cols + (u << 5));
-        float d = scale(w, rows, cols, r, u);
-        for (int i = 0; i < 32; i++) store_val(out, (u << 5) + i, (float)q[i] * d);
+    __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
+        uint2 q = *(const uint2*)(w + (size_t)r * cols + c);
+        float d = scale(w, rows, cols, r, c >> 5);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[i] = (float)(i8)((q.x >> (8 * i)) & 0xFF) * d;
+            v[i + 4] = (float)(i8)((q.y >> (8 * i)) & 0xFF) * d;
+        }
     }
 };
 
@@ -79,13 +95,15 @@ struct Q4_0 {
         for (int i = 0; i < 8; i++) sx = dp4a(0x01010101, x.v[i], sx);
         return (float)(s - 8 * sx) * (scale(w, rows, cols, r, u) * x.d);
     }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const u8* q = w + (size_t)r * (cols >> 1) + (u << 4);
-        float d = scale(w, rows, cols, r, u);
-        for (int j = 0; j < 16; j++) {
-            store_val(out, u * 32 + j, (float)((q[j] & 0xF) - 8) * d);
-            store_val(out, u * 32 + j + 16, (float)((q[j] >> 4) - 8) * d);
+    __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
+        int b = c >> 5, o = c & 31;
+        uint2 q = *(const uint2*)(w + (size_t)r * (cols >> 1) + b * 16 + (o & 15));
+        int shift = o >= 16 ? 4 : 0;
+        float d = scale(w, rows, cols, r, b);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[i] = (float)((int)((q.x >> (8 * i + shift)) & 0xF) - 8) * d;
+            v[i + 4] = (float)((int)((q.y >> (8 * i + shift)) & 0xF) - 8) * d;
         }
     }
 };
@@ -138,20 +156,18 @@ struct Q4_K {
         hi = dp4a((q.y >> 4) & M, x.h[1], hi); hi = dp4a((q.z >> 4) & M, x.h[2], hi); hi = dp4a((q.w >> 4) & M, x.h[3], hi);
         return d * (sc0 * x.dl * (float)lo + sc1 * x.dh * (float)hi) - dmin * (m0 * x.dl * (float)x.sl + m1 * x.dh * (float)x.sh);
     }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const u8* b = block(w, cols, r, u);
-        int c = u & 7, j = c >> 1;
-        const u8* q = b + 16 + (c << 4);
-        float d = f16_to_f32(load_u16(b)), dmin = f16_to_f32(load_u16(b + 2));
-        float sc0, m0, sc1, m1;
-        scale_min(b + 4, 2 * j, sc0, m0);
-        scale_min(b + 4, 2 * j + 1, sc1, m1);
-        float d0 = d * sc0, d1 = d * sc1, n0 = dmin * m0, n1 = dmin * m1;
-        int base = (u >> 3) * 256 + j * 64 + (c & 1) * 16;
-        for (int i = 0; i < 16; i++) {
-            store_val(out, base + i, d0 * (float)(q[i] & 0xF) - n0);
-            store_val(out, base + 32 + i, d1 * (float)(q[i] >> 4) - n1);
+    __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
+        const u8* b = w + (size_t)r * (cols >> 8) * 144 + (size_t)(c >> 8) * 144;
+        int wi = c & 255, j = wi >> 6, high = (wi >> 5) & 1, l = wi & 31;
+        uint2 q = *(const uint2*)(b + 16 + j * 32 + l);
+        float sc, m;
+        scale_min(b + 4, 2 * j + high, sc, m);
+        float d = f16_to_f32(*(const u16*)b) * sc, mn = f16_to_f32(*(const u16*)(b + 2)) * m;
+        int shift = high * 4;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            v[i] = d * (float)((q.x >> (8 * i + shift)) & 0xF) - mn;
+            v[i + 4] = d * (float)((q.y >> (8 * i + shift)) & 0xF) - mn;
         }
     }
 };
@@ -196,19 +212,15 @@ struct Q6_K {
         for (int k = 0; k < 4; k++) acc += (float)sc[2 * k] * x.d[k] * (float)(dp4a(q[k], x.v[k], 0) - 32 * x.s[k]);
         return f16_to_f32(*(const u16*)(b + 208)) * acc;
     }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const u8* b = block(w, cols, r, u);
-        int q[4];
-        words(b, u, q);
-        int h = (u >> 3) & 1, l0 = (u & 7) * 4;
-        const i8* sc = (const i8*)(b + 192) + h * 8 + (l0 >> 4);
-        float d = f16_to_f32(load_u16(b + 208));
-        T* ob = out + (u >> 4) * 256 + h * 128 + l0;
-        for (int k = 0; k < 4; k++) {
-            float s = d * (float)sc[2 * k];
-            for (int i = 0; i < 4; i++) store_val(ob, 32 * k + i, s * (float)((int)((q[k] >> (8 * i)) & 0xFF) - 32));
-        }
+    __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
+        const u8* b = w + (size_t)r * (cols >> 8) * 212 + (size_t)(c >> 8) * 212;
+        int wi = c & 255, h = wi >> 7, k = (wi >> 5) & 3, l = wi & 31;
+        const u8* ql = b + h * 64 + l + (k & 1) * 32;
+        const u8* qh = b + 128 + h * 32 + l;
+        float s = f16_to_f32(*(const u16*)(b + 208)) * (float)((const i8*)(b + 192))[h * 8 + (l >> 4) + 2 * k];
+        int lshift = (k >> 1) * 4, hshift = 2 * k;
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = s * (float)((int)(((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32);
     }
 };
 
@@ -235,11 +247,15 @@ struct Half {
         return acc;
     }
     __device__ static float dot1(const u8* w, int cols, int r, int u, const float* x) { return cvt(((const u16*)w)[(size_t)r * cols + u]) * x[u]; }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const u16* row = (const u16*)w + (size_t)r * cols;
-        int n = (cols & 7) ? 1 : 8, i0 = u * n;
-        for (int i = 0; i < n; i++) store_val(out, i0 + i, cvt(row[i0 + i]));
+    __device__ static float value(const u8* w, int cols, int r, int c) { return cvt(((const u16*)w)[(size_t)r * cols + c]); }
+    __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
+        uint4 q = *(const uint4*)((const u16*)w + (size_t)r * cols + c);
+        u32 p[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = cvt((u16)(p[k] & 0xFFFF));
+            v[2 * k + 1] = cvt((u16)(p[k] >> 16));
+        }
     }
 };
 
@@ -252,10 +268,11 @@ struct F32 {
         return a.x * xu.v.x + a.y * xu.v.y + a.z * xu.v.z + a.w * xu.v.w;
     }
     __device__ static float dot1(const u8* w, int cols, int r, int u, const float* x) { return ((const float*)w)[(size_t)r * cols + u] * x[u]; }
-    template <class T>
-    __device__ static void decode(const u8* w, int rows, int cols, int r, int u, T* out) {
-        const float* row = (const float*)w + (size_t)r * cols;
-        int n = (cols & 3) ? 1 : 4, i0 = u * n;
-        for (int i = 0; i < n; i++) store_val(out, i0 + i, row[i0 + i]);
+    __device__ static float value(const u8* w, int cols, int r, int c) { return ((const float*)w)[(size_t)r * cols + c]; }
+    __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
+        const float4* p = (const float4*)((const float*)w + (size_t)r * cols + c);
+        float4 a = p[0], b = p[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     }
 };

@@ -148,23 +148,38 @@ impl Gpu {
         if e >= w.n_experts {
             return Err(KernelError::Shape(format!("to_bf16: expert {e} of {}", w.n_experts)));
         }
-        let units = w.rows * units_per_row(w.qtype, w.cols);
         let (r, c) = (int("to_bf16", w.rows)?, int("to_bf16", w.cols)?);
         let src = w.expert(e);
-        launch!(self, Source::Dequant, per_type!("to_bf16_", w.qtype), grid1(units, 256), &src, &r, &c, out)
+        if w.cols % 8 != 0 {
+            let name = match w.qtype {
+                QType::BF16 => "to_bf16_scalar_bf16",
+                QType::F16 => "to_bf16_scalar_f16",
+                _ => "to_bf16_scalar_f32",
+            };
+            return launch!(self, Source::Dequant, name, grid1(w.rows * w.cols, 256), &src, &r, &c, out);
+        }
+        launch!(self, Source::Dequant, per_type!("to_bf16_", w.qtype), grid1(w.rows * w.cols / 8, 256), &src, &r, &c, out)
     }
 
     /// out[t, :] = row ids[t] of `w` as f32 (the embedding lookup), t < n.
     pub fn gather_embed(&self, w: &GpuMatrix, ids: &CudaSlice<i32>, n: usize, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
         need("gather_embed", "ids", n, ids.len())?;
         need("gather_embed", "out", n * w.cols, out.len())?;
-        let units = units_per_row(w.qtype, w.cols);
+        let per_thread = if w.cols % 8 == 0 { 8 } else { 1 };
         let cfg = LaunchConfig {
-            grid_dim: ((units as u32).div_ceil(128).max(1), int("gather_embed", n)? as u32, 1),
+            grid_dim: ((w.cols as u32).div_ceil(128 * per_thread).max(1), int("gather_embed", n)? as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         let (r, c) = (int("gather_embed", w.rows)?, int("gather_embed", w.cols)?);
+        if per_thread == 1 {
+            let name = match w.qtype {
+                QType::BF16 => "gather_rows_scalar_bf16",
+                QType::F16 => "gather_rows_scalar_f16",
+                _ => "gather_rows_scalar_f32",
+            };
+            return launch!(self, Source::Dequant, name, cfg, &w.buf, &r, &c, ids, out);
+        }
         launch!(self, Source::Dequant, per_type!("gather_rows_", w.qtype), cfg, &w.buf, &r, &c, ids, out)
     }
 
@@ -410,8 +425,10 @@ impl Gpu {
             65..=128 => "attend_128",
             _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
         };
-        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 16 {
-            return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
+        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 8 {
+            return Err(KernelError::Shape(format!(
+                "attention: {n_heads} query heads over {n_kv_heads} KV heads (prefill takes groups of at most 8)"
+            )));
         }
         need("attend", "q", n_tokens * n_heads * hd, q.len())?;
         need("attend", "k cache", (pos0 + n_tokens) * n_kv_heads * hd, kc.len())?;
@@ -422,35 +439,14 @@ impl Gpu {
         }
         let group = (n_heads / n_kv_heads) as u32;
         let cfg = LaunchConfig {
-            grid_dim: (int("attend", n_tokens)? as u32, n_kv_heads as u32, 1),
+            // 4 queries per block (QT in attention.cu)
+            grid_dim: (int("attend", n_tokens)?.div_ceil(4) as u32, n_kv_heads as u32, 1),
             block_dim: (32 * group, 1, 1),
             shared_mem_bytes: 0,
         };
         int("attend", (pos0 + n_tokens) * n_kv_heads * hd)?;
-        let (h, kvh, d, scale) = (n_heads as i32, n_kv_heads as i32, hd as i32, 1.0 / (hd as f32).sqrt());
-        launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &d, pos, &scale)
-    }
-}
-
-/// Units per row of the dequantizing kernels (formats.cuh's `units`).
-fn units_per_row(q: QType, cols: usize) -> usize {
-    match q {
-        QType::Q6K => cols / 16,
-        QType::Q8_0 | QType::Q4K | QType::Q4_0 => cols / 32,
-        QType::BF16 | QType::F16 => {
-            if cols % 8 == 0 {
-                cols / 8
-            } else {
-                cols
-            }
-        }
-        _ => {
-            if cols % 4 == 0 {
-                cols / 4
-            } else {
-                cols
-            }
-        }
+        let (h, kvh, nt, d, scale) = (n_heads as i32, n_kv_heads as i32, n_tokens as i32, hd as i32, 1.0 / (hd as f32).sqrt());
+        launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &nt, &d, pos, &scale)
     }
 }
 
