@@ -440,7 +440,7 @@ impl Gpu {
         let group = (n_heads / n_kv_heads) as u32;
         let cfg = LaunchConfig {
             // 4 queries per block (QT in attention.cu)
-            grid_dim: (int("attend", n_tokens)?.div_ceil(4) as u32, n_kv_heads as u32, 1),
+            grid_dim: ((int("attend", n_tokens)? as u32).div_ceil(4), n_kv_heads as u32, 1),
             block_dim: (32 * group, 1, 1),
             shared_mem_bytes: 0,
         };
