@@ -102,6 +102,24 @@ __device__ void matvec_scalar(const u8* w, long long expert_stride, const int* i
     if (lane == 0) y[(size_t)p * rows + r] = acc;
 }
 
+// Float matrices with few rows (the router): one block per (row, pair), the block's
+// threads striding over the row's units.
+template <class F>
+__device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
+    __shared__ float scratch[32];
+    int p = blockIdx.y, r = blockIdx.x;
+    FloatInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * cols};
+    float acc = 0.f;
+    int n = F::units(cols);
+    for (int u = threadIdx.x; u < n; u += blockDim.x) {
+        typename F::X v;
+        in.load(u, v);
+        acc += in.dot(r, u, v);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) y[(size_t)p * rows + r] = acc;
+}
+
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F) \
@@ -118,6 +136,11 @@ MATVEC_Q(matvec_q4_0, Q4_0)
 MATVEC_F(matvec_bf16, Half<true>)
 MATVEC_F(matvec_f16, Half<false>)
 MATVEC_F(matvec_f32, F32)
+#define MATVEC_WIDE(name, F) \
+    extern "C" __global__ void __launch_bounds__(256) name(FARGS) { matvec_wide<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+MATVEC_WIDE(matvec_wide_bf16, Half<true>)
+MATVEC_WIDE(matvec_wide_f16, Half<false>)
+MATVEC_WIDE(matvec_wide_f32, F32)
 MATVEC_SCALAR(matvec_bf16_scalar, Half<true>)
 MATVEC_SCALAR(matvec_f16_scalar, Half<false>)
 MATVEC_SCALAR(matvec_f32_scalar, F32)

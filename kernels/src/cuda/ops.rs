@@ -112,6 +112,21 @@ impl Gpu {
             (true, _) => "matvec_f32_scalar",
             _ => per_type!("matvec_", w.qtype),
         };
+        if !quantized(w.qtype) && !scalar && rows < 1024 {
+            // Few rows (the router): a block per row, so the row is read by 256 threads
+            // at once instead of one warp's long loop.
+            let name = match w.qtype {
+                QType::BF16 => "matvec_wide_bf16",
+                QType::F16 => "matvec_wide_f16",
+                _ => "matvec_wide_f32",
+            };
+            let cfg =
+                LaunchConfig { grid_dim: (rows as u32, int("matvec", pairs)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            return match ids {
+                Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
+                None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
+            };
+        }
         if !quantized(w.qtype) {
             return match ids {
                 Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
@@ -196,7 +211,9 @@ impl Gpu {
             return Err(KernelError::Shape(format!("rmsnorm: {} values are not rows of {width}", x.len())));
         }
         let rows = x.len() / width;
-        let cfg = LaunchConfig { grid_dim: (int("rmsnorm", rows)? as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // Few rows (decode): wide blocks, so each thread has one or two loads to wait for.
+        let threads = if rows < 64 { 1024 } else { 256 };
+        let cfg = LaunchConfig { grid_dim: (int("rmsnorm", rows)? as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let wd = int("rmsnorm", width)?;
         launch!(self, Source::Norm, "rmsnorm", cfg, x, w, &wd, &eps)
     }
@@ -354,7 +371,7 @@ impl Gpu {
         if n_tokens == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig { grid_dim: (hd.div_ceil(32) as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (hd.div_ceil(8) as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
         let (n, h, d) = (int("lightning", n_tokens)?, n_heads as i32, hd as i32);
         launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d)
     }
