@@ -92,7 +92,7 @@ __device__ void attend(const float* q, const float* kc, const float* vc, float* 
                        float scale) {
     constexpr int PER = HD / 32;
     __shared__ float kt[HD][TILE];
-    __shared__ float vt[TILE][HD];
+    __shared__ __align__(16) float vt[TILE][HD];
     __shared__ float qs[MAX_GROUP / 2][QT][HD];
     int g = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int group = blockDim.x >> 5, h = g * group + warp;
@@ -112,12 +112,34 @@ __device__ void attend(const float* q, const float* kc, const float* vc, float* 
     int end = pos0 + t0 + nq;  // keys 0..end-1 are seen by some query of the tile
     for (int j0 = 0; j0 < end; j0 += TILE) {
         __syncthreads();
-        for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-            int j = i / HD, c = i % HD;
-            bool ok = j0 + j < end && c < hd;
-            size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
-            kt[c][j] = ok ? kc[off] : 0.f;
-            vt[j][c] = ok ? vc[off] : 0.f;
+        if ((hd & 3) == 0) {
+            // 16-byte loads. Keys: consecutive threads take consecutive keys, so the
+            // transposed stores kt[c][j] hit consecutive banks; values: consecutive
+            // threads take consecutive columns (coalesced loads and stores).
+#pragma unroll 4
+            for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
+                int j = i % TILE, c = (i / TILE) * 4;
+                bool ok = j0 + j < end && c < hd;
+                float4 k = ok ? *(const float4*)(kc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+                kt[c][j] = k.x;
+                kt[c + 1][j] = k.y;
+                kt[c + 2][j] = k.z;
+                kt[c + 3][j] = k.w;
+            }
+#pragma unroll 4
+            for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
+                int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
+                bool ok = j0 + j < end && c < hd;
+                *(float4*)&vt[j][c] = ok ? *(const float4*)(vc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+        } else {
+            for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
+                int j = i / HD, c = i % HD;
+                bool ok = j0 + j < end && c < hd;
+                size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
+                kt[c][j] = ok ? kc[off] : 0.f;
+                vt[j][c] = ok ? vc[off] : 0.f;
+            }
         }
         __syncthreads();
         float sc[QT];

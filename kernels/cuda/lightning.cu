@@ -37,12 +37,24 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
     for (int t0 = 0; t0 < n_tokens; t0 += CHUNK) {
         int m = min(CHUNK, n_tokens - t0);
         __syncwarp();
+        if ((hd & 3) == 0) {
+            // 16-byte loads, many in flight: this phase is bound by load latency
+#pragma unroll 16
+            for (int i = lane; i < m * (HD / 4); i += 32) {
+                int t = i / (HD / 4), a = (i % (HD / 4)) * 4, pa = (a / R) * PAD + a % R;
+                const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
+                float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+                *(float4*)&qs[t][pa] = a < hd ? *(const float4*)(row + a) : zero;
+                *(float4*)&ks[t][pa] = a < hd ? *(const float4*)(row + hd + a) : zero;
+            }
+        } else {
 #pragma unroll 8
-        for (int i = lane; i < m * HD; i += 32) {
-            int t = i / HD, a = i % HD, pa = (a / R) * PAD + a % R;
-            const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
-            qs[t][pa] = a < hd ? row[a] : 0.f;
-            ks[t][pa] = a < hd ? row[hd + a] : 0.f;
+            for (int i = lane; i < m * HD; i += 32) {
+                int t = i / HD, a = i % HD, pa = (a / R) * PAD + a % R;
+                const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
+                qs[t][pa] = a < hd ? row[a] : 0.f;
+                ks[t][pa] = a < hd ? row[hd + a] : 0.f;
+            }
         }
         for (int i = lane; i < m * 8; i += 32) {
             int t = i >> 3, c = blockIdx.x * 8 + (i & 7);
