@@ -76,6 +76,18 @@ pub fn run(g: &Gpu) -> Result<()> {
     let mut o = g.zeros::<f32>(heads * hd)?;
     let s = time(g, 50, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), 1, heads, hd)?))?;
     row("lightning decode", "f32 state", "64 x 128x128", s, (2 * heads * hd * hd * 4) as f64);
+    // prefill shapes: 4096 tokens through one lightning layer and one softmax layer
+    let n = 4096;
+    let qkv = g.upload(&Rng::new(6).normals(n * heads * 3 * hd, 0.3))?;
+    let mut o = g.zeros::<f32>(n * heads * hd)?;
+    let s = time(g, 3, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), n, heads, hd)?))?;
+    row("lightning prefill", "f32 state", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
+    let kv_dim = 8 * hd;
+    let (kc, vc) = (g.upload(&Rng::new(7).normals(n * kv_dim, 1.0))?, g.upload(&Rng::new(8).normals(n * kv_dim, 1.0))?);
+    let q = g.upload(&Rng::new(9).normals(n * heads * hd, 1.0))?;
+    let pos = g.upload(&[0i32])?;
+    let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc.as_view(), &vc.as_view(), &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0)?))?;
+    row("attention prefill", "f32 KV", "4096 tokens", s, (2 * n * kv_dim * 4) as f64);
     for depth in [4096usize, 65536] {
         let kv_dim = 8 * hd;
         let kc = g.zeros::<f32>(depth * kv_dim)?;
