@@ -32,14 +32,48 @@ extern "C" __global__ void kv_append(const float* src, float* cache, const int* 
 #define TILE 32
 #define MAX_GROUP 16
 
-// Shared staging of one block: a tile of keys and values of one KV head, and the group's
-// query rows.
+// Shared staging of one block: a tile of keys (transposed, kt[c][j], so that lane j reads
+// key j without bank conflicts) and values of one KV head, and the group's query rows.
 template <int HD>
 struct Stage {
-    float k[TILE][HD + 1];
-    float v[TILE][HD];
+    float kt[HD][TILE];
+    __align__(16) float v[TILE][HD];
     float q[MAX_GROUP][HD];
 };
+
+// Loads keys and values j0 .. min(j0 + TILE, end) of KV head g into kt / vt (zeros past
+// `end` and past hd), with 16-byte loads when rows allow them. Whole block.
+template <int HD>
+__device__ void stage_tile(float (*kt)[TILE], float (*vt)[HD], const float* kc, const float* vc, int g, int kv_dim, int hd, int j0, int end) {
+    if ((hd & 3) == 0) {
+        // keys: consecutive threads take consecutive keys (conflict-free transposed
+        // stores); values: consecutive threads take consecutive columns (coalesced)
+#pragma unroll 4
+        for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
+            int j = i % TILE, c = (i / TILE) * 4;
+            bool ok = j0 + j < end && c < hd;
+            float4 k = ok ? *(const float4*)(kc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            kt[c][j] = k.x;
+            kt[c + 1][j] = k.y;
+            kt[c + 2][j] = k.z;
+            kt[c + 3][j] = k.w;
+        }
+#pragma unroll 4
+        for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
+            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
+            bool ok = j0 + j < end && c < hd;
+            *(float4*)&vt[j][c] = ok ? *(const float4*)(vc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
+        int j = i / HD, c = i % HD;
+        bool ok = j0 + j < end && c < hd;
+        size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
+        kt[c][j] = ok ? kc[off] : 0.f;
+        vt[j][c] = ok ? vc[off] : 0.f;
+    }
+}
 
 // Online softmax of this warp's query (st.q[warp]) over keys [j_begin, j_end) of KV head g:
 // running max m, denominator l and unnormalised output acc (lane's dims lane + 32 i).
@@ -51,17 +85,11 @@ __device__ void scan(Stage<HD>& st, const float* kc, const float* vc, int g, int
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int j0 = j_begin; j0 < j_end; j0 += TILE) {
         __syncthreads();
-        for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-            int j = i / HD, c = i % HD;
-            bool ok = j0 + j < j_end && c < hd;
-            size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
-            st.k[j][c] = ok ? kc[off] : 0.f;
-            st.v[j][c] = ok ? vc[off] : 0.f;
-        }
+        stage_tile<HD>(st.kt, st.v, kc, vc, g, kv_dim, hd, j0, j_end);
         __syncthreads();
         float sc = 0.f;
 #pragma unroll 8
-        for (int c = 0; c < HD; c++) sc = fmaf(st.q[warp][c], st.k[lane][c], sc);
+        for (int c = 0; c < HD; c++) sc = fmaf(st.q[warp][c], st.kt[c][lane], sc);
         bool valid = j0 + lane < j_end;
         sc = valid ? sc * scale : __int_as_float(0xff800000);
         float m_new = fmaxf(m, warp_max(sc));
@@ -112,35 +140,7 @@ __device__ void attend(const float* q, const float* kc, const float* vc, float* 
     int end = pos0 + t0 + nq;  // keys 0..end-1 are seen by some query of the tile
     for (int j0 = 0; j0 < end; j0 += TILE) {
         __syncthreads();
-        if ((hd & 3) == 0) {
-            // 16-byte loads. Keys: consecutive threads take consecutive keys, so the
-            // transposed stores kt[c][j] hit consecutive banks; values: consecutive
-            // threads take consecutive columns (coalesced loads and stores).
-#pragma unroll 4
-            for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
-                int j = i % TILE, c = (i / TILE) * 4;
-                bool ok = j0 + j < end && c < hd;
-                float4 k = ok ? *(const float4*)(kc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-                kt[c][j] = k.x;
-                kt[c + 1][j] = k.y;
-                kt[c + 2][j] = k.z;
-                kt[c + 3][j] = k.w;
-            }
-#pragma unroll 4
-            for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
-                int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
-                bool ok = j0 + j < end && c < hd;
-                *(float4*)&vt[j][c] = ok ? *(const float4*)(vc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-        } else {
-            for (int i = threadIdx.x; i < TILE * HD; i += blockDim.x) {
-                int j = i / HD, c = i % HD;
-                bool ok = j0 + j < end && c < hd;
-                size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
-                kt[c][j] = ok ? kc[off] : 0.f;
-                vt[j][c] = ok ? vc[off] : 0.f;
-            }
-        }
+        stage_tile<HD>(kt, vt, kc, vc, g, kv_dim, hd, j0, end);
         __syncthreads();
         float sc[QT];
 #pragma unroll

@@ -14,7 +14,7 @@
 // HD is the register tile (16, 32, 64 or 128), hd <= HD the head size: rows a >= hd see
 // q = k = 0 and so stay zero. grid = (ceil(hd / 8), n_heads), block = 32 threads.
 
-#define CHUNK 32
+#define CHUNK 16
 
 template <int HD>
 __device__ void lightning(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd) {
@@ -39,7 +39,7 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
         __syncwarp();
         if ((hd & 3) == 0) {
             // 16-byte loads, many in flight: this phase is bound by load latency
-#pragma unroll 16
+#pragma unroll 4
             for (int i = lane; i < m * (HD / 4); i += 32) {
                 int t = i / (HD / 4), a = (i % (HD / 4)) * 4, pa = (a / R) * PAD + a % R;
                 const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
