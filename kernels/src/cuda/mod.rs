@@ -21,6 +21,7 @@ pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRep
 use crate::KernelError;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
+pub use ops::{quantized, QAct};
 
 type Result<T> = std::result::Result<T, KernelError>;
 

@@ -22,8 +22,17 @@ fn grid1(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Activations quantized for the int8 matrix-vector kernels: values [rows, cols] and one
+/// scale per 32 values.
+pub struct QAct {
+    pub q: CudaSlice<i8>,
+    pub d: CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
 /// Whether the type's kernels take int8 activations.
-fn quantized(q: QType) -> bool {
+pub fn quantized(q: QType) -> bool {
     matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q4K | QType::Q6K)
 }
 
@@ -76,6 +85,22 @@ impl Gpu {
         w: &GpuMatrix,
         ids: Option<&CudaSlice<i32>>,
         x: &CudaView<'_, f32>,
+        x_div: usize,
+        pairs: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        self.matvec_with(w, ids, x, None, x_div, pairs, y)
+    }
+
+    /// [`Gpu::matvec`] with the int8 form of `x` already made by [`Gpu::quantize_act`]
+    /// (for several products of one input); `xq` is ignored for float weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_with(
+        &self,
+        w: &GpuMatrix,
+        ids: Option<&CudaSlice<i32>>,
+        x: &CudaView<'_, f32>,
+        xq: Option<&QAct>,
         x_div: usize,
         pairs: usize,
         y: &mut CudaViewMut<'_, f32>,
@@ -133,18 +158,32 @@ impl Gpu {
                 None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
             };
         }
-        // Quantized weights multiply int8 activations: quantize the input rows first.
+        // Quantized weights multiply int8 activations: quantize the input rows first
+        // (unless the caller did).
         let n_rows = pairs.div_ceil(x_div.max(1));
-        let (xq, xs) = self.quantize_act(&x.slice(..n_rows * cols), n_rows, cols)?;
+        let made;
+        let act = match xq {
+            Some(a) if a.rows >= n_rows && a.cols == cols => a,
+            Some(a) => {
+                return Err(KernelError::Shape(format!(
+                    "matvec: quantized input is {}x{}, the product needs {n_rows}x{cols}",
+                    a.rows, a.cols
+                )))
+            }
+            None => {
+                made = self.quantize_act(&x.slice(..n_rows * cols), n_rows, cols)?;
+                &made
+            }
+        };
         match ids {
-            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, &xq, &xs, &xd, y),
-            None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, &xq, &xs, &xd, y),
+            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y),
+            None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y),
         }
     }
 
     /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
     /// 32 values, as ggml's Q8_0 activations (dequant.cu, `quantize_act`).
-    pub fn quantize_act(&self, x: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<(CudaSlice<i8>, CudaSlice<f32>)> {
+    pub fn quantize_act(&self, x: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<QAct> {
         if cols % 32 != 0 {
             return Err(KernelError::Shape(format!("quantize_act: {cols} columns are not blocks of 32")));
         }
@@ -154,7 +193,7 @@ impl Gpu {
         let mut d = self.alloc::<f32>(blocks)?;
         let nb = blocks as i64;
         launch!(self, Source::Dequant, "quantize_act", grid1(blocks * 32, 256), x, &nb, &mut q, &mut d)?;
-        Ok((q, d))
+        Ok(QAct { q, d, rows: n, cols })
     }
 
     /// out [rows, cols] bf16 = expert `e` of `w`.

@@ -195,22 +195,25 @@ impl GpuModel {
                 g.rmsnorm(&mut x.as_view_mut(), &layer.attn_norm, c.rms_eps as f32)?;
                 let (a, r) = match &layer.attn {
                     GpuAttention::Lightning { qkv, gate, norm, out, decay } => {
-                        let mut p = self.linear(qkv, &x.as_view(), n)?;
+                        let mut ys = self.linear_many(&[qkv, gate], &x.as_view(), n)?.into_iter();
+                        let (Some(mut p), Some(gv)) = (ys.next(), ys.next()) else {
+                            return Err(ModelError::Input("lightning products missing".into()));
+                        };
                         g.silu(&mut p.as_view_mut())?;
                         let state =
                             session.lightning[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no lightning state")))?;
                         let mut o = g.alloc::<f32>(n * c.attn_dim())?;
                         g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
                         g.rmsnorm(&mut o.as_view_mut(), norm, c.lightning_norm_eps as f32)?;
-                        let gv = self.linear(gate, &x.as_view(), n)?;
                         g.sigmoid_gate(&mut o.as_view_mut(), &gv.as_view())?;
                         (self.linear(out, &o.as_view(), n)?, c.residual_lightning)
                     }
                     GpuAttention::Softmax { q, k, v, out } => {
                         let (a_dim, kv_dim) = (c.attn_dim(), c.kv_dim());
-                        let mut qs = self.linear(q, &x.as_view(), n)?;
-                        let mut ks = self.linear(k, &x.as_view(), n)?;
-                        let vs = self.linear(v, &x.as_view(), n)?;
+                        let mut ys = self.linear_many(&[q, k, v], &x.as_view(), n)?.into_iter();
+                        let (Some(mut qs), Some(mut ks), Some(vs)) = (ys.next(), ys.next(), ys.next()) else {
+                            return Err(ModelError::Input("attention products missing".into()));
+                        };
                         g.rope(&mut qs.as_view_mut(), n, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
                         g.rope(&mut ks.as_view_mut(), n, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
                         let (kc, vc) = session.kv[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no KV cache")))?;

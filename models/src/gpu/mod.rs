@@ -12,7 +12,7 @@ mod moe;
 
 use std::sync::Mutex;
 
-use mxr_kernels::cuda::{CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix};
 use mxr_kernels::KernelError;
 
 use crate::forward::lightning::slopes;
@@ -165,14 +165,35 @@ impl GpuModel {
 
     /// y [n, w.rows] = x [n, w.cols] · Wᵀ.
     pub(crate) fn linear(&self, w: &GpuMatrix, x: &CudaView<'_, f32>, n: usize) -> Result<CudaSlice<f32>, ModelError> {
+        let mut ys = self.linear_many(&[w], x, n)?;
+        ys.pop().ok_or_else(|| ModelError::Input("no product".into()))
+    }
+
+    /// y_i [n, w_i.rows] = x · W_iᵀ for several matrices of one input: the input is
+    /// quantized (matrix-vector path) or rounded to bf16 (tensor-core path) once for all.
+    pub(crate) fn linear_many(&self, ws: &[&GpuMatrix], x: &CudaView<'_, f32>, n: usize) -> Result<Vec<CudaSlice<f32>>, ModelError> {
         let g = &self.gpu;
-        let mut y = g.alloc::<f32>(n * w.rows)?;
+        let mut out = Vec::with_capacity(ws.len());
         if n <= MATVEC_MAX_TOKENS {
-            g.matvec(w, None, x, 1, n, &mut y.as_view_mut())?;
-        } else {
-            self.gemm(w, 0, x, n, &mut y.as_view_mut())?;
+            let act = match ws.iter().find(|w| quantized(w.qtype)) {
+                Some(w) => Some(g.quantize_act(&x.slice(..n * w.cols), n, w.cols)?),
+                None => None,
+            };
+            for w in ws {
+                let mut y = g.alloc::<f32>(n * w.rows)?;
+                let a = act.as_ref().filter(|a| a.cols == w.cols);
+                g.matvec_with(w, None, x, a, 1, n, &mut y.as_view_mut())?;
+                out.push(y);
+            }
+            return Ok(out);
         }
-        Ok(y)
+        let mut xb = Bf16Input::default();
+        for w in ws {
+            let mut y = g.alloc::<f32>(n * w.rows)?;
+            self.gemm_with(w, 0, x, &mut xb, n, &mut y.as_view_mut())?;
+            out.push(y);
+        }
+        Ok(out)
     }
 
     /// y [n, rows] = x · W_eᵀ. F32 weights (the router; F32 files) in f32; all others on
@@ -186,13 +207,31 @@ impl GpuModel {
         n: usize,
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
+        self.gemm_with(w, e, x, &mut Bf16Input::default(), n, y)
+    }
+
+    /// [`GpuModel::gemm`], keeping the bf16 form of x in `xb` for the next product of the
+    /// same input.
+    pub(crate) fn gemm_with(
+        &self,
+        w: &GpuMatrix,
+        e: usize,
+        x: &CudaView<'_, f32>,
+        xb: &mut Bf16Input,
+        n: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
         let g = &self.gpu;
         if let Some(wf) = w.expert_f32(e) {
             g.gemm_f32(&wf, &x.slice(..n * w.cols), y, w.rows, w.cols, n)?;
             return Ok(());
         }
-        let mut xb = g.alloc::<u16>(n * w.cols)?;
-        g.f32_to_bf16(&x.slice(..n * w.cols), &mut xb.as_view_mut())?;
+        if xb.0.as_ref().is_none_or(|(cols, rows, _)| *cols != w.cols || *rows != n) {
+            let mut b = g.alloc::<u16>(n * w.cols)?;
+            g.f32_to_bf16(&x.slice(..n * w.cols), &mut b.as_view_mut())?;
+            xb.0 = Some((w.cols, n, b));
+        }
+        let Some((_, _, xb)) = xb.0.as_ref() else { return Err(KernelError::Shape("bf16 input missing".into()).into()) };
         if let Some(wb) = w.expert_u16(e).filter(|_| w.qtype == mxr_quant::QType::BF16) {
             g.gemm_bf16(&wb, &xb.as_view(), y, w.rows, w.cols, n)?;
             return Ok(());
@@ -210,6 +249,11 @@ impl GpuModel {
         Ok(())
     }
 }
+
+/// The bf16 copy of a product's input, made by the first tensor-core product that needs
+/// it: (cols, rows, values).
+#[derive(Default)]
+pub(crate) struct Bf16Input(Option<(usize, usize, CudaSlice<u16>)>);
 
 fn upload_error(t: &Tensor, e: KernelError) -> ModelError {
     match e {

@@ -5,9 +5,9 @@
 //! expert runs three tensor-core products over its tokens; results land in per-(token,
 //! choice) rows that one kernel combines with the routing weights.
 
-use mxr_kernels::cuda::{CudaSlice, CudaView};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView};
 
-use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
+use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
 
 impl GpuModel {
@@ -29,8 +29,10 @@ impl GpuModel {
         if n <= MATVEC_MAX_TOKENS {
             let mut gate = g.alloc::<f32>(n * k * h)?;
             let mut up = g.alloc::<f32>(n * k * h)?;
-            g.matvec(&layer.gate_exps, Some(&ids), x, k, n * k, &mut gate.as_view_mut())?;
-            g.matvec(&layer.up_exps, Some(&ids), x, k, n * k, &mut up.as_view_mut())?;
+            // one quantization of x for both products
+            let act = if quantized(layer.gate_exps.qtype) { Some(g.quantize_act(&x.slice(..n * d), n, d)?) } else { None };
+            g.matvec_with(&layer.gate_exps, Some(&ids), x, act.as_ref(), k, n * k, &mut gate.as_view_mut())?;
+            g.matvec_with(&layer.up_exps, Some(&ids), x, act.as_ref(), k, n * k, &mut up.as_view_mut())?;
             let mut act = g.alloc::<f32>(n * k * h)?;
             g.swiglu(&gate.as_view(), &up.as_view(), &mut act.as_view_mut())?;
             g.matvec(&layer.down_exps, Some(&ids), &act.as_view(), 1, n * k, &mut y.as_view_mut())?;
@@ -54,8 +56,9 @@ impl GpuModel {
                 let m = ps.len();
                 let idx = g.upload(ps)?;
                 g.gather_rows(x, &idx.as_view(), k, m, d, &mut xs.as_view_mut())?;
-                self.gemm(&layer.gate_exps, e, &xs.as_view(), m, &mut gate.slice_mut(..m * h))?;
-                self.gemm(&layer.up_exps, e, &xs.as_view(), m, &mut up.slice_mut(..m * h))?;
+                let mut xb = Bf16Input::default();
+                self.gemm_with(&layer.gate_exps, e, &xs.as_view(), &mut xb, m, &mut gate.slice_mut(..m * h))?;
+                self.gemm_with(&layer.up_exps, e, &xs.as_view(), &mut xb, m, &mut up.slice_mut(..m * h))?;
                 g.swiglu(&gate.slice(..m * h), &up.slice(..m * h), &mut act.slice_mut(..m * h))?;
                 self.gemm(&layer.down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
                 g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
