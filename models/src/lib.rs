@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod layers;
 pub mod model;
 pub mod names;
+pub mod placement;
 
 pub use config::{Config, Residual};
 pub use forward::Session;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench_cmd;
+pub mod calibrate_cmd;
 pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod inspect;

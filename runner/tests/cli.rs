@@ -327,3 +327,42 @@ fn ppl_reports_perplexity_and_kl_against_a_base() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fewer than one window"));
 }
+
+#[test]
+fn calibrate_counts_every_routing_choice() {
+    let dir = tempdir("cli-calibrate");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    let gguf = dir.join("q8.gguf");
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "q8_0"]).status.success());
+    let text = repo_root().join("convert/src/synth/corpus.txt");
+    let stats = dir.join("stats.json");
+    let out = mxr(&[
+        "calibrate",
+        "-m",
+        gguf.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "-o",
+        stats.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--max-tokens",
+        "300",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Json = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let model = mxr_models::Model::open(&gguf).unwrap();
+    let c = &model.config;
+    let s = mxr_models::placement::ExpertStats::from_json(&j, c).unwrap();
+    assert_eq!(s.tokens, 300);
+    for (l, row) in s.counts.iter().enumerate() {
+        assert_eq!(row.iter().sum::<u64>(), 300 * c.n_experts_used as u64, "layer {l}: every token makes k choices");
+    }
+    // A file for another shape is refused with the reason.
+    let mut wrong = j.clone();
+    wrong["counts"].as_array_mut().unwrap().pop();
+    let e = mxr_models::placement::ExpertStats::from_json(&wrong, c).unwrap_err().to_string();
+    assert!(e.contains("layers, the model has"), "{e}");
+}

@@ -1,0 +1,235 @@
+//! Where each expert lives when the GPU cannot hold them all: routing statistics
+//! ([`ExpertStats`], written by `mxr calibrate`) and the placement plan ([`plan`]).
+//!
+//! The GPU first takes everything that is not an expert (attention, router, norms,
+//! embeddings, lm_head), the KV cache and the lightning states, and a margin for
+//! activations; the rest of the budget goes to experts in order of measured popularity
+//! (how often the router chose them), across all layers. The experts left over stay in
+//! host memory and run on the CPU.
+
+use std::fmt;
+
+use crate::{Config, Model, ModelError};
+
+/// How often each expert was chosen: counts[layer][expert] over `tokens` tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertStats {
+    pub tokens: u64,
+    pub counts: Vec<Vec<u64>>,
+}
+
+impl ExpertStats {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "format": "mxr-expert-stats", "version": 1, "tokens": self.tokens, "counts": self.counts })
+    }
+
+    /// Reads stats written by [`ExpertStats::to_json`], checked against the model's shape.
+    pub fn from_json(j: &serde_json::Value, c: &Config) -> Result<ExpertStats, ModelError> {
+        let bad = |reason: String| ModelError::Input(format!("expert statistics: {reason}"));
+        if j["format"] != "mxr-expert-stats" {
+            return Err(bad("not an mxr expert-statistics file (no \"format\": \"mxr-expert-stats\")".into()));
+        }
+        let tokens = j["tokens"].as_u64().ok_or_else(|| bad("\"tokens\" is not a count".into()))?;
+        let rows = j["counts"].as_array().ok_or_else(|| bad("\"counts\" is not an array".into()))?;
+        if rows.len() != c.n_layers {
+            return Err(bad(format!("{} layers, the model has {}", rows.len(), c.n_layers)));
+        }
+        let mut counts = Vec::with_capacity(rows.len());
+        for (l, row) in rows.iter().enumerate() {
+            let row = row.as_array().ok_or_else(|| bad(format!("layer {l} is not an array")))?;
+            if row.len() != c.n_experts {
+                return Err(bad(format!("layer {l} has {} experts, the model {}", row.len(), c.n_experts)));
+            }
+            counts.push(
+                row.iter()
+                    .map(|v| v.as_u64().ok_or_else(|| bad(format!("layer {l}: {v} is not a count"))))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
+        Ok(ExpertStats { tokens, counts })
+    }
+}
+
+/// What the placement is asked to do (llama.cpp's `--cpu-moe` / `--n-cpu-moe` meanings).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Policy {
+    /// Fill this many bytes of GPU memory.
+    Budget(u64),
+    /// Every expert on the CPU.
+    CpuMoe,
+    /// The experts of the first N layers on the CPU, the rest on the GPU.
+    NCpuMoe(usize),
+}
+
+/// Byte sizes the plan works with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sizes {
+    /// Every tensor that is not an expert.
+    pub non_expert: u64,
+    /// Bytes of one expert (gate + up + down) in each layer.
+    pub expert: Vec<u64>,
+    /// KV cache and lightning states for the context asked for.
+    pub state: u64,
+    /// Kept free for activations and scratch.
+    pub margin: u64,
+}
+
+impl Sizes {
+    /// The sizes of `model` with KV room for `ctx` tokens (f32 KV, f32 lightning states,
+    /// as the GPU backend keeps them) and `margin` bytes of headroom.
+    pub fn of(model: &Model, ctx: usize, margin: u64) -> Sizes {
+        let c = &model.config;
+        let h = model.file.header();
+        let mut expert = vec![0u64; c.n_layers];
+        let mut non_expert = 0u64;
+        for t in h.tensors() {
+            match expert_layer(&t.name) {
+                Some(l) if l < c.n_layers => expert[l] += t.n_bytes / c.n_experts.max(1) as u64,
+                _ => non_expert += t.n_bytes,
+            }
+        }
+        let (mut state, hd) = (0u64, c.head_dim as u64);
+        for k in &c.layers {
+            state += match k {
+                crate::LayerKind::Lightning => c.n_heads as u64 * hd * hd * 4,
+                crate::LayerKind::Softmax => 2 * ctx as u64 * c.kv_dim() as u64 * 4,
+            };
+        }
+        Sizes { non_expert, expert, state, margin }
+    }
+}
+
+/// The layer of a stacked expert tensor `blk.{l}.ffn_{gate,up,down}_exps.weight`.
+fn expert_layer(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("blk.")?;
+    let (l, t) = rest.split_once('.')?;
+    t.contains("_exps").then(|| l.parse().ok()).flatten()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// on_gpu[layer][expert]
+    pub on_gpu: Vec<Vec<bool>>,
+    /// Non-expert weights, KV cache and states on the GPU.
+    pub resident: u64,
+    pub gpu_experts: u64,
+    pub host_experts: u64,
+}
+
+impl Placement {
+    pub fn experts_on_gpu(&self) -> usize {
+        self.on_gpu.iter().flatten().filter(|&&g| g).count()
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let total: usize = self.on_gpu.iter().map(Vec::len).sum();
+        write!(
+            f,
+            "placement: GPU {:.2} GiB (non-expert weights + state {:.2} GiB, {} of {} experts {:.2} GiB), host {:.2} GiB of experts; per layer",
+            gib(self.resident + self.gpu_experts),
+            gib(self.resident),
+            self.experts_on_gpu(),
+            total,
+            gib(self.gpu_experts),
+            gib(self.host_experts)
+        )?;
+        for (l, row) in self.on_gpu.iter().enumerate() {
+            write!(f, " {l}:{}", row.iter().filter(|&&g| g).count())?;
+        }
+        Ok(())
+    }
+}
+
+/// Places the experts: see the module doc. Without statistics every expert counts the same
+/// and the experts go round-robin over the layers (expert 0 of every layer, then 1, ...).
+pub fn plan(sizes: &Sizes, n_experts: usize, stats: Option<&ExpertStats>, policy: Policy) -> Result<Placement, ModelError> {
+    let n_layers = sizes.expert.len();
+    let resident = sizes.non_expert + sizes.state;
+    let mut on_gpu = vec![vec![false; n_experts]; n_layers];
+    let all: u64 = sizes.expert.iter().map(|&e| e * n_experts as u64).sum();
+    let mut gpu = 0u64;
+    match policy {
+        Policy::CpuMoe => {}
+        Policy::NCpuMoe(n) => {
+            for (l, row) in on_gpu.iter_mut().enumerate().skip(n) {
+                row.iter_mut().for_each(|g| *g = true);
+                gpu += sizes.expert[l] * n_experts as u64;
+            }
+        }
+        Policy::Budget(budget) => {
+            let fixed = resident + sizes.margin;
+            if fixed > budget {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                return Err(ModelError::Input(format!(
+                    "a GPU budget of {:.2} GiB does not hold the non-expert weights ({:.2} GiB), the KV cache and states ({:.2} GiB) and the {:.2} GiB margin: \
+                     give at least {:.2} GiB (--gpu-mem), a smaller --ctx-size, or run on the CPU",
+                    gib(budget),
+                    gib(sizes.non_expert),
+                    gib(sizes.state),
+                    gib(sizes.margin),
+                    gib(fixed)
+                )));
+            }
+            let mut left = budget - fixed;
+            let mut order: Vec<(usize, usize)> = (0..n_layers).flat_map(|l| (0..n_experts).map(move |e| (l, e))).collect();
+            let count = |l: usize, e: usize| stats.map_or(0, |s| s.counts[l][e]);
+            // most used first; ties (and no statistics): expert index, then layer
+            order.sort_by(|&(la, ea), &(lb, eb)| count(lb, eb).cmp(&count(la, ea)).then(ea.cmp(&eb)).then(la.cmp(&lb)));
+            for (l, e) in order {
+                if sizes.expert[l] <= left {
+                    left -= sizes.expert[l];
+                    gpu += sizes.expert[l];
+                    on_gpu[l][e] = true;
+                }
+            }
+        }
+    }
+    Ok(Placement { on_gpu, resident, gpu_experts: gpu, host_experts: all - gpu })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes() -> Sizes {
+        Sizes { non_expert: 100, expert: vec![10, 10, 20], state: 20, margin: 5 }
+    }
+
+    #[test]
+    fn budget_fills_with_the_most_used_experts() {
+        let stats = ExpertStats { tokens: 10, counts: vec![vec![1, 9, 0, 0], vec![5, 5, 0, 0], vec![0, 0, 7, 3]] };
+        // 125 fixed; 45 left: (0,1)=9 -> 10, (2,2)=7 -> 20, (1,0)=5 -> 10, (1,1)=5 would need 10 (only 5 left)
+        let p = plan(&sizes(), 4, Some(&stats), Policy::Budget(170)).unwrap();
+        assert_eq!(p.on_gpu, vec![vec![false, true, false, false], vec![true, false, false, false], vec![false, false, true, false]]);
+        assert_eq!((p.resident, p.gpu_experts, p.host_experts), (120, 40, 160 - 40));
+        assert_eq!(p.experts_on_gpu(), 3);
+    }
+
+    #[test]
+    fn without_stats_experts_spread_over_layers() {
+        let p = plan(&sizes(), 4, None, Policy::Budget(125 + 40)).unwrap();
+        // expert 0 of each layer (40 bytes)
+        assert_eq!(p.on_gpu.iter().map(|r| r[0]).collect::<Vec<_>>(), vec![true, true, true]);
+        assert_eq!(p.experts_on_gpu(), 3);
+    }
+
+    #[test]
+    fn llama_cpp_policies_and_a_budget_too_small() {
+        let p = plan(&sizes(), 4, None, Policy::CpuMoe).unwrap();
+        assert_eq!((p.experts_on_gpu(), p.host_experts), (0, 160));
+        let p = plan(&sizes(), 4, None, Policy::NCpuMoe(2)).unwrap();
+        assert_eq!(p.on_gpu.iter().map(|r| r.iter().filter(|&&g| g).count()).collect::<Vec<_>>(), vec![0, 0, 4]);
+        let e = plan(&sizes(), 4, None, Policy::Budget(100)).unwrap_err().to_string();
+        assert!(e.contains("does not hold the non-expert weights") && e.contains("--gpu-mem"), "{e}");
+    }
+
+    #[test]
+    fn expert_layers_from_tensor_names() {
+        assert_eq!(expert_layer("blk.12.ffn_up_exps.weight"), Some(12));
+        assert_eq!(expert_layer("blk.3.ffn_gate_inp.weight"), None);
+        assert_eq!(expert_layer("token_embd.weight"), None);
+    }
+}
