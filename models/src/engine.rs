@@ -47,7 +47,7 @@ impl Backend {
     pub fn forward(&self, model: &Model, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
         match (self, state) {
             (Backend::Cpu(t), State::Cpu(s)) => forward(model, s, tokens, which, *t),
-            (Backend::Cuda(g), State::Cuda(s)) => g.forward(s, tokens, which),
+            (Backend::Cuda(g), State::Cuda(s)) => g.forward_on(Some(model), s, tokens, which),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
         }
     }

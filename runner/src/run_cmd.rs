@@ -13,6 +13,7 @@ use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 use mxr_models::gpu::GpuModel;
 use mxr_models::layers::PatternSummary;
+use mxr_models::placement::{plan, ExpertStats, Placement, Policy, Sizes};
 use mxr_models::Model;
 
 use crate::sampler::{Sampler, SamplerConfig};
@@ -41,6 +42,49 @@ pub struct ModelArgs {
     /// Context size in tokens (prompt + generated). 0 = the model's.
     #[arg(short = 'c', long, default_value_t = 4096)]
     pub ctx_size: usize,
+    /// GPU memory to use, GiB (default: the card's free memory). Weights that are not
+    /// experts, the KV cache and states go first, then experts by popularity; the rest
+    /// stay in host memory and run on the CPU.
+    #[arg(long)]
+    pub gpu_mem: Option<f64>,
+    /// Routing statistics from `mxr calibrate` (which experts are popular).
+    #[arg(long)]
+    pub expert_stats: Option<PathBuf>,
+    /// Keep every expert on the CPU (llama.cpp's --cpu-moe).
+    #[arg(long, conflicts_with = "n_cpu_moe")]
+    pub cpu_moe: bool,
+    /// Keep the experts of the first N layers on the CPU (llama.cpp's --n-cpu-moe).
+    #[arg(long)]
+    pub n_cpu_moe: Option<usize>,
+}
+
+/// GPU memory kept free for activations, scratch and cuBLAS workspaces.
+const GPU_MARGIN: u64 = 2 << 30;
+
+/// Where the experts go on this GPU (see mxr_models::placement).
+fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<Placement> {
+    let c = &model.config;
+    let stats = match &a.expert_stats {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+            Some(ExpertStats::from_json(&j, c).with_context(|| p.display().to_string())?)
+        }
+        None => None,
+    };
+    let policy = if a.cpu_moe {
+        Policy::CpuMoe
+    } else if let Some(n) = a.n_cpu_moe {
+        Policy::NCpuMoe(n)
+    } else {
+        let budget = match a.gpu_mem {
+            Some(gib) if gib > 0.0 && gib.is_finite() => (gib * (1u64 << 30) as f64) as u64,
+            Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
+            None => gpu.memory()?.0 as u64,
+        };
+        Policy::Budget(budget)
+    };
+    Ok(plan(&Sizes::of(model, ctx, GPU_MARGIN), c.n_experts, stats.as_ref(), policy)?)
 }
 
 #[derive(Args, Clone)]
@@ -132,7 +176,8 @@ impl Loaded {
 }
 
 /// Puts the model on the device `--device` names (auto: a GPU if one is usable).
-fn backend(device: Device, model: &Model, threads: Threads) -> Result<Backend> {
+fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result<Backend> {
+    let device = a.device;
     if device == Device::Cpu {
         return Ok(Backend::Cpu(threads));
     }
@@ -146,7 +191,18 @@ fn backend(device: Device, model: &Model, threads: Threads) -> Result<Backend> {
     };
     let started = Instant::now();
     let name = gpu.info().to_string();
-    match GpuModel::upload(model, gpu) {
+    let p = match placement(a, model, &gpu, ctx) {
+        Ok(p) => p,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: the GPU was not used ({e:#})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => return Err(e).context("--device cuda"),
+    };
+    if p.host_experts > 0 {
+        eprintln!("{p}");
+    }
+    match GpuModel::upload_placed(model, gpu, Some(&p)) {
         Ok(g) => {
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",
@@ -188,7 +244,7 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
         state_mib as f64 / (1u64 << 20) as f64,
         kv_per_token
     );
-    let backend = backend(a.device, &model, threads)?;
+    let backend = backend(a, &model, threads, ctx)?;
     match &backend {
         Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels)", t.0),
         Backend::Cuda(g) => eprintln!("device: {}", g.gpu.info()),

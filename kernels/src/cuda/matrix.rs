@@ -28,7 +28,9 @@ impl GpuMatrix {
     pub fn upload(gpu: &Gpu, qtype: QType, n_experts: usize, rows: usize, cols: usize, data: &[u8]) -> Result<GpuMatrix> {
         let host = pack(qtype, n_experts, rows, cols, data)?;
         let stride = host.len() / n_experts.max(1);
-        Ok(GpuMatrix { buf: gpu.upload(&host)?, qtype, rows, cols, n_experts, stride })
+        // An empty stack (every expert of a layer in host memory) holds no weights.
+        let buf = if host.is_empty() { gpu.zeros::<u8>(ALIGN)? } else { gpu.upload(&host)? };
+        Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
     }
 
     /// Device bytes of expert `e`.
@@ -77,7 +79,7 @@ pub fn pack(qtype: QType, n_experts: usize, rows: usize, cols: usize, data: &[u8
     }
     let packed = gpu_bytes(qtype, rows, cols);
     let stride = packed.div_ceil(ALIGN) * ALIGN;
-    let mut out = vec![0u8; stride * n_experts.max(1)];
+    let mut out = vec![0u8; stride * n_experts];
     for e in 0..n_experts {
         let (src, dst) = (&data[e * expert_bytes..(e + 1) * expert_bytes], &mut out[e * stride..e * stride + packed]);
         match qtype {

@@ -11,7 +11,7 @@ use mxr_kernels::cuda::{CudaSlice, Graph};
 use super::{GpuAttention, GpuModel};
 use crate::forward::attention::KvCache;
 use crate::forward::{Logits, Session};
-use crate::{LayerKind, ModelError};
+use crate::{LayerKind, Model, ModelError};
 
 /// One sequence's state on the GPU.
 pub struct GpuSession {
@@ -114,6 +114,21 @@ impl GpuSession {
 impl GpuModel {
     /// Runs `tokens` after what `session` has seen; returns logits as the CPU's forward.
     pub fn forward(&self, session: &mut GpuSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        self.forward_on(None, session, tokens, which)
+    }
+
+    /// [`GpuModel::forward`] for a model placed with experts in host memory: `host` is the
+    /// mapped model they are read from (the one uploaded).
+    pub fn forward_on(
+        &self,
+        host: Option<&Model>,
+        session: &mut GpuSession,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, ModelError> {
+        if self.offloaded && host.is_none() {
+            return Err(ModelError::Input("this GPU model keeps experts in host memory: run it with its host model (forward_on)".into()));
+        }
         let (g, c) = (&self.gpu, &self.config);
         let n = tokens.len();
         if n == 0 {
@@ -132,7 +147,7 @@ impl GpuModel {
             let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
             let ids = g.upload(&ids)?;
             let pos = g.upload(&[pos_host as i32])?;
-            let logits = self.body(session, &ids, &pos, pos_host, n, which)?;
+            let logits = self.body(host, session, &ids, &pos, pos_host, n, which)?;
             g.download(&logits.as_view())?
         };
         session.pos += n;
@@ -156,7 +171,7 @@ impl GpuModel {
             let pos_host = session.pos;
             let Step { token, pos, logits, .. } = step;
             let graph = g.capture(|| {
-                let out = self.body(session, token, pos, pos_host, 1, Logits::Last).map_err(to_kernel)?;
+                let out = self.body(None, session, token, pos, pos_host, 1, Logits::Last).map_err(to_kernel)?;
                 g.copy(&out.as_view(), &mut logits.as_view_mut())
             })?;
             step.graph = Some(graph);
@@ -172,6 +187,7 @@ impl GpuModel {
     /// Queues work only: nothing here waits for the GPU unless profiling is on.
     fn body(
         &self,
+        host: Option<&Model>,
         session: &mut GpuSession,
         ids: &CudaSlice<i32>,
         pos: &CudaSlice<i32>,
@@ -237,7 +253,11 @@ impl GpuModel {
             })?;
             self.stage("moe", || {
                 g.rmsnorm(&mut x.as_view_mut(), &layer.ffn_norm, c.rms_eps as f32)?;
-                let m = self.moe(layer, &x.as_view(), n, &mut session.counts[l])?;
+                let m = match (&layer.slot, host) {
+                    (Some(slot), Some(h)) => self.moe_offload(h, l, layer, slot, &x.as_view(), n, &mut session.counts[l])?,
+                    (Some(_), None) => return Err(ModelError::Input("experts in host memory need the host model".into())),
+                    (None, _) => self.moe(layer, &x.as_view(), n, &mut session.counts[l])?,
+                };
                 g.residual(&mut x.as_view_mut(), &m.as_view(), c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32)
                     .map_err(ModelError::from)
             })?;

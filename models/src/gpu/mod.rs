@@ -9,6 +9,7 @@
 
 mod forward;
 mod moe;
+mod offload;
 
 use std::sync::Mutex;
 
@@ -17,6 +18,7 @@ use mxr_kernels::KernelError;
 
 use crate::forward::lightning::slopes;
 use crate::model::{Attention, Tensor};
+use crate::placement::Placement;
 use crate::{Config, Model, ModelError};
 pub use forward::GpuSession;
 
@@ -36,6 +38,9 @@ pub(crate) struct GpuLayer {
     pub gate_exps: GpuMatrix,
     pub up_exps: GpuMatrix,
     pub down_exps: GpuMatrix,
+    /// With expert offload: the GPU stacks hold some experts only; slot[e] is expert e's
+    /// place in them, None for an expert left in host memory. None: every expert, in order.
+    pub slot: Option<Vec<Option<u32>>>,
 }
 
 pub struct GpuModel {
@@ -54,17 +59,31 @@ pub struct GpuModel {
     profile: Mutex<Option<Vec<(&'static str, f64)>>>,
     /// Decode steps replay a captured CUDA graph (off: every kernel is launched each step).
     graphs: std::sync::atomic::AtomicBool,
+    /// Some experts are in host memory (the MoE then waits for the host each layer).
+    pub offloaded: bool,
 }
 
 impl GpuModel {
     /// Uploads every tensor of `model` to `gpu`.
     pub fn upload(model: &Model, gpu: Gpu) -> Result<GpuModel, ModelError> {
+        Self::upload_placed(model, gpu, None)
+    }
+
+    /// Uploads `model`, experts as `placement` says (None: all of them); the experts left
+    /// out run on the CPU from the mapped file (`forward_on` with the host model).
+    pub fn upload_placed(model: &Model, gpu: Gpu, placement: Option<&Placement>) -> Result<GpuModel, ModelError> {
         let c = model.config.clone();
-        let mut bytes = 0usize;
-        let mut up = |t: &Tensor, n_experts: usize| -> Result<GpuMatrix, ModelError> {
+        if let Some(p) = placement {
+            if p.on_gpu.len() != c.n_layers || p.on_gpu.iter().any(|r| r.len() != c.n_experts) {
+                return Err(ModelError::Input("the expert placement does not match the model's layers and experts".into()));
+            }
+        }
+        let placement = placement.filter(|p| p.on_gpu.iter().flatten().any(|&g| !g));
+        let bytes = std::cell::Cell::new(0usize);
+        let up = |t: &Tensor, n_experts: usize| -> Result<GpuMatrix, ModelError> {
             let m = model.matrix(t);
             let m = GpuMatrix::upload(&gpu, m.qtype, n_experts, m.rows / n_experts, m.cols, m.data).map_err(|e| upload_error(t, e))?;
-            bytes += m.bytes();
+            bytes.set(bytes.get() + m.bytes());
             Ok(m)
         };
         let token_embd = up(&model.token_embd, 1)?;
@@ -84,14 +103,35 @@ impl GpuModel {
                 }
                 Attention::Softmax { q, k, v, out } => GpuAttention::Softmax { q: up(q, 1)?, k: up(k, 1)?, v: up(v, 1)?, out: up(out, 1)? },
             };
+            let (gate_exps, up_exps, down_exps, slot) = match placement {
+                None => (up(&layer.gate_exps, c.n_experts)?, up(&layer.up_exps, c.n_experts)?, up(&layer.down_exps, c.n_experts)?, None),
+                Some(p) => {
+                    let keep: Vec<usize> = (0..c.n_experts).filter(|&e| p.on_gpu[l][e]).collect();
+                    let mut slot = vec![None; c.n_experts];
+                    for (s, &e) in keep.iter().enumerate() {
+                        slot[e] = Some(s as u32);
+                    }
+                    let some = |t: &Tensor, rows_each: usize| -> Result<GpuMatrix, ModelError> {
+                        let q = model.matrix(t).qtype;
+                        let data: Vec<u8> =
+                            keep.iter().flat_map(|&e| model.rows(t, e * rows_each, rows_each).data.iter().copied()).collect();
+                        let m = GpuMatrix::upload(&gpu, q, keep.len(), rows_each, model.matrix(t).cols, &data)
+                            .map_err(|e| upload_error(t, e))?;
+                        bytes.set(bytes.get() + m.bytes());
+                        Ok(m)
+                    };
+                    (some(&layer.gate_exps, c.hidden_dim)?, some(&layer.up_exps, c.hidden_dim)?, some(&layer.down_exps, c.dim)?, Some(slot))
+                }
+            };
             layers.push(GpuLayer {
                 attn_norm: gpu.upload(&layer.attn_norm)?,
                 attn,
                 ffn_norm: gpu.upload(&layer.ffn_norm)?,
                 router: up(&layer.router, 1)?,
-                gate_exps: up(&layer.gate_exps, c.n_experts)?,
-                up_exps: up(&layer.up_exps, c.n_experts)?,
-                down_exps: up(&layer.down_exps, c.n_experts)?,
+                gate_exps,
+                up_exps,
+                down_exps,
+                slot,
             });
         }
         let output_norm = gpu.upload(&model.output_norm)?;
@@ -102,10 +142,11 @@ impl GpuModel {
             layers,
             output_norm,
             output,
-            weight_bytes: bytes,
+            weight_bytes: bytes.get(),
             scratch: Mutex::new(None),
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
+            offloaded: placement.is_some(),
         })
     }
 
@@ -124,7 +165,9 @@ impl GpuModel {
     }
 
     pub(crate) fn graphs_enabled(&self) -> bool {
-        self.graphs.load(std::sync::atomic::Ordering::Relaxed) && !self.profile.lock().map(|p| p.is_some()).unwrap_or(true)
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.offloaded
+            && !self.profile.lock().map(|p| p.is_some()).unwrap_or(true)
     }
 
     /// Seconds per stage since profiling started (summed per stage name), and resets them.
