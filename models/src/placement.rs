@@ -136,8 +136,17 @@ impl fmt::Display for Placement {
             gib(self.gpu_experts),
             gib(self.host_experts)
         )?;
-        for (l, row) in self.on_gpu.iter().enumerate() {
-            write!(f, " {l}:{}", row.iter().filter(|&&g| g).count())?;
+        // runs of layers with the same count: "0-9:7 10-79:6"
+        let counts: Vec<usize> = self.on_gpu.iter().map(|r| r.iter().filter(|&&g| g).count()).collect();
+        let mut start = 0;
+        for l in 1..=counts.len() {
+            if l == counts.len() || counts[l] != counts[start] {
+                match l - 1 - start {
+                    0 => write!(f, " {start}:{}", counts[start])?,
+                    _ => write!(f, " {start}-{}:{}", l - 1, counts[start])?,
+                }
+                start = l;
+            }
         }
         Ok(())
     }
@@ -206,6 +215,9 @@ mod tests {
         assert_eq!(p.on_gpu, vec![vec![false, true, false, false], vec![true, false, false, false], vec![false, false, true, false]]);
         assert_eq!((p.resident, p.gpu_experts, p.host_experts), (120, 40, 160 - 40));
         assert_eq!(p.experts_on_gpu(), 3);
+        assert!(p.to_string().ends_with("per layer 0-2:1"), "{p}");
+        let q = plan(&sizes(), 4, None, Policy::NCpuMoe(1)).unwrap();
+        assert!(q.to_string().ends_with("per layer 0:0 1-2:4"), "{q}");
     }
 
     #[test]

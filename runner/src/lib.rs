@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod kernel_bench;
 pub mod nano;
 pub mod npy;
+pub mod plan_cmd;
 pub mod ppl_cmd;
 pub mod run_cmd;
 pub mod sampler;

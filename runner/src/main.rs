@@ -4,7 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-use mxr::{bench_cmd, calibrate_cmd, chat_cmd, convert_cmd, inspect, ppl_cmd, run_cmd};
+use mxr::{bench_cmd, calibrate_cmd, chat_cmd, convert_cmd, inspect, plan_cmd, ppl_cmd, run_cmd};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +38,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Count how often each expert is routed on a text (JSON, for expert placement).
     Calibrate(calibrate_cmd::CalibrateArgs),
+    /// Where a model goes on given GPUs and host memory (weights, KV, state), before loading.
+    Plan(plan_cmd::PlanArgs),
     /// Perplexity of a text (and KL divergence against a base model).
     Ppl(ppl_cmd::PplArgs),
     /// Convert a MiniMax-Text-01 / M1 safetensors checkpoint to GGUF (int8/int4 matrices).
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Ppl(a) => ppl_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
         Command::Calibrate(a) => calibrate_cmd::run(a),
+        Command::Plan(a) => plan_cmd::run(a),
         Command::Convert(a) => convert_cmd::run_convert(a),
         Command::Synth(a) => convert_cmd::run_synth(a),
     };

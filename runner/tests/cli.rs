@@ -366,3 +366,67 @@ fn calibrate_counts_every_routing_choice() {
     let e = mxr_models::placement::ExpertStats::from_json(&wrong, c).unwrap_err().to_string();
     assert!(e.contains("layers, the model has"), "{e}");
 }
+
+#[test]
+fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
+    // minimax01-spec.md section 10: 456,089,655,296 parameters, 45,944,920,064 active,
+    // KV 40,960 bytes/token in bf16 (1M tokens = 40 GiB), lightning state 280 MiB in f32.
+    let out = mxr(&[
+        "plan",
+        "--preset",
+        "minimax-text-01",
+        "--type",
+        "bf16",
+        "--kv-type",
+        "bf16",
+        "--ctx",
+        "1048576",
+        "--json",
+        "--host-mem",
+        "1024",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["params"].as_u64(), Some(456_089_655_296));
+    assert_eq!(j["active_params"].as_u64(), Some(45_944_920_064));
+    assert_eq!(j["kv_bytes_per_token"].as_f64(), Some(40_960.0));
+    assert_eq!(j["kv_bytes"].as_u64(), Some(40 << 30));
+    assert_eq!(j["lightning_state_bytes"].as_u64(), Some(280 << 20));
+    // bf16 matrices: 2 bytes a parameter, except the f32 router and norms
+    let w = j["weights"].as_array().unwrap();
+    let bytes = |k: &str| w.iter().find(|e| e["kind"] == k).unwrap()["bytes"].as_u64().unwrap();
+    let params = |k: &str| w.iter().find(|e| e["kind"] == k).unwrap()["params"].as_u64().unwrap();
+    assert_eq!(bytes("experts"), 2 * params("experts"));
+    assert_eq!(params("experts"), 80 * 32 * 169_869_312);
+    assert_eq!(bytes("router"), 4 * 80 * 196_608);
+    // At q4_k the real model does not fit one H200 alone but its experts spill to a host
+    // with 512 GiB, and it fits four H200s outright.
+    let q4 = |gpus: &str, host: &str| -> Json {
+        let out = mxr(&["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--gpus", gpus, "--host-mem", host, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let one = q4("1xH200", "512");
+    assert!(one["experts_on_gpu"].as_u64().unwrap() < 2560 && one["fits"] == true, "{one}");
+    let four = q4("4xH200", "16");
+    assert_eq!(four["experts_on_gpu"].as_u64(), Some(2560), "{four}");
+    assert_eq!(four["host_expert_bytes"].as_u64(), Some(0));
+    // a file's own sizes
+    let dir = tempdir("cli-plan");
+    let gguf = dir.join("q8.gguf");
+    assert!(mxr(&["convert", repo_root().join("tests/fixtures/golden/equal-alpha").to_str().unwrap(), "-o", gguf.to_str().unwrap()])
+        .status
+        .success());
+    let out = mxr(&["plan", "-m", gguf.to_str().unwrap(), "--json", "--gpus", "none", "--host-mem", "1"]);
+    let j: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let file_bytes: u64 = inspect_json(&gguf)["tensors"].as_array().unwrap().iter().map(|t| t["n_bytes"].as_u64().unwrap()).sum();
+    assert_eq!(j["weight_bytes"].as_u64(), Some(file_bytes));
+    assert_eq!(j["fits"], true);
+    // bad input
+    let bad = mxr(&["plan", "--preset", "minimax-text-01", "--gpus", "3xA100"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown card A100"));
+    let none = mxr(&["plan"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("--preset minimax-text-01"));
+}
