@@ -155,8 +155,14 @@ fn parse_entry(name: &str, e: &Json, shard: &Arc<Shard>, data_start: u64, file_l
             offs[1].saturating_sub(offs[0])
         )));
     }
-    if data_start + offs[1] > file_len {
-        return Err(bad(format!("data ends at byte {} but the file has {file_len} (truncated?)", data_start + offs[1])));
+    match data_start.checked_add(offs[1]) {
+        Some(end) if end <= file_len => {}
+        end => {
+            return Err(bad(format!(
+                "data ends at byte {} but the file has {file_len} (truncated?)",
+                end.map_or("2^64 or more".to_string(), |e| e.to_string())
+            )))
+        }
     }
     Ok(TensorRef { name: name.to_string(), dtype, shape, file: shard.clone(), offset: data_start + offs[0], n_bytes })
 }

@@ -124,3 +124,19 @@ fn truncated_shard_and_missing_files() {
     });
     expect(&err, &["neither model.safetensors.index.json nor model.safetensors"]);
 }
+
+/// Data offsets near 2^64: the end of the tensor's data must not wrap around (it once did in
+/// release builds, where it passed the size check and pointed the tensor at the header).
+#[test]
+fn data_offsets_that_would_overflow() {
+    let tmp = tempdir("st-overflow");
+    let begin = u64::MAX - 9;
+    let header = format!(r#"{{"w":{{"dtype":"F16","shape":[1],"data_offsets":[{begin},{}]}}}}"#, begin + 2);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    let path = tmp.join("model.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = mxr_convert::safetensors::open_shard(&path).unwrap_err().to_string();
+    expect(&err, &["model.safetensors", "`w`", "2^64 or more"]);
+}
