@@ -11,6 +11,23 @@ use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
 
 impl GpuModel {
+    /// The router on the GPU: expert ids and renormalised weights, [n, k] each.
+    pub(crate) fn route(
+        &self,
+        layer: &GpuLayer,
+        x: &CudaView<'_, f32>,
+        n: usize,
+        counts: &mut CudaSlice<u32>,
+    ) -> Result<(CudaSlice<i32>, CudaSlice<f32>), ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let k = c.n_experts_used;
+        let logits = self.linear(&layer.router, x, n)?;
+        let mut ids = g.alloc::<i32>(n * k)?;
+        let mut weights = g.alloc::<f32>(n * k)?;
+        g.route_topk(&logits.as_view(), n, c.n_experts, k, &mut ids.as_view_mut(), &mut weights.as_view_mut(), counts)?;
+        Ok((ids, weights))
+    }
+
     /// m [n, dim] = Σ_k w_k E_k(x) for each row of x [n, dim]; counts[e] += choices of e.
     pub(crate) fn moe(
         &self,
@@ -21,10 +38,7 @@ impl GpuModel {
     ) -> Result<CudaSlice<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
-        let logits = self.linear(&layer.router, x, n)?;
-        let mut ids = g.alloc::<i32>(n * k)?;
-        let mut weights = g.alloc::<f32>(n * k)?;
-        g.route_topk(&logits.as_view(), n, c.n_experts, k, &mut ids.as_view_mut(), &mut weights.as_view_mut(), counts)?;
+        let (ids, weights) = self.route(layer, x, n, counts)?;
         let mut y = g.alloc::<f32>(n * k * d)?;
         if n <= MATVEC_MAX_TOKENS {
             let mut gate = g.alloc::<f32>(n * k * h)?;

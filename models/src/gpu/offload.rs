@@ -28,10 +28,7 @@ impl GpuModel {
     ) -> Result<CudaSlice<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
-        let logits = self.linear(&layer.router, x, n)?;
-        let mut ids = g.alloc::<i32>(n * k)?;
-        let mut weights = g.alloc::<f32>(n * k)?;
-        g.route_topk(&logits.as_view(), n, c.n_experts, k, &mut ids.as_view_mut(), &mut weights.as_view_mut(), counts)?;
+        let (ids, weights) = self.route(layer, x, n, counts)?;
         let host_ids = g.download(&ids.as_view())?;
         // (pair, slot) on the GPU; pairs per host expert
         let (mut hot, mut hot_slots) = (Vec::new(), Vec::new());
