@@ -31,7 +31,12 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     pub fn from_gguf(h: &Header) -> Result<TextTokenizer> {
         let inner = match h.get_str(KEY_HF_JSON)? {
-            Some(json) => Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow!("embedded tokenizer.json: {e}"))?,
+            Some(json) => {
+                // Syntax first: tokenizers 0.22 panics (`expect("Helper")`) on a syntax error
+                // inside the "decoder" object instead of returning an error (found by fuzzing).
+                serde_json::from_str::<serde_json::Value>(json).map_err(|e| anyhow!("embedded tokenizer.json is not valid JSON: {e}"))?;
+                Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow!("embedded tokenizer.json: {e}"))?
+            }
             None => from_ggml(h)?,
         };
         let mut stop = Vec::new();

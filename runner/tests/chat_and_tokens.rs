@@ -91,3 +91,36 @@ fn files_without_the_hf_tokenizer_fall_back_to_the_ggml_vocabulary() {
         assert_eq!(tok.decode(&want).unwrap(), text);
     }
 }
+
+/// A GGUF header holding only `tokenizer.huggingface.json` = `json`.
+fn header_with_tokenizer(json: &str) -> mxr_quant::gguf::Header {
+    let mut g = Vec::new();
+    g.extend_from_slice(b"GGUF");
+    g.extend_from_slice(&3u32.to_le_bytes());
+    g.extend_from_slice(&0u64.to_le_bytes());
+    g.extend_from_slice(&1u64.to_le_bytes());
+    let key = "tokenizer.huggingface.json";
+    g.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    g.extend_from_slice(key.as_bytes());
+    g.extend_from_slice(&8u32.to_le_bytes());
+    g.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    g.extend_from_slice(json.as_bytes());
+    mxr_quant::gguf::Header::parse(&g).unwrap()
+}
+
+/// Found by fuzzing (fuzz/ gguf_header): a syntax error inside the "decoder" object made
+/// the tokenizers crate panic. It is an error now.
+#[test]
+fn corrupt_embedded_tokenizer_json_is_an_error_not_a_panic() {
+    for json in [
+        r#"{"decoder": {"type": "ByteLevel" "x": 1}}"#,
+        r#"{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "decoder": {"#,
+        "{}",
+    ] {
+        let h = header_with_tokenizer(json);
+        let r = std::panic::catch_unwind(|| mxr::tokenizer::TextTokenizer::from_gguf(&h).map(|_| ()));
+        let r = r.unwrap_or_else(|_| panic!("from_gguf panicked on {json:?}"));
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json"), "{json:?}: {e}");
+    }
+}
