@@ -25,14 +25,16 @@ fn strip_generation_tags(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
     let mut rest = src;
     while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else { break };
-        let tag = &rest[start + 2..start + len];
+        // the closing "%}" is searched after the opening "{%" (in "{%}" they overlap)
+        let Some(len) = rest[start + 2..].find("%}") else { break };
+        let end = start + 2 + len + 2;
+        let tag = &rest[start + 2..start + 2 + len];
         let word = tag.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
         out.push_str(&rest[..start]);
         if word != "generation" && word != "endgeneration" {
-            out.push_str(&rest[start..start + len + 2]);
+            out.push_str(&rest[start..end]);
         }
-        rest = &rest[start + len + 2..];
+        rest = &rest[end..];
     }
     out.push_str(rest);
     out
@@ -52,4 +54,20 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool)
     let tmpl = env.get_template("chat").map_err(|e| anyhow!("chat template: {e}"))?;
     tmpl.render(context! { messages => msgs, add_generation_prompt => add_generation_prompt, tools => None::<Vec<()>> })
         .map_err(|e| anyhow!("rendering the chat template: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_tags_go_and_other_tags_stay() {
+        assert_eq!(strip_generation_tags("a{% generation %}b{%- endgeneration -%}c{% if x %}d{% endif %}"), "abc{% if x %}d{% endif %}");
+        // "{%}": the opening and a closing would overlap (found by fuzzing; it panicked)
+        assert_eq!(strip_generation_tags("x{%}y"), "x{%}y");
+        assert_eq!(strip_generation_tags("{%}%}z"), "{%}%}z");
+        assert_eq!(strip_generation_tags("{% generation"), "{% generation");
+        let e = render("{%}", &[Message::new("user", "hi")], true).unwrap_err().to_string();
+        assert!(e.contains("does not parse"), "{e}");
+    }
 }
