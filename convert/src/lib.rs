@@ -8,6 +8,8 @@
 //! - [`synth`]: random-weight checkpoints in MiniMax's on-disk format, any size.
 
 #![forbid(unsafe_code)]
+// No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod error;
 pub mod plan;

@@ -5,6 +5,8 @@
 //! safe function that checks lengths first.
 
 #![deny(unsafe_code)]
+// No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod cpu;
 pub mod cuda;

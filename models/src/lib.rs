@@ -10,6 +10,8 @@
 //! Weights and the forward pass follow.
 
 #![forbid(unsafe_code)]
+// No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod config;
 pub mod engine;

@@ -12,6 +12,8 @@
 //! call of the reader.
 
 #![deny(unsafe_code)]
+// No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod blocks;
 pub mod convert;

@@ -3,6 +3,8 @@
 //! and .npy output.
 
 #![forbid(unsafe_code)]
+// No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bench_cmd;
 pub mod calibrate_cmd;

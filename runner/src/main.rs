@@ -3,6 +3,8 @@
 //! and reports errors (one line on stderr, exit status 1).
 
 #![forbid(unsafe_code)]
+// No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 use mxr::{bench_cmd, calibrate_cmd, chat_cmd, convert_cmd, inspect, plan_cmd, ppl_cmd, run_cmd};
 

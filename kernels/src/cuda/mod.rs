@@ -213,7 +213,7 @@ impl Gpu {
     }
 
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(|e| oom_or("upload", host.len() * std::mem::size_of::<T>(), e))
+        self.stream.clone_htod(host).map_err(|e| oom_or("upload", std::mem::size_of_val(host), e))
     }
 
     pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {

@@ -184,7 +184,7 @@ impl Gpu {
     /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
     /// 32 values, as ggml's Q8_0 activations (dequant.cu, `quantize_act`).
     pub fn quantize_act(&self, x: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<QAct> {
-        if cols % 32 != 0 {
+        if !cols.is_multiple_of(32) {
             return Err(KernelError::Shape(format!("quantize_act: {cols} columns are not blocks of 32")));
         }
         need("quantize_act", "x", n * cols, x.len())?;
@@ -204,7 +204,7 @@ impl Gpu {
         }
         let (r, c) = (int("to_bf16", w.rows)?, int("to_bf16", w.cols)?);
         let src = w.expert(e);
-        if w.cols % 8 != 0 {
+        if !w.cols.is_multiple_of(8) {
             let name = match w.qtype {
                 QType::BF16 => "to_bf16_scalar_bf16",
                 QType::F16 => "to_bf16_scalar_f16",
@@ -219,7 +219,7 @@ impl Gpu {
     pub fn gather_embed(&self, w: &GpuMatrix, ids: &CudaSlice<i32>, n: usize, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
         need("gather_embed", "ids", n, ids.len())?;
         need("gather_embed", "out", n * w.cols, out.len())?;
-        let per_thread = if w.cols % 8 == 0 { 8 } else { 1 };
+        let per_thread = if w.cols.is_multiple_of(8) { 8 } else { 1 };
         let cfg = LaunchConfig {
             grid_dim: ((w.cols as u32).div_ceil(128 * per_thread).max(1), int("gather_embed", n)? as u32, 1),
             block_dim: (128, 1, 1),
@@ -429,7 +429,7 @@ impl Gpu {
         pos: &CudaSlice<i32>,
     ) -> Result<()> {
         need("rope", "x", n_tokens * width, x.len())?;
-        if head_dim == 0 || width % head_dim != 0 || rotary_dim > head_dim || rotary_dim % 2 != 0 {
+        if head_dim == 0 || !width.is_multiple_of(head_dim) || rotary_dim > head_dim || !rotary_dim.is_multiple_of(2) {
             return Err(KernelError::Shape(format!("rope: width {width}, head_dim {head_dim}, rotary_dim {rotary_dim}")));
         }
         let n = n_tokens * (width / head_dim) * (rotary_dim / 2);
@@ -481,7 +481,7 @@ impl Gpu {
             65..=128 => "attend_128",
             _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
         };
-        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 8 {
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > 8 {
             return Err(KernelError::Shape(format!(
                 "attention: {n_heads} query heads over {n_kv_heads} KV heads (prefill takes groups of at most 8)"
             )));
@@ -530,7 +530,7 @@ impl Gpu {
             65..=128 => "attend_split_128",
             _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
         };
-        if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 16 {
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > 16 {
             return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
         }
         let splits = splits.clamp(1, 1024);

@@ -185,6 +185,7 @@ impl GpuModel {
     /// The layers and the head over `n` tokens whose ids are in `ids` (device), starting at
     /// the position in `pos` (device; `pos_host` is the same number, for shape checks).
     /// Queues work only: nothing here waits for the GPU unless profiling is on.
+    #[allow(clippy::too_many_arguments)]
     fn body(
         &self,
         host: Option<&Model>,
