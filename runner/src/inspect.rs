@@ -12,10 +12,37 @@ use mxr_models::{layer_pattern, names, Config};
 use mxr_quant::gguf::{keys, Array, GgufFile, Header, Value};
 use serde_json::{json, Value as Json};
 
-pub fn run(path: &Path, as_json: bool) -> Result<()> {
+pub fn run(path: &Path, as_json: bool, check: bool) -> Result<()> {
     let file = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    if check {
+        return run_check(path, &file);
+    }
     let out = io::stdout().lock();
     if as_json { write_json(out, &file) } else { write_table(out, &file) }.or_else(ignore_broken_pipe)
+}
+
+/// `--check`: NaN and infinity in any tensor is an error listing the tensors.
+fn run_check(path: &Path, file: &GgufFile) -> Result<()> {
+    let started = std::time::Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (found, skipped) = crate::check::check(file, threads);
+    let values: u64 = file.header().tensors().iter().map(|t| t.n_elements).sum();
+    for name in &skipped {
+        eprintln!("not checked (a type mxr does not decode): {name}");
+    }
+    if found.is_empty() {
+        println!(
+            "{}: {} tensors, {:.3} G values, all finite ({:.1} s)",
+            path.display(),
+            file.header().tensors().len() - skipped.len(),
+            values as f64 / 1e9,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let lines: Vec<String> =
+        found.iter().map(|f| format!("{}: {} NaN, {} infinite (first at element {})", f.tensor, f.nan, f.inf, f.first)).collect();
+    anyhow::bail!("{}: {} tensors hold non-finite values:\n{}", path.display(), found.len(), lines.join("\n"))
 }
 
 /// `mxr inspect f.gguf | head` must not fail.

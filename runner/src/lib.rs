@@ -9,6 +9,7 @@
 pub mod bench_cmd;
 pub mod calibrate_cmd;
 pub mod chat_cmd;
+pub mod check;
 pub mod convert_cmd;
 pub mod inspect;
 pub mod kernel_bench;

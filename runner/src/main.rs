@@ -31,6 +31,9 @@ enum Command {
         /// Print JSON (every metadata value in full) instead of the human table.
         #[arg(long)]
         json: bool,
+        /// Read every tensor and fail if any value is NaN or infinite.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
     },
     /// Generate text from a prompt (one shot), streaming to stdout.
     Run(run_cmd::RunArgs),
@@ -53,7 +56,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Inspect { file, json, check } => inspect::run(&file, json, check),
         Command::Run(a) => run_cmd::run(a),
         Command::Chat(a) => chat_cmd::run(a),
         Command::Ppl(a) => ppl_cmd::run(a),

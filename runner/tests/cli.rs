@@ -430,3 +430,30 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("--preset minimax-text-01"));
 }
+
+#[test]
+fn inspect_check_finds_nan_and_infinity() {
+    let dir = tempdir("cli-check");
+    let gguf = dir.join("f32.gguf");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap(), "--type", "f32"]).status.success());
+    let ok = mxr(&["inspect", "--check", gguf.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("all finite"));
+    // Damage two values of one tensor: a NaN (element 5) and an infinity (element 9).
+    let (start, name) = {
+        let f = mxr_quant::gguf::GgufFile::open(&gguf).unwrap();
+        let info = f.header().tensors().iter().find(|t| t.name == "blk.1.attn_output.weight").unwrap().clone();
+        (f.header().data_range(&info).start, info.name)
+    };
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    bytes[start + 5 * 4..start + 6 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    bytes[start + 9 * 4..start + 10 * 4].copy_from_slice(&f32::NEG_INFINITY.to_le_bytes());
+    let bad = dir.join("bad.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = mxr(&["inspect", "--check", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("{name}: 1 NaN, 1 infinite (first at element 5)")) && !err.contains("panicked"), "{err}");
+    assert!(err.contains("1 tensors hold non-finite values"), "{err}");
+}
