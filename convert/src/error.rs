@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // The I/O error is part of the message, not a `source` (anyhow's chain would print it twice).
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{}: {reason}", path.display())]
     BadFile { path: PathBuf, reason: String },
     #[error("tensor `{tensor}` in {}: {reason}", path.display())]
@@ -23,6 +24,6 @@ pub enum ConvertError {
 
 impl ConvertError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ConvertError::Io { path: path.into(), source }
+        ConvertError::Io { path: path.into(), err: source }
     }
 }

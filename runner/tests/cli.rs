@@ -457,3 +457,68 @@ fn inspect_check_finds_nan_and_infinity() {
     assert!(err.contains(&format!("{name}: 1 NaN, 1 infinite (first at element 5)")) && !err.contains("panicked"), "{err}");
     assert!(err.contains("1 tensors hold non-finite values"), "{err}");
 }
+
+#[test]
+fn bad_stdin_and_unwritable_outputs_are_clear_errors() {
+    use std::io::Write as _;
+    let dir = tempdir("cli-outputs");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    let gguf = dir.join("q8.gguf");
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap()]).status.success());
+    let g = gguf.to_str().unwrap();
+    // invalid UTF-8 and nothing at all on standard input
+    for (input, needle) in [(&b"\xff\xfe ROMEO"[..], "not valid UTF-8"), (&b""[..], "the prompt is empty")] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mxr"))
+            .args(["run", "-m", g, "-n", "2", "--device", "cpu"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
+    // outputs into a directory that does not exist: the path is named, nothing is left
+    let missing = dir.join("no/such/dir");
+    let cases: Vec<Vec<String>> = vec![
+        vec!["convert".into(), golden.to_str().unwrap().into(), "-o".into(), missing.join("x.gguf").to_str().unwrap().into()],
+        vec![
+            "run".into(),
+            "-m".into(),
+            g.into(),
+            "-p".into(),
+            "x".into(),
+            "-n".into(),
+            "0".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--dump-logits".into(),
+            missing.join("l.npy").to_str().unwrap().into(),
+        ],
+        vec![
+            "calibrate".into(),
+            "-m".into(),
+            g.into(),
+            "-f".into(),
+            repo_root().join("convert/src/synth/corpus.txt").to_str().unwrap().into(),
+            "--max-tokens".into(),
+            "20".into(),
+            "--device".into(),
+            "cpu".into(),
+            "-o".into(),
+            missing.join("s.json").to_str().unwrap().into(),
+        ],
+    ];
+    for args in &cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = mxr(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("no/such/dir") && err.contains("No such file or directory") && !err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.matches("No such file or directory").count(), 1, "the OS error once: {err}");
+    }
+    assert!(!dir.join("no").exists());
+}

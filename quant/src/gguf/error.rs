@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // The I/O error is part of the message, not a `source` (anyhow's chain would print it twice).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("file ends at byte {len} while reading {what} at offset {offset} ({need} more bytes needed)")]
     Truncated { what: String, offset: u64, need: u64, len: u64 },
     #[error("not a gguf file: magic is {found:02x?} (expected \"GGUF\")")]
@@ -48,6 +49,6 @@ pub enum FormatError {
 
 impl FormatError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        FormatError::Io { path: path.into(), source }
+        FormatError::Io { path: path.into(), err: source }
     }
 }
