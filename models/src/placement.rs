@@ -100,7 +100,7 @@ impl Sizes {
 }
 
 /// The layer of a stacked expert tensor `blk.{l}.ffn_{gate,up,down}_exps.weight`.
-fn expert_layer(name: &str) -> Option<usize> {
+pub fn expert_layer(name: &str) -> Option<usize> {
     let rest = name.strip_prefix("blk.")?;
     let (l, t) = rest.split_once('.')?;
     t.contains("_exps").then(|| l.parse().ok()).flatten()

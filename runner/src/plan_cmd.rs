@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use mxr_models::config::minimax_text_01;
 use mxr_models::names::{self, blk};
-use mxr_models::placement::{plan, ExpertStats, Policy, Sizes};
+use mxr_models::placement::{expert_layer, plan, ExpertStats, Policy, Sizes};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
 
@@ -125,10 +125,6 @@ fn kind(name: &str) -> &'static str {
     }
 }
 
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()
-}
-
 /// Card memory as nvidia-smi reports it.
 fn card(name: &str) -> Result<(usize, u64)> {
     if name.eq_ignore_ascii_case("none") {
@@ -186,10 +182,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
             e.1 += it.params;
             e.2 += it.bytes;
         }
-        if k == "experts" {
-            if let Some(l) = layer_of(&it.name).filter(|&l| l < c.n_layers) {
-                expert[l] += it.bytes / c.n_experts as u64;
-            }
+        if let Some(l) = expert_layer(&it.name).filter(|&l| l < c.n_layers) {
+            expert[l] += it.bytes / c.n_experts as u64;
         }
     }
     let get = |k: &str| by_kind.iter().find(|e| e.0 == k).map_or((0, 0), |e| (e.1, e.2));

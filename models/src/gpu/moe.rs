@@ -5,7 +5,7 @@
 //! expert runs three tensor-core products over its tokens; results land in per-(token,
 //! choice) rows that one kernel combines with the routing weights.
 
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut};
 
 use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
@@ -37,19 +37,11 @@ impl GpuModel {
         counts: &mut CudaSlice<u32>,
     ) -> Result<CudaSlice<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
-        let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
+        let (d, k) = (c.dim, c.n_experts_used);
         let (ids, weights) = self.route(layer, x, n, counts)?;
         let mut y = g.alloc::<f32>(n * k * d)?;
         if n <= MATVEC_MAX_TOKENS {
-            let mut gate = g.alloc::<f32>(n * k * h)?;
-            let mut up = g.alloc::<f32>(n * k * h)?;
-            // one quantization of x for both products
-            let act = if quantized(layer.gate_exps.qtype) { Some(g.quantize_act(&x.slice(..n * d), n, d)?) } else { None };
-            g.matvec_with(&layer.gate_exps, Some(&ids), x, act.as_ref(), k, n * k, &mut gate.as_view_mut())?;
-            g.matvec_with(&layer.up_exps, Some(&ids), x, act.as_ref(), k, n * k, &mut up.as_view_mut())?;
-            let mut act = g.alloc::<f32>(n * k * h)?;
-            g.swiglu(&gate.as_view(), &up.as_view(), &mut act.as_view_mut())?;
-            g.matvec(&layer.down_exps, Some(&ids), &act.as_view(), 1, n * k, &mut y.as_view_mut())?;
+            self.experts_matvec(layer, &ids, x, n, k, n * k, &mut y.as_view_mut())?;
         } else {
             let host_ids = g.download(&ids.as_view())?;
             let mut pairs: Vec<Vec<i32>> = vec![Vec::new(); c.n_experts];
@@ -60,26 +52,69 @@ impl GpuModel {
                     .ok_or_else(|| ModelError::Input(format!("GPU router chose expert {e}")))?;
                 pairs[e].push(p as i32);
             }
-            let most = pairs.iter().map(Vec::len).max().unwrap_or(0);
-            let mut xs = g.alloc::<f32>(most * d)?;
-            let mut gate = g.alloc::<f32>(most * h)?;
-            let mut up = g.alloc::<f32>(most * h)?;
-            let mut act = g.alloc::<f32>(most * h)?;
-            let mut ys = g.alloc::<f32>(most * d)?;
-            for (e, ps) in pairs.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-                let m = ps.len();
-                let idx = g.upload(ps)?;
-                g.gather_rows(x, &idx.as_view(), k, m, d, &mut xs.as_view_mut())?;
-                let mut xb = Bf16Input::default();
-                self.gemm_with(&layer.gate_exps, e, &xs.as_view(), &mut xb, m, &mut gate.slice_mut(..m * h))?;
-                self.gemm_with(&layer.up_exps, e, &xs.as_view(), &mut xb, m, &mut up.slice_mut(..m * h))?;
-                g.swiglu(&gate.slice(..m * h), &up.slice(..m * h), &mut act.slice_mut(..m * h))?;
-                self.gemm(&layer.down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
-                g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
-            }
+            self.experts_grouped(layer, &pairs, x, k, &mut y.as_view_mut())?;
         }
         let mut out = g.alloc::<f32>(n * d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), n, k, d, &mut out.as_view_mut())?;
         Ok(out)
+    }
+
+    /// y [pairs, dim] = E_{ids[p]}(x[p / x_div]) for every pair: matrix-vector products that
+    /// read the expert ids from device memory; x has `x_rows` rows, quantized once for the
+    /// gate and up products.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn experts_matvec(
+        &self,
+        layer: &GpuLayer,
+        ids: &CudaSlice<i32>,
+        x: &CudaView<'_, f32>,
+        x_rows: usize,
+        x_div: usize,
+        pairs: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (d, h) = (c.dim, c.hidden_dim);
+        let mut gate = g.alloc::<f32>(pairs * h)?;
+        let mut up = g.alloc::<f32>(pairs * h)?;
+        let act = if quantized(layer.gate_exps.qtype) { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
+        g.matvec_with(&layer.gate_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut gate.as_view_mut())?;
+        g.matvec_with(&layer.up_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut up.as_view_mut())?;
+        let mut a = g.alloc::<f32>(pairs * h)?;
+        g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
+        g.matvec(&layer.down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
+        Ok(())
+    }
+
+    /// Tensor-core products grouped by expert: groups[e] lists the output rows that stack
+    /// entry e computes; row i reads x row i / x_div and is written to y row i.
+    pub(crate) fn experts_grouped(
+        &self,
+        layer: &GpuLayer,
+        groups: &[Vec<i32>],
+        x: &CudaView<'_, f32>,
+        x_div: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (d, h) = (c.dim, c.hidden_dim);
+        let most = groups.iter().map(Vec::len).max().unwrap_or(0);
+        let mut xs = g.alloc::<f32>(most * d)?;
+        let mut gate = g.alloc::<f32>(most * h)?;
+        let mut up = g.alloc::<f32>(most * h)?;
+        let mut act = g.alloc::<f32>(most * h)?;
+        let mut ys = g.alloc::<f32>(most * d)?;
+        for (e, rows) in groups.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            let m = rows.len();
+            let idx = g.upload(rows)?;
+            g.gather_rows(x, &idx.as_view(), x_div, m, d, &mut xs.as_view_mut())?;
+            let mut xb = Bf16Input::default();
+            self.gemm_with(&layer.gate_exps, e, &xs.as_view(), &mut xb, m, &mut gate.slice_mut(..m * h))?;
+            self.gemm_with(&layer.up_exps, e, &xs.as_view(), &mut xb, m, &mut up.slice_mut(..m * h))?;
+            g.swiglu(&gate.slice(..m * h), &up.slice(..m * h), &mut act.slice_mut(..m * h))?;
+            self.gemm(&layer.down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
+            g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, y)?;
+        }
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@
 //! combines them with the routing weights.
 
 use mxr_kernels::cpu::Threads;
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView};
+use mxr_kernels::cuda::{CudaSlice, CudaView};
 
 use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::ops::{linear, silu};
@@ -58,39 +58,14 @@ impl GpuModel {
             let mut ys = g.alloc::<f32>(m * d)?;
             if m <= MATVEC_MAX_TOKENS * k {
                 let sl = g.upload(&hot_slots)?;
-                let mut gate = g.alloc::<f32>(m * h)?;
-                let mut up = g.alloc::<f32>(m * h)?;
-                let act = if quantized(layer.gate_exps.qtype) { Some(g.quantize_act(&xs.as_view(), m, d)?) } else { None };
-                g.matvec_with(&layer.gate_exps, Some(&sl), &xs.as_view(), act.as_ref(), 1, m, &mut gate.as_view_mut())?;
-                g.matvec_with(&layer.up_exps, Some(&sl), &xs.as_view(), act.as_ref(), 1, m, &mut up.as_view_mut())?;
-                let mut a = g.alloc::<f32>(m * h)?;
-                g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
-                g.matvec(&layer.down_exps, Some(&sl), &a.as_view(), 1, m, &mut ys.as_view_mut())?;
+                self.experts_matvec(layer, &sl, &xs.as_view(), m, 1, m, &mut ys.as_view_mut())?;
             } else {
                 // grouped by slot: the rows of xs that go to each resident expert
                 let mut by_slot: Vec<Vec<i32>> = vec![Vec::new(); layer.gate_exps.n_experts];
                 for (i, &s) in hot_slots.iter().enumerate() {
                     by_slot[s as usize].push(i as i32);
                 }
-                let most = by_slot.iter().map(Vec::len).max().unwrap_or(0);
-                let (mut xe, mut gate, mut up, mut a, mut ye) = (
-                    g.alloc::<f32>(most * d)?,
-                    g.alloc::<f32>(most * h)?,
-                    g.alloc::<f32>(most * h)?,
-                    g.alloc::<f32>(most * h)?,
-                    g.alloc::<f32>(most * d)?,
-                );
-                for (s, rows) in by_slot.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                    let r = rows.len();
-                    let ri = g.upload(rows)?;
-                    g.gather_rows(&xs.as_view(), &ri.as_view(), 1, r, d, &mut xe.as_view_mut())?;
-                    let mut xb = super::Bf16Input::default();
-                    self.gemm_with(&layer.gate_exps, s, &xe.as_view(), &mut xb, r, &mut gate.slice_mut(..r * h))?;
-                    self.gemm_with(&layer.up_exps, s, &xe.as_view(), &mut xb, r, &mut up.slice_mut(..r * h))?;
-                    g.swiglu(&gate.slice(..r * h), &up.slice(..r * h), &mut a.slice_mut(..r * h))?;
-                    self.gemm(&layer.down_exps, s, &a.as_view(), r, &mut ye.slice_mut(..r * d))?;
-                    g.scatter_rows(&ye.as_view(), &ri.as_view(), r, d, &mut ys.as_view_mut())?;
-                }
+                self.experts_grouped(layer, &by_slot, &xs.as_view(), 1, &mut ys.as_view_mut())?;
             }
             g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
         }
