@@ -95,8 +95,9 @@ pub fn run(g: &Gpu) -> Result<()> {
         let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
         let pos = g.upload(&[(depth - 1) as i32])?;
         let mut out = g.zeros::<f32>(heads * hd)?;
+        let splits = Gpu::decode_splits(depth);
         let s = time(g, 20, || {
-            Ok(g.attend(&q.as_view(), &kc.as_view(), &vc.as_view(), &mut out.as_view_mut(), 1, heads, 8, hd, &pos, depth - 1)?)
+            Ok(g.attend_decode(&q.as_view(), &kc.as_view(), &vc.as_view(), &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?)
         })?;
         row("attention decode", "f32 KV", &format!("depth {depth}"), s, (2 * depth * kv_dim * 4) as f64);
     }

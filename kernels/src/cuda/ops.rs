@@ -511,6 +511,13 @@ impl Gpu {
     /// keys into `splits` parts scanned in parallel, then combined. `splits` must not
     /// depend on the position when the call is captured into a graph.
     #[allow(clippy::too_many_arguments)]
+    /// The key-split count for decode attention over a cache of `capacity` positions:
+    /// enough blocks to fill the GPU at any depth, fixed per cache so that one captured
+    /// decode graph serves every position.
+    pub fn decode_splits(capacity: usize) -> usize {
+        capacity.div_ceil(256).clamp(1, 128)
+    }
+
     pub fn attend_decode(
         &self,
         q: &CudaView<'_, f32>,

@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{CudaSlice, Graph};
+use mxr_kernels::cuda::{CudaSlice, Gpu, Graph};
 
 use super::{GpuAttention, GpuModel};
 use crate::forward::attention::KvCache;
@@ -240,9 +240,7 @@ impl GpuModel {
                         let (qv, kv, vv) = (qs.as_view(), kc.as_view(), vc.as_view());
                         let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
                         if n == 1 {
-                            // split over the keys: enough blocks to fill the GPU at any depth;
-                            // fixed per session, so the decode graph serves every position
-                            let splits = session.capacity.div_ceil(256).clamp(1, 128);
+                            let splits = Gpu::decode_splits(session.capacity);
                             g.attend_decode(&qv, &kv, &vv, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits)?;
                         } else {
                             g.attend(&qv, &kv, &vv, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host)?;

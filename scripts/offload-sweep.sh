@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 7's offload measurement: decode speed of a slice (default S2x32) with GPU budgets
+# that hold about 25%, 50% and 75% of its experts, against all experts on the GPU and all
+# on the CPU (--cpu-moe). Budgets come from `mxr plan` (the runner's own planner), so each
+# row holds the stated share of experts.
+#   scripts/offload-sweep.sh [SLICE] [bench args...]     (GPU machine; mxr from $MXR)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MXR=${MXR:-carry/gpu/mxr}
+SLICES=${SLICES:-/tmp/mxr-slices}
+name=${1:-S2x32}
+shift || true
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(-p 0 -n 64 -r 3)
+scripts/bench-slice.sh "$name" --help >/dev/null  # builds the slice if needed
+gguf="$SLICES/$name.gguf"
+# the smallest budget (GiB, 1/8 steps) at which the plan holds at least `want` experts
+budget_for() {
+    local want=$1 lo=1 hi=1024
+    while [ $((hi - lo)) -gt 1 ]; do
+        local mid=$(((lo + hi) / 2))
+        local got
+        got=$("$MXR" plan -m "$gguf" --gpu-mem "$(echo "scale=3; $mid/8" | bc)" --expert-stats "$stats" --json 2>/dev/null |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["experts_on_gpu"])' 2>/dev/null || echo -1)
+        if [ "$got" -ge "$want" ]; then hi=$mid; else lo=$mid; fi
+    done
+    echo "scale=3; $hi/8" | bc
+}
+# routing statistics, so that the budgets keep the popular experts on the GPU
+stats="$SLICES/$name-stats.json"
+[ -f "$stats" ] || "$MXR" calibrate -m "$gguf" -f "${PROMPT:-carry/data/prompt.txt}" -o "$stats" --max-tokens 1024
+total=$("$MXR" plan -m "$gguf" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["experts"])')
+for pct in 25 50 75; do
+    gib=$(budget_for $((total * pct / 100)))
+    echo "== $pct% of $total experts: --gpu-mem $gib"
+    "$MXR" bench -m "$gguf" --gpu-mem "$gib" --expert-stats "$stats" "${args[@]}"
+done
+echo "== all experts on the GPU"
+"$MXR" bench -m "$gguf" "${args[@]}"
+echo "== --cpu-moe"
+"$MXR" bench -m "$gguf" --cpu-moe "${args[@]}"
