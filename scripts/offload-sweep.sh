@@ -14,17 +14,21 @@ args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(-p 0 -n 64 -r 3)
 scripts/bench-slice.sh "$name" --help >/dev/null  # builds the slice if needed
 gguf="$SLICES/$name.gguf"
-# the smallest budget (GiB, 1/8 steps) at which the plan holds at least `want` experts
+# the smallest budget (GiB, in 1/8 steps) at which the plan holds at least `want` experts
 budget_for() {
-    local want=$1 lo=1 hi=1024
-    while [ $((hi - lo)) -gt 1 ]; do
-        local mid=$(((lo + hi) / 2))
-        local got
-        got=$("$MXR" plan -m "$gguf" --gpu-mem "$(echo "scale=3; $mid/8" | bc)" --expert-stats "$stats" --json 2>/dev/null |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["experts_on_gpu"])' 2>/dev/null || echo -1)
-        if [ "$got" -ge "$want" ]; then hi=$mid; else lo=$mid; fi
-    done
-    echo "scale=3; $hi/8" | bc
+    python3 - "$MXR" "$gguf" "$stats" "$1" <<'PY'
+import json, subprocess, sys
+mxr, gguf, stats, want = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def held(gib):
+    r = subprocess.run([mxr, "plan", "-m", gguf, "--gpu-mem", str(gib), "--expert-stats", stats, "--json"],
+                       capture_output=True, text=True)
+    return json.loads(r.stdout)["experts_on_gpu"] if r.returncode == 0 else -1
+lo, hi = 1, 8 * 1024
+while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if held(mid / 8) >= want else (mid, hi)
+print(hi / 8)
+PY
 }
 # routing statistics, so that the budgets keep the popular experts on the GPU
 stats="$SLICES/$name-stats.json"
