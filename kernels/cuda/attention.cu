@@ -23,10 +23,30 @@ extern "C" __global__ void rope(float* x, int n_tokens, int width, int head_dim,
     p[i + half] = b * c + a * s;
 }
 
-// cache[*pos + t, :] = src[t, :] for t < n_tokens (rows of `width`).
-extern "C" __global__ void kv_append(const float* src, float* cache, const int* pos, int n_tokens, int width) {
+// cache[*pos + t, :] = src[t, :] for t < n_tokens (rows of `width`), f32 or bf16 cache
+// (rounded to nearest even).
+__device__ __forceinline__ void kv_store(float* c, float v) { *c = v; }
+__device__ __forceinline__ void kv_store(u16* c, float v) { *c = f32_to_bf16(v); }
+__device__ __forceinline__ float kv_load(const float* c) { return *c; }
+__device__ __forceinline__ float kv_load(const u16* c) { return bf16_to_f32(*c); }
+// four consecutive elements (16-byte aligned for f32, 8-byte for bf16)
+__device__ __forceinline__ float4 kv_load4(const float* c) { return *(const float4*)c; }
+__device__ __forceinline__ float4 kv_load4(const u16* c) {
+    uint2 u = *(const uint2*)c;
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+
+template <typename KV>
+__device__ void kv_append(const float* src, KV* cache, const int* pos, int n_tokens, int width) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (long long)n_tokens * width) cache[(size_t)(*pos) * width + i] = src[i];
+    if (i < (long long)n_tokens * width) kv_store(cache + (size_t)(*pos) * width + i, src[i]);
+}
+extern "C" __global__ void kv_append_f32(const float* src, float* cache, const int* pos, int n_tokens, int width) {
+    kv_append(src, cache, pos, n_tokens, width);
+}
+extern "C" __global__ void kv_append_bf16(const float* src, u16* cache, const int* pos, int n_tokens, int width) {
+    kv_append(src, cache, pos, n_tokens, width);
 }
 
 #define TILE 32
@@ -43,8 +63,8 @@ struct Stage {
 
 // Loads keys and values j0 .. min(j0 + TILE, end) of KV head g into kt / vt (zeros past
 // `end` and past hd), with 16-byte loads when rows allow them. Whole block.
-template <int HD>
-__device__ void stage_tile(float (*kt)[TILE], float (*vt)[HD], const float* kc, const float* vc, int g, int kv_dim, int hd, int j0, int end) {
+template <int HD, typename KV>
+__device__ void stage_tile(float (*kt)[TILE], float (*vt)[HD], const KV* kc, const KV* vc, int g, int kv_dim, int hd, int j0, int end) {
     if ((hd & 3) == 0) {
         // keys: consecutive threads take consecutive keys (conflict-free transposed
         // stores); values: consecutive threads take consecutive columns (coalesced)
@@ -52,7 +72,7 @@ __device__ void stage_tile(float (*kt)[TILE], float (*vt)[HD], const float* kc, 
         for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
             int j = i % TILE, c = (i / TILE) * 4;
             bool ok = j0 + j < end && c < hd;
-            float4 k = ok ? *(const float4*)(kc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 k = ok ? kv_load4(kc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
             kt[c][j] = k.x;
             kt[c + 1][j] = k.y;
             kt[c + 2][j] = k.z;
@@ -62,7 +82,7 @@ __device__ void stage_tile(float (*kt)[TILE], float (*vt)[HD], const float* kc, 
         for (int i = threadIdx.x; i < TILE * HD / 4; i += blockDim.x) {
             int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
             bool ok = j0 + j < end && c < hd;
-            *(float4*)&vt[j][c] = ok ? *(const float4*)(vc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            *(float4*)&vt[j][c] = ok ? kv_load4(vc + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
         return;
     }
@@ -70,22 +90,22 @@ __device__ void stage_tile(float (*kt)[TILE], float (*vt)[HD], const float* kc, 
         int j = i / HD, c = i % HD;
         bool ok = j0 + j < end && c < hd;
         size_t off = (size_t)(j0 + j) * kv_dim + (size_t)g * hd + c;
-        kt[c][j] = ok ? kc[off] : 0.f;
-        vt[j][c] = ok ? vc[off] : 0.f;
+        kt[c][j] = ok ? kv_load(kc + off) : 0.f;
+        vt[j][c] = ok ? kv_load(vc + off) : 0.f;
     }
 }
 
 // Online softmax of this warp's query (st.q[warp]) over keys [j_begin, j_end) of KV head g:
 // running max m, denominator l and unnormalised output acc (lane's dims lane + 32 i).
 // Every warp of the block must call it with the same range (it synchronises the block).
-template <int HD>
-__device__ void scan(Stage<HD>& st, const float* kc, const float* vc, int g, int kv_dim, int hd, int j_begin, int j_end, float scale,
+template <int HD, typename KV>
+__device__ void scan(Stage<HD>& st, const KV* kc, const KV* vc, int g, int kv_dim, int hd, int j_begin, int j_end, float scale,
                      float& m, float& l, float* acc) {
     constexpr int PER = HD / 32;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int j0 = j_begin; j0 < j_end; j0 += TILE) {
         __syncthreads();
-        stage_tile<HD>(st.kt, st.v, kc, vc, g, kv_dim, hd, j0, j_end);
+        stage_tile<HD, KV>(st.kt, st.v, kc, vc, g, kv_dim, hd, j0, j_end);
         __syncthreads();
         float sc = 0.f;
 #pragma unroll 8
@@ -140,7 +160,7 @@ __device__ void attend(const float* q, const float* kc, const float* vc, float* 
     int end = pos0 + t0 + nq;  // keys 0..end-1 are seen by some query of the tile
     for (int j0 = 0; j0 < end; j0 += TILE) {
         __syncthreads();
-        stage_tile<HD>(kt, vt, kc, vc, g, kv_dim, hd, j0, end);
+        stage_tile<HD, float>(kt, vt, kc, vc, g, kv_dim, hd, j0, end);
         __syncthreads();
         float sc[QT];
 #pragma unroll
@@ -193,8 +213,8 @@ __device__ void attend(const float* q, const float* kc, const float* vc, float* 
 // keys 0..*pos for the group of KV head g and writes, per query head h, the partial
 // (m, l, acc[hd]) to part[(h * splits + s) * (hd + 2)]. The split count is fixed by the
 // launcher (from the cache's capacity), so a captured graph serves every position.
-template <int HD>
-__device__ void attend_split(const float* q, const float* kc, const float* vc, float* part, int n_heads, int n_kv_heads, int hd, const int* pos,
+template <int HD, typename KV>
+__device__ void attend_split(const float* q, const KV* kc, const KV* vc, float* part, int n_heads, int n_kv_heads, int hd, const int* pos,
                              float scale) {
     constexpr int PER = HD / 32;
     __shared__ Stage<HD> st;
@@ -206,7 +226,7 @@ __device__ void attend_split(const float* q, const float* kc, const float* vc, f
     float m = __int_as_float(0xff800000), l = 0.f, acc[PER];
 #pragma unroll
     for (int i = 0; i < PER; i++) acc[i] = 0.f;
-    scan<HD>(st, kc, vc, g, n_kv_heads * hd, hd, j_begin, j_end, scale, m, l, acc);
+    scan<HD, KV>(st, kc, vc, g, n_kv_heads * hd, hd, j_begin, j_end, scale, m, l, acc);
     float* p = part + ((size_t)h * splits + s) * (hd + 2);
     if (lane == 0) {
         p[0] = m;
@@ -240,9 +260,13 @@ extern "C" __global__ void attend_combine(const float* part, int splits, int hd,
                                            int n_tokens, int hd, const int* pos, float scale) {                                    \
         attend<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale);                                                 \
     }                                                                                                                                \
-    extern "C" __global__ void attend_split_##HD(const float* q, const float* kc, const float* vc, float* part, int n_heads,        \
-                                                 int n_kv_heads, int hd, const int* pos, float scale) {                               \
-        attend_split<HD>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                    \
+    extern "C" __global__ void attend_split_f32_##HD(const float* q, const float* kc, const float* vc, float* part, int n_heads,    \
+                                                     int n_kv_heads, int hd, const int* pos, float scale) {                           \
+        attend_split<HD, float>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                             \
+    }                                                                                                                                \
+    extern "C" __global__ void attend_split_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* part, int n_heads,       \
+                                                      int n_kv_heads, int hd, const int* pos, float scale) {                          \
+        attend_split<HD, u16>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                               \
     }
 
 ATTEND(32)

@@ -10,7 +10,7 @@
 //! reference applies the same quantization to x (mxr-quant's bit-exact port), so the same
 //! budget holds.
 
-use mxr_kernels::cuda::{Gpu, GpuMatrix};
+use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 use mxr_quant::reference::{dequantize_to_vec, matvec_f64, quantize_to_vec, stats::diff, stats::Rng};
 use mxr_quant::{QMatrix, QType};
@@ -312,6 +312,9 @@ fn rope_and_attention() {
         (128, 64, 64, 8, 100, 3),
         (24, 8, 4, 2, 3, 6),
         (80, 32, 6, 3, 50, 2),
+        // several query tiles and key tiles of the tensor-core kernel
+        (128, 64, 16, 2, 70, 150),
+        (64, 32, 4, 4, 0, 130),
     ] {
         let (width, kv_dim) = (heads * hd, kv_heads * hd);
         let q = Rng::new(14).normals(n * width, 1.0);
@@ -341,56 +344,66 @@ fn rope_and_attention() {
         check("rope", &case, diff(&got_q, &qr).nmse, 1e-12);
         // attention reference on the rotated q the GPU produced
         let group = heads / kv_heads;
-        let mut want = vec![0f64; n * width];
-        for t in 0..n {
-            for h in 0..heads {
-                let gk = h / group;
-                let qv = &got_q[t * width + h * hd..t * width + (h + 1) * hd];
-                let scores: Vec<f64> = (0..pos0 + t + 1)
-                    .map(|j| (0..hd).map(|c| qv[c] as f64 * kc[j * kv_dim + gk * hd + c] as f64).sum::<f64>() / (hd as f64).sqrt())
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for (j, ej) in e.iter().enumerate() {
-                    for c in 0..hd {
-                        want[t * width + h * hd + c] += ej / z * vc[j * kv_dim + gk * hd + c] as f64;
+        let reference = |kc: &[f32], vc: &[f32]| {
+            let mut want = vec![0f64; n * width];
+            for t in 0..n {
+                for h in 0..heads {
+                    let gk = h / group;
+                    let qv = &got_q[t * width + h * hd..t * width + (h + 1) * hd];
+                    let scores: Vec<f64> = (0..pos0 + t + 1)
+                        .map(|j| (0..hd).map(|c| qv[c] as f64 * kc[j * kv_dim + gk * hd + c] as f64).sum::<f64>() / (hd as f64).sqrt())
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (j, ej) in e.iter().enumerate() {
+                        for c in 0..hd {
+                            want[t * width + h * hd + c] += ej / z * vc[j * kv_dim + gk * hd + c] as f64;
+                        }
                     }
                 }
             }
-        }
-        // The cache: the first pos0 rows uploaded, the last n appended by kv_append.
-        let (mut gk, mut gv) = (g.zeros::<f32>(len * kv_dim).unwrap(), g.zeros::<f32>(len * kv_dim).unwrap());
-        g.write(&kc[..pos0 * kv_dim], &mut gk.slice_mut(..pos0 * kv_dim)).unwrap();
-        g.write(&vc[..pos0 * kv_dim], &mut gv.slice_mut(..pos0 * kv_dim)).unwrap();
-        let (nk, nv) = (g.upload(&kc[pos0 * kv_dim..]).unwrap(), g.upload(&vc[pos0 * kv_dim..]).unwrap());
-        g.kv_append(&nk.as_view(), &mut gk, &gpos, pos0, n, kv_dim).unwrap();
-        g.kv_append(&nv.as_view(), &mut gv, &gpos, pos0, n, kv_dim).unwrap();
-        assert_eq!(g.download(&gk.as_view()).unwrap(), kc, "kv_append");
-        let mut go = g.zeros::<f32>(n * width).unwrap();
-        g.attend(&gq.as_view(), &gk.as_view(), &gv.as_view(), &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0).unwrap();
-        check("attend", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
-        // The last query alone, split over the keys (decode), for several split counts.
-        let last = n - 1;
-        let gq_last = g.upload(&got_q[last * width..]).unwrap();
-        let gpos_last = g.upload(&[(pos0 + last) as i32]).unwrap();
-        for splits in [1usize, 3, 7, 64] {
-            let mut go = g.zeros::<f32>(width).unwrap();
-            g.attend_decode(
-                &gq_last.as_view(),
-                &gk.as_view(),
-                &gv.as_view(),
-                &mut go.as_view_mut(),
-                heads,
-                kv_heads,
-                hd,
-                &gpos_last,
-                pos0 + last,
-                splits,
-            )
-            .unwrap();
-            let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
-            check("attend_decode", &format!("{case}, {splits} splits"), d.nmse, 1e-10);
+            want
+        };
+        // f32 caches (exact kernels), then bf16 caches: the reference then takes the
+        // bf16-rounded keys and values; decode is exact on them, prefill (tensor cores)
+        // also rounds q and the probabilities to bf16.
+        for t in [KvType::F32, KvType::Bf16] {
+            let round = |v: &[f32]| -> Vec<f32> {
+                match t {
+                    KvType::F32 => v.to_vec(),
+                    KvType::Bf16 => v.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect(),
+                }
+            };
+            let (kr, vr) = (round(&kc), round(&vc));
+            let want = reference(&kr, &vr);
+            // The cache: the first pos0 rows written from the host, the last n appended by kv_append.
+            let (mut gk, mut gv) = (g.kv_zeros(t, len * kv_dim).unwrap(), g.kv_zeros(t, len * kv_dim).unwrap());
+            g.kv_write(&kc[..pos0 * kv_dim], &mut gk).unwrap();
+            g.kv_write(&vc[..pos0 * kv_dim], &mut gv).unwrap();
+            let (nk, nv) = (g.upload(&kc[pos0 * kv_dim..]).unwrap(), g.upload(&vc[pos0 * kv_dim..]).unwrap());
+            g.kv_append(&nk.as_view(), &mut gk, &gpos, pos0, n, kv_dim).unwrap();
+            g.kv_append(&nv.as_view(), &mut gv, &gpos, pos0, n, kv_dim).unwrap();
+            assert_eq!(g.kv_download(&gk, len * kv_dim).unwrap(), kr, "kv_append {}", t.name());
+            assert_eq!(g.kv_download(&gv, len * kv_dim).unwrap(), vr, "kv_append {}", t.name());
+            let mut go = g.zeros::<f32>(n * width).unwrap();
+            g.attend(&gq.as_view(), &gk, &gv, &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0).unwrap();
+            let (name, budget) = match t {
+                KvType::F32 => ("attend f32", 1e-10),
+                KvType::Bf16 => ("attend bf16 (tensor cores)", 2e-5),
+            };
+            check(name, &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, budget);
+            // The last query alone, split over the keys (decode), for several split counts.
+            let last = n - 1;
+            let gq_last = g.upload(&got_q[last * width..]).unwrap();
+            let gpos_last = g.upload(&[(pos0 + last) as i32]).unwrap();
+            for splits in [1usize, 3, 7, 64] {
+                let mut go = g.zeros::<f32>(width).unwrap();
+                g.attend_decode(&gq_last.as_view(), &gk, &gv, &mut go.as_view_mut(), heads, kv_heads, hd, &gpos_last, pos0 + last, splits)
+                    .unwrap();
+                let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
+                check(&format!("attend_decode {}", t.name()), &format!("{case}, {splits} splits"), d.nmse, 1e-10);
+            }
         }
     }
 }
@@ -402,6 +415,7 @@ fn kernel_cache_is_reused() {
     let first = g.warm_up().unwrap();
     let g2 = Gpu::open(0).unwrap();
     let second = g2.warm_up().unwrap();
-    println!("CHECK nvrtc cache | sources from cache: {first} then {second} | - | 7 | {}", if second == 7 { "ok" } else { "FAIL" });
-    assert_eq!(second, 7, "a second process-level open should load every module from the disk cache");
+    let all = mxr_kernels::cuda::Source::ALL.len();
+    println!("CHECK nvrtc cache | sources from cache: {first} then {second} | - | {all} | {}", if second == all { "ok" } else { "FAIL" });
+    assert_eq!(second, all, "a second process-level open should load every module from the disk cache");
 }

@@ -77,7 +77,8 @@ pub struct Sizes {
 impl Sizes {
     /// The sizes of `model` with KV room for `ctx` tokens (f32 KV, f32 lightning states,
     /// as the GPU backend keeps them) and `margin` bytes of headroom.
-    pub fn of(model: &Model, ctx: usize, margin: u64) -> Sizes {
+    /// `kv_bytes`: bytes per KV cache element (4 for f32, 2 for bf16).
+    pub fn of(model: &Model, ctx: usize, kv_bytes: usize, margin: u64) -> Sizes {
         let c = &model.config;
         let h = model.file.header();
         let mut expert = vec![0u64; c.n_layers];
@@ -92,7 +93,7 @@ impl Sizes {
         for k in &c.layers {
             state += match k {
                 crate::LayerKind::Lightning => c.n_heads as u64 * hd * hd * 4,
-                crate::LayerKind::Softmax => 2 * ctx as u64 * c.kv_dim() as u64 * 4,
+                crate::LayerKind::Softmax => 2 * ctx as u64 * c.kv_dim() as u64 * kv_bytes as u64,
             };
         }
         Sizes { non_expert, expert, state, margin }

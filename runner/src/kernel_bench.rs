@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use mxr_kernels::cuda::{Gpu, GpuMatrix};
+use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType};
 use mxr_quant::reference::quantize_to_vec;
 use mxr_quant::reference::stats::Rng;
 use mxr_quant::QType;
@@ -82,24 +82,30 @@ pub fn run(g: &Gpu) -> Result<()> {
     let mut o = g.zeros::<f32>(n * heads * hd)?;
     let s = time(g, 3, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), n, heads, hd)?))?;
     row("lightning prefill", "f32 state", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
+    // softmax attention over f32 and bf16 caches (causal: n^2 / 2 query-key pairs,
+    // 4 * hd FLOPs each per head)
     let kv_dim = 8 * hd;
-    let (kc, vc) = (g.upload(&Rng::new(7).normals(n * kv_dim, 1.0))?, g.upload(&Rng::new(8).normals(n * kv_dim, 1.0))?);
+    let (k32, v32) = (Rng::new(7).normals(n * kv_dim, 1.0), Rng::new(8).normals(n * kv_dim, 1.0));
     let q = g.upload(&Rng::new(9).normals(n * heads * hd, 1.0))?;
     let pos = g.upload(&[0i32])?;
-    let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc.as_view(), &vc.as_view(), &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0)?))?;
-    row("attention prefill", "f32 KV", "4096 tokens", s, (2 * n * kv_dim * 4) as f64);
-    for depth in [4096usize, 65536] {
-        let kv_dim = 8 * hd;
-        let kc = g.zeros::<f32>(depth * kv_dim)?;
-        let vc = g.zeros::<f32>(depth * kv_dim)?;
-        let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
-        let pos = g.upload(&[(depth - 1) as i32])?;
-        let mut out = g.zeros::<f32>(heads * hd)?;
-        let splits = Gpu::decode_splits(depth);
-        let s = time(g, 20, || {
-            Ok(g.attend_decode(&q.as_view(), &kc.as_view(), &vc.as_view(), &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?)
-        })?;
-        row("attention decode", "f32 KV", &format!("depth {depth}"), s, (2 * depth * kv_dim * 4) as f64);
+    for t in [KvType::F32, KvType::Bf16] {
+        let (mut kc, mut vc) = (g.kv_zeros(t, n * kv_dim)?, g.kv_zeros(t, n * kv_dim)?);
+        g.kv_write(&k32, &mut kc)?;
+        g.kv_write(&v32, &mut vc)?;
+        let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0)?))?;
+        let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
+        row("attention prefill", &format!("{} KV", t.name()), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, (2 * n * kv_dim * t.bytes()) as f64);
+    }
+    for t in [KvType::F32, KvType::Bf16] {
+        for depth in [4096usize, 65536] {
+            let (kc, vc) = (g.kv_zeros(t, depth * kv_dim)?, g.kv_zeros(t, depth * kv_dim)?);
+            let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
+            let pos = g.upload(&[(depth - 1) as i32])?;
+            let mut out = g.zeros::<f32>(heads * hd)?;
+            let splits = Gpu::decode_splits(depth);
+            let s = time(g, 20, || Ok(g.attend_decode(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?))?;
+            row("attention decode", &format!("{} KV", t.name()), &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);
+        }
     }
     Ok(())
 }

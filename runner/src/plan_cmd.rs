@@ -40,8 +40,9 @@ pub struct PlanArgs {
     /// Matrix type of the preset's experts.
     #[arg(long)]
     pub expert_type: Option<String>,
-    /// KV cache element type: f32 (what the GPU backend keeps today), bf16 or q8_0.
-    #[arg(long, default_value = "f32")]
+    /// KV cache element type: bf16 (the runner's default), f32 (`mxr run --kv-type f32`)
+    /// or q8_0 (not yet in the runner).
+    #[arg(long, default_value = "bf16")]
     pub kv_type: String,
     /// The GPUs: NxH100 or NxH200 (e.g. 1xH200, 4xH100), or none.
     #[arg(long, default_value = "1xH200")]

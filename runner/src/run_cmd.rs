@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use mxr_kernels::cpu::Threads;
-use mxr_kernels::cuda::Gpu;
+use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 use mxr_models::gpu::GpuModel;
@@ -56,6 +56,25 @@ pub struct ModelArgs {
     /// Keep the experts of the first N layers on the CPU (llama.cpp's --n-cpu-moe).
     #[arg(long)]
     pub n_cpu_moe: Option<usize>,
+    /// Element type of the GPU's KV cache: bf16 (half the memory; prefill attention on
+    /// tensor cores) or f32 (the CPU's exact values). The CPU always keeps f32.
+    #[arg(long, value_enum, default_value_t = KvArg::Bf16)]
+    pub kv_type: KvArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvArg {
+    F32,
+    Bf16,
+}
+
+impl KvArg {
+    pub fn kv_type(self) -> KvType {
+        match self {
+            KvArg::F32 => KvType::F32,
+            KvArg::Bf16 => KvType::Bf16,
+        }
+    }
 }
 
 /// GPU memory kept free for activations, scratch and cuBLAS workspaces.
@@ -84,7 +103,7 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<Plac
         };
         Policy::Budget(budget)
     };
-    Ok(plan(&Sizes::of(model, ctx, GPU_MARGIN), c.n_experts, stats.as_ref(), policy)?)
+    Ok(plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy)?)
 }
 
 #[derive(Args, Clone)]
@@ -203,7 +222,8 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
         eprintln!("{p}");
     }
     match GpuModel::upload_placed(model, gpu, Some(&p)) {
-        Ok(g) => {
+        Ok(mut g) => {
+            g.kv_type = a.kv_type.kv_type();
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",
                 g.weight_bytes as f64 / (1u64 << 30) as f64,
@@ -233,21 +253,21 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     let h = model.file.header();
     let (params, bytes): (u64, u64) = h.tensors().iter().fold((0, 0), |(p, b), t| (p + t.n_elements, b + t.n_bytes));
     let state_mib = c.layers.iter().filter(|k| **k == mxr_models::LayerKind::Lightning).count() * c.n_heads * c.head_dim * c.head_dim * 4;
-    let kv_per_token = c.layers.iter().filter(|k| **k == mxr_models::LayerKind::Softmax).count() * 2 * c.kv_dim() * 4;
+    let kv_elems = c.layers.iter().filter(|k| **k == mxr_models::LayerKind::Softmax).count() * 2 * c.kv_dim();
     eprintln!(
-        "model: {} layers {}, {:.2}M params, {:.2} GiB, {:.2} bits/weight, ctx {ctx}, lightning state {:.1} MiB, KV {} B/token",
+        "model: {} layers {}, {:.2}M params, {:.2} GiB, {:.2} bits/weight, ctx {ctx}, lightning state {:.1} MiB, KV {} elements/token",
         c.n_layers,
         PatternSummary(&c.layers),
         params as f64 / 1e6,
         bytes as f64 / (1u64 << 30) as f64,
         bytes as f64 * 8.0 / params.max(1) as f64,
         state_mib as f64 / (1u64 << 20) as f64,
-        kv_per_token
+        kv_elems
     );
     let backend = backend(a, &model, threads, ctx)?;
     match &backend {
-        Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels)", t.0),
-        Backend::Cuda(g) => eprintln!("device: {}", g.gpu.info()),
+        Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels), KV cache f32 ({} B/token)", t.0, kv_elems * 4),
+        Backend::Cuda(g) => eprintln!("device: {}, KV cache {} ({} B/token)", g.gpu.info(), g.kv_type.name(), kv_elems * g.kv_type.bytes()),
     }
     Ok(Loaded { model, tokenizer, threads, ctx, backend })
 }

@@ -7,6 +7,7 @@
 
 #![allow(unsafe_code)]
 
+pub mod attention;
 pub mod blas;
 pub mod matrix;
 pub mod nvrtc;
@@ -19,6 +20,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::KernelError;
+pub use attention::{KvBuf, KvType};
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct};

@@ -19,14 +19,23 @@ pub enum Source {
     Moe,
     Lightning,
     Attention,
+    Flash,
 }
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const FORMATS: &str = include_str!("../../cuda/formats.cuh");
 
 impl Source {
-    pub const ALL: [Source; 7] =
-        [Source::Matvec, Source::Dequant, Source::Norm, Source::Elementwise, Source::Moe, Source::Lightning, Source::Attention];
+    pub const ALL: [Source; 8] = [
+        Source::Matvec,
+        Source::Dequant,
+        Source::Norm,
+        Source::Elementwise,
+        Source::Moe,
+        Source::Lightning,
+        Source::Attention,
+        Source::Flash,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -37,6 +46,7 @@ impl Source {
             Source::Moe => "moe",
             Source::Lightning => "lightning",
             Source::Attention => "attention",
+            Source::Flash => "flash",
         }
     }
 
@@ -50,6 +60,7 @@ impl Source {
             Source::Moe => (false, include_str!("../../cuda/moe.cu")),
             Source::Lightning => (false, include_str!("../../cuda/lightning.cu")),
             Source::Attention => (false, include_str!("../../cuda/attention.cu")),
+            Source::Flash => (false, include_str!("../../cuda/flash.cu")),
         };
         let mut s = String::with_capacity(COMMON.len() + FORMATS.len() + body.len());
         s.push_str(COMMON);

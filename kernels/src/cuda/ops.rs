@@ -7,18 +7,18 @@ use mxr_quant::QType;
 use super::{drv, Gpu, GpuMatrix, Result, Source};
 use crate::KernelError;
 
-fn need(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {
+pub(super) fn need(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {
     if actual < expected {
         return Err(KernelError::Length { op, what, expected, actual });
     }
     Ok(())
 }
 
-fn int(op: &str, v: usize) -> Result<i32> {
+pub(super) fn int(op: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| KernelError::Shape(format!("{op}: {v} does not fit the kernel's 32-bit index")))
 }
 
-fn grid1(n: usize, block: u32) -> LaunchConfig {
+pub(super) fn grid1(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
@@ -75,6 +75,7 @@ macro_rules! launch {
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| drv(name, e))
     }};
 }
+pub(super) use launch;
 
 impl Gpu {
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
@@ -438,121 +439,5 @@ impl Gpu {
         }
         let (nt, w, hd, rd) = (int("rope", n_tokens)?, int("rope", width)?, head_dim as i32, rotary_dim as i32);
         launch!(self, Source::Attention, "rope", grid1(n, 256), x, &nt, &w, &hd, &rd, &theta, pos)
-    }
-
-    /// cache[*pos + t, :] = src[t, :] for t < n_tokens; `capacity` rows fit the cache and
-    /// `pos_host` is the value *pos holds (checked here, read by the kernel on the GPU).
-    #[allow(clippy::too_many_arguments)]
-    pub fn kv_append(
-        &self,
-        src: &CudaView<'_, f32>,
-        cache: &mut CudaSlice<f32>,
-        pos: &CudaSlice<i32>,
-        pos_host: usize,
-        n_tokens: usize,
-        width: usize,
-    ) -> Result<()> {
-        need("kv_append", "src", n_tokens * width, src.len())?;
-        need("kv_append", "cache", (pos_host + n_tokens) * width, cache.len())?;
-        let (n, w) = (int("kv_append", n_tokens)?, int("kv_append", width)?);
-        int("kv_append", (pos_host + n_tokens) * width)?;
-        launch!(self, Source::Attention, "kv_append", grid1(n_tokens * width, 256), src, cache, pos, &n, &w)
-    }
-
-    /// Causal GQA attention of n_tokens queries at positions *pos.. over caches holding
-    /// keys and values of positions 0..*pos + n_tokens (`pos_host` = *pos, for the checks).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend(
-        &self,
-        q: &CudaView<'_, f32>,
-        kc: &CudaView<'_, f32>,
-        vc: &CudaView<'_, f32>,
-        out: &mut CudaViewMut<'_, f32>,
-        n_tokens: usize,
-        n_heads: usize,
-        n_kv_heads: usize,
-        hd: usize,
-        pos: &CudaSlice<i32>,
-        pos0: usize,
-    ) -> Result<()> {
-        let name = match hd {
-            1..=32 => "attend_32",
-            33..=64 => "attend_64",
-            65..=128 => "attend_128",
-            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
-        };
-        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > 8 {
-            return Err(KernelError::Shape(format!(
-                "attention: {n_heads} query heads over {n_kv_heads} KV heads (prefill takes groups of at most 8)"
-            )));
-        }
-        need("attend", "q", n_tokens * n_heads * hd, q.len())?;
-        need("attend", "k cache", (pos0 + n_tokens) * n_kv_heads * hd, kc.len())?;
-        need("attend", "v cache", (pos0 + n_tokens) * n_kv_heads * hd, vc.len())?;
-        need("attend", "out", n_tokens * n_heads * hd, out.len())?;
-        if n_tokens == 0 {
-            return Ok(());
-        }
-        let group = (n_heads / n_kv_heads) as u32;
-        let cfg = LaunchConfig {
-            // 4 queries per block (QT in attention.cu)
-            grid_dim: ((int("attend", n_tokens)? as u32).div_ceil(4), n_kv_heads as u32, 1),
-            block_dim: (32 * group, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        int("attend", (pos0 + n_tokens) * n_kv_heads * hd)?;
-        let (h, kvh, nt, d, scale) = (n_heads as i32, n_kv_heads as i32, n_tokens as i32, hd as i32, 1.0 / (hd as f32).sqrt());
-        launch!(self, Source::Attention, name, cfg, q, kc, vc, out, &h, &kvh, &nt, &d, pos, &scale)
-    }
-}
-
-impl Gpu {
-    /// Attention of one query at position *pos (decode) over the caches, split over the
-    /// keys into `splits` parts scanned in parallel, then combined. `splits` must not
-    /// depend on the position when the call is captured into a graph.
-    #[allow(clippy::too_many_arguments)]
-    /// The key-split count for decode attention over a cache of `capacity` positions:
-    /// enough blocks to fill the GPU at any depth, fixed per cache so that one captured
-    /// decode graph serves every position.
-    pub fn decode_splits(capacity: usize) -> usize {
-        capacity.div_ceil(256).clamp(1, 128)
-    }
-
-    pub fn attend_decode(
-        &self,
-        q: &CudaView<'_, f32>,
-        kc: &CudaView<'_, f32>,
-        vc: &CudaView<'_, f32>,
-        out: &mut CudaViewMut<'_, f32>,
-        n_heads: usize,
-        n_kv_heads: usize,
-        hd: usize,
-        pos: &CudaSlice<i32>,
-        pos_host: usize,
-        splits: usize,
-    ) -> Result<()> {
-        let name = match hd {
-            1..=32 => "attend_split_32",
-            33..=64 => "attend_split_64",
-            65..=128 => "attend_split_128",
-            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
-        };
-        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > 16 {
-            return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
-        }
-        let splits = splits.clamp(1, 1024);
-        need("attend_decode", "q", n_heads * hd, q.len())?;
-        need("attend_decode", "k cache", (pos_host + 1) * n_kv_heads * hd, kc.len())?;
-        need("attend_decode", "v cache", (pos_host + 1) * n_kv_heads * hd, vc.len())?;
-        need("attend_decode", "out", n_heads * hd, out.len())?;
-        int("attend_decode", (pos_host + 1) * n_kv_heads * hd)?;
-        let mut part = self.alloc::<f32>(n_heads * splits * (hd + 2))?;
-        let group = (n_heads / n_kv_heads) as u32;
-        let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (32 * group, 1, 1), shared_mem_bytes: 0 };
-        let (h, kvh, d, scale) = (n_heads as i32, n_kv_heads as i32, hd as i32, 1.0 / (hd as f32).sqrt());
-        launch!(self, Source::Attention, name, cfg, q, kc, vc, &mut part, &h, &kvh, &d, pos, &scale)?;
-        let cfg = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        let sp = splits as i32;
-        launch!(self, Source::Attention, "attend_combine", cfg, &part, &sp, &d, out)
     }
 }

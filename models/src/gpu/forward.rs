@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{CudaSlice, Gpu, Graph};
+use mxr_kernels::cuda::{CudaSlice, Gpu, Graph, KvBuf};
 
 use super::{GpuAttention, GpuModel};
 use crate::forward::attention::KvCache;
@@ -21,8 +21,8 @@ pub struct GpuSession {
     pub capacity: usize,
     /// Per layer: the lightning state [n_heads, hd, hd] (lightning layers).
     lightning: Vec<Option<CudaSlice<f32>>>,
-    /// Per layer: K and V caches [capacity, kv_dim] (softmax layers).
-    kv: Vec<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    /// Per layer: K and V caches [capacity, kv_dim] (softmax layers), of the model's kv_type.
+    kv: Vec<Option<(KvBuf, KvBuf)>>,
     counts: Vec<CudaSlice<u32>>,
     /// The decode step's graph and its buffers (None only while a step runs).
     step: Option<Step>,
@@ -51,7 +51,8 @@ impl GpuSession {
                 }
                 LayerKind::Softmax => {
                     lightning.push(None);
-                    kv.push(Some((g.zeros::<f32>(capacity * c.kv_dim())?, g.zeros::<f32>(capacity * c.kv_dim())?)));
+                    let n = capacity * c.kv_dim();
+                    kv.push(Some((g.kv_zeros(m.kv_type, n)?, g.kv_zeros(m.kv_type, n)?)));
                 }
             }
         }
@@ -79,7 +80,7 @@ impl GpuSession {
             }
             if let Some((k, v)) = &self.kv[l] {
                 let n = self.pos * c.kv_dim();
-                s.kv[l] = KvCache { k: g.download(&k.slice(..n))?, v: g.download(&v.slice(..n))? };
+                s.kv[l] = KvCache { k: g.kv_download(k, n)?, v: g.kv_download(v, n)? };
             }
             s.expert_counts[l] = g.download(&self.counts[l].as_view())?.into_iter().map(u64::from).collect();
         }
@@ -101,8 +102,8 @@ impl GpuSession {
             }
             if let Some((k, v)) = &mut out.kv[l] {
                 let n = s.pos * c.kv_dim();
-                g.write(&s.kv[l].k, &mut k.slice_mut(..n))?;
-                g.write(&s.kv[l].v, &mut v.slice_mut(..n))?;
+                g.kv_write(&s.kv[l].k[..n], k)?;
+                g.kv_write(&s.kv[l].v[..n], v)?;
             }
             let counts: Vec<u32> = s.expert_counts[l].iter().map(|&n| n.min(u32::MAX as u64) as u32).collect();
             g.write(&counts, &mut out.counts[l].as_view_mut())?;
@@ -237,13 +238,13 @@ impl GpuModel {
                         g.kv_append(&ks.as_view(), kc, pos, pos_host, n, kv_dim)?;
                         g.kv_append(&vs.as_view(), vc, pos, pos_host, n, kv_dim)?;
                         let mut o = g.alloc::<f32>(n * a_dim)?;
-                        let (qv, kv, vv) = (qs.as_view(), kc.as_view(), vc.as_view());
+                        let qv = qs.as_view();
                         let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
                         if n == 1 {
                             let splits = Gpu::decode_splits(session.capacity);
-                            g.attend_decode(&qv, &kv, &vv, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits)?;
+                            g.attend_decode(&qv, kc, vc, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits)?;
                         } else {
-                            g.attend(&qv, &kv, &vv, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host)?;
+                            g.attend(&qv, kc, vc, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host)?;
                         }
                         (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
                     }

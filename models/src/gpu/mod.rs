@@ -13,7 +13,7 @@ mod offload;
 
 use std::sync::Mutex;
 
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType};
 use mxr_kernels::KernelError;
 
 use crate::forward::lightning::slopes;
@@ -61,6 +61,9 @@ pub struct GpuModel {
     graphs: std::sync::atomic::AtomicBool,
     /// Some experts are in host memory (the MoE then waits for the host each layer).
     pub offloaded: bool,
+    /// Element type of the KV caches of new sessions (default bf16; f32 keeps the CPU's
+    /// exact values and the f32 attention kernels).
+    pub kv_type: KvType,
 }
 
 impl GpuModel {
@@ -147,6 +150,7 @@ impl GpuModel {
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
             offloaded: placement.is_some(),
+            kv_type: KvType::Bf16,
         })
     }
 

@@ -1,0 +1,208 @@
+// Causal GQA prefill attention on tensor cores (prepended: common.cuh), over a bf16 KV
+// cache: flash-attention style, one pass over the keys with an online softmax, S = QK^T and
+// O += PV as bf16 mma.sync m16n8k16 products with f32 accumulators.
+//
+// Block = 4 warps = 64 queries (16 per warp) of one query head h; grid = (n_heads, query
+// tiles), heads fastest so that the heads sharing a KV head run together and share its keys
+// and values through L2. Keys and values go through shared memory in tiles of 64, rows
+// padded to HD + 8 values (conflict-free fragment loads). q is f32 [n_tokens, n_heads * hd]
+// at positions *pos.., scaled by scale * log2(e) as it is rounded to bf16 (so the softmax
+// uses exp2); caches are bf16 [>= *pos + n_tokens, n_kv_heads * hd]; out is f32.
+
+#define FQ 64  // queries per block
+#define FK 64  // keys per tile
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); }
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// Four 8x8 b16 matrices from shared memory; lane L gives the address of row L % 8 of
+// matrix L / 8. Without .trans lane l receives (row l/4, cols 2(l%4), +1) of each matrix;
+// with .trans (rows 2(l%4), +1, col l/4).
+__device__ __forceinline__ void ldm4(u32 (&r)[4], const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldm4t(u32 (&r)[4], const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c += a (16x16, row) * b (16x8, col)
+__device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Rows j0 .. j0 + FK of KV head g into s[FK][LD] (zeros past `end` and past hd). Whole block.
+template <int HD>
+__device__ void flash_stage(u16* s, const u16* c, int g, int kv_dim, int hd, int j0, int end) {
+    constexpr int LD = HD + 8;
+    if ((hd & 7) == 0) {
+        for (int i = threadIdx.x; i < FK * HD / 8; i += blockDim.x) {
+            int j = i / (HD / 8), d = (i % (HD / 8)) * 8;
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (j0 + j < end && d < hd) v = *(const uint4*)(c + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + d);
+            *(uint4*)(s + j * LD + d) = v;
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < FK * HD; i += blockDim.x) {
+        int j = i / HD, d = i % HD;
+        s[j * LD + d] = (j0 + j < end && d < hd) ? c[(size_t)(j0 + j) * kv_dim + (size_t)g * hd + d] : (u16)0;
+    }
+}
+
+template <int HD>
+__device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, int n_tokens, int n_heads, int n_kv_heads, int hd,
+                      const int* pos, float scale) {
+    constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, NT = FK / 8;
+    __shared__ __align__(16) u16 ks[FK * LD];
+    __shared__ __align__(16) u16 vs[FK * LD];
+    const int h = blockIdx.x, g = h / (n_heads / n_kv_heads);
+    const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int pos0 = *pos, kv_dim = n_kv_heads * hd, width = n_heads * hd;
+    const int t0 = tile * FQ + warp * 16;             // this warp's first query
+    const int r0 = t0 + gid, r1 = r0 + 8;             // this lane's two rows
+    const int end = pos0 + min(n_tokens, tile * FQ + FQ);  // keys any query of the block sees
+    const int last = pos0 + min(n_tokens - 1, t0 + 15);    // the warp's last query position
+
+    // Q fragments (A operands), scaled for exp2 and rounded to bf16.
+    const float qs = scale * 1.4426950408889634f;
+    u32 qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int r = (i & 1) ? r1 : r0, d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
+            float a = 0.f, b = 0.f;
+            if (r < n_tokens) {
+                const float* p = q + (size_t)r * width + (size_t)h * hd;
+                if (d < hd) a = p[d] * qs;
+                if (d + 1 < hd) b = p[d + 1] * qs;
+            }
+            qf[kk][i] = pack_bf16(a, b);
+        }
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = __int_as_float(0xff800000), m1 = m0, l0 = 0.f, l1 = 0.f;
+
+    for (int j0 = 0; j0 < end; j0 += FK) {
+        __syncthreads();
+        flash_stage<HD>(ks, kc, g, kv_dim, hd, j0, end);
+        flash_stage<HD>(vs, vc, g, kv_dim, hd, j0, end);
+        __syncthreads();
+        if (j0 > last) continue;  // every key of this tile is after every query of the warp
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int kk = 0; kk < KS; kk += 2) {
+                // matrices: keys nt*8.., dims kk*16 + {0, 8, 16, 24}
+                u32 b[4];
+                ldm4(b, ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+                mma(s[nt], qf[kk], b[0], b[1]);
+                if (kk + 1 < KS) mma(s[nt], qf[kk + 1], b[2], b[3]);
+            }
+        }
+        // causal mask and the online softmax; each row is spread over the 4 lanes of a group
+        const int q0 = pos0 + r0, q1 = pos0 + r1;
+        float mx0 = __int_as_float(0xff800000), mx1 = mx0;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int j = j0 + nt * 8 + tig * 2;
+            if (j > q0) s[nt][0] = __int_as_float(0xff800000);
+            if (j + 1 > q0) s[nt][1] = __int_as_float(0xff800000);
+            if (j > q1) s[nt][2] = __int_as_float(0xff800000);
+            if (j + 1 > q1) s[nt][3] = __int_as_float(0xff800000);
+            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+        }
+#pragma unroll
+        for (int o_ = 1; o_ < 4; o_ <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+        }
+        // rows past the prompt, or with no key yet, keep m = -inf: guard the exponents
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
+        float b0 = n0 == __int_as_float(0xff800000) ? 0.f : n0, b1 = n1 == __int_as_float(0xff800000) ? 0.f : n1;
+        m0 = n0;
+        m1 = n1;
+        float ps0 = 0.f, ps1 = 0.f;
+        u32 pf[NT / 2][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            float p0 = exp2f(s[nt][0] - b0), p1 = exp2f(s[nt][1] - b0), p2 = exp2f(s[nt][2] - b1), p3 = exp2f(s[nt][3] - b1);
+            ps0 += p0 + p1;
+            ps1 += p2 + p3;
+            // the C fragment of keys nt*8.. is half of the A fragment of keys (nt/2)*16..
+            pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
+            pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+        l0 = l0 * c0 + ps0;
+        l1 = l1 * c1 + ps1;
+#pragma unroll
+        for (int dt = 0; dt < DT; dt++) {
+            o[dt][0] *= c0;
+            o[dt][1] *= c0;
+            o[dt][2] *= c1;
+            o[dt][3] *= c1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < FK / 16; kk++) {
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                // matrices: keys kk*16 + {0, 8}, dims dt*8 + {0, 8}
+                u32 b[4];
+                ldm4t(b, vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dt * 8 + (lane >> 4) * 8);
+                mma(o[dt], pf[kk], b[0], b[1]);
+                mma(o[dt + 1], pf[kk], b[2], b[3]);
+            }
+        }
+    }
+    // the row sums are spread over the group's 4 lanes
+#pragma unroll
+    for (int o_ = 1; o_ < 4; o_ <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
+    }
+    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++) {
+        int d = dt * 8 + tig * 2;
+        if (r0 < n_tokens) {
+            float* p = out + (size_t)r0 * width + (size_t)h * hd;
+            if (d < hd) p[d] = o[dt][0] * i0;
+            if (d + 1 < hd) p[d + 1] = o[dt][1] * i0;
+        }
+        if (r1 < n_tokens) {
+            float* p = out + (size_t)r1 * width + (size_t)h * hd;
+            if (d < hd) p[d] = o[dt][2] * i1;
+            if (d + 1 < hd) p[d + 1] = o[dt][3] * i1;
+        }
+    }
+}
+
+#define FLASH(HD)                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) flash_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* out,    \
+                                                                     int n_heads, int n_kv_heads, int n_tokens, int hd,            \
+                                                                     const int* pos, float scale) {                                \
+        flash<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale);                                                  \
+    }
+
+FLASH(32)
+FLASH(64)
+FLASH(128)

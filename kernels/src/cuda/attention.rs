@@ -1,0 +1,241 @@
+//! The softmax layers' KV cache on the GPU and the attention launchers over it.
+//!
+//! A cache holds f32 (exact: the CPU's own values) or bf16 (half the memory and bandwidth;
+//! prefill attention then runs on tensor cores, `flash.cu`). Appends round f32 keys and
+//! values to the cache's type on the GPU; copies to and from the host convert likewise.
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
+
+use super::ops::{grid1, int, launch, need};
+use super::{drv, Gpu, Result, Source};
+use crate::KernelError;
+
+/// Element type of a KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    F32,
+    Bf16,
+}
+
+impl KvType {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// One K or V cache: [rows, kv_dim] of its element type (bf16 as raw u16 bits).
+pub enum KvBuf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl KvBuf {
+    /// Elements it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(b) => b.len(),
+            KvBuf::Bf16(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        match self {
+            KvBuf::F32(_) => KvType::F32,
+            KvBuf::Bf16(_) => KvType::Bf16,
+        }
+    }
+}
+
+impl Gpu {
+    /// A zeroed cache of `n` elements.
+    pub fn kv_zeros(&self, t: KvType, n: usize) -> Result<KvBuf> {
+        Ok(match t {
+            KvType::F32 => KvBuf::F32(self.zeros::<f32>(n)?),
+            KvType::Bf16 => KvBuf::Bf16(self.zeros::<u16>(n)?),
+        })
+    }
+
+    /// The first `n` elements as f32 (bf16 widens exactly).
+    pub fn kv_download(&self, b: &KvBuf, n: usize) -> Result<Vec<f32>> {
+        need("kv_download", "cache", n, b.len())?;
+        Ok(match b {
+            KvBuf::F32(s) => self.download(&s.slice(..n))?,
+            KvBuf::Bf16(s) => self.download(&s.slice(..n))?.into_iter().map(bf16_to_f32).collect(),
+        })
+    }
+
+    /// Writes `src` into the first src.len() elements (bf16: rounded to nearest even, as kv_append does).
+    pub fn kv_write(&self, src: &[f32], b: &mut KvBuf) -> Result<()> {
+        need("kv_write", "cache", src.len(), b.len())?;
+        match b {
+            KvBuf::F32(s) => self.write(src, &mut s.slice_mut(..src.len())),
+            KvBuf::Bf16(s) => {
+                let bits: Vec<u16> = src.iter().map(|&v| f32_to_bf16(v)).collect();
+                self.write(&bits, &mut s.slice_mut(..src.len()))
+            }
+        }
+    }
+
+    /// cache[*pos + t, :] = src[t, :] for t < n_tokens; `pos_host` is the value *pos holds
+    /// (checked here, read by the kernel on the GPU).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append(
+        &self,
+        src: &CudaView<'_, f32>,
+        cache: &mut KvBuf,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        n_tokens: usize,
+        width: usize,
+    ) -> Result<()> {
+        need("kv_append", "src", n_tokens * width, src.len())?;
+        need("kv_append", "cache", (pos_host + n_tokens) * width, cache.len())?;
+        let (n, w) = (int("kv_append", n_tokens)?, int("kv_append", width)?);
+        int("kv_append", (pos_host + n_tokens) * width)?;
+        let cfg = grid1(n_tokens * width, 256);
+        match cache {
+            KvBuf::F32(c) => launch!(self, Source::Attention, "kv_append_f32", cfg, src, c, pos, &n, &w),
+            KvBuf::Bf16(c) => launch!(self, Source::Attention, "kv_append_bf16", cfg, src, c, pos, &n, &w),
+        }
+    }
+
+    /// Causal GQA attention of n_tokens queries at positions *pos.. over caches holding
+    /// keys and values of positions 0..*pos + n_tokens (`pos_host` = *pos, for the checks).
+    /// f32 caches: the exact SIMT kernel (f32 throughout); bf16 caches: tensor cores (q and
+    /// the probabilities rounded to bf16, f32 accumulation).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &KvBuf,
+        vc: &KvBuf,
+        out: &mut CudaViewMut<'_, f32>,
+        n_tokens: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        hd: usize,
+        pos: &CudaSlice<i32>,
+        pos0: usize,
+    ) -> Result<()> {
+        let hd_class = match hd {
+            1..=32 => 32,
+            33..=64 => 64,
+            65..=128 => 128,
+            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
+        };
+        let max_group = if kc.kv_type() == KvType::F32 { 8 } else { usize::MAX };
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > max_group {
+            return Err(KernelError::Shape(format!(
+                "attention: {n_heads} query heads over {n_kv_heads} KV heads (the f32 prefill kernel takes groups of at most 8)"
+            )));
+        }
+        need("attend", "q", n_tokens * n_heads * hd, q.len())?;
+        need("attend", "k cache", (pos0 + n_tokens) * n_kv_heads * hd, kc.len())?;
+        need("attend", "v cache", (pos0 + n_tokens) * n_kv_heads * hd, vc.len())?;
+        need("attend", "out", n_tokens * n_heads * hd, out.len())?;
+        if n_tokens == 0 {
+            return Ok(());
+        }
+        int("attend", (pos0 + n_tokens) * n_kv_heads * hd)?;
+        let (h, kvh, nt, d, scale) = (n_heads as i32, n_kv_heads as i32, int("attend", n_tokens)?, hd as i32, 1.0 / (hd as f32).sqrt());
+        match (kc, vc) {
+            (KvBuf::F32(k), KvBuf::F32(v)) => {
+                let name = match hd_class {
+                    32 => "attend_32",
+                    64 => "attend_64",
+                    _ => "attend_128",
+                };
+                let group = (n_heads / n_kv_heads) as u32;
+                let cfg = LaunchConfig {
+                    // 4 queries per block (QT in attention.cu)
+                    grid_dim: ((n_tokens as u32).div_ceil(4), n_kv_heads as u32, 1),
+                    block_dim: (32 * group, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(self, Source::Attention, name, cfg, q, k, v, out, &h, &kvh, &nt, &d, pos, &scale)
+            }
+            (KvBuf::Bf16(k), KvBuf::Bf16(v)) => {
+                let name = match hd_class {
+                    32 => "flash_bf16_32",
+                    64 => "flash_bf16_64",
+                    _ => "flash_bf16_128",
+                };
+                // 64 queries per block (FQ in flash.cu), heads fastest
+                let cfg = LaunchConfig { grid_dim: (n_heads as u32, (n_tokens as u32).div_ceil(64), 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                launch!(self, Source::Flash, name, cfg, q, k, v, out, &h, &kvh, &nt, &d, pos, &scale)
+            }
+            _ => Err(KernelError::Shape("attention: K and V caches of different types".into())),
+        }
+    }
+
+    /// The key-split count for decode attention over a cache of `capacity` positions:
+    /// enough blocks to fill the GPU at any depth, fixed per cache so that one captured
+    /// decode graph serves every position.
+    pub fn decode_splits(capacity: usize) -> usize {
+        capacity.div_ceil(256).clamp(1, 128)
+    }
+
+    /// Attention of one query at position *pos (decode) over the caches, split over the
+    /// keys into `splits` parts scanned in parallel, then combined. `splits` must not
+    /// depend on the position when the call is captured into a graph.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_decode(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &KvBuf,
+        vc: &KvBuf,
+        out: &mut CudaViewMut<'_, f32>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        hd: usize,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        splits: usize,
+    ) -> Result<()> {
+        let name = match (kc.kv_type(), hd) {
+            (KvType::F32, 1..=32) => "attend_split_f32_32",
+            (KvType::F32, 33..=64) => "attend_split_f32_64",
+            (KvType::F32, 65..=128) => "attend_split_f32_128",
+            (KvType::Bf16, 1..=32) => "attend_split_bf16_32",
+            (KvType::Bf16, 33..=64) => "attend_split_bf16_64",
+            (KvType::Bf16, 65..=128) => "attend_split_bf16_128",
+            _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
+        };
+        if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > 16 {
+            return Err(KernelError::Shape(format!("attention: {n_heads} query heads over {n_kv_heads} KV heads (groups of at most 16)")));
+        }
+        let splits = splits.clamp(1, 1024);
+        need("attend_decode", "q", n_heads * hd, q.len())?;
+        need("attend_decode", "k cache", (pos_host + 1) * n_kv_heads * hd, kc.len())?;
+        need("attend_decode", "v cache", (pos_host + 1) * n_kv_heads * hd, vc.len())?;
+        need("attend_decode", "out", n_heads * hd, out.len())?;
+        int("attend_decode", (pos_host + 1) * n_kv_heads * hd)?;
+        let mut part = self.alloc::<f32>(n_heads * splits * (hd + 2))?;
+        let group = (n_heads / n_kv_heads) as u32;
+        let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (32 * group, 1, 1), shared_mem_bytes: 0 };
+        let (h, kvh, d, scale) = (n_heads as i32, n_kv_heads as i32, hd as i32, 1.0 / (hd as f32).sqrt());
+        match (kc, vc) {
+            (KvBuf::F32(k), KvBuf::F32(v)) => launch!(self, Source::Attention, name, cfg, q, k, v, &mut part, &h, &kvh, &d, pos, &scale)?,
+            (KvBuf::Bf16(k), KvBuf::Bf16(v)) => launch!(self, Source::Attention, name, cfg, q, k, v, &mut part, &h, &kvh, &d, pos, &scale)?,
+            _ => return Err(KernelError::Shape("attention: K and V caches of different types".into())),
+        }
+        let cfg = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let sp = splits as i32;
+        launch!(self, Source::Attention, "attend_combine", cfg, &part, &sp, &d, out)
+    }
+}
