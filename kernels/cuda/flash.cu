@@ -41,22 +41,27 @@ __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u3
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Rows j0 .. j0 + FK of KV head g into s[FK][LD] (zeros past `end` and past hd). Whole block.
+// 16 bytes global -> shared without passing through registers; `ok` false zero-fills
+// (src-size 0: nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Starts copying rows j0 .. j0 + FK of KV head g into s[FK][LD] (zeros past `end` and
+// past hd). Whole block; complete after cp_async_wait and __syncthreads. hd % 8 == 0.
 template <int HD>
 __device__ void flash_stage(u16* s, const u16* c, int g, int kv_dim, int hd, int j0, int end) {
     constexpr int LD = HD + 8;
-    if ((hd & 7) == 0) {
-        for (int i = threadIdx.x; i < FK * HD / 8; i += blockDim.x) {
-            int j = i / (HD / 8), d = (i % (HD / 8)) * 8;
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (j0 + j < end && d < hd) v = *(const uint4*)(c + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + d);
-            *(uint4*)(s + j * LD + d) = v;
-        }
-        return;
-    }
-    for (int i = threadIdx.x; i < FK * HD; i += blockDim.x) {
-        int j = i / HD, d = i % HD;
-        s[j * LD + d] = (j0 + j < end && d < hd) ? c[(size_t)(j0 + j) * kv_dim + (size_t)g * hd + d] : (u16)0;
+#pragma unroll
+    for (int i = threadIdx.x; i < FK * HD / 8; i += blockDim.x) {
+        int j = i / (HD / 8), d = (i % (HD / 8)) * 8;
+        bool ok = j0 + j < end && d < hd;
+        cp_async16(s + j * LD + d, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + d : c, ok);
     }
 }
 
@@ -64,8 +69,8 @@ template <int HD>
 __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, int n_tokens, int n_heads, int n_kv_heads, int hd,
                       const int* pos, float scale) {
     constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, NT = FK / 8;
-    __shared__ __align__(16) u16 ks[FK * LD];
-    __shared__ __align__(16) u16 vs[FK * LD];
+    // two stages of K and V tiles: the next tile loads while this one is used
+    extern __shared__ __align__(16) u16 smem[];
     const int h = blockIdx.x, g = h / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -97,81 +102,97 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
     for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = __int_as_float(0xff800000), m1 = m0, l0 = 0.f, l1 = 0.f;
 
-    for (int j0 = 0; j0 < end; j0 += FK) {
+    const int n_tiles = (end + FK - 1) / FK;
+    flash_stage<HD>(smem, kc, g, kv_dim, hd, 0, end);
+    flash_stage<HD>(smem + FK * LD, vc, g, kv_dim, hd, 0, end);
+    cp_async_commit();
+    for (int it = 0; it < n_tiles; it++) {
+        const int j0 = it * FK;
+        if (it + 1 < n_tiles) {
+            u16* nx = smem + ((it + 1) & 1) * 2 * FK * LD;
+            flash_stage<HD>(nx, kc, g, kv_dim, hd, j0 + FK, end);
+            flash_stage<HD>(nx + FK * LD, vc, g, kv_dim, hd, j0 + FK, end);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        flash_stage<HD>(ks, kc, g, kv_dim, hd, j0, end);
-        flash_stage<HD>(vs, vc, g, kv_dim, hd, j0, end);
-        __syncthreads();
-        if (j0 > last) continue;  // every key of this tile is after every query of the warp
-        float s[NT][4];
+        const u16* ks = smem + (it & 1) * 2 * FK * LD;
+        const u16* vs = ks + FK * LD;
+        // every key of this tile is after every query of the warp: nothing to add
+        if (j0 <= last) {
+            float s[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            for (int nt = 0; nt < NT; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
+            for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
-            for (int kk = 0; kk < KS; kk += 2) {
-                // matrices: keys nt*8.., dims kk*16 + {0, 8, 16, 24}
-                u32 b[4];
-                ldm4(b, ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
-                mma(s[nt], qf[kk], b[0], b[1]);
-                if (kk + 1 < KS) mma(s[nt], qf[kk + 1], b[2], b[3]);
+                for (int kk = 0; kk < KS; kk += 2) {
+                    // matrices: keys nt*8.., dims kk*16 + {0, 8, 16, 24}
+                    u32 b[4];
+                    ldm4(b, ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+                    mma(s[nt], qf[kk], b[0], b[1]);
+                    if (kk + 1 < KS) mma(s[nt], qf[kk + 1], b[2], b[3]);
+                }
+            }
+            // causal mask and the online softmax; each row is spread over the 4 lanes of a group
+            const int q0 = pos0 + r0, q1 = pos0 + r1;
+            float mx0 = __int_as_float(0xff800000), mx1 = mx0;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                int j = j0 + nt * 8 + tig * 2;
+                if (j > q0) s[nt][0] = __int_as_float(0xff800000);
+                if (j + 1 > q0) s[nt][1] = __int_as_float(0xff800000);
+                if (j > q1) s[nt][2] = __int_as_float(0xff800000);
+                if (j + 1 > q1) s[nt][3] = __int_as_float(0xff800000);
+                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+            }
+#pragma unroll
+            for (int o_ = 1; o_ < 4; o_ <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+            }
+            // rows past the prompt, or with no key yet, keep m = -inf: guard the exponents
+            float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
+            float b0 = n0 == __int_as_float(0xff800000) ? 0.f : n0, b1 = n1 == __int_as_float(0xff800000) ? 0.f : n1;
+            m0 = n0;
+            m1 = n1;
+            float ps0 = 0.f, ps1 = 0.f;
+            u32 pf[NT / 2][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                float p0 = exp2f(s[nt][0] - b0), p1 = exp2f(s[nt][1] - b0), p2 = exp2f(s[nt][2] - b1), p3 = exp2f(s[nt][3] - b1);
+                ps0 += p0 + p1;
+                ps1 += p2 + p3;
+                // the C fragment of keys nt*8.. is half of the A fragment of keys (nt/2)*16..
+                pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
+                pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+            }
+            l0 = l0 * c0 + ps0;
+            l1 = l1 * c1 + ps1;
+#pragma unroll
+            for (int dt = 0; dt < DT; dt++) {
+                o[dt][0] *= c0;
+                o[dt][1] *= c0;
+                o[dt][2] *= c1;
+                o[dt][3] *= c1;
+            }
+#pragma unroll
+            for (int kk = 0; kk < FK / 16; kk++) {
+#pragma unroll
+                for (int dt = 0; dt < DT; dt += 2) {
+                    // matrices: keys kk*16 + {0, 8}, dims dt*8 + {0, 8}
+                    u32 b[4];
+                    ldm4t(b, vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dt * 8 + (lane >> 4) * 8);
+                    mma(o[dt], pf[kk], b[0], b[1]);
+                    mma(o[dt + 1], pf[kk], b[2], b[3]);
+                }
             }
         }
-        // causal mask and the online softmax; each row is spread over the 4 lanes of a group
-        const int q0 = pos0 + r0, q1 = pos0 + r1;
-        float mx0 = __int_as_float(0xff800000), mx1 = mx0;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            int j = j0 + nt * 8 + tig * 2;
-            if (j > q0) s[nt][0] = __int_as_float(0xff800000);
-            if (j + 1 > q0) s[nt][1] = __int_as_float(0xff800000);
-            if (j > q1) s[nt][2] = __int_as_float(0xff800000);
-            if (j + 1 > q1) s[nt][3] = __int_as_float(0xff800000);
-            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-        }
-#pragma unroll
-        for (int o_ = 1; o_ < 4; o_ <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
-        }
-        // rows past the prompt, or with no key yet, keep m = -inf: guard the exponents
-        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
-        float b0 = n0 == __int_as_float(0xff800000) ? 0.f : n0, b1 = n1 == __int_as_float(0xff800000) ? 0.f : n1;
-        m0 = n0;
-        m1 = n1;
-        float ps0 = 0.f, ps1 = 0.f;
-        u32 pf[NT / 2][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            float p0 = exp2f(s[nt][0] - b0), p1 = exp2f(s[nt][1] - b0), p2 = exp2f(s[nt][2] - b1), p3 = exp2f(s[nt][3] - b1);
-            ps0 += p0 + p1;
-            ps1 += p2 + p3;
-            // the C fragment of keys nt*8.. is half of the A fragment of keys (nt/2)*16..
-            pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
-            pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
-        }
-        l0 = l0 * c0 + ps0;
-        l1 = l1 * c1 + ps1;
-#pragma unroll
-        for (int dt = 0; dt < DT; dt++) {
-            o[dt][0] *= c0;
-            o[dt][1] *= c0;
-            o[dt][2] *= c1;
-            o[dt][3] *= c1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < FK / 16; kk++) {
-#pragma unroll
-            for (int dt = 0; dt < DT; dt += 2) {
-                // matrices: keys kk*16 + {0, 8}, dims dt*8 + {0, 8}
-                u32 b[4];
-                ldm4t(b, vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dt * 8 + (lane >> 4) * 8);
-                mma(o[dt], pf[kk], b[0], b[1]);
-                mma(o[dt + 1], pf[kk], b[2], b[3]);
-            }
-        }
+        __syncthreads();  // before the next iteration refills this stage
     }
     // the row sums are spread over the group's 4 lanes
 #pragma unroll

@@ -4,6 +4,7 @@
 //! prefill attention then runs on tensor cores, `flash.cu`). Appends round f32 keys and
 //! values to the cache's type on the GPU; copies to and from the host convert likewise.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 
@@ -175,8 +176,22 @@ impl Gpu {
                     64 => "flash_bf16_64",
                     _ => "flash_bf16_128",
                 };
+                if !hd.is_multiple_of(8) {
+                    return Err(KernelError::Shape(format!(
+                        "attention: head_dim {hd} over a bf16 KV cache (the tensor-core kernel takes multiples of 8; use --kv-type f32)"
+                    )));
+                }
+                // two stages of 64-key K and V tiles, rows padded by 8 (FK, LD in flash.cu)
+                let smem = 2 * 2 * 64 * (hd_class + 8) * 2;
+                self.function(Source::Flash, name)?
+                    .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(|e| drv(name, e))?;
                 // 64 queries per block (FQ in flash.cu), heads fastest
-                let cfg = LaunchConfig { grid_dim: (n_heads as u32, (n_tokens as u32).div_ceil(64), 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: (n_heads as u32, (n_tokens as u32).div_ceil(64), 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
                 launch!(self, Source::Flash, name, cfg, q, k, v, out, &h, &kvh, &nt, &d, pos, &scale)
             }
             _ => Err(KernelError::Shape("attention: K and V caches of different types".into())),
@@ -187,7 +202,7 @@ impl Gpu {
     /// enough blocks to fill the GPU at any depth, fixed per cache so that one captured
     /// decode graph serves every position.
     pub fn decode_splits(capacity: usize) -> usize {
-        capacity.div_ceil(256).clamp(1, 128)
+        capacity.div_ceil(128).clamp(1, 256)
     }
 
     /// Attention of one query at position *pos (decode) over the caches, split over the
