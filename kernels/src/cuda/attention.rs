@@ -8,7 +8,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 
-use super::ops::{grid1, int, launch, need};
+use super::ops::{grid1, int, launch, launch_on, need};
 use super::{drv, Gpu, Result, Source};
 use crate::KernelError;
 

@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::CUevent_flags;
 
 use crate::KernelError;
 pub use attention::{KvBuf, KvType};
@@ -88,6 +89,9 @@ pub struct Gpu {
     pub tuning: Tuning,
     ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// A second stream for work that overlaps `stream`'s (weight dequantization ahead of
+    /// the prefill GEMMs); ordered against it only by explicit events (`side_*`).
+    side: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
     info: DeviceInfo,
     arch: &'static str,
@@ -133,6 +137,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         // A stream of our own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
+        let side = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("cuBLAS: {e:?}")))?;
         let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| drv("memory info", e))?;
         let mut driver_version = 0;
@@ -158,6 +163,7 @@ impl Gpu {
             tuning: Tuning::from_env(),
             ctx,
             stream,
+            side,
             blas,
             info,
             arch,
@@ -254,7 +260,24 @@ impl Gpu {
 
     /// Waits for all queued work; reports a kernel fault here.
     pub fn sync(&self) -> Result<()> {
+        self.side.synchronize().map_err(|e| drv("running kernels", e))?;
         self.stream.synchronize().map_err(|e| drv("running kernels", e))
+    }
+
+    /// A marker of the work queued on the main stream so far (for [`Gpu::side_wait`]).
+    pub fn main_event(&self) -> Result<CudaEvent> {
+        self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("recording an event", e))
+    }
+
+    /// Later work on the side stream waits for `e`.
+    pub fn side_wait(&self, e: &CudaEvent) -> Result<()> {
+        self.side.wait(e).map_err(|e| drv("stream wait", e))
+    }
+
+    /// Later work on the main stream waits for everything queued on the side stream so far.
+    pub fn main_wait_side(&self) -> Result<()> {
+        let e = self.side.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("recording an event", e))?;
+        self.stream.wait(&e).map_err(|e| drv("stream wait", e))
     }
 
     /// Device memory bandwidth as a device-to-device copy sees it: bytes read plus bytes

@@ -1,7 +1,7 @@
 //! One typed launcher per kernel: shapes are checked here, then the kernel is queued on the
 //! GPU's stream. Nothing waits; [`Gpu::sync`] or a download does.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use mxr_quant::QType;
 
 use super::{drv, Gpu, GpuMatrix, Result, Source};
@@ -65,17 +65,25 @@ macro_rules! per_type {
 }
 
 macro_rules! launch {
-    ($gpu:expr, $src:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($gpu:expr, $src:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        launch_on!($gpu, $gpu.stream, $src, $name, $cfg, $($arg),+)
+    };
+}
+
+/// `launch!` on a given stream of the GPU.
+macro_rules! launch_on {
+    ($gpu:expr, $stream:expr, $src:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         let name: &'static str = $name;
         let cfg: LaunchConfig = $cfg;
         let f = $gpu.function($src, name)?;
-        let mut b = $gpu.stream.launch_builder(&f);
+        let mut b = $stream.launch_builder(&f);
         $(b.arg($arg);)+
         // SAFETY: the launcher checked every buffer against the sizes the kernel touches.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| drv(name, e))
     }};
 }
 pub(super) use launch;
+pub(super) use launch_on;
 
 impl Gpu {
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
@@ -199,6 +207,17 @@ impl Gpu {
 
     /// out [rows, cols] bf16 = expert `e` of `w`.
     pub fn to_bf16(&self, w: &GpuMatrix, e: usize, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
+        self.to_bf16_in(&self.stream, w, e, out)
+    }
+
+    /// [`Gpu::to_bf16`] on the side stream: it overlaps the main stream's work. The caller
+    /// orders it: [`Gpu::side_wait`] before (the output buffer is free), and
+    /// [`Gpu::main_wait_side`] before the main stream reads `out`.
+    pub fn to_bf16_side(&self, w: &GpuMatrix, e: usize, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
+        self.to_bf16_in(&self.side, w, e, out)
+    }
+
+    fn to_bf16_in(&self, stream: &CudaStream, w: &GpuMatrix, e: usize, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
         need("to_bf16", "out", w.rows * w.cols, out.len())?;
         if e >= w.n_experts {
             return Err(KernelError::Shape(format!("to_bf16: expert {e} of {}", w.n_experts)));
@@ -211,9 +230,9 @@ impl Gpu {
                 QType::F16 => "to_bf16_scalar_f16",
                 _ => "to_bf16_scalar_f32",
             };
-            return launch!(self, Source::Dequant, name, grid1(w.rows * w.cols, 256), &src, &r, &c, out);
+            return launch_on!(self, stream, Source::Dequant, name, grid1(w.rows * w.cols, 256), &src, &r, &c, out);
         }
-        launch!(self, Source::Dequant, per_type!("to_bf16_", w.qtype), grid1(w.rows * w.cols / 8, 256), &src, &r, &c, out)
+        launch_on!(self, stream, Source::Dequant, per_type!("to_bf16_", w.qtype), grid1(w.rows * w.cols / 8, 256), &src, &r, &c, out)
     }
 
     /// out[t, :] = row ids[t] of `w` as f32 (the embedding lookup), t < n.

@@ -13,7 +13,7 @@ mod offload;
 
 use std::sync::Mutex;
 
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType};
+use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType};
 use mxr_kernels::KernelError;
 
 use crate::forward::lightning::slopes;
@@ -53,8 +53,9 @@ pub struct GpuModel {
     pub(crate) output: Option<GpuMatrix>,
     /// Device bytes of the weights.
     pub weight_bytes: usize,
-    /// bf16 staging for dequantized weights (grown on demand).
-    scratch: Mutex<Option<CudaSlice<u16>>>,
+    /// bf16 staging for dequantized weights: two buffers used in turn, so that the side
+    /// stream dequantizes the next weight while the main stream multiplies this one.
+    scratch: Mutex<Scratch>,
     /// Per-stage seconds, when profiling (each stage then waits for the GPU before and after).
     profile: Mutex<Option<Vec<(&'static str, f64)>>>,
     /// Decode steps replay a captured CUDA graph (off: every kernel is launched each step).
@@ -138,6 +139,8 @@ impl GpuModel {
             });
         }
         let output_norm = gpu.upload(&model.output_norm)?;
+        // the weights are read from the side stream too: let every upload land first
+        gpu.sync()?;
         Ok(GpuModel {
             gpu,
             config: c,
@@ -146,7 +149,7 @@ impl GpuModel {
             output_norm,
             output,
             weight_bytes: bytes.get(),
-            scratch: Mutex::new(None),
+            scratch: Mutex::new(Scratch::default()),
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
             offloaded: placement.is_some(),
@@ -283,18 +286,38 @@ impl GpuModel {
             g.gemm_bf16(&wb, &xb.as_view(), y, w.rows, w.cols, n)?;
             return Ok(());
         }
-        let mut scratch = self.scratch.lock().map_err(|_| KernelError::Threads("GPU scratch poisoned".into()))?;
+        let mut sc = self.scratch.lock().map_err(|_| KernelError::Threads("GPU scratch poisoned".into()))?;
         let need = w.rows * w.cols;
-        if scratch.as_ref().is_none_or(|s| s.len() < need) {
-            *scratch = None; // free the old one first
-            *scratch = Some(g.alloc::<u16>(need)?);
+        let i = sc.next;
+        sc.next ^= 1;
+        if sc.bufs[i].as_ref().is_none_or(|s| s.len() < need) {
+            // grown rarely (the first product of each larger size): wait until neither
+            // stream uses the old buffer, then free it before allocating
+            g.sync()?;
+            sc.bufs[i] = None;
+            sc.bufs[i] = Some(g.alloc::<u16>(need)?);
         }
-        let Some(s) = scratch.as_mut() else { return Err(KernelError::Shape("GPU scratch missing".into()).into()) };
+        // the side stream dequantizes once the product that last read this buffer is done
+        if let Some(e) = sc.free[i].take() {
+            g.side_wait(&e)?;
+        }
+        let Some(s) = sc.bufs[i].as_mut() else { return Err(KernelError::Shape("GPU scratch missing".into()).into()) };
         let mut wb = s.slice_mut(..need);
-        g.to_bf16(w, e, &mut wb)?;
+        g.to_bf16_side(w, e, &mut wb)?;
+        g.main_wait_side()?;
         g.gemm_bf16(&wb.as_view(), &xb.as_view(), y, w.rows, w.cols, n)?;
+        sc.free[i] = Some(g.main_event()?);
         Ok(())
     }
+}
+
+/// Two bf16 buffers for dequantized weights, the next one to use, and for each the event
+/// after which the main stream no longer reads it.
+#[derive(Default)]
+struct Scratch {
+    bufs: [Option<CudaSlice<u16>>; 2],
+    free: [Option<CudaEvent>; 2],
+    next: usize,
 }
 
 /// The bf16 copy of a product's input, made by the first tensor-core product that needs
