@@ -133,8 +133,12 @@ impl Gpu {
         // All work is ordered on one stream, so cudarc's per-buffer event tracking (for
         // cross-stream hazards) is pure overhead, and its event records would get in the
         // way of graph capture.
-        // SAFETY: buffers are only ever used on `stream`.
+        // SAFETY: buffers are used on `stream`; the only other stream, `side`, reads weights
+        // and writes scratch buffers under explicit events (see `to_bf16_side`).
         unsafe { ctx.disable_event_tracking() };
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx)?;
+        }
         // A stream of our own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
         let side = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
@@ -324,6 +328,27 @@ pub struct Graph(cudarc::driver::CudaGraph);
 impl Graph {
     pub fn launch(&self) -> Result<()> {
         self.0.launch().map_err(|e| drv("launching a graph", e))
+    }
+}
+
+/// The stream-ordered allocator returns freed memory to the driver at every
+/// synchronisation by default, so the next large allocation maps fresh pages (milliseconds
+/// for the prefill's activations, which are freed and allocated again each layer). Keep
+/// freed memory in the pool instead; it is reused by later allocations.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
+    // SAFETY: the device comes from a live context; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device()).map_err(|e| drv("getting the memory pool", e))?;
+        let mut keep = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(|e| drv("setting the memory pool's release threshold", e))
     }
 }
 
