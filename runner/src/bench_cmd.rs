@@ -172,7 +172,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let mut records = Vec::new();
     for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
-        prefill(&l, n.min(64), a.batch_size, 0)?; // warm-up: kernels compiled, scratch grown
+        // warm-up at the full size, as llama-bench does: kernels compiled, scratch buffers
+        // and the memory pool grown, cuBLAS's choices for these shapes made
+        prefill(&l, n, a.batch_size, 0)?;
         let seconds = (0..a.reps).map(|r| prefill(&l, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
         let mut profile = Vec::new();
         if a.profile {
