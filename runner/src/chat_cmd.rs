@@ -6,8 +6,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -18,6 +16,7 @@ use mxr_models::Session;
 use rustyline::error::ReadlineError;
 use serde_json::json;
 
+use crate::interrupt::Interrupt;
 use crate::run_cmd::{load, Loaded, ModelArgs, SamplingArgs};
 use crate::sampler::Sampler;
 use crate::template::{render, Message};
@@ -58,16 +57,14 @@ struct Chat {
     seen: String,
     n_predict: usize,
     last: Option<(usize, f64, usize, f64)>,
-    interrupted: Arc<AtomicBool>,
+    interrupted: Interrupt,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let l = load(&a.model)?;
     let (sampler, seed) = a.sampling.sampler();
     eprintln!("seed {seed}; /help for commands");
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    let interrupted = Interrupt::install()?;
     let session = l.new_state()?;
     let mut chat = Chat {
         l,
@@ -101,7 +98,13 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     break;
                 }
                 Err(ReadlineError::Eof) => return Ok(()),
-                Err(e) => return Err(e).context("reading input"),
+                // the line was read and is dropped; the next one is read as usual
+                Err(ReadlineError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    eprintln!("(that line is not valid UTF-8; it was ignored)");
+                    input.clear();
+                    prompt = "> ";
+                }
+                Err(e) => return Err(anyhow::anyhow!("reading input: {e}")),
             }
         }
         let text = input.trim();
@@ -185,10 +188,16 @@ impl Chat {
         let c = &self.l.model.config;
         let started = Instant::now();
         let mut logits = Vec::new();
-        self.interrupted.store(false, Ordering::SeqCst);
+        self.interrupted.clear();
         for chunk in new.chunks(512) {
-            if self.interrupted.load(Ordering::SeqCst) {
-                break; // Ctrl-C during a long prompt: stop reading it; the reply loop stops too
+            if self.interrupted.take() {
+                // Ctrl-C during a long prompt: the session holds part of it, so drop the
+                // turn and the session; the next turn reads the conversation anew.
+                self.messages.pop();
+                self.seen.clear();
+                self.session = self.l.new_state()?;
+                eprintln!("(interrupted while reading the prompt; this turn was dropped)");
+                return Ok(());
             }
             logits = self.l.forward(&mut self.session, chunk, Logits::Last)?;
         }
@@ -200,7 +209,7 @@ impl Chat {
         let gen_start = Instant::now();
         let mut out = std::io::stdout().lock();
         while n < self.n_predict && self.session.pos() < self.l.ctx {
-            if self.interrupted.swap(false, Ordering::SeqCst) {
+            if self.interrupted.take() {
                 write!(out, " [stopped]").ok();
                 break;
             }

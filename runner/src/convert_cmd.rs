@@ -14,6 +14,8 @@ use mxr_models::layers::pattern_from_interval;
 use mxr_models::{Config, LayerKind};
 use mxr_quant::QType;
 
+use crate::interrupt::{Interrupt, EXIT_INTERRUPTED};
+
 #[derive(Args)]
 pub struct ConvertArgs {
     /// Checkpoint directory: config.json, model.safetensors(.index.json), tokenizer.json.
@@ -62,6 +64,16 @@ pub fn run_convert(a: ConvertArgs) -> Result<()> {
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
     }
+    // Ctrl-C: remove the temporary file the writer fills (NAME.tmp-PID beside the output)
+    // and leave; the output itself appears only by the final rename.
+    let tmp =
+        out.with_file_name(format!("{}.tmp-{}", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    let shown = out.display().to_string();
+    Interrupt::install_with(move || {
+        let _ = std::fs::remove_file(&tmp);
+        eprintln!("\nmxr: interrupted; nothing was written to {shown}");
+        std::process::exit(EXIT_INTERRUPTED as i32);
+    })?;
     let pb = bar(0, "converting");
     let report = convert(&a.checkpoint, &out, &opts, &|p| {
         if pb.length() != Some(p.input_total) {

@@ -21,9 +21,15 @@ pub fn run(path: &Path, as_json: bool, check: bool) -> Result<()> {
     if as_json { write_json(out, &file) } else { write_table(out, &file) }.or_else(ignore_broken_pipe)
 }
 
-/// `--check`: NaN and infinity in any tensor is an error listing the tensors.
+/// `--check`: NaN and infinity in any tensor is an error listing the tensors; a
+/// MiniMax-01 file must also load as a model (every tensor present, shapes as the
+/// config says).
 fn run_check(path: &Path, file: &GgufFile) -> Result<()> {
     let started = std::time::Instant::now();
+    let arch = file.header().get(keys::GENERAL_ARCHITECTURE).and_then(Value::as_str).unwrap_or_default();
+    if arch == mxr_models::names::ARCH {
+        mxr_models::Model::open(path).with_context(|| format!("{} does not load as a {arch} model", path.display()))?;
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (found, skipped) = crate::check::check(file, threads);
     let values: u64 = file.header().tensors().iter().map(|t| t.n_elements).sum();

@@ -94,7 +94,13 @@ pub fn run(g: &Gpu) -> Result<()> {
         g.kv_write(&v32, &mut vc)?;
         let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0)?))?;
         let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
-        row("attention prefill", &format!("{} KV", t.name()), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, (2 * n * kv_dim * t.bytes()) as f64);
+        row(
+            "attention prefill",
+            &format!("{} KV", t.name()),
+            &format!("4096 tokens, {tflops:.0} TFLOP/s"),
+            s,
+            (2 * n * kv_dim * t.bytes()) as f64,
+        );
     }
     for t in [KvType::F32, KvType::Bf16] {
         for depth in [4096usize, 65536] {
@@ -103,7 +109,9 @@ pub fn run(g: &Gpu) -> Result<()> {
             let pos = g.upload(&[(depth - 1) as i32])?;
             let mut out = g.zeros::<f32>(heads * hd)?;
             let splits = Gpu::decode_splits(depth);
-            let s = time(g, 20, || Ok(g.attend_decode(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?))?;
+            let s = time(g, 20, || {
+                Ok(g.attend_decode(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?)
+            })?;
             row("attention decode", &format!("{} KV", t.name()), &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);
         }
     }

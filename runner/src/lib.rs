@@ -12,6 +12,7 @@ pub mod chat_cmd;
 pub mod check;
 pub mod convert_cmd;
 pub mod inspect;
+pub mod interrupt;
 pub mod kernel_bench;
 pub mod nano;
 pub mod npy;

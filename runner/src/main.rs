@@ -68,9 +68,15 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mxr: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<mxr::interrupt::Interrupted>() {
+            Some(i) => {
+                eprintln!("mxr: {i}");
+                ExitCode::from(mxr::interrupt::EXIT_INTERRUPTED)
+            }
+            None => {
+                eprintln!("mxr: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

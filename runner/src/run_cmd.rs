@@ -16,6 +16,7 @@ use mxr_models::layers::PatternSummary;
 use mxr_models::placement::{plan, ExpertStats, Placement, Policy, Sizes};
 use mxr_models::Model;
 
+use crate::interrupt::{Interrupt, Interrupted};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::template::{render, Message};
 use crate::tokenizer::{StreamDecoder, TextTokenizer};
@@ -189,8 +190,19 @@ impl Loaded {
         Ok(self.backend.new_state(&self.model, self.ctx)?)
     }
 
+    /// The model on `tokens`; non-finite logits (NaN or infinite weights, overflow) are an
+    /// error rather than garbage text.
     pub fn forward(&self, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        Ok(self.backend.forward(&self.model, state, tokens, which)?)
+        let logits = self.backend.forward(&self.model, state, tokens, which)?;
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "the model produced a non-finite logit ({} for token {} at position {}): are its weights finite? `mxr inspect --check` finds NaN and infinity",
+                logits[i],
+                i % self.model.config.vocab_size.max(1),
+                state.pos().saturating_sub(logits.len().div_ceil(self.model.config.vocab_size.max(1))) + i / self.model.config.vocab_size.max(1)
+            );
+        }
+        Ok(logits)
     }
 }
 
@@ -309,11 +321,18 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!("prompt ({} tokens) + -n {} exceeds the context of {} tokens (raise --ctx-size)", tokens.len(), a.n_predict, l.ctx);
     }
     let c = &l.model.config;
+    let stop = Interrupt::install()?;
     let mut session = l.new_state()?;
     let started = Instant::now();
     let mut dump = Vec::new();
     let mut last = Vec::new();
+    let mut read = 0;
     for chunk in tokens.chunks(a.batch_size.max(1)) {
+        if stop.requested() {
+            let what = if a.dump_logits.is_some() { "; no logits written" } else { "" };
+            return Err(Interrupted(format!("while reading the prompt ({read} of {} tokens read{what})", tokens.len())).into());
+        }
+        read += chunk.len();
         let which = if a.dump_logits.is_some() { Logits::All } else { Logits::Last };
         let logits = l.forward(&mut session, chunk, which)?;
         last = logits[logits.len() - c.vocab_size..].to_vec();
@@ -333,6 +352,10 @@ pub fn run(a: RunArgs) -> Result<()> {
     let gen_start = Instant::now();
     let mut generated = 0;
     while generated < a.n_predict {
+        if stop.requested() {
+            writeln!(out).ok();
+            return Err(Interrupted(format!("after {generated} generated tokens")).into());
+        }
         let next = sampler.sample(&last, &history, &l.tokenizer.suppress);
         generated += 1;
         if l.tokenizer.stop.contains(&next) {

@@ -16,9 +16,9 @@ pub mod ops;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
-use cudarc::driver::sys::CUevent_flags;
 
 use crate::KernelError;
 pub use attention::{KvBuf, KvType};

@@ -158,7 +158,8 @@ impl Builder {
         let file_name = dest.file_name().ok_or_else(|| FormatError::Writer(format!("{} is not a file path", dest.display())))?;
         remove_stale_temps(&dest);
         let tmp = dest.with_file_name(format!("{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-        let file = File::create(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
+        // named by the output the user asked for (the temporary name is ours)
+        let file = File::create(&tmp).map_err(|e| FormatError::io(&dest, e))?;
         let mut guard = FileWriter { inner: None, tmp, dest, committed: false };
         guard.inner = Some(self.write_to(BufWriter::with_capacity(8 << 20, file))?);
         Ok(guard)
@@ -319,19 +320,33 @@ impl FileWriter {
         self.inner.as_ref().and_then(|d| d.next_tensor())
     }
 
+    /// An error while writing, named by the output the user asked for (a full disk
+    /// shows as "writing OUT: ...: No space left on device").
+    fn at(&self, e: FormatError) -> FormatError {
+        match e {
+            FormatError::Writer(m) => FormatError::Writer(format!("writing {}: {m}", self.dest.display())),
+            other => other,
+        }
+    }
+
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.data()?.write(bytes)
+        let r = self.data()?.write(bytes);
+        r.map_err(|e| self.at(e))
     }
 
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        self.data()?.write_tensor(name, bytes)
+        let r = self.data()?.write_tensor(name, bytes);
+        r.map_err(|e| self.at(e))
     }
 
     /// Completes the file: checks all tensors were written, fsyncs, renames over `dest`.
     pub fn finish(mut self) -> Result<PathBuf> {
         let data = self.inner.take().ok_or_else(|| FormatError::Writer("writer already finished".into()))?;
-        let file = data.finish()?.into_inner().map_err(|e| FormatError::io(&self.tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| FormatError::io(&self.tmp, e))?;
+        let file = match data.finish() {
+            Ok(w) => w.into_inner().map_err(|e| FormatError::io(&self.dest, e.into_error()))?,
+            Err(e) => return Err(self.at(e)),
+        };
+        file.sync_all().map_err(|e| FormatError::io(&self.dest, e))?;
         drop(file);
         fs::rename(&self.tmp, &self.dest).map_err(|e| FormatError::io(&self.dest, e))?;
         self.committed = true;
