@@ -268,6 +268,21 @@ impl Gpu {
         self.stream.synchronize().map_err(|e| drv("running kernels", e))
     }
 
+    /// Returns the memory pool's freed memory to the driver (the pool keeps it otherwise,
+    /// see `keep_freed_memory`), after the queued work is done.
+    pub fn trim_pool(&self) -> Result<()> {
+        use cudarc::driver::{result, sys};
+        self.sync()?;
+        if !self.ctx.has_async_alloc() {
+            return Ok(());
+        }
+        // SAFETY: the device comes from a live context.
+        unsafe {
+            let pool = result::device::get_mem_pool(self.ctx.cu_device()).map_err(|e| drv("getting the memory pool", e))?;
+            sys::cuMemPoolTrimTo(pool, 0).result().map_err(|e| drv("trimming the memory pool", e))
+        }
+    }
+
     /// A marker of the work queued on the main stream so far (for [`Gpu::side_wait`]).
     pub fn main_event(&self) -> Result<CudaEvent> {
         self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("recording an event", e))
