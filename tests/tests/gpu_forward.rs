@@ -342,9 +342,16 @@ fn out_of_gpu_memory_is_an_error_not_a_crash() {
     let m = converted(&repo_root().join("nano/checkpoint"), "nano-oom", QType::Q8_0);
     let prompt: Vec<u32> = (0..512u32).map(|i| i % 200 + 3).collect();
     // at load: the card is full before the weights go up
+    let probe = Gpu::open(0).unwrap();
     let gpu = Gpu::open(0).unwrap();
     let hogs = hog(&gpu, 1 << 20);
-    let probe = Gpu::open(0).unwrap();
+    // opening the GPU on a full card fails cleanly too (cuBLAS cannot start)
+    let open = Gpu::open(0).err().map(|e| e.to_string()).unwrap_or_default();
+    println!(
+        "CHECK out of GPU memory at open | card full | {open} | error | {}",
+        if open.contains("out of GPU memory") { "ok" } else { "FAIL" }
+    );
+    assert!(open.contains("out of GPU memory"), "{open:?}");
     let load = GpuModel::upload(&m, gpu).err().map(|e| e.to_string()).unwrap_or_default();
     drop(hogs);
     probe.trim_pool().unwrap();

@@ -142,7 +142,10 @@ impl Gpu {
         // A stream of our own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
         let side = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
-        let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("cuBLAS: {e:?}")))?;
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| match format!("{e:?}") {
+            s if s.contains("ALLOC_FAILED") => KernelError::Cuda(format!("out of GPU memory while starting cuBLAS ({s})")),
+            s => KernelError::Cuda(format!("cuBLAS: {s}")),
+        })?;
         let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(|e| drv("memory info", e))?;
         let mut driver_version = 0;
         // SAFETY: writes one int.
