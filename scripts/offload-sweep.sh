@@ -30,6 +30,8 @@ while hi - lo > 1:
 print(hi / 8)
 PY
 }
+# this machine's rates for the cold-expert cost model (docs/offload.md)
+"$MXR" bench --calibrate-devices
 # routing statistics, so that the budgets keep the popular experts on the GPU
 stats="$SLICES/$name-stats.json"
 [ -f "$stats" ] || "$MXR" calibrate -m "$gguf" -f "${PROMPT:-carry/data/prompt.txt}" -o "$stats" --max-tokens 1024

@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod layers;
 pub mod model;
 pub mod names;
+pub mod offload_cost;
 pub mod placement;
 
 pub use config::{Config, Residual};

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use mxr_kernels::cpu::Threads;
 use mxr_models::engine::Backend;
 use mxr_models::forward::Logits;
 use mxr_models::{LayerKind, Model};
@@ -39,6 +40,10 @@ pub struct BenchArgs {
     /// Time the decode kernels alone on the real model's shapes (no model needed).
     #[arg(long)]
     pub kernels: bool,
+    /// Measure what the cold-expert cost model needs (host memory and PCIe bandwidth, the
+    /// CPU expert kernels' rates) and save it for later runs (no model needed).
+    #[arg(long)]
+    pub calibrate_devices: bool,
     /// bf16 tensor-core peak of the card in TFLOP/s for MFU (default: 790 for H100/H200,
     /// the rate a large cuBLAS bf16 GEMM sustains there).
     #[arg(long)]
@@ -142,6 +147,9 @@ fn decode(l: &Loaded, n: usize, rep: usize) -> Result<f64> {
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.kernels {
         return crate::kernel_bench::run(&mxr_kernels::cuda::Gpu::open(0)?);
+    }
+    if a.calibrate_devices {
+        return crate::calibrate_devices::run(Threads(a.model.threads.unwrap_or_else(|| Threads::all().0).max(1)));
     }
     let mut margs = a.model.clone();
     let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen);

@@ -8,6 +8,7 @@
 
 pub mod bench_cmd;
 pub mod calibrate_cmd;
+pub mod calibrate_devices;
 pub mod chat_cmd;
 pub mod check;
 pub mod convert_cmd;

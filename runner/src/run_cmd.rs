@@ -13,6 +13,7 @@ use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 use mxr_models::gpu::GpuModel;
 use mxr_models::layers::PatternSummary;
+use mxr_models::offload_cost::DeviceRates;
 use mxr_models::placement::{plan, ExpertStats, Placement, Policy, Sizes};
 use mxr_models::Model;
 
@@ -236,6 +237,19 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     match GpuModel::upload_placed(model, gpu, Some(&p)) {
         Ok(mut g) => {
             g.kv_type = a.kv_type.kv_type();
+            if p.host_experts > 0 {
+                let path = DeviceRates::cache_path();
+                let rates = match &path {
+                    Some(f) => DeviceRates::load(f)?,
+                    None => None,
+                };
+                let source = match (&rates, &path) {
+                    (Some(_), Some(f)) => format!("rates from {}", f.display()),
+                    _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
+                };
+                g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
+                eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+            }
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",
                 g.weight_bytes as f64 / (1u64 << 30) as f64,

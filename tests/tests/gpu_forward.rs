@@ -235,6 +235,7 @@ fn nano_greedy_text_is_the_same_on_gpu_and_cpu() {
 #[test]
 #[ignore = "needs a GPU"]
 fn every_expert_placement_gives_the_same_logits() {
+    use mxr_models::offload_cost::DeviceRates;
     use mxr_models::placement::{plan, Policy, Sizes};
     let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload", QType::Q8_0);
     let c = &m.config;
@@ -252,11 +253,18 @@ fn every_expert_placement_gives_the_same_logits() {
     let sizes = Sizes::of(&m, 64, 4, 0);
     let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
     let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
-    for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("--n-cpu-moe 3", Policy::NCpuMoe(3)), ("half the experts", Policy::Budget(half))]
-    {
+    // rates under which the cost model copies every cold expert to the GPU for each batch
+    let copy_all = DeviceRates { h2d_gbps: 1e9, ..DeviceRates::DEFAULT };
+    for (name, policy, rates) in [
+        ("--cpu-moe", Policy::CpuMoe, DeviceRates::DEFAULT),
+        ("--n-cpu-moe 3", Policy::NCpuMoe(3), DeviceRates::DEFAULT),
+        ("half the experts", Policy::Budget(half), DeviceRates::DEFAULT),
+        ("half, cold experts copied per batch", Policy::Budget(half), copy_all),
+    ] {
         let p = plan(&sizes, c.n_experts, None, policy).unwrap();
         let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
         g.kv_type = KvType::F32;
+        g.rates = rates;
         let got = run(&g);
         let d = diff(&got, &all);
         let top1 = top1_same(&got, &all, c.vocab_size);
@@ -271,6 +279,8 @@ fn every_expert_placement_gives_the_same_logits() {
             if ok { "ok" } else { "FAIL" }
         );
         assert!(ok, "{name}: {d}");
+        let copied = g.copied_experts.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(copied > 0, rates == copy_all, "{name}: {copied} experts copied");
     }
 }
 

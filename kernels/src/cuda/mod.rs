@@ -320,6 +320,35 @@ impl Gpu {
         Ok(2.0 * bytes as f64 / best)
     }
 
+    /// Host-to-device copy bandwidth in bytes/s, best of `reps` copies of `bytes` (after a
+    /// warm-up): from pageable memory (as weights mapped from a file are), or from pinned
+    /// (page-locked) memory.
+    pub fn upload_bandwidth(&self, bytes: usize, pinned: bool, reps: usize) -> Result<f64> {
+        let mut dst = self.zeros::<u8>(bytes)?;
+        let mut best = f64::INFINITY;
+        let pageable = if pinned { Vec::new() } else { vec![1u8; bytes] };
+        // SAFETY: the pinned buffer is fully written below before any copy reads it.
+        let mut locked =
+            if pinned { Some(unsafe { self.ctx.alloc_pinned::<u8>(bytes) }.map_err(|e| drv("pinned allocation", e))?) } else { None };
+        if let Some(h) = locked.as_mut() {
+            h.as_mut_slice().map_err(|e| drv("pinned memory", e))?.fill(1);
+        }
+        for i in 0..=reps.max(1) {
+            self.sync()?;
+            let t = std::time::Instant::now();
+            match &locked {
+                Some(h) => self.stream.memcpy_htod(h, &mut dst),
+                None => self.stream.memcpy_htod(&pageable, &mut dst),
+            }
+            .map_err(|e| drv("upload", e))?;
+            self.sync()?;
+            if i > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(bytes as f64 / best)
+    }
+
     /// Records the work `f` queues (without running it) as a CUDA graph, for replay with
     /// [`Graph::launch`]. `f` must not wait for the GPU (no downloads, no sync).
     pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {

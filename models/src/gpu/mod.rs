@@ -13,6 +13,7 @@ mod offload;
 
 use std::sync::Mutex;
 
+use crate::offload_cost::DeviceRates;
 use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType};
 use mxr_kernels::KernelError;
 
@@ -65,6 +66,10 @@ pub struct GpuModel {
     /// Element type of the KV caches of new sessions (default bf16; f32 keeps the CPU's
     /// exact values and the f32 attention kernels).
     pub kv_type: KvType,
+    /// Rates for the cold-expert cost model (calibrated or default).
+    pub rates: DeviceRates,
+    /// Cold experts copied to the GPU for a batch so far (for the placement summary).
+    pub copied_experts: std::sync::atomic::AtomicU64,
 }
 
 impl GpuModel {
@@ -154,6 +159,8 @@ impl GpuModel {
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
             offloaded: placement.is_some(),
             kv_type: KvType::Bf16,
+            rates: DeviceRates::DEFAULT,
+            copied_experts: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

@@ -5,7 +5,7 @@
 //! expert runs three tensor-core products over its tokens; results land in per-(token,
 //! choice) rows that one kernel combines with the routing weights.
 
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix};
 
 use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
@@ -96,6 +96,19 @@ impl GpuModel {
         x_div: usize,
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
+        self.experts_grouped_in([&layer.gate_exps, &layer.up_exps, &layer.down_exps], groups, x, x_div, y)
+    }
+
+    /// [`GpuModel::experts_grouped`] over any stacks of gate, up and down matrices (the
+    /// layer's, or cold experts copied to the GPU for one batch).
+    pub(crate) fn experts_grouped_in(
+        &self,
+        [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
+        groups: &[Vec<i32>],
+        x: &CudaView<'_, f32>,
+        x_div: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h) = (c.dim, c.hidden_dim);
         let most = groups.iter().map(Vec::len).max().unwrap_or(0);
@@ -109,10 +122,10 @@ impl GpuModel {
             let idx = g.upload(rows)?;
             g.gather_rows(x, &idx.as_view(), x_div, m, d, &mut xs.as_view_mut())?;
             let mut xb = Bf16Input::default();
-            self.gemm_with(&layer.gate_exps, e, &xs.as_view(), &mut xb, m, &mut gate.slice_mut(..m * h))?;
-            self.gemm_with(&layer.up_exps, e, &xs.as_view(), &mut xb, m, &mut up.slice_mut(..m * h))?;
+            self.gemm_with(gate_exps, e, &xs.as_view(), &mut xb, m, &mut gate.slice_mut(..m * h))?;
+            self.gemm_with(up_exps, e, &xs.as_view(), &mut xb, m, &mut up.slice_mut(..m * h))?;
             g.swiglu(&gate.slice(..m * h), &up.slice(..m * h), &mut act.slice_mut(..m * h))?;
-            self.gemm(&layer.down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
+            self.gemm(down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
             g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, y)?;
         }
         Ok(())

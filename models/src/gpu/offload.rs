@@ -6,10 +6,11 @@
 //! combines them with the routing weights.
 
 use mxr_kernels::cpu::Threads;
-use mxr_kernels::cuda::{CudaSlice, CudaView};
+use mxr_kernels::cuda::{CudaSlice, CudaView, GpuMatrix};
 
 use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::ops::{linear, silu};
+use crate::offload_cost::ColdChoice;
 use crate::{Model, ModelError};
 
 impl GpuModel {
@@ -69,9 +70,36 @@ impl GpuModel {
             }
             g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
         }
-        // CPU part: each host expert over its tokens, ggml's kernels on the mapped weights.
-        if any_cold {
-            let hl = &host.layers[l];
+        // The cost model picks, per host expert and batch, the CPU or a copy to the GPU.
+        let hl = &host.layers[l];
+        let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
+        let flops = 2.0 * 3.0 * d as f64 * h as f64;
+        let mut copy: Vec<usize> = Vec::new();
+        for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+            let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
+            if self.rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
+                copy.push(e);
+            }
+        }
+        if !copy.is_empty() {
+            // the routed cold experts' weights, once for this batch, then the same grouped
+            // products as resident experts
+            let stack = |t: &crate::model::Tensor, rows: usize| -> Result<GpuMatrix, ModelError> {
+                let q = host.rows(t, 0, rows).qtype;
+                let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
+                let cols = host.rows(t, 0, rows).cols;
+                Ok(GpuMatrix::upload(g, q, copy.len(), rows, cols, &data)?)
+            };
+            let (gm, um, dm) = (stack(&hl.gate_exps, h)?, stack(&hl.up_exps, h)?, stack(&hl.down_exps, d)?);
+            let groups: Vec<Vec<i32>> = copy.iter().map(|&e| cold[e].iter().map(|&p| p as i32).collect()).collect();
+            self.experts_grouped_in([&gm, &um, &dm], &groups, x, k, &mut y.as_view_mut())?;
+            self.copied_experts.fetch_add(copy.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            for &e in &copy {
+                cold[e].clear();
+            }
+        }
+        // CPU part: each remaining host expert over its tokens, ggml's kernels on the mapped weights.
+        if cold.iter().any(|v| !v.is_empty()) {
             let threads = Threads::all();
             let (mut rows, mut out) = (Vec::new(), Vec::new());
             for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {

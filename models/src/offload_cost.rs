@@ -1,0 +1,155 @@
+//! The cost model of issue 7 for experts in host memory: for each cold expert that a
+//! batch of tokens routes to, compute it on the CPU (reading its weights from host memory)
+//! or copy its weights to the GPU once for the batch and compute it there. Decode (one or
+//! two tokens per expert) favours the CPU; long prefills, where many tokens share an
+//! expert, favour the copy. The rates come from `mxr bench --calibrate-devices` (a JSON
+//! file in the cache directory) or, without one, from conservative defaults.
+//! docs/offload.md has the formulas and the rates measured on the GPU machine.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::ModelError;
+
+/// Measured rates of this machine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceRates {
+    /// Host memory read bandwidth, all cores, GB/s.
+    pub host_read_gbps: f64,
+    /// Weight bytes per second the CPU's expert kernels stream for one token (GB/s).
+    pub cpu_expert_gbps: f64,
+    /// CPU expert arithmetic on a batch of tokens, GFLOP/s.
+    pub cpu_gflops: f64,
+    /// Host-to-GPU copy from pageable memory (the mapped file), GB/s.
+    pub h2d_gbps: f64,
+    /// Host-to-GPU copy from pinned memory, GB/s.
+    pub h2d_pinned_gbps: f64,
+}
+
+/// Where a cold expert runs for one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColdChoice {
+    Cpu,
+    CopyToGpu,
+}
+
+impl DeviceRates {
+    /// Used when no calibration file exists: below what a current server measures, so that
+    /// the copy is chosen only where it clearly pays.
+    pub const DEFAULT: DeviceRates =
+        DeviceRates { host_read_gbps: 40.0, cpu_expert_gbps: 20.0, cpu_gflops: 300.0, h2d_gbps: 10.0, h2d_pinned_gbps: 20.0 };
+
+    /// Seconds for the CPU to run one expert of `bytes` of weights over `tokens` tokens of
+    /// `flops` each: bound by streaming the weights or by the arithmetic.
+    pub fn cpu_seconds(&self, bytes: u64, tokens: usize, flops: f64) -> f64 {
+        (bytes as f64 / (self.cpu_expert_gbps * 1e9)).max(tokens as f64 * flops / (self.cpu_gflops * 1e9))
+    }
+
+    /// Seconds to copy `bytes` of weights from the mapped file to the GPU (the GPU's own
+    /// compute on them is far shorter and overlaps nothing here, so it is left out).
+    pub fn copy_seconds(&self, bytes: u64) -> f64 {
+        bytes as f64 / (self.h2d_gbps * 1e9)
+    }
+
+    pub fn choose(&self, bytes: u64, tokens: usize, flops: f64) -> ColdChoice {
+        if self.copy_seconds(bytes) < self.cpu_seconds(bytes, tokens, flops) {
+            ColdChoice::CopyToGpu
+        } else {
+            ColdChoice::Cpu
+        }
+    }
+
+    /// The fewest tokens for which copying an expert beats computing it on the CPU.
+    pub fn copy_threshold(&self, bytes: u64, flops: f64) -> Option<usize> {
+        (1..=1 << 20).find(|&m| self.choose(bytes, m, flops) == ColdChoice::CopyToGpu)
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "host_read_gbps": self.host_read_gbps,
+            "cpu_expert_gbps": self.cpu_expert_gbps,
+            "cpu_gflops": self.cpu_gflops,
+            "h2d_gbps": self.h2d_gbps,
+            "h2d_pinned_gbps": self.h2d_pinned_gbps,
+        })
+    }
+
+    pub fn from_json(j: &Value) -> Result<DeviceRates, ModelError> {
+        let get = |k: &str| -> Result<f64, ModelError> {
+            j.get(k)
+                .and_then(Value::as_f64)
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| ModelError::Input(format!("device rates: `{k}` missing or not a positive number")))
+        };
+        Ok(DeviceRates {
+            host_read_gbps: get("host_read_gbps")?,
+            cpu_expert_gbps: get("cpu_expert_gbps")?,
+            cpu_gflops: get("cpu_gflops")?,
+            h2d_gbps: get("h2d_gbps")?,
+            h2d_pinned_gbps: get("h2d_pinned_gbps")?,
+        })
+    }
+
+    /// Where `mxr bench --calibrate-devices` keeps the rates: $MXR_CACHE_DIR or
+    /// ~/.cache/mxr, file devices.json.
+    pub fn cache_path() -> Option<PathBuf> {
+        let dir = match std::env::var_os("MXR_CACHE_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/mxr"),
+        };
+        Some(dir.join("devices.json"))
+    }
+
+    /// The calibrated rates, if a readable file exists (a bad file is an error).
+    pub fn load(path: &Path) -> Result<Option<DeviceRates>, ModelError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ModelError::Input(format!("{}: {e}", path.display()))),
+        };
+        let j: Value = serde_json::from_str(&text).map_err(|e| ModelError::Input(format!("{}: not JSON: {e}", path.display())))?;
+        DeviceRates::from_json(&j).map(Some).map_err(|e| ModelError::Input(format!("{}: {e}", path.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // One real expert projection at q4_k: 9216 x 6144 weights, 4.5 bits each.
+    const BYTES: u64 = 9216 * 6144 * 9 / 16;
+    const FLOPS: f64 = 2.0 * 9216.0 * 6144.0;
+
+    #[test]
+    fn decode_stays_on_the_cpu_and_long_batches_copy() {
+        let r = DeviceRates { host_read_gbps: 50.0, cpu_expert_gbps: 40.0, cpu_gflops: 400.0, h2d_gbps: 20.0, h2d_pinned_gbps: 50.0 };
+        // streaming 31.9 MB: 0.8 ms on the CPU against 1.6 ms over PCIe
+        assert_eq!(r.choose(BYTES, 1, FLOPS), ColdChoice::Cpu);
+        assert_eq!(r.choose(BYTES, 2, FLOPS), ColdChoice::Cpu);
+        // 113 MFLOP per token at 400 GFLOP/s is 0.28 ms: from 6 tokens the CPU needs > 1.6 ms
+        let t = r.copy_threshold(BYTES, FLOPS).unwrap();
+        assert_eq!(t, 6, "copy from {t} tokens");
+        assert_eq!(r.choose(BYTES, 512, FLOPS), ColdChoice::CopyToGpu);
+        // a CPU that streams slower than PCIe copies even for one token
+        let slow = DeviceRates { cpu_expert_gbps: 10.0, ..r };
+        assert_eq!(slow.choose(BYTES, 1, FLOPS), ColdChoice::CopyToGpu);
+    }
+
+    #[test]
+    fn rates_round_trip_through_json_and_bad_files_are_errors() {
+        let r = DeviceRates::DEFAULT;
+        assert_eq!(DeviceRates::from_json(&r.to_json()).unwrap(), r);
+        let mut j = r.to_json();
+        j["h2d_gbps"] = json!(-1.0);
+        assert!(DeviceRates::from_json(&j).unwrap_err().to_string().contains("h2d_gbps"));
+        let dir = std::env::temp_dir().join(format!("mxr-rates-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(DeviceRates::load(&dir.join("none.json")).unwrap(), None);
+        std::fs::write(dir.join("bad.json"), "{").unwrap();
+        assert!(DeviceRates::load(&dir.join("bad.json")).unwrap_err().to_string().contains("not JSON"));
+        std::fs::write(dir.join("good.json"), r.to_json().to_string()).unwrap();
+        assert_eq!(DeviceRates::load(&dir.join("good.json")).unwrap(), Some(r));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,95 @@
+//! `mxr bench --calibrate-devices`: the rates the cold-expert cost model uses (issue 7,
+//! docs/offload.md), measured on this machine and saved for later runs: host memory read
+//! bandwidth, the CPU expert kernels' streaming rate (one token) and arithmetic rate (a
+//! batch), and the host-to-GPU copy rate from pageable and pinned memory.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use mxr_kernels::cpu::{matmul, Threads};
+use mxr_kernels::cuda::Gpu;
+use mxr_models::offload_cost::DeviceRates;
+use mxr_quant::reference::quantize_to_vec;
+use mxr_quant::reference::stats::Rng;
+use mxr_quant::{QMatrix, QType};
+
+/// Bytes/s that `threads` threads read from a buffer far larger than the caches.
+fn host_read_bandwidth(threads: usize) -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> =
+                buf.chunks(words.div_ceil(threads)).map(|c| s.spawn(move || c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(sums);
+    }
+    (words * 8) as f64 / best
+}
+
+/// Median seconds of `reps` runs of `f` after one warm-up.
+fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut v = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+pub fn run(threads: Threads) -> Result<()> {
+    let mut r = DeviceRates::DEFAULT;
+    println!("| measure | value | how |");
+    println!("| --- | ---: | --- |");
+    r.host_read_gbps = host_read_bandwidth(threads.0) / 1e9;
+    println!("| host memory read | {:.1} GB/s | {} threads summing 1 GiB |", r.host_read_gbps, threads.0);
+    // one real expert projection (9216 x 6144) at q4_k, the offload slices' type
+    let (rows, cols) = (9216, 6144);
+    let row = quantize_to_vec(QType::Q4K, &Rng::new(1).normals(cols, 0.5)).context("quantizing a q4_k row")?;
+    let data: Vec<u8> = row.iter().copied().cycle().take(row.len() * rows).collect();
+    let w = QMatrix { qtype: QType::Q4K, rows, cols, data: &data };
+    let x = Rng::new(2).normals(64 * cols, 1.0);
+    let mut y = vec![0f32; 64 * rows];
+    let t1 = median(7, || Ok(matmul(&w, &x[..cols], 1, &mut y[..rows], threads)?))?;
+    r.cpu_expert_gbps = data.len() as f64 / t1 / 1e9;
+    println!("| CPU expert, 1 token | {:.1} GB/s of weights ({:.2} ms) | ggml q4_k x q8_k, {rows}x{cols} |", r.cpu_expert_gbps, t1 * 1e3);
+    let t64 = median(5, || Ok(matmul(&w, &x, 64, &mut y, threads)?))?;
+    r.cpu_gflops = 2.0 * (rows * cols * 64) as f64 / t64 / 1e9;
+    println!("| CPU expert, 64 tokens | {:.0} GFLOP/s ({:.2} ms) | the same matrix |", r.cpu_gflops, t64 * 1e3);
+    match Gpu::open(0) {
+        Ok(g) => {
+            r.h2d_gbps = g.upload_bandwidth(256 << 20, false, 5)? / 1e9;
+            r.h2d_pinned_gbps = g.upload_bandwidth(256 << 20, true, 5)? / 1e9;
+            println!("| host to GPU, pageable | {:.1} GB/s | 256 MiB, {} |", r.h2d_gbps, g.info().name);
+            println!("| host to GPU, pinned | {:.1} GB/s | 256 MiB |", r.h2d_pinned_gbps);
+        }
+        Err(e) => println!("| host to GPU | (defaults {:.0} / {:.0} GB/s) | no GPU: {e} |", r.h2d_gbps, r.h2d_pinned_gbps),
+    }
+    // what the model decides for one q4_k expert (3 such projections)
+    let bytes = 3 * data.len() as u64;
+    let flops = 3.0 * 2.0 * (rows * cols) as f64;
+    match r.copy_threshold(bytes, flops) {
+        Some(1) => println!("\ncost model: a cold q4_k expert is always copied to the GPU (faster than the CPU even for one token)"),
+        Some(n) => {
+            println!("\ncost model: a cold q4_k expert runs on the CPU below {n} tokens per batch, and is copied to the GPU from {n}")
+        }
+        None => println!("\ncost model: a cold q4_k expert always runs on the CPU"),
+    }
+    let path = DeviceRates::cache_path().context("no cache directory (set MXR_CACHE_DIR or HOME)")?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&r.to_json())?)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("saved to {} (mxr run/chat/bench read it)", path.display());
+    Ok(())
+}
