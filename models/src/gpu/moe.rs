@@ -73,16 +73,31 @@ impl GpuModel {
         pairs: usize,
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
+        self.experts_matvec_in([&layer.gate_exps, &layer.up_exps, &layer.down_exps], ids, x, x_rows, x_div, pairs, y)
+    }
+
+    /// [`GpuModel::experts_matvec`] over any stacks of gate, up and down matrices.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn experts_matvec_in(
+        &self,
+        [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
+        ids: &CudaSlice<i32>,
+        x: &CudaView<'_, f32>,
+        x_rows: usize,
+        x_div: usize,
+        pairs: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h) = (c.dim, c.hidden_dim);
         let mut gate = g.alloc::<f32>(pairs * h)?;
         let mut up = g.alloc::<f32>(pairs * h)?;
-        let act = if quantized(layer.gate_exps.qtype) { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
-        g.matvec_with(&layer.gate_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut gate.as_view_mut())?;
-        g.matvec_with(&layer.up_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut up.as_view_mut())?;
+        let act = if quantized(gate_exps.qtype) { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
+        g.matvec_with(gate_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut gate.as_view_mut())?;
+        g.matvec_with(up_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut up.as_view_mut())?;
         let mut a = g.alloc::<f32>(pairs * h)?;
         g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
-        g.matvec(&layer.down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
+        g.matvec(down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
         Ok(())
     }
 

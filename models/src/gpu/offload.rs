@@ -51,25 +51,8 @@ impl GpuModel {
         let xh = if any_cold { g.download(&x.slice(..n * d))? } else { Vec::new() };
         let mut y = g.zeros::<f32>(n * k * d)?;
         // GPU part: queued now, runs while the CPU works below.
-        if !hot.is_empty() {
-            let m = hot.len();
-            let idx = g.upload(&hot)?;
-            let mut xs = g.alloc::<f32>(m * d)?;
-            g.gather_rows(x, &idx.as_view(), k, m, d, &mut xs.as_view_mut())?;
-            let mut ys = g.alloc::<f32>(m * d)?;
-            if m <= MATVEC_MAX_TOKENS * k {
-                let sl = g.upload(&hot_slots)?;
-                self.experts_matvec(layer, &sl, &xs.as_view(), m, 1, m, &mut ys.as_view_mut())?;
-            } else {
-                // grouped by slot: the rows of xs that go to each resident expert
-                let mut by_slot: Vec<Vec<i32>> = vec![Vec::new(); layer.gate_exps.n_experts];
-                for (i, &s) in hot_slots.iter().enumerate() {
-                    by_slot[s as usize].push(i as i32);
-                }
-                self.experts_grouped(layer, &by_slot, &xs.as_view(), 1, &mut ys.as_view_mut())?;
-            }
-            g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
-        }
+        let mats = [&layer.gate_exps, &layer.up_exps, &layer.down_exps];
+        self.pairs_on_gpu(mats, &hot, &hot_slots, x, &mut y)?;
         // The cost model picks, per host expert and batch, the CPU or a copy to the GPU.
         let hl = &host.layers[l];
         let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
@@ -91,8 +74,13 @@ impl GpuModel {
                 Ok(GpuMatrix::upload(g, q, copy.len(), rows, cols, &data)?)
             };
             let (gm, um, dm) = (stack(&hl.gate_exps, h)?, stack(&hl.up_exps, h)?, stack(&hl.down_exps, d)?);
-            let groups: Vec<Vec<i32>> = copy.iter().map(|&e| cold[e].iter().map(|&p| p as i32).collect()).collect();
-            self.experts_grouped_in([&gm, &um, &dm], &groups, x, k, &mut y.as_view_mut())?;
+            // the same products (and arithmetic) as resident experts of a batch this size
+            let (mut pairs, mut slots) = (Vec::new(), Vec::new());
+            for (i, &e) in copy.iter().enumerate() {
+                pairs.extend(cold[e].iter().map(|&p| p as i32));
+                slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
+            }
+            self.pairs_on_gpu([&gm, &um, &dm], &pairs, &slots, x, &mut y)?;
             self.copied_experts.fetch_add(copy.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for &e in &copy {
                 cold[e].clear();
@@ -117,5 +105,41 @@ impl GpuModel {
         let mut out = g.alloc::<f32>(n * d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), n, k, d, &mut out.as_view_mut())?;
         Ok(out)
+    }
+
+    /// Expert products for the (token, choice) pairs `pairs` (row p reads token p / k),
+    /// pair i by stack entry slots[i] of `mats`; outputs go to row p of y. Up to
+    /// MATVEC_MAX_TOKENS * k pairs: the matrix-vector kernels (int8 activations); more:
+    /// tensor-core products grouped by entry.
+    fn pairs_on_gpu(
+        &self,
+        mats: [&GpuMatrix; 3],
+        pairs: &[i32],
+        slots: &[i32],
+        x: &CudaView<'_, f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (d, k, m) = (c.dim, c.n_experts_used, pairs.len());
+        if m == 0 {
+            return Ok(());
+        }
+        let idx = g.upload(pairs)?;
+        let mut xs = g.alloc::<f32>(m * d)?;
+        g.gather_rows(x, &idx.as_view(), k, m, d, &mut xs.as_view_mut())?;
+        let mut ys = g.alloc::<f32>(m * d)?;
+        if m <= MATVEC_MAX_TOKENS * k {
+            let sl = g.upload(slots)?;
+            self.experts_matvec_in(mats, &sl, &xs.as_view(), m, 1, m, &mut ys.as_view_mut())?;
+        } else {
+            // grouped by entry: the rows of xs that go to each expert of the stack
+            let mut by_slot: Vec<Vec<i32>> = vec![Vec::new(); mats[0].n_experts];
+            for (i, &s) in slots.iter().enumerate() {
+                by_slot[s as usize].push(i as i32);
+            }
+            self.experts_grouped_in(mats, &by_slot, &xs.as_view(), 1, &mut ys.as_view_mut())?;
+        }
+        g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
+        Ok(())
     }
 }
