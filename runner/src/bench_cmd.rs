@@ -3,6 +3,7 @@
 //! ms/token, bytes read per token, GB/s and the share of the card's measured copy
 //! bandwidth); each test runs `--reps` times after a warm-up, and the table shows the
 //! mean ± standard deviation. `--profile` adds seconds per stage of the forward pass.
+//! `--depth` measures the prefill to a context depth and decode at that depth.
 
 use std::time::Instant;
 
@@ -31,6 +32,11 @@ pub struct BenchArgs {
     /// Prompt tokens per forward call.
     #[arg(short = 'b', long, default_value_t = 4096)]
     pub batch_size: usize,
+    /// Context depths (llama-bench's -d): for each, prefill that many tokens in -b chunks
+    /// (reported as ppD, the time to reach the depth) and then decode -n tokens there
+    /// (reported as "tgN @ dD"). Each repetition starts from an empty context.
+    #[arg(short = 'd', long = "depth", value_delimiter = ',')]
+    pub depth: Vec<usize>,
     /// Print JSON records instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -64,7 +70,8 @@ struct Work {
     attn_flops_per_pair: f64,
 }
 
-fn work(m: &Model) -> Work {
+/// `kv_elem`: bytes per KV cache element on the backend that runs (f32 on the CPU).
+fn work(m: &Model, kv_elem: usize) -> Work {
     let c = &m.config;
     let h = m.file.header();
     let tensor = |name: &str| h.tensor(name).map(|t| (t.n_bytes as f64, t.n_elements as f64)).unwrap_or((0.0, 0.0));
@@ -89,7 +96,7 @@ fn work(m: &Model) -> Work {
     Work {
         decode_weight_bytes: bytes + out.0,
         state_bytes: n_light * state * 4.0 * 2.0,
-        kv_bytes_per_pos: n_soft * (2 * c.kv_dim()) as f64 * 4.0,
+        kv_bytes_per_pos: n_soft * (2 * c.kv_dim()) as f64 * kv_elem as f64,
         flops_per_token: 2.0 * params + n_light * 4.0 * state,
         attn_flops_per_pair: n_soft * 4.0 * (c.n_heads * c.head_dim) as f64,
     }
@@ -134,6 +141,23 @@ fn prefill(l: &Loaded, n: usize, batch: usize, rep: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Seconds to prefill `depth` tokens from an empty context, then seconds to decode `n`
+/// tokens after them.
+fn at_depth(l: &Loaded, depth: usize, n: usize, batch: usize, rep: usize) -> Result<(f64, f64)> {
+    let ids = tokens(depth + n, l.model.config.vocab_size, 2000 + rep as u64);
+    let mut st = l.new_state()?;
+    let t = Instant::now();
+    for chunk in ids[..depth].chunks(batch.max(1)) {
+        l.forward(&mut st, chunk, Logits::Last)?;
+    }
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for &id in &ids[depth..] {
+        l.forward(&mut st, &[id], Logits::Last)?;
+    }
+    Ok((prefill, t.elapsed().as_secs_f64()))
+}
+
 fn decode(l: &Loaded, n: usize, rep: usize) -> Result<f64> {
     let ids = tokens(n, l.model.config.vocab_size, 1000 + rep as u64);
     let mut st = l.new_state()?;
@@ -152,13 +176,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return crate::calibrate_devices::run(Threads(a.model.threads.unwrap_or_else(|| Threads::all().0).max(1)));
     }
     let mut margs = a.model.clone();
-    let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen);
+    let deepest = a.depth.iter().copied().max().map_or(0, |d| d + a.n_gen);
+    let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen).max(deepest);
     margs.ctx_size = margs.ctx_size.max(longest);
     let l = load(&margs)?;
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }
-    let w = work(&l.model);
+    let kv_elem = match &l.backend {
+        Backend::Cuda(g) => g.kv_type.bytes(),
+        Backend::Cpu(_) => 4,
+    };
+    let w = work(&l.model, kv_elem);
     let c = &l.model.config;
     let (bandwidth, peak, device) = match &l.backend {
         Backend::Cuda(g) => {
@@ -208,6 +237,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
         records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile });
     }
+    for &d in a.depth.iter().filter(|&&d| d > 0) {
+        // warm-up: kernels and buffers for these shapes (a full-size one would cost as much
+        // as a repetition at a million tokens)
+        at_depth(&l, d.min(4096), a.n_gen.min(2), a.batch_size, 0)?;
+        let runs = (0..a.reps).map(|r| at_depth(&l, d, a.n_gen, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
+        let per_token = w.flops_per_token + w.attn_flops_per_pair * d as f64 / 2.0;
+        records.push(Record {
+            test: format!("pp{d}"),
+            tokens: d,
+            seconds: runs.iter().map(|r| r.0).collect(),
+            per_token,
+            profile: Vec::new(),
+        });
+        if a.n_gen > 0 {
+            let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * (d as f64 + a.n_gen as f64 / 2.0);
+            let seconds = runs.iter().map(|r| r.1).collect();
+            records.push(Record { test: format!("tg{} @ d{d}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile: Vec::new() });
+        }
+    }
     let h = l.model.file.header();
     let (params, size): (u64, u64) = h.tensors().iter().fold((0, 0), |(p, b), t| (p + t.n_elements, b + t.n_bytes));
     let model_name = format!("minimax-01 {}L {}x{}E", c.n_layers, c.n_experts, c.n_experts_used);
@@ -221,6 +269,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "test": r.test, "n_tokens": r.tokens, "reps": r.seconds.len(), "seconds": r.seconds, "avg_ts": ts, "stddev_ts": sd,
                 "ms_per_token": 1e3 / ts,
             });
+            if let Some((_, d)) = r.test.split_once(" @ d") {
+                j["depth"] = serde_json::json!(d.parse::<usize>().unwrap_or(0));
+            }
             if r.test.starts_with("tg") {
                 j["bytes_per_token"] = serde_json::json!(r.per_token);
                 j["gb_per_s"] = serde_json::json!(r.per_token * ts / 1e9);

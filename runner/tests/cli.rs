@@ -522,3 +522,47 @@ fn bad_stdin_and_unwritable_outputs_are_clear_errors() {
     }
     assert!(!dir.join("no").exists());
 }
+
+#[test]
+fn bench_depth_prefills_then_decodes_at_that_depth() {
+    let dir = tempdir("cli-depth");
+    let golden = repo_root().join("tests/fixtures/golden/equal-alpha");
+    let gguf = dir.join("g.gguf");
+    assert!(mxr(&["convert", golden.to_str().unwrap(), "-o", gguf.to_str().unwrap()]).status.success());
+    let out = mxr(&[
+        "bench",
+        "-m",
+        gguf.to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "4",
+        "-d",
+        "64,200",
+        "-r",
+        "2",
+        "-b",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recs: Vec<Json> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let tests: Vec<&str> = recs.iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["tg4", "pp64", "tg4 @ d64", "pp200", "tg4 @ d200"]);
+    for r in &recs {
+        assert_eq!(r["reps"], 2);
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // decode at depth d reads d more positions of KV per token than decode from empty:
+    // 1 softmax layer x 2 (K, V) x kv_dim 64 (2 heads of 32) x 4 bytes (f32 on the CPU)
+    // = 512 B per position
+    let bytes = |t: &str| recs.iter().find(|r| r["test"] == t).unwrap()["bytes_per_token"].as_f64().unwrap();
+    assert_eq!(bytes("tg4 @ d64") - bytes("tg4"), 64.0 * 512.0);
+    assert_eq!(bytes("tg4 @ d200") - bytes("tg4"), 200.0 * 512.0);
+    assert_eq!(recs[2]["depth"], 64);
+    // prefill to a depth counts the attention to the keys before each query
+    let flops = |t: &str| recs.iter().find(|r| r["test"] == t).unwrap()["flops_per_token"].as_f64().unwrap();
+    assert!(flops("pp200") > flops("pp64"));
+}
