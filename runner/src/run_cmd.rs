@@ -105,7 +105,13 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<Plac
         };
         Policy::Budget(budget)
     };
-    Ok(plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy)?)
+    plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy).map_err(|e| {
+        match a.kv_type {
+            // the cheapest fix first: the same context in half the memory
+            KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
+            KvArg::Bf16 => anyhow::anyhow!(e),
+        }
+    })
 }
 
 #[derive(Args, Clone)]
