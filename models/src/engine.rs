@@ -69,6 +69,15 @@ impl Backend {
         })
     }
 
+    /// Routing counts of the sequence so far, [layer][expert].
+    pub fn expert_counts(&self, state: &State) -> Result<Vec<Vec<u64>>, ModelError> {
+        match (self, state) {
+            (_, State::Cpu(s)) => Ok(s.expert_counts.clone()),
+            (Backend::Cuda(g), State::Cuda(s)) => s.expert_counts(g),
+            _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Backend::Cpu(t) => format!("cpu, {} threads", t.0),

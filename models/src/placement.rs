@@ -200,6 +200,38 @@ pub fn plan(sizes: &Sizes, n_experts: usize, stats: Option<&ExpertStats>, policy
     Ok(Placement { on_gpu, resident, gpu_experts: gpu, host_experts: all - gpu })
 }
 
+/// One exchange of `--expert-rebalance`: expert `promote` takes the GPU slot of `demote`
+/// in `layer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Swap {
+    pub layer: usize,
+    pub demote: usize,
+    pub promote: usize,
+}
+
+/// Exchanges that bring the most used experts onto the GPU, layer by layer, with the same
+/// number of experts per layer on the GPU (so the same memory): the least used resident
+/// expert gives its slot to the most used host expert while the host expert's count
+/// exceeds the resident's by more than `margin` (a fraction: 0.25 = 25% more uses), so
+/// that near-ties do not move weights back and forth.
+pub fn rebalance(on_gpu: &[Vec<bool>], counts: &[Vec<u64>], margin: f64) -> Vec<Swap> {
+    let mut swaps = Vec::new();
+    for (layer, (row, cnt)) in on_gpu.iter().zip(counts).enumerate() {
+        let count = |e: usize| cnt.get(e).copied().unwrap_or(0);
+        let mut resident: Vec<usize> = (0..row.len()).filter(|&e| row[e]).collect();
+        let mut host: Vec<usize> = (0..row.len()).filter(|&e| !row[e]).collect();
+        resident.sort_by_key(|&e| (count(e), e));
+        host.sort_by_key(|&e| (std::cmp::Reverse(count(e)), e));
+        for (&d, &p) in resident.iter().zip(&host) {
+            if count(p) as f64 <= count(d) as f64 * (1.0 + margin) || count(p) == 0 {
+                break;
+            }
+            swaps.push(Swap { layer, demote: d, promote: p });
+        }
+    }
+    swaps
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,5 +276,25 @@ mod tests {
         assert_eq!(expert_layer("blk.12.ffn_up_exps.weight"), Some(12));
         assert_eq!(expert_layer("blk.3.ffn_gate_inp.weight"), None);
         assert_eq!(expert_layer("token_embd.weight"), None);
+    }
+
+    #[test]
+    fn rebalance_swaps_the_most_used_host_experts_in_and_keeps_counts_per_layer() {
+        // layer 0: experts 0, 1 on the GPU; 3 is now the most used, 2 next, 0 rarely used
+        let on_gpu = vec![vec![true, true, false, false], vec![true, false, true, false]];
+        let counts = vec![vec![1, 50, 40, 90], vec![10, 11, 30, 0]];
+        let swaps = rebalance(&on_gpu, &counts, 0.25);
+        assert_eq!(
+            swaps,
+            vec![Swap { layer: 0, demote: 0, promote: 3 }],
+            "1 (50 uses) keeps its slot against 2 (40); layer 1: 11 is not 25% above 10"
+        );
+        // with no margin the near-tie of layer 1 moves too; zero counts never do
+        let swaps = rebalance(&on_gpu, &counts, 0.0);
+        assert_eq!(swaps, vec![Swap { layer: 0, demote: 0, promote: 3 }, Swap { layer: 1, demote: 0, promote: 1 }]);
+        assert!(rebalance(&on_gpu, &[vec![0; 4], vec![0; 4]], 0.0).is_empty());
+        // every expert resident, or none: nothing to exchange
+        assert!(rebalance(&[vec![true; 4]], &[vec![5, 1, 9, 2]], 0.0).is_empty());
+        assert!(rebalance(&[vec![false; 4]], &[vec![5, 1, 9, 2]], 0.0).is_empty());
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mxr_models::engine::State;
+use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 use mxr_models::Session;
 use rustyline::error::ReadlineError;
@@ -34,6 +34,10 @@ pub struct ChatArgs {
     /// Most tokens per reply.
     #[arg(short = 'n', long, default_value_t = 1024)]
     pub n_predict: usize,
+    /// With experts in host memory: after each reply, move the experts this process has
+    /// used most onto the GPU in place of the least used resident ones (same memory).
+    #[arg(long)]
+    pub expert_rebalance: bool,
 }
 
 /// The REPL's commands, with one help text.
@@ -47,6 +51,9 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/exit", "leave (also Ctrl-D)"),
 ];
 
+/// Routing counts, [layer][expert].
+type Counts = Vec<Vec<u64>>;
+
 struct Chat {
     l: Loaded,
     sampler: Sampler,
@@ -58,6 +65,9 @@ struct Chat {
     n_predict: usize,
     last: Option<(usize, f64, usize, f64)>,
     interrupted: Interrupt,
+    /// `--expert-rebalance`: routing counts over this process's life, and the current
+    /// session's counts when last read.
+    rebalance: Option<(Counts, Counts)>,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -76,7 +86,17 @@ pub fn run(a: ChatArgs) -> Result<()> {
         n_predict: a.n_predict,
         last: None,
         interrupted,
+        rebalance: None,
     };
+    if a.expert_rebalance {
+        match &chat.l.backend {
+            Backend::Cuda(g) if g.offloaded => {
+                let zeros = vec![vec![0u64; chat.l.model.config.n_experts]; chat.l.model.config.n_layers];
+                chat.rebalance = Some((zeros.clone(), zeros));
+            }
+            _ => eprintln!("--expert-rebalance: every expert is on one device; nothing to rebalance"),
+        }
+    }
     let mut rl = rustyline::DefaultEditor::new().context("starting the line editor")?;
     loop {
         let mut input = String::new();
@@ -232,6 +252,27 @@ impl Chat {
         }
         self.last = Some((new.len(), prompt_s, n, gen_start.elapsed().as_secs_f64()));
         self.messages.push(Message::new("assistant", &reply));
+        self.rebalance_experts()
+    }
+
+    /// `--expert-rebalance`, between requests: adds this session's new routing counts to
+    /// the process's totals and exchanges experts between host and GPU by them.
+    fn rebalance_experts(&mut self) -> Result<()> {
+        let Some((total, last)) = self.rebalance.as_mut() else { return Ok(()) };
+        let now = self.l.backend.expert_counts(&self.session)?;
+        for ((t, l), n) in total.iter_mut().zip(last.iter()).zip(&now) {
+            for ((t, &l), &n) in t.iter_mut().zip(l).zip(n) {
+                // a new session (reset, reload) starts its counts again from zero
+                *t += if n >= l { n - l } else { n };
+            }
+        }
+        *last = now;
+        let Backend::Cuda(g) = &mut self.l.backend else { return Ok(()) };
+        let swaps = g.rebalance(&self.l.model, total, 0.25)?;
+        if !swaps.is_empty() {
+            let moved: Vec<String> = swaps.iter().map(|s| format!("{}:{}<-{}", s.layer, s.demote, s.promote)).collect();
+            eprintln!("(expert rebalance: {} experts moved to the GPU, layer:out<-in {})", swaps.len(), moved.join(" "));
+        }
         Ok(())
     }
 

@@ -389,3 +389,57 @@ fn out_of_gpu_memory_is_an_error_not_a_crash() {
     let logits = g.forward(&mut s, &prompt, Logits::Last).unwrap();
     assert!(logits.iter().all(|v| v.is_finite()));
 }
+
+/// `--expert-rebalance` (issue 7): after routing counts move the most used host experts
+/// onto the GPU, the logits are those of the all-GPU placement again (the exchanged
+/// weights landed in the right slots) and the GPU holds as many experts as before.
+#[test]
+#[ignore = "needs a GPU"]
+fn rebalanced_experts_give_the_same_logits() {
+    use mxr_models::placement::{plan, Policy, Sizes};
+    let m = converted(&repo_root().join("nano/checkpoint"), "nano-rebalance", QType::Q8_0);
+    let c = &m.config;
+    let prompt: Vec<u32> =
+        mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
+    let run = |g: &GpuModel| -> (Vec<f32>, Vec<Vec<u64>>) {
+        let mut s = GpuSession::new(g, 64).unwrap();
+        let mut out = Vec::new();
+        for ch in prompt.chunks(4) {
+            out.extend(g.forward_on(Some(&m), &mut s, ch, Logits::All).unwrap());
+        }
+        let counts = s.expert_counts(g).unwrap();
+        (out, counts)
+    };
+    let (all, _) = run(&gpu_model(&m));
+    let sizes = Sizes::of(&m, 64, 4, 0);
+    let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
+    let quarter = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 4;
+    let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();
+    let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
+    g.kv_type = KvType::F32;
+    let (_, counts) = run(&g);
+    // routing choices that land on resident experts, with the current placement
+    let share = |g: &GpuModel| -> u64 {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(l, row)| row.iter().enumerate().filter(|(e, _)| g.resident(l, *e)).map(|(_, n)| n).sum::<u64>())
+            .sum()
+    };
+    let before = share(&g);
+    let swaps = g.rebalance(&m, &counts, 0.0).unwrap();
+    let after_share = share(&g);
+    let (after, _) = run(&g);
+    let d = diff(&after, &all);
+    let top1 = top1_same(&after, &all, c.vocab_size);
+    let ok = !swaps.is_empty() && after_share > before && d.max_abs <= 2e-2 && top1.0 == top1.1;
+    println!(
+        "CHECK expert rebalance | nano Q8_0, a quarter of the experts, {} exchanges, GPU share of choices {before} -> {after_share} | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}",
+        swaps.len(),
+        d.max_abs,
+        top1.0,
+        top1.1,
+        if ok { "ok" } else { "FAIL" }
+    );
+    assert!(ok, "{swaps:?}: {d}");
+}

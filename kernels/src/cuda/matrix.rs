@@ -33,6 +33,19 @@ impl GpuMatrix {
         Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
     }
 
+    /// Replaces expert `e`'s weights with `data` (ggml bytes of one expert, `rows` rows
+    /// of `cols` values, the stack's type), as `--expert-rebalance` does.
+    pub fn write_expert(&mut self, gpu: &Gpu, e: usize, data: &[u8]) -> Result<()> {
+        if e >= self.n_experts {
+            return Err(KernelError::Shape(format!("write_expert: expert {e} of a stack of {}", self.n_experts)));
+        }
+        let host = pack(self.qtype, 1, self.rows, self.cols, data)?;
+        if host.len() != self.stride {
+            return Err(KernelError::Length { op: "write_expert", what: "packed expert", expected: self.stride, actual: host.len() });
+        }
+        gpu.write(&host, &mut self.buf.slice_mut(e * self.stride..(e + 1) * self.stride))
+    }
+
     /// Device bytes of expert `e`.
     pub fn expert(&self, e: usize) -> CudaView<'_, u8> {
         self.buf.slice(e * self.stride..(e + 1) * self.stride)

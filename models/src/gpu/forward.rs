@@ -68,6 +68,11 @@ impl GpuSession {
         })
     }
 
+    /// Routing counts so far, [layer][expert] (for `--expert-rebalance`).
+    pub fn expert_counts(&self, m: &GpuModel) -> Result<Vec<Vec<u64>>, ModelError> {
+        self.counts.iter().map(|c| Ok(m.gpu.download(&c.as_view())?.into_iter().map(u64::from).collect())).collect()
+    }
+
     /// The session in host memory (for saving, or to continue on the CPU).
     pub fn to_host(&self, m: &GpuModel) -> Result<Session, ModelError> {
         let (g, c) = (&m.gpu, &m.config);

@@ -11,6 +11,7 @@ use mxr_kernels::cuda::{CudaSlice, CudaView, GpuMatrix};
 use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::ops::{linear, silu};
 use crate::offload_cost::ColdChoice;
+use crate::placement::{rebalance, Swap};
 use crate::{Model, ModelError};
 
 impl GpuModel {
@@ -141,5 +142,39 @@ impl GpuModel {
         }
         g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
         Ok(())
+    }
+}
+
+impl GpuModel {
+    /// Whether expert `e` of layer `l` is on the GPU.
+    pub fn resident(&self, l: usize, e: usize) -> bool {
+        self.layers.get(l).is_some_and(|layer| layer.slot.as_ref().is_none_or(|s| s.get(e).is_some_and(Option::is_some)))
+    }
+
+    /// `--expert-rebalance`: moves the most used host experts onto the GPU in place of the
+    /// least used resident ones (see [`crate::placement::rebalance`]), by the routing
+    /// counts `counts[layer][expert]`; `host` supplies the weights. Same memory, same
+    /// number of experts per layer. Returns the exchanges made.
+    pub fn rebalance(&mut self, host: &Model, counts: &[Vec<u64>], margin: f64) -> Result<Vec<Swap>, ModelError> {
+        let (d, h) = (self.config.dim, self.config.hidden_dim);
+        let on_gpu: Vec<Vec<bool>> = self
+            .layers
+            .iter()
+            .map(|l| l.slot.as_ref().map_or_else(|| vec![true; self.config.n_experts], |s| s.iter().map(Option::is_some).collect()))
+            .collect();
+        let swaps = rebalance(&on_gpu, counts, margin);
+        for sw in &swaps {
+            let hl = &host.layers[sw.layer];
+            let layer = &mut self.layers[sw.layer];
+            let Some(slot) = layer.slot.as_mut() else { continue };
+            let Some(s) = slot[sw.demote] else { continue };
+            let e = sw.promote;
+            layer.gate_exps.write_expert(&self.gpu, s as usize, host.rows(&hl.gate_exps, e * h, h).data)?;
+            layer.up_exps.write_expert(&self.gpu, s as usize, host.rows(&hl.up_exps, e * h, h).data)?;
+            layer.down_exps.write_expert(&self.gpu, s as usize, host.rows(&hl.down_exps, e * d, d).data)?;
+            slot[sw.demote] = None;
+            slot[e] = Some(s);
+        }
+        Ok(swaps)
     }
 }
