@@ -72,6 +72,13 @@ pub struct GpuModel {
     pub copied_experts: std::sync::atomic::AtomicU64,
 }
 
+impl GpuLayer {
+    /// The layer's gate, up and down expert stacks.
+    pub(crate) fn experts(&self) -> [&GpuMatrix; 3] {
+        [&self.gate_exps, &self.up_exps, &self.down_exps]
+    }
+}
+
 impl GpuModel {
     /// Uploads every tensor of `model` to `gpu`.
     pub fn upload(model: &Model, gpu: Gpu) -> Result<GpuModel, ModelError> {

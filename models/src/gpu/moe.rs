@@ -41,7 +41,7 @@ impl GpuModel {
         let (ids, weights) = self.route(layer, x, n, counts)?;
         let mut y = g.alloc::<f32>(n * k * d)?;
         if n <= MATVEC_MAX_TOKENS {
-            self.experts_matvec(layer, &ids, x, n, k, n * k, &mut y.as_view_mut())?;
+            self.experts_matvec(layer.experts(), &ids, x, n, k, n * k, &mut y.as_view_mut())?;
         } else {
             let host_ids = g.download(&ids.as_view())?;
             let mut pairs: Vec<Vec<i32>> = vec![Vec::new(); c.n_experts];
@@ -52,33 +52,19 @@ impl GpuModel {
                     .ok_or_else(|| ModelError::Input(format!("GPU router chose expert {e}")))?;
                 pairs[e].push(p as i32);
             }
-            self.experts_grouped(layer, &pairs, x, k, &mut y.as_view_mut())?;
+            self.experts_grouped(layer.experts(), &pairs, x, k, &mut y.as_view_mut())?;
         }
         let mut out = g.alloc::<f32>(n * d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), n, k, d, &mut out.as_view_mut())?;
         Ok(out)
     }
 
-    /// y [pairs, dim] = E_{ids[p]}(x[p / x_div]) for every pair: matrix-vector products that
-    /// read the expert ids from device memory; x has `x_rows` rows, quantized once for the
-    /// gate and up products.
+    /// y [pairs, dim] = E_{ids[p]}(x[p / x_div]) for every pair, E from the stacks of gate,
+    /// up and down matrices (a layer's, or cold experts copied to the GPU): matrix-vector
+    /// products that read the expert ids from device memory; x has `x_rows` rows,
+    /// quantized once for the gate and up products.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn experts_matvec(
-        &self,
-        layer: &GpuLayer,
-        ids: &CudaSlice<i32>,
-        x: &CudaView<'_, f32>,
-        x_rows: usize,
-        x_div: usize,
-        pairs: usize,
-        y: &mut CudaViewMut<'_, f32>,
-    ) -> Result<(), ModelError> {
-        self.experts_matvec_in([&layer.gate_exps, &layer.up_exps, &layer.down_exps], ids, x, x_rows, x_div, pairs, y)
-    }
-
-    /// [`GpuModel::experts_matvec`] over any stacks of gate, up and down matrices.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn experts_matvec_in(
         &self,
         [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
         ids: &CudaSlice<i32>,
@@ -102,21 +88,9 @@ impl GpuModel {
     }
 
     /// Tensor-core products grouped by expert: groups[e] lists the output rows that stack
-    /// entry e computes; row i reads x row i / x_div and is written to y row i.
+    /// entry e (of the gate, up and down stacks) computes; row i reads x row i / x_div and
+    /// is written to y row i.
     pub(crate) fn experts_grouped(
-        &self,
-        layer: &GpuLayer,
-        groups: &[Vec<i32>],
-        x: &CudaView<'_, f32>,
-        x_div: usize,
-        y: &mut CudaViewMut<'_, f32>,
-    ) -> Result<(), ModelError> {
-        self.experts_grouped_in([&layer.gate_exps, &layer.up_exps, &layer.down_exps], groups, x, x_div, y)
-    }
-
-    /// [`GpuModel::experts_grouped`] over any stacks of gate, up and down matrices (the
-    /// layer's, or cold experts copied to the GPU for one batch).
-    pub(crate) fn experts_grouped_in(
         &self,
         [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
         groups: &[Vec<i32>],

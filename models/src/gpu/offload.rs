@@ -52,7 +52,7 @@ impl GpuModel {
         let xh = if any_cold { g.download(&x.slice(..n * d))? } else { Vec::new() };
         let mut y = g.zeros::<f32>(n * k * d)?;
         // GPU part: queued now, runs while the CPU works below.
-        let mats = [&layer.gate_exps, &layer.up_exps, &layer.down_exps];
+        let mats = layer.experts();
         self.pairs_on_gpu(mats, &hot, &hot_slots, x, &mut y)?;
         // The cost model picks, per host expert and batch, the CPU or a copy to the GPU.
         let hl = &host.layers[l];
@@ -131,14 +131,14 @@ impl GpuModel {
         let mut ys = g.alloc::<f32>(m * d)?;
         if m <= MATVEC_MAX_TOKENS * k {
             let sl = g.upload(slots)?;
-            self.experts_matvec_in(mats, &sl, &xs.as_view(), m, 1, m, &mut ys.as_view_mut())?;
+            self.experts_matvec(mats, &sl, &xs.as_view(), m, 1, m, &mut ys.as_view_mut())?;
         } else {
             // grouped by entry: the rows of xs that go to each expert of the stack
             let mut by_slot: Vec<Vec<i32>> = vec![Vec::new(); mats[0].n_experts];
             for (i, &s) in slots.iter().enumerate() {
                 by_slot[s as usize].push(i as i32);
             }
-            self.experts_grouped_in(mats, &by_slot, &xs.as_view(), 1, &mut ys.as_view_mut())?;
+            self.experts_grouped(mats, &by_slot, &xs.as_view(), 1, &mut ys.as_view_mut())?;
         }
         g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, &mut y.as_view_mut())?;
         Ok(())
