@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything a GPU session measures, in one device call (build here first with
+# `scripts/gpu-check.sh build`; carry carry/gpu and carry/data/prompt.txt):
+#
+#   scripts/gpu-session.sh [STEP...]      (GPU machine; full logs under $OUT or /tmp/gpu-session)
+#
+# Steps, in order (default: all but depth1m):
+#   check      the GPU tests (scripts/gpu-check.sh run)                       ~1 min
+#   kernels    mxr bench --kernels                                           ~20 s
+#   s8         S8 q8_0: pp512, pp4096, tg128, 5 reps (synth + convert ~75 s)  ~3 min
+#   s8q4       S8 q4_k: pp4096, tg128                                         ~3 min
+#   depth      S8: prefill to 131,072 tokens, decode 128 there, 1 rep         ~1 min
+#   offload    S2x32 offload sweep with --calibrate-devices                   ~3 min
+#   depth1m    S8: prefill to 1,048,576 tokens and decode there (issue 8)     minutes
+# Each step prints its table last; a failing step does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export MXR_CACHE_DIR=${MXR_CACHE_DIR:-/tmp/mxr-cache}
+out=${OUT:-/tmp/gpu-session}
+mkdir -p "$out"
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(check kernels s8 s8q4 depth offload)
+status=0
+for s in "${steps[@]}"; do
+    echo "== $s ($(date -u +%H:%M:%S))"
+    case "$s" in
+    check) OUT="$out" scripts/gpu-check.sh run >"$out/check.log" 2>&1 ;;
+    kernels) carry/gpu/mxr bench --kernels >"$out/kernels.log" 2>&1 ;;
+    s8) scripts/bench-slice.sh S8 -p 512,4096 -n 128 -r 5 >"$out/s8.log" 2>&1 ;;
+    s8q4) scripts/bench-slice.sh S8q4 -p 4096 -n 128 -r 5 >"$out/s8q4.log" 2>&1 ;;
+    depth) scripts/bench-slice.sh S8 -p 0 -n 128 -d 131072 -r 1 -b 8192 >"$out/depth.log" 2>&1 ;;
+    depth1m) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 >"$out/depth1m.log" 2>&1 ;;
+    offload) scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload.log" 2>&1 ;;
+    *) echo "unknown step $s" >&2; status=2; continue ;;
+    esac
+    rc=$?
+    [ $rc -eq 0 ] || { echo "step $s failed ($rc)"; status=1; }
+    case "$s" in
+    check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
+    offload) grep -E "^==|placement|cost model|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
+    *) grep -E "^\| (minimax|matvec|attention|lightning)|mxr 0|copy bandwidth" "$out/$s.log" ;;
+    esac
+done
+exit $status
