@@ -17,6 +17,7 @@ pub mod config;
 pub mod engine;
 pub mod forward;
 pub mod gpu;
+pub mod layer_split;
 pub mod layers;
 pub mod model;
 pub mod names;

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use mxr_models::config::minimax_text_01;
+use mxr_models::layer_split::{split, GpuShare, LayerBytes};
 use mxr_models::names::{self, blk};
-use mxr_models::placement::{expert_layer, plan, ExpertStats, Policy, Sizes};
+use mxr_models::placement::{expert_layer, plan, ExpertStats, Placement, Policy, Sizes};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
 
@@ -225,9 +226,25 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         _ => None,
     };
+    // one GPU: the planner mxr run uses; several: contiguous layers per GPU (issue 10),
+    // each GPU placing its own layers' experts
+    let per_layer_state: Vec<u64> = c
+        .layers
+        .iter()
+        .map(|k| match k {
+            LayerKind::Softmax => (kv_per_token * a.ctx as f64) as u64 / n_soft.max(1) as u64,
+            LayerKind::Lightning => (c.n_heads * c.head_dim * c.head_dim * 4) as u64,
+        })
+        .collect();
+    let lb = LayerBytes::from_tensors(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, per_layer_state);
+    let shares = (n_gpus > 1).then(|| split(&lb, c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
     let sizes = Sizes { non_expert: bytes - get("experts").1, expert: expert.clone(), state: state + kv, margin: MARGIN * n_gpus as u64 };
-    let placement =
-        if n_gpus == 0 { None } else { Some(plan(&sizes, c.n_experts, stats.as_ref(), Policy::Budget(per_gpu * n_gpus as u64))) };
+    let placement = match &shares {
+        Some(Ok(sh)) => Some(Ok(merge(sh))),
+        Some(Err(e)) => Some(Err(mxr_models::ModelError::Input(e.to_string()))),
+        None if n_gpus == 0 => None,
+        None => Some(plan(&sizes, c.n_experts, stats.as_ref(), Policy::Budget(per_gpu))),
+    };
     let (gpu_fit, host_experts, experts_on_gpu) = match &placement {
         Some(Ok(p)) => (true, p.host_experts, p.experts_on_gpu()),
         Some(Err(_)) => (false, get("experts").1, 0),
@@ -244,6 +261,17 @@ pub fn run(a: PlanArgs) -> Result<()> {
         });
         if let Some(Err(e)) = &placement {
             j["gpu_error"] = serde_json::json!(e.to_string());
+        }
+        if let Some(Ok(sh)) = &shares {
+            j["split"] = serde_json::json!(sh
+                .iter()
+                .enumerate()
+                .map(|(g, s)| serde_json::json!({
+                    "gpu": g, "first_layer": s.layers.start, "last_layer": s.layers.end - 1,
+                    "resident_bytes": s.placement.resident, "experts_on_gpu": s.placement.experts_on_gpu(),
+                    "gpu_expert_bytes": s.placement.gpu_experts, "host_expert_bytes": s.placement.host_experts,
+                }))
+                .collect::<Vec<_>>());
         }
         println!("{j}");
         return Ok(());
@@ -272,7 +300,20 @@ pub fn run(a: PlanArgs) -> Result<()> {
     );
     match &placement {
         None => println!("no GPU: everything in host memory, {:.2} GiB needed of {:.2} GiB", g(bytes + state + kv), g(host)),
-        Some(Ok(p)) => println!("{} x {:.1} GiB: {p}", n_gpus, g(per_gpu)),
+        Some(Ok(p)) => {
+            println!("{} x {:.1} GiB: {p}", n_gpus, g(per_gpu));
+            for (i, s) in shares.iter().flatten().flatten().enumerate() {
+                println!(
+                    "  GPU {i}: layers {}-{}, weights + KV/state {:.2} GiB, {} experts {:.2} GiB, host {:.2} GiB",
+                    s.layers.start,
+                    s.layers.end - 1,
+                    g(s.placement.resident),
+                    s.placement.experts_on_gpu(),
+                    g(s.placement.gpu_experts),
+                    g(s.placement.host_experts)
+                );
+            }
+        }
         Some(Err(e)) => println!("{} x {:.1} GiB: {e}", n_gpus, g(per_gpu)),
     }
     if host > 0 {
@@ -280,4 +321,21 @@ pub fn run(a: PlanArgs) -> Result<()> {
     }
     println!("{}", if fits { "fits" } else { "does NOT fit" });
     Ok(())
+}
+
+/// One placement from the GPUs' shares: each layer's row from the GPU that holds it.
+fn merge(shares: &[GpuShare]) -> Placement {
+    let n = shares.first().map_or(0, |s| s.placement.on_gpu.len());
+    let mut on_gpu = vec![Vec::new(); n];
+    for s in shares {
+        for l in s.layers.clone() {
+            on_gpu[l] = s.placement.on_gpu[l].clone();
+        }
+    }
+    Placement {
+        on_gpu,
+        resident: shares.iter().map(|s| s.placement.resident).sum(),
+        gpu_experts: shares.iter().map(|s| s.placement.gpu_experts).sum(),
+        host_experts: shares.iter().map(|s| s.placement.host_experts).sum(),
+    }
 }

@@ -411,6 +411,20 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     let four = q4("4xH200", "16");
     assert_eq!(four["experts_on_gpu"].as_u64(), Some(2560), "{four}");
     assert_eq!(four["host_expert_bytes"].as_u64(), Some(0));
+    // several GPUs: contiguous layers, 20 each here; the embeddings (BF16, 200064 x 6144)
+    // count on the first GPU and the final norm + lm_head on the last
+    let split = four["split"].as_array().unwrap();
+    let ranges: Vec<(u64, u64)> = split.iter().map(|g| (g["first_layer"].as_u64().unwrap(), g["last_layer"].as_u64().unwrap())).collect();
+    assert_eq!(ranges, vec![(0, 19), (20, 39), (40, 59), (60, 79)]);
+    let resident = |g: usize| split[g]["resident_bytes"].as_u64().unwrap();
+    let embd = 200_064 * 6144 * 2;
+    assert!(resident(0) > resident(1) + embd * 9 / 10 && resident(3) > resident(2) + embd * 9 / 10, "{split:?}");
+    assert_eq!(split.iter().map(|g| g["experts_on_gpu"].as_u64().unwrap()).sum::<u64>(), 2560);
+    // two H100s: each keeps its own layers' popular experts, the rest go to the host
+    let two = q4("2xH100", "256");
+    let halves = two["split"].as_array().unwrap();
+    assert!(halves.iter().all(|g| g["host_expert_bytes"].as_u64().unwrap() > 0), "{two}");
+    assert_eq!(two["fits"], true);
     // a file's own sizes
     let dir = tempdir("cli-plan");
     let gguf = dir.join("q8.gguf");
