@@ -121,6 +121,22 @@ impl Placement {
     pub fn experts_on_gpu(&self) -> usize {
         self.on_gpu.iter().flatten().filter(|&&g| g).count()
     }
+
+    /// Expected bytes of host experts a decoded token reads, by the routing frequencies
+    /// of `stats`: Σ over layers and host experts of (choices of e per token) x bytes of
+    /// one expert of that layer. Divided by the host's read bandwidth, it bounds the
+    /// decode time from below (issue 7's bound, with the GPU time).
+    pub fn cold_bytes_per_token(&self, stats: &ExpertStats, expert_bytes: &[u64]) -> f64 {
+        let tokens = stats.tokens.max(1) as f64;
+        self.on_gpu
+            .iter()
+            .zip(&stats.counts)
+            .zip(expert_bytes)
+            .map(|((row, counts), &b)| {
+                row.iter().zip(counts).filter(|(g, _)| !**g).map(|(_, &n)| n as f64 / tokens * b as f64).sum::<f64>()
+            })
+            .sum()
+    }
 }
 
 impl fmt::Display for Placement {
@@ -296,5 +312,17 @@ mod tests {
         // every expert resident, or none: nothing to exchange
         assert!(rebalance(&[vec![true; 4]], &[vec![5, 1, 9, 2]], 0.0).is_empty());
         assert!(rebalance(&[vec![false; 4]], &[vec![5, 1, 9, 2]], 0.0).is_empty());
+    }
+
+    #[test]
+    fn cold_bytes_per_token_weigh_host_experts_by_their_routing_frequency() {
+        // 2 layers of 3 experts, 100 tokens, 2 choices per token per layer
+        let stats = ExpertStats { tokens: 100, counts: vec![vec![120, 50, 30], vec![100, 100, 0]] };
+        let p = Placement { on_gpu: vec![vec![true, false, false], vec![false, true, true]], resident: 0, gpu_experts: 0, host_experts: 0 };
+        // layer 0: experts 1, 2 on the host, 0.8 choices per token x 10 bytes; layer 1:
+        // expert 0, 1.0 choice per token x 20 bytes
+        assert_eq!(p.cold_bytes_per_token(&stats, &[10, 20]), 8.0 + 20.0);
+        let all = Placement { on_gpu: vec![vec![true; 3]; 2], ..p.clone() };
+        assert_eq!(all.cold_bytes_per_token(&stats, &[10, 20]), 0.0);
     }
 }

@@ -82,8 +82,9 @@ impl KvArg {
 /// GPU memory kept free for activations, scratch and cuBLAS workspaces.
 const GPU_MARGIN: u64 = 2 << 30;
 
-/// Where the experts go on this GPU (see mxr_models::placement).
-fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<Placement> {
+/// Where the experts go on this GPU (see mxr_models::placement), and the routing
+/// statistics it used.
+fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Placement, Option<ExpertStats>)> {
     let c = &model.config;
     let stats = match &a.expert_stats {
         Some(p) => {
@@ -105,13 +106,14 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<Plac
         };
         Policy::Budget(budget)
     };
-    plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy).map_err(|e| {
+    let p = plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy).map_err(|e| {
         match a.kv_type {
             // the cheapest fix first: the same context in half the memory
             KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
             KvArg::Bf16 => anyhow::anyhow!(e),
         }
-    })
+    })?;
+    Ok((p, stats))
 }
 
 #[derive(Args, Clone)]
@@ -229,7 +231,7 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     };
     let started = Instant::now();
     let name = gpu.info().to_string();
-    let p = match placement(a, model, &gpu, ctx) {
+    let (p, stats) = match placement(a, model, &gpu, ctx) {
         Ok(p) => p,
         Err(e) if device == Device::Auto => {
             eprintln!("device: the GPU was not used ({e:#})");
@@ -255,6 +257,17 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
                 };
                 g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
                 eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+                if let Some(st) = &stats {
+                    // issue 7's bound: decode cannot beat the host reads of the cold experts
+                    let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
+                    let cold = p.cold_bytes_per_token(st, &sizes.expert);
+                    eprintln!(
+                        "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at the host's {:.1} GB/s",
+                        cold / 1e6,
+                        cold / (g.rates.host_read_gbps * 1e9) * 1e3,
+                        g.rates.host_read_gbps
+                    );
+                }
             }
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",
