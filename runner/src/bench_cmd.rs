@@ -129,6 +129,22 @@ struct Record {
     /// decode: bytes read per token; prefill: FLOPs per token
     per_token: f64,
     profile: Vec<(&'static str, f64)>,
+    /// GPU: mean seconds per repetition the host spent blocked on the GPU; the rest of
+    /// the repetition's time it spent issuing work.
+    host_wait: Option<f64>,
+}
+
+/// Seconds the host has spent blocked on the GPU so far (None on the CPU).
+fn waited(l: &Loaded) -> Option<f64> {
+    match &l.backend {
+        Backend::Cuda(g) => Some(g.gpu.host_waited()),
+        Backend::Cpu(_) => None,
+    }
+}
+
+/// Mean host wait per repetition between two readings of [`waited`].
+fn wait_per_rep(before: Option<f64>, after: Option<f64>, reps: usize) -> Option<f64> {
+    Some((after? - before?) / reps.max(1) as f64)
 }
 
 fn prefill(l: &Loaded, n: usize, batch: usize, rep: usize) -> Result<f64> {
@@ -212,7 +228,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // warm-up at the full size, as llama-bench does: kernels compiled, scratch buffers
         // and the memory pool grown, cuBLAS's choices for these shapes made
         prefill(&l, n, a.batch_size, 0)?;
+        let w0 = waited(&l);
         let seconds = (0..a.reps).map(|r| prefill(&l, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
+        let host_wait = wait_per_rep(w0, waited(&l), a.reps);
         let mut profile = Vec::new();
         if a.profile {
             profiling(true);
@@ -222,11 +240,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         // average causal depth n/2 for the softmax layers
         let per_token = w.flops_per_token + w.attn_flops_per_pair * n as f64 / 2.0;
-        records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile });
+        records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile, host_wait });
     }
     if a.n_gen > 0 {
         decode(&l, 2, 0)?;
+        let w0 = waited(&l);
         let seconds = (0..a.reps).map(|r| decode(&l, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
+        let host_wait = wait_per_rep(w0, waited(&l), a.reps);
         let mut profile = Vec::new();
         if a.profile {
             profiling(true);
@@ -235,7 +255,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             profiling(false);
         }
         let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
-        records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile });
+        records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile, host_wait });
     }
     for &d in a.depth.iter().filter(|&&d| d > 0) {
         // warm-up: kernels and buffers for these shapes (a full-size one would cost as much
@@ -249,11 +269,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             seconds: runs.iter().map(|r| r.0).collect(),
             per_token,
             profile: Vec::new(),
+            host_wait: None,
         });
         if a.n_gen > 0 {
             let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * (d as f64 + a.n_gen as f64 / 2.0);
             let seconds = runs.iter().map(|r| r.1).collect();
-            records.push(Record { test: format!("tg{} @ d{d}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile: Vec::new() });
+            records.push(Record {
+                test: format!("tg{} @ d{d}", a.n_gen),
+                tokens: a.n_gen,
+                seconds,
+                per_token,
+                profile: Vec::new(),
+                host_wait: None,
+            });
         }
     }
     let h = l.model.file.header();
@@ -284,6 +312,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 if peak > 0.0 {
                     j["mfu"] = serde_json::json!(r.per_token * ts / peak);
                 }
+            }
+            if let Some(w) = r.host_wait {
+                j["host_wait_seconds"] = serde_json::json!(w);
             }
             if !r.profile.is_empty() {
                 j["profile_seconds"] = serde_json::json!(r
@@ -323,6 +354,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
             r.test,
             1e3 / ts
         );
+    }
+    for r in &records {
+        if let Some(w) = r.host_wait {
+            let mean = r.seconds.iter().sum::<f64>() / r.seconds.len().max(1) as f64;
+            println!(
+                "host {}: blocked on the GPU {:.2} ms of {:.2} ms per repetition ({:.0}%); issuing work the rest",
+                r.test,
+                w * 1e3,
+                mean * 1e3,
+                100.0 * w / mean.max(1e-12)
+            );
+        }
     }
     for r in records.iter().filter(|r| !r.profile.is_empty()) {
         let total: f64 = r.profile.iter().map(|p| p.1).sum();

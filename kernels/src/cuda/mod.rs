@@ -98,6 +98,9 @@ pub struct Gpu {
     nvrtc_version: (i32, i32),
     modules: Mutex<HashMap<Source, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Nanoseconds the host has spent blocked on the GPU (downloads and syncs), for
+    /// `mxr bench`: wall time minus this is the time the host spent issuing work.
+    waited_ns: std::sync::atomic::AtomicU64,
 }
 
 /// Why there is no usable GPU, without touching a library that is absent.
@@ -177,6 +180,7 @@ impl Gpu {
             nvrtc_version: (maj, min),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            waited_ns: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -243,8 +247,19 @@ impl Gpu {
 
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaView<'_, T>) -> Result<Vec<T>> {
         let mut host = vec![T::default(); dev.len()];
+        let t = std::time::Instant::now();
         self.stream.memcpy_dtoh(dev, &mut host).map_err(|e| drv("download", e))?;
+        self.waited(t);
         Ok(host)
+    }
+
+    fn waited(&self, since: std::time::Instant) {
+        self.waited_ns.fetch_add(since.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Seconds the host has spent blocked on the GPU so far (downloads and syncs).
+    pub fn host_waited(&self) -> f64 {
+        self.waited_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
     }
 
     pub fn copy<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
@@ -267,8 +282,11 @@ impl Gpu {
 
     /// Waits for all queued work; reports a kernel fault here.
     pub fn sync(&self) -> Result<()> {
+        let t = std::time::Instant::now();
         self.side.synchronize().map_err(|e| drv("running kernels", e))?;
-        self.stream.synchronize().map_err(|e| drv("running kernels", e))
+        self.stream.synchronize().map_err(|e| drv("running kernels", e))?;
+        self.waited(t);
+        Ok(())
     }
 
     /// Returns the memory pool's freed memory to the driver (the pool keeps it otherwise,
