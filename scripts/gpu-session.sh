@@ -39,7 +39,7 @@ for s in "${steps[@]}"; do
     case "$s" in
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload) grep -E "^==|placement|cost model|cold experts read|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
-    *) grep -E "^\| (minimax|matvec|attention|lightning)|mxr 0|copy bandwidth" "$out/$s.log" ;;
+    *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done
 exit $status
