@@ -247,7 +247,7 @@ fn chat_repl_keeps_the_session_and_saves_it() {
     let script =
         format!("Hello there\nSecond \\\nline\n/stats\n/save {0}\n/reset\n/stats\n/load {0}\n/stats\n/nope\n/exit\n", save.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_mxr"))
-        .args(["chat", "-m", gguf.to_str().unwrap(), "-n", "8", "--seed", "1", "--system", "Be brief."])
+        .args(["chat", "-m", gguf.to_str().unwrap(), "-n", "8", "--seed", "1", "--system", "Be brief.", "--expert-rebalance"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -262,6 +262,8 @@ fn chat_repl_keeps_the_session_and_saves_it() {
     assert_eq!(contexts.len(), 3, "{err}");
     assert!(contexts[0] > 0 && contexts[1] == 0 && contexts[2] == contexts[0], "{contexts:?}");
     assert!(err.contains("4 messages") && err.contains("unknown command /nope"), "{err}");
+    // without experts in host memory there is nothing to move
+    assert!(err.contains("--expert-rebalance: every expert is on one device"), "{err}");
     // The second turn fed only its own tokens: the last reply's prompt is shorter than the context.
     let last = err.lines().find(|l| l.starts_with("last reply: prompt ")).unwrap();
     let prompt: usize = last["last reply: prompt ".len()..].split(' ').next().unwrap().parse().unwrap();
@@ -579,4 +581,33 @@ fn bench_depth_prefills_then_decodes_at_that_depth() {
     // prefill to a depth counts the attention to the keys before each query
     let flops = |t: &str| recs.iter().find(|r| r["test"] == t).unwrap()["flops_per_token"].as_f64().unwrap();
     assert!(flops("pp200") > flops("pp64"));
+}
+
+#[test]
+fn calibrate_devices_measures_and_saves_the_offload_rates() {
+    let dir = tempdir("cli-calibrate-devices");
+    let out = Command::new(env!("CARGO_BIN_EXE_mxr")).args(["bench", "--calibrate-devices"]).env("MXR_CACHE_DIR", &dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["host memory read", "CPU expert, 1 token", "CPU expert, 64 tokens", "cost model:"] {
+        assert!(text.contains(row), "{row}: {text}");
+    }
+    let j: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("devices.json")).unwrap()).unwrap();
+    for k in ["host_read_gbps", "cpu_expert_gbps", "cpu_gflops", "h2d_gbps", "h2d_pinned_gbps"] {
+        let v = j[k].as_f64().unwrap_or(0.0);
+        assert!(v > 0.0 && v.is_finite(), "{k} = {v}");
+    }
+    // the printed decision is the cost model's on the saved rates, for one q4_k expert
+    // (three 9216 x 6144 projections: 3 x 9216 x 3456 bytes, 3 x 2 x 9216 x 6144 FLOPs/token)
+    let rates = mxr_models::offload_cost::DeviceRates::from_json(&j).unwrap();
+    let expected = match rates.copy_threshold(3 * 9216 * 3456, 3.0 * 2.0 * 9216.0 * 6144.0) {
+        Some(1) => "is always copied to the GPU".to_string(),
+        Some(n) => format!("runs on the CPU below {n} tokens per batch, and is copied to the GPU from {n}"),
+        None => "always runs on the CPU".to_string(),
+    };
+    assert!(text.contains(&expected), "{expected}: {text}");
+    // run/chat/bench read it back; a damaged file is an error, not defaults
+    std::fs::write(dir.join("devices.json"), "{").unwrap();
+    let rates = mxr_models::offload_cost::DeviceRates::load(&dir.join("devices.json"));
+    assert!(rates.is_err());
 }
