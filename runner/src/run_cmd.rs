@@ -203,7 +203,10 @@ impl Loaded {
     /// error rather than garbage text.
     pub fn forward(&self, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let logits = self.backend.forward(&self.model, state, tokens, which)?;
-        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        // every call, decode included: a branch-free scan in chunks (vectorised), and the
+        // position only when something is found
+        let bad = logits.chunks(64).any(|c| c.iter().fold(false, |a, v| a | !v.is_finite()));
+        if let Some(i) = bad.then(|| logits.iter().position(|v| !v.is_finite())).flatten() {
             bail!(
                 "the model produced a non-finite logit ({} for token {} at position {}): are its weights finite? `mxr inspect --check` finds NaN and infinity",
                 logits[i],
