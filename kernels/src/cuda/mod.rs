@@ -304,9 +304,21 @@ impl Gpu {
         }
     }
 
-    /// A marker of the work queued on the main stream so far (for [`Gpu::side_wait`]).
-    pub fn main_event(&self) -> Result<CudaEvent> {
-        self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("recording an event", e))
+    /// An event to order the two streams with ([`Gpu::record_main`], [`Gpu::side_wait`],
+    /// ...); made once and recorded again and again. Waiting on an event never recorded
+    /// waits for nothing.
+    pub fn event(&self) -> Result<CudaEvent> {
+        self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("creating an event", e))
+    }
+
+    /// `e` marks the work queued on the main stream so far.
+    pub fn record_main(&self, e: &CudaEvent) -> Result<()> {
+        e.record(&self.stream).map_err(|e| drv("recording an event", e))
+    }
+
+    /// `e` marks the work queued on the side stream so far.
+    pub fn record_side(&self, e: &CudaEvent) -> Result<()> {
+        e.record(&self.side).map_err(|e| drv("recording an event", e))
     }
 
     /// Later work on the side stream waits for `e`.
@@ -314,10 +326,9 @@ impl Gpu {
         self.side.wait(e).map_err(|e| drv("stream wait", e))
     }
 
-    /// Later work on the main stream waits for everything queued on the side stream so far.
-    pub fn main_wait_side(&self) -> Result<()> {
-        let e = self.side.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("recording an event", e))?;
-        self.stream.wait(&e).map_err(|e| drv("stream wait", e))
+    /// Later work on the main stream waits for `e`.
+    pub fn main_wait(&self, e: &CudaEvent) -> Result<()> {
+        self.stream.wait(e).map_err(|e| drv("stream wait", e))
     }
 
     /// Device memory bandwidth as a device-to-device copy sees it: bytes read plus bytes

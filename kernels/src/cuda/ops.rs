@@ -211,8 +211,8 @@ impl Gpu {
     }
 
     /// [`Gpu::to_bf16`] on the side stream: it overlaps the main stream's work. The caller
-    /// orders it: [`Gpu::side_wait`] before (the output buffer is free), and
-    /// [`Gpu::main_wait_side`] before the main stream reads `out`.
+    /// orders it with events: [`Gpu::side_wait`] before (the output buffer is free), and
+    /// [`Gpu::record_side`] + [`Gpu::main_wait`] before the main stream reads `out`.
     pub fn to_bf16_side(&self, w: &GpuMatrix, e: usize, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
         self.to_bf16_in(&self.side, w, e, out)
     }

@@ -311,26 +311,34 @@ impl GpuModel {
             sc.bufs[i] = None;
             sc.bufs[i] = Some(g.alloc::<u16>(need)?);
         }
-        // the side stream dequantizes once the product that last read this buffer is done
-        if let Some(e) = sc.free[i].take() {
-            g.side_wait(&e)?;
+        if sc.events.is_none() {
+            sc.events = Some([g.event()?, g.event()?, g.event()?]);
         }
-        let Some(s) = sc.bufs[i].as_mut() else { return Err(KernelError::Shape("GPU scratch missing".into()).into()) };
+        let sc = &mut *sc; // the guard's fields, borrowed apart
+        let (Some(s), Some([free0, free1, ready])) = (sc.bufs[i].as_mut(), sc.events.as_ref()) else {
+            return Err(KernelError::Shape("GPU scratch missing".into()).into());
+        };
+        let free = if i == 0 { free0 } else { free1 };
+        // the side stream dequantizes once the product that last read this buffer is done
+        g.side_wait(free)?;
         let mut wb = s.slice_mut(..need);
         g.to_bf16_side(w, e, &mut wb)?;
-        g.main_wait_side()?;
+        g.record_side(ready)?;
+        g.main_wait(ready)?;
         g.gemm_bf16(&wb.as_view(), &xb.as_view(), y, w.rows, w.cols, n)?;
-        sc.free[i] = Some(g.main_event()?);
+        g.record_main(free)?;
         Ok(())
     }
 }
 
-/// Two bf16 buffers for dequantized weights, the next one to use, and for each the event
-/// after which the main stream no longer reads it.
+/// Two bf16 buffers for dequantized weights and the next one to use; events (made at
+/// first use, recorded again for every product): for each buffer, the point after which
+/// the main stream no longer reads it, and the point where the side stream's
+/// dequantization is done.
 #[derive(Default)]
 struct Scratch {
     bufs: [Option<CudaSlice<u16>>; 2],
-    free: [Option<CudaEvent>; 2],
+    events: Option<[CudaEvent; 3]>,
     next: usize,
 }
 
