@@ -47,6 +47,16 @@ impl LayerBytes {
         LayerBytes { non_expert, expert, state, first, last }
     }
 
+    /// The one-GPU view: everything that is not an expert together, experts per layer.
+    pub fn sizes(&self, margin: u64) -> Sizes {
+        Sizes {
+            non_expert: self.first + self.last + self.non_expert.iter().sum::<u64>(),
+            expert: self.expert.clone(),
+            state: self.state.iter().sum(),
+            margin,
+        }
+    }
+
     fn layer_total(&self, l: usize, n_experts: usize) -> u64 {
         self.non_expert[l] + self.state[l] + self.expert[l] * n_experts as u64
     }

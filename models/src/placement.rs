@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use crate::layer_split::LayerBytes;
 use crate::{Config, Model, ModelError};
 
 /// How often each expert was chosen: counts[layer][expert] over `tokens` tokens.
@@ -80,24 +81,21 @@ impl Sizes {
     /// `kv_bytes`: bytes per KV cache element (4 for f32, 2 for bf16).
     pub fn of(model: &Model, ctx: usize, kv_bytes: usize, margin: u64) -> Sizes {
         let c = &model.config;
-        let h = model.file.header();
-        let mut expert = vec![0u64; c.n_layers];
-        let mut non_expert = 0u64;
-        for t in h.tensors() {
-            match expert_layer(&t.name) {
-                Some(l) if l < c.n_layers => expert[l] += t.n_bytes / c.n_experts.max(1) as u64,
-                _ => non_expert += t.n_bytes,
-            }
-        }
-        let (mut state, hd) = (0u64, c.head_dim as u64);
-        for k in &c.layers {
-            state += match k {
-                crate::LayerKind::Lightning => c.n_heads as u64 * hd * hd * 4,
-                crate::LayerKind::Softmax => 2 * ctx as u64 * c.kv_dim() as u64 * kv_bytes as u64,
-            };
-        }
-        Sizes { non_expert, expert, state, margin }
+        let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
+        LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, kv_bytes as f64)).sizes(margin)
     }
+}
+
+/// Per layer: the lightning state (f32, [heads, hd, hd]) or the KV cache for `ctx` tokens
+/// at `kv_elem` bytes an element (fractional for block types: q8_0 is 34/32).
+pub fn layer_state(c: &Config, ctx: usize, kv_elem: f64) -> Vec<u64> {
+    c.layers
+        .iter()
+        .map(|k| match k {
+            crate::LayerKind::Lightning => (c.n_heads * c.head_dim * c.head_dim * 4) as u64,
+            crate::LayerKind::Softmax => (2.0 * ctx as f64 * c.kv_dim() as f64 * kv_elem) as u64,
+        })
+        .collect()
 }
 
 /// The layer of a stacked expert tensor `blk.{l}.ffn_{gate,up,down}_exps.weight`.

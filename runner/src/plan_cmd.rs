@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use mxr_models::config::minimax_text_01;
 use mxr_models::layer_split::{split, GpuShare, LayerBytes};
 use mxr_models::names::{self, blk};
-use mxr_models::placement::{expert_layer, plan, ExpertStats, Placement, Policy, Sizes};
+use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
 
@@ -174,18 +174,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
         "q8_0" => 34.0 / 32.0,
         other => bail!("--kv-type {other}: f32, bf16 or q8_0"),
     };
-    // weights by kind; experts per layer
+    // weights by kind
     let mut by_kind: Vec<(&str, u64, u64)> =
         ["attention", "router", "norms", "experts", "embeddings", "lm_head"].iter().map(|k| (*k, 0, 0)).collect();
-    let mut expert = vec![0u64; c.n_layers];
     for it in &items {
         let k = kind(&it.name);
         if let Some(e) = by_kind.iter_mut().find(|e| e.0 == k) {
             e.1 += it.params;
             e.2 += it.bytes;
-        }
-        if let Some(l) = expert_layer(&it.name).filter(|&l| l < c.n_layers) {
-            expert[l] += it.bytes / c.n_experts as u64;
         }
     }
     let get = |k: &str| by_kind.iter().find(|e| e.0 == k).map_or((0, 0), |e| (e.1, e.2));
@@ -228,17 +224,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
     };
     // one GPU: the planner mxr run uses; several: contiguous layers per GPU (issue 10),
     // each GPU placing its own layers' experts
-    let per_layer_state: Vec<u64> = c
-        .layers
-        .iter()
-        .map(|k| match k {
-            LayerKind::Softmax => (kv_per_token * a.ctx as f64) as u64 / n_soft.max(1) as u64,
-            LayerKind::Lightning => (c.n_heads * c.head_dim * c.head_dim * 4) as u64,
-        })
-        .collect();
-    let lb = LayerBytes::from_tensors(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, per_layer_state);
+    let lb = LayerBytes::from_tensors(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, layer_state(&c, a.ctx, kv_elem));
     let shares = (n_gpus > 1).then(|| split(&lb, c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
-    let sizes = Sizes { non_expert: bytes - get("experts").1, expert: expert.clone(), state: state + kv, margin: MARGIN * n_gpus as u64 };
+    let sizes = lb.sizes(MARGIN);
     let placement = match &shares {
         Some(Ok(sh)) => Some(Ok(merge(sh))),
         Some(Err(e)) => Some(Err(mxr_models::ModelError::Input(e.to_string()))),
