@@ -43,13 +43,8 @@ impl GpuModel {
         if n <= MATVEC_MAX_TOKENS {
             self.experts_matvec(layer.experts(), &ids, x, n, k, n * k, &mut y.as_view_mut())?;
         } else {
-            let host_ids = g.download(&ids.as_view())?;
             let mut pairs: Vec<Vec<i32>> = vec![Vec::new(); c.n_experts];
-            for (p, &e) in host_ids.iter().enumerate() {
-                let e = usize::try_from(e)
-                    .ok()
-                    .filter(|&e| e < c.n_experts)
-                    .ok_or_else(|| ModelError::Input(format!("GPU router chose expert {e}")))?;
+            for (p, e) in self.chosen_experts(&ids)?.into_iter().enumerate() {
                 pairs[e].push(p as i32);
             }
             self.experts_grouped(layer.experts(), &pairs, x, k, &mut y.as_view_mut())?;
@@ -118,5 +113,15 @@ impl GpuModel {
             g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, y)?;
         }
         Ok(())
+    }
+
+    /// The router's choices on the host, one expert per (token, choice) pair, checked.
+    pub(crate) fn chosen_experts(&self, ids: &CudaSlice<i32>) -> Result<Vec<usize>, ModelError> {
+        let n = self.config.n_experts;
+        self.gpu
+            .download(&ids.as_view())?
+            .into_iter()
+            .map(|e| usize::try_from(e).ok().filter(|&e| e < n).ok_or_else(|| ModelError::Input(format!("GPU router chose expert {e}"))))
+            .collect()
     }
 }

@@ -31,15 +31,10 @@ impl GpuModel {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
         let (ids, weights) = self.route(layer, x, n, counts)?;
-        let host_ids = g.download(&ids.as_view())?;
         // (pair, slot) on the GPU; pairs per host expert
         let (mut hot, mut hot_slots) = (Vec::new(), Vec::new());
         let mut cold: Vec<Vec<usize>> = vec![Vec::new(); c.n_experts];
-        for (p, &e) in host_ids.iter().enumerate() {
-            let e = usize::try_from(e)
-                .ok()
-                .filter(|&e| e < c.n_experts)
-                .ok_or_else(|| ModelError::Input(format!("GPU router chose expert {e}")))?;
+        for (p, e) in self.chosen_experts(&ids)?.into_iter().enumerate() {
             match slot[e] {
                 Some(s) => {
                     hot.push(p as i32);
