@@ -109,51 +109,64 @@ struct Q4_0 {
 };
 
 // ggml block_q4_K, 144 bytes per 256 values: d, dmin (f16), 12 bytes of 6-bit scales and
-// mins, 128 bytes of nibbles. A unit is 16 bytes of nibbles: 16 low nibbles (sub-block 2j)
-// and 16 high nibbles (sub-block 2j+1), j = (u % 8) / 2.
+// mins, 128 bytes of nibbles. A unit is 32 bytes of nibbles, 64 values: 32 low nibbles
+// (sub-block 2j) and 32 high nibbles (sub-block 2j+1), j = u % 4. Each unit decodes its
+// two (scale, min) pairs once for 64 values.
 struct Q4_K {
-    __device__ static int units(int cols) { return cols >> 5; }
-    __device__ static void scale_min(const u8* q, int j, float& sc, float& m) {
-        if (j < 4) {
-            sc = (float)(q[j] & 63);
-            m = (float)(q[j + 4] & 63);
-        } else {
-            sc = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-            m = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-        }
+    __device__ static int units(int cols) { return cols >> 6; }
+    // sub-block k's 6-bit scale and min (branch-free: lanes of one warp take different k)
+    __device__ static void scale_min(const u8* q, int k, float& sc, float& m) {
+        int lo = k & 3;
+        int a = q[lo], b = q[lo + 4], c = q[lo + 8];
+        int s_lo = a & 63, m_lo = b & 63;
+        int s_hi = (c & 0xF) | ((a >> 6) << 4), m_hi = (c >> 4) | ((b >> 6) << 4);
+        sc = (float)(k < 4 ? s_lo : s_hi);
+        m = (float)(k < 4 ? m_lo : m_hi);
     }
-    __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 144 + (size_t)(u >> 3) * 144; }
-    // The 16 inputs of the low nibbles and of the high nibbles, their blocks' scales, sums.
+    __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 144 + (size_t)(u >> 2) * 144; }
+    // The 32 inputs of the low nibbles and of the high nibbles, their blocks' scales, sums.
     struct XQ {
-        int l[4], h[4];
+        int l[8], h[8];
         float dl, dh;
         int sl, sh;
     };
     __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) {
-        int c = u & 7, j = c >> 1, blk = (u >> 3) * 8 + 2 * j;
-        const int4* pl = (const int4*)(xq + blk * 32 + (c & 1) * 16);
-        const int4* ph = (const int4*)(xq + (blk + 1) * 32 + (c & 1) * 16);
-        int4 a = *pl, b = *ph;
-        x.l[0] = a.x; x.l[1] = a.y; x.l[2] = a.z; x.l[3] = a.w;
-        x.h[0] = b.x; x.h[1] = b.y; x.h[2] = b.z; x.h[3] = b.w;
+        int blk = (u >> 2) * 8 + 2 * (u & 3);
+        const int4* pl = (const int4*)(xq + blk * 32);
+        const int4* ph = (const int4*)(xq + (blk + 1) * 32);
+        int4 a0 = pl[0], a1 = pl[1], b0 = ph[0], b1 = ph[1];
+        x.l[0] = a0.x; x.l[1] = a0.y; x.l[2] = a0.z; x.l[3] = a0.w;
+        x.l[4] = a1.x; x.l[5] = a1.y; x.l[6] = a1.z; x.l[7] = a1.w;
+        x.h[0] = b0.x; x.h[1] = b0.y; x.h[2] = b0.z; x.h[3] = b0.w;
+        x.h[4] = b1.x; x.h[5] = b1.y; x.h[6] = b1.z; x.h[7] = b1.w;
         x.dl = xd[blk];
         x.dh = xd[blk + 1];
-        x.sl = bsum4(a.x) + bsum4(a.y) + bsum4(a.z) + bsum4(a.w);
-        x.sh = bsum4(b.x) + bsum4(b.y) + bsum4(b.z) + bsum4(b.w);
+        int sl = 0, sh = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            sl += bsum4(x.l[i]);
+            sh += bsum4(x.h[i]);
+        }
+        x.sl = sl;
+        x.sh = sh;
     }
     __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
         const u8* b = block(w, cols, r, u);
-        int c = u & 7, j = c >> 1;
-        int4 q = *(const int4*)(b + 16 + (c << 4));
+        int j = u & 3;
+        const int4* qp = (const int4*)(b + 16 + (j << 5));
+        int4 q0 = qp[0], q1 = qp[1];
         float d = f16_to_f32(*(const u16*)b), dmin = f16_to_f32(*(const u16*)(b + 2));
         float sc0, m0, sc1, m1;
         scale_min(b + 4, 2 * j, sc0, m0);
         scale_min(b + 4, 2 * j + 1, sc1, m1);
         const int M = 0x0F0F0F0F;
-        int lo = dp4a(q.x & M, x.l[0], 0);
-        lo = dp4a(q.y & M, x.l[1], lo); lo = dp4a(q.z & M, x.l[2], lo); lo = dp4a(q.w & M, x.l[3], lo);
-        int hi = dp4a((q.x >> 4) & M, x.h[0], 0);
-        hi = dp4a((q.y >> 4) & M, x.h[1], hi); hi = dp4a((q.z >> 4) & M, x.h[2], hi); hi = dp4a((q.w >> 4) & M, x.h[3], hi);
+        int lo = dp4a(q0.x & M, x.l[0], 0);
+        lo = dp4a(q0.y & M, x.l[1], lo); lo = dp4a(q0.z & M, x.l[2], lo); lo = dp4a(q0.w & M, x.l[3], lo);
+        lo = dp4a(q1.x & M, x.l[4], lo); lo = dp4a(q1.y & M, x.l[5], lo); lo = dp4a(q1.z & M, x.l[6], lo); lo = dp4a(q1.w & M, x.l[7], lo);
+        int hi = dp4a((q0.x >> 4) & M, x.h[0], 0);
+        hi = dp4a((q0.y >> 4) & M, x.h[1], hi); hi = dp4a((q0.z >> 4) & M, x.h[2], hi); hi = dp4a((q0.w >> 4) & M, x.h[3], hi);
+        hi = dp4a((q1.x >> 4) & M, x.h[4], hi); hi = dp4a((q1.y >> 4) & M, x.h[5], hi); hi = dp4a((q1.z >> 4) & M, x.h[6], hi);
+        hi = dp4a((q1.w >> 4) & M, x.h[7], hi);
         return d * (sc0 * x.dl * (float)lo + sc1 * x.dh * (float)hi) - dmin * (m0 * x.dl * (float)x.sl + m1 * x.dh * (float)x.sh);
     }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
