@@ -419,3 +419,47 @@ fn kernel_cache_is_reused() {
     println!("CHECK nvrtc cache | sources from cache: {first} then {second} | - | {all} | {}", if second == all { "ok" } else { "FAIL" });
     assert_eq!(second, all, "a second process-level open should load every module from the disk cache");
 }
+
+/// KV caches grow in pages behind a fixed address: memory is committed as positions fill,
+/// the address stays, and data written across page boundaries reads back whole.
+#[test]
+#[ignore = "needs a GPU"]
+fn paged_buffers_grow_behind_a_fixed_address() {
+    use mxr_kernels::cuda::pages::PagedBuf;
+    let g = gpu();
+    let mut b = PagedBuf::reserve(&g, 1 << 30).unwrap();
+    let base = b.ptr();
+    assert_eq!(b.committed(), 0);
+    b.ensure(1).unwrap();
+    let page = b.committed();
+    assert!((2 << 20..1 << 30).contains(&page), "page {page}");
+    // three pages' worth of data, starting mid-page
+    let data: Vec<u8> = (0..3 * page).map(|i| (i * 7 % 251) as u8).collect();
+    b.write(&g, page / 2, &data).unwrap();
+    assert_eq!(b.ptr(), base, "the address never moves");
+    assert!(b.committed() >= page / 2 + data.len());
+    let mut back = vec![0u8; data.len()];
+    b.read(&g, page / 2, &mut back).unwrap();
+    let ok = back == data;
+    println!(
+        "CHECK paged buffer | 1 GiB reserved, {} MiB pages, 3 pages written | round trip | exact | {}",
+        page >> 20,
+        if ok { "ok" } else { "FAIL" }
+    );
+    assert!(ok);
+    // fresh pages read as zeros; beyond the reservation is an error
+    let mut z = vec![1u8; 16];
+    b.read(&g, 0, &mut z).unwrap();
+    assert_eq!(z, vec![0u8; 16]);
+    assert!(b.ensure((1 << 30) + 1).is_err());
+    // a KV cache through the launchers: append at a position in the third page
+    let mut kv = g.kv_reserve(KvType::Bf16, 3 * page, 0).unwrap();
+    assert_eq!(kv.len(), 0);
+    let width = 64;
+    let pos = (2 * page + 100) / 2 / width; // a row inside the third page of bf16
+    kv.ensure((pos + 1) * width).unwrap();
+    let src = g.upload(&vec![1.5f32; width]).unwrap();
+    g.kv_append(&src.as_view(), &mut kv, &g.upload(&[pos as i32]).unwrap(), pos, 1, width).unwrap();
+    let all = g.kv_download(&kv, (pos + 1) * width).unwrap();
+    assert!(all[pos * width..].iter().all(|&v| v == 1.5) && all[..pos * width].iter().all(|&v| v == 0.0));
+}

@@ -9,6 +9,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelA
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 
 use super::ops::{grid1, int, launch, launch_on, need};
+use super::pages::PagedBuf;
 use super::{drv, Gpu, Result, Source};
 use crate::KernelError;
 
@@ -35,61 +36,78 @@ impl KvType {
     }
 }
 
-/// One K or V cache: [rows, kv_dim] of its element type (bf16 as raw u16 bits).
-pub enum KvBuf {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+/// One K or V cache: [rows, kv_dim] of its element type (bf16 as raw u16 bits), in
+/// device memory that grows in pages behind a fixed address ([`PagedBuf`]): room is
+/// reserved for the capacity, memory committed as positions are used ([`KvBuf::ensure`]).
+pub struct KvBuf {
+    buf: PagedBuf,
+    t: KvType,
 }
 
 impl KvBuf {
-    /// Elements it holds.
+    /// Elements backed by memory now.
     pub fn len(&self) -> usize {
-        match self {
-            KvBuf::F32(b) => b.len(),
-            KvBuf::Bf16(b) => b.len(),
-        }
+        self.buf.committed() / self.t.bytes()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Elements it can grow to.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity() / self.t.bytes()
+    }
+
     pub fn kv_type(&self) -> KvType {
-        match self {
-            KvBuf::F32(_) => KvType::F32,
-            KvBuf::Bf16(_) => KvType::Bf16,
-        }
+        self.t
+    }
+
+    /// Commits memory for at least `elems` elements (a no-op when they are).
+    pub fn ensure(&mut self, elems: usize) -> Result<()> {
+        self.buf.ensure(elems * self.t.bytes())
+    }
+
+    fn ptr(&self) -> u64 {
+        self.buf.ptr()
     }
 }
 
 impl Gpu {
-    /// A zeroed cache of `n` elements.
+    /// A cache with room for `n` elements, `committed` of them backed by (zeroed) memory.
+    pub fn kv_reserve(&self, t: KvType, n: usize, committed: usize) -> Result<KvBuf> {
+        let mut b = KvBuf { buf: PagedBuf::reserve(self, n * t.bytes())?, t };
+        b.ensure(committed)?;
+        Ok(b)
+    }
+
+    /// A cache of `n` elements, all backed by zeroed memory.
     pub fn kv_zeros(&self, t: KvType, n: usize) -> Result<KvBuf> {
-        Ok(match t {
-            KvType::F32 => KvBuf::F32(self.zeros::<f32>(n)?),
-            KvType::Bf16 => KvBuf::Bf16(self.zeros::<u16>(n)?),
-        })
+        self.kv_reserve(t, n, n)
     }
 
     /// The first `n` elements as f32 (bf16 widens exactly).
     pub fn kv_download(&self, b: &KvBuf, n: usize) -> Result<Vec<f32>> {
         need("kv_download", "cache", n, b.len())?;
-        Ok(match b {
-            KvBuf::F32(s) => self.download(&s.slice(..n))?,
-            KvBuf::Bf16(s) => self.download(&s.slice(..n))?.into_iter().map(bf16_to_f32).collect(),
+        let mut bytes = vec![0u8; n * b.t.bytes()];
+        b.buf.read(self, 0, &mut bytes)?;
+        Ok(match b.t {
+            KvType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            KvType::Bf16 => bytes.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
         })
     }
 
-    /// Writes `src` into the first src.len() elements (bf16: rounded to nearest even, as kv_append does).
+    /// Writes `src` into the first src.len() elements (bf16: rounded to nearest even, as
+    /// kv_append does), committing memory as needed.
     pub fn kv_write(&self, src: &[f32], b: &mut KvBuf) -> Result<()> {
-        need("kv_write", "cache", src.len(), b.len())?;
-        match b {
-            KvBuf::F32(s) => self.write(src, &mut s.slice_mut(..src.len())),
-            KvBuf::Bf16(s) => {
-                let bits: Vec<u16> = src.iter().map(|&v| f32_to_bf16(v)).collect();
-                self.write(&bits, &mut s.slice_mut(..src.len()))
-            }
+        if src.len() > b.capacity() {
+            return Err(KernelError::Length { op: "kv_write", what: "cache", expected: src.len(), actual: b.capacity() });
         }
+        let bytes: Vec<u8> = match b.t {
+            KvType::F32 => src.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            KvType::Bf16 => src.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+        };
+        b.buf.write(self, 0, &bytes)
     }
 
     /// cache[*pos + t, :] = src[t, :] for t < n_tokens; `pos_host` is the value *pos holds
@@ -109,9 +127,10 @@ impl Gpu {
         let (n, w) = (int("kv_append", n_tokens)?, int("kv_append", width)?);
         int("kv_append", (pos_host + n_tokens) * width)?;
         let cfg = grid1(n_tokens * width, 256);
-        match cache {
-            KvBuf::F32(c) => launch!(self, Source::Attention, "kv_append_f32", cfg, src, c, pos, &n, &w),
-            KvBuf::Bf16(c) => launch!(self, Source::Attention, "kv_append_bf16", cfg, src, c, pos, &n, &w),
+        let c = cache.ptr();
+        match cache.t {
+            KvType::F32 => launch!(self, Source::Attention, "kv_append_f32", cfg, src, &c, pos, &n, &w),
+            KvType::Bf16 => launch!(self, Source::Attention, "kv_append_bf16", cfg, src, &c, pos, &n, &w),
         }
     }
 
@@ -154,8 +173,12 @@ impl Gpu {
         }
         int("attend", (pos0 + n_tokens) * n_kv_heads * hd)?;
         let (h, kvh, nt, d, scale) = (n_heads as i32, n_kv_heads as i32, int("attend", n_tokens)?, hd as i32, 1.0 / (hd as f32).sqrt());
-        match (kc, vc) {
-            (KvBuf::F32(k), KvBuf::F32(v)) => {
+        if kc.t != vc.t {
+            return Err(KernelError::Shape("attention: K and V caches of different types".into()));
+        }
+        let (k, v) = (kc.ptr(), vc.ptr());
+        match kc.t {
+            KvType::F32 => {
                 let name = match hd_class {
                     32 => "attend_32",
                     64 => "attend_64",
@@ -168,9 +191,9 @@ impl Gpu {
                     block_dim: (32 * group, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                launch!(self, Source::Attention, name, cfg, q, k, v, out, &h, &kvh, &nt, &d, pos, &scale)
+                launch!(self, Source::Attention, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale)
             }
-            (KvBuf::Bf16(k), KvBuf::Bf16(v)) => {
+            KvType::Bf16 => {
                 let name = match hd_class {
                     32 => "flash_bf16_32",
                     64 => "flash_bf16_64",
@@ -192,9 +215,8 @@ impl Gpu {
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                launch!(self, Source::Flash, name, cfg, q, k, v, out, &h, &kvh, &nt, &d, pos, &scale)
+                launch!(self, Source::Flash, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale)
             }
-            _ => Err(KernelError::Shape("attention: K and V caches of different types".into())),
         }
     }
 
@@ -244,11 +266,11 @@ impl Gpu {
         let group = (n_heads / n_kv_heads) as u32;
         let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (32 * group, 1, 1), shared_mem_bytes: 0 };
         let (h, kvh, d, scale) = (n_heads as i32, n_kv_heads as i32, hd as i32, 1.0 / (hd as f32).sqrt());
-        match (kc, vc) {
-            (KvBuf::F32(k), KvBuf::F32(v)) => launch!(self, Source::Attention, name, cfg, q, k, v, &mut part, &h, &kvh, &d, pos, &scale)?,
-            (KvBuf::Bf16(k), KvBuf::Bf16(v)) => launch!(self, Source::Attention, name, cfg, q, k, v, &mut part, &h, &kvh, &d, pos, &scale)?,
-            _ => return Err(KernelError::Shape("attention: K and V caches of different types".into())),
+        if kc.t != vc.t {
+            return Err(KernelError::Shape("attention: K and V caches of different types".into()));
         }
+        let (k, v) = (kc.ptr(), vc.ptr());
+        launch!(self, Source::Attention, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
         let cfg = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let sp = splits as i32;
         launch!(self, Source::Attention, "attend_combine", cfg, &part, &sp, &d, out)

@@ -12,6 +12,7 @@ pub mod blas;
 pub mod matrix;
 pub mod nvrtc;
 pub mod ops;
+pub mod pages;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -186,6 +187,10 @@ impl Gpu {
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
     /// Free and total device memory now.

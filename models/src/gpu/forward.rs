@@ -52,7 +52,8 @@ impl GpuSession {
                 LayerKind::Softmax => {
                     lightning.push(None);
                     let n = capacity * c.kv_dim();
-                    kv.push(Some((g.kv_zeros(m.kv_type, n)?, g.kv_zeros(m.kv_type, n)?)));
+                    // room for the whole context, memory committed as positions fill
+                    kv.push(Some((g.kv_reserve(m.kv_type, n, 0)?, g.kv_reserve(m.kv_type, n, 0)?)));
                 }
             }
         }
@@ -147,6 +148,13 @@ impl GpuModel {
             return Err(ModelError::Input(format!("{} tokens after {} exceed the context of {}", n, session.pos, session.capacity)));
         }
         let pos_host = session.pos;
+        // the KV caches grow in pages: commit memory for these positions first (outside
+        // any graph capture; the caches' addresses do not change)
+        let rows = (pos_host + n) * c.kv_dim();
+        for (k, v) in session.kv.iter_mut().flatten() {
+            k.ensure(rows)?;
+            v.ensure(rows)?;
+        }
         let logits = if n == 1 && which == Logits::Last && self.graphs_enabled() {
             self.decode(session, tokens[0])?
         } else {
