@@ -2,7 +2,8 @@
 //! against the card's bf16 tensor-core peak), `-n` generated tokens (decode tokens/s,
 //! ms/token, bytes read per token, GB/s and the share of the card's measured copy
 //! bandwidth); each test runs `--reps` times after a warm-up, and the table shows the
-//! mean ± standard deviation. `--profile` adds seconds per stage of the forward pass.
+//! mean ± standard deviation. `--profile` adds a table per test of one more pass, timed per
+//! stage of the forward pass by events on the GPU's stream and by the host's clock.
 //! `--depth` measures the prefill to a context depth and decode at that depth.
 
 use std::time::Instant;
@@ -12,6 +13,7 @@ use clap::Args;
 use mxr_kernels::cpu::Threads;
 use mxr_models::engine::Backend;
 use mxr_models::forward::Logits;
+use mxr_models::gpu::Profile;
 use mxr_models::{LayerKind, Model};
 
 use crate::run_cmd::{load, Loaded, ModelArgs};
@@ -40,7 +42,9 @@ pub struct BenchArgs {
     /// Print JSON records instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Per-stage seconds (attention, lightning, MoE, lm_head) for each test (GPU only).
+    /// One more pass per test, timed per stage (embedding, lightning and softmax attention,
+    /// MoE router and experts, lm_head): GPU time by events on its stream, and host time
+    /// issuing work or blocked on the GPU (GPU only).
     #[arg(long)]
     pub profile: bool,
     /// Time the decode kernels alone on the real model's shapes (no model needed).
@@ -128,7 +132,7 @@ struct Record {
     seconds: Vec<f64>,
     /// decode: bytes read per token; prefill: FLOPs per token
     per_token: f64,
-    profile: Vec<(&'static str, f64)>,
+    profile: Option<Profile>,
     /// GPU: mean seconds per repetition the host spent blocked on the GPU; the rest of
     /// the repetition's time it spent issuing work.
     host_wait: Option<f64>,
@@ -219,9 +223,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             g.set_profiling(on);
         }
     };
-    let take = || match &l.backend {
-        Backend::Cuda(g) => g.take_profile(),
-        Backend::Cpu(_) => Vec::new(),
+    let take = || -> Result<Option<Profile>> {
+        Ok(match &l.backend {
+            Backend::Cuda(g) => Some(g.take_profile()?),
+            Backend::Cpu(_) => None,
+        })
     };
     let mut records = Vec::new();
     for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
@@ -231,11 +237,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let w0 = waited(&l);
         let seconds = (0..a.reps).map(|r| prefill(&l, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
-        let mut profile = Vec::new();
+        let mut profile = None;
         if a.profile {
             profiling(true);
             prefill(&l, n, a.batch_size, 0)?;
-            profile = take();
+            profile = take()?;
             profiling(false);
         }
         // average causal depth n/2 for the softmax layers
@@ -247,11 +253,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let w0 = waited(&l);
         let seconds = (0..a.reps).map(|r| decode(&l, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
-        let mut profile = Vec::new();
+        let mut profile = None;
         if a.profile {
             profiling(true);
             decode(&l, a.n_gen, 0)?;
-            profile = take();
+            profile = take()?;
             profiling(false);
         }
         let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
@@ -268,7 +274,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             tokens: d,
             seconds: runs.iter().map(|r| r.0).collect(),
             per_token,
-            profile: Vec::new(),
+            profile: None,
             host_wait: None,
         });
         if a.n_gen > 0 {
@@ -279,7 +285,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 tokens: a.n_gen,
                 seconds,
                 per_token,
-                profile: Vec::new(),
+                profile: None,
                 host_wait: None,
             });
         }
@@ -316,12 +322,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(w) = r.host_wait {
                 j["host_wait_seconds"] = serde_json::json!(w);
             }
-            if !r.profile.is_empty() {
-                j["profile_seconds"] = serde_json::json!(r
-                    .profile
+            if let Some(p) = &r.profile {
+                let stages: Vec<serde_json::Value> = p
+                    .stages
                     .iter()
-                    .map(|(k, v)| (k.to_string(), serde_json::json!(*v)))
-                    .collect::<serde_json::Map<String, serde_json::Value>>());
+                    .map(|s| {
+                        serde_json::json!({"stage": s.name, "calls": s.calls, "gpu_seconds": s.gpu,
+                            "host_seconds": s.host, "host_blocked_seconds": s.blocked})
+                    })
+                    .collect();
+                j["profile"] = serde_json::json!({"gpu_span_seconds": p.span, "gpu_between_stages_seconds": p.between, "stages": stages});
             }
             println!("{j}");
         }
@@ -367,10 +377,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    for r in records.iter().filter(|r| !r.profile.is_empty()) {
-        let total: f64 = r.profile.iter().map(|p| p.1).sum();
-        let parts: Vec<String> = r.profile.iter().map(|(k, v)| format!("{k} {:.2} ms ({:.0}%)", v * 1e3, 100.0 * v / total)).collect();
-        println!("profile {}: {}", r.test, parts.join(", "));
+    for r in &records {
+        if let Some(p) = &r.profile {
+            print_profile(&r.test, p);
+        }
     }
     Ok(())
+}
+
+/// One profiled pass of a test: per stage, the main stream's time from the stage's first to
+/// its last work (idle gaps inside included), the host's time in it and the part of that it
+/// was blocked on the GPU. GPU time well above the host's issuing time means the GPU is the
+/// bound there; the other way round, the host.
+fn print_profile(test: &str, p: &Profile) {
+    let gpu: f64 = p.stages.iter().map(|s| s.gpu).sum();
+    println!(
+        "profile {test} (one pass): main stream {:.2} ms from first to last stage, {:.2} ms of it between stages",
+        p.span * 1e3,
+        p.between * 1e3
+    );
+    println!("| stage | calls | GPU ms | GPU % | host ms | host blocked ms | host issuing ms |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for s in &p.stages {
+        println!(
+            "| {} | {} | {:.2} | {:.0}% | {:.2} | {:.2} | {:.2} |",
+            s.name,
+            s.calls,
+            s.gpu * 1e3,
+            100.0 * s.gpu / gpu.max(1e-12),
+            s.host * 1e3,
+            s.blocked * 1e3,
+            (s.host - s.blocked).max(0.0) * 1e3
+        );
+    }
 }

@@ -228,6 +228,48 @@ fn nano_greedy_text_is_the_same_on_gpu_and_cpu() {
     assert_eq!(cpu_t, gpu_t);
 }
 
+/// `mxr bench --profile`: timing stages by events changes no logit, every stage of every
+/// layer is there, and the stages plus the gaps between them tile the profiled span.
+#[test]
+#[ignore = "needs a GPU"]
+fn profiling_times_every_stage_and_changes_nothing() {
+    let m = converted(&repo_root().join("nano/checkpoint"), "nano", QType::Q8_0);
+    let g = gpu_model_kv(&m, KvType::Bf16);
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % m.config.vocab_size as u32).collect();
+    let run = |profiled: bool| {
+        g.set_profiling(profiled);
+        let mut s = GpuSession::new(&g, prompt.len() + 1).unwrap();
+        let pre = g.forward(&mut s, &prompt, Logits::Last).unwrap();
+        let dec = g.forward(&mut s, &[7], Logits::Last).unwrap();
+        let p = g.take_profile().unwrap();
+        g.set_profiling(false);
+        (pre, dec, p)
+    };
+    let (pre0, dec0, none) = run(false);
+    let (pre1, dec1, p) = run(true);
+    let layers = m.config.n_layers;
+    let calls = |name: &str| p.stages.iter().find(|s| s.name == name).map_or(0, |s| s.calls);
+    let tiled: f64 = p.stages.iter().map(|s| s.gpu).sum::<f64>() + p.between;
+    let same = pre0 == pre1 && dec0 == dec1;
+    let ok = same
+        && none.stages.is_empty()
+        && calls("moe router") == 2 * layers
+        && calls("moe experts") == 2 * layers
+        && calls("embed") == 2
+        && calls("lm_head") == 2
+        && (tiled - p.span).abs() <= 1e-5 + 1e-3 * p.span
+        && p.stages.iter().all(|s| s.gpu >= 0.0 && s.blocked <= s.host + 1e-6);
+    println!(
+        "CHECK profile by stage | nano Q8_0, 40 + 1 tokens | logits {}, {} stages, span {:.3} ms, tiled {:.3} ms | same logits, all stages | {}",
+        if same { "identical" } else { "DIFFER" },
+        p.stages.len(),
+        p.span * 1e3,
+        tiled * 1e3,
+        if ok { "ok" } else { "FAIL" }
+    );
+    assert!(ok, "{p:?}");
+}
+
 /// Expert offload (issue 7): with experts in host memory (computed on the CPU from the
 /// mapped file) the logits equal those of the all-GPU placement: the CPU's ggml kernels
 /// quantize activations as the GPU's matrix-vector kernels do, so decode agrees closely;

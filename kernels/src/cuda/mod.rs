@@ -316,6 +316,18 @@ impl Gpu {
         self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| drv("creating an event", e))
     }
 
+    /// An event that keeps time, for profiling: record it with [`Gpu::record_main`] and
+    /// read the time between two with [`Gpu::elapsed`].
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| drv("creating an event", e))
+    }
+
+    /// Seconds from `start` to `end` on the GPU's clock (both recorded, with timing, and
+    /// done: call after [`Gpu::sync`]).
+    pub fn elapsed(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        start.elapsed_ms(end).map(|ms| f64::from(ms) * 1e-3).map_err(|e| drv("reading an event's time", e))
+    }
+
     /// `e` marks the work queued on the main stream so far.
     pub fn record_main(&self, e: &CudaEvent) -> Result<()> {
         e.record(&self.stream).map_err(|e| drv("recording an event", e))

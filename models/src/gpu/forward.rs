@@ -264,12 +264,21 @@ impl GpuModel {
                 };
                 g.residual(&mut x.as_view_mut(), &a.as_view(), r.alpha as f32, r.beta as f32).map_err(ModelError::from)
             })?;
-            self.stage("moe", || {
+            // resident experts: two stages, the router (with the host's wait for its choices
+            // in prefill) and the experts; offloaded: one
+            let routed = self.stage("moe router", || {
                 g.rmsnorm(&mut x.as_view_mut(), &layer.ffn_norm, c.rms_eps as f32)?;
-                let m = match (&layer.slot, host) {
-                    (Some(slot), Some(h)) => self.moe_offload(h, l, layer, slot, &x.as_view(), n, &mut session.counts[l])?,
-                    (Some(_), None) => return Err(ModelError::Input("experts in host memory need the host model".into())),
-                    (None, _) => self.moe(layer, &x.as_view(), n, &mut session.counts[l])?,
+                match layer.slot {
+                    Some(_) => Ok(None),
+                    None => self.moe_route(layer, &x.as_view(), n, &mut session.counts[l]).map(Some),
+                }
+            })?;
+            self.stage(if routed.is_some() { "moe experts" } else { "moe (offload)" }, || {
+                let m = match (&layer.slot, host, &routed) {
+                    (None, _, Some(r)) => self.moe_experts(layer, r, &x.as_view(), n)?,
+                    (Some(slot), Some(h), _) => self.moe_offload(h, l, layer, slot, &x.as_view(), n, &mut session.counts[l])?,
+                    (Some(_), None, _) => return Err(ModelError::Input("experts in host memory need the host model".into())),
+                    (None, _, None) => return Err(ModelError::Input("the router's choices are missing".into())),
                 };
                 g.residual(&mut x.as_view_mut(), &m.as_view(), c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32)
                     .map_err(ModelError::from)

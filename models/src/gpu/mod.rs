@@ -57,8 +57,8 @@ pub struct GpuModel {
     /// bf16 staging for dequantized weights: two buffers used in turn, so that the side
     /// stream dequantizes the next weight while the main stream multiplies this one.
     scratch: Mutex<Scratch>,
-    /// Per-stage seconds, when profiling (each stage then waits for the GPU before and after).
-    profile: Mutex<Option<Vec<(&'static str, f64)>>>,
+    /// The stages run so far, when profiling (events on the main stream, no waiting).
+    profile: Mutex<Option<Vec<Mark>>>,
     /// Decode steps replay a captured CUDA graph (off: every kernel is launched each step).
     graphs: std::sync::atomic::AtomicBool,
     /// Some experts are in host memory (the MoE then waits for the host each layer).
@@ -171,8 +171,9 @@ impl GpuModel {
         })
     }
 
-    /// Starts (or stops) timing each stage of the forward pass; timing serialises the GPU
-    /// at every stage boundary, so it slows the whole pass a little.
+    /// Starts (or stops) timing each stage of the forward pass. Timing records two events
+    /// on the main stream per stage and waits for nothing, so the work runs as it would
+    /// otherwise (decode steps are launched kernel by kernel, not as a graph).
     pub fn set_profiling(&self, on: bool) {
         if let Ok(mut p) = self.profile.lock() {
             *p = on.then(Vec::new);
@@ -191,18 +192,38 @@ impl GpuModel {
             && !self.profile.lock().map(|p| p.is_some()).unwrap_or(true)
     }
 
-    /// Seconds per stage since profiling started (summed per stage name), and resets them.
-    pub fn take_profile(&self) -> Vec<(&'static str, f64)> {
-        let Ok(mut p) = self.profile.lock() else { return Vec::new() };
-        let Some(v) = p.as_mut() else { return Vec::new() };
-        let mut sums: Vec<(&'static str, f64)> = Vec::new();
-        for (k, t) in v.drain(..) {
-            match sums.iter_mut().find(|(n, _)| *n == k) {
-                Some(e) => e.1 += t,
-                None => sums.push((k, t)),
-            }
+    /// The stages timed since profiling started, summed per stage name in order of first
+    /// appearance (and forgotten); waits for the GPU to read the events.
+    pub fn take_profile(&self) -> Result<Profile, ModelError> {
+        let marks = match self.profile.lock() {
+            Ok(mut p) => p.as_mut().map(std::mem::take).unwrap_or_default(),
+            Err(_) => return Err(KernelError::Threads("GPU profile poisoned".into()).into()),
+        };
+        let g = &self.gpu;
+        g.sync()?;
+        let mut out = Profile::default();
+        if let (Some(first), Some(last)) = (marks.first(), marks.last()) {
+            out.span = g.elapsed(&first.start, &last.end)?;
         }
-        sums
+        for (i, m) in marks.iter().enumerate() {
+            if i > 0 {
+                out.between += g.elapsed(&marks[i - 1].end, &m.start)?.max(0.0);
+            }
+            let gpu = g.elapsed(&m.start, &m.end)?;
+            let i = match out.stages.iter().position(|s| s.name == m.name) {
+                Some(i) => i,
+                None => {
+                    out.stages.push(StageTime { name: m.name, ..StageTime::default() });
+                    out.stages.len() - 1
+                }
+            };
+            let s = &mut out.stages[i];
+            s.calls += 1;
+            s.gpu += gpu;
+            s.host += m.host;
+            s.blocked += m.blocked;
+        }
+        Ok(out)
     }
 
     /// Runs `f` as stage `name` of the profile.
@@ -211,13 +232,18 @@ impl GpuModel {
         if !on {
             return f();
         }
-        self.gpu.sync()?;
+        let g = &self.gpu;
+        let (start, end) = (g.timing_event()?, g.timing_event()?);
+        let waited = g.host_waited();
         let t = std::time::Instant::now();
+        g.record_main(&start)?;
         let r = f()?;
-        self.gpu.sync()?;
+        g.record_main(&end)?;
+        let host = t.elapsed().as_secs_f64();
+        let blocked = g.host_waited() - waited;
         if let Ok(mut p) = self.profile.lock() {
             if let Some(v) = p.as_mut() {
-                v.push((name, t.elapsed().as_secs_f64()));
+                v.push(Mark { name, host, blocked, start, end });
             }
         }
         Ok(r)
@@ -329,6 +355,37 @@ impl GpuModel {
         g.record_main(free)?;
         Ok(())
     }
+}
+
+/// One run of a profiled stage: host seconds from its start to its end (issuing work, or
+/// blocked on the GPU for `blocked` of them), and events around its work on the main stream.
+struct Mark {
+    name: &'static str,
+    host: f64,
+    blocked: f64,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+/// Per stage name: runs, seconds of the main stream from the stage's first to its last
+/// work (including any time the stream sat idle waiting for the host), host seconds, and
+/// the part of those the host was blocked on the GPU.
+#[derive(Default, Clone, Debug)]
+pub struct StageTime {
+    pub name: &'static str,
+    pub calls: usize,
+    pub gpu: f64,
+    pub host: f64,
+    pub blocked: f64,
+}
+
+/// A profiled pass: its stages, the main stream's seconds from the first stage's start to
+/// the last one's end, and the seconds of that between stages.
+#[derive(Default, Clone, Debug)]
+pub struct Profile {
+    pub stages: Vec<StageTime>,
+    pub span: f64,
+    pub between: f64,
 }
 
 /// Two bf16 buffers for dequantized weights and the next one to use; events (made at

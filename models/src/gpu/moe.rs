@@ -10,6 +10,14 @@ use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix};
 use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
 
+/// The router's output for a batch: expert ids and weights [n, k] (device), and for
+/// batches above [`MATVEC_MAX_TOKENS`] the pairs of each expert (host).
+pub(crate) struct Routed {
+    ids: CudaSlice<i32>,
+    weights: CudaSlice<f32>,
+    groups: Option<Vec<Vec<i32>>>,
+}
+
 impl GpuModel {
     /// The router on the GPU: expert ids and renormalised weights, [n, k] each.
     pub(crate) fn route(
@@ -28,29 +36,40 @@ impl GpuModel {
         Ok((ids, weights))
     }
 
-    /// m [n, dim] = Σ_k w_k E_k(x) for each row of x [n, dim]; counts[e] += choices of e.
-    pub(crate) fn moe(
+    /// The MoE's first half (m [n, dim] = Σ_k w_k E_k(x) for each row of x, counts[e] +=
+    /// choices of e): the router's choices, and for many tokens the (token, choice)
+    /// pairs grouped by expert on the host (which waits for the router).
+    pub(crate) fn moe_route(
         &self,
         layer: &GpuLayer,
         x: &CudaView<'_, f32>,
         n: usize,
         counts: &mut CudaSlice<u32>,
-    ) -> Result<CudaSlice<f32>, ModelError> {
-        let (g, c) = (&self.gpu, &self.config);
-        let (d, k) = (c.dim, c.n_experts_used);
+    ) -> Result<Routed, ModelError> {
         let (ids, weights) = self.route(layer, x, n, counts)?;
-        let mut y = g.alloc::<f32>(n * k * d)?;
-        if n <= MATVEC_MAX_TOKENS {
-            self.experts_matvec(layer.experts(), &ids, x, n, k, n * k, &mut y.as_view_mut())?;
+        let groups = if n <= MATVEC_MAX_TOKENS {
+            None
         } else {
-            let mut pairs: Vec<Vec<i32>> = vec![Vec::new(); c.n_experts];
+            let mut pairs: Vec<Vec<i32>> = vec![Vec::new(); self.config.n_experts];
             for (p, e) in self.chosen_experts(&ids)?.into_iter().enumerate() {
                 pairs[e].push(p as i32);
             }
-            self.experts_grouped(layer.experts(), &pairs, x, k, &mut y.as_view_mut())?;
+            Some(pairs)
+        };
+        Ok(Routed { ids, weights, groups })
+    }
+
+    /// The MoE's second half: the chosen experts over x, combined with the routing weights.
+    pub(crate) fn moe_experts(&self, layer: &GpuLayer, r: &Routed, x: &CudaView<'_, f32>, n: usize) -> Result<CudaSlice<f32>, ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (d, k) = (c.dim, c.n_experts_used);
+        let mut y = g.alloc::<f32>(n * k * d)?;
+        match &r.groups {
+            None => self.experts_matvec(layer.experts(), &r.ids, x, n, k, n * k, &mut y.as_view_mut())?,
+            Some(pairs) => self.experts_grouped(layer.experts(), pairs, x, k, &mut y.as_view_mut())?,
         }
         let mut out = g.alloc::<f32>(n * d)?;
-        g.moe_combine(&y.as_view(), &weights.as_view(), n, k, d, &mut out.as_view_mut())?;
+        g.moe_combine(&y.as_view(), &r.weights.as_view(), n, k, d, &mut out.as_view_mut())?;
         Ok(out)
     }
 
