@@ -217,11 +217,188 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
     }
 }
 
+// Decode (one query per head, at position *pos) on tensor cores, split over the keys like
+// attention.cu's attend_split: block (g, s) takes the query heads of KV head g as the rows
+// of one 16-row tile (group <= 16; other rows are zero and never written) and scans its
+// share of keys 0..*pos in FK-key tiles, double-buffered through shared memory as above.
+// Warp w takes keys w*16 .. w*16+15 of every tile with its own online softmax; at the end
+// the four warps' partials are merged through shared memory and written as attend_split
+// writes them, part[(h * splits + s) * (hd + 2)] = (m, l, acc[hd]) with m in natural-log
+// units, for attend_combine.
+template <int HD>
+__device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int hd,
+                             const int* pos, float scale) {
+    constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, WARPS = 4;
+    extern __shared__ __align__(16) u16 smem[];
+    const int g = blockIdx.x, s = blockIdx.y, splits = gridDim.y, group = n_heads / n_kv_heads;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int kv_dim = n_kv_heads * hd;
+    const int len = *pos + 1, per = (len + splits - 1) / splits;
+    const int j_begin = min(len, s * per), j_end = min(len, j_begin + per);
+
+    const float qs = scale * 1.4426950408889634f;
+    u32 qf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int r = (i & 1) ? gid + 8 : gid, d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
+            float a = 0.f, b = 0.f;
+            if (r < group) {
+                const float* p = q + (size_t)(g * group + r) * hd;
+                if (d < hd) a = p[d] * qs;
+                if (d + 1 < hd) b = p[d + 1] * qs;
+            }
+            qf[kk][i] = pack_bf16(a, b);
+        }
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    const float ninf = __int_as_float(0xff800000);
+    float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
+
+    const int n_tiles = (j_end - j_begin + FK - 1) / FK;
+    if (n_tiles > 0) {
+        flash_stage<HD>(smem, kc, g, kv_dim, hd, j_begin, j_end);
+        flash_stage<HD>(smem + FK * LD, vc, g, kv_dim, hd, j_begin, j_end);
+        cp_async_commit();
+    }
+    for (int it = 0; it < n_tiles; it++) {
+        const int j0 = j_begin + it * FK;
+        if (it + 1 < n_tiles) {
+            u16* nx = smem + ((it + 1) & 1) * 2 * FK * LD;
+            flash_stage<HD>(nx, kc, g, kv_dim, hd, j0 + FK, j_end);
+            flash_stage<HD>(nx + FK * LD, vc, g, kv_dim, hd, j0 + FK, j_end);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const u16* ks = smem + (it & 1) * 2 * FK * LD + warp * 16 * LD;
+        const u16* vs = ks + FK * LD;
+        const int jw = j0 + warp * 16;  // this warp's first key
+        if (jw < j_end) {
+            float sc[2][4];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < KS; kk += 2) {
+                    u32 b[4];
+                    ldm4(b, ks + (nt * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+                    mma(sc[nt], qf[kk], b[0], b[1]);
+                    if (kk + 1 < KS) mma(sc[nt], qf[kk + 1], b[2], b[3]);
+                }
+            }
+            float mx0 = ninf, mx1 = ninf;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                int j = jw + nt * 8 + tig * 2;
+                if (j >= j_end) sc[nt][0] = sc[nt][2] = ninf;
+                if (j + 1 >= j_end) sc[nt][1] = sc[nt][3] = ninf;
+                mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+            }
+#pragma unroll
+            for (int o_ = 1; o_ < 4; o_ <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
+            }
+            // jw < j_end: every row has a valid key here, so the new maxima are finite
+            float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+            m0 = n0;
+            m1 = n1;
+            u32 pf[4];
+            float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                float p0 = exp2f(sc[nt][0] - n0), p1 = exp2f(sc[nt][1] - n0), p2 = exp2f(sc[nt][2] - n1), p3 = exp2f(sc[nt][3] - n1);
+                ps0 += p0 + p1;
+                ps1 += p2 + p3;
+                pf[nt * 2] = pack_bf16(p0, p1);
+                pf[nt * 2 + 1] = pack_bf16(p2, p3);
+            }
+            l0 = l0 * c0 + ps0;
+            l1 = l1 * c1 + ps1;
+#pragma unroll
+            for (int dt = 0; dt < DT; dt += 2) {
+                u32 b[4];
+                ldm4t(b, vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + dt * 8 + (lane >> 4) * 8);
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    o[dt + x][0] *= c0;
+                    o[dt + x][1] *= c0;
+                    o[dt + x][2] *= c1;
+                    o[dt + x][3] *= c1;
+                }
+                mma(o[dt], pf, b[0], b[1]);
+                mma(o[dt + 1], pf, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // before the next iteration refills this stage
+    }
+#pragma unroll
+    for (int o_ = 1; o_ < 4; o_ <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
+    }
+    // merge the warps: wm[w][r], wl[w][r], wo[w][r][d] over the (now idle) tile buffers
+    float* wm = (float*)smem;
+    float* wl = wm + WARPS * 16;
+    float* wo = wl + WARPS * 16;
+    if (tig == 0) {
+        wm[warp * 16 + gid] = m0;
+        wm[warp * 16 + gid + 8] = m1;
+        wl[warp * 16 + gid] = l0;
+        wl[warp * 16 + gid + 8] = l1;
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; dt++) {
+        int d = dt * 8 + tig * 2;
+        float* r0 = wo + ((size_t)warp * 16 + gid) * HD + d;
+        float* r1 = r0 + 8 * HD;
+        r0[0] = o[dt][0];
+        r0[1] = o[dt][1];
+        r1[0] = o[dt][2];
+        r1[1] = o[dt][3];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+        int r = i / hd, d = i % hd;
+        float m = ninf;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) m = fmaxf(m, wm[w * 16 + r]);
+        float l = 0.f, a = 0.f;
+        if (m != ninf) {
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) {
+                float f = exp2f(wm[w * 16 + r] - m);  // 0 for a warp that saw no key
+                l += f * wl[w * 16 + r];
+                a += f * wo[((size_t)w * 16 + r) * HD + d];
+            }
+        }
+        float* p = part + ((size_t)(g * group + r) * splits + s) * (hd + 2);
+        if (d == 0) {
+            p[0] = m == ninf ? ninf : m * 0.6931471805599453f;
+            p[1] = l;
+        }
+        p[2 + d] = a;
+    }
+}
+
 #define FLASH(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) flash_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* out,    \
                                                                      int n_heads, int n_kv_heads, int n_tokens, int hd,            \
                                                                      const int* pos, float scale) {                                \
         flash<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale);                                                  \
+    }                                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode_bf16_##HD(const float* q, const u16* kc, const u16* vc,         \
+                                                                            float* part, int n_heads, int n_kv_heads, int hd,      \
+                                                                            const int* pos, float scale) {                         \
+        flash_decode<HD>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                    \
     }
 
 FLASH(32)

@@ -315,6 +315,11 @@ fn rope_and_attention() {
         // several query tiles and key tiles of the tensor-core kernel
         (128, 64, 16, 2, 70, 150),
         (64, 32, 4, 4, 0, 130),
+        // decode over many key tiles per split, the largest group (16 heads per KV head),
+        // and a head size the bf16 tensor-core kernels do not take (SIMT decode, no prefill)
+        (128, 64, 64, 8, 700, 1),
+        (64, 32, 16, 1, 300, 2),
+        (20, 8, 4, 2, 10, 3),
     ] {
         let (width, kv_dim) = (heads * hd, kv_heads * hd);
         let q = Rng::new(14).normals(n * width, 1.0);
@@ -387,12 +392,26 @@ fn rope_and_attention() {
             assert_eq!(g.kv_download(&gk, len * kv_dim).unwrap(), kr, "kv_append {}", t.name());
             assert_eq!(g.kv_download(&gv, len * kv_dim).unwrap(), vr, "kv_append {}", t.name());
             let mut go = g.zeros::<f32>(n * width).unwrap();
-            g.attend(&gq.as_view(), &gk, &gv, &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0).unwrap();
-            let (name, budget) = match t {
-                KvType::F32 => ("attend f32", 1e-10),
-                KvType::Bf16 => ("attend bf16 (tensor cores)", 2e-5),
+            let tensor_cores = t == KvType::Bf16 && hd % 8 == 0;
+            let res = g.attend(&gq.as_view(), &gk, &gv, &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0);
+            // the bf16 prefill kernel takes head sizes in multiples of 8, the f32 one groups
+            // of at most 8 heads; outside those they say so
+            let refusal = match t {
+                KvType::Bf16 if !tensor_cores => Some("multiples of 8"),
+                KvType::F32 if group > 8 => Some("groups of at most 8"),
+                _ => None,
             };
-            check(name, &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, budget);
+            if let Some(why) = refusal {
+                let e = res.expect_err("attention outside the kernel's shapes").to_string();
+                check(&format!("attend {} refuses", t.name()), &case, if e.contains(why) { 0.0 } else { 1.0 }, 0.0);
+            } else {
+                res.unwrap();
+                let (name, budget) = match t {
+                    KvType::F32 => ("attend f32", 1e-10),
+                    KvType::Bf16 => ("attend bf16 (tensor cores)", 2e-5),
+                };
+                check(name, &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, budget);
+            }
             // The last query alone, split over the keys (decode), for several split counts.
             let last = n - 1;
             let gq_last = g.upload(&got_q[last * width..]).unwrap();
@@ -402,7 +421,10 @@ fn rope_and_attention() {
                 g.attend_decode(&gq_last.as_view(), &gk, &gv, &mut go.as_view_mut(), heads, kv_heads, hd, &gpos_last, pos0 + last, splits)
                     .unwrap();
                 let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
-                check(&format!("attend_decode {}", t.name()), &format!("{case}, {splits} splits"), d.nmse, 1e-10);
+                // tensor cores round q and the probabilities to bf16 as the prefill kernel does
+                let (name, budget) =
+                    if tensor_cores { ("attend_decode bf16 (tensor cores)".to_string(), 2e-5) } else { (format!("attend_decode {}", t.name()), 1e-10) };
+                check(&name, &format!("{case}, {splits} splits"), d.nmse, budget);
             }
         }
     }

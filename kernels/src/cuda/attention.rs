@@ -270,7 +270,23 @@ impl Gpu {
             return Err(KernelError::Shape("attention: K and V caches of different types".into()));
         }
         let (k, v) = (kc.ptr(), vc.ptr());
-        launch!(self, Source::Attention, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
+        if kc.t == KvType::Bf16 && hd.is_multiple_of(8) {
+            // tensor cores: the group's heads are the rows of one tile (flash.cu)
+            let (name, hd_class) = match hd {
+                1..=32 => ("flash_decode_bf16_32", 32usize),
+                33..=64 => ("flash_decode_bf16_64", 64),
+                _ => ("flash_decode_bf16_128", 128),
+            };
+            // two stages of 64-key K and V tiles, rows padded by 8 (FK, LD in flash.cu)
+            let smem = 2 * 2 * 64 * (hd_class + 8) * 2;
+            self.function(Source::Flash, name)?
+                .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| drv(name, e))?;
+            let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+            launch!(self, Source::Flash, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
+        } else {
+            launch!(self, Source::Attention, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
+        }
         let cfg = LaunchConfig { grid_dim: (n_heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let sp = splits as i32;
         launch!(self, Source::Attention, "attend_combine", cfg, &part, &sp, &d, out)
