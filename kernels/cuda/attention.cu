@@ -237,21 +237,36 @@ __device__ void attend_split(const float* q, const KV* kc, const KV* vc, float* 
         if (lane + 32 * i < hd) p[2 + lane + 32 * i] = acc[i];
 }
 
-// out[h, :] from the splits' partials: one block per query head, one thread per dim.
+// out[h, :] from the splits' partials: one block per query head. The block finds the
+// maximum m and each split's weight exp(m_s - m) (in shared memory, with the denominator),
+// then each thread sums one dim over the splits, several loads in flight. splits <= 1024.
 extern "C" __global__ void attend_combine(const float* part, int splits, int hd, float* out) {
-    int h = blockIdx.x;
-    const float* p = part + (size_t)h * splits * (hd + 2);
+    __shared__ float w[1024];
+    __shared__ float scratch[32];
+    int h = blockIdx.x, stride = hd + 2;
+    const float* p = part + (size_t)h * splits * stride;
     float m = __int_as_float(0xff800000);
-    for (int s = 0; s < splits; s++) m = fmaxf(m, p[s * (hd + 2)]);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, p[(size_t)s * stride]);
+    m = block_max(m, scratch);
+    float part_l = 0.f;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        float ls = p[(size_t)s * stride + 1];
+        float ws = ls > 0.f ? expf(p[(size_t)s * stride] - m) : 0.f;
+        w[s] = ws;
+        part_l += ws * ls;
+    }
+    float l = block_sum(part_l, scratch);  // its barriers also publish w
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        float l = 0.f, a = 0.f;
-        for (int s = 0; s < splits; s++) {
-            const float* q = p + s * (hd + 2);
-            float w = q[1] > 0.f ? expf(q[0] - m) : 0.f;
-            l += w * q[1];
-            a += w * q[2 + c];
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        int s = 0;
+        for (; s + 4 <= splits; s += 4) {
+            a0 = fmaf(w[s], p[(size_t)s * stride + 2 + c], a0);
+            a1 = fmaf(w[s + 1], p[(size_t)(s + 1) * stride + 2 + c], a1);
+            a2 = fmaf(w[s + 2], p[(size_t)(s + 2) * stride + 2 + c], a2);
+            a3 = fmaf(w[s + 3], p[(size_t)(s + 3) * stride + 2 + c], a3);
         }
-        out[(size_t)h * hd + c] = a / l;
+        for (; s < splits; s++) a0 = fmaf(w[s], p[(size_t)s * stride + 2 + c], a0);
+        out[(size_t)h * hd + c] = ((a0 + a1) + (a2 + a3)) / l;
     }
 }
 

@@ -103,12 +103,12 @@ pub fn run(g: &Gpu) -> Result<()> {
         );
     }
     for t in [KvType::F32, KvType::Bf16] {
-        for depth in [4096usize, 65536] {
+        for depth in [4096usize, 65536, 1 << 20] {
             let (kc, vc) = (g.kv_zeros(t, depth * kv_dim)?, g.kv_zeros(t, depth * kv_dim)?);
             let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
             let pos = g.upload(&[(depth - 1) as i32])?;
             let mut out = g.zeros::<f32>(heads * hd)?;
-            let splits = Gpu::decode_splits(depth);
+            let splits = g.decode_splits(depth, 8);
             let s = time(g, 20, || {
                 Ok(g.attend_decode(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?)
             })?;

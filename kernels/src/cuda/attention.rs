@@ -220,11 +220,14 @@ impl Gpu {
         }
     }
 
-    /// The key-split count for decode attention over a cache of `capacity` positions:
-    /// enough blocks to fill the GPU at any depth, fixed per cache so that one captured
-    /// decode graph serves every position.
-    pub fn decode_splits(capacity: usize) -> usize {
-        capacity.div_ceil(128).clamp(1, 256)
+    /// The key-split count for decode attention over a cache of `capacity` positions and
+    /// `n_kv_heads` KV heads: one wave of blocks (three per multiprocessor, what the
+    /// tensor-core kernel's shared memory allows at head size 128), fewer for short caches
+    /// (at least 128 positions per split). Fixed per cache, so that one captured decode graph
+    /// serves every position; few splits keep the combining pass short.
+    pub fn decode_splits(&self, capacity: usize, n_kv_heads: usize) -> usize {
+        let wave = (self.info().sm_count.max(1) as usize * 3).div_ceil(n_kv_heads.max(1));
+        wave.min(capacity.div_ceil(128)).clamp(1, 256)
     }
 
     /// Attention of one query at position *pos (decode) over the caches, split over the

@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{CudaSlice, Gpu, Graph, KvBuf};
+use mxr_kernels::cuda::{CudaSlice, Graph, KvBuf};
 
 use super::{GpuAttention, GpuModel};
 use crate::forward::attention::KvCache;
@@ -254,7 +254,7 @@ impl GpuModel {
                         let qv = qs.as_view();
                         let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
                         if n == 1 {
-                            let splits = Gpu::decode_splits(session.capacity);
+                            let splits = g.decode_splits(session.capacity, kv_heads);
                             g.attend_decode(&qv, kc, vc, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits)?;
                         } else {
                             g.attend(&qv, kc, vc, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host)?;
