@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Parses and type-checks every kernel source for NVPTX with clang, as NVRTC would see it
-# (common.cuh, plus formats.cuh where the Rust side prepends it), without the CUDA toolkit
+# (common.cuh, plus formats.cuh or mma.cuh where the Rust side prepends them), without the CUDA toolkit
 # or a GPU: syntax and type errors in kernels/cuda show up in CI. The GPU tests
 # (scripts/gpu-check.sh) remain the check that the kernels compute the right thing.
 set -euo pipefail
@@ -12,7 +12,10 @@ status=0
 for f in kernels/cuda/*.cu; do
     name=$(basename "$f" .cu)
     hdr=""
-    case "$name" in matvec | dequant) hdr=kernels/cuda/formats.cuh ;; esac
+    case "$name" in
+    matvec | dequant) hdr=kernels/cuda/formats.cuh ;;
+    flash | lightning) hdr=kernels/cuda/mma.cuh ;;
+    esac
     cat scripts/cuda-check-prelude.cuh kernels/cuda/common.cuh $hdr "$f" >"$tmp/$name.cu"
     if ! "$CLANG" -x cuda --cuda-device-only -nocudainc -nocudalib --cuda-gpu-arch=sm_80 -fsyntax-only \
         -Wno-unknown-cuda-version "$tmp/$name.cu" 2>"$tmp/$name.err"; then

@@ -1,4 +1,4 @@
-// Causal GQA prefill attention on tensor cores (prepended: common.cuh), over a bf16 KV
+// Causal GQA prefill attention on tensor cores (prepended: common.cuh, mma.cuh), over a bf16 KV
 // cache: flash-attention style, one pass over the keys with an online softmax, S = QK^T and
 // O += PV as bf16 mma.sync m16n8k16 products with f32 accumulators.
 //
@@ -11,46 +11,6 @@
 
 #define FQ 64  // queries per block
 #define FK 64  // keys per tile
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); }
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// Four 8x8 b16 matrices from shared memory; lane L gives the address of row L % 8 of
-// matrix L / 8. Without .trans lane l receives (row l/4, cols 2(l%4), +1) of each matrix;
-// with .trans (rows 2(l%4), +1, col l/4).
-__device__ __forceinline__ void ldm4(u32 (&r)[4], const u16* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldm4t(u32 (&r)[4], const u16* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-
-// c += a (16x16, row) * b (16x8, col)
-__device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes global -> shared without passing through registers; `ok` false zero-fills
-// (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
 
 // Starts copying rows j0 .. j0 + FK of KV head g into s[FK][LD] (zeros past `end` and
 // past hd). Whole block; complete after cp_async_wait and __syncthreads. hd % 8 == 0.

@@ -104,3 +104,203 @@ LIGHTNING(16)
 LIGHTNING(32)
 LIGHTNING(64)
 LIGHTNING(128)
+
+// Chunked prefill on tensor cores (mma.cuh): the same recurrence, a chunk of LC tokens at a
+// time. With i, j the positions in the chunk (m tokens), S the state before it, and
+// λ the head's decay,
+//   o_i   = λ^(i+1) q_i S + Σ_{j<=i} λ^(i-j) (q_i · k_j) v_j
+//   S_new = λ^m S + Σ_j λ^(m-1-j) k_j^T v_j.
+// Block = 4 warps owning LW columns of one head's state (column b depends only on column b
+// of the v's), grid = (ceil(hd / LW), n_heads). Per chunk, q, k (all dims) and the block's
+// v columns are staged in shared memory as bf16 (v also scaled by λ^(m-1-j)), and the state
+// as bf16; warp w then computes output rows w*16.. of the chunk (Q S, then the decayed
+// causal scores Q K^T times V) and updates state rows w*32.. in f32 accumulators
+// (K^T V' plus λ^m S). q, k, v, the scores and the state's copy for Q S are rounded to
+// bf16, as in flash.cu; the state itself stays f32. Head size up to 128 (zero padded).
+#define LC 64   // tokens per chunk
+#define LW 64   // state columns per block
+#define LHD 128 // head size the tiles hold
+
+extern "C" __global__ void __launch_bounds__(128)
+    lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd) {
+    constexpr int LDQ = LHD + 8, LDV = LW + 8, KS = LHD / 16, NT = LW / 8, CT = LC / 8;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* qs = smem;             // [LC][LDQ] q
+    u16* ks = qs + LC * LDQ;    // [LC][LDQ] k
+    u16* vs = ks + LC * LDQ;    // [LC][LDV] v, the block's columns
+    u16* vd = vs + LC * LDV;    // [LC][LDV] v * λ^(m-1-j)
+    u16* sb = vd + LC * LDV;    // [LHD][LDV] the state before the chunk
+    const int h = blockIdx.y, c0 = blockIdx.x * LW;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const float l2 = log2f(decay[h]);
+    const size_t stride = (size_t)n_heads * 3 * hd, width = (size_t)n_heads * hd;
+    const float* base = qkv + (size_t)h * 3 * hd;
+    float* st = state + (size_t)h * hd * hd;
+
+    // this warp's state rows warp*32 + mt*16 (+ gid, + 8), columns c0 + nt*8 + 2 tig (+1)
+    float s[2][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int a = warp * 32 + mt * 16 + gid + (e & 2) * 4, b = c0 + nt * 8 + tig * 2 + (e & 1);
+                s[mt][nt][e] = (a < hd && b < hd) ? st[(size_t)a * hd + b] : 0.f;
+            }
+
+    for (int t0 = 0; t0 < n_tokens; t0 += LC) {
+        const int m = min(LC, n_tokens - t0);
+        __syncthreads();  // the previous chunk's tiles are no longer read
+        if ((hd & 3) == 0) {
+            for (int i = threadIdx.x; i < LC * LHD / 4; i += blockDim.x) {
+                int j = i / (LHD / 4), a = (i % (LHD / 4)) * 4;
+                float4 q = make_float4(0.f, 0.f, 0.f, 0.f), k = q;
+                if (j < m && a < hd) {
+                    const float* row = base + (size_t)(t0 + j) * stride;
+                    q = *(const float4*)(row + a);
+                    k = *(const float4*)(row + hd + a);
+                }
+                *(uint2*)&qs[j * LDQ + a] = make_uint2(pack_bf16(q.x, q.y), pack_bf16(q.z, q.w));
+                *(uint2*)&ks[j * LDQ + a] = make_uint2(pack_bf16(k.x, k.y), pack_bf16(k.z, k.w));
+            }
+            for (int i = threadIdx.x; i < LC * LW / 4; i += blockDim.x) {
+                int j = i / (LW / 4), b = (i % (LW / 4)) * 4;
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (j < m && c0 + b < hd) v = *(const float4*)(base + (size_t)(t0 + j) * stride + 2 * hd + c0 + b);
+                float f = j < m ? exp2f((float)(m - 1 - j) * l2) : 0.f;
+                *(uint2*)&vs[j * LDV + b] = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+                *(uint2*)&vd[j * LDV + b] = make_uint2(pack_bf16(v.x * f, v.y * f), pack_bf16(v.z * f, v.w * f));
+            }
+        } else {
+            for (int i = threadIdx.x; i < LC * LHD; i += blockDim.x) {
+                int j = i / LHD, a = i % LHD;
+                bool ok = j < m && a < hd;
+                const float* row = base + (size_t)(t0 + j) * stride;
+                qs[j * LDQ + a] = f32_to_bf16(ok ? row[a] : 0.f);
+                ks[j * LDQ + a] = f32_to_bf16(ok ? row[hd + a] : 0.f);
+            }
+            for (int i = threadIdx.x; i < LC * LW; i += blockDim.x) {
+                int j = i / LW, b = i % LW;
+                float v = (j < m && c0 + b < hd) ? base[(size_t)(t0 + j) * stride + 2 * hd + c0 + b] : 0.f;
+                float f = j < m ? exp2f((float)(m - 1 - j) * l2) : 0.f;
+                vs[j * LDV + b] = f32_to_bf16(v);
+                vd[j * LDV + b] = f32_to_bf16(v * f);
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                int a = warp * 32 + mt * 16 + gid, b = nt * 8 + tig * 2;
+                *(u32*)&sb[a * LDV + b] = pack_bf16(s[mt][nt][0], s[mt][nt][1]);
+                *(u32*)&sb[(a + 8) * LDV + b] = pack_bf16(s[mt][nt][2], s[mt][nt][3]);
+            }
+        __syncthreads();
+
+        // outputs: rows i0 = warp*16 + gid and i1 = i0 + 8 of the chunk
+        const int i0 = warp * 16 + gid, i1 = i0 + 8;
+        u32 qf[KS][4];
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) ldm4(qf[kk], qs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDQ + kk * 16 + (lane >> 4) * 8);
+        float o[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+        // inter-chunk: λ^(i+1) q_i S
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                u32 b[4];
+                ldm4t(b, sb + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDV + nt * 8 + (lane >> 4) * 8);
+                mma(o[nt], qf[kk], b[0], b[1]);
+                mma(o[nt + 1], qf[kk], b[2], b[3]);
+            }
+        const float g0 = exp2f((float)(i0 + 1) * l2), g1 = exp2f((float)(i1 + 1) * l2);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            o[nt][0] *= g0;
+            o[nt][1] *= g0;
+            o[nt][2] *= g1;
+            o[nt][3] *= g1;
+        }
+        // intra-chunk: the decayed causal scores, then times v
+        u32 pf[LC / 16][4];
+        {
+            float sc[CT][4];
+#pragma unroll
+            for (int ct = 0; ct < CT; ct++) {
+                sc[ct][0] = sc[ct][1] = sc[ct][2] = sc[ct][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < KS; kk += 2) {
+                    u32 b[4];
+                    ldm4(b, ks + (ct * 8 + (lane & 7)) * LDQ + kk * 16 + (lane >> 3) * 8);
+                    mma(sc[ct], qf[kk], b[0], b[1]);
+                    mma(sc[ct], qf[kk + 1], b[2], b[3]);
+                }
+            }
+#pragma unroll
+            for (int ct = 0; ct < CT; ct++) {
+                int j = ct * 8 + tig * 2;
+                float d00 = j <= i0 ? exp2f((float)(i0 - j) * l2) : 0.f, d01 = j + 1 <= i0 ? exp2f((float)(i0 - j - 1) * l2) : 0.f;
+                float d10 = j <= i1 ? exp2f((float)(i1 - j) * l2) : 0.f, d11 = j + 1 <= i1 ? exp2f((float)(i1 - j - 1) * l2) : 0.f;
+                pf[ct / 2][(ct & 1) * 2] = pack_bf16(sc[ct][0] * d00, sc[ct][1] * d01);
+                pf[ct / 2][(ct & 1) * 2 + 1] = pack_bf16(sc[ct][2] * d10, sc[ct][3] * d11);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < LC / 16; kk++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                u32 b[4];
+                ldm4t(b, vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDV + nt * 8 + (lane >> 4) * 8);
+                mma(o[nt], pf[kk], b[0], b[1]);
+                mma(o[nt + 1], pf[kk], b[2], b[3]);
+            }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int b = c0 + nt * 8 + tig * 2;
+            float* r0 = out + (size_t)(t0 + i0) * width + (size_t)h * hd + b;
+            float* r1 = r0 + 8 * width;
+            if (i0 < m && b < hd) r0[0] = o[nt][0];
+            if (i0 < m && b + 1 < hd) r0[1] = o[nt][1];
+            if (i1 < m && b < hd) r1[0] = o[nt][2];
+            if (i1 < m && b + 1 < hd) r1[1] = o[nt][3];
+        }
+
+        // state rows warp*32..: S = λ^m S + K^T V'
+        const float dm = exp2f((float)m * l2);
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][nt][e] *= dm;
+#pragma unroll
+        for (int kk = 0; kk < LC / 16; kk++) {
+            u32 af[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                ldm4t(af[mt], ks + (kk * 16 + (lane & 7) + ((lane >> 4) & 1) * 8) * LDQ + warp * 32 + mt * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                u32 b[4];
+                ldm4t(b, vd + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDV + nt * 8 + (lane >> 4) * 8);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma(s[mt][nt], af[mt], b[0], b[1]);
+                    mma(s[mt][nt + 1], af[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int a = warp * 32 + mt * 16 + gid + (e & 2) * 4, b = c0 + nt * 8 + tig * 2 + (e & 1);
+                if (a < hd && b < hd) st[(size_t)a * hd + b] = s[mt][nt][e];
+            }
+}

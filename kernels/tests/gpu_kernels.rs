@@ -285,7 +285,8 @@ fn lightning_ref(qkv: &[f32], n: usize, heads: usize, hd: usize, decay: &[f32], 
 #[ignore = "needs a GPU"]
 fn lightning_matches_the_recurrence() {
     let g = gpu();
-    for (hd, heads, n) in [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17), (24, 3, 9), (100, 2, 5)] {
+    // the last three: several chunks of the tensor-core kernel, a partial last chunk
+    for (hd, heads, n) in [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17), (24, 3, 9), (100, 2, 5), (128, 3, 300), (64, 2, 129), (100, 2, 70)] {
         let qkv = Rng::new(12).normals(n * heads * 3 * hd, 0.3);
         let decay: Vec<f32> = (0..heads).map(|h| (-0.1 * (h as f64 + 1.0)).exp() as f32).collect();
         let init = Rng::new(13).normals(heads * hd * hd, 0.2);
@@ -298,6 +299,12 @@ fn lightning_matches_the_recurrence() {
         let case = format!("hd {hd}, {heads} heads, {n} tokens");
         check("lightning (out)", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
         check("lightning (state)", &case, diff(&g.download(&gs.as_view()).unwrap(), &s64).nmse, 1e-10);
+        // chunked on tensor cores: q, k, v and the scores rounded to bf16 (as flash attention)
+        let mut gs = g.upload(&init).unwrap();
+        let mut go = g.zeros::<f32>(n * heads * hd).unwrap();
+        g.lightning_chunked(&gq.as_view(), &mut gs, &gd, &mut go.as_view_mut(), n, heads, hd).unwrap();
+        check("lightning chunked (out)", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 5e-5);
+        check("lightning chunked (state)", &case, diff(&g.download(&gs.as_view()).unwrap(), &s64).nmse, 5e-5);
     }
 }
 

@@ -81,7 +81,9 @@ pub fn run(g: &Gpu) -> Result<()> {
     let qkv = g.upload(&Rng::new(6).normals(n * heads * 3 * hd, 0.3))?;
     let mut o = g.zeros::<f32>(n * heads * hd)?;
     let s = time(g, 3, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), n, heads, hd)?))?;
-    row("lightning prefill", "f32 state", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
+    row("lightning prefill", "f32 recurrence", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
+    let s = time(g, 3, || Ok(g.lightning_chunked(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), n, heads, hd)?))?;
+    row("lightning prefill", "bf16 chunks", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
     // softmax attention over f32 and bf16 caches (causal: n^2 / 2 query-key pairs,
     // 4 * hd FLOPs each per head)
     let kv_dim = 8 * hd;

@@ -58,8 +58,9 @@ pub struct ModelArgs {
     /// Keep the experts of the first N layers on the CPU (llama.cpp's --n-cpu-moe).
     #[arg(long)]
     pub n_cpu_moe: Option<usize>,
-    /// Element type of the GPU's KV cache: bf16 (half the memory; prefill attention on
-    /// tensor cores) or f32 (the CPU's exact values). The CPU always keeps f32.
+    /// Element type of the GPU's KV cache: bf16 (half the memory; attention and the
+    /// lightning prefill on tensor cores) or f32 (the CPU's exact values, f32 kernels
+    /// throughout). The CPU always keeps f32.
     #[arg(long, value_enum, default_value_t = KvArg::Bf16)]
     pub kv_type: KvArg,
 }

@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod blas;
 pub mod matrix;
+pub mod lightning;
 pub mod nvrtc;
 pub mod ops;
 pub mod pages;

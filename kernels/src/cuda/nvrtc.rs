@@ -24,6 +24,7 @@ pub enum Source {
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const FORMATS: &str = include_str!("../../cuda/formats.cuh");
+const MMA: &str = include_str!("../../cuda/mma.cuh");
 
 impl Source {
     pub const ALL: [Source; 8] = [
@@ -50,22 +51,26 @@ impl Source {
         }
     }
 
-    /// The full text NVRTC compiles.
+    /// The full text NVRTC compiles: common.cuh, then the quantization formats and the
+    /// tensor-core helpers for the sources that use them, then the source.
     pub fn text(self) -> String {
-        let (formats, body) = match self {
-            Source::Matvec => (true, include_str!("../../cuda/matvec.cu")),
-            Source::Dequant => (true, include_str!("../../cuda/dequant.cu")),
-            Source::Norm => (false, include_str!("../../cuda/norm.cu")),
-            Source::Elementwise => (false, include_str!("../../cuda/elementwise.cu")),
-            Source::Moe => (false, include_str!("../../cuda/moe.cu")),
-            Source::Lightning => (false, include_str!("../../cuda/lightning.cu")),
-            Source::Attention => (false, include_str!("../../cuda/attention.cu")),
-            Source::Flash => (false, include_str!("../../cuda/flash.cu")),
+        let (formats, mma, body) = match self {
+            Source::Matvec => (true, false, include_str!("../../cuda/matvec.cu")),
+            Source::Dequant => (true, false, include_str!("../../cuda/dequant.cu")),
+            Source::Norm => (false, false, include_str!("../../cuda/norm.cu")),
+            Source::Elementwise => (false, false, include_str!("../../cuda/elementwise.cu")),
+            Source::Moe => (false, false, include_str!("../../cuda/moe.cu")),
+            Source::Lightning => (false, true, include_str!("../../cuda/lightning.cu")),
+            Source::Attention => (false, false, include_str!("../../cuda/attention.cu")),
+            Source::Flash => (false, true, include_str!("../../cuda/flash.cu")),
         };
-        let mut s = String::with_capacity(COMMON.len() + FORMATS.len() + body.len());
+        let mut s = String::with_capacity(COMMON.len() + FORMATS.len() + MMA.len() + body.len());
         s.push_str(COMMON);
         if formats {
             s.push_str(FORMATS);
+        }
+        if mma {
+            s.push_str(MMA);
         }
         s.push_str(body);
         s

@@ -403,38 +403,6 @@ impl Gpu {
         launch!(self, Source::Moe, "moe_combine", cfg, y, weights, &kk, &w, out)
     }
 
-    /// Lightning attention over n_tokens: qkv [n, n_heads * 3 * hd] (after SiLU), state
-    /// [n_heads, hd, hd] updated, decay [n_heads] (λ = e^{-s}), out [n, n_heads * hd].
-    #[allow(clippy::too_many_arguments)]
-    pub fn lightning(
-        &self,
-        qkv: &CudaView<'_, f32>,
-        state: &mut CudaSlice<f32>,
-        decay: &CudaSlice<f32>,
-        out: &mut CudaViewMut<'_, f32>,
-        n_tokens: usize,
-        n_heads: usize,
-        hd: usize,
-    ) -> Result<()> {
-        let name = match hd {
-            1..=16 => "lightning_16",
-            17..=32 => "lightning_32",
-            33..=64 => "lightning_64",
-            65..=128 => "lightning_128",
-            _ => return Err(KernelError::Shape(format!("lightning: head_dim {hd} (the GPU kernel takes up to 128)"))),
-        };
-        need("lightning", "qkv", n_tokens * n_heads * 3 * hd, qkv.len())?;
-        need("lightning", "state", n_heads * hd * hd, state.len())?;
-        need("lightning", "decay", n_heads, decay.len())?;
-        need("lightning", "out", n_tokens * n_heads * hd, out.len())?;
-        if n_tokens == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig { grid_dim: (hd.div_ceil(8) as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-        let (n, h, d) = (int("lightning", n_tokens)?, n_heads as i32, hd as i32);
-        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d)
-    }
-
     /// Partial NeoX RoPE on x [n_tokens, width] (heads of head_dim), positions *pos...
     /// (`pos`: one i32 in device memory).
     #[allow(clippy::too_many_arguments)]

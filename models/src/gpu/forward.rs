@@ -6,9 +6,9 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{CudaSlice, Graph, KvBuf};
+use mxr_kernels::cuda::{CudaSlice, Graph, KvBuf, KvType};
 
-use super::{GpuAttention, GpuModel};
+use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
 use crate::forward::{Logits, Session};
 use crate::{LayerKind, Model, ModelError};
@@ -234,7 +234,12 @@ impl GpuModel {
                         let state =
                             session.lightning[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no lightning state")))?;
                         let mut o = g.alloc::<f32>(n * c.attn_dim())?;
-                        g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
+                        // prefill on tensor cores, unless exact f32 kernels were asked for
+                        if n > MATVEC_MAX_TOKENS && self.kv_type == KvType::Bf16 {
+                            g.lightning_chunked(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
+                        } else {
+                            g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
+                        }
                         g.rmsnorm(&mut o.as_view_mut(), norm, c.lightning_norm_eps as f32)?;
                         g.sigmoid_gate(&mut o.as_view_mut(), &gv.as_view())?;
                         (self.linear(out, &o.as_view(), n)?, c.residual_lightning)

@@ -64,7 +64,8 @@ pub struct GpuModel {
     /// Some experts are in host memory (the MoE then waits for the host each layer).
     pub offloaded: bool,
     /// Element type of the KV caches of new sessions (default bf16; f32 keeps the CPU's
-    /// exact values and the f32 attention kernels).
+    /// exact values: the f32 attention kernels, and the lightning prefill as the f32
+    /// recurrence instead of bf16 tensor-core chunks).
     pub kv_type: KvType,
     /// Rates for the cold-expert cost model (calibrated or default).
     pub rates: DeviceRates,
