@@ -121,6 +121,24 @@ LIGHTNING(128)
 #define LW 64   // state columns per block
 #define LHD 128 // head size the tiles hold
 
+// Starts copying the f32 q, k rows (all LHD dims) and the block's LW v columns of tokens
+// t0 .. t0 + m into rq, rk, rv (zeros past m and past hd). hd % 4 == 0. Whole block.
+__device__ void lightning_fetch(float* rq, float* rk, float* rv, const float* base, size_t stride, int t0, int m, int hd, int c0) {
+    for (int i = threadIdx.x; i < LC * LHD / 4; i += blockDim.x) {
+        int j = i / (LHD / 4), a = (i % (LHD / 4)) * 4;
+        bool ok = j < m && a < hd;
+        const float* row = base + (size_t)(t0 + j) * stride;
+        cp_async16(rq + j * LHD + a, ok ? row + a : base, ok);
+        cp_async16(rk + j * LHD + a, ok ? row + hd + a : base, ok);
+    }
+    for (int i = threadIdx.x; i < LC * LW / 4; i += blockDim.x) {
+        int j = i / (LW / 4), b = (i % (LW / 4)) * 4;
+        bool ok = j < m && c0 + b < hd;
+        cp_async16(rv + j * LW + b, ok ? base + (size_t)(t0 + j) * stride + 2 * hd + c0 + b : base, ok);
+    }
+    cp_async_commit();
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd) {
     constexpr int LDQ = LHD + 8, LDV = LW + 8, KS = LHD / 16, NT = LW / 8, CT = LC / 8;
@@ -149,25 +167,27 @@ extern "C" __global__ void __launch_bounds__(128)
                 s[mt][nt][e] = (a < hd && b < hd) ? st[(size_t)a * hd + b] : 0.f;
             }
 
+    // hd % 4 == 0: the next chunk's f32 q, k and v columns stream into `raw` (cp.async)
+    // while this one is computed; otherwise each chunk is loaded directly
+    const bool vec = (hd & 3) == 0;
+    float* rq = (float*)(sb + LHD * LDV);  // [LC][LHD]
+    float* rk = rq + LC * LHD;             // [LC][LHD]
+    float* rv = rk + LC * LHD;             // [LC][LW]
+    if (vec) lightning_fetch(rq, rk, rv, base, stride, 0, min(LC, n_tokens), hd, c0);
     for (int t0 = 0; t0 < n_tokens; t0 += LC) {
         const int m = min(LC, n_tokens - t0);
-        __syncthreads();  // the previous chunk's tiles are no longer read
-        if ((hd & 3) == 0) {
+        if (vec) cp_async_wait<0>();
+        __syncthreads();  // this chunk has landed; the previous chunk's tiles are no longer read
+        if (vec) {
             for (int i = threadIdx.x; i < LC * LHD / 4; i += blockDim.x) {
                 int j = i / (LHD / 4), a = (i % (LHD / 4)) * 4;
-                float4 q = make_float4(0.f, 0.f, 0.f, 0.f), k = q;
-                if (j < m && a < hd) {
-                    const float* row = base + (size_t)(t0 + j) * stride;
-                    q = *(const float4*)(row + a);
-                    k = *(const float4*)(row + hd + a);
-                }
+                float4 q = *(const float4*)&rq[j * LHD + a], k = *(const float4*)&rk[j * LHD + a];
                 *(uint2*)&qs[j * LDQ + a] = make_uint2(pack_bf16(q.x, q.y), pack_bf16(q.z, q.w));
                 *(uint2*)&ks[j * LDQ + a] = make_uint2(pack_bf16(k.x, k.y), pack_bf16(k.z, k.w));
             }
             for (int i = threadIdx.x; i < LC * LW / 4; i += blockDim.x) {
                 int j = i / (LW / 4), b = (i % (LW / 4)) * 4;
-                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (j < m && c0 + b < hd) v = *(const float4*)(base + (size_t)(t0 + j) * stride + 2 * hd + c0 + b);
+                float4 v = *(const float4*)&rv[j * LW + b];
                 float f = j < m ? exp2f((float)(m - 1 - j) * l2) : 0.f;
                 *(uint2*)&vs[j * LDV + b] = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
                 *(uint2*)&vd[j * LDV + b] = make_uint2(pack_bf16(v.x * f, v.y * f), pack_bf16(v.z * f, v.w * f));
@@ -197,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(128)
                 *(u32*)&sb[(a + 8) * LDV + b] = pack_bf16(s[mt][nt][2], s[mt][nt][3]);
             }
         __syncthreads();
+        if (vec && t0 + LC < n_tokens) lightning_fetch(rq, rk, rv, base, stride, t0 + LC, min(LC, n_tokens - t0 - LC), hd, c0);
 
         // outputs: rows i0 = warp*16 + gid and i1 = i0 + 8 of the chunk
         const int i0 = warp * 16 + gid, i1 = i0 + 8;

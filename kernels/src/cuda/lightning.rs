@@ -8,11 +8,13 @@ use super::ops::{int, launch, launch_on, need};
 use super::{drv, Gpu, Result, Source};
 use crate::KernelError;
 
-/// Tokens per chunk and state columns per block of `lightning_chunked` (LC, LW in
-/// lightning.cu), and the shared memory its tiles take: q and k rows of 128 + 8 bf16,
-/// v and scaled v rows of LW + 8, the state's 128 rows of LW + 8.
+/// State columns per block of `lightning_chunked` (LW in lightning.cu; 64 tokens per
+/// chunk), and the shared memory it takes: bf16 tiles (q and k rows of 128 + 8, v and
+/// scaled v rows of LW + 8, the state's 128 rows of LW + 8) and the next chunk's f32 q, k
+/// and v columns.
 const CHUNK_COLS: usize = 64;
-const CHUNK_SMEM: usize = (2 * 64 * (128 + 8) + 2 * 64 * (CHUNK_COLS + 8) + 128 * (CHUNK_COLS + 8)) * 2;
+const CHUNK_SMEM: usize =
+    (2 * 64 * (128 + 8) + 2 * 64 * (CHUNK_COLS + 8) + 128 * (CHUNK_COLS + 8)) * 2 + (2 * 64 * 128 + 64 * CHUNK_COLS) * 4;
 
 /// Checks the lengths [qkv, state, decay, out] against (n_tokens, n_heads, hd).
 fn check_shapes(op: &'static str, [qkv, state, decay, out]: [usize; 4], (n_tokens, n_heads, hd): (usize, usize, usize)) -> Result<()> {
