@@ -185,7 +185,7 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
 // the four warps' partials are merged through shared memory and written as attend_split
 // writes them, part[(h * splits + s) * (hd + 2)] = (m, l, acc[hd]) with m in natural-log
 // units, for attend_combine.
-template <int HD>
+template <int HD, int STAGES>
 __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int hd,
                              const int* pos, float scale) {
     constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, WARPS = 4;
@@ -218,25 +218,32 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
     const float ninf = __int_as_float(0xff800000);
     float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
 
+    // STAGES buffers: tiles it + 1 .. it + STAGES - 1 load while tile it is used (a commit
+    // group per tile, empty past the end, so that waits count uniformly)
     const int n_tiles = (j_end - j_begin + FK - 1) / FK;
-    if (n_tiles > 0) {
-        flash_stage<HD>(smem, kc, g, kv_dim, hd, j_begin, j_end);
-        flash_stage<HD>(smem + FK * LD, vc, g, kv_dim, hd, j_begin, j_end);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; st++) {
+        if (st < n_tiles) {
+            flash_stage<HD>(smem + st * 2 * FK * LD, kc, g, kv_dim, hd, j_begin + st * FK, j_end);
+            flash_stage<HD>(smem + st * 2 * FK * LD + FK * LD, vc, g, kv_dim, hd, j_begin + st * FK, j_end);
+        }
         cp_async_commit();
     }
     for (int it = 0; it < n_tiles; it++) {
         const int j0 = j_begin + it * FK;
-        if (it + 1 < n_tiles) {
-            u16* nx = smem + ((it + 1) & 1) * 2 * FK * LD;
-            flash_stage<HD>(nx, kc, g, kv_dim, hd, j0 + FK, j_end);
-            flash_stage<HD>(nx + FK * LD, vc, g, kv_dim, hd, j0 + FK, j_end);
+        {
+            // into the buffer of tile it - 1, which every warp is done with
+            const int nx = it + STAGES - 1;
+            if (nx < n_tiles) {
+                u16* b = smem + (nx % STAGES) * 2 * FK * LD;
+                flash_stage<HD>(b, kc, g, kv_dim, hd, j_begin + nx * FK, j_end);
+                flash_stage<HD>(b + FK * LD, vc, g, kv_dim, hd, j_begin + nx * FK, j_end);
+            }
             cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
         }
-        __syncthreads();
-        const u16* ks = smem + (it & 1) * 2 * FK * LD + warp * 16 * LD;
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();  // tile it has landed
+        const u16* ks = smem + (it % STAGES) * 2 * FK * LD + warp * 16 * LD;
         const u16* vs = ks + FK * LD;
         const int jw = j0 + warp * 16;  // this warp's first key
         if (jw < j_end) {
@@ -298,8 +305,9 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
                 mma(o[dt + 1], pf, b[2], b[3]);
             }
         }
-        __syncthreads();  // before the next iteration refills this stage
+        __syncthreads();  // before the next iteration refills this tile's buffer
     }
+    cp_async_wait<0>();  // (only empty groups remain)
 #pragma unroll
     for (int o_ = 1; o_ < 4; o_ <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
@@ -358,7 +366,12 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
     extern "C" __global__ void __launch_bounds__(128) flash_decode_bf16_##HD(const float* q, const u16* kc, const u16* vc,         \
                                                                             float* part, int n_heads, int n_kv_heads, int hd,      \
                                                                             const int* pos, float scale) {                         \
-        flash_decode<HD>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                    \
+        flash_decode<HD, 2>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                 \
+    }                                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode3_bf16_##HD(const float* q, const u16* kc, const u16* vc,        \
+                                                                             float* part, int n_heads, int n_kv_heads, int hd,     \
+                                                                             const int* pos, float scale) {                        \
+        flash_decode<HD, 3>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                 \
     }
 
 FLASH(32)

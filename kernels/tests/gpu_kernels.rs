@@ -423,14 +423,18 @@ fn rope_and_attention() {
             let last = n - 1;
             let gq_last = g.upload(&got_q[last * width..]).unwrap();
             let gpos_last = g.upload(&[(pos0 + last) as i32]).unwrap();
-            for splits in [1usize, 3, 7, 64] {
+            for (splits, stages) in [(1usize, 2usize), (3, 2), (7, 2), (64, 2), (1, 3), (7, 3)] {
                 let mut go = g.zeros::<f32>(width).unwrap();
-                g.attend_decode(&gq_last.as_view(), &gk, &gv, &mut go.as_view_mut(), heads, kv_heads, hd, &gpos_last, pos0 + last, splits)
+                let shape = (heads, kv_heads, hd);
+                g.attend_decode_staged(&gq_last.as_view(), &gk, &gv, &mut go.as_view_mut(), shape, &gpos_last, pos0 + last, splits, stages)
                     .unwrap();
                 let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
                 // tensor cores round q and the probabilities to bf16 as the prefill kernel does
-                let (name, budget) =
-                    if tensor_cores { ("attend_decode bf16 (tensor cores)".to_string(), 2e-5) } else { (format!("attend_decode {}", t.name()), 1e-10) };
+                let (name, budget) = if tensor_cores {
+                    (format!("attend_decode bf16 (tensor cores, {stages} stages)"), 2e-5)
+                } else {
+                    (format!("attend_decode {}", t.name()), 1e-10)
+                };
                 check(&name, &format!("{case}, {splits} splits"), d.nmse, budget);
             }
         }

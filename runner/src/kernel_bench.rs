@@ -110,11 +110,17 @@ pub fn run(g: &Gpu) -> Result<()> {
             let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
             let pos = g.upload(&[(depth - 1) as i32])?;
             let mut out = g.zeros::<f32>(heads * hd)?;
-            let splits = g.decode_splits(depth, 8);
-            let s = time(g, 20, || {
-                Ok(g.attend_decode(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), heads, 8, hd, &pos, depth - 1, splits)?)
-            })?;
-            row("attention decode", &format!("{} KV", t.name()), &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);
+            // the tensor-core kernel (bf16) with 2 and 3 tile buffers per block
+            let variants: &[usize] = if t == KvType::Bf16 { &[2, 3] } else { &[2] };
+            for &stages in variants {
+                let splits = g.decode_splits_staged(depth, 8, stages);
+                let s = time(g, 20, || {
+                    let shape = (heads, 8, hd);
+                    Ok(g.attend_decode_staged(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), shape, &pos, depth - 1, splits, stages)?)
+                })?;
+                let what = if t == KvType::Bf16 { format!("bf16 KV, {stages} stages") } else { format!("{} KV", t.name()) };
+                row("attention decode", &what, &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);
+            }
         }
     }
     Ok(())

@@ -73,6 +73,19 @@ impl KvBuf {
     }
 }
 
+/// K/V tile buffers per block of the tensor-core decode kernel by default (measured on an
+/// H200 against 3 with `mxr bench --kernels`; see docs/PERF.md).
+pub const DECODE_STAGES: usize = 2;
+
+/// Shared memory of one multiprocessor that blocks can take (H100/H200: 227 KiB).
+const SMEM_PER_SM: usize = 227 * 1024;
+
+/// Shared memory of the tensor-core decode kernel: `stages` buffers of 64-key K and V
+/// tiles, rows padded by 8 (FK, LD in flash.cu).
+fn decode_smem(hd_class: usize, stages: usize) -> usize {
+    stages * 2 * 64 * (hd_class + 8) * 2
+}
+
 impl Gpu {
     /// A cache with room for `n` elements, `committed` of them backed by (zeroed) memory.
     pub fn kv_reserve(&self, t: KvType, n: usize, committed: usize) -> Result<KvBuf> {
@@ -221,12 +234,19 @@ impl Gpu {
     }
 
     /// The key-split count for decode attention over a cache of `capacity` positions and
-    /// `n_kv_heads` KV heads: one wave of blocks (three per multiprocessor, what the
-    /// tensor-core kernel's shared memory allows at head size 128), fewer for short caches
-    /// (at least 128 positions per split). Fixed per cache, so that one captured decode graph
-    /// serves every position; few splits keep the combining pass short.
+    /// `n_kv_heads` KV heads, with the default pipeline depth ([`DECODE_STAGES`]).
     pub fn decode_splits(&self, capacity: usize, n_kv_heads: usize) -> usize {
-        let wave = (self.info().sm_count.max(1) as usize * 3).div_ceil(n_kv_heads.max(1));
+        self.decode_splits_staged(capacity, n_kv_heads, DECODE_STAGES)
+    }
+
+    /// The key-split count for `stages` buffers per block: one wave of blocks (as many per
+    /// multiprocessor as the tensor-core kernel's shared memory allows at head size 128),
+    /// fewer for short caches (at least 128 positions per split). Fixed per cache, so that
+    /// one captured decode graph serves every position; few splits keep the combining pass
+    /// short.
+    pub fn decode_splits_staged(&self, capacity: usize, n_kv_heads: usize, stages: usize) -> usize {
+        let per_sm = (SMEM_PER_SM / (decode_smem(128, stages) + 1024)).max(1);
+        let wave = (self.info().sm_count.max(1) as usize * per_sm).div_ceil(n_kv_heads.max(1));
         wave.min(capacity.div_ceil(128)).clamp(1, 256)
     }
 
@@ -246,6 +266,24 @@ impl Gpu {
         pos: &CudaSlice<i32>,
         pos_host: usize,
         splits: usize,
+    ) -> Result<()> {
+        self.attend_decode_staged(q, kc, vc, out, (n_heads, n_kv_heads, hd), pos, pos_host, splits, DECODE_STAGES)
+    }
+
+    /// [`Gpu::attend_decode`] with `stages` (2 or 3) K/V tile buffers per block in the
+    /// tensor-core kernel (bf16 caches): `stages - 1` tiles load while one is used.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_decode_staged(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &KvBuf,
+        vc: &KvBuf,
+        out: &mut CudaViewMut<'_, f32>,
+        (n_heads, n_kv_heads, hd): (usize, usize, usize),
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        splits: usize,
+        stages: usize,
     ) -> Result<()> {
         let name = match (kc.kv_type(), hd) {
             (KvType::F32, 1..=32) => "attend_split_f32_32",
@@ -275,13 +313,16 @@ impl Gpu {
         let (k, v) = (kc.ptr(), vc.ptr());
         if kc.t == KvType::Bf16 && hd.is_multiple_of(8) {
             // tensor cores: the group's heads are the rows of one tile (flash.cu)
-            let (name, hd_class) = match hd {
-                1..=32 => ("flash_decode_bf16_32", 32usize),
-                33..=64 => ("flash_decode_bf16_64", 64),
-                _ => ("flash_decode_bf16_128", 128),
+            let (name, hd_class) = match (stages, hd) {
+                (2, 1..=32) => ("flash_decode_bf16_32", 32usize),
+                (2, 33..=64) => ("flash_decode_bf16_64", 64),
+                (2, _) => ("flash_decode_bf16_128", 128),
+                (3, 1..=32) => ("flash_decode3_bf16_32", 32),
+                (3, 33..=64) => ("flash_decode3_bf16_64", 64),
+                (3, _) => ("flash_decode3_bf16_128", 128),
+                _ => return Err(KernelError::Shape(format!("decode attention: {stages} stages (2 or 3)"))),
             };
-            // two stages of 64-key K and V tiles, rows padded by 8 (FK, LD in flash.cu)
-            let smem = 2 * 2 * 64 * (hd_class + 8) * 2;
+            let smem = decode_smem(hd_class, stages);
             self.function(Source::Flash, name)?
                 .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| drv(name, e))?;
