@@ -17,6 +17,12 @@ extern "C" __global__ void swiglu(const float* g, const float* u, float* out, lo
     if (i < n) out[i] = silu(g[i]) * u[i];
 }
 
+// out = bf16(silu(g) * u): swiglu straight into a tensor-core product's input
+extern "C" __global__ void swiglu_bf16(const float* g, const float* u, u16* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_bf16(silu(g[i]) * u[i]);
+}
+
 // x = alpha * x + beta * a
 extern "C" __global__ void residual(float* x, const float* a, long long n, float alpha, float beta) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -28,6 +34,14 @@ extern "C" __global__ void gather_rows(const float* src, const int* idx, int div
     const float* s = src + (size_t)(idx[blockIdx.y] / div) * width;
     float* d = dst + (size_t)blockIdx.y * width;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];
+}
+
+// dst[i, :] = bf16(src[idx[i] / div, :]) for i = blockIdx.y: gathered straight into a
+// tensor-core product's input
+extern "C" __global__ void gather_rows_bf16(const float* src, const int* idx, int div, int width, u16* dst) {
+    const float* s = src + (size_t)(idx[blockIdx.y] / div) * width;
+    u16* d = dst + (size_t)blockIdx.y * width;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = f32_to_bf16(s[c]);
 }
 
 // dst[idx[i], :] = src[i, :] for i = blockIdx.y

@@ -193,6 +193,12 @@ fn norm_and_elementwise() {
     g.swiglu(&gx.as_view(), &ga.as_view(), &mut y.as_view_mut()).unwrap();
     let want: Vec<f64> = x.iter().zip(&a).map(|(&v, &u)| silu(v as f64) * u as f64).collect();
     check("swiglu", "5x1031", diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+    // into bf16: exactly the f32 result, rounded as f32_to_bf16 rounds
+    let mut yb = g.zeros::<u16>(x.len()).unwrap();
+    g.swiglu_bf16(&gx.as_view(), &ga.as_view(), &mut yb.as_view_mut()).unwrap();
+    let rounded: Vec<u16> = g.download(&y.as_view()).unwrap().iter().map(|&v| f32_to_bf16(v)).collect();
+    let differ = g.download(&yb.as_view()).unwrap().iter().zip(&rounded).filter(|(a, b)| a != b).count();
+    check("swiglu_bf16", "5x1031", differ as f64, 0.0);
 
     let mut y = gx.clone();
     g.residual(&mut y.as_view_mut(), &ga.as_view(), 1.7, -0.3).unwrap();
@@ -205,6 +211,12 @@ fn norm_and_elementwise() {
     g.gather_rows(&gx.as_view(), &gi.as_view(), 1, 5, width, &mut y.as_view_mut()).unwrap();
     let want: Vec<f32> = idx.iter().flat_map(|&i| x[i as usize * width..(i as usize + 1) * width].to_vec()).collect();
     assert_eq!(g.download(&y.as_view()).unwrap(), want, "gather_rows");
+    // into bf16, and with two output rows per source row (div 2)
+    let mut yb = g.zeros::<u16>(5 * width).unwrap();
+    g.gather_rows_bf16(&gx.as_view(), &gi.as_view(), 2, 5, width, &mut yb.as_view_mut()).unwrap();
+    let want: Vec<u16> =
+        idx.iter().flat_map(|&i| x[(i as usize / 2) * width..(i as usize / 2 + 1) * width].iter().map(|&v| f32_to_bf16(v))).collect();
+    assert_eq!(g.download(&yb.as_view()).unwrap(), want, "gather_rows_bf16");
     let perm = [2i32, 4, 0, 1, 3];
     let gp = g.upload(&perm).unwrap();
     let mut z = g.zeros::<f32>(5 * width).unwrap();
@@ -213,7 +225,7 @@ fn norm_and_elementwise() {
     for (i, &p) in perm.iter().enumerate() {
         assert_eq!(&got[p as usize * width..(p as usize + 1) * width], &x[i * width..(i + 1) * width], "scatter_rows");
     }
-    println!("CHECK gather/scatter_rows | 5x1031 | exact | 0 | ok");
+    println!("CHECK gather/scatter_rows (f32, bf16) | 5x1031 | exact | 0 | ok");
 }
 
 /// The CPU router's rule: softmax in f32, top k, ties to the lower index, renormalised.

@@ -297,6 +297,14 @@ impl Gpu {
         launch!(self, Source::Elementwise, "swiglu", grid1(g.len(), 256), g, u, out, &n)
     }
 
+    /// out = bf16(silu(g) * u), rounded as [`Gpu::f32_to_bf16`] rounds.
+    pub fn swiglu_bf16(&self, g: &CudaView<'_, f32>, u: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
+        need("swiglu_bf16", "u", g.len(), u.len())?;
+        need("swiglu_bf16", "out", g.len(), out.len())?;
+        let n = g.len() as i64;
+        launch!(self, Source::Elementwise, "swiglu_bf16", grid1(g.len(), 256), g, u, out, &n)
+    }
+
     /// x = alpha x + beta a
     pub fn residual(&self, x: &mut CudaViewMut<'_, f32>, a: &CudaView<'_, f32>, alpha: f32, beta: f32) -> Result<()> {
         need("residual", "a", x.len(), a.len())?;
@@ -326,6 +334,30 @@ impl Gpu {
         };
         let (d, w) = (int("gather_rows", div.max(1))?, int("gather_rows", width)?);
         launch!(self, Source::Elementwise, "gather_rows", cfg, src, idx, &d, &w, dst)
+    }
+
+    /// [`Gpu::gather_rows`] into bf16 (rounded as [`Gpu::f32_to_bf16`] rounds).
+    pub fn gather_rows_bf16(
+        &self,
+        src: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        div: usize,
+        n: usize,
+        width: usize,
+        dst: &mut CudaViewMut<'_, u16>,
+    ) -> Result<()> {
+        need("gather_rows_bf16", "idx", n, idx.len())?;
+        need("gather_rows_bf16", "dst", n * width, dst.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((width as u32).div_ceil(256), int("gather_rows_bf16", n)? as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (d, w) = (int("gather_rows_bf16", div.max(1))?, int("gather_rows_bf16", width)?);
+        launch!(self, Source::Elementwise, "gather_rows_bf16", cfg, src, idx, &d, &w, dst)
     }
 
     /// dst[idx[i], :] = src[i, :] for i < n.

@@ -323,8 +323,26 @@ impl GpuModel {
             xb.0 = Some((w.cols, n, b));
         }
         let Some((_, _, xb)) = xb.0.as_ref() else { return Err(KernelError::Shape("bf16 input missing".into()).into()) };
+        self.gemm_on_bf16(w, e, &xb.as_view(), n, y)
+    }
+
+    /// y [n, rows] = x · W_eᵀ for x already in bf16 [n, cols], on tensor cores: W_e
+    /// dequantized to bf16 on the side stream (unless it is bf16 already). Not for F32
+    /// weights, which multiply f32 inputs ([`GpuModel::gemm`]).
+    pub(crate) fn gemm_on_bf16(
+        &self,
+        w: &GpuMatrix,
+        e: usize,
+        xb: &CudaView<'_, u16>,
+        n: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
+        let g = &self.gpu;
+        if w.qtype == mxr_quant::QType::F32 {
+            return Err(KernelError::Shape("F32 weights multiply f32 inputs, not bf16".into()).into());
+        }
         if let Some(wb) = w.expert_u16(e).filter(|_| w.qtype == mxr_quant::QType::BF16) {
-            g.gemm_bf16(&wb, &xb.as_view(), y, w.rows, w.cols, n)?;
+            g.gemm_bf16(&wb, xb, y, w.rows, w.cols, n)?;
             return Ok(());
         }
         let mut sc = self.scratch.lock().map_err(|_| KernelError::Threads("GPU scratch poisoned".into()))?;
@@ -352,7 +370,7 @@ impl GpuModel {
         g.to_bf16_side(w, e, &mut wb)?;
         g.record_side(ready)?;
         g.main_wait(ready)?;
-        g.gemm_bf16(&wb.as_view(), &xb.as_view(), y, w.rows, w.cols, n)?;
+        g.gemm_bf16(&wb.as_view(), xb, y, w.rows, w.cols, n)?;
         g.record_main(free)?;
         Ok(())
     }

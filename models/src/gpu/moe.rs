@@ -6,6 +6,7 @@
 //! choice) rows that one kernel combines with the routing weights.
 
 use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix};
+use mxr_quant::QType;
 
 use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
@@ -103,7 +104,8 @@ impl GpuModel {
 
     /// Tensor-core products grouped by expert: groups[e] lists the output rows that stack
     /// entry e (of the gate, up and down stacks) computes; row i reads x row i / x_div and
-    /// is written to y row i.
+    /// is written to y row i. Rows are gathered, and SwiGLU written, straight into bf16
+    /// (F32 stacks keep f32 products).
     pub(crate) fn experts_grouped(
         &self,
         [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
@@ -114,21 +116,33 @@ impl GpuModel {
     ) -> Result<(), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h) = (c.dim, c.hidden_dim);
+        let exact = [gate_exps, up_exps, down_exps].iter().any(|w| w.qtype == QType::F32);
         let most = groups.iter().map(Vec::len).max().unwrap_or(0);
-        let mut xs = g.alloc::<f32>(most * d)?;
         let mut gate = g.alloc::<f32>(most * h)?;
         let mut up = g.alloc::<f32>(most * h)?;
-        let mut act = g.alloc::<f32>(most * h)?;
         let mut ys = g.alloc::<f32>(most * d)?;
         for (e, rows) in groups.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             let m = rows.len();
             let idx = g.upload(rows)?;
-            g.gather_rows(x, &idx.as_view(), x_div, m, d, &mut xs.as_view_mut())?;
-            let mut xb = Bf16Input::default();
-            self.gemm_with(gate_exps, e, &xs.as_view(), &mut xb, m, &mut gate.slice_mut(..m * h))?;
-            self.gemm_with(up_exps, e, &xs.as_view(), &mut xb, m, &mut up.slice_mut(..m * h))?;
-            g.swiglu(&gate.slice(..m * h), &up.slice(..m * h), &mut act.slice_mut(..m * h))?;
-            self.gemm(down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
+            let (gm, um) = (&mut gate.slice_mut(..m * h), &mut up.slice_mut(..m * h));
+            if exact {
+                let mut xs = g.alloc::<f32>(m * d)?;
+                g.gather_rows(x, &idx.as_view(), x_div, m, d, &mut xs.as_view_mut())?;
+                let mut xb = Bf16Input::default();
+                self.gemm_with(gate_exps, e, &xs.as_view(), &mut xb, m, gm)?;
+                self.gemm_with(up_exps, e, &xs.as_view(), &mut xb, m, um)?;
+                let mut act = g.alloc::<f32>(m * h)?;
+                g.swiglu(&gate.slice(..m * h), &up.slice(..m * h), &mut act.as_view_mut())?;
+                self.gemm(down_exps, e, &act.as_view(), m, &mut ys.slice_mut(..m * d))?;
+            } else {
+                let mut xb = g.alloc::<u16>(m * d)?;
+                g.gather_rows_bf16(x, &idx.as_view(), x_div, m, d, &mut xb.as_view_mut())?;
+                self.gemm_on_bf16(gate_exps, e, &xb.as_view(), m, gm)?;
+                self.gemm_on_bf16(up_exps, e, &xb.as_view(), m, um)?;
+                let mut ab = g.alloc::<u16>(m * h)?;
+                g.swiglu_bf16(&gate.slice(..m * h), &up.slice(..m * h), &mut ab.as_view_mut())?;
+                self.gemm_on_bf16(down_exps, e, &ab.as_view(), m, &mut ys.slice_mut(..m * d))?;
+            }
             g.scatter_rows(&ys.as_view(), &idx.as_view(), m, d, y)?;
         }
         Ok(())
