@@ -61,5 +61,20 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// One 32-value block of activations to int8 as ggml's quantize_row_q8_0 (one warp, value
+// v per lane): d = max|x| / 127, q = roundf(x / d) with the f32 inverse of d, d rounded to
+// f16 and stored as that f16's f32 value.
+__device__ __forceinline__ void quantize_block32(float v, int lane, i8* q, float* d) {
+    float amax = warp_max(fabsf(v));
+    float dd = amax / 127.f;
+    float id = dd != 0.f ? 1.f / dd : 0.f;
+    q[lane] = (i8)roundf(v * id);
+    if (lane == 0) {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(dd));
+        *d = f16_to_f32(h);
+    }
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }

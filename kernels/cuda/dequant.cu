@@ -78,14 +78,5 @@ extern "C" __global__ void quantize_act(const float* x, long long n_blocks, i8* 
     long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (blk >= n_blocks) return;
-    float v = x[blk * 32 + lane];
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.f;
-    float id = d != 0.f ? 1.f / d : 0.f;
-    xq[blk * 32 + lane] = (i8)roundf(v * id);
-    if (lane == 0) {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(d));
-        xd[blk] = f16_to_f32(h);
-    }
+    quantize_block32(x[blk * 32 + lane], lane, xq + blk * 32, xd + blk);
 }

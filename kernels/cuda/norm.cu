@@ -28,3 +28,52 @@ extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float ep
     float r = rsqrtf(ss / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) row[i] = row[i] * r * w[i];
 }
+
+// The decode step's fused norm: x[r, :] = rmsnorm(alpha * x[r, :] + beta * a[r, :]) * w in
+// place (a == nullptr: rmsnorm(x[r, :]) * w, as rmsnorm above), and with xq != nullptr the
+// int8 blocks of the result as quantize_act makes them (width % 32 == 0). One kernel for
+// the residual of one stage, the norm of the next and its products' input.
+extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, float beta, const float* w, int width, float eps, i8* xq,
+                                         float* xd) {
+    __shared__ float scratch[32];
+    float* row = x + (size_t)blockIdx.x * width;
+    const float* ar = a ? a + (size_t)blockIdx.x * width : nullptr;
+    float ss = 0.f;
+    if ((width & 3) == 0) {
+        float4* r4 = (float4*)row;
+        const float4* a4 = (const float4*)ar;
+        const float4* w4 = (const float4*)w;
+        int n4 = width >> 2;
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+            float4 v = r4[i];
+            if (a4) {
+                float4 u = a4[i];
+                v = make_float4(v.x * alpha + u.x * beta, v.y * alpha + u.y * beta, v.z * alpha + u.z * beta, v.w * alpha + u.w * beta);
+            }
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            if (a4) r4[i] = v;
+        }
+        ss = block_sum(ss, scratch);
+        float r = rsqrtf(ss / (float)width + eps);
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+            float4 v = r4[i], g = w4[i];
+            r4[i] = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            float v = row[i];
+            if (ar) v = v * alpha + ar[i] * beta;
+            row[i] = v;
+            ss += v * v;
+        }
+        ss = block_sum(ss, scratch);
+        float r = rsqrtf(ss / (float)width + eps);
+        for (int i = threadIdx.x; i < width; i += blockDim.x) row[i] = row[i] * r * w[i];
+    }
+    if (!xq) return;
+    __syncthreads();  // the row's normalised values, written by the whole block
+    int lane = threadIdx.x & 31, nb = width >> 5;
+    size_t first = (size_t)blockIdx.x * nb;
+    for (int b = threadIdx.x >> 5; b < nb; b += blockDim.x >> 5)
+        quantize_block32(row[b * 32 + lane], lane, xq + (first + b) * 32, xd + first + b);
+}

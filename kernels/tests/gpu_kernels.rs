@@ -176,6 +176,39 @@ fn norm_and_elementwise() {
         })
         .collect();
     check("rmsnorm", &format!("{rows}x{width}"), diff(&g.download(&y.as_view()).unwrap(), &want).nmse, 1e-12);
+    // the fused kernel without a residual is the same kernel's arithmetic: equal values
+    let norm_only = g.download(&y.as_view()).unwrap();
+    let mut y = gx.clone();
+    assert!(g.rmsnorm_fused(&mut y.as_view_mut(), None, &gw, 1e-6, false).unwrap().is_none());
+    assert_eq!(g.download(&y.as_view()).unwrap(), norm_only, "rmsnorm_fused without a residual");
+    // with a residual and the int8 form, on rows of a multiple of 32 (and 4) and of 8 rows
+    for (rows, width) in [(3usize, 6144usize), (8, 96), (1, 2048)] {
+        let x = Rng::new(20).normals(rows * width, 2.0);
+        let a = Rng::new(21).normals(rows * width, 1.0);
+        let w = Rng::new(22).normals(width, 1.0);
+        let (gx, ga, gw) = (g.upload(&x).unwrap(), g.upload(&a).unwrap(), g.upload(&w).unwrap());
+        let (alpha, beta) = (1.7f32, -0.3f32);
+        let mut y = gx.clone();
+        let q = g.rmsnorm_fused(&mut y.as_view_mut(), Some((&ga.as_view(), alpha, beta)), &gw, 1e-6, true).unwrap().unwrap();
+        let want: Vec<f64> = x
+            .chunks(width)
+            .zip(a.chunks(width))
+            .flat_map(|(r, ar)| {
+                let v: Vec<f64> = r.iter().zip(ar).map(|(&xv, &av)| alpha as f64 * xv as f64 + beta as f64 * av as f64).collect();
+                let ms = v.iter().map(|t| t * t).sum::<f64>() / width as f64;
+                let s = 1.0 / (ms + 1e-6).sqrt();
+                v.into_iter().zip(&w).map(move |(t, &wv)| t * s * wv as f64).collect::<Vec<_>>()
+            })
+            .collect();
+        let got = g.download(&y.as_view()).unwrap();
+        let case = format!("{rows}x{width}, residual, int8");
+        check("rmsnorm_fused", &case, diff(&got, &want).nmse, 1e-12);
+        // the int8 form equals quantize_act's of the same values
+        let sep = g.quantize_act(&y.as_view(), rows, width).unwrap();
+        let same = g.download(&q.q.as_view()).unwrap() == g.download(&sep.q.as_view()).unwrap()
+            && g.download(&q.d.as_view()).unwrap() == g.download(&sep.d.as_view()).unwrap();
+        check("rmsnorm_fused int8 = quantize_act", &case, if same { 0.0 } else { 1.0 }, 0.0);
+    }
 
     let silu = |v: f64| v / (1.0 + (-v).exp());
     let sig = |v: f64| 1.0 / (1.0 + (-v).exp());

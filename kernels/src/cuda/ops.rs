@@ -277,6 +277,49 @@ impl Gpu {
         launch!(self, Source::Norm, "rmsnorm", cfg, x, w, &wd, &eps)
     }
 
+    /// x = rmsnorm(alpha x + beta a) * w row by row, in place (`residual` = (a, alpha,
+    /// beta); None: rmsnorm(x) * w, as [`Gpu::rmsnorm`]), in one kernel; with `quantize`
+    /// also the result's int8 form, as [`Gpu::quantize_act`] makes it.
+    pub fn rmsnorm_fused(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        residual: Option<(&CudaView<'_, f32>, f32, f32)>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        quantize: bool,
+    ) -> Result<Option<QAct>> {
+        let width = w.len();
+        if width == 0 || x.len() % width != 0 {
+            return Err(KernelError::Shape(format!("rmsnorm_fused: {} values are not rows of {width}", x.len())));
+        }
+        if quantize && !width.is_multiple_of(32) {
+            return Err(KernelError::Shape(format!("rmsnorm_fused: {width} columns are not blocks of 32")));
+        }
+        let rows = x.len() / width;
+        if let Some((a, _, _)) = &residual {
+            need("rmsnorm_fused", "residual", x.len(), a.len())?;
+        }
+        let threads = if rows < 64 { 1024 } else { 256 };
+        let cfg = LaunchConfig { grid_dim: (int("rmsnorm_fused", rows)? as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let wd = int("rmsnorm_fused", width)?;
+        let null = 0u64;
+        let (alpha, beta) = residual.as_ref().map_or((1.0, 0.0), |r| (r.1, r.2));
+        let mut act = if quantize {
+            Some(QAct { q: self.alloc::<i8>(rows * width)?, d: self.alloc::<f32>(rows * width / 32)?, rows, cols: width })
+        } else {
+            None
+        };
+        match (residual.as_ref(), act.as_mut()) {
+            (Some((a, _, _)), Some(q)) => {
+                launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, *a, &alpha, &beta, w, &wd, &eps, &mut q.q, &mut q.d)?
+            }
+            (Some((a, _, _)), None) => launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, *a, &alpha, &beta, w, &wd, &eps, &null, &null)?,
+            (None, Some(q)) => launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &null, &alpha, &beta, w, &wd, &eps, &mut q.q, &mut q.d)?,
+            (None, None) => launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &null, &alpha, &beta, w, &wd, &eps, &null, &null)?,
+        }
+        Ok(act)
+    }
+
     pub fn silu(&self, x: &mut CudaViewMut<'_, f32>) -> Result<()> {
         let n = x.len() as i64;
         launch!(self, Source::Elementwise, "silu_inplace", grid1(x.len(), 256), x, &n)

@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{CudaSlice, Graph, KvBuf, KvType};
+use mxr_kernels::cuda::{quantized, CudaSlice, Graph, KvBuf, KvType, QAct};
 
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
@@ -217,16 +217,25 @@ impl GpuModel {
             g.gather_embed(&self.token_embd, ids, n, &mut x.as_view_mut())?;
             Ok(x)
         })?;
+        // A stage's output waits here to be added (with its residual scales) by the next
+        // norm, which does the residual, the norm and, for decode, the int8 form of the
+        // next products' input in one kernel.
+        let mut pending: Option<(CudaSlice<f32>, f32, f32)> = None;
+        let quick = n <= MATVEC_MAX_TOKENS;
         for (l, layer) in self.layers.iter().enumerate() {
             let stage = match layer.attn {
                 GpuAttention::Lightning { .. } => "lightning attention",
                 GpuAttention::Softmax { .. } => "softmax attention",
             };
             self.stage(stage, || {
-                g.rmsnorm(&mut x.as_view_mut(), &layer.attn_norm, c.rms_eps as f32)?;
+                let first_product = match &layer.attn {
+                    GpuAttention::Lightning { qkv, .. } => qkv,
+                    GpuAttention::Softmax { q, .. } => q,
+                };
+                let act = self.norm_into(&mut x, pending.take(), &layer.attn_norm, quick && quantized(first_product.qtype))?;
                 let (a, r) = match &layer.attn {
                     GpuAttention::Lightning { qkv, gate, norm, out, decay } => {
-                        let mut ys = self.linear_many(&[qkv, gate], &x.as_view(), n)?.into_iter();
+                        let mut ys = self.linear_many_with(&[qkv, gate], &x.as_view(), n, act.as_ref())?.into_iter();
                         let (Some(mut p), Some(gv)) = (ys.next(), ys.next()) else {
                             return Err(ModelError::Input("lightning products missing".into()));
                         };
@@ -246,7 +255,7 @@ impl GpuModel {
                     }
                     GpuAttention::Softmax { q, k, v, out } => {
                         let (a_dim, kv_dim) = (c.attn_dim(), c.kv_dim());
-                        let mut ys = self.linear_many(&[q, k, v], &x.as_view(), n)?.into_iter();
+                        let mut ys = self.linear_many_with(&[q, k, v], &x.as_view(), n, act.as_ref())?.into_iter();
                         let (Some(mut qs), Some(mut ks), Some(vs)) = (ys.next(), ys.next(), ys.next()) else {
                             return Err(ModelError::Input("attention products missing".into()));
                         };
@@ -267,27 +276,32 @@ impl GpuModel {
                         (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
                     }
                 };
-                g.residual(&mut x.as_view_mut(), &a.as_view(), r.alpha as f32, r.beta as f32).map_err(ModelError::from)
+                pending = Some((a, r.alpha as f32, r.beta as f32));
+                Ok(())
             })?;
             // resident experts: two stages, the router (with the host's wait for its choices
             // in prefill) and the experts; offloaded: one
-            let routed = self.stage("moe router", || {
-                g.rmsnorm(&mut x.as_view_mut(), &layer.ffn_norm, c.rms_eps as f32)?;
+            let (routed, act) = self.stage("moe router", || {
+                let resident = layer.slot.is_none();
+                let act = self.norm_into(&mut x, pending.take(), &layer.ffn_norm, quick && resident && quantized(layer.gate_exps.qtype))?;
                 match layer.slot {
-                    Some(_) => Ok(None),
-                    None => self.moe_route(layer, &x.as_view(), n, &mut session.counts[l]).map(Some),
+                    Some(_) => Ok((None, act)),
+                    None => Ok((Some(self.moe_route(layer, &x.as_view(), n, &mut session.counts[l])?), act)),
                 }
             })?;
             self.stage(if routed.is_some() { "moe experts" } else { "moe (offload)" }, || {
                 let m = match (&layer.slot, host, &routed) {
-                    (None, _, Some(r)) => self.moe_experts(layer, r, &x.as_view(), n)?,
+                    (None, _, Some(r)) => self.moe_experts(layer, r, &x.as_view(), n, act.as_ref())?,
                     (Some(slot), Some(h), _) => self.moe_offload(h, l, layer, slot, &x.as_view(), n, &mut session.counts[l])?,
                     (Some(_), None, _) => return Err(ModelError::Input("experts in host memory need the host model".into())),
                     (None, _, None) => return Err(ModelError::Input("the router's choices are missing".into())),
                 };
-                g.residual(&mut x.as_view_mut(), &m.as_view(), c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32)
-                    .map_err(ModelError::from)
+                pending = Some((m, c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32));
+                Ok(())
             })?;
+        }
+        if let Some((m, alpha, beta)) = pending.take() {
+            g.residual(&mut x.as_view_mut(), &m.as_view(), alpha, beta)?;
         }
         let (first, rows) = match which {
             Logits::All => (0, n),
@@ -299,6 +313,22 @@ impl GpuModel {
             g.rmsnorm(&mut h.as_view_mut(), &self.output_norm, c.rms_eps as f32)?;
             self.linear(self.lm_head(), &h.as_view(), rows)
         })
+    }
+}
+
+impl GpuModel {
+    /// x = rmsnorm(x + the pending stage output, scaled) * w in place; with `quantize` also
+    /// x's int8 form for the matrix-vector products that read it next.
+    fn norm_into(
+        &self,
+        x: &mut CudaSlice<f32>,
+        pending: Option<(CudaSlice<f32>, f32, f32)>,
+        w: &CudaSlice<f32>,
+        quantize: bool,
+    ) -> Result<Option<QAct>, ModelError> {
+        let eps = self.config.rms_eps as f32;
+        let a = pending.as_ref().map(|(a, alpha, beta)| (a.as_view(), *alpha, *beta));
+        Ok(self.gpu.rmsnorm_fused(&mut x.as_view_mut(), a.as_ref().map(|(v, al, be)| (v, *al, *be)), w, eps, quantize)?)
     }
 }
 

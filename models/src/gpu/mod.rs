@@ -14,7 +14,7 @@ mod offload;
 use std::sync::Mutex;
 
 use crate::offload_cost::DeviceRates;
-use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType};
+use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType, QAct};
 use mxr_kernels::KernelError;
 
 use crate::forward::lightning::slopes;
@@ -263,16 +263,29 @@ impl GpuModel {
     /// y_i [n, w_i.rows] = x · W_iᵀ for several matrices of one input: the input is
     /// quantized (matrix-vector path) or rounded to bf16 (tensor-core path) once for all.
     pub(crate) fn linear_many(&self, ws: &[&GpuMatrix], x: &CudaView<'_, f32>, n: usize) -> Result<Vec<CudaSlice<f32>>, ModelError> {
+        self.linear_many_with(ws, x, n, None)
+    }
+
+    /// [`GpuModel::linear_many`] with x's int8 form already made (`pre`, for the
+    /// matrix-vector path; ignored for more tokens).
+    pub(crate) fn linear_many_with(
+        &self,
+        ws: &[&GpuMatrix],
+        x: &CudaView<'_, f32>,
+        n: usize,
+        pre: Option<&QAct>,
+    ) -> Result<Vec<CudaSlice<f32>>, ModelError> {
         let g = &self.gpu;
         let mut out = Vec::with_capacity(ws.len());
         if n <= MATVEC_MAX_TOKENS {
-            let act = match ws.iter().find(|w| quantized(w.qtype)) {
-                Some(w) => Some(g.quantize_act(&x.slice(..n * w.cols), n, w.cols)?),
-                None => None,
+            let made = match (ws.iter().find(|w| quantized(w.qtype)), pre) {
+                (Some(w), p) if p.is_none_or(|p| p.cols != w.cols || p.rows < n) => Some(g.quantize_act(&x.slice(..n * w.cols), n, w.cols)?),
+                _ => None,
             };
+            let act = made.as_ref().or(pre);
             for w in ws {
                 let mut y = g.alloc::<f32>(n * w.rows)?;
-                let a = act.as_ref().filter(|a| a.cols == w.cols);
+                let a = act.filter(|a| a.cols == w.cols);
                 g.matvec_with(w, None, x, a, 1, n, &mut y.as_view_mut())?;
                 out.push(y);
             }

@@ -5,7 +5,7 @@
 //! expert runs three tensor-core products over its tokens; results land in per-(token,
 //! choice) rows that one kernel combines with the routing weights.
 
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix, QAct};
 use mxr_quant::QType;
 
 use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
@@ -61,12 +61,20 @@ impl GpuModel {
     }
 
     /// The MoE's second half: the chosen experts over x, combined with the routing weights.
-    pub(crate) fn moe_experts(&self, layer: &GpuLayer, r: &Routed, x: &CudaView<'_, f32>, n: usize) -> Result<CudaSlice<f32>, ModelError> {
+    /// `pre`: x's int8 form, if already made (decode).
+    pub(crate) fn moe_experts(
+        &self,
+        layer: &GpuLayer,
+        r: &Routed,
+        x: &CudaView<'_, f32>,
+        n: usize,
+        pre: Option<&QAct>,
+    ) -> Result<CudaSlice<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, k) = (c.dim, c.n_experts_used);
         let mut y = g.alloc::<f32>(n * k * d)?;
         match &r.groups {
-            None => self.experts_matvec(layer.experts(), &r.ids, x, n, k, n * k, &mut y.as_view_mut())?,
+            None => self.experts_matvec(layer.experts(), &r.ids, x, pre, n, k, n * k, &mut y.as_view_mut())?,
             Some(pairs) => self.experts_grouped(layer.experts(), pairs, x, k, &mut y.as_view_mut())?,
         }
         let mut out = g.alloc::<f32>(n * d)?;
@@ -77,13 +85,14 @@ impl GpuModel {
     /// y [pairs, dim] = E_{ids[p]}(x[p / x_div]) for every pair, E from the stacks of gate,
     /// up and down matrices (a layer's, or cold experts copied to the GPU): matrix-vector
     /// products that read the expert ids from device memory; x has `x_rows` rows,
-    /// quantized once for the gate and up products.
+    /// quantized once for the gate and up products (unless `pre` holds that form already).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn experts_matvec(
         &self,
         [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
         ids: &CudaSlice<i32>,
         x: &CudaView<'_, f32>,
+        pre: Option<&QAct>,
         x_rows: usize,
         x_div: usize,
         pairs: usize,
@@ -93,9 +102,11 @@ impl GpuModel {
         let (d, h) = (c.dim, c.hidden_dim);
         let mut gate = g.alloc::<f32>(pairs * h)?;
         let mut up = g.alloc::<f32>(pairs * h)?;
-        let act = if quantized(gate_exps.qtype) { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
-        g.matvec_with(gate_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut gate.as_view_mut())?;
-        g.matvec_with(up_exps, Some(ids), x, act.as_ref(), x_div, pairs, &mut up.as_view_mut())?;
+        let fits = pre.filter(|p| p.cols == d && p.rows >= x_rows);
+        let made = if quantized(gate_exps.qtype) && fits.is_none() { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
+        let act = made.as_ref().or(fits).filter(|_| quantized(gate_exps.qtype));
+        g.matvec_with(gate_exps, Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
+        g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
         let mut a = g.alloc::<f32>(pairs * h)?;
         g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
         g.matvec(down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;

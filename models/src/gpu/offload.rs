@@ -126,7 +126,7 @@ impl GpuModel {
         let mut ys = g.alloc::<f32>(m * d)?;
         if m <= MATVEC_MAX_TOKENS * k {
             let sl = g.upload(slots)?;
-            self.experts_matvec(mats, &sl, &xs.as_view(), m, 1, m, &mut ys.as_view_mut())?;
+            self.experts_matvec(mats, &sl, &xs.as_view(), None, m, 1, m, &mut ys.as_view_mut())?;
         } else {
             // grouped by entry: the rows of xs that go to each expert of the stack
             let mut by_slot: Vec<Vec<i32>> = vec![Vec::new(); mats[0].n_experts];
