@@ -1,7 +1,7 @@
 //! One typed launcher per kernel: shapes are checked here, then the kernel is queued on the
 //! GPU's stream. Nothing waits; [`Gpu::sync`] or a download does.
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use mxr_quant::QType;
 
 use super::{drv, Gpu, GpuMatrix, Result, Source};
@@ -365,18 +365,7 @@ impl Gpu {
         width: usize,
         dst: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        need("gather_rows", "idx", n, idx.len())?;
-        need("gather_rows", "dst", n * width, dst.len())?;
-        if n == 0 {
-            return Ok(());
-        }
-        let cfg = LaunchConfig {
-            grid_dim: ((width as u32).div_ceil(256), int("gather_rows", n)? as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (d, w) = (int("gather_rows", div.max(1))?, int("gather_rows", width)?);
-        launch!(self, Source::Elementwise, "gather_rows", cfg, src, idx, &d, &w, dst)
+        self.gather_into("gather_rows", src, idx, (div, n, width), dst)
     }
 
     /// [`Gpu::gather_rows`] into bf16 (rounded as [`Gpu::f32_to_bf16`] rounds).
@@ -389,18 +378,26 @@ impl Gpu {
         width: usize,
         dst: &mut CudaViewMut<'_, u16>,
     ) -> Result<()> {
-        need("gather_rows_bf16", "idx", n, idx.len())?;
-        need("gather_rows_bf16", "dst", n * width, dst.len())?;
+        self.gather_into("gather_rows_bf16", src, idx, (div, n, width), dst)
+    }
+
+    /// The gather kernel `name` (f32 or bf16 rows out): a block row per output row.
+    fn gather_into<T: DeviceRepr>(
+        &self,
+        name: &'static str,
+        src: &CudaView<'_, f32>,
+        idx: &CudaView<'_, i32>,
+        (div, n, width): (usize, usize, usize),
+        dst: &mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        need(name, "idx", n, idx.len())?;
+        need(name, "dst", n * width, dst.len())?;
         if n == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: ((width as u32).div_ceil(256), int("gather_rows_bf16", n)? as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (d, w) = (int("gather_rows_bf16", div.max(1))?, int("gather_rows_bf16", width)?);
-        launch!(self, Source::Elementwise, "gather_rows_bf16", cfg, src, idx, &d, &w, dst)
+        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int(name, n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (d, w) = (int(name, div.max(1))?, int(name, width)?);
+        launch!(self, Source::Elementwise, name, cfg, src, idx, &d, &w, dst)
     }
 
     /// dst[idx[i], :] = src[i, :] for i < n.
