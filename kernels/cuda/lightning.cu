@@ -9,15 +9,21 @@
 // flight at once); q and k rows are stored in four padded quarters so that the quarters'
 // 16-byte reads fall in different banks.
 //
-// qkv: [n_tokens, n_heads * 3 * hd] (after SiLU), per head [q | k | v];
+// qkv: [n_tokens, n_heads * 3 * hd] (SiLU'd as read when act != 0), per head [q | k | v];
 // state: [n_heads, hd, hd] row-major (S[a][b]); decay: [n_heads]; out: [n_tokens, n_heads * hd].
 // HD is the register tile (16, 32, 64 or 128), hd <= HD the head size: rows a >= hd see
 // q = k = 0 and so stay zero. grid = (ceil(hd / 8), n_heads), block = 32 threads.
 
 #define CHUNK 16
 
+// q, k and v as the kernels read them: SiLU first when `act` (the model's order), or as given.
+__device__ __forceinline__ float act_in(float v, int act) { return act ? silu(v) : v; }
+__device__ __forceinline__ float4 act_in(float4 v, int act) {
+    return act ? make_float4(silu(v.x), silu(v.y), silu(v.z), silu(v.w)) : v;
+}
+
 template <int HD>
-__device__ void lightning(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd) {
+__device__ void lightning(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd, int act) {
     constexpr int R = HD / 4, PAD = R + 4;
     __shared__ __align__(16) float qs[CHUNK][4 * PAD];
     __shared__ __align__(16) float ks[CHUNK][4 * PAD];
@@ -44,21 +50,21 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
                 int t = i / (HD / 4), a = (i % (HD / 4)) * 4, pa = (a / R) * PAD + a % R;
                 const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
                 float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-                *(float4*)&qs[t][pa] = a < hd ? *(const float4*)(row + a) : zero;
-                *(float4*)&ks[t][pa] = a < hd ? *(const float4*)(row + hd + a) : zero;
+                *(float4*)&qs[t][pa] = a < hd ? act_in(*(const float4*)(row + a), act) : zero;
+                *(float4*)&ks[t][pa] = a < hd ? act_in(*(const float4*)(row + hd + a), act) : zero;
             }
         } else {
 #pragma unroll 8
             for (int i = lane; i < m * HD; i += 32) {
                 int t = i / HD, a = i % HD, pa = (a / R) * PAD + a % R;
                 const float* row = qkv + (size_t)(t0 + t) * stride + (size_t)h * 3 * hd;
-                qs[t][pa] = a < hd ? row[a] : 0.f;
-                ks[t][pa] = a < hd ? row[hd + a] : 0.f;
+                qs[t][pa] = a < hd ? act_in(row[a], act) : 0.f;
+                ks[t][pa] = a < hd ? act_in(row[hd + a], act) : 0.f;
             }
         }
         for (int i = lane; i < m * 8; i += 32) {
             int t = i >> 3, c = blockIdx.x * 8 + (i & 7);
-            vs[t][i & 7] = c < hd ? qkv[(size_t)(t0 + t) * stride + (size_t)h * 3 * hd + 2 * hd + c] : 0.f;
+            vs[t][i & 7] = c < hd ? act_in(qkv[(size_t)(t0 + t) * stride + (size_t)h * 3 * hd + 2 * hd + c], act) : 0.f;
         }
         __syncwarp();
         for (int t = 0; t < m; t++) {
@@ -96,8 +102,8 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
 
 #define LIGHTNING(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(32) lightning_##HD(const float* qkv, float* state, const float* decay, float* out, int n_tokens, \
-                                                                    int n_heads, int hd) {                                            \
-        lightning<HD>(qkv, state, decay, out, n_tokens, n_heads, hd);                                                                  \
+                                                                    int n_heads, int hd, int act) {                                   \
+        lightning<HD>(qkv, state, decay, out, n_tokens, n_heads, hd, act);                                                             \
     }
 
 LIGHTNING(16)
@@ -140,7 +146,7 @@ __device__ void lightning_fetch(float* rq, float* rk, float* rv, const float* ba
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd) {
+    lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd, int act) {
     constexpr int LDQ = LHD + 8, LDV = LW + 8, KS = LHD / 16, NT = LW / 8, CT = LC / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* qs = smem;             // [LC][LDQ] q
@@ -181,13 +187,13 @@ extern "C" __global__ void __launch_bounds__(128)
         if (vec) {
             for (int i = threadIdx.x; i < LC * LHD / 4; i += blockDim.x) {
                 int j = i / (LHD / 4), a = (i % (LHD / 4)) * 4;
-                float4 q = *(const float4*)&rq[j * LHD + a], k = *(const float4*)&rk[j * LHD + a];
+                float4 q = act_in(*(const float4*)&rq[j * LHD + a], act), k = act_in(*(const float4*)&rk[j * LHD + a], act);
                 *(uint2*)&qs[j * LDQ + a] = make_uint2(pack_bf16(q.x, q.y), pack_bf16(q.z, q.w));
                 *(uint2*)&ks[j * LDQ + a] = make_uint2(pack_bf16(k.x, k.y), pack_bf16(k.z, k.w));
             }
             for (int i = threadIdx.x; i < LC * LW / 4; i += blockDim.x) {
                 int j = i / (LW / 4), b = (i % (LW / 4)) * 4;
-                float4 v = *(const float4*)&rv[j * LW + b];
+                float4 v = act_in(*(const float4*)&rv[j * LW + b], act);
                 float f = j < m ? exp2f((float)(m - 1 - j) * l2) : 0.f;
                 *(uint2*)&vs[j * LDV + b] = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
                 *(uint2*)&vd[j * LDV + b] = make_uint2(pack_bf16(v.x * f, v.y * f), pack_bf16(v.z * f, v.w * f));
@@ -197,12 +203,12 @@ extern "C" __global__ void __launch_bounds__(128)
                 int j = i / LHD, a = i % LHD;
                 bool ok = j < m && a < hd;
                 const float* row = base + (size_t)(t0 + j) * stride;
-                qs[j * LDQ + a] = f32_to_bf16(ok ? row[a] : 0.f);
-                ks[j * LDQ + a] = f32_to_bf16(ok ? row[hd + a] : 0.f);
+                qs[j * LDQ + a] = f32_to_bf16(ok ? act_in(row[a], act) : 0.f);
+                ks[j * LDQ + a] = f32_to_bf16(ok ? act_in(row[hd + a], act) : 0.f);
             }
             for (int i = threadIdx.x; i < LC * LW; i += blockDim.x) {
                 int j = i / LW, b = i % LW;
-                float v = (j < m && c0 + b < hd) ? base[(size_t)(t0 + j) * stride + 2 * hd + c0 + b] : 0.f;
+                float v = (j < m && c0 + b < hd) ? act_in(base[(size_t)(t0 + j) * stride + 2 * hd + c0 + b], act) : 0.f;
                 float f = j < m ? exp2f((float)(m - 1 - j) * l2) : 0.f;
                 vs[j * LDV + b] = f32_to_bf16(v);
                 vd[j * LDV + b] = f32_to_bf16(v * f);

@@ -340,16 +340,31 @@ fn lightning_matches_the_recurrence() {
         let (gq, gd) = (g.upload(&qkv).unwrap(), g.upload(&decay).unwrap());
         let mut gs = g.upload(&init).unwrap();
         let mut go = g.zeros::<f32>(n * heads * hd).unwrap();
-        g.lightning(&gq.as_view(), &mut gs, &gd, &mut go.as_view_mut(), n, heads, hd).unwrap();
+        g.lightning(&gq.as_view(), &mut gs, &gd, &mut go.as_view_mut(), (n, heads, hd), false).unwrap();
         let case = format!("hd {hd}, {heads} heads, {n} tokens");
         check("lightning (out)", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 1e-10);
         check("lightning (state)", &case, diff(&g.download(&gs.as_view()).unwrap(), &s64).nmse, 1e-10);
         // chunked on tensor cores: q, k, v and the scores rounded to bf16 (as flash attention)
         let mut gs = g.upload(&init).unwrap();
         let mut go = g.zeros::<f32>(n * heads * hd).unwrap();
-        g.lightning_chunked(&gq.as_view(), &mut gs, &gd, &mut go.as_view_mut(), n, heads, hd).unwrap();
+        g.lightning_chunked(&gq.as_view(), &mut gs, &gd, &mut go.as_view_mut(), (n, heads, hd), false).unwrap();
         check("lightning chunked (out)", &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, 5e-5);
         check("lightning chunked (state)", &case, diff(&g.download(&gs.as_view()).unwrap(), &s64).nmse, 5e-5);
+        // SiLU as the kernels read q, k, v: the same values as silu_inplace first
+        let mut sq = gq.clone();
+        g.silu(&mut sq.as_view_mut()).unwrap();
+        for chunked in [false, true] {
+            let run = |input: &mxr_kernels::cuda::CudaSlice<f32>, silu: bool| {
+                let mut gs = g.upload(&init).unwrap();
+                let mut go = g.zeros::<f32>(n * heads * hd).unwrap();
+                let f = if chunked { Gpu::lightning_chunked } else { Gpu::lightning };
+                f(&g, &input.as_view(), &mut gs, &gd, &mut go.as_view_mut(), (n, heads, hd), silu).unwrap();
+                (g.download(&go.as_view()).unwrap(), g.download(&gs.as_view()).unwrap())
+            };
+            let same = run(&gq, true) == run(&sq, false);
+            let name = if chunked { "lightning chunked, SiLU on read" } else { "lightning, SiLU on read" };
+            check(name, &case, if same { 0.0 } else { 1.0 }, 0.0);
+        }
     }
 }
 

@@ -74,15 +74,15 @@ pub fn run(g: &Gpu) -> Result<()> {
     let decay = g.upload(&vec![0.99f32; heads])?;
     let mut state = g.zeros::<f32>(heads * hd * hd)?;
     let mut o = g.zeros::<f32>(heads * hd)?;
-    let s = time(g, 50, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), 1, heads, hd)?))?;
+    let s = time(g, 50, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), (1, heads, hd), true)?))?;
     row("lightning decode", "f32 state", "64 x 128x128", s, (2 * heads * hd * hd * 4) as f64);
     // prefill shapes: 4096 tokens through one lightning layer and one softmax layer
     let n = 4096;
     let qkv = g.upload(&Rng::new(6).normals(n * heads * 3 * hd, 0.3))?;
     let mut o = g.zeros::<f32>(n * heads * hd)?;
-    let s = time(g, 3, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), n, heads, hd)?))?;
+    let s = time(g, 3, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), (n, heads, hd), true)?))?;
     row("lightning prefill", "f32 recurrence", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
-    let s = time(g, 3, || Ok(g.lightning_chunked(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), n, heads, hd)?))?;
+    let s = time(g, 3, || Ok(g.lightning_chunked(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), (n, heads, hd), true)?))?;
     row("lightning prefill", "bf16 chunks", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
     // softmax attention over f32 and bf16 caches (causal: n^2 / 2 query-key pairs,
     // 4 * hd FLOPs each per head)

@@ -28,19 +28,18 @@ fn check_shapes(op: &'static str, [qkv, state, decay, out]: [usize; 4], (n_token
 }
 
 impl Gpu {
-    /// Lightning attention over n_tokens: qkv [n, n_heads * 3 * hd] (after SiLU), state
-    /// [n_heads, hd, hd] updated, decay [n_heads] (λ = e^{-s}), out [n, n_heads * hd].
-    /// The recurrence token by token in f32, the state read and written once.
-    #[allow(clippy::too_many_arguments)]
+    /// Lightning attention over n_tokens: qkv [n, n_heads * 3 * hd] (`silu`: SiLU applied
+    /// to q, k and v as they are read, the model's order), state [n_heads, hd, hd] updated,
+    /// decay [n_heads] (λ = e^{-s}), out [n, n_heads * hd]. The recurrence token by token in
+    /// f32, the state read and written once.
     pub fn lightning(
         &self,
         qkv: &CudaView<'_, f32>,
         state: &mut CudaSlice<f32>,
         decay: &CudaSlice<f32>,
         out: &mut CudaViewMut<'_, f32>,
-        n_tokens: usize,
-        n_heads: usize,
-        hd: usize,
+        (n_tokens, n_heads, hd): (usize, usize, usize),
+        silu: bool,
     ) -> Result<()> {
         check_shapes("lightning", [qkv.len(), state.len(), decay.len(), out.len()], (n_tokens, n_heads, hd))?;
         let name = match hd {
@@ -53,22 +52,20 @@ impl Gpu {
             return Ok(());
         }
         let cfg = LaunchConfig { grid_dim: (hd.div_ceil(8) as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-        let (n, h, d) = (int("lightning", n_tokens)?, n_heads as i32, hd as i32);
-        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d)
+        let (n, h, d, act) = (int("lightning", n_tokens)?, n_heads as i32, hd as i32, i32::from(silu));
+        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d, &act)
     }
 
     /// [`Gpu::lightning`] in chunks of 64 tokens on tensor cores (for prefill): q, k, v and
     /// the intra-chunk scores rounded to bf16, f32 accumulation, the state kept in f32.
-    #[allow(clippy::too_many_arguments)]
     pub fn lightning_chunked(
         &self,
         qkv: &CudaView<'_, f32>,
         state: &mut CudaSlice<f32>,
         decay: &CudaSlice<f32>,
         out: &mut CudaViewMut<'_, f32>,
-        n_tokens: usize,
-        n_heads: usize,
-        hd: usize,
+        (n_tokens, n_heads, hd): (usize, usize, usize),
+        silu: bool,
     ) -> Result<()> {
         check_shapes("lightning_chunked", [qkv.len(), state.len(), decay.len(), out.len()], (n_tokens, n_heads, hd))?;
         if n_tokens == 0 {
@@ -83,7 +80,7 @@ impl Gpu {
             block_dim: (128, 1, 1),
             shared_mem_bytes: CHUNK_SMEM as u32,
         };
-        let (n, h, d) = (int(name, n_tokens)?, n_heads as i32, hd as i32);
-        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d)
+        let (n, h, d, act) = (int(name, n_tokens)?, n_heads as i32, hd as i32, i32::from(silu));
+        launch!(self, Source::Lightning, name, cfg, qkv, state, decay, out, &n, &h, &d, &act)
     }
 }

@@ -236,18 +236,19 @@ impl GpuModel {
                 let (a, r) = match &layer.attn {
                     GpuAttention::Lightning { qkv, gate, norm, out, decay } => {
                         let mut ys = self.linear_many_with(&[qkv, gate], &x.as_view(), n, act.as_ref())?.into_iter();
-                        let (Some(mut p), Some(gv)) = (ys.next(), ys.next()) else {
+                        let (Some(p), Some(gv)) = (ys.next(), ys.next()) else {
                             return Err(ModelError::Input("lightning products missing".into()));
                         };
-                        g.silu(&mut p.as_view_mut())?;
                         let state =
                             session.lightning[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no lightning state")))?;
                         let mut o = g.alloc::<f32>(n * c.attn_dim())?;
-                        // prefill on tensor cores, unless exact f32 kernels were asked for
+                        // prefill on tensor cores, unless exact f32 kernels were asked for; both
+                        // apply the SiLU to q, k, v as they read them
+                        let shape = (n, c.n_heads, c.head_dim);
                         if n > MATVEC_MAX_TOKENS && self.kv_type == KvType::Bf16 {
-                            g.lightning_chunked(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
+                            g.lightning_chunked(&p.as_view(), state, decay, &mut o.as_view_mut(), shape, true)?;
                         } else {
-                            g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), n, c.n_heads, c.head_dim)?;
+                            g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), shape, true)?;
                         }
                         g.rmsnorm(&mut o.as_view_mut(), norm, c.lightning_norm_eps as f32)?;
                         g.sigmoid_gate(&mut o.as_view_mut(), &gv.as_view())?;
