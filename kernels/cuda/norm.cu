@@ -29,20 +29,23 @@ extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float ep
     for (int i = threadIdx.x; i < width; i += blockDim.x) row[i] = row[i] * r * w[i];
 }
 
-// The decode step's fused norm: x[r, :] = rmsnorm(alpha * x[r, :] + beta * a[r, :]) * w in
-// place (a == nullptr: rmsnorm(x[r, :]) * w, as rmsnorm above), and with xq != nullptr the
-// int8 blocks of the result as quantize_act makes them (width % 32 == 0). One kernel for
-// the residual of one stage, the norm of the next and its products' input.
-extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, float beta, const float* w, int width, float eps, i8* xq,
-                                         float* xd) {
+// The fused norm: x[r, :] = rmsnorm(alpha * x[r, :] + beta * a[r, :]) * w in place
+// (a == nullptr: rmsnorm(x[r, :]) * w, as rmsnorm above), then times sigmoid(gate[r, :])
+// when gate != nullptr (the lightning output's gate), and with xq != nullptr the int8 blocks
+// of the result as quantize_act makes them (width % 32 == 0). One kernel for the residual
+// of one stage, the norm of the next and its products' input.
+extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, float beta, const float* w, const float* gate, int width,
+                                         float eps, i8* xq, float* xd) {
     __shared__ float scratch[32];
     float* row = x + (size_t)blockIdx.x * width;
     const float* ar = a ? a + (size_t)blockIdx.x * width : nullptr;
+    const float* gr = gate ? gate + (size_t)blockIdx.x * width : nullptr;
     float ss = 0.f;
     if ((width & 3) == 0) {
         float4* r4 = (float4*)row;
         const float4* a4 = (const float4*)ar;
         const float4* w4 = (const float4*)w;
+        const float4* g4 = (const float4*)gr;
         int n4 = width >> 2;
         for (int i = threadIdx.x; i < n4; i += blockDim.x) {
             float4 v = r4[i];
@@ -57,7 +60,12 @@ extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, 
         float r = rsqrtf(ss / (float)width + eps);
         for (int i = threadIdx.x; i < n4; i += blockDim.x) {
             float4 v = r4[i], g = w4[i];
-            r4[i] = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
+            float4 y = make_float4(v.x * r * g.x, v.y * r * g.y, v.z * r * g.z, v.w * r * g.w);
+            if (g4) {
+                float4 t = g4[i];
+                y = make_float4(y.x * sigmoid(t.x), y.y * sigmoid(t.y), y.z * sigmoid(t.z), y.w * sigmoid(t.w));
+            }
+            r4[i] = y;
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
@@ -68,7 +76,11 @@ extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, 
         }
         ss = block_sum(ss, scratch);
         float r = rsqrtf(ss / (float)width + eps);
-        for (int i = threadIdx.x; i < width; i += blockDim.x) row[i] = row[i] * r * w[i];
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            float y = row[i] * r * w[i];
+            if (gr) y *= sigmoid(gr[i]);
+            row[i] = y;
+        }
     }
     if (!xq) return;
     __syncthreads();  // the row's normalised values, written by the whole block

@@ -179,7 +179,7 @@ fn norm_and_elementwise() {
     // the fused kernel without a residual is the same kernel's arithmetic: equal values
     let norm_only = g.download(&y.as_view()).unwrap();
     let mut y = gx.clone();
-    assert!(g.rmsnorm_fused(&mut y.as_view_mut(), None, &gw, 1e-6, false).unwrap().is_none());
+    assert!(g.rmsnorm_fused(&mut y.as_view_mut(), None, &gw, None, 1e-6, false).unwrap().is_none());
     assert_eq!(g.download(&y.as_view()).unwrap(), norm_only, "rmsnorm_fused without a residual");
     // with a residual and the int8 form, on rows of a multiple of 32 (and 4) and of 8 rows
     for (rows, width) in [(3usize, 6144usize), (8, 96), (1, 2048)] {
@@ -189,7 +189,7 @@ fn norm_and_elementwise() {
         let (gx, ga, gw) = (g.upload(&x).unwrap(), g.upload(&a).unwrap(), g.upload(&w).unwrap());
         let (alpha, beta) = (1.7f32, -0.3f32);
         let mut y = gx.clone();
-        let q = g.rmsnorm_fused(&mut y.as_view_mut(), Some((&ga.as_view(), alpha, beta)), &gw, 1e-6, true).unwrap().unwrap();
+        let q = g.rmsnorm_fused(&mut y.as_view_mut(), Some((&ga.as_view(), alpha, beta)), &gw, None, 1e-6, true).unwrap().unwrap();
         let want: Vec<f64> = x
             .chunks(width)
             .zip(a.chunks(width))
@@ -208,6 +208,14 @@ fn norm_and_elementwise() {
         let same = g.download(&q.q.as_view()).unwrap() == g.download(&sep.q.as_view()).unwrap()
             && g.download(&q.d.as_view()).unwrap() == g.download(&sep.d.as_view()).unwrap();
         check("rmsnorm_fused int8 = quantize_act", &case, if same { 0.0 } else { 1.0 }, 0.0);
+        // with the gate: exactly rmsnorm, then sigmoid_gate
+        let mut y = gx.clone();
+        g.rmsnorm_fused(&mut y.as_view_mut(), None, &gw, Some(&ga.as_view()), 1e-6, false).unwrap();
+        let mut z = gx.clone();
+        g.rmsnorm(&mut z.as_view_mut(), &gw, 1e-6).unwrap();
+        g.sigmoid_gate(&mut z.as_view_mut(), &ga.as_view()).unwrap();
+        let same = g.download(&y.as_view()).unwrap() == g.download(&z.as_view()).unwrap();
+        check("rmsnorm_fused gated = rmsnorm, sigmoid_gate", &format!("{rows}x{width}"), if same { 0.0 } else { 1.0 }, 0.0);
     }
 
     let silu = |v: f64| v / (1.0 + (-v).exp());

@@ -1,7 +1,7 @@
 //! One typed launcher per kernel: shapes are checked here, then the kernel is queued on the
 //! GPU's stream. Nothing waits; [`Gpu::sync`] or a download does.
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use mxr_quant::QType;
 
 use super::{drv, Gpu, GpuMatrix, Result, Source};
@@ -278,13 +278,15 @@ impl Gpu {
     }
 
     /// x = rmsnorm(alpha x + beta a) * w row by row, in place (`residual` = (a, alpha,
-    /// beta); None: rmsnorm(x) * w, as [`Gpu::rmsnorm`]), in one kernel; with `quantize`
-    /// also the result's int8 form, as [`Gpu::quantize_act`] makes it.
+    /// beta); None: rmsnorm(x) * w, as [`Gpu::rmsnorm`]), times sigmoid(gate) if given (as
+    /// [`Gpu::sigmoid_gate`]), in one kernel; with `quantize` also the result's int8 form, as
+    /// [`Gpu::quantize_act`] makes it.
     pub fn rmsnorm_fused(
         &self,
         x: &mut CudaViewMut<'_, f32>,
         residual: Option<(&CudaView<'_, f32>, f32, f32)>,
         w: &CudaSlice<f32>,
+        gate: Option<&CudaView<'_, f32>>,
         eps: f32,
         quantize: bool,
     ) -> Result<Option<QAct>> {
@@ -299,24 +301,26 @@ impl Gpu {
         if let Some((a, _, _)) = &residual {
             need("rmsnorm_fused", "residual", x.len(), a.len())?;
         }
+        if let Some(g) = &gate {
+            need("rmsnorm_fused", "gate", x.len(), g.len())?;
+        }
         let threads = if rows < 64 { 1024 } else { 256 };
         let cfg = LaunchConfig { grid_dim: (int("rmsnorm_fused", rows)? as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let wd = int("rmsnorm_fused", width)?;
-        let null = 0u64;
         let (alpha, beta) = residual.as_ref().map_or((1.0, 0.0), |r| (r.1, r.2));
         let mut act = if quantize {
             Some(QAct { q: self.alloc::<i8>(rows * width)?, d: self.alloc::<f32>(rows * width / 32)?, rows, cols: width })
         } else {
             None
         };
-        match (residual.as_ref(), act.as_mut()) {
-            (Some((a, _, _)), Some(q)) => {
-                launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, *a, &alpha, &beta, w, &wd, &eps, &mut q.q, &mut q.d)?
-            }
-            (Some((a, _, _)), None) => launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, *a, &alpha, &beta, w, &wd, &eps, &null, &null)?,
-            (None, Some(q)) => launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &null, &alpha, &beta, w, &wd, &eps, &mut q.q, &mut q.d)?,
-            (None, None) => launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &null, &alpha, &beta, w, &wd, &eps, &null, &null)?,
-        }
+        // absent inputs and outputs are null pointers
+        let a = residual.as_ref().map_or(0, |(a, _, _)| a.device_ptr(&self.stream).0);
+        let gp = gate.as_ref().map_or(0, |g| g.device_ptr(&self.stream).0);
+        let (q, d) = match act.as_mut() {
+            Some(qa) => (qa.q.device_ptr_mut(&self.stream).0, qa.d.device_ptr_mut(&self.stream).0),
+            None => (0, 0),
+        };
+        launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
         Ok(act)
     }
 

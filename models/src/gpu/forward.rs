@@ -250,9 +250,12 @@ impl GpuModel {
                         } else {
                             g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), shape, true)?;
                         }
-                        g.rmsnorm(&mut o.as_view_mut(), norm, c.lightning_norm_eps as f32)?;
-                        g.sigmoid_gate(&mut o.as_view_mut(), &gv.as_view())?;
-                        (self.linear(out, &o.as_view(), n)?, c.residual_lightning)
+                        // the output's norm and gate in one kernel, with the out product's
+                        // int8 input for decode
+                        let eps = c.lightning_norm_eps as f32;
+                        let act = g.rmsnorm_fused(&mut o.as_view_mut(), None, norm, Some(&gv.as_view()), eps, quick && quantized(out.qtype))?;
+                        let mut ys = self.linear_many_with(&[out], &o.as_view(), n, act.as_ref())?;
+                        (ys.pop().ok_or_else(|| ModelError::Input("lightning output product missing".into()))?, c.residual_lightning)
                     }
                     GpuAttention::Softmax { q, k, v, out } => {
                         let (a_dim, kv_dim) = (c.attn_dim(), c.kv_dim());
@@ -329,7 +332,7 @@ impl GpuModel {
     ) -> Result<Option<QAct>, ModelError> {
         let eps = self.config.rms_eps as f32;
         let a = pending.as_ref().map(|(a, alpha, beta)| (a.as_view(), *alpha, *beta));
-        Ok(self.gpu.rmsnorm_fused(&mut x.as_view_mut(), a.as_ref().map(|(v, al, be)| (v, *al, *be)), w, eps, quantize)?)
+        Ok(self.gpu.rmsnorm_fused(&mut x.as_view_mut(), a.as_ref().map(|(v, al, be)| (v, *al, *be)), w, None, eps, quantize)?)
     }
 }
 
