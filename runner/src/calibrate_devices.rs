@@ -75,12 +75,17 @@ pub fn run(threads: Threads) -> Result<()> {
     // what the model decides for one q4_k expert (3 such projections)
     let bytes = 3 * data.len() as u64;
     let flops = 3.0 * 2.0 * (rows * cols) as f64;
-    match r.copy_threshold(bytes, flops) {
-        Some(1) => println!("\ncost model: a cold q4_k expert is always copied to the GPU (faster than the CPU even for one token)"),
-        Some(n) => {
-            println!("\ncost model: a cold q4_k expert runs on the CPU below {n} tokens per batch, and is copied to the GPU from {n}")
+    println!();
+    // copies from the mapped file as it is (pageable), and from page-locked memory (what a
+    // run uses when the driver lets it lock the cold experts' pages)
+    for (how, rates) in [("pageable", r), ("page-locked", r.pinned())] {
+        match rates.copy_threshold(bytes, flops) {
+            Some(1) => println!("cost model ({how} copies): a cold q4_k expert is always copied to the GPU (faster than the CPU even for one token)"),
+            Some(n) => println!(
+                "cost model ({how} copies): a cold q4_k expert runs on the CPU below {n} tokens per batch, and is copied to the GPU from {n}"
+            ),
+            None => println!("cost model ({how} copies): a cold q4_k expert always runs on the CPU"),
         }
-        None => println!("\ncost model: a cold q4_k expert always runs on the CPU"),
     }
     let path = DeviceRates::cache_path().context("no cache directory (set MXR_CACHE_DIR or HOME)")?;
     if let Some(dir) = path.parent() {

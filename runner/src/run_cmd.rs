@@ -261,6 +261,14 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
                 };
                 g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
                 eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+                match &g.pin_note {
+                    Some(note) => eprintln!("{note}"),
+                    None => eprintln!(
+                        "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
+                        g.pinned_bytes() as f64 / (1u64 << 30) as f64,
+                        g.rates.h2d_pinned_gbps
+                    ),
+                }
                 if let Some(st) = &stats {
                     // issue 7's bound: decode cannot beat the host reads of the cold experts
                     let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);

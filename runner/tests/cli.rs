@@ -589,7 +589,7 @@ fn calibrate_devices_measures_and_saves_the_offload_rates() {
     let out = Command::new(env!("CARGO_BIN_EXE_mxr")).args(["bench", "--calibrate-devices"]).env("MXR_CACHE_DIR", &dir).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for row in ["host memory read", "CPU expert, 1 token", "CPU expert, 64 tokens", "cost model:"] {
+    for row in ["host memory read", "CPU expert, 1 token", "CPU expert, 64 tokens", "cost model (pageable copies):", "cost model (page-locked copies):"] {
         assert!(text.contains(row), "{row}: {text}");
     }
     let j: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("devices.json")).unwrap()).unwrap();
@@ -600,12 +600,15 @@ fn calibrate_devices_measures_and_saves_the_offload_rates() {
     // the printed decision is the cost model's on the saved rates, for one q4_k expert
     // (three 9216 x 6144 projections: 3 x 9216 x 3456 bytes, 3 x 2 x 9216 x 6144 FLOPs/token)
     let rates = mxr_models::offload_cost::DeviceRates::from_json(&j).unwrap();
-    let expected = match rates.copy_threshold(3 * 9216 * 3456, 3.0 * 2.0 * 9216.0 * 6144.0) {
-        Some(1) => "is always copied to the GPU".to_string(),
-        Some(n) => format!("runs on the CPU below {n} tokens per batch, and is copied to the GPU from {n}"),
-        None => "always runs on the CPU".to_string(),
-    };
-    assert!(text.contains(&expected), "{expected}: {text}");
+    for (how, r) in [("pageable", rates), ("page-locked", rates.pinned())] {
+        let expected = match r.copy_threshold(3 * 9216 * 3456, 3.0 * 2.0 * 9216.0 * 6144.0) {
+            Some(1) => "is always copied to the GPU".to_string(),
+            Some(n) => format!("runs on the CPU below {n} tokens per batch, and is copied to the GPU from {n}"),
+            None => "always runs on the CPU".to_string(),
+        };
+        let line = text.lines().find(|l| l.starts_with(&format!("cost model ({how} copies)"))).unwrap_or("");
+        assert!(line.contains(&expected), "{expected}: {text}");
+    }
     // run/chat/bench read it back; a damaged file is an error, not defaults
     std::fs::write(dir.join("devices.json"), "{").unwrap();
     let rates = mxr_models::offload_cost::DeviceRates::load(&dir.join("devices.json"));

@@ -33,6 +33,27 @@ impl GpuMatrix {
         Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
     }
 
+    /// A stack of `n_experts` experts whose weights are copied in afterwards, one by one,
+    /// by [`GpuMatrix::copy_expert_side`] (types the GPU keeps as in the file only).
+    pub fn empty(gpu: &Gpu, qtype: QType, n_experts: usize, rows: usize, cols: usize) -> Result<GpuMatrix> {
+        if !as_in_file(qtype) || !supported(qtype) {
+            return Err(KernelError::Unsupported { what: "copying file bytes as they are", qtype });
+        }
+        let stride = gpu_bytes(qtype, rows, cols).div_ceil(ALIGN) * ALIGN;
+        let buf = gpu.zeros::<u8>((stride * n_experts).max(ALIGN))?;
+        Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
+    }
+
+    /// Copies expert `e`'s file bytes in on the GPU's side stream, with no host staging
+    /// (fast from page-locked memory, see `Gpu::pin_host`); returns when the copy is done.
+    pub fn copy_expert_side(&mut self, gpu: &Gpu, e: usize, data: &[u8]) -> Result<()> {
+        let bytes = gpu_bytes(self.qtype, self.rows, self.cols);
+        if e >= self.n_experts || data.len() != bytes || !as_in_file(self.qtype) {
+            return Err(KernelError::Length { op: "copy_expert_side", what: "expert bytes", expected: bytes, actual: data.len() });
+        }
+        gpu.write_side(data, &mut self.buf.slice_mut(e * self.stride..e * self.stride + bytes))
+    }
+
     /// Replaces expert `e`'s weights with `data` (ggml bytes of one expert, `rows` rows
     /// of `cols` values, the stack's type), as `--expert-rebalance` does.
     pub fn write_expert(&mut self, gpu: &Gpu, e: usize, data: &[u8]) -> Result<()> {
@@ -107,6 +128,11 @@ pub fn pack(qtype: QType, n_experts: usize, rows: usize, cols: usize, data: &[u8
         }
     }
     Ok(out)
+}
+
+/// Whether the GPU layout of a type is the file's bytes (no repacking at upload).
+pub fn as_in_file(q: QType) -> bool {
+    !matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q6K)
 }
 
 /// Bytes of one rows x cols matrix in the GPU layout.

@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod blas;
 pub mod matrix;
+pub mod host;
 pub mod lightning;
 pub mod nvrtc;
 pub mod ops;
@@ -273,6 +274,19 @@ impl Gpu {
             return Err(KernelError::Length { op: "copy", what: "destination", expected: src.len(), actual: dst.len() });
         }
         self.stream.memcpy_dtod(src, dst).map_err(|e| drv("device copy", e))
+    }
+
+    /// [`Gpu::write`] on the side stream (behind its queued work, beside the main stream's);
+    /// returns when the copy is done.
+    pub fn write_side<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        if host.len() != dst.len() {
+            return Err(KernelError::Length { op: "write", what: "destination", expected: host.len(), actual: dst.len() });
+        }
+        let t = std::time::Instant::now();
+        self.side.memcpy_htod(host, dst).map_err(|e| drv("upload", e))?;
+        self.side.synchronize().map_err(|e| drv("upload", e))?;
+        self.waited(t);
+        Ok(())
     }
 
     pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {

@@ -71,6 +71,11 @@ pub struct GpuModel {
     pub rates: DeviceRates,
     /// Cold experts copied to the GPU for a batch so far (for the placement summary).
     pub copied_experts: std::sync::atomic::AtomicU64,
+    /// The mapped file's cold expert tensors, page-locked so that copying them to the GPU
+    /// runs at DMA speed (empty without offload, or where the driver refused: `pin_note`).
+    pins: Vec<mxr_kernels::cuda::host::HostPin>,
+    /// Why the cold experts are not page-locked, if they are not.
+    pub pin_note: Option<String>,
 }
 
 impl GpuLayer {
@@ -152,6 +157,24 @@ impl GpuModel {
             });
         }
         let output_norm = gpu.upload(&model.output_norm)?;
+        // cold experts: page-lock their tensors in the mapped file for fast copies
+        let (pins, pin_note) = match placement {
+            Some(p) => {
+                let cold: Vec<&[u8]> = model
+                    .layers
+                    .iter()
+                    .enumerate()
+                    .filter(|(l, _)| p.on_gpu[*l].iter().any(|&g| !g))
+                    .flat_map(|(_, layer)| [&layer.gate_exps, &layer.up_exps, &layer.down_exps])
+                    .map(|t| model.matrix(t).data)
+                    .collect();
+                match gpu.pin_host(&cold) {
+                    Ok(pins) => (pins, None),
+                    Err(e) => (Vec::new(), Some(format!("cold experts not page-locked ({e}): copies to the GPU go at the pageable rate"))),
+                }
+            }
+            None => (Vec::new(), None),
+        };
         // the weights are read from the side stream too: let every upload land first
         gpu.sync()?;
         Ok(GpuModel {
@@ -169,7 +192,24 @@ impl GpuModel {
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
             copied_experts: std::sync::atomic::AtomicU64::new(0),
+            pins,
+            pin_note,
         })
+    }
+
+    /// Bytes of host memory page-locked for copies of cold experts.
+    pub fn pinned_bytes(&self) -> usize {
+        self.pins.iter().map(|p| p.bytes()).sum()
+    }
+
+    /// The rates the cold-expert cost model uses here: copies at the pinned rate where the
+    /// cold experts are page-locked and copied as they are in the file.
+    pub(crate) fn copy_rates(&self, q: mxr_quant::QType) -> DeviceRates {
+        if !self.pins.is_empty() && mxr_kernels::cuda::matrix::as_in_file(q) {
+            self.rates.pinned()
+        } else {
+            self.rates
+        }
     }
 
     /// Starts (or stops) timing each stage of the forward pass. Timing records two events

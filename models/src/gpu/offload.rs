@@ -54,9 +54,12 @@ impl GpuModel {
         let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
         let flops = 2.0 * 3.0 * d as f64 * h as f64;
         let mut copy: Vec<usize> = Vec::new();
+        let qtype = host.matrix(&hl.gate_exps).qtype;
+        let rates = self.copy_rates(qtype);
+        let direct = mxr_kernels::cuda::matrix::as_in_file(qtype) && self.pinned_bytes() > 0;
         for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
             let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
-            if self.rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
+            if rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
                 copy.push(e);
             }
         }
@@ -64,9 +67,17 @@ impl GpuModel {
             // the routed cold experts' weights, once for this batch, then the same grouped
             // products as resident experts
             let stack = |t: &crate::model::Tensor, rows: usize| -> Result<GpuMatrix, ModelError> {
-                let q = host.rows(t, 0, rows).qtype;
+                let (q, cols) = (host.rows(t, 0, rows).qtype, host.rows(t, 0, rows).cols);
+                if direct {
+                    // straight from the page-locked mapping, on the side stream (beside the
+                    // resident experts' products queued above)
+                    let mut m = GpuMatrix::empty(g, q, copy.len(), rows, cols)?;
+                    for (i, &e) in copy.iter().enumerate() {
+                        m.copy_expert_side(g, i, host.rows(t, e * rows, rows).data)?;
+                    }
+                    return Ok(m);
+                }
                 let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
-                let cols = host.rows(t, 0, rows).cols;
                 Ok(GpuMatrix::upload(g, q, copy.len(), rows, cols, &data)?)
             };
             let (gm, um, dm) = (stack(&hl.gate_exps, h)?, stack(&hl.up_exps, h)?, stack(&hl.down_exps, d)?);
