@@ -279,50 +279,57 @@ fn profiling_times_every_stage_and_changes_nothing() {
 fn every_expert_placement_gives_the_same_logits() {
     use mxr_models::offload_cost::DeviceRates;
     use mxr_models::placement::{plan, Policy, Sizes};
-    let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload", QType::Q8_0);
-    let c = &m.config;
-    let prompt: Vec<u32> =
-        mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
-    let run = |g: &GpuModel| -> Vec<f32> {
-        let mut s = GpuSession::new(g, 64).unwrap();
-        let mut out = Vec::new();
-        for ch in prompt.chunks(4) {
-            out.extend(g.forward_on(Some(&m), &mut s, ch, Logits::All).unwrap());
+    // Q8_0: cold experts copied through a host buffer (repacked); Q4_K: copied straight
+    // from the page-locked mapping on the side stream
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload", q);
+        let c = &m.config;
+        let prompt: Vec<u32> =
+            mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
+        let run = |g: &GpuModel| -> Vec<f32> {
+            let mut s = GpuSession::new(g, 64).unwrap();
+            let mut out = Vec::new();
+            for ch in prompt.chunks(4) {
+                out.extend(g.forward_on(Some(&m), &mut s, ch, Logits::All).unwrap());
+            }
+            out
+        };
+        let all = run(&gpu_model(&m));
+        let sizes = Sizes::of(&m, 64, 4, 0);
+        let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
+        let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
+        // rates under which the cost model copies every cold expert to the GPU for each batch
+        let copy_all = DeviceRates { h2d_gbps: 1e9, h2d_pinned_gbps: 1e9, ..DeviceRates::DEFAULT };
+        for (name, policy, rates) in [
+            ("--cpu-moe", Policy::CpuMoe, DeviceRates::DEFAULT),
+            ("--n-cpu-moe 3", Policy::NCpuMoe(3), DeviceRates::DEFAULT),
+            ("half the experts", Policy::Budget(half), DeviceRates::DEFAULT),
+            ("half, cold experts copied per batch", Policy::Budget(half), copy_all),
+        ] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
+            g.kv_type = KvType::F32;
+            g.rates = rates;
+            let got = run(&g);
+            let d = diff(&got, &all);
+            let top1 = top1_same(&got, &all, c.vocab_size);
+            // the host's experts are page-locked (or the driver said why not)
+            let pinned = g.pinned_bytes() > 0;
+            let ok = d.max_abs <= 2e-2 && top1.0 == top1.1 && (pinned || g.pin_note.is_some());
+            println!(
+                "CHECK expert offload vs all on GPU | nano {q}, {name} ({} of {} experts on GPU, {}) | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}",
+                p.experts_on_gpu(),
+                c.n_experts * c.n_layers,
+                g.pin_note.clone().unwrap_or_else(|| format!("{} KiB page-locked", g.pinned_bytes() / 1024)),
+                d.max_abs,
+                top1.0,
+                top1.1,
+                if ok { "ok" } else { "FAIL" }
+            );
+            assert!(ok, "{name}: {d}");
+            let copied = g.copied_experts.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(copied > 0, rates == copy_all, "{name}: {copied} experts copied");
         }
-        out
-    };
-    let all = run(&gpu_model(&m));
-    let sizes = Sizes::of(&m, 64, 4, 0);
-    let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
-    let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
-    // rates under which the cost model copies every cold expert to the GPU for each batch
-    let copy_all = DeviceRates { h2d_gbps: 1e9, ..DeviceRates::DEFAULT };
-    for (name, policy, rates) in [
-        ("--cpu-moe", Policy::CpuMoe, DeviceRates::DEFAULT),
-        ("--n-cpu-moe 3", Policy::NCpuMoe(3), DeviceRates::DEFAULT),
-        ("half the experts", Policy::Budget(half), DeviceRates::DEFAULT),
-        ("half, cold experts copied per batch", Policy::Budget(half), copy_all),
-    ] {
-        let p = plan(&sizes, c.n_experts, None, policy).unwrap();
-        let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
-        g.kv_type = KvType::F32;
-        g.rates = rates;
-        let got = run(&g);
-        let d = diff(&got, &all);
-        let top1 = top1_same(&got, &all, c.vocab_size);
-        let ok = d.max_abs <= 2e-2 && top1.0 == top1.1;
-        println!(
-            "CHECK expert offload vs all on GPU | nano Q8_0, {name} ({} of {} experts on GPU) | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}",
-            p.experts_on_gpu(),
-            c.n_experts * c.n_layers,
-            d.max_abs,
-            top1.0,
-            top1.1,
-            if ok { "ok" } else { "FAIL" }
-        );
-        assert!(ok, "{name}: {d}");
-        let copied = g.copied_experts.load(std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(copied > 0, rates == copy_all, "{name}: {copied} experts copied");
     }
 }
 
