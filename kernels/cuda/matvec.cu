@@ -86,6 +86,21 @@ __device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, i
     matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
 }
 
+// Two quantized matrices of one type and width over the same int8 input in one launch
+// (blockIdx.z picks the matrix): the MoE's gate and up products, the lightning layer's
+// qkv and gate. Each has its own rows, expert stride and output.
+template <class F>
+__device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, int rows0, int rows1, int cols, const i8* xq,
+                          const float* xd, int x_div, float* y0, float* y1) {
+    bool second = blockIdx.z != 0;
+    const u8* w = second ? w1 : w0;
+    long long s = second ? s1 : s0;
+    int rows = second ? rows1 : rows0, p = blockIdx.y;
+    size_t xrow = (size_t)(p / x_div);
+    QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
+    matvec_rows(in, rows, F::units(cols), (second ? y1 : y0) + (size_t)p * rows);
+}
+
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,
 // one row per warp.
 template <class F>
@@ -129,6 +144,18 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 #define MATVEC_SCALAR(name, F) \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
+#define Q2ARGS                                                                                                                  \
+    const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
+        int x_div, float *y0, float *y1
+#define MATVEC2_Q(name, F)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(Q2ARGS) {                                                 \
+        matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
+    }
+
+MATVEC2_Q(matvec2_q8_0, Q8_0)
+MATVEC2_Q(matvec2_q4_k, Q4_K)
+MATVEC2_Q(matvec2_q6_k, Q6_K)
+MATVEC2_Q(matvec2_q4_0, Q4_0)
 MATVEC_Q(matvec_q8_0, Q8_0)
 MATVEC_Q(matvec_q4_k, Q4_K)
 MATVEC_Q(matvec_q6_k, Q6_K)

@@ -100,6 +100,36 @@ fn matvec_gathers_experts_and_inputs() {
     }
 }
 
+/// Two quantized products in one launch (gate and up; qkv and gate) give exactly what two
+/// launches give: expert stacks picked by ids, and single matrices of different heights.
+#[test]
+#[ignore = "needs a GPU"]
+fn matvec_pair_equals_two_products() {
+    let g = gpu();
+    let cols = 512;
+    for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0] {
+        // stacks of 3 experts, 4 pairs (x_div 2: two tokens); then single 130- and 37-row matrices
+        let cases = [(3usize, 70usize, 70usize, Some(vec![2i32, 0, 1, 2]), 2usize), (1, 130, 37, None, 1)];
+        for (n_exp, rows0, rows1, ids, x_div) in cases {
+            let pairs = ids.as_ref().map_or(1, Vec::len);
+            let w0 = GpuMatrix::upload(&g, q, n_exp, rows0, cols, &quantized(q, n_exp * rows0 * cols, 30)).unwrap();
+            let w1 = GpuMatrix::upload(&g, q, n_exp, rows1, cols, &quantized(q, n_exp * rows1 * cols, 31)).unwrap();
+            let n_x = pairs.div_ceil(x_div);
+            let gx = g.upload(&Rng::new(32).normals(n_x * cols, 1.0)).unwrap();
+            let act = g.quantize_act(&gx.as_view(), n_x, cols).unwrap();
+            let gids = ids.as_ref().map(|v| g.upload(v).unwrap());
+            let (mut a0, mut a1) = (g.zeros::<f32>(pairs * rows0).unwrap(), g.zeros::<f32>(pairs * rows1).unwrap());
+            g.matvec_pair([&w0, &w1], gids.as_ref(), &act, x_div, pairs, [&mut a0.as_view_mut(), &mut a1.as_view_mut()]).unwrap();
+            let (mut b0, mut b1) = (g.zeros::<f32>(pairs * rows0).unwrap(), g.zeros::<f32>(pairs * rows1).unwrap());
+            g.matvec_with(&w0, gids.as_ref(), &gx.as_view(), Some(&act), x_div, pairs, &mut b0.as_view_mut()).unwrap();
+            g.matvec_with(&w1, gids.as_ref(), &gx.as_view(), Some(&act), x_div, pairs, &mut b1.as_view_mut()).unwrap();
+            let same = g.download(&a0.as_view()).unwrap() == g.download(&b0.as_view()).unwrap()
+                && g.download(&a1.as_view()).unwrap() == g.download(&b1.as_view()).unwrap();
+            check("matvec_pair = two matvecs", &format!("{q} {rows0}+{rows1} rows, {pairs} pairs"), if same { 0.0 } else { 1.0 }, 0.0);
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn dequantize_to_bf16_and_gather_rows_are_exact() {

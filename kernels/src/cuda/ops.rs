@@ -190,6 +190,58 @@ impl Gpu {
         }
     }
 
+    /// y0 = W0 · x and y1 = W1 · x as [`Gpu::matvec_with`], in one launch: two quantized
+    /// matrices of one type and width (each a single matrix, or stacks picked by `ids`) over
+    /// the same int8 input `act`. Bit for bit what two `matvec_with` calls give.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_pair(
+        &self,
+        [w0, w1]: [&GpuMatrix; 2],
+        ids: Option<&CudaSlice<i32>>,
+        act: &QAct,
+        x_div: usize,
+        pairs: usize,
+        [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
+    ) -> Result<()> {
+        let cols = w0.cols;
+        if w0.qtype != w1.qtype || !quantized(w0.qtype) || w1.cols != cols {
+            return Err(KernelError::Shape(format!(
+                "matvec_pair: {} {}x{} and {} {}x{} are not two quantized matrices of one type and width",
+                w0.qtype, w0.rows, w0.cols, w1.qtype, w1.rows, w1.cols
+            )));
+        }
+        let n_rows = pairs.div_ceil(x_div.max(1));
+        if act.rows < n_rows || act.cols != cols {
+            return Err(KernelError::Shape(format!("matvec_pair: quantized input is {}x{}, the products need {n_rows}x{cols}", act.rows, act.cols)));
+        }
+        need("matvec_pair", "y0", pairs * w0.rows, y0.len())?;
+        need("matvec_pair", "y1", pairs * w1.rows, y1.len())?;
+        match ids {
+            Some(ids) => need("matvec_pair", "ids", pairs, ids.len())?,
+            None if w0.n_experts != 1 || w1.n_experts != 1 => {
+                return Err(KernelError::Shape("matvec_pair: a stack of experts needs expert ids".into()))
+            }
+            None => {}
+        }
+        if pairs == 0 {
+            return Ok(());
+        }
+        let rows_per_block = self.tuning.matvec_warps * self.tuning.matvec_rows;
+        let cfg = LaunchConfig {
+            grid_dim: ((w0.rows.max(w1.rows) as u32).div_ceil(rows_per_block), int("matvec_pair", pairs)? as u32, 2),
+            block_dim: (32 * self.tuning.matvec_warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (s0, s1) = (w0.stride as i64, w1.stride as i64);
+        let (r0, r1, c, xd) = (int("matvec_pair", w0.rows)?, int("matvec_pair", w1.rows)?, int("matvec_pair", cols)?, int("matvec_pair", x_div.max(1))?);
+        let name = per_type!("matvec2_", w0.qtype);
+        let null = 0u64;
+        match ids {
+            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, ids, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1),
+            None => launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, &null, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1),
+        }
+    }
+
     /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
     /// 32 values, as ggml's Q8_0 activations (dequant.cu, `quantize_act`).
     pub fn quantize_act(&self, x: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<QAct> {

@@ -323,11 +323,24 @@ impl GpuModel {
                 _ => None,
             };
             let act = made.as_ref().or(pre);
-            for w in ws {
-                let mut y = g.alloc::<f32>(n * w.rows)?;
+            let mut i = 0;
+            while i < ws.len() {
+                let w = ws[i];
                 let a = act.filter(|a| a.cols == w.cols);
+                // two quantized products of one type and width: one launch
+                if let (Some(a), Some(&w1)) = (a.filter(|_| quantized(w.qtype)), ws.get(i + 1)) {
+                    if w1.qtype == w.qtype && w1.cols == w.cols {
+                        let (mut y0, mut y1) = (g.alloc::<f32>(n * w.rows)?, g.alloc::<f32>(n * w1.rows)?);
+                        g.matvec_pair([w, w1], None, a, 1, n, [&mut y0.as_view_mut(), &mut y1.as_view_mut()])?;
+                        out.extend([y0, y1]);
+                        i += 2;
+                        continue;
+                    }
+                }
+                let mut y = g.alloc::<f32>(n * w.rows)?;
                 g.matvec_with(w, None, x, a, 1, n, &mut y.as_view_mut())?;
                 out.push(y);
+                i += 1;
             }
             return Ok(out);
         }

@@ -105,8 +105,14 @@ impl GpuModel {
         let fits = pre.filter(|p| p.cols == d && p.rows >= x_rows);
         let made = if quantized(gate_exps.qtype) && fits.is_none() { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
         let act = made.as_ref().or(fits).filter(|_| quantized(gate_exps.qtype));
-        g.matvec_with(gate_exps, Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
-        g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
+        match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols) {
+            // gate and up in one launch
+            Some(a) => g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?,
+            None => {
+                g.matvec_with(gate_exps, Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
+                g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
+            }
+        }
         let mut a = g.alloc::<f32>(pairs * h)?;
         g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
         g.matvec(down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
