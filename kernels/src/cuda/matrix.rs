@@ -34,13 +34,17 @@ impl GpuMatrix {
     }
 
     /// A stack of `n_experts` experts whose weights are copied in afterwards, one by one,
-    /// by [`GpuMatrix::copy_expert_side`] (types the GPU keeps as in the file only).
+    /// by [`GpuMatrix::copy_expert_side`] (types the GPU keeps as in the file only). The
+    /// side stream is ordered after the main stream's work queued so far.
     pub fn empty(gpu: &Gpu, qtype: QType, n_experts: usize, rows: usize, cols: usize) -> Result<GpuMatrix> {
         if !as_in_file(qtype) || !supported(qtype) {
             return Err(KernelError::Unsupported { what: "copying file bytes as they are", qtype });
         }
         let stride = gpu_bytes(qtype, rows, cols).div_ceil(ALIGN) * ALIGN;
-        let buf = gpu.zeros::<u8>((stride * n_experts).max(ALIGN))?;
+        // every expert's bytes are copied in before use; the padding is never read
+        let buf = gpu.alloc::<u8>((stride * n_experts).max(ALIGN))?;
+        // the side stream's copies wait for this allocation (made on the main stream) only
+        gpu.side_after_main()?;
         Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
     }
 

@@ -353,6 +353,12 @@ impl Gpu {
         e.record(&self.side).map_err(|e| drv("recording an event", e))
     }
 
+    /// Later work on the side stream waits for the main stream's work queued so far.
+    pub fn side_after_main(&self) -> Result<()> {
+        let e = self.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
+        self.side.wait(&e).map_err(|e| drv("stream wait", e))
+    }
+
     /// Later work on the side stream waits for `e`.
     pub fn side_wait(&self, e: &CudaEvent) -> Result<()> {
         self.side.wait(e).map_err(|e| drv("stream wait", e))

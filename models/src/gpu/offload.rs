@@ -46,9 +46,6 @@ impl GpuModel {
         let any_cold = cold.iter().any(|v| !v.is_empty());
         let xh = if any_cold { g.download(&x.slice(..n * d))? } else { Vec::new() };
         let mut y = g.zeros::<f32>(n * k * d)?;
-        // GPU part: queued now, runs while the CPU works below.
-        let mats = layer.experts();
-        self.pairs_on_gpu(mats, &hot, &hot_slots, x, &mut y)?;
         // The cost model picks, per host expert and batch, the CPU or a copy to the GPU.
         let hl = &host.layers[l];
         let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
@@ -63,24 +60,34 @@ impl GpuModel {
                 copy.push(e);
             }
         }
+        // Stacks for experts copied straight from the page-locked mapping: allocated before
+        // the resident products are queued, so that their copies on the side stream wait for
+        // the allocation only, and run beside those products.
+        let stack_of = |t: &crate::model::Tensor, rows: usize| -> Result<GpuMatrix, ModelError> {
+            let m = host.rows(t, 0, rows);
+            Ok(GpuMatrix::empty(g, m.qtype, copy.len(), rows, m.cols)?)
+        };
+        let stacks =
+            if direct && !copy.is_empty() { Some([stack_of(&hl.gate_exps, h)?, stack_of(&hl.up_exps, h)?, stack_of(&hl.down_exps, d)?]) } else { None };
+        // GPU part: queued now, runs while the copies and the CPU work below.
+        let mats = layer.experts();
+        self.pairs_on_gpu(mats, &hot, &hot_slots, x, &mut y)?;
         if !copy.is_empty() {
             // the routed cold experts' weights, once for this batch, then the same grouped
             // products as resident experts
-            let stack = |t: &crate::model::Tensor, rows: usize| -> Result<GpuMatrix, ModelError> {
-                let (q, cols) = (host.rows(t, 0, rows).qtype, host.rows(t, 0, rows).cols);
-                if direct {
-                    // straight from the page-locked mapping, on the side stream (beside the
-                    // resident experts' products queued above)
-                    let mut m = GpuMatrix::empty(g, q, copy.len(), rows, cols)?;
+            let filled = |t: &crate::model::Tensor, rows: usize, stack: Option<GpuMatrix>| -> Result<GpuMatrix, ModelError> {
+                if let Some(mut m) = stack {
                     for (i, &e) in copy.iter().enumerate() {
                         m.copy_expert_side(g, i, host.rows(t, e * rows, rows).data)?;
                     }
                     return Ok(m);
                 }
+                let (q, cols) = (host.rows(t, 0, rows).qtype, host.rows(t, 0, rows).cols);
                 let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
                 Ok(GpuMatrix::upload(g, q, copy.len(), rows, cols, &data)?)
             };
-            let (gm, um, dm) = (stack(&hl.gate_exps, h)?, stack(&hl.up_exps, h)?, stack(&hl.down_exps, d)?);
+            let [sg, su, sd] = stacks.map_or([None, None, None], |[a, b, c]| [Some(a), Some(b), Some(c)]);
+            let (gm, um, dm) = (filled(&hl.gate_exps, h, sg)?, filled(&hl.up_exps, h, su)?, filled(&hl.down_exps, d, sd)?);
             // the same products (and arithmetic) as resident experts of a batch this size
             let (mut pairs, mut slots) = (Vec::new(), Vec::new());
             for (i, &e) in copy.iter().enumerate() {
