@@ -188,11 +188,13 @@ pub struct RunArgs {
 }
 
 pub struct Loaded {
+    /// Declared (and so dropped) before the model: a GPU backend may hold page locks on
+    /// the model's mapping, released before the mapping goes.
+    pub backend: Backend,
     pub model: Model,
     pub tokenizer: TextTokenizer,
     pub threads: Threads,
     pub ctx: usize,
-    pub backend: Backend,
 }
 
 impl Loaded {
