@@ -23,6 +23,18 @@ extern "C" __global__ void rope(float* x, int n_tokens, int width, int head_dim,
     p[i + half] = b * c + a * s;
 }
 
+// The rotation table of partial NeoX RoPE for the positions *pos + t, t < n_tokens:
+// cs[t * half + i] = (cos, sin) of (*pos + t) * theta^(-2i/rotary_dim), in f64 rounded to
+// f32 as rope computes them. The attention kernels and kv_append_rope rotate with it.
+extern "C" __global__ void rope_table(float2* cs, int n_tokens, int rotary_dim, double theta, const int* pos) {
+    int half = rotary_dim / 2;
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)n_tokens * half) return;
+    int t = (int)(idx / half), i = (int)(idx % half);
+    double ang = (double)(*pos + t) * pow(theta, -(double)(2 * i) / (double)rotary_dim);
+    cs[idx] = make_float2((float)cos(ang), (float)sin(ang));
+}
+
 // cache[*pos + t, :] = src[t, :] for t < n_tokens (rows of `width`), f32 or bf16 cache
 // (rounded to nearest even).
 __device__ __forceinline__ void kv_store(float* c, float v) { *c = v; }
@@ -41,6 +53,24 @@ template <typename KV>
 __device__ void kv_append(const float* src, KV* cache, const int* pos, int n_tokens, int width) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (long long)n_tokens * width) kv_store(cache + (size_t)(*pos) * width + i, src[i]);
+}
+// kv_append of keys after partial NeoX RoPE (heads of head_dim, table cs): RoPE fused into
+// the append.
+template <typename KV>
+__device__ void kv_append_rope(const float* src, KV* cache, const int* pos, int n_tokens, int width, int head_dim, int rd, const float2* cs) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n_tokens * width) return;
+    int t = (int)(i / width), c = (int)(i % width), h = c / head_dim, j = c % head_dim;
+    float v = roped(src + (size_t)t * width + (size_t)h * head_dim, j, rd, cs + (size_t)t * (rd >> 1));
+    kv_store(cache + (size_t)(*pos) * width + i, v);
+}
+extern "C" __global__ void kv_append_rope_f32(const float* src, float* cache, const int* pos, int n_tokens, int width, int head_dim, int rd,
+                                              const float2* cs) {
+    kv_append_rope(src, cache, pos, n_tokens, width, head_dim, rd, cs);
+}
+extern "C" __global__ void kv_append_rope_bf16(const float* src, u16* cache, const int* pos, int n_tokens, int width, int head_dim, int rd,
+                                               const float2* cs) {
+    kv_append_rope(src, cache, pos, n_tokens, width, head_dim, rd, cs);
 }
 extern "C" __global__ void kv_append_f32(const float* src, float* cache, const int* pos, int n_tokens, int width) {
     kv_append(src, cache, pos, n_tokens, width);

@@ -76,5 +76,17 @@ __device__ __forceinline__ void quantize_block32(float v, int lane, i8* q, float
     }
 }
 
+// Element j (< head_dim) of one head's row p after partial NeoX RoPE, given the row of the
+// rotation table for its position (cs[i] = (cos, sin) of pair i, attention.cu's
+// rope_table): exactly what attention.cu's rope writes there. rd = 0: no rotation.
+__device__ __forceinline__ float roped(const float* p, int j, int rd, const float2* cs) {
+    int half = rd >> 1;
+    if (j >= rd) return p[j];
+    int i = j < half ? j : j - half;
+    float2 r = cs[i];
+    float a = p[i], b = p[i + half];
+    return j < half ? a * r.x - b * r.y : b * r.x + a * r.y;
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }

@@ -6,7 +6,8 @@
 // tiles), heads fastest so that the heads sharing a KV head run together and share its keys
 // and values through L2. Keys and values go through shared memory in tiles of 64, rows
 // padded to HD + 8 values (conflict-free fragment loads). q is f32 [n_tokens, n_heads * hd]
-// at positions *pos.., scaled by scale * log2(e) as it is rounded to bf16 (so the softmax
+// at positions *pos.. (rotated by partial NeoX RoPE as it is read when rd > 0, table cs),
+// scaled by scale * log2(e) as it is rounded to bf16 (so the softmax
 // uses exp2); caches are bf16 [>= *pos + n_tokens, n_kv_heads * hd]; out is f32.
 
 #define FQ 64  // queries per block
@@ -27,7 +28,7 @@ __device__ void flash_stage(u16* s, const u16* c, int g, int kv_dim, int hd, int
 
 template <int HD>
 __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, int n_tokens, int n_heads, int n_kv_heads, int hd,
-                      const int* pos, float scale) {
+                      const int* pos, float scale, int rd, const float2* cs) {
     constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, NT = FK / 8;
     // two stages of K and V tiles: the next tile loads while this one is used
     extern __shared__ __align__(16) u16 smem[];
@@ -50,9 +51,11 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
             int r = (i & 1) ? r1 : r0, d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
             float a = 0.f, b = 0.f;
             if (r < n_tokens) {
+                // RoPE fused: rows rotated with their position's table row (rd 0: none)
                 const float* p = q + (size_t)r * width + (size_t)h * hd;
-                if (d < hd) a = p[d] * qs;
-                if (d + 1 < hd) b = p[d + 1] * qs;
+                const float2* cr = cs + (size_t)r * (rd >> 1);
+                if (d < hd) a = roped(p, d, rd, cr) * qs;
+                if (d + 1 < hd) b = roped(p, d + 1, rd, cr) * qs;
             }
             qf[kk][i] = pack_bf16(a, b);
         }
@@ -187,7 +190,7 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
 // units, for attend_combine.
 template <int HD, int STAGES>
 __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int hd,
-                             const int* pos, float scale) {
+                             const int* pos, float scale, int rd, const float2* cs) {
     constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, WARPS = 4;
     extern __shared__ __align__(16) u16 smem[];
     const int g = blockIdx.x, s = blockIdx.y, splits = gridDim.y, group = n_heads / n_kv_heads;
@@ -205,9 +208,10 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
             int r = (i & 1) ? gid + 8 : gid, d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
             float a = 0.f, b = 0.f;
             if (r < group) {
+                // RoPE fused: every head at the one position, table row 0 (rd 0: none)
                 const float* p = q + (size_t)(g * group + r) * hd;
-                if (d < hd) a = p[d] * qs;
-                if (d + 1 < hd) b = p[d + 1] * qs;
+                if (d < hd) a = roped(p, d, rd, cs) * qs;
+                if (d + 1 < hd) b = roped(p, d + 1, rd, cs) * qs;
             }
             qf[kk][i] = pack_bf16(a, b);
         }
@@ -360,18 +364,18 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
 #define FLASH(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) flash_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* out,    \
                                                                      int n_heads, int n_kv_heads, int n_tokens, int hd,            \
-                                                                     const int* pos, float scale) {                                \
-        flash<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale);                                                  \
+                                                                     const int* pos, float scale, int rd, const float2* cs) {      \
+        flash<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                          \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode_bf16_##HD(const float* q, const u16* kc, const u16* vc,         \
                                                                             float* part, int n_heads, int n_kv_heads, int hd,      \
-                                                                            const int* pos, float scale) {                         \
-        flash_decode<HD, 2>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                 \
+                                                                            const int* pos, float scale, int rd, const float2* cs) { \
+        flash_decode<HD, 2>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                         \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode3_bf16_##HD(const float* q, const u16* kc, const u16* vc,        \
                                                                              float* part, int n_heads, int n_kv_heads, int hd,     \
-                                                                             const int* pos, float scale) {                        \
-        flash_decode<HD, 3>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                                 \
+                                                                             const int* pos, float scale, int rd, const float2* cs) { \
+        flash_decode<HD, 3>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                         \
     }
 
 FLASH(32)

@@ -498,7 +498,7 @@ fn rope_and_attention() {
             assert_eq!(g.kv_download(&gv, len * kv_dim).unwrap(), vr, "kv_append {}", t.name());
             let mut go = g.zeros::<f32>(n * width).unwrap();
             let tensor_cores = t == KvType::Bf16 && hd % 8 == 0;
-            let res = g.attend(&gq.as_view(), &gk, &gv, &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0);
+            let res = g.attend(&gq.as_view(), &gk, &gv, &mut go.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0, None);
             // the bf16 prefill kernel takes head sizes in multiples of 8, the f32 one groups
             // of at most 8 heads; outside those they say so
             let refusal = match t {
@@ -517,6 +517,23 @@ fn rope_and_attention() {
                 };
                 check(name, &case, diff(&g.download(&go.as_view()).unwrap(), &want).nmse, budget);
             }
+            // RoPE fused into the tensor-core kernel and into the key append: exactly the
+            // rope kernel's rotation, then the unfused kernels
+            if tensor_cores {
+                let table = g.rope_table(n, rd, theta, &gpos).unwrap();
+                let raw_q = g.upload(&q).unwrap();
+                let mut fo = g.zeros::<f32>(n * width).unwrap();
+                g.attend(&raw_q.as_view(), &gk, &gv, &mut fo.as_view_mut(), n, heads, kv_heads, hd, &gpos, pos0, Some(&table)).unwrap();
+                let same_out = g.download(&fo.as_view()).unwrap() == g.download(&go.as_view()).unwrap();
+                // keys: rope then append, against the fused append, into caches holding pos0 rows
+                let mut rk = g.upload(&kc[pos0 * kv_dim..]).unwrap();
+                g.rope(&mut rk.as_view_mut(), n, kv_dim, hd, rd, theta, &gpos).unwrap();
+                let (mut c1, mut c2) = (g.kv_zeros(t, len * kv_dim).unwrap(), g.kv_zeros(t, len * kv_dim).unwrap());
+                g.kv_append(&rk.as_view(), &mut c1, &gpos, pos0, n, kv_dim).unwrap();
+                g.kv_append_roped(&nk.as_view(), &mut c2, &gpos, pos0, (n, kv_dim, hd), &table).unwrap();
+                let same_k = g.kv_download(&c1, len * kv_dim).unwrap() == g.kv_download(&c2, len * kv_dim).unwrap();
+                check("attend + kv_append, RoPE fused", &case, if same_out && same_k { 0.0 } else { 1.0 }, 0.0);
+            }
             // The last query alone, split over the keys (decode), for several split counts.
             let last = n - 1;
             let gq_last = g.upload(&got_q[last * width..]).unwrap();
@@ -524,8 +541,17 @@ fn rope_and_attention() {
             for (splits, stages) in [(1usize, 2usize), (3, 2), (7, 2), (64, 2), (1, 3), (7, 3)] {
                 let mut go = g.zeros::<f32>(width).unwrap();
                 let shape = (heads, kv_heads, hd);
-                g.attend_decode_staged(&gq_last.as_view(), &gk, &gv, &mut go.as_view_mut(), shape, &gpos_last, pos0 + last, splits, stages)
-                    .unwrap();
+                let at = (&gpos_last, pos0 + last);
+                g.attend_decode_staged(&gq_last.as_view(), &gk, &gv, &mut go.as_view_mut(), shape, at, splits, stages, None).unwrap();
+                if tensor_cores {
+                    // RoPE fused: the unrotated query and a one-token table give the same output
+                    let table = g.rope_table(1, rd, theta, &gpos_last).unwrap();
+                    let raw = g.upload(&q[last * width..]).unwrap();
+                    let mut fo = g.zeros::<f32>(width).unwrap();
+                    g.attend_decode_staged(&raw.as_view(), &gk, &gv, &mut fo.as_view_mut(), shape, at, splits, stages, Some(&table)).unwrap();
+                    let same = g.download(&fo.as_view()).unwrap() == g.download(&go.as_view()).unwrap();
+                    check("attend_decode, RoPE fused", &format!("{case}, {splits} splits, {stages} stages"), if same { 0.0 } else { 1.0 }, 0.0);
+                }
                 let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
                 // tensor cores round q and the probabilities to bf16 as the prefill kernel does
                 let (name, budget) = if tensor_cores {

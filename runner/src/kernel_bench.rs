@@ -94,7 +94,7 @@ pub fn run(g: &Gpu) -> Result<()> {
         let (mut kc, mut vc) = (g.kv_zeros(t, n * kv_dim)?, g.kv_zeros(t, n * kv_dim)?);
         g.kv_write(&k32, &mut kc)?;
         g.kv_write(&v32, &mut vc)?;
-        let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0)?))?;
+        let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0, None)?))?;
         let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
         row(
             "attention prefill",
@@ -116,7 +116,7 @@ pub fn run(g: &Gpu) -> Result<()> {
                 let splits = g.decode_splits_staged(depth, 8, stages);
                 let s = time(g, 20, || {
                     let shape = (heads, 8, hd);
-                    Ok(g.attend_decode_staged(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), shape, &pos, depth - 1, splits, stages)?)
+                    Ok(g.attend_decode_staged(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), shape, (&pos, depth - 1), splits, stages, None)?)
                 })?;
                 let what = if t == KvType::Bf16 { format!("bf16 KV, {stages} stages") } else { format!("{} KV", t.name()) };
                 row("attention decode", &what, &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);

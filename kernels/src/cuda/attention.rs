@@ -1,11 +1,13 @@
 //! The softmax layers' KV cache on the GPU and the attention launchers over it.
 //!
 //! A cache holds f32 (exact: the CPU's own values) or bf16 (half the memory and bandwidth;
-//! prefill attention then runs on tensor cores, `flash.cu`). Appends round f32 keys and
-//! values to the cache's type on the GPU; copies to and from the host convert likewise.
+//! attention then runs on tensor cores, `flash.cu`). Appends round f32 keys and values to
+//! the cache's type on the GPU; copies to and from the host convert likewise. The
+//! tensor-core kernels and `kv_append_roped` apply partial RoPE themselves, from a table of
+//! the batch's rotations (`rope_table`); the f32 kernels take rotated q and k.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 
 use super::ops::{grid1, int, launch, launch_on, need};
@@ -70,6 +72,26 @@ impl KvBuf {
 
     fn ptr(&self) -> u64 {
         self.buf.ptr()
+    }
+}
+
+/// The rotations of partial NeoX RoPE for a batch's positions (`Gpu::rope_table`), for
+/// the kernels that apply RoPE as they read q or append k (the tensor-core attention
+/// kernels and `kv_append_roped`): the same values as `Gpu::rope` computes.
+pub struct RopeTable {
+    pub rotary_dim: usize,
+    pub n_tokens: usize,
+    /// (cos, sin) pairs, [n_tokens, rotary_dim / 2]
+    cs: CudaSlice<f32>,
+}
+
+impl RopeTable {
+    /// The kernels' (rd, cs) arguments: 0 and null without a table.
+    fn args(t: Option<&RopeTable>) -> (i32, u64) {
+        match t {
+            Some(t) => (t.rotary_dim as i32, t.cs.device_ptr(t.cs.stream()).0),
+            None => (0, 0),
+        }
     }
 }
 
@@ -148,6 +170,50 @@ impl Gpu {
         }
     }
 
+    /// The rotation table of partial NeoX RoPE (rotary_dim of each head rotated, pairs
+    /// (i, i + rotary_dim / 2)) for positions *pos .. *pos + n_tokens.
+    pub fn rope_table(&self, n_tokens: usize, rotary_dim: usize, theta: f64, pos: &CudaSlice<i32>) -> Result<RopeTable> {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(KernelError::Shape(format!("rope_table: rotary_dim {rotary_dim} (a positive even number)")));
+        }
+        let n = n_tokens * rotary_dim / 2;
+        let mut cs = self.alloc::<f32>(2 * n)?;
+        if n > 0 {
+            let (nt, rd) = (int("rope_table", n_tokens)?, int("rope_table", rotary_dim)?);
+            launch!(self, Source::Attention, "rope_table", grid1(n, 256), &mut cs, &nt, &rd, &theta, pos)?;
+        }
+        Ok(RopeTable { rotary_dim, n_tokens, cs })
+    }
+
+    /// [`Gpu::kv_append`] of keys rotated by `rope` on the way in (heads of `head_dim`):
+    /// the cache holds what `rope` and then `kv_append` would put there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append_roped(
+        &self,
+        src: &CudaView<'_, f32>,
+        cache: &mut KvBuf,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        (n_tokens, width, head_dim): (usize, usize, usize),
+        rope: &RopeTable,
+    ) -> Result<()> {
+        need("kv_append_roped", "src", n_tokens * width, src.len())?;
+        need("kv_append_roped", "cache", (pos_host + n_tokens) * width, cache.len())?;
+        need("kv_append_roped", "rope table", n_tokens, rope.n_tokens)?;
+        if head_dim == 0 || !width.is_multiple_of(head_dim) || rope.rotary_dim > head_dim {
+            return Err(KernelError::Shape(format!("kv_append_roped: width {width}, head_dim {head_dim}, rotary_dim {}", rope.rotary_dim)));
+        }
+        let (n, w, hd) = (int("kv_append_roped", n_tokens)?, int("kv_append_roped", width)?, head_dim as i32);
+        int("kv_append_roped", (pos_host + n_tokens) * width)?;
+        let (rd, cs) = RopeTable::args(Some(rope));
+        let cfg = grid1(n_tokens * width, 256);
+        let c = cache.ptr();
+        match cache.t {
+            KvType::F32 => launch!(self, Source::Attention, "kv_append_rope_f32", cfg, src, &c, pos, &n, &w, &hd, &rd, &cs),
+            KvType::Bf16 => launch!(self, Source::Attention, "kv_append_rope_bf16", cfg, src, &c, pos, &n, &w, &hd, &rd, &cs),
+        }
+    }
+
     /// Causal GQA attention of n_tokens queries at positions *pos.. over caches holding
     /// keys and values of positions 0..*pos + n_tokens (`pos_host` = *pos, for the checks).
     /// f32 caches: the exact SIMT kernel (f32 throughout); bf16 caches: tensor cores (q and
@@ -165,6 +231,7 @@ impl Gpu {
         hd: usize,
         pos: &CudaSlice<i32>,
         pos0: usize,
+        rope: Option<&RopeTable>,
     ) -> Result<()> {
         let hd_class = match hd {
             1..=32 => 32,
@@ -191,6 +258,12 @@ impl Gpu {
             return Err(KernelError::Shape("attention: K and V caches of different types".into()));
         }
         let (k, v) = (kc.ptr(), vc.ptr());
+        if let Some(r) = rope {
+            if kc.t != KvType::Bf16 || r.n_tokens != n_tokens || r.rotary_dim > hd {
+                return Err(KernelError::Shape("attention: RoPE is fused into the bf16 tensor-core kernel only, with a table for these tokens".into()));
+            }
+        }
+        let (rd, cs) = RopeTable::args(rope);
         match kc.t {
             KvType::F32 => {
                 let name = match hd_class {
@@ -229,7 +302,7 @@ impl Gpu {
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                launch!(self, Source::Flash, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale)
+                launch!(self, Source::Flash, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs)
             }
         }
     }
@@ -267,8 +340,9 @@ impl Gpu {
         pos: &CudaSlice<i32>,
         pos_host: usize,
         splits: usize,
+        rope: Option<&RopeTable>,
     ) -> Result<()> {
-        self.attend_decode_staged(q, kc, vc, out, (n_heads, n_kv_heads, hd), pos, pos_host, splits, DECODE_STAGES)
+        self.attend_decode_staged(q, kc, vc, out, (n_heads, n_kv_heads, hd), (pos, pos_host), splits, DECODE_STAGES, rope)
     }
 
     /// [`Gpu::attend_decode`] with `stages` (2 or 3) K/V tile buffers per block in the
@@ -281,10 +355,10 @@ impl Gpu {
         vc: &KvBuf,
         out: &mut CudaViewMut<'_, f32>,
         (n_heads, n_kv_heads, hd): (usize, usize, usize),
-        pos: &CudaSlice<i32>,
-        pos_host: usize,
+        (pos, pos_host): (&CudaSlice<i32>, usize),
         splits: usize,
         stages: usize,
+        rope: Option<&RopeTable>,
     ) -> Result<()> {
         let name = match (kc.kv_type(), hd) {
             (KvType::F32, 1..=32) => "attend_split_f32_32",
@@ -312,7 +386,12 @@ impl Gpu {
             return Err(KernelError::Shape("attention: K and V caches of different types".into()));
         }
         let (k, v) = (kc.ptr(), vc.ptr());
-        if kc.t == KvType::Bf16 && hd.is_multiple_of(8) {
+        let tensor_cores = kc.t == KvType::Bf16 && hd.is_multiple_of(8);
+        if rope.is_some_and(|r| !tensor_cores || r.n_tokens != 1 || r.rotary_dim > hd) {
+            return Err(KernelError::Shape("decode attention: RoPE is fused into the tensor-core kernel only, with a one-token table".into()));
+        }
+        let (rd, cs) = RopeTable::args(rope);
+        if tensor_cores {
             // tensor cores: the group's heads are the rows of one tile (flash.cu)
             let (name, hd_class) = match (stages, hd) {
                 (2, 1..=32) => ("flash_decode_bf16_32", 32usize),
@@ -328,7 +407,7 @@ impl Gpu {
                 .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| drv(name, e))?;
             let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-            launch!(self, Source::Flash, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
+            launch!(self, Source::Flash, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale, &rd, &cs)?;
         } else {
             launch!(self, Source::Attention, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
         }

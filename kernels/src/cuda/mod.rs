@@ -24,7 +24,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::KernelError;
-pub use attention::{KvBuf, KvType};
+pub use attention::{KvBuf, KvType, RopeTable};
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct};

@@ -263,19 +263,28 @@ impl GpuModel {
                         let (Some(mut qs), Some(mut ks), Some(vs)) = (ys.next(), ys.next(), ys.next()) else {
                             return Err(ModelError::Input("attention products missing".into()));
                         };
-                        g.rope(&mut qs.as_view_mut(), n, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
-                        g.rope(&mut ks.as_view_mut(), n, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, pos)?;
                         let (kc, vc) = session.kv[l].as_mut().ok_or_else(|| ModelError::Input(format!("layer {l} has no KV cache")))?;
-                        g.kv_append(&ks.as_view(), kc, pos, pos_host, n, kv_dim)?;
+                        let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+                        // the tensor-core kernels apply RoPE as they read q and append k; the
+                        // f32 kernels take q and k rotated by the rope kernel
+                        let fused = self.kv_type == KvType::Bf16 && hd % 8 == 0 && c.rotary_dim > 0;
+                        let table = if fused { Some(g.rope_table(n, c.rotary_dim, c.rope_theta, pos)?) } else { None };
+                        match &table {
+                            Some(t) => g.kv_append_roped(&ks.as_view(), kc, pos, pos_host, (n, kv_dim, hd), t)?,
+                            None => {
+                                g.rope(&mut qs.as_view_mut(), n, a_dim, hd, c.rotary_dim, c.rope_theta, pos)?;
+                                g.rope(&mut ks.as_view_mut(), n, kv_dim, hd, c.rotary_dim, c.rope_theta, pos)?;
+                                g.kv_append(&ks.as_view(), kc, pos, pos_host, n, kv_dim)?;
+                            }
+                        }
                         g.kv_append(&vs.as_view(), vc, pos, pos_host, n, kv_dim)?;
                         let mut o = g.alloc::<f32>(n * a_dim)?;
                         let qv = qs.as_view();
-                        let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
                         if n == 1 {
                             let splits = g.decode_splits(session.capacity, kv_heads);
-                            g.attend_decode(&qv, kc, vc, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits)?;
+                            g.attend_decode(&qv, kc, vc, &mut o.as_view_mut(), heads, kv_heads, hd, pos, pos_host, splits, table.as_ref())?;
                         } else {
-                            g.attend(&qv, kc, vc, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host)?;
+                            g.attend(&qv, kc, vc, &mut o.as_view_mut(), n, heads, kv_heads, hd, pos, pos_host, table.as_ref())?;
                         }
                         (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
                     }
