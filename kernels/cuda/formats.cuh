@@ -114,10 +114,14 @@ struct Q4_0 {
 // two (scale, min) pairs once for 64 values.
 struct Q4_K {
     __device__ static int units(int cols) { return cols >> 6; }
+    // The block's 16-byte header in one load: d and dmin (f16) in .x, the 12 bytes of
+    // packed 6-bit scales and mins in .y, .z, .w. Blocks are 144 bytes from a 256-byte
+    // aligned start, so every header is 16-byte aligned.
+    __device__ static uint4 header(const u8* b) { return *(const uint4*)b; }
     // sub-block k's 6-bit scale and min (branch-free: lanes of one warp take different k)
-    __device__ static void scale_min(const u8* q, int k, float& sc, float& m) {
-        int lo = k & 3;
-        int a = q[lo], b = q[lo + 4], c = q[lo + 8];
+    __device__ static void scale_min(const uint4& h, int k, float& sc, float& m) {
+        int sh = (k & 3) * 8;
+        int a = (h.y >> sh) & 0xFF, b = (h.z >> sh) & 0xFF, c = (h.w >> sh) & 0xFF;
         int s_lo = a & 63, m_lo = b & 63;
         int s_hi = (c & 0xF) | ((a >> 6) << 4), m_hi = (c >> 4) | ((b >> 6) << 4);
         sc = (float)(k < 4 ? s_lo : s_hi);
@@ -155,10 +159,11 @@ struct Q4_K {
         int j = u & 3;
         const int4* qp = (const int4*)(b + 16 + (j << 5));
         int4 q0 = qp[0], q1 = qp[1];
-        float d = f16_to_f32(*(const u16*)b), dmin = f16_to_f32(*(const u16*)(b + 2));
+        uint4 hd = header(b);
+        float d = f16_to_f32((u16)(hd.x & 0xFFFF)), dmin = f16_to_f32((u16)(hd.x >> 16));
         float sc0, m0, sc1, m1;
-        scale_min(b + 4, 2 * j, sc0, m0);
-        scale_min(b + 4, 2 * j + 1, sc1, m1);
+        scale_min(hd, 2 * j, sc0, m0);
+        scale_min(hd, 2 * j + 1, sc1, m1);
         const int M = 0x0F0F0F0F;
         int lo = dp4a(q0.x & M, x.l[0], 0);
         lo = dp4a(q0.y & M, x.l[1], lo); lo = dp4a(q0.z & M, x.l[2], lo); lo = dp4a(q0.w & M, x.l[3], lo);
@@ -173,9 +178,10 @@ struct Q4_K {
         const u8* b = w + (size_t)r * (cols >> 8) * 144 + (size_t)(c >> 8) * 144;
         int wi = c & 255, j = wi >> 6, high = (wi >> 5) & 1, l = wi & 31;
         uint2 q = *(const uint2*)(b + 16 + j * 32 + l);
+        uint4 hd = header(b);
         float sc, m;
-        scale_min(b + 4, 2 * j + high, sc, m);
-        float d = f16_to_f32(*(const u16*)b) * sc, mn = f16_to_f32(*(const u16*)(b + 2)) * m;
+        scale_min(hd, 2 * j + high, sc, m);
+        float d = f16_to_f32((u16)(hd.x & 0xFFFF)) * sc, mn = f16_to_f32((u16)(hd.x >> 16)) * m;
         int shift = high * 4;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
