@@ -29,22 +29,7 @@ impl Gpu {
     /// Page-locks the pages that hold `ranges` (merged where pages touch), read-only. An
     /// error leaves nothing registered.
     pub fn pin_host(&self, ranges: &[&[u8]]) -> Result<Vec<HostPin>> {
-        let mut spans: Vec<(usize, usize)> = ranges
-            .iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| {
-                let start = r.as_ptr() as usize;
-                (start / PAGE * PAGE, (start + r.len()).div_ceil(PAGE) * PAGE)
-            })
-            .collect();
-        spans.sort_unstable();
-        let mut merged: Vec<(usize, usize)> = Vec::new();
-        for (s, e) in spans {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
-        }
+        let merged = page_spans(ranges.iter().map(|r| (r.as_ptr() as usize, r.len())));
         self.ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
         let mut pins = Vec::with_capacity(merged.len());
         for (s, e) in merged {
@@ -60,10 +45,42 @@ impl Gpu {
     }
 }
 
+/// The whole pages that hold the byte ranges (address, length), merged where they touch
+/// or overlap, in address order: what can be registered once each.
+pub fn page_spans(ranges: impl IntoIterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
+    let mut spans: Vec<(usize, usize)> =
+        ranges.into_iter().filter(|&(_, len)| len > 0).map(|(start, len)| (start / PAGE * PAGE, (start + len).div_ceil(PAGE) * PAGE)).collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    for (s, e) in spans {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
 impl Drop for HostPin {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
         // SAFETY: base was registered by pin_host and not yet unregistered.
         let _ = unsafe { sys::cuMemHostUnregister(self.base as *mut std::ffi::c_void) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_become_whole_merged_pages() {
+        // inside one page; straddling two pages; touching those pages; far away; empty
+        let got = page_spans([(5 * PAGE + 10, 20), (7 * PAGE - 1, 2), (8 * PAGE, PAGE), (20 * PAGE + 1, 1), (30 * PAGE, 0)]);
+        // pages 5, 6-7 and 8 touch: one registration
+        assert_eq!(got, vec![(5 * PAGE, 9 * PAGE), (20 * PAGE, 21 * PAGE)]);
+        // overlapping and unordered ranges merge into one span
+        assert_eq!(page_spans([(3 * PAGE, 2 * PAGE), (PAGE, 3 * PAGE)]), vec![(PAGE, 5 * PAGE)]);
+        assert!(page_spans([]).is_empty());
     }
 }
