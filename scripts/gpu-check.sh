@@ -7,10 +7,14 @@
 #                                        full logs to $OUT (or /tmp/gpu-check), and print
 #                                        a table of every check last
 #
-# The device tool carries carry/ over: run(command="scripts/gpu-check.sh run", carry=["carry"]).
+# The device tool carries carry/ over: run(command="scripts/gpu-check.sh run", carry=["carry/gpu"]).
+# A branch beside main: STAGE=carry/branch scripts/gpu-check.sh build (here, on the branch),
+# then OUT=$OUT/branch STAGE=carry/branch scripts/gpu-check.sh run there, carrying both folders (the tracked
+# tree is ~38 MB of the 64 MiB, so leave out what a run does not need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=carry/gpu
+# STAGE=carry/other to stage and run a second build (a branch) beside carry/gpu.
+STAGE=${STAGE:-carry/gpu}
 # Test targets that hold GPU tests (each marked #[ignore = "needs a GPU"]).
 TARGETS=(gpu_kernels gpu_forward)
 
