@@ -13,6 +13,31 @@
 #define FQ 64  // queries per block
 #define FK 64  // keys per tile
 
+// This lane's A fragments of a 16-row tile of queries: rows gid (p0) and gid + 8 (p1;
+// null: a row past the end, zeros), dims kk*16 + 2 tig (+1, +8, +9). Each value is rotated
+// by partial NeoX RoPE as it is read (table rows c0, c1; rd 0: none), scaled by
+// scale * log2(e) for the exp2 softmax and rounded to bf16.
+template <int KS>
+__device__ __forceinline__ void q_fragments(u32 (&qf)[KS][4], const float* p0, const float* p1, const float2* c0, const float2* c1, int hd,
+                                            int rd, float scale, int tig) {
+    const float qs = scale * 1.4426950408889634f;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float* p = (i & 1) ? p1 : p0;
+            const float2* c = (i & 1) ? c1 : c0;
+            int d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
+            float a = 0.f, b = 0.f;
+            if (p) {
+                if (d < hd) a = roped(p, d, rd, c) * qs;
+                if (d + 1 < hd) b = roped(p, d + 1, rd, c) * qs;
+            }
+            qf[kk][i] = pack_bf16(a, b);
+        }
+    }
+}
+
 // Starts copying rows j0 .. j0 + FK of KV head g into s[FK][LD] (zeros past `end` and
 // past hd). Whole block; complete after cp_async_wait and __syncthreads. hd % 8 == 0.
 template <int HD>
@@ -41,25 +66,11 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
     const int end = pos0 + min(n_tokens, tile * FQ + FQ);  // keys any query of the block sees
     const int last = pos0 + min(n_tokens - 1, t0 + 15);    // the warp's last query position
 
-    // Q fragments (A operands), scaled for exp2 and rounded to bf16.
-    const float qs = scale * 1.4426950408889634f;
+    // Q fragments (A operands): RoPE with each row's position, scaled for exp2, bf16
+    const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * hd : nullptr;
+    const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * hd : nullptr;
     u32 qf[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int r = (i & 1) ? r1 : r0, d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
-            float a = 0.f, b = 0.f;
-            if (r < n_tokens) {
-                // RoPE fused: rows rotated with their position's table row (rd 0: none)
-                const float* p = q + (size_t)r * width + (size_t)h * hd;
-                const float2* cr = cs + (size_t)r * (rd >> 1);
-                if (d < hd) a = roped(p, d, rd, cr) * qs;
-                if (d + 1 < hd) b = roped(p, d + 1, rd, cr) * qs;
-            }
-            qf[kk][i] = pack_bf16(a, b);
-        }
-    }
+    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), hd, rd, scale, tig);
     float o[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
@@ -199,23 +210,11 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
     const int len = *pos + 1, per = (len + splits - 1) / splits;
     const int j_begin = min(len, s * per), j_end = min(len, j_begin + per);
 
-    const float qs = scale * 1.4426950408889634f;
+    // Q fragments: the group's heads as rows, all at the one position (table row 0)
+    const float* q0 = gid < group ? q + (size_t)(g * group + gid) * hd : nullptr;
+    const float* q1 = gid + 8 < group ? q + (size_t)(g * group + gid + 8) * hd : nullptr;
     u32 qf[KS][4];
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int r = (i & 1) ? gid + 8 : gid, d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
-            float a = 0.f, b = 0.f;
-            if (r < group) {
-                // RoPE fused: every head at the one position, table row 0 (rd 0: none)
-                const float* p = q + (size_t)(g * group + r) * hd;
-                if (d < hd) a = roped(p, d, rd, cs) * qs;
-                if (d + 1 < hd) b = roped(p, d + 1, rd, cs) * qs;
-            }
-            qf[kk][i] = pack_bf16(a, b);
-        }
-    }
+    q_fragments<KS>(qf, q0, q1, cs, cs, hd, rd, scale, tig);
     float o[DT][4];
 #pragma unroll
     for (int i = 0; i < DT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;

@@ -145,6 +145,27 @@ __device__ void lightning_fetch(float* rq, float* rk, float* rv, const float* ba
     cp_async_commit();
 }
 
+// A warp's part of the state in mma accumulator layout, s[mt][nt][e] = S[warp*32 + mt*16
+// + gid (+8 for e >= 2)][c0 + nt*8 + 2 tig (+1 for odd e)]: read from st (STORE false;
+// zeros outside hd x hd) or written back (STORE true).
+template <int NT, bool STORE>
+__device__ __forceinline__ void state_tile(float (&s)[2][NT][4], float* st, int hd, int warp, int gid, int tig, int c0) {
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int a = warp * 32 + mt * 16 + gid + (e & 2) * 4, b = c0 + nt * 8 + tig * 2 + (e & 1);
+                bool in = a < hd && b < hd;
+                if (STORE) {
+                    if (in) st[(size_t)a * hd + b] = s[mt][nt][e];
+                } else {
+                    s[mt][nt][e] = in ? st[(size_t)a * hd + b] : 0.f;
+                }
+            }
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd, int act) {
     constexpr int LDQ = LHD + 8, LDV = LW + 8, KS = LHD / 16, NT = LW / 8, CT = LC / 8;
@@ -163,15 +184,7 @@ extern "C" __global__ void __launch_bounds__(128)
 
     // this warp's state rows warp*32 + mt*16 (+ gid, + 8), columns c0 + nt*8 + 2 tig (+1)
     float s[2][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int a = warp * 32 + mt * 16 + gid + (e & 2) * 4, b = c0 + nt * 8 + tig * 2 + (e & 1);
-                s[mt][nt][e] = (a < hd && b < hd) ? st[(size_t)a * hd + b] : 0.f;
-            }
+    state_tile<NT, false>(s, st, hd, warp, gid, tig, c0);
 
     // hd % 4 == 0: the next chunk's f32 q, k and v columns stream into `raw` (cp.async)
     // while this one is computed; otherwise each chunk is loaded directly
@@ -321,13 +334,5 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
     }
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int a = warp * 32 + mt * 16 + gid + (e & 2) * 4, b = c0 + nt * 8 + tig * 2 + (e & 1);
-                if (a < hd && b < hd) st[(size_t)a * hd + b] = s[mt][nt][e];
-            }
+    state_tile<NT, true>(s, st, hd, warp, gid, tig, c0);
 }

@@ -24,6 +24,7 @@ pub(super) fn grid1(n: usize, block: u32) -> LaunchConfig {
 
 /// Activations quantized for the int8 matrix-vector kernels: values [rows, cols] and one
 /// scale per 32 values.
+#[derive(Clone)]
 pub struct QAct {
     pub q: CudaSlice<i8>,
     pub d: CudaSlice<f32>,

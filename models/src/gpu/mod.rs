@@ -202,16 +202,6 @@ impl GpuModel {
         self.pins.iter().map(|p| p.bytes()).sum()
     }
 
-    /// The rates the cold-expert cost model uses here: copies at the pinned rate where the
-    /// cold experts are page-locked and copied as they are in the file.
-    pub(crate) fn copy_rates(&self, q: mxr_quant::QType) -> DeviceRates {
-        if !self.pins.is_empty() && mxr_kernels::cuda::matrix::as_in_file(q) {
-            self.rates.pinned()
-        } else {
-            self.rates
-        }
-    }
-
     /// Starts (or stops) timing each stage of the forward pass. Timing records two events
     /// on the main stream per stage and waits for nothing, so the work runs as it would
     /// otherwise (decode steps are launched kernel by kernel, not as a graph).
@@ -318,11 +308,11 @@ impl GpuModel {
         let g = &self.gpu;
         let mut out = Vec::with_capacity(ws.len());
         if n <= MATVEC_MAX_TOKENS {
-            let made = match (ws.iter().find(|w| quantized(w.qtype)), pre) {
-                (Some(w), p) if p.is_none_or(|p| p.cols != w.cols || p.rows < n) => Some(g.quantize_act(&x.slice(..n * w.cols), n, w.cols)?),
-                _ => None,
+            let act = match ws.iter().find(|w| quantized(w.qtype)) {
+                Some(w) => Some(self.int8_input(x, n, w.cols, pre)?),
+                None => None,
             };
-            let act = made.as_ref().or(pre);
+            let act = act.as_deref();
             let mut i = 0;
             while i < ws.len() {
                 let w = ws[i];
@@ -351,6 +341,21 @@ impl GpuModel {
             out.push(y);
         }
         Ok(out)
+    }
+
+    /// x's int8 form [rows, cols] for the quantized matrix-vector products: `pre` where it
+    /// is that already (made by the fused norm), else quantized now.
+    pub(crate) fn int8_input<'a>(
+        &self,
+        x: &CudaView<'_, f32>,
+        rows: usize,
+        cols: usize,
+        pre: Option<&'a QAct>,
+    ) -> Result<std::borrow::Cow<'a, QAct>, ModelError> {
+        Ok(match pre {
+            Some(p) if p.cols == cols && p.rows >= rows => std::borrow::Cow::Borrowed(p),
+            _ => std::borrow::Cow::Owned(self.gpu.quantize_act(&x.slice(..rows * cols), rows, cols)?),
+        })
     }
 
     /// y [n, rows] = x · W_eᵀ. F32 weights (the router; F32 files) in f32; all others on

@@ -102,9 +102,8 @@ impl GpuModel {
         let (d, h) = (c.dim, c.hidden_dim);
         let mut gate = g.alloc::<f32>(pairs * h)?;
         let mut up = g.alloc::<f32>(pairs * h)?;
-        let fits = pre.filter(|p| p.cols == d && p.rows >= x_rows);
-        let made = if quantized(gate_exps.qtype) && fits.is_none() { Some(g.quantize_act(&x.slice(..x_rows * d), x_rows, d)?) } else { None };
-        let act = made.as_ref().or(fits).filter(|_| quantized(gate_exps.qtype));
+        let act = if quantized(gate_exps.qtype) { Some(self.int8_input(x, x_rows, d, pre)?) } else { None };
+        let act = act.as_deref();
         match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols) {
             // gate and up in one launch
             Some(a) => g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?,

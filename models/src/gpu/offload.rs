@@ -52,42 +52,50 @@ impl GpuModel {
         let flops = 2.0 * 3.0 * d as f64 * h as f64;
         let mut copy: Vec<usize> = Vec::new();
         let qtype = host.matrix(&hl.gate_exps).qtype;
-        let rates = self.copy_rates(qtype);
+        // copies straight from the page-locked mapping (types kept as in the file) go at the
+        // pinned rate
         let direct = mxr_kernels::cuda::matrix::as_in_file(qtype) && self.pinned_bytes() > 0;
+        let rates = if direct { self.rates.pinned() } else { self.rates };
         for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
             let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
             if rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
                 copy.push(e);
             }
         }
-        // Stacks for experts copied straight from the page-locked mapping: allocated before
-        // the resident products are queued, so that their copies on the side stream wait for
-        // the allocation only, and run beside those products.
-        let stack_of = |t: &crate::model::Tensor, rows: usize| -> Result<GpuMatrix, ModelError> {
+        // The copied experts' stacks: gate, up and down rows per expert.
+        let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
+        // Straight from the page-locked mapping: the stacks are allocated before the resident
+        // products are queued, so that their copies on the side stream wait for the
+        // allocation only, and run beside those products.
+        let empty = |(t, rows): (&crate::model::Tensor, usize)| -> Result<GpuMatrix, ModelError> {
             let m = host.rows(t, 0, rows);
             Ok(GpuMatrix::empty(g, m.qtype, copy.len(), rows, m.cols)?)
         };
-        let stacks =
-            if direct && !copy.is_empty() { Some([stack_of(&hl.gate_exps, h)?, stack_of(&hl.up_exps, h)?, stack_of(&hl.down_exps, d)?]) } else { None };
+        let direct = if direct && !copy.is_empty() { Some([empty(parts[0])?, empty(parts[1])?, empty(parts[2])?]) } else { None };
         // GPU part: queued now, runs while the copies and the CPU work below.
         let mats = layer.experts();
         self.pairs_on_gpu(mats, &hot, &hot_slots, x, &mut y)?;
         if !copy.is_empty() {
             // the routed cold experts' weights, once for this batch, then the same grouped
             // products as resident experts
-            let filled = |t: &crate::model::Tensor, rows: usize, stack: Option<GpuMatrix>| -> Result<GpuMatrix, ModelError> {
-                if let Some(mut m) = stack {
-                    for (i, &e) in copy.iter().enumerate() {
-                        m.copy_expert_side(g, i, host.rows(t, e * rows, rows).data)?;
+            let [gm, um, dm] = match direct {
+                Some(mut stacks) => {
+                    for (m, (t, rows)) in stacks.iter_mut().zip(parts) {
+                        for (i, &e) in copy.iter().enumerate() {
+                            m.copy_expert_side(g, i, host.rows(t, e * rows, rows).data)?;
+                        }
                     }
-                    return Ok(m);
+                    stacks
                 }
-                let (q, cols) = (host.rows(t, 0, rows).qtype, host.rows(t, 0, rows).cols);
-                let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
-                Ok(GpuMatrix::upload(g, q, copy.len(), rows, cols, &data)?)
+                None => {
+                    let upload = |(t, rows): (&crate::model::Tensor, usize)| -> Result<GpuMatrix, ModelError> {
+                        let m = host.rows(t, 0, rows);
+                        let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
+                        Ok(GpuMatrix::upload(g, m.qtype, copy.len(), rows, m.cols, &data)?)
+                    };
+                    [upload(parts[0])?, upload(parts[1])?, upload(parts[2])?]
+                }
             };
-            let [sg, su, sd] = stacks.map_or([None, None, None], |[a, b, c]| [Some(a), Some(b), Some(c)]);
-            let (gm, um, dm) = (filled(&hl.gate_exps, h, sg)?, filled(&hl.up_exps, h, su)?, filled(&hl.down_exps, d, sd)?);
             // the same products (and arithmetic) as resident experts of a batch this size
             let (mut pairs, mut slots) = (Vec::new(), Vec::new());
             for (i, &e) in copy.iter().enumerate() {
