@@ -222,6 +222,11 @@ impl GpuModel {
         // next products' input in one kernel.
         let mut pending: Option<(CudaSlice<f32>, f32, f32)> = None;
         let quick = n <= MATVEC_MAX_TOKENS;
+        // RoPE's rotations for these positions, made once for every softmax layer: the
+        // tensor-core kernels (bf16 caches) apply them as they read q and append k
+        let has_softmax = self.layers.iter().any(|l| matches!(l.attn, GpuAttention::Softmax { .. }));
+        let fused_rope = has_softmax && self.kv_type == KvType::Bf16 && c.head_dim % 8 == 0 && c.rotary_dim > 0;
+        let table = if fused_rope { Some(g.rope_table(n, c.rotary_dim, c.rope_theta, pos)?) } else { None };
         for (l, layer) in self.layers.iter().enumerate() {
             let stage = match layer.attn {
                 GpuAttention::Lightning { .. } => "lightning attention",
@@ -267,8 +272,6 @@ impl GpuModel {
                         let (heads, kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
                         // the tensor-core kernels apply RoPE as they read q and append k; the
                         // f32 kernels take q and k rotated by the rope kernel
-                        let fused = self.kv_type == KvType::Bf16 && hd % 8 == 0 && c.rotary_dim > 0;
-                        let table = if fused { Some(g.rope_table(n, c.rotary_dim, c.rope_theta, pos)?) } else { None };
                         match &table {
                             Some(t) => g.kv_append_roped(&ks.as_view(), kc, pos, pos_host, (n, kv_dim, hd), t)?,
                             None => {
