@@ -123,11 +123,7 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
                 mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
                 mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
             }
-#pragma unroll
-            for (int o_ = 1; o_ < 4; o_ <<= 1) {
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
-            }
+            quad_max(mx0, mx1);
             // rows past the prompt, or with no key yet, keep m = -inf: guard the exponents
             float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
             float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
@@ -169,11 +165,7 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
         __syncthreads();  // before the next iteration refills this stage
     }
     // the row sums are spread over the group's 4 lanes
-#pragma unroll
-    for (int o_ = 1; o_ < 4; o_ <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
-    }
+    quad_sum(l0, l1);
     float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
 #pragma unroll
     for (int dt = 0; dt < DT; dt++) {
@@ -271,11 +263,7 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
                 mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
                 mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
             }
-#pragma unroll
-            for (int o_ = 1; o_ < 4; o_ <<= 1) {
-                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
-                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
-            }
+            quad_max(mx0, mx1);
             // jw < j_end: every row has a valid key here, so the new maxima are finite
             float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
             float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
@@ -311,11 +299,7 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
         __syncthreads();  // before the next iteration refills this tile's buffer
     }
     cp_async_wait<0>();  // (only empty groups remain)
-#pragma unroll
-    for (int o_ = 1; o_ < 4; o_ <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
-    }
+    quad_sum(l0, l1);
     // merge the warps: wm[w][r], wl[w][r], wo[w][r][d] over the (now idle) tile buffers
     float* wm = (float*)smem;
     float* wl = wm + WARPS * 16;

@@ -46,3 +46,20 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
+
+// A C-fragment row is spread over the 4 lanes of a group (tig 0..3): the maximum or the
+// sum of each of a lane's two rows over its group, in every lane of the group.
+__device__ __forceinline__ void quad_max(float& a, float& b) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
+    }
+}
+__device__ __forceinline__ void quad_sum(float& a, float& b) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+}
