@@ -282,7 +282,17 @@ fn norm_and_elementwise() {
     g.gather_rows(&gx.as_view(), &gi.as_view(), 1, 5, width, &mut y.as_view_mut()).unwrap();
     let want: Vec<f32> = idx.iter().flat_map(|&i| x[i as usize * width..(i as usize + 1) * width].to_vec()).collect();
     assert_eq!(g.download(&y.as_view()).unwrap(), want, "gather_rows");
-    // into bf16, and with two output rows per source row (div 2)
+    // into bf16, and with two output rows per source row (div 2). The embedding gather of
+    // a bf16 matrix (width a multiple of 8) runs first: its kernel has the same name in
+    // another module, and the function cache must tell the two apart
+    let ew = 64;
+    let embed: Vec<u16> = x[..5 * ew].iter().map(|&v| f32_to_bf16(v)).collect();
+    let bytes: Vec<u8> = embed.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let ge = GpuMatrix::upload(&g, QType::BF16, 1, 5, ew, &bytes).unwrap();
+    let mut ye = g.zeros::<f32>(5 * ew).unwrap();
+    g.gather_embed(&ge, &gi, 5, &mut ye.as_view_mut()).unwrap();
+    let want: Vec<f32> = idx.iter().flat_map(|&i| embed[i as usize * ew..(i as usize + 1) * ew].iter().map(|&v| bf16_to_f32(v))).collect();
+    assert_eq!(g.download(&ye.as_view()).unwrap(), want, "gather_embed bf16");
     let mut yb = g.zeros::<u16>(5 * width).unwrap();
     g.gather_rows_bf16(&gx.as_view(), &gi.as_view(), 2, 5, width, &mut yb.as_view_mut()).unwrap();
     let want: Vec<u16> =
@@ -369,7 +379,9 @@ fn lightning_ref(qkv: &[f32], n: usize, heads: usize, hd: usize, decay: &[f32], 
 fn lightning_matches_the_recurrence() {
     let g = gpu();
     // the last three: several chunks of the tensor-core kernel, a partial last chunk
-    for (hd, heads, n) in [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17), (24, 3, 9), (100, 2, 5), (128, 3, 300), (64, 2, 129), (100, 2, 70)] {
+    for (hd, heads, n) in
+        [(16, 3, 1), (64, 2, 37), (128, 4, 100), (32, 5, 17), (24, 3, 9), (100, 2, 5), (128, 3, 300), (64, 2, 129), (100, 2, 70)]
+    {
         let qkv = Rng::new(12).normals(n * heads * 3 * hd, 0.3);
         let decay: Vec<f32> = (0..heads).map(|h| (-0.1 * (h as f64 + 1.0)).exp() as f32).collect();
         let init = Rng::new(13).normals(heads * hd * hd, 0.2);
@@ -548,9 +560,15 @@ fn rope_and_attention() {
                     let table = g.rope_table(1, rd, theta, &gpos_last).unwrap();
                     let raw = g.upload(&q[last * width..]).unwrap();
                     let mut fo = g.zeros::<f32>(width).unwrap();
-                    g.attend_decode_staged(&raw.as_view(), &gk, &gv, &mut fo.as_view_mut(), shape, at, splits, stages, Some(&table)).unwrap();
+                    g.attend_decode_staged(&raw.as_view(), &gk, &gv, &mut fo.as_view_mut(), shape, at, splits, stages, Some(&table))
+                        .unwrap();
                     let same = g.download(&fo.as_view()).unwrap() == g.download(&go.as_view()).unwrap();
-                    check("attend_decode, RoPE fused", &format!("{case}, {splits} splits, {stages} stages"), if same { 0.0 } else { 1.0 }, 0.0);
+                    check(
+                        "attend_decode, RoPE fused",
+                        &format!("{case}, {splits} splits, {stages} stages"),
+                        if same { 0.0 } else { 1.0 },
+                        0.0,
+                    );
                 }
                 let d = diff(&g.download(&go.as_view()).unwrap(), &want[last * width..]);
                 // tensor cores round q and the probabilities to bf16 as the prefill kernel does

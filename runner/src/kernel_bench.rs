@@ -116,7 +116,17 @@ pub fn run(g: &Gpu) -> Result<()> {
                 let splits = g.decode_splits_staged(depth, 8, stages);
                 let s = time(g, 20, || {
                     let shape = (heads, 8, hd);
-                    Ok(g.attend_decode_staged(&q.as_view(), &kc, &vc, &mut out.as_view_mut(), shape, (&pos, depth - 1), splits, stages, None)?)
+                    Ok(g.attend_decode_staged(
+                        &q.as_view(),
+                        &kc,
+                        &vc,
+                        &mut out.as_view_mut(),
+                        shape,
+                        (&pos, depth - 1),
+                        splits,
+                        stages,
+                        None,
+                    )?)
                 })?;
                 let what = if t == KvType::Bf16 { format!("bf16 KV, {stages} stages") } else { format!("{} KV", t.name()) };
                 row("attention decode", &what, &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);

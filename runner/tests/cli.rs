@@ -589,7 +589,13 @@ fn calibrate_devices_measures_and_saves_the_offload_rates() {
     let out = Command::new(env!("CARGO_BIN_EXE_mxr")).args(["bench", "--calibrate-devices"]).env("MXR_CACHE_DIR", &dir).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    for row in ["host memory read", "CPU expert, 1 token", "CPU expert, 64 tokens", "cost model (pageable copies):", "cost model (page-locked copies):"] {
+    for row in [
+        "host memory read",
+        "CPU expert, 1 token",
+        "CPU expert, 64 tokens",
+        "cost model (pageable copies):",
+        "cost model (page-locked copies):",
+    ] {
         assert!(text.contains(row), "{row}: {text}");
     }
     let j: Json = serde_json::from_str(&std::fs::read_to_string(dir.join("devices.json")).unwrap()).unwrap();

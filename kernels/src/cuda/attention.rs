@@ -260,7 +260,9 @@ impl Gpu {
         let (k, v) = (kc.ptr(), vc.ptr());
         if let Some(r) = rope {
             if kc.t != KvType::Bf16 || r.n_tokens != n_tokens || r.rotary_dim > hd {
-                return Err(KernelError::Shape("attention: RoPE is fused into the bf16 tensor-core kernel only, with a table for these tokens".into()));
+                return Err(KernelError::Shape(
+                    "attention: RoPE is fused into the bf16 tensor-core kernel only, with a table for these tokens".into(),
+                ));
             }
         }
         let (rd, cs) = RopeTable::args(rope);
@@ -388,7 +390,9 @@ impl Gpu {
         let (k, v) = (kc.ptr(), vc.ptr());
         let tensor_cores = kc.t == KvType::Bf16 && hd.is_multiple_of(8);
         if rope.is_some_and(|r| !tensor_cores || r.n_tokens != 1 || r.rotary_dim > hd) {
-            return Err(KernelError::Shape("decode attention: RoPE is fused into the tensor-core kernel only, with a one-token table".into()));
+            return Err(KernelError::Shape(
+                "decode attention: RoPE is fused into the tensor-core kernel only, with a one-token table".into(),
+            ));
         }
         let (rd, cs) = RopeTable::args(rope);
         if tensor_cores {
@@ -406,7 +410,8 @@ impl Gpu {
             self.function(Source::Flash, name)?
                 .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| drv(name, e))?;
-            let cfg = LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+            let cfg =
+                LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
             launch!(self, Source::Flash, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale, &rd, &cs)?;
         } else {
             launch!(self, Source::Attention, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;

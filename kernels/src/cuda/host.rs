@@ -48,8 +48,11 @@ impl Gpu {
 /// The whole pages that hold the byte ranges (address, length), merged where they touch
 /// or overlap, in address order: what can be registered once each.
 pub fn page_spans(ranges: impl IntoIterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
-    let mut spans: Vec<(usize, usize)> =
-        ranges.into_iter().filter(|&(_, len)| len > 0).map(|(start, len)| (start / PAGE * PAGE, (start + len).div_ceil(PAGE) * PAGE)).collect();
+    let mut spans: Vec<(usize, usize)> = ranges
+        .into_iter()
+        .filter(|&(_, len)| len > 0)
+        .map(|(start, len)| (start / PAGE * PAGE, (start + len).div_ceil(PAGE) * PAGE))
+        .collect();
     spans.sort_unstable();
     let mut merged: Vec<(usize, usize)> = Vec::new();
     for (s, e) in spans {

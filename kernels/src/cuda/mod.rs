@@ -9,9 +9,9 @@
 
 pub mod attention;
 pub mod blas;
-pub mod matrix;
 pub mod host;
 pub mod lightning;
+pub mod matrix;
 pub mod nvrtc;
 pub mod ops;
 pub mod pages;
@@ -100,7 +100,8 @@ pub struct Gpu {
     arch: &'static str,
     nvrtc_version: (i32, i32),
     modules: Mutex<HashMap<Source, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    // keyed by module and name: two modules may define kernels of one name
+    functions: Mutex<HashMap<(Source, &'static str), CudaFunction>>,
     /// Nanoseconds the host has spent blocked on the GPU (downloads and syncs), for
     /// `mxr bench`: wall time minus this is the time the host spent issuing work.
     waited_ns: std::sync::atomic::AtomicU64,
@@ -229,12 +230,12 @@ impl Gpu {
 
     /// The kernel `name` of `source`.
     pub(crate) fn function(&self, source: Source, name: &'static str) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.lock().map_err(|_| KernelError::Threads("function cache poisoned".into()))?.get(name) {
+        if let Some(f) = self.functions.lock().map_err(|_| KernelError::Threads("function cache poisoned".into()))?.get(&(source, name)) {
             return Ok(f.clone());
         }
         let (m, _) = self.module(source)?;
         let f = m.load_function(name).map_err(|e| drv(name, e))?;
-        self.functions.lock().map_err(|_| KernelError::Threads("function cache poisoned".into()))?.insert(name, f.clone());
+        self.functions.lock().map_err(|_| KernelError::Threads("function cache poisoned".into()))?.insert((source, name), f.clone());
         Ok(f)
     }
 

@@ -213,7 +213,10 @@ impl Gpu {
         }
         let n_rows = pairs.div_ceil(x_div.max(1));
         if act.rows < n_rows || act.cols != cols {
-            return Err(KernelError::Shape(format!("matvec_pair: quantized input is {}x{}, the products need {n_rows}x{cols}", act.rows, act.cols)));
+            return Err(KernelError::Shape(format!(
+                "matvec_pair: quantized input is {}x{}, the products need {n_rows}x{cols}",
+                act.rows, act.cols
+            )));
         }
         need("matvec_pair", "y0", pairs * w0.rows, y0.len())?;
         need("matvec_pair", "y1", pairs * w1.rows, y1.len())?;
@@ -234,11 +237,14 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let (s0, s1) = (w0.stride as i64, w1.stride as i64);
-        let (r0, r1, c, xd) = (int("matvec_pair", w0.rows)?, int("matvec_pair", w1.rows)?, int("matvec_pair", cols)?, int("matvec_pair", x_div.max(1))?);
+        let (r0, r1, c, xd) =
+            (int("matvec_pair", w0.rows)?, int("matvec_pair", w1.rows)?, int("matvec_pair", cols)?, int("matvec_pair", x_div.max(1))?);
         let name = per_type!("matvec2_", w0.qtype);
         let null = 0u64;
         match ids {
-            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, ids, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1),
+            Some(ids) => {
+                launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, ids, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1)
+            }
             None => launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, &null, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1),
         }
     }
@@ -452,7 +458,8 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int(name, n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg =
+            LaunchConfig { grid_dim: ((width as u32).div_ceil(256), int(name, n)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (d, w) = (int(name, div.max(1))?, int(name, width)?);
         launch!(self, Source::Elementwise, name, cfg, src, idx, &d, &w, dst)
     }

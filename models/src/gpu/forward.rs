@@ -258,7 +258,8 @@ impl GpuModel {
                         // the output's norm and gate in one kernel, with the out product's
                         // int8 input for decode
                         let eps = c.lightning_norm_eps as f32;
-                        let act = g.rmsnorm_fused(&mut o.as_view_mut(), None, norm, Some(&gv.as_view()), eps, quick && quantized(out.qtype))?;
+                        let act =
+                            g.rmsnorm_fused(&mut o.as_view_mut(), None, norm, Some(&gv.as_view()), eps, quick && quantized(out.qtype))?;
                         let mut ys = self.linear_many_with(&[out], &o.as_view(), n, act.as_ref())?;
                         (ys.pop().ok_or_else(|| ModelError::Input("lightning output product missing".into()))?, c.residual_lightning)
                     }
