@@ -136,6 +136,38 @@ struct Record {
     /// GPU: mean seconds per repetition the host spent blocked on the GPU; the rest of
     /// the repetition's time it spent issuing work.
     host_wait: Option<f64>,
+    /// With experts in host memory: the cold experts this test read, per token.
+    cold: Option<Cold>,
+}
+
+/// Cold experts (in host memory) used per token of a test, and the host's read rate that
+/// bounds them (issue 7's bound: decode cannot beat cold bytes / host bandwidth).
+#[derive(Clone, Copy)]
+struct Cold {
+    copied: f64,
+    on_cpu: f64,
+    bytes: f64,
+    host_gbps: f64,
+}
+
+/// Cold-expert counters so far: (copied, on the CPU, bytes), None without offload.
+fn cold_counts(l: &Loaded) -> Option<(u64, u64, u64)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    match &l.backend {
+        Backend::Cuda(g) if g.offloaded => Some((g.copied_experts.load(Relaxed), g.cpu_experts.load(Relaxed), g.cold_bytes.load(Relaxed))),
+        _ => None,
+    }
+}
+
+/// The cold experts per token between two readings of [`cold_counts`].
+fn cold_per_token(l: &Loaded, before: Option<(u64, u64, u64)>, tokens: usize) -> Option<Cold> {
+    let (a, b) = (before?, cold_counts(l)?);
+    let host_gbps = match &l.backend {
+        Backend::Cuda(g) => g.rates.host_read_gbps,
+        Backend::Cpu(_) => return None,
+    };
+    let per = |x: u64, y: u64| (y - x) as f64 / tokens.max(1) as f64;
+    Some(Cold { copied: per(a.0, b.0), on_cpu: per(a.1, b.1), bytes: per(a.2, b.2), host_gbps })
 }
 
 /// Seconds the host has spent blocked on the GPU so far (None on the CPU).
@@ -234,9 +266,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // warm-up at the full size, as llama-bench does: kernels compiled, scratch buffers
         // and the memory pool grown, cuBLAS's choices for these shapes made
         prefill(&l, n, a.batch_size, 0)?;
-        let w0 = waited(&l);
+        let (w0, c0) = (waited(&l), cold_counts(&l));
         let seconds = (0..a.reps).map(|r| prefill(&l, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
+        let cold = cold_per_token(&l, c0, n * a.reps);
         let mut profile = None;
         if a.profile {
             profiling(true);
@@ -246,13 +279,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         // average causal depth n/2 for the softmax layers
         let per_token = w.flops_per_token + w.attn_flops_per_pair * n as f64 / 2.0;
-        records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile, host_wait });
+        records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile, host_wait, cold });
     }
     if a.n_gen > 0 {
         decode(&l, 2, 0)?;
-        let w0 = waited(&l);
+        let (w0, c0) = (waited(&l), cold_counts(&l));
         let seconds = (0..a.reps).map(|r| decode(&l, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
+        let cold = cold_per_token(&l, c0, a.n_gen * a.reps);
         let mut profile = None;
         if a.profile {
             profiling(true);
@@ -261,7 +295,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             profiling(false);
         }
         let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
-        records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile, host_wait });
+        records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile, host_wait, cold });
     }
     for &d in a.depth.iter().filter(|&&d| d > 0) {
         // warm-up: kernels and buffers for these shapes (a full-size one would cost as much
@@ -276,6 +310,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             per_token,
             profile: None,
             host_wait: None,
+            cold: None,
         });
         if a.n_gen > 0 {
             let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * (d as f64 + a.n_gen as f64 / 2.0);
@@ -287,6 +322,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 per_token,
                 profile: None,
                 host_wait: None,
+                cold: None,
             });
         }
     }
@@ -321,6 +357,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             if let Some(w) = r.host_wait {
                 j["host_wait_seconds"] = serde_json::json!(w);
+            }
+            if let Some(c) = r.cold {
+                j["cold_experts"] = serde_json::json!({"copied_per_token": c.copied, "on_cpu_per_token": c.on_cpu,
+                    "bytes_per_token": c.bytes, "host_read_gb_per_s": c.host_gbps, "host_bound_seconds_per_token": c.bytes / (c.host_gbps * 1e9)});
             }
             if let Some(p) = &r.profile {
                 let stages: Vec<serde_json::Value> = p
@@ -374,6 +414,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 w * 1e3,
                 mean * 1e3,
                 100.0 * w / mean.max(1e-12)
+            );
+        }
+    }
+    for r in &records {
+        if let Some(c) = r.cold {
+            println!(
+                "cold experts {}: {:.2} per token ({:.2} copied to the GPU, {:.2} on the CPU), {:.1} MB per token: at least {:.3} ms at the host's {:.1} GB/s",
+                r.test,
+                c.copied + c.on_cpu,
+                c.copied,
+                c.on_cpu,
+                c.bytes / 1e6,
+                c.bytes / (c.host_gbps * 1e9) * 1e3,
+                c.host_gbps
             );
         }
     }

@@ -271,7 +271,7 @@ fn profiling_times_every_stage_and_changes_nothing() {
 }
 
 /// Expert offload (issue 7): with experts in host memory (computed on the CPU from the
-/// mapped file) the logits equal those of the all-GPU placement: the CPU's ggml kernels
+/// mapped file) the logits stay as close to the all-GPU placement as the CPU model is: for Q8_0 the CPU's ggml kernels
 /// quantize activations as the GPU's matrix-vector kernels do, so decode agrees closely;
 /// prefill of more than 8 tokens mixes bf16 (GPU experts) and int8 activations (CPU experts).
 #[test]
@@ -295,6 +295,14 @@ fn every_expert_placement_gives_the_same_logits() {
             out
         };
         let all = run(&gpu_model(&m));
+        // The CPU's experts quantize activations as ggml does for the type (q8_0 blocks of
+        // 32 for Q8_0, q8_K blocks of 256 for Q4_K), the GPU's in int8 blocks of 32. So the
+        // budget is the larger of 2e-2 and 1.25x the whole CPU model's distance from the
+        // GPU's: offload may not be further from the GPU than the CPU model is.
+        let mut cs = Session::new(c);
+        let cpu: Vec<f32> = prompt.chunks(4).flat_map(|ch| forward(&m, &mut cs, ch, Logits::All, Threads::all()).unwrap()).collect();
+        let cpu_gap = diff(&cpu, &all).max_abs;
+        let budget = (1.25 * cpu_gap).max(2e-2);
         let sizes = Sizes::of(&m, 64, 4, 0);
         let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
         let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
@@ -315,9 +323,9 @@ fn every_expert_placement_gives_the_same_logits() {
             let top1 = top1_same(&got, &all, c.vocab_size);
             // the host's experts are page-locked (or the driver said why not)
             let pinned = g.pinned_bytes() > 0;
-            let ok = d.max_abs <= 2e-2 && top1.0 == top1.1 && (pinned || g.pin_note.is_some());
+            let ok = d.max_abs <= budget && top1.0 == top1.1 && (pinned || g.pin_note.is_some());
             println!(
-                "CHECK expert offload vs all on GPU | nano {q}, {name} ({} of {} experts on GPU, {}) | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}",
+                "CHECK expert offload vs all on GPU | nano {q}, {name} ({} of {} experts on GPU, {}) | max abs {:.2e}, top-1 {}/{} | {budget:.1e} (CPU model {cpu_gap:.2e}) | {}",
                 p.experts_on_gpu(),
                 c.n_experts * c.n_layers,
                 g.pin_note.clone().unwrap_or_else(|| format!("{} KiB page-locked", g.pinned_bytes() / 1024)),

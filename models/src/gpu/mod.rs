@@ -71,6 +71,11 @@ pub struct GpuModel {
     pub rates: DeviceRates,
     /// Cold experts copied to the GPU for a batch so far (for the placement summary).
     pub copied_experts: std::sync::atomic::AtomicU64,
+    /// Cold experts computed on the CPU so far.
+    pub cpu_experts: std::sync::atomic::AtomicU64,
+    /// Bytes of cold experts' weights read from host memory so far (copied or computed on
+    /// the CPU): what issue 7's bound divides by the host's bandwidth.
+    pub cold_bytes: std::sync::atomic::AtomicU64,
     /// The mapped file's cold expert tensors, page-locked so that copying them to the GPU
     /// runs at DMA speed (empty without offload, or where the driver refused: `pin_note`).
     pins: Vec<mxr_kernels::cuda::host::HostPin>,
@@ -192,6 +197,8 @@ impl GpuModel {
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
             copied_experts: std::sync::atomic::AtomicU64::new(0),
+            cpu_experts: std::sync::atomic::AtomicU64::new(0),
+            cold_bytes: std::sync::atomic::AtomicU64::new(0),
             pins,
             pin_note,
         })

@@ -56,12 +56,18 @@ impl GpuModel {
         // pinned rate
         let direct = mxr_kernels::cuda::matrix::as_in_file(qtype) && self.pinned_bytes() > 0;
         let rates = if direct { self.rates.pinned() } else { self.rates };
+        let (mut cold_bytes, mut on_cpu) = (0, 0);
         for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
             let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
+            cold_bytes += b;
             if rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
                 copy.push(e);
+            } else {
+                on_cpu += 1;
             }
         }
+        self.cold_bytes.fetch_add(cold_bytes, std::sync::atomic::Ordering::Relaxed);
+        self.cpu_experts.fetch_add(on_cpu, std::sync::atomic::Ordering::Relaxed);
         // The copied experts' stacks: gate, up and down rows per expert.
         let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
         // Straight from the page-locked mapping: the stacks are allocated before the resident
