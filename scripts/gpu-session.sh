@@ -38,7 +38,7 @@ for s in "${steps[@]}"; do
     [ $rc -eq 0 ] || { echo "step $s failed ($rc)"; status=1; }
     case "$s" in
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
-    offload) grep -E "^==|placement|cost model|cold experts read|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
+    offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done

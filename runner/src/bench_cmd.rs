@@ -113,15 +113,29 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Deterministic token ids spread over the vocabulary.
-fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+/// The token ids a test draws from: the vocabulary less the ids the model never produces
+/// (all-zero embedding rows, `tokenizer.ggml.suppress_tokens`). A synthetic slice has real
+/// embeddings only for the tokens of its corpus; on a zero row every layer sees zeros and
+/// routes every token to the same (tied) experts, which no real text does.
+fn token_pool(l: &Loaded) -> Vec<u32> {
+    let suppressed: std::collections::HashSet<u32> = l.tokenizer.suppress.iter().copied().collect();
+    let pool: Vec<u32> = (0..l.model.config.vocab_size as u32).filter(|t| !suppressed.contains(t)).collect();
+    if pool.is_empty() {
+        (0..l.model.config.vocab_size as u32).collect()
+    } else {
+        pool
+    }
+}
+
+/// Deterministic token ids spread over `pool`.
+fn tokens(n: usize, pool: &[u32], seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            (s % vocab as u64) as u32
+            pool[(s % pool.len().max(1) as u64) as usize]
         })
         .collect()
 }
@@ -183,8 +197,8 @@ fn wait_per_rep(before: Option<f64>, after: Option<f64>, reps: usize) -> Option<
     Some((after? - before?) / reps.max(1) as f64)
 }
 
-fn prefill(l: &Loaded, n: usize, batch: usize, rep: usize) -> Result<f64> {
-    let ids = tokens(n, l.model.config.vocab_size, rep as u64 + 1);
+fn prefill(l: &Loaded, pool: &[u32], n: usize, batch: usize, rep: usize) -> Result<f64> {
+    let ids = tokens(n, pool, rep as u64 + 1);
     let mut st = l.new_state()?;
     let t = Instant::now();
     for chunk in ids.chunks(batch.max(1)) {
@@ -195,8 +209,8 @@ fn prefill(l: &Loaded, n: usize, batch: usize, rep: usize) -> Result<f64> {
 
 /// Seconds to prefill `depth` tokens from an empty context, then seconds to decode `n`
 /// tokens after them.
-fn at_depth(l: &Loaded, depth: usize, n: usize, batch: usize, rep: usize) -> Result<(f64, f64)> {
-    let ids = tokens(depth + n, l.model.config.vocab_size, 2000 + rep as u64);
+fn at_depth(l: &Loaded, pool: &[u32], depth: usize, n: usize, batch: usize, rep: usize) -> Result<(f64, f64)> {
+    let ids = tokens(depth + n, pool, 2000 + rep as u64);
     let mut st = l.new_state()?;
     let t = Instant::now();
     for chunk in ids[..depth].chunks(batch.max(1)) {
@@ -210,8 +224,8 @@ fn at_depth(l: &Loaded, depth: usize, n: usize, batch: usize, rep: usize) -> Res
     Ok((prefill, t.elapsed().as_secs_f64()))
 }
 
-fn decode(l: &Loaded, n: usize, rep: usize) -> Result<f64> {
-    let ids = tokens(n, l.model.config.vocab_size, 1000 + rep as u64);
+fn decode(l: &Loaded, pool: &[u32], n: usize, rep: usize) -> Result<f64> {
+    let ids = tokens(n, pool, 1000 + rep as u64);
     let mut st = l.new_state()?;
     let t = Instant::now();
     for &id in &ids {
@@ -261,19 +275,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Backend::Cpu(_) => None,
         })
     };
+    let pool = token_pool(&l);
     let mut records = Vec::new();
     for &n in a.n_prompt.iter().filter(|&&n| n > 0) {
         // warm-up at the full size, as llama-bench does: kernels compiled, scratch buffers
         // and the memory pool grown, cuBLAS's choices for these shapes made
-        prefill(&l, n, a.batch_size, 0)?;
+        prefill(&l, &pool, n, a.batch_size, 0)?;
         let (w0, c0) = (waited(&l), cold_counts(&l));
-        let seconds = (0..a.reps).map(|r| prefill(&l, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
+        let seconds = (0..a.reps).map(|r| prefill(&l, &pool, n, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
         let cold = cold_per_token(&l, c0, n * a.reps);
         let mut profile = None;
         if a.profile {
             profiling(true);
-            prefill(&l, n, a.batch_size, 0)?;
+            prefill(&l, &pool, n, a.batch_size, 0)?;
             profile = take()?;
             profiling(false);
         }
@@ -282,15 +297,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile, host_wait, cold });
     }
     if a.n_gen > 0 {
-        decode(&l, 2, 0)?;
+        decode(&l, &pool, 2, 0)?;
         let (w0, c0) = (waited(&l), cold_counts(&l));
-        let seconds = (0..a.reps).map(|r| decode(&l, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
+        let seconds = (0..a.reps).map(|r| decode(&l, &pool, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
         let cold = cold_per_token(&l, c0, a.n_gen * a.reps);
         let mut profile = None;
         if a.profile {
             profiling(true);
-            decode(&l, a.n_gen, 0)?;
+            decode(&l, &pool, a.n_gen, 0)?;
             profile = take()?;
             profiling(false);
         }
@@ -300,8 +315,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for &d in a.depth.iter().filter(|&&d| d > 0) {
         // warm-up: kernels and buffers for these shapes (a full-size one would cost as much
         // as a repetition at a million tokens)
-        at_depth(&l, d.min(4096), a.n_gen.min(2), a.batch_size, 0)?;
-        let runs = (0..a.reps).map(|r| at_depth(&l, d, a.n_gen, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
+        at_depth(&l, &pool, d.min(4096), a.n_gen.min(2), a.batch_size, 0)?;
+        let runs = (0..a.reps).map(|r| at_depth(&l, &pool, d, a.n_gen, a.batch_size, r)).collect::<Result<Vec<_>>>()?;
         let per_token = w.flops_per_token + w.attn_flops_per_pair * d as f64 / 2.0;
         records.push(Record {
             test: format!("pp{d}"),
