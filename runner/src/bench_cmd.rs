@@ -178,7 +178,7 @@ fn cold_per_token(l: &Loaded, before: Option<(u64, u64, u64)>, tokens: usize) ->
     let (a, b) = (before?, cold_counts(l)?);
     let host_gbps = match &l.backend {
         Backend::Cuda(g) => g.rates.host_read_gbps,
-        Backend::Cpu(_) => return None,
+        _ => return None,
     };
     let per = |x: u64, y: u64| (y - x) as f64 / tokens.max(1) as f64;
     Some(Cold { copied: per(a.0, b.0), on_cpu: per(a.1, b.1), bytes: per(a.2, b.2), host_gbps })
