@@ -11,10 +11,12 @@ use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
+use mxr_models::gpu::split::SplitModel;
 use mxr_models::gpu::GpuModel;
+use mxr_models::layer_split::{split, LayerBytes};
 use mxr_models::layers::PatternSummary;
 use mxr_models::offload_cost::DeviceRates;
-use mxr_models::placement::{plan, ExpertStats, Placement, Policy, Sizes};
+use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, Sizes};
 use mxr_models::Model;
 
 use crate::interrupt::{Interrupt, Interrupted};
@@ -49,6 +51,11 @@ pub struct ModelArgs {
     /// stay in host memory and run on the CPU.
     #[arg(long)]
     pub gpu_mem: Option<f64>,
+    /// GPUs to split the layers over, e.g. 0,1 (default: every visible GPU). Contiguous
+    /// layers per GPU, balanced by bytes; the embedding on the first, lm_head on the last;
+    /// --gpu-mem then applies to each.
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Option<Vec<usize>>,
     /// Routing statistics from `mxr calibrate` (which experts are popular).
     #[arg(long)]
     pub expert_stats: Option<PathBuf>,
@@ -83,18 +90,111 @@ impl KvArg {
 /// GPU memory kept free for activations, scratch and cuBLAS workspaces.
 const GPU_MARGIN: u64 = 2 << 30;
 
+/// --gpus as written: at least one GPU, none twice (checked before looking for GPUs).
+fn check_gpu_list(a: &ModelArgs) -> Result<()> {
+    if let Some(list) = &a.gpus {
+        if list.is_empty() {
+            bail!("--gpus: name at least one GPU (e.g. 0,1)");
+        }
+        let mut seen = list.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != list.len() {
+            bail!("--gpus {}: a GPU is named twice", list.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(())
+}
+
+/// The GPUs to use: --gpus, or every visible one.
+fn gpu_list(a: &ModelArgs) -> Result<Vec<usize>> {
+    match &a.gpus {
+        Some(list) => {
+            let n = Gpu::count()?;
+            if let Some(bad) = list.iter().find(|&&g| g >= n) {
+                bail!("--gpus: GPU {bad} asked for, but there are {n} (0 to {})", n.saturating_sub(1));
+            }
+            Ok(list.clone())
+        }
+        None => Ok((0..Gpu::count()?).collect()),
+    }
+}
+
+/// Routing statistics from --expert-stats, if given.
+fn expert_stats(a: &ModelArgs, c: &mxr_models::Config) -> Result<Option<ExpertStats>> {
+    match &a.expert_stats {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+            Ok(Some(ExpertStats::from_json(&j, c).with_context(|| p.display().to_string())?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The model's layers split over several GPUs (issue 10): cut by bytes in proportion to
+/// each GPU's budget (--gpu-mem each, or its free memory), each GPU placing its own
+/// layers' experts; the plan printed per GPU.
+fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -> Result<Backend> {
+    let c = &model.config;
+    let started = Instant::now();
+    let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>, _>>()?;
+    let budgets = gpus
+        .iter()
+        .map(|g| match a.gpu_mem {
+            Some(gib) if gib > 0.0 && gib.is_finite() => Ok((gib * (1u64 << 30) as f64) as u64),
+            Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
+            None => Ok(g.memory()?.0 as u64),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let stats = expert_stats(a, c)?;
+    let policy = if a.cpu_moe {
+        Policy::CpuMoe
+    } else if let Some(n) = a.n_cpu_moe {
+        Policy::NCpuMoe(n)
+    } else {
+        Policy::Budget(0) // each GPU's own budget
+    };
+    let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
+    let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes() as f64));
+    let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
+    for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
+        let on: usize = sh.placement.on_gpu[sh.layers.clone()].iter().flatten().filter(|&&b| b).count();
+        let all = sh.layers.len() * c.n_experts;
+        eprintln!(
+            "GPU {i} ({}): layers {}-{}, budget {:.2} GiB, experts on the GPU {on} of {all}",
+            g.info().name,
+            sh.layers.start,
+            sh.layers.end - 1,
+            sh.budget as f64 / (1u64 << 30) as f64
+        );
+    }
+    let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
+    let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
+    let mut m = SplitModel::upload(model, gpus, &ranges, &placements)?;
+    let offloaded = m.parts.iter().any(|p| p.offloaded);
+    let rates = match (offloaded, DeviceRates::cache_path()) {
+        (true, Some(f)) => DeviceRates::load(&f)?,
+        _ => None,
+    };
+    for p in &mut m.parts {
+        p.kv_type = a.kv_type.kv_type();
+        p.rates = rates.unwrap_or(DeviceRates::DEFAULT);
+    }
+    eprintln!(
+        "uploaded {:.2} GiB of weights to {} GPUs in {:.1} s",
+        m.weight_bytes() as f64 / (1u64 << 30) as f64,
+        m.parts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Backend::Split(Box::new(m)))
+}
+
 /// Where the experts go on this GPU (see mxr_models::placement), and the routing
 /// statistics it used.
 fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Placement, Option<ExpertStats>)> {
     let c = &model.config;
-    let stats = match &a.expert_stats {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
-            Some(ExpertStats::from_json(&j, c).with_context(|| p.display().to_string())?)
-        }
-        None => None,
-    };
+    let stats = expert_stats(a, c)?;
     let policy = if a.cpu_moe {
         Policy::CpuMoe
     } else if let Some(n) = a.n_cpu_moe {
@@ -227,7 +327,26 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     if device == Device::Cpu {
         return Ok(Backend::Cpu(threads));
     }
-    let gpu = match Gpu::open(0) {
+    check_gpu_list(a)?;
+    let ordinals = match gpu_list(a) {
+        Ok(o) => o,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: no GPU used ({e})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => bail!("--device cuda: {e}"),
+    };
+    if ordinals.len() > 1 {
+        return match split_backend(a, model, &ordinals, ctx) {
+            Ok(b) => Ok(b),
+            Err(e) if device == Device::Auto => {
+                eprintln!("device: the GPUs were not used ({e:#})");
+                Ok(Backend::Cpu(threads))
+            }
+            Err(e) => Err(e).context("--device cuda"),
+        };
+    }
+    let gpu = match Gpu::open(ordinals[0]) {
         Ok(g) => g,
         Err(e) if device == Device::Auto => {
             eprintln!("device: no GPU used ({e})");
@@ -327,6 +446,10 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     match &backend {
         Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels), KV cache f32 ({} B/token)", t.0, kv_elems * 4),
         Backend::Cuda(g) => eprintln!("device: {}, KV cache {} ({} B/token)", g.gpu.info(), g.kv_type.name(), kv_elems * g.kv_type.bytes()),
+        Backend::Split(m) => {
+            let t = m.parts[0].kv_type;
+            eprintln!("device: {} GPUs, layers split, KV cache {} ({} B/token)", m.parts.len(), t.name(), kv_elems * t.bytes())
+        }
     }
     Ok(Loaded { model, tokenizer, threads, ctx, backend })
 }
