@@ -120,6 +120,26 @@ fn gpu_list(a: &ModelArgs) -> Result<Vec<usize>> {
     }
 }
 
+/// The GPU memory to plan with: --gpu-mem, or the card's free memory.
+fn gpu_budget(a: &ModelArgs, gpu: &Gpu) -> Result<u64> {
+    match a.gpu_mem {
+        Some(gib) if gib > 0.0 && gib.is_finite() => Ok((gib * (1u64 << 30) as f64) as u64),
+        Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
+        None => Ok(gpu.memory()?.0 as u64),
+    }
+}
+
+/// --cpu-moe, --n-cpu-moe N, or else the experts that fit `budget`.
+fn expert_policy(a: &ModelArgs, budget: impl FnOnce() -> Result<u64>) -> Result<Policy> {
+    Ok(if a.cpu_moe {
+        Policy::CpuMoe
+    } else if let Some(n) = a.n_cpu_moe {
+        Policy::NCpuMoe(n)
+    } else {
+        Policy::Budget(budget()?)
+    })
+}
+
 /// Routing statistics from --expert-stats, if given.
 fn expert_stats(a: &ModelArgs, c: &mxr_models::Config) -> Result<Option<ExpertStats>> {
     match &a.expert_stats {
@@ -139,22 +159,10 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     let c = &model.config;
     let started = Instant::now();
     let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>, _>>()?;
-    let budgets = gpus
-        .iter()
-        .map(|g| match a.gpu_mem {
-            Some(gib) if gib > 0.0 && gib.is_finite() => Ok((gib * (1u64 << 30) as f64) as u64),
-            Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
-            None => Ok(g.memory()?.0 as u64),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let budgets = gpus.iter().map(|g| gpu_budget(a, g)).collect::<Result<Vec<_>>>()?;
     let stats = expert_stats(a, c)?;
-    let policy = if a.cpu_moe {
-        Policy::CpuMoe
-    } else if let Some(n) = a.n_cpu_moe {
-        Policy::NCpuMoe(n)
-    } else {
-        Policy::Budget(0) // each GPU's own budget
-    };
+    // with a budget, each GPU's own
+    let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
     let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes() as f64));
     let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
@@ -195,18 +203,7 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
 fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Placement, Option<ExpertStats>)> {
     let c = &model.config;
     let stats = expert_stats(a, c)?;
-    let policy = if a.cpu_moe {
-        Policy::CpuMoe
-    } else if let Some(n) = a.n_cpu_moe {
-        Policy::NCpuMoe(n)
-    } else {
-        let budget = match a.gpu_mem {
-            Some(gib) if gib > 0.0 && gib.is_finite() => (gib * (1u64 << 30) as f64) as u64,
-            Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
-            None => gpu.memory()?.0 as u64,
-        };
-        Policy::Budget(budget)
-    };
+    let policy = expert_policy(a, || gpu_budget(a, gpu))?;
     let p = plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy).map_err(|e| {
         match a.kv_type {
             // the cheapest fix first: the same context in half the memory
