@@ -167,15 +167,8 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes() as f64));
     let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
     for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
-        let on: usize = sh.placement.on_gpu[sh.layers.clone()].iter().flatten().filter(|&&b| b).count();
-        let all = sh.layers.len() * c.n_experts;
-        eprintln!(
-            "GPU {i} ({}): layers {}-{}, budget {:.2} GiB, experts on the GPU {on} of {all}",
-            g.info().name,
-            sh.layers.start,
-            sh.layers.end - 1,
-            sh.budget as f64 / (1u64 << 30) as f64
-        );
+        // the line `mxr plan --gpus` prints for the same split
+        eprintln!("{} ({}, budget {:.2} GiB)", crate::plan_cmd::share_line(i, sh), g.info().name, sh.budget as f64 / (1u64 << 30) as f64);
     }
     let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
     let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
