@@ -173,14 +173,13 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
     let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
     let mut m = SplitModel::upload(model, gpus, &ranges, &placements)?;
-    let offloaded = m.parts.iter().any(|p| p.offloaded);
-    let rates = match (offloaded, DeviceRates::cache_path()) {
-        (true, Some(f)) => DeviceRates::load(&f)?,
-        _ => None,
-    };
-    for p in &mut m.parts {
-        p.kv_type = a.kv_type.kv_type();
-        p.rates = rates.unwrap_or(DeviceRates::DEFAULT);
+    for (i, (part, pl)) in m.parts.iter_mut().zip(&placements).enumerate() {
+        part.kv_type = a.kv_type.kv_type();
+        if let Some(pl) = pl.as_ref().filter(|pl| pl.host_experts > 0) {
+            // (no statistics line: a part's placement marks other parts' layers as off it)
+            eprint!("GPU {i}: ");
+            offload_setup(part, pl, None, a, model, ctx)?;
+        }
     }
     eprintln!(
         "uploaded {:.2} GiB of weights to {} GPUs in {:.1} s",
@@ -189,6 +188,42 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
         started.elapsed().as_secs_f64()
     );
     Ok(Backend::Split(Box::new(m)))
+}
+
+/// A GPU (or a split's part) with experts in host memory: the cost model's rates
+/// (calibrated, or the defaults) and what the user should know of its cold experts.
+fn offload_setup(g: &mut GpuModel, p: &Placement, stats: Option<&ExpertStats>, a: &ModelArgs, model: &Model, ctx: usize) -> Result<()> {
+    let path = DeviceRates::cache_path();
+    let rates = match &path {
+        Some(f) => DeviceRates::load(f)?,
+        None => None,
+    };
+    let source = match (&rates, &path) {
+        (Some(_), Some(f)) => format!("rates from {}", f.display()),
+        _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
+    };
+    g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
+    eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+    match &g.pin_note {
+        Some(note) => eprintln!("{note}"),
+        None => eprintln!(
+            "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
+            g.pinned_bytes() as f64 / (1u64 << 30) as f64,
+            g.rates.h2d_pinned_gbps
+        ),
+    }
+    if let Some(st) = stats {
+        // issue 7's bound: decode cannot beat the host reads of the cold experts
+        let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
+        let cold = p.cold_bytes_per_token(st, &sizes.expert);
+        eprintln!(
+            "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at the host's {:.1} GB/s",
+            cold / 1e6,
+            cold / (g.rates.host_read_gbps * 1e9) * 1e3,
+            g.rates.host_read_gbps
+        );
+    }
+    Ok(())
 }
 
 /// Where the experts go on this GPU (see mxr_models::placement), and the routing
@@ -361,36 +396,7 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
         Ok(mut g) => {
             g.kv_type = a.kv_type.kv_type();
             if p.host_experts > 0 {
-                let path = DeviceRates::cache_path();
-                let rates = match &path {
-                    Some(f) => DeviceRates::load(f)?,
-                    None => None,
-                };
-                let source = match (&rates, &path) {
-                    (Some(_), Some(f)) => format!("rates from {}", f.display()),
-                    _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
-                };
-                g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
-                eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
-                match &g.pin_note {
-                    Some(note) => eprintln!("{note}"),
-                    None => eprintln!(
-                        "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
-                        g.pinned_bytes() as f64 / (1u64 << 30) as f64,
-                        g.rates.h2d_pinned_gbps
-                    ),
-                }
-                if let Some(st) = &stats {
-                    // issue 7's bound: decode cannot beat the host reads of the cold experts
-                    let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
-                    let cold = p.cold_bytes_per_token(st, &sizes.expert);
-                    eprintln!(
-                        "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at the host's {:.1} GB/s",
-                        cold / 1e6,
-                        cold / (g.rates.host_read_gbps * 1e9) * 1e3,
-                        g.rates.host_read_gbps
-                    );
-                }
+                offload_setup(&mut g, &p, stats.as_ref(), a, model, ctx)?;
             }
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",

@@ -224,7 +224,10 @@ impl GpuModel {
     pub(crate) fn embed(&self, ids: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>, ModelError> {
         let g = &self.gpu;
         let emb = self.token_embd.as_ref().filter(|_| self.first_layer == 0).ok_or_else(|| {
-            ModelError::Input(format!("layers from {} of a split model: the embedding is on the part with the first layer", self.first_layer))
+            ModelError::Input(format!(
+                "layers from {} of a split model: the embedding is on the part with the first layer",
+                self.first_layer
+            ))
         })?;
         self.stage("embed", || {
             let mut x = g.alloc::<f32>(n * self.config.dim)?;
@@ -360,7 +363,8 @@ impl GpuModel {
         let (g, c) = (&self.gpu, &self.config);
         let d = c.dim;
         let lm_head = self.lm_head()?;
-        let norm = self.output_norm.as_ref().ok_or_else(|| ModelError::Input("the final norm is on the part with the last layer".into()))?;
+        let norm =
+            self.output_norm.as_ref().ok_or_else(|| ModelError::Input("the final norm is on the part with the last layer".into()))?;
         let (first, rows) = match which {
             Logits::All => (0, n),
             Logits::Last => (n - 1, 1),

@@ -112,7 +112,12 @@ impl GpuModel {
     /// for 0..n_layers): the embedding with the first layer, the final norm and lm_head with
     /// the last (the embedding too when lm_head is tied to it). `placement` covers every
     /// layer of the model; this part takes its rows.
-    pub fn upload_part(model: &Model, gpu: Gpu, placement: Option<&Placement>, range: std::ops::Range<usize>) -> Result<GpuModel, ModelError> {
+    pub fn upload_part(
+        model: &Model,
+        gpu: Gpu,
+        placement: Option<&Placement>,
+        range: std::ops::Range<usize>,
+    ) -> Result<GpuModel, ModelError> {
         let c = model.config.clone();
         if range.start >= range.end || range.end > c.n_layers {
             return Err(ModelError::Input(format!("layers {range:?} of a model of {} layers", c.n_layers)));

@@ -44,10 +44,20 @@ impl SplitModel {
     /// Uploads layers `ranges[i]` of `model` to `gpus[i]`; the ranges must cover the layers
     /// in order. `placements[i]` (if any) places the experts of part i (rows of other layers
     /// are ignored).
-    pub fn upload(model: &Model, gpus: Vec<Gpu>, ranges: &[Range<usize>], placements: &[Option<Placement>]) -> Result<SplitModel, ModelError> {
+    pub fn upload(
+        model: &Model,
+        gpus: Vec<Gpu>,
+        ranges: &[Range<usize>],
+        placements: &[Option<Placement>],
+    ) -> Result<SplitModel, ModelError> {
         let n_layers = model.config.n_layers;
         if gpus.is_empty() || gpus.len() != ranges.len() || placements.len() != ranges.len() {
-            return Err(ModelError::Input(format!("{} GPUs, {} layer ranges and {} placements", gpus.len(), ranges.len(), placements.len())));
+            return Err(ModelError::Input(format!(
+                "{} GPUs, {} layer ranges and {} placements",
+                gpus.len(),
+                ranges.len(),
+                placements.len()
+            )));
         }
         let mut next = 0;
         for r in ranges {
