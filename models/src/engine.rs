@@ -4,18 +4,22 @@
 use mxr_kernels::cpu::Threads;
 
 use crate::forward::{forward, Logits, Session};
+use crate::gpu::split::{SplitModel, SplitSession};
 use crate::gpu::{GpuModel, GpuSession};
 use crate::{Model, ModelError};
 
 pub enum Backend {
     Cpu(Threads),
     Cuda(Box<GpuModel>),
+    /// Layers split over several GPUs.
+    Split(Box<SplitModel>),
 }
 
 /// One sequence's state, where its backend keeps it.
 pub enum State {
     Cpu(Session),
     Cuda(GpuSession),
+    Split(SplitSession),
 }
 
 impl State {
@@ -23,6 +27,7 @@ impl State {
         match self {
             State::Cpu(s) => s.pos,
             State::Cuda(s) => s.pos,
+            State::Split(s) => s.pos,
         }
     }
 
@@ -31,6 +36,7 @@ impl State {
         match self {
             State::Cpu(s) => &s.tokens,
             State::Cuda(s) => &s.tokens,
+            State::Split(s) => &s.tokens,
         }
     }
 }
@@ -41,6 +47,7 @@ impl Backend {
         Ok(match self {
             Backend::Cpu(_) => State::Cpu(Session::new(&model.config)),
             Backend::Cuda(g) => State::Cuda(GpuSession::new(g, ctx)?),
+            Backend::Split(m) => State::Split(SplitSession::new(m, ctx)?),
         })
     }
 
@@ -48,6 +55,7 @@ impl Backend {
         match (self, state) {
             (Backend::Cpu(t), State::Cpu(s)) => forward(model, s, tokens, which, *t),
             (Backend::Cuda(g), State::Cuda(s)) => g.forward_on(Some(model), s, tokens, which),
+            (Backend::Split(m), State::Split(s)) => m.forward(Some(model), s, tokens, which),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
         }
     }
@@ -57,6 +65,7 @@ impl Backend {
         match (self, state) {
             (_, State::Cpu(s)) => Ok(s.clone()),
             (Backend::Cuda(g), State::Cuda(s)) => s.to_host(g),
+            (Backend::Split(m), State::Split(s)) => s.to_host(m),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
         }
     }
@@ -66,6 +75,7 @@ impl Backend {
         Ok(match self {
             Backend::Cpu(_) => State::Cpu(session),
             Backend::Cuda(g) => State::Cuda(GpuSession::from_host(g, &session, ctx)?),
+            Backend::Split(m) => State::Split(SplitSession::from_host(m, &session, ctx)?),
         })
     }
 
@@ -74,6 +84,7 @@ impl Backend {
         match (self, state) {
             (_, State::Cpu(s)) => Ok(s.expert_counts.clone()),
             (Backend::Cuda(g), State::Cuda(s)) => s.expert_counts(g),
+            (Backend::Split(m), State::Split(s)) => s.expert_counts(m),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
         }
     }
@@ -82,6 +93,7 @@ impl Backend {
         match self {
             Backend::Cpu(t) => format!("cpu, {} threads", t.0),
             Backend::Cuda(g) => g.gpu.info().to_string(),
+            Backend::Split(m) => m.parts.iter().map(|p| p.gpu.info().to_string()).collect::<Vec<_>>().join(" + "),
         }
     }
 }

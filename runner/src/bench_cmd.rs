@@ -188,6 +188,7 @@ fn cold_per_token(l: &Loaded, before: Option<(u64, u64, u64)>, tokens: usize) ->
 fn waited(l: &Loaded) -> Option<f64> {
     match &l.backend {
         Backend::Cuda(g) => Some(g.gpu.host_waited()),
+        Backend::Split(m) => Some(m.parts.iter().map(|p| p.gpu.host_waited()).sum()),
         Backend::Cpu(_) => None,
     }
 }
@@ -251,27 +252,55 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let kv_elem = match &l.backend {
         Backend::Cuda(g) => g.kv_type.bytes(),
+        Backend::Split(m) => m.parts[0].kv_type.bytes(),
         Backend::Cpu(_) => 4,
     };
     let w = work(&l.model, kv_elem);
     let c = &l.model.config;
-    let (bandwidth, peak, device) = match &l.backend {
-        Backend::Cuda(g) => {
-            let bw = g.gpu.copy_bandwidth(1 << 30, 5)?;
-            let name = g.gpu.info().name.clone();
-            let peak = a.peak_tflops.unwrap_or(if name.contains("H100") || name.contains("H200") { 790.0 } else { 0.0 });
-            (Some(bw), peak * 1e12, g.gpu.info().to_string())
-        }
-        Backend::Cpu(t) => (None, a.peak_tflops.unwrap_or(0.0) * 1e12, format!("cpu, {} threads", t.0)),
+    // a split model runs its parts one after another: bandwidth and peak are one card's
+    let card = match &l.backend {
+        Backend::Cuda(g) => Some(&g.gpu),
+        Backend::Split(m) => Some(&m.parts[0].gpu),
+        Backend::Cpu(_) => None,
     };
-    let profiling = |on: bool| {
-        if let Backend::Cuda(g) = &l.backend {
-            g.set_profiling(on);
+    let (bandwidth, peak, device) = match (&l.backend, card) {
+        (_, Some(gpu)) => {
+            let bw = gpu.copy_bandwidth(1 << 30, 5)?;
+            let name = gpu.info().name.clone();
+            let peak = a.peak_tflops.unwrap_or(if name.contains("H100") || name.contains("H200") { 790.0 } else { 0.0 });
+            (Some(bw), peak * 1e12, l.backend.name())
         }
+        (_, None) => (None, a.peak_tflops.unwrap_or(0.0) * 1e12, l.backend.name()),
+    };
+    let profiling = |on: bool| match &l.backend {
+        Backend::Cuda(g) => g.set_profiling(on),
+        Backend::Split(m) => m.parts.iter().for_each(|p| p.set_profiling(on)),
+        Backend::Cpu(_) => {}
     };
     let take = || -> Result<Option<Profile>> {
         Ok(match &l.backend {
             Backend::Cuda(g) => Some(g.take_profile()?),
+            // the parts' stages summed by name; spans and gaps added up
+            Backend::Split(m) => {
+                let mut all = Profile::default();
+                for p in &m.parts {
+                    let one = p.take_profile()?;
+                    all.span += one.span;
+                    all.between += one.between;
+                    for st in one.stages {
+                        match all.stages.iter_mut().find(|s| s.name == st.name) {
+                            Some(s) => {
+                                s.calls += st.calls;
+                                s.gpu += st.gpu;
+                                s.host += st.host;
+                                s.blocked += st.blocked;
+                            }
+                            None => all.stages.push(st),
+                        }
+                    }
+                }
+                Some(all)
+            }
             Backend::Cpu(_) => None,
         })
     };

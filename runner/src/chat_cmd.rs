@@ -94,6 +94,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 let zeros = vec![vec![0u64; chat.l.model.config.n_experts]; chat.l.model.config.n_layers];
                 chat.rebalance = Some((zeros.clone(), zeros));
             }
+            Backend::Split(m) if m.parts.iter().any(|p| p.offloaded) => {
+                eprintln!("--expert-rebalance: not yet for a model split over several GPUs; experts stay where they were placed")
+            }
             _ => eprintln!("--expert-rebalance: every expert is on one device; nothing to rebalance"),
         }
     }

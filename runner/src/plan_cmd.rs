@@ -291,15 +291,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(Ok(p)) => {
             println!("{} x {:.1} GiB: {p}", n_gpus, g(per_gpu));
             for (i, s) in shares.iter().flatten().flatten().enumerate() {
-                println!(
-                    "  GPU {i}: layers {}-{}, weights + KV/state {:.2} GiB, {} experts {:.2} GiB, host {:.2} GiB",
-                    s.layers.start,
-                    s.layers.end - 1,
-                    g(s.placement.resident),
-                    s.placement.experts_on_gpu(),
-                    g(s.placement.gpu_experts),
-                    g(s.placement.host_experts)
-                );
+                println!("  {}", share_line(i, s));
             }
         }
         Some(Err(e)) => println!("{} x {:.1} GiB: {e}", n_gpus, g(per_gpu)),
@@ -326,4 +318,19 @@ fn merge(shares: &[GpuShare]) -> Placement {
         gpu_experts: shares.iter().map(|s| s.placement.gpu_experts).sum(),
         host_experts: shares.iter().map(|s| s.placement.host_experts).sum(),
     }
+}
+
+/// One GPU's share of a layer split, as `mxr plan` prints it and `mxr run --gpus` prints
+/// what it placed: the same line, so that the two can be compared.
+pub fn share_line(i: usize, s: &mxr_models::layer_split::GpuShare) -> String {
+    let g = |b: u64| b as f64 / GIB;
+    format!(
+        "GPU {i}: layers {}-{}, weights + KV/state {:.2} GiB, {} experts {:.2} GiB, host {:.2} GiB",
+        s.layers.start,
+        s.layers.end - 1,
+        g(s.placement.resident),
+        s.placement.experts_on_gpu(),
+        g(s.placement.gpu_experts),
+        g(s.placement.host_experts)
+    )
 }

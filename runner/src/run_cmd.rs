@@ -11,10 +11,12 @@ use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
+use mxr_models::gpu::split::SplitModel;
 use mxr_models::gpu::GpuModel;
+use mxr_models::layer_split::{split, LayerBytes};
 use mxr_models::layers::PatternSummary;
 use mxr_models::offload_cost::DeviceRates;
-use mxr_models::placement::{plan, ExpertStats, Placement, Policy, Sizes};
+use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, Sizes};
 use mxr_models::Model;
 
 use crate::interrupt::{Interrupt, Interrupted};
@@ -49,6 +51,11 @@ pub struct ModelArgs {
     /// stay in host memory and run on the CPU.
     #[arg(long)]
     pub gpu_mem: Option<f64>,
+    /// GPUs to split the layers over, e.g. 0,1 (default: every visible GPU). Contiguous
+    /// layers per GPU, balanced by bytes; the embedding on the first, lm_head on the last;
+    /// --gpu-mem then applies to each.
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Option<Vec<usize>>,
     /// Routing statistics from `mxr calibrate` (which experts are popular).
     #[arg(long)]
     pub expert_stats: Option<PathBuf>,
@@ -83,30 +90,148 @@ impl KvArg {
 /// GPU memory kept free for activations, scratch and cuBLAS workspaces.
 const GPU_MARGIN: u64 = 2 << 30;
 
-/// Where the experts go on this GPU (see mxr_models::placement), and the routing
-/// statistics it used.
-fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Placement, Option<ExpertStats>)> {
-    let c = &model.config;
-    let stats = match &a.expert_stats {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
-            Some(ExpertStats::from_json(&j, c).with_context(|| p.display().to_string())?)
+/// --gpus as written: at least one GPU, none twice (checked before looking for GPUs).
+fn check_gpu_list(a: &ModelArgs) -> Result<()> {
+    if let Some(list) = &a.gpus {
+        if list.is_empty() {
+            bail!("--gpus: name at least one GPU (e.g. 0,1)");
         }
-        None => None,
-    };
-    let policy = if a.cpu_moe {
+        let mut seen = list.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != list.len() {
+            bail!("--gpus {}: a GPU is named twice", list.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(())
+}
+
+/// The GPUs to use: --gpus, or every visible one.
+fn gpu_list(a: &ModelArgs) -> Result<Vec<usize>> {
+    match &a.gpus {
+        Some(list) => {
+            let n = Gpu::count()?;
+            if let Some(bad) = list.iter().find(|&&g| g >= n) {
+                bail!("--gpus: GPU {bad} asked for, but there are {n} (0 to {})", n.saturating_sub(1));
+            }
+            Ok(list.clone())
+        }
+        None => Ok((0..Gpu::count()?).collect()),
+    }
+}
+
+/// The GPU memory to plan with: --gpu-mem, or the card's free memory.
+fn gpu_budget(a: &ModelArgs, gpu: &Gpu) -> Result<u64> {
+    match a.gpu_mem {
+        Some(gib) if gib > 0.0 && gib.is_finite() => Ok((gib * (1u64 << 30) as f64) as u64),
+        Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
+        None => Ok(gpu.memory()?.0 as u64),
+    }
+}
+
+/// --cpu-moe, --n-cpu-moe N, or else the experts that fit `budget`.
+fn expert_policy(a: &ModelArgs, budget: impl FnOnce() -> Result<u64>) -> Result<Policy> {
+    Ok(if a.cpu_moe {
         Policy::CpuMoe
     } else if let Some(n) = a.n_cpu_moe {
         Policy::NCpuMoe(n)
     } else {
-        let budget = match a.gpu_mem {
-            Some(gib) if gib > 0.0 && gib.is_finite() => (gib * (1u64 << 30) as f64) as u64,
-            Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
-            None => gpu.memory()?.0 as u64,
-        };
-        Policy::Budget(budget)
+        Policy::Budget(budget()?)
+    })
+}
+
+/// Routing statistics from --expert-stats, if given.
+fn expert_stats(a: &ModelArgs, c: &mxr_models::Config) -> Result<Option<ExpertStats>> {
+    match &a.expert_stats {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+            Ok(Some(ExpertStats::from_json(&j, c).with_context(|| p.display().to_string())?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The model's layers split over several GPUs (issue 10): cut by bytes in proportion to
+/// each GPU's budget (--gpu-mem each, or its free memory), each GPU placing its own
+/// layers' experts; the plan printed per GPU.
+fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -> Result<Backend> {
+    let c = &model.config;
+    let started = Instant::now();
+    let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>, _>>()?;
+    let budgets = gpus.iter().map(|g| gpu_budget(a, g)).collect::<Result<Vec<_>>>()?;
+    let stats = expert_stats(a, c)?;
+    // with a budget, each GPU's own
+    let policy = expert_policy(a, || Ok(0))?;
+    let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
+    let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes() as f64));
+    let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
+    for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
+        // the line `mxr plan --gpus` prints for the same split
+        eprintln!("{} ({}, budget {:.2} GiB)", crate::plan_cmd::share_line(i, sh), g.info().name, sh.budget as f64 / (1u64 << 30) as f64);
+    }
+    let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
+    let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
+    let mut m = SplitModel::upload(model, gpus, &ranges, &placements)?;
+    for (i, (part, pl)) in m.parts.iter_mut().zip(&placements).enumerate() {
+        part.kv_type = a.kv_type.kv_type();
+        if let Some(pl) = pl.as_ref().filter(|pl| pl.host_experts > 0) {
+            // (no statistics line: a part's placement marks other parts' layers as off it)
+            eprint!("GPU {i}: ");
+            offload_setup(part, pl, None, a, model, ctx)?;
+        }
+    }
+    eprintln!(
+        "uploaded {:.2} GiB of weights to {} GPUs in {:.1} s",
+        m.weight_bytes() as f64 / (1u64 << 30) as f64,
+        m.parts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Backend::Split(Box::new(m)))
+}
+
+/// A GPU (or a split's part) with experts in host memory: the cost model's rates
+/// (calibrated, or the defaults) and what the user should know of its cold experts.
+fn offload_setup(g: &mut GpuModel, p: &Placement, stats: Option<&ExpertStats>, a: &ModelArgs, model: &Model, ctx: usize) -> Result<()> {
+    let path = DeviceRates::cache_path();
+    let rates = match &path {
+        Some(f) => DeviceRates::load(f)?,
+        None => None,
     };
+    let source = match (&rates, &path) {
+        (Some(_), Some(f)) => format!("rates from {}", f.display()),
+        _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
+    };
+    g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
+    eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+    match &g.pin_note {
+        Some(note) => eprintln!("{note}"),
+        None => eprintln!(
+            "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
+            g.pinned_bytes() as f64 / (1u64 << 30) as f64,
+            g.rates.h2d_pinned_gbps
+        ),
+    }
+    if let Some(st) = stats {
+        // issue 7's bound: decode cannot beat the host reads of the cold experts
+        let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
+        let cold = p.cold_bytes_per_token(st, &sizes.expert);
+        eprintln!(
+            "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at the host's {:.1} GB/s",
+            cold / 1e6,
+            cold / (g.rates.host_read_gbps * 1e9) * 1e3,
+            g.rates.host_read_gbps
+        );
+    }
+    Ok(())
+}
+
+/// Where the experts go on this GPU (see mxr_models::placement), and the routing
+/// statistics it used.
+fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Placement, Option<ExpertStats>)> {
+    let c = &model.config;
+    let stats = expert_stats(a, c)?;
+    let policy = expert_policy(a, || gpu_budget(a, gpu))?;
     let p = plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy).map_err(|e| {
         match a.kv_type {
             // the cheapest fix first: the same context in half the memory
@@ -227,7 +352,26 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     if device == Device::Cpu {
         return Ok(Backend::Cpu(threads));
     }
-    let gpu = match Gpu::open(0) {
+    check_gpu_list(a)?;
+    let ordinals = match gpu_list(a) {
+        Ok(o) => o,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: no GPU used ({e})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => bail!("--device cuda: {e}"),
+    };
+    if ordinals.len() > 1 {
+        return match split_backend(a, model, &ordinals, ctx) {
+            Ok(b) => Ok(b),
+            Err(e) if device == Device::Auto => {
+                eprintln!("device: the GPUs were not used ({e:#})");
+                Ok(Backend::Cpu(threads))
+            }
+            Err(e) => Err(e).context("--device cuda"),
+        };
+    }
+    let gpu = match Gpu::open(ordinals[0]) {
         Ok(g) => g,
         Err(e) if device == Device::Auto => {
             eprintln!("device: no GPU used ({e})");
@@ -252,36 +396,7 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
         Ok(mut g) => {
             g.kv_type = a.kv_type.kv_type();
             if p.host_experts > 0 {
-                let path = DeviceRates::cache_path();
-                let rates = match &path {
-                    Some(f) => DeviceRates::load(f)?,
-                    None => None,
-                };
-                let source = match (&rates, &path) {
-                    (Some(_), Some(f)) => format!("rates from {}", f.display()),
-                    _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
-                };
-                g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
-                eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
-                match &g.pin_note {
-                    Some(note) => eprintln!("{note}"),
-                    None => eprintln!(
-                        "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
-                        g.pinned_bytes() as f64 / (1u64 << 30) as f64,
-                        g.rates.h2d_pinned_gbps
-                    ),
-                }
-                if let Some(st) = &stats {
-                    // issue 7's bound: decode cannot beat the host reads of the cold experts
-                    let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
-                    let cold = p.cold_bytes_per_token(st, &sizes.expert);
-                    eprintln!(
-                        "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at the host's {:.1} GB/s",
-                        cold / 1e6,
-                        cold / (g.rates.host_read_gbps * 1e9) * 1e3,
-                        g.rates.host_read_gbps
-                    );
-                }
+                offload_setup(&mut g, &p, stats.as_ref(), a, model, ctx)?;
             }
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",
@@ -327,6 +442,10 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     match &backend {
         Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels), KV cache f32 ({} B/token)", t.0, kv_elems * 4),
         Backend::Cuda(g) => eprintln!("device: {}, KV cache {} ({} B/token)", g.gpu.info(), g.kv_type.name(), kv_elems * g.kv_type.bytes()),
+        Backend::Split(m) => {
+            let t = m.parts[0].kv_type;
+            eprintln!("device: {} GPUs, layers split, KV cache {} ({} B/token)", m.parts.len(), t.name(), kv_elems * t.bytes())
+        }
     }
     Ok(Loaded { model, tokenizer, threads, ctx, backend })
 }

@@ -223,6 +223,14 @@ fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
     let empty = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "", "-n", "3"]);
     assert_eq!(empty.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&empty.stderr).contains("the prompt is empty"));
+    // a GPU named twice in --gpus is an error before any GPU is looked for
+    let twice = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "x", "-n", "1", "--gpus", "0,1,0"]);
+    assert_eq!(twice.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains("--gpus 0,1,0: a GPU is named twice"),
+        "{}",
+        String::from_utf8_lossy(&twice.stderr)
+    );
     if let Err(why) = mxr_kernels::cuda::probe() {
         let cuda = mxr(&["run", "-m", gguf.to_str().unwrap(), "-p", "x", "--device", "cuda"]);
         assert_eq!(cuda.status.code(), Some(1));

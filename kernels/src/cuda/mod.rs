@@ -130,6 +130,11 @@ pub fn probe() -> std::result::Result<usize, String> {
 }
 
 impl Gpu {
+    /// How many GPUs the driver sees.
+    pub fn count() -> Result<usize> {
+        probe().map_err(KernelError::NoGpu)
+    }
+
     /// Opens GPU `ordinal`.
     pub fn open(ordinal: usize) -> Result<Gpu> {
         let n = probe().map_err(KernelError::NoGpu)?;
@@ -288,6 +293,28 @@ impl Gpu {
         self.side.synchronize().map_err(|e| drv("upload", e))?;
         self.waited(t);
         Ok(())
+    }
+
+    /// A copy on this GPU of `x`, which lives on `src` (another GPU, or another [`Gpu`] of
+    /// the same device): device to device, peer to peer where the driver can. The copy
+    /// waits for `src`'s queued work, and `src`'s later work (freeing `x` included) waits
+    /// for the copy.
+    pub fn take_from<T: DeviceRepr>(&self, src: &Gpu, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        let mut y = self.alloc::<T>(x.len())?;
+        self.copy_from(src, x, &mut y)?;
+        Ok(y)
+    }
+
+    /// dst (on this GPU) = x (on `src`), ordered as [`Gpu::take_from`].
+    pub fn copy_from<T: DeviceRepr>(&self, src: &Gpu, x: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
+        if x.len() != dst.len() {
+            return Err(KernelError::Length { op: "copy between GPUs", what: "destination", expected: x.len(), actual: dst.len() });
+        }
+        let ready = src.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
+        self.stream.wait(&ready).map_err(|e| drv("stream wait", e))?;
+        self.stream.memcpy_dtod(x, dst).map_err(|e| drv("copying between GPUs", e))?;
+        let done = self.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
+        src.stream.wait(&done).map_err(|e| drv("stream wait", e))
     }
 
     pub fn write<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {

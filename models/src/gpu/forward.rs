@@ -43,7 +43,8 @@ impl GpuSession {
         let g = &m.gpu;
         let mut lightning = Vec::new();
         let mut kv = Vec::new();
-        for kind in &c.layers {
+        // this part's layers (all of them on one GPU)
+        for kind in &c.layers[m.first_layer..m.first_layer + m.layers.len()] {
             match kind {
                 LayerKind::Lightning => {
                     lightning.push(Some(g.zeros::<f32>(c.n_heads * c.head_dim * c.head_dim)?));
@@ -57,7 +58,7 @@ impl GpuSession {
                 }
             }
         }
-        let counts = (0..c.n_layers).map(|_| g.zeros::<u32>(c.n_experts)).collect::<Result<_, _>>()?;
+        let counts = (0..m.layers.len()).map(|_| g.zeros::<u32>(c.n_experts)).collect::<Result<_, _>>()?;
         Ok(GpuSession {
             pos: 0,
             tokens: Vec::new(),
@@ -69,6 +70,18 @@ impl GpuSession {
         })
     }
 
+    /// Commits KV cache memory for `n` more positions. The caches grow in pages behind
+    /// fixed addresses, so this happens outside any graph capture and captured graphs stay
+    /// valid.
+    pub(crate) fn commit(&mut self, m: &GpuModel, n: usize) -> Result<(), ModelError> {
+        let rows = (self.pos + n) * m.config.kv_dim();
+        for (k, v) in self.kv.iter_mut().flatten() {
+            k.ensure(rows)?;
+            v.ensure(rows)?;
+        }
+        Ok(())
+    }
+
     /// Routing counts so far, [layer][expert] (for `--expert-rebalance`).
     pub fn expert_counts(&self, m: &GpuModel) -> Result<Vec<Vec<u64>>, ModelError> {
         self.counts.iter().map(|c| Ok(m.gpu.download(&c.as_view())?.into_iter().map(u64::from).collect())).collect()
@@ -76,21 +89,27 @@ impl GpuSession {
 
     /// The session in host memory (for saving, or to continue on the CPU).
     pub fn to_host(&self, m: &GpuModel) -> Result<Session, ModelError> {
-        let (g, c) = (&m.gpu, &m.config);
-        let mut s = Session::new(c);
+        let mut s = Session::new(&m.config);
         s.pos = self.pos;
         s.tokens = self.tokens.clone();
-        for l in 0..c.n_layers {
+        self.fill_host(m, &mut s)?;
+        Ok(s)
+    }
+
+    /// Writes this part's layers (model layers m.first_layer..) into the host session `s`.
+    pub fn fill_host(&self, m: &GpuModel, s: &mut Session) -> Result<(), ModelError> {
+        let (g, c) = (&m.gpu, &m.config);
+        for (l, gl) in (m.first_layer..).enumerate().take(m.layers.len()) {
             if let Some(st) = &self.lightning[l] {
-                s.lightning[l] = g.download(&st.as_view())?;
+                s.lightning[gl] = g.download(&st.as_view())?;
             }
             if let Some((k, v)) = &self.kv[l] {
                 let n = self.pos * c.kv_dim();
-                s.kv[l] = KvCache { k: g.kv_download(k, n)?, v: g.kv_download(v, n)? };
+                s.kv[gl] = KvCache { k: g.kv_download(k, n)?, v: g.kv_download(v, n)? };
             }
-            s.expert_counts[l] = g.download(&self.counts[l].as_view())?.into_iter().map(u64::from).collect();
+            s.expert_counts[gl] = g.download(&self.counts[l].as_view())?.into_iter().map(u64::from).collect();
         }
-        Ok(s)
+        Ok(())
     }
 
     /// A GPU session holding what `s` holds, with KV room for `capacity` tokens.
@@ -102,16 +121,16 @@ impl GpuSession {
         let mut out = GpuSession::new(m, capacity)?;
         out.pos = s.pos;
         out.tokens = s.tokens.clone();
-        for l in 0..c.n_layers {
+        for (l, gl) in (m.first_layer..).enumerate().take(m.layers.len()) {
             if let Some(st) = &mut out.lightning[l] {
-                g.write(&s.lightning[l], &mut st.as_view_mut())?;
+                g.write(&s.lightning[gl], &mut st.as_view_mut())?;
             }
             if let Some((k, v)) = &mut out.kv[l] {
                 let n = s.pos * c.kv_dim();
-                g.kv_write(&s.kv[l].k[..n], k)?;
-                g.kv_write(&s.kv[l].v[..n], v)?;
+                g.kv_write(&s.kv[gl].k[..n], k)?;
+                g.kv_write(&s.kv[gl].v[..n], v)?;
             }
-            let counts: Vec<u32> = s.expert_counts[l].iter().map(|&n| n.min(u32::MAX as u64) as u32).collect();
+            let counts: Vec<u32> = s.expert_counts[gl].iter().map(|&n| n.min(u32::MAX as u64) as u32).collect();
             g.write(&counts, &mut out.counts[l].as_view_mut())?;
         }
         Ok(out)
@@ -136,25 +155,11 @@ impl GpuModel {
         if self.offloaded && host.is_none() {
             return Err(ModelError::Input("this GPU model keeps experts in host memory: run it with its host model (forward_on)".into()));
         }
-        let (g, c) = (&self.gpu, &self.config);
+        let g = &self.gpu;
         let n = tokens.len();
-        if n == 0 {
-            return Err(ModelError::Input("no tokens to evaluate".into()));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
-        }
-        if session.pos + n > session.capacity {
-            return Err(ModelError::Input(format!("{} tokens after {} exceed the context of {}", n, session.pos, session.capacity)));
-        }
+        check_tokens(&self.config, session.pos, session.capacity, tokens)?;
         let pos_host = session.pos;
-        // the KV caches grow in pages: commit memory for these positions first (outside
-        // any graph capture; the caches' addresses do not change)
-        let rows = (pos_host + n) * c.kv_dim();
-        for (k, v) in session.kv.iter_mut().flatten() {
-            k.ensure(rows)?;
-            v.ensure(rows)?;
-        }
+        session.commit(self, n)?;
         let logits = if n == 1 && which == Logits::Last && self.graphs_enabled() {
             self.decode(session, tokens[0])?
         } else {
@@ -210,13 +215,40 @@ impl GpuModel {
         n: usize,
         which: Logits,
     ) -> Result<CudaSlice<f32>, ModelError> {
-        let (g, c) = (&self.gpu, &self.config);
-        let d = c.dim;
-        let mut x = self.stage("embed", || {
-            let mut x = g.alloc::<f32>(n * d)?;
-            g.gather_embed(&self.token_embd, ids, n, &mut x.as_view_mut())?;
-            Ok(x)
+        let mut x = self.embed(ids, n)?;
+        self.run_layers(host, session, &mut x, pos, pos_host, n)?;
+        self.head(&x, n, which)
+    }
+
+    /// x [n, dim] = the embeddings of the tokens in `ids` (on the part with the first layer).
+    pub(crate) fn embed(&self, ids: &CudaSlice<i32>, n: usize) -> Result<CudaSlice<f32>, ModelError> {
+        let g = &self.gpu;
+        let emb = self.token_embd.as_ref().filter(|_| self.first_layer == 0).ok_or_else(|| {
+            ModelError::Input(format!(
+                "layers from {} of a split model: the embedding is on the part with the first layer",
+                self.first_layer
+            ))
         })?;
+        self.stage("embed", || {
+            let mut x = g.alloc::<f32>(n * self.config.dim)?;
+            g.gather_embed(emb, ids, n, &mut x.as_view_mut())?;
+            Ok(x)
+        })
+    }
+
+    /// This model's (or part's) layers over x [n, dim] in place, at the position in `pos`
+    /// (device; `pos_host` the same number).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_layers(
+        &self,
+        host: Option<&Model>,
+        session: &mut GpuSession,
+        x: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
         // A stage's output waits here to be added (with its residual scales) by the next
         // norm, which does the residual, the norm and, for decode, the int8 form of the
         // next products' input in one kernel.
@@ -237,7 +269,7 @@ impl GpuModel {
                     GpuAttention::Lightning { qkv, .. } => qkv,
                     GpuAttention::Softmax { q, .. } => q,
                 };
-                let act = self.norm_into(&mut x, pending.take(), &layer.attn_norm, quick && quantized(first_product.qtype))?;
+                let act = self.norm_into(x, pending.take(), &layer.attn_norm, quick && quantized(first_product.qtype))?;
                 let (a, r) = match &layer.attn {
                     GpuAttention::Lightning { qkv, gate, norm, out, decay } => {
                         let mut ys = self.linear_many_with(&[qkv, gate], &x.as_view(), n, act.as_ref())?.into_iter();
@@ -300,7 +332,7 @@ impl GpuModel {
             // in prefill) and the experts; offloaded: one
             let (routed, act) = self.stage("moe router", || {
                 let resident = layer.slot.is_none();
-                let act = self.norm_into(&mut x, pending.take(), &layer.ffn_norm, quick && resident && quantized(layer.gate_exps.qtype))?;
+                let act = self.norm_into(x, pending.take(), &layer.ffn_norm, quick && resident && quantized(layer.gate_exps.qtype))?;
                 match layer.slot {
                     Some(_) => Ok((None, act)),
                     None => Ok((Some(self.moe_route(layer, &x.as_view(), n, &mut session.counts[l])?), act)),
@@ -309,7 +341,9 @@ impl GpuModel {
             self.stage(if routed.is_some() { "moe experts" } else { "moe (offload)" }, || {
                 let m = match (&layer.slot, host, &routed) {
                     (None, _, Some(r)) => self.moe_experts(layer, r, &x.as_view(), n, act.as_ref())?,
-                    (Some(slot), Some(h), _) => self.moe_offload(h, l, layer, slot, &x.as_view(), n, &mut session.counts[l])?,
+                    (Some(slot), Some(h), _) => {
+                        self.moe_offload(h, self.first_layer + l, layer, slot, &x.as_view(), n, &mut session.counts[l])?
+                    }
                     (Some(_), None, _) => return Err(ModelError::Input("experts in host memory need the host model".into())),
                     (None, _, None) => return Err(ModelError::Input("the router's choices are missing".into())),
                 };
@@ -320,6 +354,17 @@ impl GpuModel {
         if let Some((m, alpha, beta)) = pending.take() {
             g.residual(&mut x.as_view_mut(), &m.as_view(), alpha, beta)?;
         }
+        Ok(())
+    }
+
+    /// Logits of the last row (or all rows) of x [n, dim]: final norm and lm_head (on the
+    /// part with the last layer).
+    pub(crate) fn head(&self, x: &CudaSlice<f32>, n: usize, which: Logits) -> Result<CudaSlice<f32>, ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let d = c.dim;
+        let lm_head = self.lm_head()?;
+        let norm =
+            self.output_norm.as_ref().ok_or_else(|| ModelError::Input("the final norm is on the part with the last layer".into()))?;
         let (first, rows) = match which {
             Logits::All => (0, n),
             Logits::Last => (n - 1, 1),
@@ -327,8 +372,8 @@ impl GpuModel {
         self.stage("lm_head", || {
             let mut h = g.alloc::<f32>(rows * d)?;
             g.copy(&x.slice(first * d..n * d), &mut h.as_view_mut())?;
-            g.rmsnorm(&mut h.as_view_mut(), &self.output_norm, c.rms_eps as f32)?;
-            self.linear(self.lm_head(), &h.as_view(), rows)
+            g.rmsnorm(&mut h.as_view_mut(), norm, c.rms_eps as f32)?;
+            self.linear(lm_head, &h.as_view(), rows)
         })
     }
 }
@@ -349,8 +394,23 @@ impl GpuModel {
     }
 }
 
+/// The checks of a forward call: some tokens, all in the vocabulary, room in the context.
+pub(crate) fn check_tokens(c: &crate::Config, pos: usize, capacity: usize, tokens: &[u32]) -> Result<(), ModelError> {
+    let n = tokens.len();
+    if n == 0 {
+        return Err(ModelError::Input("no tokens to evaluate".into()));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+    }
+    if pos + n > capacity {
+        return Err(ModelError::Input(format!("{n} tokens after {pos} exceed the context of {capacity}")));
+    }
+    Ok(())
+}
+
 /// Errors inside a graph capture travel as kernel errors.
-fn to_kernel(e: ModelError) -> mxr_kernels::KernelError {
+pub(crate) fn to_kernel(e: ModelError) -> mxr_kernels::KernelError {
     match e {
         ModelError::Kernel(k) => k,
         other => mxr_kernels::KernelError::Cuda(other.to_string()),

@@ -10,6 +10,7 @@
 mod forward;
 mod moe;
 mod offload;
+pub mod split;
 
 use std::sync::Mutex;
 
@@ -47,10 +48,15 @@ pub(crate) struct GpuLayer {
 pub struct GpuModel {
     pub gpu: Gpu,
     pub config: Config,
-    pub(crate) token_embd: GpuMatrix,
+    /// The model's index of `layers[0]`: 0, unless this is a later part of a model split
+    /// over several GPUs by layers (see [`split::SplitModel`]).
+    pub first_layer: usize,
+    /// On the part with the first layer (and on the last part when lm_head is tied to it).
+    pub(crate) token_embd: Option<GpuMatrix>,
     pub(crate) layers: Vec<GpuLayer>,
-    pub(crate) output_norm: CudaSlice<f32>,
-    /// None when tied to the embedding.
+    /// On the part with the last layer.
+    pub(crate) output_norm: Option<CudaSlice<f32>>,
+    /// On the part with the last layer; None when tied to the embedding.
     pub(crate) output: Option<GpuMatrix>,
     /// Device bytes of the weights.
     pub weight_bytes: usize,
@@ -99,13 +105,31 @@ impl GpuModel {
     /// Uploads `model`, experts as `placement` says (None: all of them); the experts left
     /// out run on the CPU from the mapped file (`forward_on` with the host model).
     pub fn upload_placed(model: &Model, gpu: Gpu, placement: Option<&Placement>) -> Result<GpuModel, ModelError> {
+        Self::upload_part(model, gpu, placement, 0..model.config.n_layers)
+    }
+
+    /// Uploads the layers `range` of `model` (one part of a layer split; the whole model
+    /// for 0..n_layers): the embedding with the first layer, the final norm and lm_head with
+    /// the last (the embedding too when lm_head is tied to it). `placement` covers every
+    /// layer of the model; this part takes its rows.
+    pub fn upload_part(
+        model: &Model,
+        gpu: Gpu,
+        placement: Option<&Placement>,
+        range: std::ops::Range<usize>,
+    ) -> Result<GpuModel, ModelError> {
         let c = model.config.clone();
+        if range.start >= range.end || range.end > c.n_layers {
+            return Err(ModelError::Input(format!("layers {range:?} of a model of {} layers", c.n_layers)));
+        }
         if let Some(p) = placement {
             if p.on_gpu.len() != c.n_layers || p.on_gpu.iter().any(|r| r.len() != c.n_experts) {
                 return Err(ModelError::Input("the expert placement does not match the model's layers and experts".into()));
             }
         }
-        let placement = placement.filter(|p| p.on_gpu.iter().flatten().any(|&g| !g));
+        let placement = placement.filter(|p| p.on_gpu[range.clone()].iter().flatten().any(|&g| !g));
+        let (first, last) = (range.start == 0, range.end == c.n_layers);
+        let tied = model.output.name() == model.token_embd.name();
         let bytes = std::cell::Cell::new(0usize);
         let up = |t: &Tensor, n_experts: usize| -> Result<GpuMatrix, ModelError> {
             let m = model.matrix(t);
@@ -113,10 +137,10 @@ impl GpuModel {
             bytes.set(bytes.get() + m.bytes());
             Ok(m)
         };
-        let token_embd = up(&model.token_embd, 1)?;
-        let output = if model.output.name() == model.token_embd.name() { None } else { Some(up(&model.output, 1)?) };
-        let mut layers = Vec::with_capacity(c.n_layers);
-        for (l, layer) in model.layers.iter().enumerate() {
+        let token_embd = if first || (last && tied) { Some(up(&model.token_embd, 1)?) } else { None };
+        let output = if last && !tied { Some(up(&model.output, 1)?) } else { None };
+        let mut layers = Vec::with_capacity(range.len());
+        for (l, layer) in model.layers.iter().enumerate().take(range.end).skip(range.start) {
             let attn = match &layer.attn {
                 Attention::Lightning { qkv, gate, norm, out } => {
                     let decay: Vec<f32> = slopes(c.n_heads, l, c.n_layers).iter().map(|s| (-s).exp() as f32).collect();
@@ -161,7 +185,7 @@ impl GpuModel {
                 slot,
             });
         }
-        let output_norm = gpu.upload(&model.output_norm)?;
+        let output_norm = if last { Some(gpu.upload(&model.output_norm)?) } else { None };
         // cold experts: page-lock their tensors in the mapped file for fast copies
         let (pins, pin_note) = match placement {
             Some(p) => {
@@ -169,7 +193,7 @@ impl GpuModel {
                     .layers
                     .iter()
                     .enumerate()
-                    .filter(|(l, _)| p.on_gpu[*l].iter().any(|&g| !g))
+                    .filter(|(l, _)| range.contains(l) && p.on_gpu[*l].iter().any(|&g| !g))
                     .flat_map(|(_, layer)| [&layer.gate_exps, &layer.up_exps, &layer.down_exps])
                     .map(|t| model.matrix(t).data)
                     .collect();
@@ -185,6 +209,7 @@ impl GpuModel {
         Ok(GpuModel {
             gpu,
             config: c,
+            first_layer: range.start,
             token_embd,
             layers,
             output_norm,
@@ -287,8 +312,11 @@ impl GpuModel {
         Ok(r)
     }
 
-    pub(crate) fn lm_head(&self) -> &GpuMatrix {
-        self.output.as_ref().unwrap_or(&self.token_embd)
+    /// The output matrix (on the part with the last layer).
+    pub(crate) fn lm_head(&self) -> Result<&GpuMatrix, ModelError> {
+        self.output.as_ref().or(self.token_embd.as_ref()).filter(|_| self.output_norm.is_some()).ok_or_else(|| {
+            ModelError::Input(format!("layers from {} of a split model: lm_head is on the part with the last layer", self.first_layer))
+        })
     }
 
     /// y [n, w.rows] = x [n, w.cols] · Wᵀ.

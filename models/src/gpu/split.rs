@@ -1,0 +1,220 @@
+//! A model split by layers over several GPUs (issue 10). Each part is a [`GpuModel`]
+//! holding a contiguous range of layers on its own GPU (`first_layer`): the embedding on
+//! the first part, the final norm and lm_head on the last. A forward pass runs the parts in
+//! order and hands the activations [n, dim] from GPU to GPU: a device-to-device copy,
+//! peer to peer where the driver can, ordered against both GPUs' streams. Each part keeps
+//! its own layers' KV caches and lightning states ([`SplitSession`]).
+
+use std::ops::Range;
+
+use mxr_kernels::cuda::{CudaSlice, Gpu, Graph};
+
+use super::forward::{check_tokens, to_kernel, GpuSession};
+use super::GpuModel;
+use crate::forward::{Logits, Session};
+use crate::placement::Placement;
+use crate::{Model, ModelError};
+
+pub struct SplitModel {
+    pub parts: Vec<GpuModel>,
+}
+
+/// One sequence's state over the parts of a [`SplitModel`].
+pub struct SplitSession {
+    pub pos: usize,
+    pub tokens: Vec<u32>,
+    pub capacity: usize,
+    parts: Vec<GpuSession>,
+    /// Per part, the decode step's graph and buffers (made at the first decoded token).
+    steps: Vec<PartStep>,
+}
+
+/// One part's decode step, at fixed addresses for its graph: the position, the token
+/// (first part) or the activations handed in (later parts), and what it hands on (the
+/// activations, or the logits on the last part).
+struct PartStep {
+    pos: CudaSlice<i32>,
+    token: CudaSlice<i32>,
+    x: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    graph: Option<Graph>,
+}
+
+impl SplitModel {
+    /// Uploads layers `ranges[i]` of `model` to `gpus[i]`; the ranges must cover the layers
+    /// in order. `placements[i]` (if any) places the experts of part i (rows of other layers
+    /// are ignored).
+    pub fn upload(
+        model: &Model,
+        gpus: Vec<Gpu>,
+        ranges: &[Range<usize>],
+        placements: &[Option<Placement>],
+    ) -> Result<SplitModel, ModelError> {
+        let n_layers = model.config.n_layers;
+        if gpus.is_empty() || gpus.len() != ranges.len() || placements.len() != ranges.len() {
+            return Err(ModelError::Input(format!(
+                "{} GPUs, {} layer ranges and {} placements",
+                gpus.len(),
+                ranges.len(),
+                placements.len()
+            )));
+        }
+        let mut next = 0;
+        for r in ranges {
+            if r.start != next || r.end <= r.start {
+                return Err(ModelError::Input(format!("layer ranges {ranges:?} do not cover the {n_layers} layers in order")));
+            }
+            next = r.end;
+        }
+        if next != n_layers {
+            return Err(ModelError::Input(format!("layer ranges {ranges:?} do not cover the {n_layers} layers in order")));
+        }
+        let mut parts = Vec::with_capacity(gpus.len());
+        for ((gpu, r), p) in gpus.into_iter().zip(ranges).zip(placements) {
+            parts.push(GpuModel::upload_part(model, gpu, p.as_ref(), r.clone())?);
+        }
+        Ok(SplitModel { parts })
+    }
+
+    pub fn config(&self) -> &crate::Config {
+        &self.parts[0].config
+    }
+
+    /// Device bytes of the weights, all parts.
+    pub fn weight_bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.weight_bytes).sum()
+    }
+
+    /// Runs `tokens` after what `s` has seen; logits as [`GpuModel::forward_on`]. `host`:
+    /// the mapped model, needed when some part keeps experts in host memory.
+    pub fn forward(&self, host: Option<&Model>, s: &mut SplitSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        if self.parts.iter().any(|p| p.offloaded) && host.is_none() {
+            return Err(ModelError::Input("this split model keeps experts in host memory: run it with its host model".into()));
+        }
+        let n = tokens.len();
+        check_tokens(self.config(), s.pos, s.capacity, tokens)?;
+        for (part, ps) in self.parts.iter().zip(s.parts.iter_mut()) {
+            ps.commit(part, n)?;
+        }
+        let logits = if n == 1 && which == Logits::Last && self.parts.iter().all(|p| p.graphs_enabled()) {
+            self.decode(s, tokens[0])?
+        } else {
+            self.pass(host, s, tokens, which)?
+        };
+        for ps in &mut s.parts {
+            ps.pos += n;
+            ps.tokens.extend_from_slice(tokens);
+        }
+        s.pos += n;
+        s.tokens.extend_from_slice(tokens);
+        Ok(logits)
+    }
+
+    /// The parts one after another, kernel by kernel.
+    fn pass(&self, host: Option<&Model>, s: &mut SplitSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        let (n, pos_host) = (tokens.len(), s.pos);
+        let first = &self.parts[0];
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ids = first.gpu.upload(&ids)?;
+        let mut x = first.embed(&ids, n)?;
+        let mut prev: Option<&GpuModel> = None;
+        for (part, ps) in self.parts.iter().zip(s.parts.iter_mut()) {
+            if let Some(p) = prev {
+                x = part.gpu.take_from(&p.gpu, &x)?;
+            }
+            let pos = part.gpu.upload(&[pos_host as i32])?;
+            part.run_layers(host, ps, &mut x, &pos, pos_host, n)?;
+            prev = Some(part);
+        }
+        let last = prev.ok_or_else(|| ModelError::Input("a split model without parts".into()))?;
+        let logits = last.head(&x, n, which)?;
+        Ok(last.gpu.download(&logits.as_view())?)
+    }
+
+    /// One token: each part replays its captured graph (captured at the first call), the
+    /// activations handed from part to part between the replays.
+    fn decode(&self, s: &mut SplitSession, token: u32) -> Result<Vec<f32>, ModelError> {
+        let c = self.config();
+        if s.steps.is_empty() {
+            for (i, p) in self.parts.iter().enumerate() {
+                let g = &p.gpu;
+                let out = if i + 1 == self.parts.len() { c.vocab_size } else { c.dim };
+                s.steps.push(PartStep { pos: g.zeros(1)?, token: g.zeros(1)?, x: g.zeros(c.dim)?, out: g.zeros(out)?, graph: None });
+            }
+        }
+        let pos_host = s.pos;
+        let last = self.parts.len() - 1;
+        for (i, part) in self.parts.iter().enumerate() {
+            let g = &part.gpu;
+            let (before, rest) = s.steps.split_at_mut(i);
+            let st = &mut rest[0];
+            g.write(&[pos_host as i32], &mut st.pos.as_view_mut())?;
+            match before.last() {
+                None => g.write(&[token as i32], &mut st.token.as_view_mut())?,
+                Some(prev) => g.copy_from(&self.parts[i - 1].gpu, &prev.out, &mut st.x)?,
+            }
+            if st.graph.is_none() {
+                let ps = &mut s.parts[i];
+                let PartStep { pos, token, x, out, .. } = st;
+                let graph = g.capture(|| {
+                    // the first part embeds its token; later parts work in place on the
+                    // activations copied in before each replay
+                    let mut embedded;
+                    let y = if i == 0 {
+                        embedded = part.embed(token, 1).map_err(to_kernel)?;
+                        &mut embedded
+                    } else {
+                        x
+                    };
+                    part.run_layers(None, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
+                    if i == last {
+                        let logits = part.head(y, 1, Logits::Last).map_err(to_kernel)?;
+                        g.copy(&logits.as_view(), &mut out.as_view_mut())
+                    } else {
+                        g.copy(&y.as_view(), &mut out.as_view_mut())
+                    }
+                })?;
+                st.graph = Some(graph);
+            }
+            if let Some(graph) = &st.graph {
+                graph.launch()?;
+            }
+        }
+        let out = &s.steps[last].out;
+        Ok(self.parts[last].gpu.download(&out.as_view())?)
+    }
+}
+
+impl SplitSession {
+    /// An empty sequence with KV room for `capacity` tokens on every part.
+    pub fn new(m: &SplitModel, capacity: usize) -> Result<SplitSession, ModelError> {
+        let parts = m.parts.iter().map(|p| GpuSession::new(p, capacity)).collect::<Result<Vec<_>, _>>()?;
+        Ok(SplitSession { pos: 0, tokens: Vec::new(), capacity, parts, steps: Vec::new() })
+    }
+
+    /// The whole sequence in host memory.
+    pub fn to_host(&self, m: &SplitModel) -> Result<Session, ModelError> {
+        let mut s = Session::new(m.config());
+        s.pos = self.pos;
+        s.tokens = self.tokens.clone();
+        for (part, ps) in m.parts.iter().zip(&self.parts) {
+            ps.fill_host(part, &mut s)?;
+        }
+        Ok(s)
+    }
+
+    /// A split session holding what `s` holds.
+    pub fn from_host(m: &SplitModel, s: &Session, capacity: usize) -> Result<SplitSession, ModelError> {
+        let parts = m.parts.iter().map(|p| GpuSession::from_host(p, s, capacity)).collect::<Result<Vec<_>, _>>()?;
+        Ok(SplitSession { pos: s.pos, tokens: s.tokens.clone(), capacity, parts, steps: Vec::new() })
+    }
+
+    /// Routing counts so far, [layer][expert] over all parts.
+    pub fn expert_counts(&self, m: &SplitModel) -> Result<Vec<Vec<u64>>, ModelError> {
+        let mut all = Vec::new();
+        for (part, ps) in m.parts.iter().zip(&self.parts) {
+            all.extend(ps.expert_counts(part)?);
+        }
+        Ok(all)
+    }
+}
