@@ -119,3 +119,42 @@ fn shape_errors_are_reported_not_panics() {
     let k = DotKernel::new(QType::Q8_0).unwrap();
     assert!(k.dot(64, &wb[..68], &[0u8; 60]).is_err());
 }
+
+/// A product split by columns (a cold expert's hidden units shared between the GPU and the
+/// CPU) sums to the whole: each part quantizes its own slice of x, block by block as the
+/// whole does, so only the order of the f32 sums differs. Columns that are not whole
+/// blocks, or that run past the matrix, are an error.
+#[test]
+fn matmul_over_column_ranges_sums_to_the_whole() {
+    use mxr_kernels::cpu::matmul_cols;
+    for q in QType::WEIGHT_TYPES {
+        let b = q.block_size().max(32);
+        let (rows, cols, n_tokens) = (37, 5 * b, 3);
+        let wb = weights(q, rows, cols, 11);
+        let w = QMatrix::new(q, rows, cols, &wb).unwrap();
+        let x = Rng::new(12).normals(n_tokens * cols, 1.0);
+        let mut whole = vec![0f32; n_tokens * rows];
+        matmul(&w, &x, n_tokens, &mut whole, Threads(2)).unwrap();
+        let cut = 2 * b;
+        let part = |range: std::ops::Range<usize>| {
+            let xs: Vec<f32> = x.chunks_exact(cols).flat_map(|xt| xt[range.clone()].to_vec()).collect();
+            let mut y = vec![f32::NAN; n_tokens * rows];
+            matmul_cols(&w, range, &xs, n_tokens, &mut y, Threads(2)).unwrap();
+            y
+        };
+        let (a, c) = (part(0..cut), part(cut..cols));
+        let sum: Vec<f32> = a.iter().zip(&c).map(|(p, r)| p + r).collect();
+        let d = diff(&sum, &whole.iter().map(|&v| v as f64).collect::<Vec<_>>());
+        assert!(d.nmse <= KERNEL_VS_SAME_INPUTS && d.nan_mismatches == 0, "{q}: {d}");
+        // the parts differ from each other, so neither is the whole on its own
+        assert!(diff(&a, &whole.iter().map(|&v| v as f64).collect::<Vec<_>>()).nmse > 1e-3, "{q}");
+        let mut y = vec![0f32; n_tokens * rows];
+        if q.block_size() > 1 {
+            assert!(matmul_cols(&w, 1..cut, &x[..n_tokens * (cut - 1)], n_tokens, &mut y, Threads(1)).is_err(), "{q}: half a block");
+        }
+        assert!(
+            matmul_cols(&w, cut..cols + b, &x[..n_tokens * (cols + b - cut)], n_tokens, &mut y, Threads(1)).is_err(),
+            "{q}: past the end"
+        );
+    }
+}

@@ -65,6 +65,28 @@ impl DeviceRates {
         }
     }
 
+    /// With copies straight from page-locked memory, the GPU and the CPU can share one cold
+    /// expert: the GPU copies and computes a share f of its hidden units while the CPU
+    /// computes the rest, side by side. Both end together at f = cpu / (copy + cpu), in
+    /// copy * cpu / (copy + cpu) seconds. Returns f (near 1: copy it all; near 0: the CPU).
+    pub fn gpu_share(&self, bytes: u64, tokens: usize, flops: f64) -> f64 {
+        let (copy, cpu) = (self.copy_seconds(bytes), self.cpu_seconds(bytes, tokens, flops));
+        if copy + cpu > 0.0 {
+            cpu / (copy + cpu)
+        } else {
+            1.0
+        }
+    }
+
+    /// [`DeviceRates::gpu_share`] of an expert's `h` hidden units, in whole `unit`s (the
+    /// GPU's part of the down projection must be whole blocks of its type): 0 means all on
+    /// the CPU, h all copied.
+    pub fn gpu_hidden_units(&self, bytes: u64, tokens: usize, flops: f64, h: usize, unit: usize) -> usize {
+        let unit = unit.max(1);
+        let units = (self.gpu_share(bytes, tokens, flops) * (h / unit) as f64).round() as usize;
+        (units * unit).min(h)
+    }
+
     /// The fewest tokens for which copying an expert beats computing it on the CPU.
     pub fn copy_threshold(&self, bytes: u64, flops: f64) -> Option<usize> {
         (1..=1 << 20).find(|&m| self.choose(bytes, m, flops) == ColdChoice::CopyToGpu)
@@ -121,6 +143,28 @@ impl DeviceRates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_expert_splits_where_both_sides_end_together() {
+        let flops = 2.0 * 3.0 * 6144.0 * 9216.0;
+        // equal streaming rates: half each, for one token
+        let r = DeviceRates { h2d_gbps: 20.0, cpu_expert_gbps: 20.0, cpu_gflops: 1e6, ..DeviceRates::DEFAULT };
+        assert!((r.gpu_share(BYTES, 1, flops) - 0.5).abs() < 1e-12);
+        // a PCIe link 2.2x the CPU's rate takes 2.2 / 3.2 of it
+        let r = DeviceRates { h2d_gbps: 55.0, cpu_expert_gbps: 25.0, cpu_gflops: 1e6, ..DeviceRates::DEFAULT };
+        let f = r.gpu_share(BYTES, 1, flops);
+        assert!((f - 55.0 / 80.0).abs() < 1e-12, "{f}");
+        assert!((f * r.copy_seconds(BYTES) - (1.0 - f) * r.cpu_seconds(BYTES, 1, flops)).abs() < 1e-12);
+        // in whole units: 55/80 of 36 blocks of 256 is 24.75, so 25 blocks
+        assert_eq!(r.gpu_hidden_units(BYTES, 1, flops, 9216, 256), 25 * 256);
+        assert_eq!(r.gpu_hidden_units(BYTES, 1, flops, 256, 256), 256, "one block: copied whole");
+        let slow_link = DeviceRates { h2d_gbps: 0.1, ..r };
+        assert_eq!(slow_link.gpu_hidden_units(BYTES, 1, flops, 9216, 256), 0, "all on the CPU");
+        // many tokens make the CPU's share arithmetic-bound: the GPU takes nearly all
+        let r = DeviceRates::DEFAULT;
+        assert!(r.gpu_share(BYTES, 4096, flops) > 0.99);
+        assert_eq!(r.gpu_hidden_units(BYTES, 4096, flops, 9216, 256), 9216);
+    }
 
     // One real expert projection at q4_k: 9216 x 6144 weights, 4.5 bits each.
     const BYTES: u64 = 9216 * 6144 * 9 / 16;

@@ -159,29 +159,32 @@ struct Record {
 #[derive(Clone, Copy)]
 struct Cold {
     copied: f64,
+    shared: f64,
     on_cpu: f64,
     bytes: f64,
     host_gbps: f64,
 }
 
-/// Cold-expert counters so far: (copied, on the CPU, bytes), None without offload.
-fn cold_counts(l: &Loaded) -> Option<(u64, u64, u64)> {
+/// Cold-expert counters so far: [copied, shared, on the CPU, bytes], None without offload.
+fn cold_counts(l: &Loaded) -> Option<[u64; 4]> {
     use std::sync::atomic::Ordering::Relaxed;
     match &l.backend {
-        Backend::Cuda(g) if g.offloaded => Some((g.copied_experts.load(Relaxed), g.cpu_experts.load(Relaxed), g.cold_bytes.load(Relaxed))),
+        Backend::Cuda(g) if g.offloaded => {
+            Some([g.copied_experts.load(Relaxed), g.shared_experts.load(Relaxed), g.cpu_experts.load(Relaxed), g.cold_bytes.load(Relaxed)])
+        }
         _ => None,
     }
 }
 
 /// The cold experts per token between two readings of [`cold_counts`].
-fn cold_per_token(l: &Loaded, before: Option<(u64, u64, u64)>, tokens: usize) -> Option<Cold> {
+fn cold_per_token(l: &Loaded, before: Option<[u64; 4]>, tokens: usize) -> Option<Cold> {
     let (a, b) = (before?, cold_counts(l)?);
     let host_gbps = match &l.backend {
         Backend::Cuda(g) => g.rates.host_read_gbps,
         _ => return None,
     };
     let per = |x: u64, y: u64| (y - x) as f64 / tokens.max(1) as f64;
-    Some(Cold { copied: per(a.0, b.0), on_cpu: per(a.1, b.1), bytes: per(a.2, b.2), host_gbps })
+    Some(Cold { copied: per(a[0], b[0]), shared: per(a[1], b[1]), on_cpu: per(a[2], b[2]), bytes: per(a[3], b[3]), host_gbps })
 }
 
 /// Seconds the host has spent blocked on the GPU so far (None on the CPU).
@@ -403,7 +406,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 j["host_wait_seconds"] = serde_json::json!(w);
             }
             if let Some(c) = r.cold {
-                j["cold_experts"] = serde_json::json!({"copied_per_token": c.copied, "on_cpu_per_token": c.on_cpu,
+                j["cold_experts"] = serde_json::json!({"copied_per_token": c.copied, "shared_per_token": c.shared, "on_cpu_per_token": c.on_cpu,
                     "bytes_per_token": c.bytes, "host_read_gb_per_s": c.host_gbps, "host_bound_seconds_per_token": c.bytes / (c.host_gbps * 1e9)});
             }
             if let Some(p) = &r.profile {
@@ -464,10 +467,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for r in &records {
         if let Some(c) = r.cold {
             println!(
-                "cold experts {}: {:.2} per token ({:.2} copied to the GPU, {:.2} on the CPU), {:.1} MB per token: at least {:.3} ms at the host's {:.1} GB/s",
+                "cold experts {}: {:.2} per token ({:.2} copied to the GPU, {:.2} shared by the GPU and the CPU, {:.2} on the CPU), {:.1} MB per token: at least {:.3} ms at the host's {:.1} GB/s",
                 r.test,
-                c.copied + c.on_cpu,
+                c.copied + c.shared + c.on_cpu,
                 c.copied,
+                c.shared,
                 c.on_cpu,
                 c.bytes / 1e6,
                 c.bytes / (c.host_gbps * 1e9) * 1e3,

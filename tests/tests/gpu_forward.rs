@@ -356,7 +356,8 @@ fn every_expert_placement_gives_the_same_logits() {
     use mxr_models::placement::{plan, Policy, Sizes};
     // Q8_0: cold experts copied through a host buffer (repacked); Q4_K: copied straight
     // from the page-locked mapping on the side stream
-    for q in [QType::Q8_0, QType::Q4K] {
+    // F32: a cold expert can also be shared (hidden units in blocks of 32 of nano's 256)
+    for q in [QType::Q8_0, QType::Q4K, QType::F32] {
         let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload", q);
         let c = &m.config;
         let prompt: Vec<u32> =
@@ -383,11 +384,14 @@ fn every_expert_placement_gives_the_same_logits() {
         let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
         // rates under which the cost model copies every cold expert to the GPU for each batch
         let copy_all = DeviceRates { h2d_gbps: 1e9, h2d_pinned_gbps: 1e9, ..DeviceRates::DEFAULT };
+        // copies and the CPU at one rate: a page-locked cold expert is shared half and half
+        let share = DeviceRates { h2d_gbps: 20.0, h2d_pinned_gbps: 20.0, cpu_expert_gbps: 20.0, cpu_gflops: 1e9, ..DeviceRates::DEFAULT };
         for (name, policy, rates) in [
             ("--cpu-moe", Policy::CpuMoe, DeviceRates::DEFAULT),
             ("--n-cpu-moe 3", Policy::NCpuMoe(3), DeviceRates::DEFAULT),
             ("half the experts", Policy::Budget(half), DeviceRates::DEFAULT),
             ("half, cold experts copied per batch", Policy::Budget(half), copy_all),
+            ("half, cold experts shared by GPU and CPU", Policy::Budget(half), share),
         ] {
             let p = plan(&sizes, c.n_experts, None, policy).unwrap();
             let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
@@ -410,8 +414,16 @@ fn every_expert_placement_gives_the_same_logits() {
                 if ok { "ok" } else { "FAIL" }
             );
             assert!(ok, "{name}: {d}");
-            let copied = g.copied_experts.load(std::sync::atomic::Ordering::Relaxed);
-            assert_eq!(copied > 0, rates == copy_all, "{name}: {copied} experts copied");
+            let count = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let (copied, shared) = (count(&g.copied_experts), count(&g.shared_experts));
+            if rates == share {
+                // nano's hidden size is one Q4_K block: whole experts only; Q8_0 is repacked,
+                // so not copied straight from the mapping and never shared
+                assert_eq!(shared > 0, q == QType::F32 && g.pinned_bytes() > 0, "{name}: {shared} experts shared");
+            } else {
+                assert_eq!(copied > 0, rates == copy_all, "{name}: {copied} experts copied");
+                assert_eq!(shared, 0, "{name}: {shared} experts shared");
+            }
         }
     }
 }

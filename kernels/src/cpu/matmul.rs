@@ -42,7 +42,30 @@ pub fn matvec(w: &QMatrix, x: &[f32], y: &mut [f32], threads: Threads) -> Result
 
 /// y[t, r] = Σ_c W[r, c] · x[t, c] for t < n_tokens.
 pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32], threads: Threads) -> Result<()> {
-    let (rows, cols) = (w.rows, w.cols);
+    matmul_cols(w, 0..w.cols, x, n_tokens, y, threads)
+}
+
+/// [`matmul`] over the columns `cols` of W only (whole blocks of its type): y[t, r] =
+/// Σ_{c in cols} W[r, c] · x[t, c - cols.start], x: [n_tokens, cols.len()]. A product
+/// split by columns between devices (the hidden units of a cold expert) sums the parts.
+pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_tokens: usize, y: &mut [f32], threads: Threads) -> Result<()> {
+    let rows = w.rows;
+    let blocks = |c: usize| {
+        w.qtype.row_bytes(c).ok_or_else(|| {
+            KernelError::Shape(format!(
+                "matmul columns {}..{}: not whole {} blocks of {}",
+                cols.start,
+                cols.end,
+                w.qtype,
+                w.qtype.block_size()
+            ))
+        })
+    };
+    if cols.end > w.cols || cols.start > cols.end {
+        return Err(KernelError::Shape(format!("matmul columns {}..{} of a {}-column matrix", cols.start, cols.end, w.cols)));
+    }
+    let (first, width) = (blocks(cols.start)?, blocks(cols.len())?);
+    let cols = cols.len();
     let len = |what, expected: usize, actual| {
         if expected == actual {
             Ok(())
@@ -78,7 +101,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32], threads: T
             let (r0, r1) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(rows));
             let mut out = vec![0f32; n_tokens * (r1 - r0)];
             for r in r0..r1 {
-                let wr = w.row(r);
+                let wr = &w.row(r)[first..first + width];
                 for t in 0..n_tokens {
                     out[t * (r1 - r0) + (r - r0)] = kernel.dot(cols, wr, &acts[t * a_row..(t + 1) * a_row])?;
                 }

@@ -7,4 +7,4 @@ pub mod ggml;
 pub mod matmul;
 
 pub use ggml::DotKernel;
-pub use matmul::{matmul, matvec, Threads};
+pub use matmul::{matmul, matmul_cols, matvec, Threads};

@@ -72,6 +72,114 @@ impl Drop for HostPin {
     }
 }
 
+/// Copies from host memory queued on the side stream without the host waiting for each,
+/// so that the host can work (a cold expert's CPU share) while they run. Made only by
+/// [`Gpu::copy_scope`], which waits for the side stream before it returns: the sources,
+/// borrowed for `'s`, outlive every copy.
+pub struct CopyScope<'g, 's> {
+    gpu: &'g Gpu,
+    _sources: std::marker::PhantomData<&'s [u8]>,
+}
+
+impl<'s> CopyScope<'_, 's> {
+    /// dst = src, queued on the side stream (after its earlier work).
+    pub fn copy(&self, src: &'s [u8], dst: &mut cudarc::driver::CudaViewMut<'_, u8>) -> Result<()> {
+        use cudarc::driver::DevicePtrMut;
+        if src.len() != dst.len() {
+            return Err(super::KernelError::Length { op: "copy_scope", what: "destination", expected: src.len(), actual: dst.len() });
+        }
+        let side = &self.gpu.side;
+        let (ptr, _sync) = dst.device_ptr_mut(side);
+        // SAFETY: dst is a live device range of src.len() bytes; src stays borrowed until
+        // the scope's closure returns, and the scope then waits for the side stream.
+        let r = unsafe { sys::cuMemcpyHtoDAsync_v2(ptr, src.as_ptr().cast(), src.len(), side.cu_stream()) };
+        r.result().map_err(|e| drv("copying to the GPU", e))
+    }
+
+    /// Copies `height` rows of `width` bytes, `pitch` bytes apart in `src`, into `dst`
+    /// packed (row i at i * width): a column block of a row-major matrix.
+    pub fn copy_2d(
+        &self,
+        src: &'s [u8],
+        pitch: usize,
+        width: usize,
+        height: usize,
+        dst: &mut cudarc::driver::CudaViewMut<'_, u8>,
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtrMut;
+        let need_src = if height == 0 { 0 } else { (height - 1) * pitch + width };
+        if width > pitch || src.len() < need_src {
+            return Err(super::KernelError::Length { op: "copy_scope 2d", what: "source", expected: need_src, actual: src.len() });
+        }
+        if dst.len() != width * height {
+            return Err(super::KernelError::Length {
+                op: "copy_scope 2d",
+                what: "destination",
+                expected: width * height,
+                actual: dst.len(),
+            });
+        }
+        if height == 0 || width == 0 {
+            return Ok(());
+        }
+        let side = &self.gpu.side;
+        let (ptr, _sync) = dst.device_ptr_mut(side);
+        let p = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+            srcHost: src.as_ptr().cast(),
+            srcDevice: 0,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: ptr,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: width,
+            WidthInBytes: width,
+            Height: height,
+        };
+        // SAFETY: the source rows lie inside src (checked above), dst holds width * height
+        // bytes; src outlives the copy as in `copy`.
+        let r = unsafe { sys::cuMemcpy2DAsync_v2(&p, side.cu_stream()) };
+        r.result().map_err(|e| drv("copying to the GPU", e))
+    }
+
+    /// The main stream's later work waits for the copies queued so far.
+    pub fn main_waits(&self) -> Result<()> {
+        let e = self.gpu.side.record_event(None).map_err(|e| drv("recording an event", e))?;
+        self.gpu.stream.wait(&e).map_err(|e| drv("stream wait", e))
+    }
+}
+
+impl Gpu {
+    /// Runs `f` with a [`CopyScope`]: copies queued in it run on the side stream while `f`
+    /// goes on, and the side stream is waited for before this returns (also if `f`
+    /// unwinds), so no copy outlives the data it reads. The side stream first waits for
+    /// the main stream's work so far (the destinations' allocations).
+    pub fn copy_scope<'s, R>(&self, f: impl for<'g> FnOnce(&CopyScope<'g, 's>) -> R) -> Result<R> {
+        struct WaitOnDrop<'a>(&'a Gpu);
+        impl Drop for WaitOnDrop<'_> {
+            fn drop(&mut self) {
+                let t = std::time::Instant::now();
+                // an error here surfaces again on the next call on the stream
+                let _ = self.0.side.synchronize();
+                self.0.waited(t);
+            }
+        }
+        self.side_after_main()?;
+        let guard = WaitOnDrop(self);
+        let r = f(&CopyScope { gpu: self, _sources: std::marker::PhantomData });
+        drop(guard);
+        // report a failed copy here rather than at some later call
+        self.side.synchronize().map_err(|e| drv("copying to the GPU", e))?;
+        Ok(r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! padded from 210 to 212 bytes, so that the kernels load aligned words; every other
 //! type keeps ggml's bytes as in the file.
 
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use mxr_quant::QType;
 
 use super::{Gpu, Result};
@@ -34,7 +34,7 @@ impl GpuMatrix {
     }
 
     /// A stack of `n_experts` experts whose weights are copied in afterwards, one by one,
-    /// by [`GpuMatrix::copy_expert_side`] (types the GPU keeps as in the file only). The
+    /// by [`GpuMatrix::file_bytes_mut`] (types the GPU keeps as in the file only). The
     /// side stream is ordered after the main stream's work queued so far.
     pub fn empty(gpu: &Gpu, qtype: QType, n_experts: usize, rows: usize, cols: usize) -> Result<GpuMatrix> {
         if !as_in_file(qtype) || !supported(qtype) {
@@ -48,14 +48,14 @@ impl GpuMatrix {
         Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
     }
 
-    /// Copies expert `e`'s file bytes in on the GPU's side stream, with no host staging
-    /// (fast from page-locked memory, see `Gpu::pin_host`); returns when the copy is done.
-    pub fn copy_expert_side(&mut self, gpu: &Gpu, e: usize, data: &[u8]) -> Result<()> {
+    /// Expert `e`'s device bytes, for the file's bytes to be copied in as they are
+    /// ([`crate::cuda::host::CopyScope`]; types the GPU keeps as in the file only).
+    pub fn file_bytes_mut(&mut self, e: usize) -> Result<CudaViewMut<'_, u8>> {
         let bytes = gpu_bytes(self.qtype, self.rows, self.cols);
-        if e >= self.n_experts || data.len() != bytes || !as_in_file(self.qtype) {
-            return Err(KernelError::Length { op: "copy_expert_side", what: "expert bytes", expected: bytes, actual: data.len() });
+        if e >= self.n_experts || !as_in_file(self.qtype) {
+            return Err(KernelError::Shape(format!("file_bytes_mut: expert {e} of a {} stack of {}", self.qtype, self.n_experts)));
         }
-        gpu.write_side(data, &mut self.buf.slice_mut(e * self.stride..e * self.stride + bytes))
+        Ok(self.buf.slice_mut(e * self.stride..e * self.stride + bytes))
     }
 
     /// Replaces expert `e`'s weights with `data` (ggml bytes of one expert, `rows` rows

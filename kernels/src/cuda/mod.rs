@@ -282,19 +282,6 @@ impl Gpu {
         self.stream.memcpy_dtod(src, dst).map_err(|e| drv("device copy", e))
     }
 
-    /// [`Gpu::write`] on the side stream (behind its queued work, beside the main stream's);
-    /// returns when the copy is done.
-    pub fn write_side<T: DeviceRepr>(&self, host: &[T], dst: &mut CudaViewMut<'_, T>) -> Result<()> {
-        if host.len() != dst.len() {
-            return Err(KernelError::Length { op: "write", what: "destination", expected: host.len(), actual: dst.len() });
-        }
-        let t = std::time::Instant::now();
-        self.side.memcpy_htod(host, dst).map_err(|e| drv("upload", e))?;
-        self.side.synchronize().map_err(|e| drv("upload", e))?;
-        self.waited(t);
-        Ok(())
-    }
-
     /// A copy on this GPU of `x`, which lives on `src` (another GPU, or another [`Gpu`] of
     /// the same device): device to device, peer to peer where the driver can. The copy
     /// waits for `src`'s queued work, and `src`'s later work (freeing `x` included) waits

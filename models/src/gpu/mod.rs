@@ -79,6 +79,9 @@ pub struct GpuModel {
     pub copied_experts: std::sync::atomic::AtomicU64,
     /// Cold experts computed on the CPU so far.
     pub cpu_experts: std::sync::atomic::AtomicU64,
+    /// Cold experts shared so far: the GPU copied and computed part of their hidden units
+    /// while the CPU computed the rest.
+    pub shared_experts: std::sync::atomic::AtomicU64,
     /// Bytes of cold experts' weights read from host memory so far (copied or computed on
     /// the CPU): what issue 7's bound divides by the host's bandwidth.
     pub cold_bytes: std::sync::atomic::AtomicU64,
@@ -223,6 +226,7 @@ impl GpuModel {
             rates: DeviceRates::DEFAULT,
             copied_experts: std::sync::atomic::AtomicU64::new(0),
             cpu_experts: std::sync::atomic::AtomicU64::new(0),
+            shared_experts: std::sync::atomic::AtomicU64::new(0),
             cold_bytes: std::sync::atomic::AtomicU64::new(0),
             pins,
             pin_note,

@@ -99,7 +99,8 @@ impl GpuModel {
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
-        let (d, h) = (c.dim, c.hidden_dim);
+        // the stacks' own hidden size: a cold expert's GPU share may hold part of it
+        let (d, h) = (c.dim, gate_exps.rows);
         let mut gate = g.alloc::<f32>(pairs * h)?;
         let mut up = g.alloc::<f32>(pairs * h)?;
         let act = if quantized(gate_exps.qtype) { Some(self.int8_input(x, x_rows, d, pre)?) } else { None };
@@ -131,7 +132,7 @@ impl GpuModel {
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
-        let (d, h) = (c.dim, c.hidden_dim);
+        let (d, h) = (c.dim, gate_exps.rows);
         let exact = [gate_exps, up_exps, down_exps].iter().any(|w| w.qtype == QType::F32);
         let most = groups.iter().map(Vec::len).max().unwrap_or(0);
         let mut gate = g.alloc::<f32>(most * h)?;

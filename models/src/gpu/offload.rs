@@ -5,7 +5,7 @@
 //! host results are uploaded into the same per-(token, choice) rows and one kernel
 //! combines them with the routing weights.
 
-use mxr_kernels::cpu::Threads;
+use mxr_kernels::cpu::{matmul_cols, Threads};
 use mxr_kernels::cuda::{CudaSlice, CudaView, GpuMatrix};
 
 use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
@@ -50,89 +50,127 @@ impl GpuModel {
         let hl = &host.layers[l];
         let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
         let flops = 2.0 * 3.0 * d as f64 * h as f64;
-        let mut copy: Vec<usize> = Vec::new();
-        let qtype = host.matrix(&hl.gate_exps).qtype;
+        let (gate_q, up_q, down_q) = (host.matrix(&hl.gate_exps).qtype, host.matrix(&hl.up_exps).qtype, host.matrix(&hl.down_exps).qtype);
         // copies straight from the page-locked mapping (types kept as in the file) go at the
-        // pinned rate
-        let direct = mxr_kernels::cuda::matrix::as_in_file(qtype) && self.pinned_bytes() > 0;
+        // pinned rate, on the side stream, while the host works
+        let direct = [gate_q, up_q, down_q].into_iter().all(mxr_kernels::cuda::matrix::as_in_file) && self.pinned_bytes() > 0;
         let rates = if direct { self.rates.pinned() } else { self.rates };
-        let (mut cold_bytes, mut on_cpu) = (0, 0);
+        // a shared expert's GPU part: whole blocks of the down projection's columns
+        let unit = down_q.block_size().max(32);
+        let (mut copy, mut shared, mut on_cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let mut cold_bytes = 0;
         for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
             let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
             cold_bytes += b;
-            if rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
+            if direct {
+                // the GPU copies and computes hidden units 0..h1, the CPU the rest
+                match rates.gpu_hidden_units(b, ps.len(), flops, h, unit) {
+                    0 => on_cpu.push((e, 0..h)),
+                    h1 if h1 == h => copy.push(e),
+                    h1 => shared.push((e, h1)),
+                }
+            } else if rates.choose(b, ps.len(), flops) == ColdChoice::CopyToGpu {
                 copy.push(e);
             } else {
-                on_cpu += 1;
+                on_cpu.push((e, 0..h));
             }
         }
-        self.cold_bytes.fetch_add(cold_bytes, std::sync::atomic::Ordering::Relaxed);
-        self.cpu_experts.fetch_add(on_cpu, std::sync::atomic::Ordering::Relaxed);
-        // The copied experts' stacks: gate, up and down rows per expert.
+        let count = |a: &std::sync::atomic::AtomicU64, v: usize| a.fetch_add(v as u64, std::sync::atomic::Ordering::Relaxed);
+        count(&self.cold_bytes, cold_bytes as usize);
+        count(&self.cpu_experts, on_cpu.len());
+        count(&self.copied_experts, copy.len());
+        count(&self.shared_experts, shared.len());
+        // pairs and stack entries of the copied experts
+        let (mut pairs, mut slots) = (Vec::new(), Vec::new());
+        for (i, &e) in copy.iter().enumerate() {
+            pairs.extend(cold[e].iter().map(|&p| p as i32));
+            slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
+        }
         let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
-        // Straight from the page-locked mapping: the stacks are allocated before the resident
-        // products are queued, so that their copies on the side stream wait for the
-        // allocation only, and run beside those products.
-        let empty = |(t, rows): (&crate::model::Tensor, usize)| -> Result<GpuMatrix, ModelError> {
-            let m = host.rows(t, 0, rows);
-            Ok(GpuMatrix::empty(g, m.qtype, copy.len(), rows, m.cols)?)
-        };
-        let direct = if direct && !copy.is_empty() { Some([empty(parts[0])?, empty(parts[1])?, empty(parts[2])?]) } else { None };
-        // GPU part: queued now, runs while the copies and the CPU work below.
-        let mats = layer.experts();
-        self.pairs_on_gpu(mats, &hot, &hot_slots, x, &mut y)?;
-        if !copy.is_empty() {
-            // the routed cold experts' weights, once for this batch, then the same grouped
-            // products as resident experts
-            let [gm, um, dm] = match direct {
-                Some(mut stacks) => {
-                    for (m, (t, rows)) in stacks.iter_mut().zip(parts) {
+        let cpu = CpuExperts { host, l, cold: &cold, xh: &xh, d, h, k };
+        if !direct {
+            // through a host buffer (repacked for the GPU), then the CPU's experts
+            self.pairs_on_gpu(layer.experts(), &hot, &hot_slots, x, &mut y)?;
+            if !copy.is_empty() {
+                let upload = |(t, rows): (&crate::model::Tensor, usize)| -> Result<GpuMatrix, ModelError> {
+                    let m = host.rows(t, 0, rows);
+                    let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
+                    Ok(GpuMatrix::upload(g, m.qtype, copy.len(), rows, m.cols, &data)?)
+                };
+                let [gm, um, dm] = [upload(parts[0])?, upload(parts[1])?, upload(parts[2])?];
+                self.pairs_on_gpu([&gm, &um, &dm], &pairs, &slots, x, &mut y)?;
+            }
+            let (rows, out) = cpu.run(&on_cpu)?;
+            self.scatter_host(&rows, &out, &mut y, false)?;
+        } else {
+            // The copied and shared experts' stacks are allocated before the resident
+            // products are queued: the copies wait for the allocations only, and run
+            // beside those products and the CPU's work.
+            let empty = |q, n_experts, rows, cols| -> Result<GpuMatrix, ModelError> { Ok(GpuMatrix::empty(g, q, n_experts, rows, cols)?) };
+            let mut stacks = if copy.is_empty() {
+                None
+            } else {
+                Some([empty(gate_q, copy.len(), h, d)?, empty(up_q, copy.len(), h, d)?, empty(down_q, copy.len(), d, h)?])
+            };
+            let mut halves = shared
+                .iter()
+                .map(|&(_, h1)| Ok([empty(gate_q, 1, h1, d)?, empty(up_q, 1, h1, d)?, empty(down_q, 1, d, h1)?]))
+                .collect::<Result<Vec<_>, ModelError>>()?;
+            self.pairs_on_gpu(layer.experts(), &hot, &hot_slots, x, &mut y)?;
+            let cpu_work: Vec<(usize, std::ops::Range<usize>)> =
+                on_cpu.iter().cloned().chain(shared.iter().map(|&(e, h1)| (e, h1..h))).collect();
+            let (rows, out) = g.copy_scope(|s| -> Result<(Vec<i32>, Vec<f32>), ModelError> {
+                if let Some(st) = stacks.as_mut() {
+                    for (m, (t, rows)) in st.iter_mut().zip(parts) {
                         for (i, &e) in copy.iter().enumerate() {
-                            m.copy_expert_side(g, i, host.rows(t, e * rows, rows).data)?;
+                            s.copy(host.rows(t, e * rows, rows).data, &mut m.file_bytes_mut(i)?)?;
                         }
                     }
-                    stacks
                 }
-                None => {
-                    let upload = |(t, rows): (&crate::model::Tensor, usize)| -> Result<GpuMatrix, ModelError> {
-                        let m = host.rows(t, 0, rows);
-                        let data: Vec<u8> = copy.iter().flat_map(|&e| host.rows(t, e * rows, rows).data.iter().copied()).collect();
-                        Ok(GpuMatrix::upload(g, m.qtype, copy.len(), rows, m.cols, &data)?)
-                    };
-                    [upload(parts[0])?, upload(parts[1])?, upload(parts[2])?]
+                for (&(e, h1), [gm, um, dm]) in shared.iter().zip(halves.iter_mut()) {
+                    s.copy(host.rows(&hl.gate_exps, e * h, h1).data, &mut gm.file_bytes_mut(0)?)?;
+                    s.copy(host.rows(&hl.up_exps, e * h, h1).data, &mut um.file_bytes_mut(0)?)?;
+                    // columns 0..h1 of each of the expert's d rows of the down projection
+                    let down = host.rows(&hl.down_exps, e * d, d);
+                    let width = down_q.row_bytes(h1).ok_or_else(|| ModelError::Input(format!("{h1} columns of {down_q}")))?;
+                    s.copy_2d(down.data, down.row_bytes(), width, d, &mut dm.file_bytes_mut(0)?)?;
                 }
-            };
-            // the same products (and arithmetic) as resident experts of a batch this size
-            let (mut pairs, mut slots) = (Vec::new(), Vec::new());
-            for (i, &e) in copy.iter().enumerate() {
-                pairs.extend(cold[e].iter().map(|&p| p as i32));
-                slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
-            }
-            self.pairs_on_gpu([&gm, &um, &dm], &pairs, &slots, x, &mut y)?;
-            self.copied_experts.fetch_add(copy.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            for &e in &copy {
-                cold[e].clear();
-            }
-        }
-        // CPU part: each remaining host expert over its tokens, ggml's kernels on the mapped weights.
-        if cold.iter().any(|v| !v.is_empty()) {
-            let threads = Threads::all();
-            let (mut rows, mut out) = (Vec::new(), Vec::new());
-            for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-                let m = ps.len();
-                let xs: Vec<f32> = ps.iter().flat_map(|&p| xh[(p / k) * d..(p / k + 1) * d].iter().copied()).collect();
-                let gate = linear(&host.rows(&hl.gate_exps, e * h, h), &xs, m, threads)?;
-                let up = linear(&host.rows(&hl.up_exps, e * h, h), &xs, m, threads)?;
-                let act: Vec<f32> = gate.iter().zip(&up).map(|(&a, &b)| silu(a) * b).collect();
-                out.extend(linear(&host.rows(&hl.down_exps, e * d, d), &act, m, threads)?);
-                rows.extend(ps.iter().map(|&p| p as i32));
-            }
-            let (yc, idx) = (g.upload(&out)?, g.upload(&rows)?);
-            g.scatter_rows(&yc.as_view(), &idx.as_view(), rows.len(), d, &mut y.as_view_mut())?;
+                s.main_waits()?;
+                if let Some([gm, um, dm]) = &stacks {
+                    self.pairs_on_gpu([gm, um, dm], &pairs, &slots, x, &mut y)?;
+                }
+                for (&(e, _), [gm, um, dm]) in shared.iter().zip(&halves) {
+                    let ps: Vec<i32> = cold[e].iter().map(|&p| p as i32).collect();
+                    self.pairs_on_gpu([gm, um, dm], &ps, &vec![0; ps.len()], x, &mut y)?;
+                }
+                // the CPU's experts and shares while the copies run
+                cpu.run(&cpu_work)
+            })??;
+            // the CPU-only experts' rows are theirs alone; the shared ones add to the GPU's part
+            let split = on_cpu.iter().map(|(e, _)| cold[*e].len()).sum::<usize>();
+            self.scatter_host(&rows[..split], &out[..split * d], &mut y, false)?;
+            self.scatter_host(&rows[split..], &out[split * d..], &mut y, true)?;
         }
         let mut out = g.alloc::<f32>(n * d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), n, k, d, &mut out.as_view_mut())?;
         Ok(out)
+    }
+
+    /// y[rows[i], :] = out[i, :] (or +=, `add`), from the host.
+    fn scatter_host(&self, rows: &[i32], out: &[f32], y: &mut CudaSlice<f32>, add: bool) -> Result<(), ModelError> {
+        let (g, d) = (&self.gpu, self.config.dim);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (yc, idx) = (g.upload(out)?, g.upload(rows)?);
+        if add {
+            let mut part = g.zeros::<f32>(y.len())?;
+            g.scatter_rows(&yc.as_view(), &idx.as_view(), rows.len(), d, &mut part.as_view_mut())?;
+            g.residual(&mut y.as_view_mut(), &part.as_view(), 1.0, 1.0)?;
+        } else {
+            g.scatter_rows(&yc.as_view(), &idx.as_view(), rows.len(), d, &mut y.as_view_mut())?;
+        }
+        Ok(())
     }
 
     /// Expert products for the (token, choice) pairs `pairs` (row p reads token p / k),
@@ -203,5 +241,42 @@ impl GpuModel {
             slot[e] = Some(s);
         }
         Ok(swaps)
+    }
+}
+
+/// Cold experts computed on the CPU, ggml's kernels on the mapped weights.
+struct CpuExperts<'a> {
+    host: &'a Model,
+    l: usize,
+    /// pairs per expert (row p reads token p / k)
+    cold: &'a [Vec<usize>],
+    /// the layer's input on the host
+    xh: &'a [f32],
+    d: usize,
+    h: usize,
+    k: usize,
+}
+
+impl CpuExperts<'_> {
+    /// Each (expert, hidden units) of `work` over its pairs: rows (pair ids) and their
+    /// [rows, d] outputs, in order. Hidden units a..b give that part of the expert's output
+    /// (all of it for 0..h); another device's part adds to it.
+    fn run(&self, work: &[(usize, std::ops::Range<usize>)]) -> Result<(Vec<i32>, Vec<f32>), ModelError> {
+        let (hl, threads) = (&self.host.layers[self.l], Threads::all());
+        let (d, h, k) = (self.d, self.h, self.k);
+        let (mut rows, mut out) = (Vec::new(), Vec::new());
+        for (e, hid) in work {
+            let (e, ps) = (*e, &self.cold[*e]);
+            let m = ps.len();
+            let xs: Vec<f32> = ps.iter().flat_map(|&p| self.xh[(p / k) * d..(p / k + 1) * d].iter().copied()).collect();
+            let gate = linear(&self.host.rows(&hl.gate_exps, e * h + hid.start, hid.len()), &xs, m, threads)?;
+            let up = linear(&self.host.rows(&hl.up_exps, e * h + hid.start, hid.len()), &xs, m, threads)?;
+            let act: Vec<f32> = gate.iter().zip(&up).map(|(&a, &b)| silu(a) * b).collect();
+            let mut y = vec![0f32; m * d];
+            matmul_cols(&self.host.rows(&hl.down_exps, e * d, d), hid.clone(), &act, m, &mut y, threads)?;
+            out.extend(y);
+            rows.extend(ps.iter().map(|&p| p as i32));
+        }
+        Ok((rows, out))
     }
 }
