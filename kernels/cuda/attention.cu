@@ -79,6 +79,27 @@ extern "C" __global__ void kv_append_bf16(const float* src, u16* cache, const in
     kv_append(src, cache, pos, n_tokens, width);
 }
 
+// q8_0 caches: int8 values [rows, width] and f32 block scales [rows, width / 32], each block
+// quantized as ggml's quantize_row_q8_0 (quantize_block32; one warp per 32-value block,
+// width % 32 == 0 and head_dim % 32 == 0, so a block never spans two heads). Keys are
+// rotated by partial NeoX RoPE on the way in (rd > 0, table cs), as kv_append_rope does.
+__device__ void kv_append_q8(const float* src, i8* cq, float* cd, const int* pos, int n_tokens, int width, int head_dim, int rd,
+                             const float2* cs) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)n_tokens * width) return;  // whole warps: n_tokens * width % 32 == 0
+    int t = (int)(i / width), c = (int)(i % width), h = c / head_dim, j = c % head_dim;
+    float v = roped(src + (size_t)t * width + (size_t)h * head_dim, j, rd, cs + (size_t)t * (rd >> 1));
+    size_t r = (size_t)(*pos + t);
+    quantize_block32(v, threadIdx.x & 31, cq + r * width + (c & ~31), cd + r * (width / 32) + c / 32);
+}
+extern "C" __global__ void kv_append_rope_q8(const float* src, i8* cq, float* cd, const int* pos, int n_tokens, int width, int head_dim,
+                                             int rd, const float2* cs) {
+    kv_append_q8(src, cq, cd, pos, n_tokens, width, head_dim, rd, cs);
+}
+extern "C" __global__ void kv_append_plain_q8(const float* src, i8* cq, float* cd, const int* pos, int n_tokens, int width) {
+    kv_append_q8(src, cq, cd, pos, n_tokens, width, width, 0, nullptr);
+}
+
 #define TILE 32
 #define MAX_GROUP 16
 

@@ -1,5 +1,5 @@
-// Causal GQA prefill attention on tensor cores (prepended: common.cuh, mma.cuh), over a bf16 KV
-// cache: flash-attention style, one pass over the keys with an online softmax, S = QK^T and
+// Causal GQA prefill attention on tensor cores (prepended: common.cuh, mma.cuh), over a bf16 or
+// q8_0 KV cache (KvBf16, KvQ8 below): flash-attention style, one pass over the keys with an online softmax, S = QK^T and
 // O += PV as bf16 mma.sync m16n8k16 products with f32 accumulators.
 //
 // Block = 4 warps = 64 queries (16 per warp) of one query head h; grid = (n_heads, query
@@ -51,12 +51,103 @@ __device__ void flash_stage(u16* s, const u16* c, int g, int kv_dim, int hd, int
     }
 }
 
-template <int HD>
-__device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, int n_tokens, int n_heads, int n_kv_heads, int hd,
-                      const int* pos, float scale, int rd, const float2* cs) {
-    constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, NT = FK / 8;
-    // two stages of K and V tiles: the next tile loads while this one is used
+// The K/V sources of the kernels below. Each stages a 64-key tile of KV head g (keys j0 ..
+// j0 + FK, zeros past `end`) into a stage buffer asynchronously (complete after cp_async_wait
+// and __syncthreads), then hands the kernel that tile as bf16, K then V, [FK][HD + 8] each.
+
+// bf16 caches [rows, kv_dim]: the stage buffer is the tile.
+struct KvBf16 {
+    const u16* k;
+    const u16* v;
+    template <int HD>
+    static constexpr int stage_u16() {
+        return 2 * FK * (HD + 8);
+    }
+    static constexpr int conv_u16(int) { return 0; }
+    template <int HD>
+    __device__ void stage(u16* buf, int g, int kv_dim, int hd, int j0, int end) const {
+        flash_stage<HD>(buf, k, g, kv_dim, hd, j0, end);
+        flash_stage<HD>(buf + FK * (HD + 8), v, g, kv_dim, hd, j0, end);
+    }
+    template <int HD>
+    __device__ const u16* tile(const u16* buf, u16*) const {
+        return buf;
+    }
+};
+
+// q8_0 caches: int8 values [rows, kv_dim] and f32 block scales [rows, kv_dim / 32] (each
+// the f16-rounded d of ggml's q8_0). The stage buffer holds the raw tiles (K values
+// [FK][HD], V values, K scales [FK][HD / 32], V scales); tile() writes them as bf16 into
+// `conv` (whole block, synchronised), so the products are those of a bf16 cache holding
+// the dequantized values. hd % 32 == 0.
+struct KvQ8 {
+    const i8* k;
+    const i8* v;
+    const float* kd;
+    const float* vd;
+    template <int HD>
+    static constexpr int stage_u16() {
+        return FK * HD + FK * (HD / 32) * 4;  // 2 x FK x HD bytes, 2 x FK x HD / 32 floats
+    }
+    static constexpr int conv_u16(int hd_class) { return 2 * FK * (hd_class + 8); }
+    template <int HD>
+    __device__ void stage_one(i8* vals, float* sc, const i8* c, const float* d, int g, int kv_dim, int hd, int j0, int end) const {
+#pragma unroll
+        for (int i = threadIdx.x; i < FK * HD / 16; i += blockDim.x) {
+            int j = i / (HD / 16), x = (i % (HD / 16)) * 16;
+            bool ok = j0 + j < end && x < hd;
+            cp_async16(vals + j * HD + x, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * hd + x : c, ok);
+        }
+        const int nb = kv_dim / 32;
+        for (int i = threadIdx.x; i < FK * (HD / 32); i += blockDim.x) {
+            int j = i / (HD / 32), b = i % (HD / 32);
+            bool ok = j0 + j < end && b * 32 < hd;
+            cp_async4(sc + i, ok ? d + (size_t)(j0 + j) * nb + (size_t)g * (hd / 32) + b : d, ok);
+        }
+    }
+    template <int HD>
+    __device__ void stage(u16* buf, int g, int kv_dim, int hd, int j0, int end) const {
+        i8* vals = (i8*)buf;
+        float* sc = (float*)(vals + 2 * FK * HD);
+        stage_one<HD>(vals, sc, k, kd, g, kv_dim, hd, j0, end);
+        stage_one<HD>(vals + FK * HD, sc + FK * (HD / 32), v, vd, g, kv_dim, hd, j0, end);
+    }
+    template <int HD>
+    __device__ const u16* tile(const u16* buf, u16* conv) const {
+        constexpr int LD = HD + 8;
+        const i8* vals = (const i8*)buf;
+        const float* sc = (const float*)(vals + 2 * FK * HD);
+        // 8 values per step: K rows then V rows
+        for (int i = threadIdx.x; i < 2 * FK * HD / 8; i += blockDim.x) {
+            int kv = i / (FK * HD / 8), r = i % (FK * HD / 8);
+            int j = r / (HD / 8), x = (r % (HD / 8)) * 8;
+            const i8* src = vals + kv * FK * HD + j * HD + x;
+            float d = sc[kv * FK * (HD / 32) + j * (HD / 32) + x / 32];
+            uint2 raw = *(const uint2*)src;
+            u32 w[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                u32 word = e < 2 ? raw.x : raw.y;
+                int sh = (e & 1) * 16;
+                float a = (float)(signed char)((word >> sh) & 0xff) * d;
+                float b = (float)(signed char)((word >> (sh + 8)) & 0xff) * d;
+                w[e] = pack_bf16(a, b);
+            }
+            *(uint4*)(conv + kv * FK * LD + j * LD + x) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+        __syncthreads();
+        return conv;
+    }
+};
+
+template <int HD, class KV>
+__device__ void flash(const float* q, const KV kv, float* out, int n_tokens, int n_heads, int n_kv_heads, int hd, const int* pos,
+                      float scale, int rd, const float2* cs) {
+    constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, NT = FK / 8, ST = KV::template stage_u16<HD>();
+    // two stage buffers of K and V tiles (the next tile loads while this one is used), then
+    // the bf16 tile a converting source writes
     extern __shared__ __align__(16) u16 smem[];
+    u16* conv = smem + 2 * ST;
     const int h = blockIdx.x, g = h / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
@@ -77,22 +168,19 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
     float m0 = __int_as_float(0xff800000), m1 = m0, l0 = 0.f, l1 = 0.f;
 
     const int n_tiles = (end + FK - 1) / FK;
-    flash_stage<HD>(smem, kc, g, kv_dim, hd, 0, end);
-    flash_stage<HD>(smem + FK * LD, vc, g, kv_dim, hd, 0, end);
+    kv.template stage<HD>(smem, g, kv_dim, hd, 0, end);
     cp_async_commit();
     for (int it = 0; it < n_tiles; it++) {
         const int j0 = it * FK;
         if (it + 1 < n_tiles) {
-            u16* nx = smem + ((it + 1) & 1) * 2 * FK * LD;
-            flash_stage<HD>(nx, kc, g, kv_dim, hd, j0 + FK, end);
-            flash_stage<HD>(nx + FK * LD, vc, g, kv_dim, hd, j0 + FK, end);
+            kv.template stage<HD>(smem + ((it + 1) & 1) * ST, g, kv_dim, hd, j0 + FK, end);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        const u16* ks = smem + (it & 1) * 2 * FK * LD;
+        const u16* ks = kv.template tile<HD>(smem + (it & 1) * ST, conv);
         const u16* vs = ks + FK * LD;
         // every key of this tile is after every query of the warp: nothing to add
         if (j0 <= last) {
@@ -191,11 +279,12 @@ __device__ void flash(const float* q, const u16* kc, const u16* vc, float* out, 
 // the four warps' partials are merged through shared memory and written as attend_split
 // writes them, part[(h * splits + s) * (hd + 2)] = (m, l, acc[hd]) with m in natural-log
 // units, for attend_combine.
-template <int HD, int STAGES>
-__device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float* part, int n_heads, int n_kv_heads, int hd,
-                             const int* pos, float scale, int rd, const float2* cs) {
-    constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, WARPS = 4;
+template <int HD, int STAGES, class KV>
+__device__ void flash_decode(const float* q, const KV kv, float* part, int n_heads, int n_kv_heads, int hd, const int* pos, float scale,
+                             int rd, const float2* cs) {
+    constexpr int LD = HD + 8, KS = HD / 16, DT = HD / 8, WARPS = 4, ST = KV::template stage_u16<HD>();
     extern __shared__ __align__(16) u16 smem[];
+    u16* conv = smem + STAGES * ST;
     const int g = blockIdx.x, s = blockIdx.y, splits = gridDim.y, group = n_heads / n_kv_heads;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int kv_dim = n_kv_heads * hd;
@@ -218,10 +307,7 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
     const int n_tiles = (j_end - j_begin + FK - 1) / FK;
 #pragma unroll
     for (int st = 0; st < STAGES - 1; st++) {
-        if (st < n_tiles) {
-            flash_stage<HD>(smem + st * 2 * FK * LD, kc, g, kv_dim, hd, j_begin + st * FK, j_end);
-            flash_stage<HD>(smem + st * 2 * FK * LD + FK * LD, vc, g, kv_dim, hd, j_begin + st * FK, j_end);
-        }
+        if (st < n_tiles) kv.template stage<HD>(smem + st * ST, g, kv_dim, hd, j_begin + st * FK, j_end);
         cp_async_commit();
     }
     for (int it = 0; it < n_tiles; it++) {
@@ -229,16 +315,12 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
         {
             // into the buffer of tile it - 1, which every warp is done with
             const int nx = it + STAGES - 1;
-            if (nx < n_tiles) {
-                u16* b = smem + (nx % STAGES) * 2 * FK * LD;
-                flash_stage<HD>(b, kc, g, kv_dim, hd, j_begin + nx * FK, j_end);
-                flash_stage<HD>(b + FK * LD, vc, g, kv_dim, hd, j_begin + nx * FK, j_end);
-            }
+            if (nx < n_tiles) kv.template stage<HD>(smem + (nx % STAGES) * ST, g, kv_dim, hd, j_begin + nx * FK, j_end);
             cp_async_commit();
         }
         cp_async_wait<STAGES - 1>();
         __syncthreads();  // tile it has landed
-        const u16* ks = smem + (it % STAGES) * 2 * FK * LD + warp * 16 * LD;
+        const u16* ks = kv.template tile<HD>(smem + (it % STAGES) * ST, conv) + warp * 16 * LD;
         const u16* vs = ks + FK * LD;
         const int jw = j0 + warp * 16;  // this warp's first key
         if (jw < j_end) {
@@ -348,17 +430,35 @@ __device__ void flash_decode(const float* q, const u16* kc, const u16* vc, float
     extern "C" __global__ void __launch_bounds__(128) flash_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* out,    \
                                                                      int n_heads, int n_kv_heads, int n_tokens, int hd,            \
                                                                      const int* pos, float scale, int rd, const float2* cs) {      \
-        flash<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                          \
+        flash<HD>(q, KvBf16{kc, vc}, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                  \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode_bf16_##HD(const float* q, const u16* kc, const u16* vc,         \
                                                                             float* part, int n_heads, int n_kv_heads, int hd,      \
                                                                             const int* pos, float scale, int rd, const float2* cs) { \
-        flash_decode<HD, 2>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                         \
+        flash_decode<HD, 2>(q, KvBf16{kc, vc}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                 \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode3_bf16_##HD(const float* q, const u16* kc, const u16* vc,        \
                                                                              float* part, int n_heads, int n_kv_heads, int hd,     \
                                                                              const int* pos, float scale, int rd, const float2* cs) { \
-        flash_decode<HD, 3>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                         \
+        flash_decode<HD, 3>(q, KvBf16{kc, vc}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                 \
+    }                                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_q8_##HD(const float* q, const i8* kc, const i8* vc, const float* kd,  \
+                                                                   const float* vd, float* out, int n_heads, int n_kv_heads,       \
+                                                                   int n_tokens, int hd, const int* pos, float scale, int rd,      \
+                                                                   const float2* cs) {                                             \
+        flash<HD>(q, KvQ8{kc, vc, kd, vd}, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                            \
+    }                                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode_q8_##HD(const float* q, const i8* kc, const i8* vc,             \
+                                                                          const float* kd, const float* vd, float* part,           \
+                                                                          int n_heads, int n_kv_heads, int hd, const int* pos,     \
+                                                                          float scale, int rd, const float2* cs) {                 \
+        flash_decode<HD, 2>(q, KvQ8{kc, vc, kd, vd}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                           \
+    }                                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) flash_decode3_q8_##HD(const float* q, const i8* kc, const i8* vc,            \
+                                                                           const float* kd, const float* vd, float* part,          \
+                                                                           int n_heads, int n_kv_heads, int hd, const int* pos,    \
+                                                                           float scale, int rd, const float2* cs) {                \
+        flash_decode<HD, 3>(q, KvQ8{kc, vc, kd, vd}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                           \
     }
 
 FLASH(32)

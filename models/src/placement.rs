@@ -79,15 +79,15 @@ impl Sizes {
     /// The sizes of `model` with KV room for `ctx` tokens (f32 KV, f32 lightning states,
     /// as the GPU backend keeps them) and `margin` bytes of headroom.
     /// `kv_bytes`: bytes per KV cache element (4 for f32, 2 for bf16).
-    pub fn of(model: &Model, ctx: usize, kv_bytes: usize, margin: u64) -> Sizes {
+    pub fn of(model: &Model, ctx: usize, kv_bytes: f64, margin: u64) -> Sizes {
         let c = &model.config;
         let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-        LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, kv_bytes as f64)).sizes(margin)
+        LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, kv_bytes)).sizes(margin)
     }
 }
 
 /// Per layer: the lightning state (f32, [heads, hd, hd]) or the KV cache for `ctx` tokens
-/// at `kv_elem` bytes an element (fractional for block types: q8_0 is 34/32).
+/// at `kv_elem` bytes an element (fractional for block types: the runner's q8_0 is 36/32).
 pub fn layer_state(c: &Config, ctx: usize, kv_elem: f64) -> Vec<u64> {
     c.layers
         .iter()

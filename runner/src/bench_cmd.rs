@@ -75,7 +75,7 @@ struct Work {
 }
 
 /// `kv_elem`: bytes per KV cache element on the backend that runs (f32 on the CPU).
-fn work(m: &Model, kv_elem: usize) -> Work {
+fn work(m: &Model, kv_elem: f64) -> Work {
     let c = &m.config;
     let h = m.file.header();
     let tensor = |name: &str| h.tensor(name).map(|t| (t.n_bytes as f64, t.n_elements as f64)).unwrap_or((0.0, 0.0));
@@ -100,7 +100,7 @@ fn work(m: &Model, kv_elem: usize) -> Work {
     Work {
         decode_weight_bytes: bytes + out.0,
         state_bytes: n_light * state * 4.0 * 2.0,
-        kv_bytes_per_pos: n_soft * (2 * c.kv_dim()) as f64 * kv_elem as f64,
+        kv_bytes_per_pos: n_soft * (2 * c.kv_dim()) as f64 * kv_elem,
         flops_per_token: 2.0 * params + n_light * 4.0 * state,
         attn_flops_per_pair: n_soft * 4.0 * (c.n_heads * c.head_dim) as f64,
     }
@@ -256,7 +256,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let kv_elem = match &l.backend {
         Backend::Cuda(g) => g.kv_type.bytes(),
         Backend::Split(m) => m.parts[0].kv_type.bytes(),
-        Backend::Cpu(_) => 4,
+        Backend::Cpu(_) => 4.0,
     };
     let w = work(&l.model, kv_elem);
     let c = &l.model.config;

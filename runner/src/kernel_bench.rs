@@ -84,13 +84,13 @@ pub fn run(g: &Gpu) -> Result<()> {
     row("lightning prefill", "f32 recurrence", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
     let s = time(g, 3, || Ok(g.lightning_chunked(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), (n, heads, hd), true)?))?;
     row("lightning prefill", "bf16 chunks", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
-    // softmax attention over f32 and bf16 caches (causal: n^2 / 2 query-key pairs,
+    // softmax attention over f32, bf16 and q8_0 caches (causal: n^2 / 2 query-key pairs,
     // 4 * hd FLOPs each per head)
     let kv_dim = 8 * hd;
     let (k32, v32) = (Rng::new(7).normals(n * kv_dim, 1.0), Rng::new(8).normals(n * kv_dim, 1.0));
     let q = g.upload(&Rng::new(9).normals(n * heads * hd, 1.0))?;
     let pos = g.upload(&[0i32])?;
-    for t in [KvType::F32, KvType::Bf16] {
+    for t in [KvType::F32, KvType::Bf16, KvType::Q8_0] {
         let (mut kc, mut vc) = (g.kv_zeros(t, n * kv_dim)?, g.kv_zeros(t, n * kv_dim)?);
         g.kv_write(&k32, &mut kc)?;
         g.kv_write(&v32, &mut vc)?;
@@ -101,17 +101,17 @@ pub fn run(g: &Gpu) -> Result<()> {
             &format!("{} KV", t.name()),
             &format!("4096 tokens, {tflops:.0} TFLOP/s"),
             s,
-            (2 * n * kv_dim * t.bytes()) as f64,
+            (2 * n * kv_dim) as f64 * t.bytes(),
         );
     }
-    for t in [KvType::F32, KvType::Bf16] {
+    for t in [KvType::F32, KvType::Bf16, KvType::Q8_0] {
         for depth in [4096usize, 65536, 1 << 20] {
             let (kc, vc) = (g.kv_zeros(t, depth * kv_dim)?, g.kv_zeros(t, depth * kv_dim)?);
             let q = g.upload(&Rng::new(5).normals(heads * hd, 1.0))?;
             let pos = g.upload(&[(depth - 1) as i32])?;
             let mut out = g.zeros::<f32>(heads * hd)?;
-            // the tensor-core kernel (bf16) with 2 and 3 tile buffers per block
-            let variants: &[usize] = if t == KvType::Bf16 { &[2, 3] } else { &[2] };
+            // the tensor-core kernels (bf16, q8_0) with 2 and 3 tile buffers per block
+            let variants: &[usize] = if t == KvType::F32 { &[2] } else { &[2, 3] };
             for &stages in variants {
                 let splits = g.decode_splits_staged(depth, 8, stages);
                 let s = time(g, 20, || {
@@ -128,8 +128,8 @@ pub fn run(g: &Gpu) -> Result<()> {
                         None,
                     )?)
                 })?;
-                let what = if t == KvType::Bf16 { format!("bf16 KV, {stages} stages") } else { format!("{} KV", t.name()) };
-                row("attention decode", &what, &format!("depth {depth}"), s, (2 * depth * kv_dim * t.bytes()) as f64);
+                let what = if t == KvType::F32 { "f32 KV".to_string() } else { format!("{} KV, {stages} stages", t.name()) };
+                row("attention decode", &what, &format!("depth {depth}"), s, (2 * depth * kv_dim) as f64 * t.bytes());
             }
         }
     }

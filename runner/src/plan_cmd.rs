@@ -41,8 +41,8 @@ pub struct PlanArgs {
     /// Matrix type of the preset's experts.
     #[arg(long)]
     pub expert_type: Option<String>,
-    /// KV cache element type: bf16 (the runner's default), f32 (`mxr run --kv-type f32`)
-    /// or q8_0 (not yet in the runner).
+    /// KV cache element type: bf16 (the runner's default), f32 or q8_0, as `mxr run
+    /// --kv-type` takes them.
     #[arg(long, default_value = "bf16")]
     pub kv_type: String,
     /// The GPUs: NxH100 or NxH200 (e.g. 1xH200, 4xH100), or none.
@@ -168,10 +168,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         (None, None) => bail!("give a model file (-m) or --preset minimax-text-01"),
     };
+    // the runner's own sizes (mxr_kernels::cuda::KvType::bytes; q8_0 keeps each block's
+    // scale as 4 bytes, 36 per 32 values)
     let kv_elem = match a.kv_type.to_ascii_lowercase().as_str() {
         "f32" => 4.0,
         "bf16" | "f16" => 2.0,
-        "q8_0" => 34.0 / 32.0,
+        "q8_0" => 36.0 / 32.0,
         other => bail!("--kv-type {other}: f32, bf16 or q8_0"),
     };
     // weights by kind

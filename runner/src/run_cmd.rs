@@ -66,7 +66,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub n_cpu_moe: Option<usize>,
     /// Element type of the GPU's KV cache: bf16 (half the memory; attention and the
-    /// lightning prefill on tensor cores) or f32 (the CPU's exact values, f32 kernels
+    /// lightning prefill on tensor cores), q8_0 (36 bytes per 32 values, a little over a
+    /// quarter of f32: int8 with a scale per 32, dequantized inside the tensor-core
+    /// kernels; head_dim a multiple of 32) or f32 (the CPU's exact values, f32 kernels
     /// throughout). The CPU always keeps f32.
     #[arg(long, value_enum, default_value_t = KvArg::Bf16)]
     pub kv_type: KvArg,
@@ -76,6 +78,8 @@ pub struct ModelArgs {
 pub enum KvArg {
     F32,
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 impl KvArg {
@@ -83,6 +87,7 @@ impl KvArg {
         match self {
             KvArg::F32 => KvType::F32,
             KvArg::Bf16 => KvType::Bf16,
+            KvArg::Q8_0 => KvType::Q8_0,
         }
     }
 }
@@ -164,7 +169,7 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     // with a budget, each GPU's own
     let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-    let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes() as f64));
+    let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()));
     let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
     for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
         // the line `mxr plan --gpus` prints for the same split
@@ -236,7 +241,8 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Pla
         match a.kv_type {
             // the cheapest fix first: the same context in half the memory
             KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
-            KvArg::Bf16 => anyhow::anyhow!(e),
+            KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
+            KvArg::Q8_0 => anyhow::anyhow!(e),
         }
     })?;
     Ok((p, stats))
@@ -441,10 +447,12 @@ pub fn load(a: &ModelArgs) -> Result<Loaded> {
     let backend = backend(a, &model, threads, ctx)?;
     match &backend {
         Backend::Cpu(t) => eprintln!("device: cpu, {} threads (ggml kernels), KV cache f32 ({} B/token)", t.0, kv_elems * 4),
-        Backend::Cuda(g) => eprintln!("device: {}, KV cache {} ({} B/token)", g.gpu.info(), g.kv_type.name(), kv_elems * g.kv_type.bytes()),
+        Backend::Cuda(g) => {
+            eprintln!("device: {}, KV cache {} ({} B/token)", g.gpu.info(), g.kv_type.name(), kv_elems as f64 * g.kv_type.bytes())
+        }
         Backend::Split(m) => {
             let t = m.parts[0].kv_type;
-            eprintln!("device: {} GPUs, layers split, KV cache {} ({} B/token)", m.parts.len(), t.name(), kv_elems * t.bytes())
+            eprintln!("device: {} GPUs, layers split, KV cache {} ({} B/token)", m.parts.len(), t.name(), kv_elems as f64 * t.bytes())
         }
     }
     Ok(Loaded { model, tokenizer, threads, ctx, backend })

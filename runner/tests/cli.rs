@@ -402,6 +402,11 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     assert_eq!(j["kv_bytes_per_token"].as_f64(), Some(40_960.0));
     assert_eq!(j["kv_bytes"].as_u64(), Some(40 << 30));
     assert_eq!(j["lightning_state_bytes"].as_u64(), Some(280 << 20));
+    // q8_0 as the runner keeps it: int8 values and an f32 scale per 32 (36 bytes per 32)
+    let out = mxr(&["plan", "--preset", "minimax-text-01", "--kv-type", "q8_0", "--ctx", "1048576", "--json", "--host-mem", "1024"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let q8: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(q8["kv_bytes_per_token"].as_f64(), Some(40_960.0 / 2.0 * 36.0 / 32.0));
     // bf16 matrices: 2 bytes a parameter, except the f32 router and norms
     let w = j["weights"].as_array().unwrap();
     let bytes = |k: &str| w.iter().find(|e| e["kind"] == k).unwrap()["bytes"].as_u64().unwrap();

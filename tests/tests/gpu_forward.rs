@@ -379,7 +379,7 @@ fn every_expert_placement_gives_the_same_logits() {
         let cpu: Vec<f32> = prompt.chunks(4).flat_map(|ch| forward(&m, &mut cs, ch, Logits::All, Threads::all()).unwrap()).collect();
         let cpu_gap = diff(&cpu, &all).max_abs;
         let budget = (1.25 * cpu_gap).max(2e-2);
-        let sizes = Sizes::of(&m, 64, 4, 0);
+        let sizes = Sizes::of(&m, 64, 4.0, 0);
         let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
         let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
         // rates under which the cost model copies every cold expert to the GPU for each batch
@@ -429,10 +429,11 @@ fn every_expert_placement_gives_the_same_logits() {
 }
 
 /// The default bf16 KV cache (tensor-core prefill attention, bf16 keys and values in
-/// decode) against f32 caches, on the F32 golden fixtures and the nano model: prefill in
-/// one pass and token-by-token decode. Rounding keys, values, q and the probabilities to
-/// bf16 moves logits by about 2^-9 relative; the budget is rel L2 <= 1e-2 with the same
-/// top-1 at >= 98% of positions (the fixtures' near-tied routers flip an expert now and then).
+/// decode), and the q8_0 one, against f32 caches, on the F32 golden fixtures and the nano
+/// model: prefill in one pass and token-by-token decode. Rounding keys, values, q and the
+/// probabilities to bf16 moves logits by about 2^-9 relative; the budget is rel L2 <= 1e-2
+/// with the same top-1 at >= 98% of positions (the fixtures' near-tied routers flip an
+/// expert now and then). q8_0: rel L2 <= 3e-2, top-1 at >= 95%.
 #[test]
 #[ignore = "needs a GPU"]
 fn bf16_kv_cache_stays_close_to_f32() {
@@ -450,25 +451,32 @@ fn bf16_kv_cache_stays_close_to_f32() {
     cases.push(("nano Q8_0".into(), nano, prompt));
     for (name, m, tokens) in &cases {
         let vocab = m.config.vocab_size;
-        let (g32, g16) = (gpu_model_kv(m, KvType::F32), gpu_model_kv(m, KvType::Bf16));
-        for (path, chunk) in [("prefill", tokens.len()), ("decode", 1)] {
-            let run = |g: &GpuModel| -> Vec<f32> {
-                let mut s = GpuSession::new(g, tokens.len()).unwrap();
-                tokens.chunks(chunk).flat_map(|ch| g.forward(&mut s, ch, Logits::All).unwrap()).collect()
-            };
-            let (a, b) = (run(&g32), run(&g16));
-            let d = diff(&b, &a);
-            let top1 = top1_same(&b, &a, vocab);
-            let good = d.nmse.sqrt() <= 1e-2 && top1.0 as f64 >= 0.98 * top1.1 as f64;
-            println!(
-                "CHECK bf16 KV vs f32 KV ({path}) | {name}, {} tokens | rel L2 {:.2e}, top-1 {}/{} | 1e-2, 98% | {}",
-                tokens.len(),
-                d.nmse.sqrt(),
-                top1.0,
-                top1.1,
-                if good { "ok" } else { "FAIL" }
-            );
-            ok &= good;
+        let g32 = gpu_model_kv(m, KvType::F32);
+        // q8_0 rounds keys and values to int8 steps of max|x| / 127 per 32 (about 2^-8 of
+        // the block's largest value), then to bf16 inside the kernels: twice bf16's error
+        for (kv, l2, top) in [(KvType::Bf16, 1e-2, 0.98), (KvType::Q8_0, 3e-2, 0.95)] {
+            let gk = gpu_model_kv(m, kv);
+            for (path, chunk) in [("prefill", tokens.len()), ("decode", 1)] {
+                let run = |g: &GpuModel| -> Vec<f32> {
+                    let mut s = GpuSession::new(g, tokens.len()).unwrap();
+                    tokens.chunks(chunk).flat_map(|ch| g.forward(&mut s, ch, Logits::All).unwrap()).collect()
+                };
+                let (a, b) = (run(&g32), run(&gk));
+                let d = diff(&b, &a);
+                let top1 = top1_same(&b, &a, vocab);
+                let good = d.nmse.sqrt() <= l2 && top1.0 as f64 >= top * top1.1 as f64;
+                println!(
+                    "CHECK {} KV vs f32 KV ({path}) | {name}, {} tokens | rel L2 {:.2e}, top-1 {}/{} | {l2:.0e}, {:.0}% | {}",
+                    kv.name(),
+                    tokens.len(),
+                    d.nmse.sqrt(),
+                    top1.0,
+                    top1.1,
+                    top * 100.0,
+                    if good { "ok" } else { "FAIL" }
+                );
+                ok &= good;
+            }
         }
     }
     assert!(ok, "see the CHECK lines");
@@ -555,7 +563,7 @@ fn rebalanced_experts_give_the_same_logits() {
         (out, counts)
     };
     let (all, _) = run(&gpu_model(&m));
-    let sizes = Sizes::of(&m, 64, 4, 0);
+    let sizes = Sizes::of(&m, 64, 4.0, 0);
     let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
     let quarter = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 4;
     let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();

@@ -1,7 +1,8 @@
 //! The softmax layers' KV cache on the GPU and the attention launchers over it.
 //!
-//! A cache holds f32 (exact: the CPU's own values) or bf16 (half the memory and bandwidth;
-//! attention then runs on tensor cores, `flash.cu`). Appends round f32 keys and values to
+//! A cache holds f32 (exact: the CPU's own values), bf16 (half the memory and bandwidth;
+//! attention then runs on tensor cores, `flash.cu`) or q8_0 (a little over a quarter:
+//! int8 values and one scale per 32, dequantized to bf16 tiles inside the same kernels). Appends round f32 keys and values to
 //! the cache's type on the GPU; copies to and from the host convert likewise. The
 //! tensor-core kernels and `kv_append_roped` apply partial RoPE themselves, from a table of
 //! the batch's rotations (`rope_table`); the f32 kernels take rotated q and k.
@@ -20,13 +21,28 @@ use crate::KernelError;
 pub enum KvType {
     F32,
     Bf16,
+    /// ggml's q8_0 blocks of 32 (d = max|x| / 127 rounded to f16, q = round(x / d)), held
+    /// as two planes: int8 values, and each block's d as an f32 (4 bytes, so that a head's
+    /// scales load as one aligned 4/8/16-byte copy): 36 bytes per 32 values.
+    Q8_0,
 }
 
 impl KvType {
-    pub fn bytes(self) -> usize {
+    /// Bytes per element, scales included.
+    pub fn bytes(self) -> f64 {
+        match self {
+            KvType::F32 => 4.0,
+            KvType::Bf16 => 2.0,
+            KvType::Q8_0 => 36.0 / 32.0,
+        }
+    }
+
+    /// Bytes per element of the value plane.
+    fn value_bytes(self) -> usize {
         match self {
             KvType::F32 => 4,
             KvType::Bf16 => 2,
+            KvType::Q8_0 => 1,
         }
     }
 
@@ -34,22 +50,30 @@ impl KvType {
         match self {
             KvType::F32 => "f32",
             KvType::Bf16 => "bf16",
+            KvType::Q8_0 => "q8_0",
         }
     }
 }
 
-/// One K or V cache: [rows, kv_dim] of its element type (bf16 as raw u16 bits), in
-/// device memory that grows in pages behind a fixed address ([`PagedBuf`]): room is
-/// reserved for the capacity, memory committed as positions are used ([`KvBuf::ensure`]).
+/// One K or V cache: [rows, kv_dim] of its element type (bf16 as raw u16 bits; q8_0 as
+/// int8 values plus a plane of f32 block scales), in device memory that grows in pages
+/// behind a fixed address ([`PagedBuf`]): room is reserved for the capacity, memory
+/// committed as positions are used ([`KvBuf::ensure`]).
 pub struct KvBuf {
     buf: PagedBuf,
+    /// q8_0: one f32 per 32 values
+    scales: Option<PagedBuf>,
     t: KvType,
 }
 
 impl KvBuf {
     /// Elements backed by memory now.
     pub fn len(&self) -> usize {
-        self.buf.committed() / self.t.bytes()
+        let n = self.buf.committed() / self.t.value_bytes();
+        match &self.scales {
+            Some(s) => n.min(s.committed() / 4 * 32),
+            None => n,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -58,7 +82,7 @@ impl KvBuf {
 
     /// Elements it can grow to.
     pub fn capacity(&self) -> usize {
-        self.buf.capacity() / self.t.bytes()
+        self.buf.capacity() / self.t.value_bytes()
     }
 
     pub fn kv_type(&self) -> KvType {
@@ -67,11 +91,20 @@ impl KvBuf {
 
     /// Commits memory for at least `elems` elements (a no-op when they are).
     pub fn ensure(&mut self, elems: usize) -> Result<()> {
-        self.buf.ensure(elems * self.t.bytes())
+        self.buf.ensure(elems * self.t.value_bytes())?;
+        match self.scales.as_mut() {
+            Some(s) => s.ensure(elems.div_ceil(32) * 4),
+            None => Ok(()),
+        }
     }
 
     fn ptr(&self) -> u64 {
         self.buf.ptr()
+    }
+
+    /// The scale plane (q8_0), else 0.
+    fn scale_ptr(&self) -> u64 {
+        self.scales.as_ref().map_or(0, PagedBuf::ptr)
     }
 }
 
@@ -106,13 +139,46 @@ const SMEM_PER_SM: usize = 227 * 1024;
 /// Shared memory of the tensor-core decode kernel: `stages` buffers of 64-key K and V
 /// tiles, rows padded by 8 (FK, LD in flash.cu).
 fn decode_smem(hd_class: usize, stages: usize) -> usize {
-    stages * 2 * 64 * (hd_class + 8) * 2
+    flash_smem(KvType::Bf16, hd_class, stages)
+}
+
+/// Shared memory of a tensor-core attention kernel (flash.cu) with `stages` stage buffers
+/// of 64-key K and V tiles: bf16 rows padded by 8 (FK, LD); q8_0 raw tiles (int8 values
+/// and f32 scales, `KvQ8::stage_u16`) plus one converted bf16 tile pair.
+fn flash_smem(t: KvType, hd_class: usize, stages: usize) -> usize {
+    let bf16_pair = 2 * 64 * (hd_class + 8) * 2;
+    match t {
+        KvType::Q8_0 => stages * (2 * 64 * hd_class + 2 * 64 * (hd_class / 32) * 4) + bf16_pair,
+        _ => stages * bf16_pair,
+    }
+}
+
+/// The q8_0 cache's kernels take heads of whole 32-value blocks.
+fn q8_head_dim(what: &str, hd: usize) -> Result<()> {
+    if hd.is_multiple_of(32) && hd <= 128 {
+        Ok(())
+    } else {
+        Err(KernelError::Shape(format!("{what}: head_dim {hd} over a q8_0 KV cache (multiples of 32 up to 128; use --kv-type bf16)")))
+    }
 }
 
 impl Gpu {
+    /// The launch of a flash.cu kernel (4 warps) over `grid` with `smem` bytes of dynamic
+    /// shared memory, which the kernel is allowed first.
+    fn flash_cfg(&self, name: &'static str, smem: usize, grid: (u32, u32, u32)) -> Result<LaunchConfig> {
+        self.function(Source::Flash, name)?
+            .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| drv(name, e))?;
+        Ok(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 })
+    }
+
     /// A cache with room for `n` elements, `committed` of them backed by (zeroed) memory.
     pub fn kv_reserve(&self, t: KvType, n: usize, committed: usize) -> Result<KvBuf> {
-        let mut b = KvBuf { buf: PagedBuf::reserve(self, n * t.bytes())?, t };
+        let scales = match t {
+            KvType::Q8_0 => Some(PagedBuf::reserve(self, n.div_ceil(32) * 4)?),
+            _ => None,
+        };
+        let mut b = KvBuf { buf: PagedBuf::reserve(self, n * t.value_bytes())?, scales, t };
         b.ensure(committed)?;
         Ok(b)
     }
@@ -122,28 +188,54 @@ impl Gpu {
         self.kv_reserve(t, n, n)
     }
 
-    /// The first `n` elements as f32 (bf16 widens exactly).
+    /// The first `n` elements as f32 (bf16 widens exactly; q8_0 gives q * d).
     pub fn kv_download(&self, b: &KvBuf, n: usize) -> Result<Vec<f32>> {
         need("kv_download", "cache", n, b.len())?;
-        let mut bytes = vec![0u8; n * b.t.bytes()];
+        let mut bytes = vec![0u8; n * b.t.value_bytes()];
         b.buf.read(self, 0, &mut bytes)?;
-        Ok(match b.t {
-            KvType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            KvType::Bf16 => bytes.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        let f32s = |bytes: &[u8]| -> Vec<f32> { bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+        Ok(match (b.t, &b.scales) {
+            (KvType::Q8_0, Some(sc)) => {
+                let mut d = vec![0u8; n.div_ceil(32) * 4];
+                sc.read(self, 0, &mut d)?;
+                let d = f32s(&d);
+                bytes.iter().enumerate().map(|(i, &q)| q as i8 as f32 * d[i / 32]).collect()
+            }
+            (KvType::Bf16, _) => bytes.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+            _ => f32s(&bytes),
         })
     }
 
     /// Writes `src` into the first src.len() elements (bf16: rounded to nearest even, as
-    /// kv_append does), committing memory as needed.
+    /// kv_append does; q8_0: quantized in blocks of 32 as kv_append does, so that a cache
+    /// read back and written again is unchanged), committing memory as needed.
     pub fn kv_write(&self, src: &[f32], b: &mut KvBuf) -> Result<()> {
         if src.len() > b.capacity() {
             return Err(KernelError::Length { op: "kv_write", what: "cache", expected: src.len(), actual: b.capacity() });
         }
-        let bytes: Vec<u8> = match b.t {
-            KvType::F32 => src.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            KvType::Bf16 => src.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
-        };
-        b.buf.write(self, 0, &bytes)
+        match (b.t, b.scales.as_mut()) {
+            (KvType::Q8_0, Some(sc)) => {
+                if !src.len().is_multiple_of(32) {
+                    return Err(KernelError::Length {
+                        op: "kv_write q8_0",
+                        what: "values (whole blocks of 32)",
+                        expected: src.len().next_multiple_of(32),
+                        actual: src.len(),
+                    });
+                }
+                let blocks = crate::cpu::ggml::quantize_chunk(mxr_quant::QType::Q8_0, src, 32)?;
+                // ggml's block: f16 d, then 32 int8
+                let (mut q, mut d) = (Vec::with_capacity(src.len()), Vec::with_capacity(src.len() / 8));
+                for blk in blocks.chunks_exact(34) {
+                    d.extend(mxr_quant::convert::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]])).to_le_bytes());
+                    q.extend_from_slice(&blk[2..]);
+                }
+                b.buf.write(self, 0, &q)?;
+                sc.write(self, 0, &d)
+            }
+            (KvType::Bf16, _) => b.buf.write(self, 0, &src.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect::<Vec<u8>>()),
+            _ => b.buf.write(self, 0, &src.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+        }
     }
 
     /// cache[*pos + t, :] = src[t, :] for t < n_tokens; `pos_host` is the value *pos holds
@@ -163,10 +255,16 @@ impl Gpu {
         let (n, w) = (int("kv_append", n_tokens)?, int("kv_append", width)?);
         int("kv_append", (pos_host + n_tokens) * width)?;
         let cfg = grid1(n_tokens * width, 256);
-        let c = cache.ptr();
+        let (c, cd) = (cache.ptr(), cache.scale_ptr());
         match cache.t {
             KvType::F32 => launch!(self, Source::Attention, "kv_append_f32", cfg, src, &c, pos, &n, &w),
             KvType::Bf16 => launch!(self, Source::Attention, "kv_append_bf16", cfg, src, &c, pos, &n, &w),
+            KvType::Q8_0 => {
+                if !width.is_multiple_of(32) {
+                    return Err(KernelError::Shape(format!("kv_append: width {width} over a q8_0 cache (whole blocks of 32)")));
+                }
+                launch!(self, Source::Attention, "kv_append_plain_q8", cfg, src, &c, &cd, pos, &n, &w)
+            }
         }
     }
 
@@ -207,10 +305,14 @@ impl Gpu {
         int("kv_append_roped", (pos_host + n_tokens) * width)?;
         let (rd, cs) = RopeTable::args(Some(rope));
         let cfg = grid1(n_tokens * width, 256);
-        let c = cache.ptr();
+        let (c, cd) = (cache.ptr(), cache.scale_ptr());
         match cache.t {
             KvType::F32 => launch!(self, Source::Attention, "kv_append_rope_f32", cfg, src, &c, pos, &n, &w, &hd, &rd, &cs),
             KvType::Bf16 => launch!(self, Source::Attention, "kv_append_rope_bf16", cfg, src, &c, pos, &n, &w, &hd, &rd, &cs),
+            KvType::Q8_0 => {
+                q8_head_dim("kv_append_roped", head_dim)?;
+                launch!(self, Source::Attention, "kv_append_rope_q8", cfg, src, &c, &cd, pos, &n, &w, &hd, &rd, &cs)
+            }
         }
     }
 
@@ -259,9 +361,9 @@ impl Gpu {
         }
         let (k, v) = (kc.ptr(), vc.ptr());
         if let Some(r) = rope {
-            if kc.t != KvType::Bf16 || r.n_tokens != n_tokens || r.rotary_dim > hd {
+            if kc.t == KvType::F32 || r.n_tokens != n_tokens || r.rotary_dim > hd {
                 return Err(KernelError::Shape(
-                    "attention: RoPE is fused into the bf16 tensor-core kernel only, with a table for these tokens".into(),
+                    "attention: RoPE is fused into the tensor-core kernels only, with a table for these tokens".into(),
                 ));
             }
         }
@@ -293,18 +395,23 @@ impl Gpu {
                         "attention: head_dim {hd} over a bf16 KV cache (the tensor-core kernel takes multiples of 8; use --kv-type f32)"
                     )));
                 }
-                // two stages of 64-key K and V tiles, rows padded by 8 (FK, LD in flash.cu)
-                let smem = 2 * 2 * 64 * (hd_class + 8) * 2;
-                self.function(Source::Flash, name)?
-                    .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .map_err(|e| drv(name, e))?;
-                // 64 queries per block (FQ in flash.cu), heads fastest
-                let cfg = LaunchConfig {
-                    grid_dim: (n_heads as u32, (n_tokens as u32).div_ceil(64), 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: smem as u32,
-                };
+                // two stages of 64-key K and V tiles; 64 queries per block (FQ in flash.cu),
+                // heads fastest
+                let grid = (n_heads as u32, (n_tokens as u32).div_ceil(64), 1);
+                let cfg = self.flash_cfg(name, flash_smem(KvType::Bf16, hd_class, 2), grid)?;
                 launch!(self, Source::Flash, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs)
+            }
+            KvType::Q8_0 => {
+                q8_head_dim("attention", hd)?;
+                let name = match hd_class {
+                    32 => "flash_q8_32",
+                    64 => "flash_q8_64",
+                    _ => "flash_q8_128",
+                };
+                let grid = (n_heads as u32, (n_tokens as u32).div_ceil(64), 1);
+                let cfg = self.flash_cfg(name, flash_smem(KvType::Q8_0, hd_class, 2), grid)?;
+                let (kd, vd) = (kc.scale_ptr(), vc.scale_ptr());
+                launch!(self, Source::Flash, name, cfg, q, &k, &v, &kd, &vd, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs)
             }
         }
     }
@@ -369,6 +476,8 @@ impl Gpu {
             (KvType::Bf16, 1..=32) => "attend_split_bf16_32",
             (KvType::Bf16, 33..=64) => "attend_split_bf16_64",
             (KvType::Bf16, 65..=128) => "attend_split_bf16_128",
+            // tensor cores only (below)
+            (KvType::Q8_0, _) => q8_head_dim("decode attention", hd).map(|_| "")?,
             _ => return Err(KernelError::Shape(format!("attention: head_dim {hd} (the GPU kernel takes up to 128)"))),
         };
         if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || n_heads / n_kv_heads > 16 {
@@ -388,7 +497,7 @@ impl Gpu {
             return Err(KernelError::Shape("attention: K and V caches of different types".into()));
         }
         let (k, v) = (kc.ptr(), vc.ptr());
-        let tensor_cores = kc.t == KvType::Bf16 && hd.is_multiple_of(8);
+        let tensor_cores = (kc.t == KvType::Bf16 && hd.is_multiple_of(8)) || kc.t == KvType::Q8_0;
         if rope.is_some_and(|r| !tensor_cores || r.n_tokens != 1 || r.rotary_dim > hd) {
             return Err(KernelError::Shape(
                 "decode attention: RoPE is fused into the tensor-core kernel only, with a one-token table".into(),
@@ -397,22 +506,34 @@ impl Gpu {
         let (rd, cs) = RopeTable::args(rope);
         if tensor_cores {
             // tensor cores: the group's heads are the rows of one tile (flash.cu)
-            let (name, hd_class) = match (stages, hd) {
-                (2, 1..=32) => ("flash_decode_bf16_32", 32usize),
-                (2, 33..=64) => ("flash_decode_bf16_64", 64),
-                (2, _) => ("flash_decode_bf16_128", 128),
-                (3, 1..=32) => ("flash_decode3_bf16_32", 32),
-                (3, 33..=64) => ("flash_decode3_bf16_64", 64),
-                (3, _) => ("flash_decode3_bf16_128", 128),
+            let hd_class = match hd {
+                1..=32 => 32usize,
+                33..=64 => 64,
+                _ => 128,
+            };
+            let q8 = kc.t == KvType::Q8_0;
+            let name = match (stages, hd_class, q8) {
+                (2, 32, false) => "flash_decode_bf16_32",
+                (2, 64, false) => "flash_decode_bf16_64",
+                (2, _, false) => "flash_decode_bf16_128",
+                (3, 32, false) => "flash_decode3_bf16_32",
+                (3, 64, false) => "flash_decode3_bf16_64",
+                (3, _, false) => "flash_decode3_bf16_128",
+                (2, 32, true) => "flash_decode_q8_32",
+                (2, 64, true) => "flash_decode_q8_64",
+                (2, _, true) => "flash_decode_q8_128",
+                (3, 32, true) => "flash_decode3_q8_32",
+                (3, 64, true) => "flash_decode3_q8_64",
+                (3, _, true) => "flash_decode3_q8_128",
                 _ => return Err(KernelError::Shape(format!("decode attention: {stages} stages (2 or 3)"))),
             };
-            let smem = decode_smem(hd_class, stages);
-            self.function(Source::Flash, name)?
-                .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| drv(name, e))?;
-            let cfg =
-                LaunchConfig { grid_dim: (n_kv_heads as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-            launch!(self, Source::Flash, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale, &rd, &cs)?;
+            let cfg = self.flash_cfg(name, flash_smem(kc.t, hd_class, stages), (n_kv_heads as u32, splits as u32, 1))?;
+            if q8 {
+                let (kd, vd) = (kc.scale_ptr(), vc.scale_ptr());
+                launch!(self, Source::Flash, name, cfg, q, &k, &v, &kd, &vd, &mut part, &h, &kvh, &d, pos, &scale, &rd, &cs)?;
+            } else {
+                launch!(self, Source::Flash, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale, &rd, &cs)?;
+            }
         } else {
             launch!(self, Source::Attention, name, cfg, q, &k, &v, &mut part, &h, &kvh, &d, pos, &scale)?;
         }

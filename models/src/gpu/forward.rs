@@ -41,6 +41,13 @@ impl GpuSession {
     pub fn new(m: &GpuModel, capacity: usize) -> Result<GpuSession, ModelError> {
         let c = &m.config;
         let g = &m.gpu;
+        let has_softmax = c.layers.iter().any(|k| matches!(k, LayerKind::Softmax));
+        if m.kv_type == KvType::Q8_0 && has_softmax && (!c.head_dim.is_multiple_of(32) || c.head_dim > 128) {
+            return Err(ModelError::Input(format!(
+                "--kv-type q8_0 takes heads of whole 32-value blocks (up to 128); this model's head_dim is {}: use --kv-type bf16",
+                c.head_dim
+            )));
+        }
         let mut lightning = Vec::new();
         let mut kv = Vec::new();
         // this part's layers (all of them on one GPU)
@@ -255,9 +262,14 @@ impl GpuModel {
         let mut pending: Option<(CudaSlice<f32>, f32, f32)> = None;
         let quick = n <= MATVEC_MAX_TOKENS;
         // RoPE's rotations for these positions, made once for every softmax layer: the
-        // tensor-core kernels (bf16 caches) apply them as they read q and append k
+        // tensor-core kernels (bf16 and q8_0 caches) apply them as they read q and append k
         let has_softmax = self.layers.iter().any(|l| matches!(l.attn, GpuAttention::Softmax { .. }));
-        let fused_rope = has_softmax && self.kv_type == KvType::Bf16 && c.head_dim % 8 == 0 && c.rotary_dim > 0;
+        let tensor_cores = match self.kv_type {
+            KvType::F32 => false,
+            KvType::Bf16 => c.head_dim % 8 == 0,
+            KvType::Q8_0 => true,
+        };
+        let fused_rope = has_softmax && tensor_cores && c.rotary_dim > 0;
         let table = if fused_rope { Some(g.rope_table(n, c.rotary_dim, c.rope_theta, pos)?) } else { None };
         for (l, layer) in self.layers.iter().enumerate() {
             let stage = match layer.attn {
@@ -282,7 +294,7 @@ impl GpuModel {
                         // prefill on tensor cores, unless exact f32 kernels were asked for; both
                         // apply the SiLU to q, k, v as they read them
                         let shape = (n, c.n_heads, c.head_dim);
-                        if n > MATVEC_MAX_TOKENS && self.kv_type == KvType::Bf16 {
+                        if n > MATVEC_MAX_TOKENS && self.kv_type != KvType::F32 {
                             g.lightning_chunked(&p.as_view(), state, decay, &mut o.as_view_mut(), shape, true)?;
                         } else {
                             g.lightning(&p.as_view(), state, decay, &mut o.as_view_mut(), shape, true)?;
