@@ -12,6 +12,8 @@
 #   depth      S8: prefill to 131,072 tokens, decode 128 there, 1 rep         ~1 min
 #   offload    S2x32 offload sweep with --calibrate-devices                   ~3 min
 #   depth1m    S8: prefill to 1,048,576 tokens and decode there (issue 8)     minutes
+#   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
+#              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,12 @@ for s in "${steps[@]}"; do
     depth) scripts/bench-slice.sh S8 -p 0 -n 128 -d 131072 -r 1 -b 8192 >"$out/depth.log" 2>&1 ;;
     depth1m) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 >"$out/depth1m.log" 2>&1 ;;
     offload) scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload.log" 2>&1 ;;
+    ab)
+        for m in gpu alt gpu alt; do
+            echo "== carry/$m/mxr"
+            MXR=carry/$m/mxr scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 5
+        done >"$out/ab.log" 2>&1
+        ;;
     *) echo "unknown step $s" >&2; status=2; continue ;;
     esac
     rc=$?
@@ -39,6 +47,7 @@ for s in "${steps[@]}"; do
     case "$s" in
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
+    ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done
