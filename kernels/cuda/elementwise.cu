@@ -44,6 +44,13 @@ extern "C" __global__ void gather_rows_bf16(const float* src, const int* idx, in
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = f32_to_bf16(s[c]);
 }
 
+// out[i] = table[ids[i]] for i < n (an expert's place in a layer's GPU stacks); ids come
+// from the router, below the table's length by construction
+extern "C" __global__ void map_ids(const int* ids, const int* table, int n, int* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = table[ids[i]];
+}
+
 // dst[idx[i], :] = src[i, :] for i = blockIdx.y
 extern "C" __global__ void scatter_rows(const float* src, const int* idx, int width, float* dst) {
     const float* s = src + (size_t)blockIdx.y * width;

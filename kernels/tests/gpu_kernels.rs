@@ -298,6 +298,11 @@ fn norm_and_elementwise() {
     let want: Vec<u16> =
         idx.iter().flat_map(|&i| x[(i as usize / 2) * width..(i as usize / 2 + 1) * width].iter().map(|&v| f32_to_bf16(v))).collect();
     assert_eq!(g.download(&yb.as_view()).unwrap(), want, "gather_rows_bf16");
+    // ids looked up in a table on the GPU
+    let table = g.upload(&[7i32, -1, 5, 0, 2]).unwrap();
+    let mut mapped = g.zeros::<i32>(idx.len()).unwrap();
+    g.map_ids(&gi.as_view(), &table.as_view(), &mut mapped.as_view_mut()).unwrap();
+    assert_eq!(g.download(&mapped.as_view()).unwrap(), vec![0, 7, 0, -1, 2], "map_ids");
     let perm = [2i32, 4, 0, 1, 3];
     let gp = g.upload(&perm).unwrap();
     let mut z = g.zeros::<f32>(5 * width).unwrap();

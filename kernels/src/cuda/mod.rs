@@ -282,6 +282,19 @@ impl Gpu {
         self.stream.memcpy_dtod(src, dst).map_err(|e| drv("device copy", e))
     }
 
+    /// `dev` on the host, read on the side stream: after [`Gpu::side_after_main`], the copy
+    /// waits only for the main stream's work queued before that call, not for what the main
+    /// stream was given since (a layer's resident experts, while the host decides about the
+    /// others).
+    pub fn download_side<T: DeviceRepr + Default + Clone>(&self, dev: &CudaView<'_, T>) -> Result<Vec<T>> {
+        let mut host = vec![T::default(); dev.len()];
+        let t = std::time::Instant::now();
+        self.side.memcpy_dtoh(dev, &mut host).map_err(|e| drv("download", e))?;
+        self.side.synchronize().map_err(|e| drv("download", e))?;
+        self.waited(t);
+        Ok(host)
+    }
+
     /// A copy on this GPU of `x`, which lives on `src` (another GPU, or another [`Gpu`] of
     /// the same device): device to device, peer to peer where the driver can. The copy
     /// waits for `src`'s queued work, and `src`'s later work (freeing `x` included) waits

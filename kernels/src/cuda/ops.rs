@@ -464,6 +464,21 @@ impl Gpu {
         launch!(self, Source::Elementwise, name, cfg, src, idx, &d, &w, dst)
     }
 
+    /// out[i] = table[ids[i]] for every i: ids looked up in a table on the GPU, with no
+    /// host round trip. Every id must be below table.len(): the router's ids are below the
+    /// expert count, the table's length, by construction (the host checks them later).
+    pub fn map_ids(&self, ids: &CudaView<'_, i32>, table: &CudaView<'_, i32>, out: &mut CudaViewMut<'_, i32>) -> Result<()> {
+        need("map_ids", "out", ids.len(), out.len())?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if table.is_empty() {
+            return Err(KernelError::Shape("map_ids: an empty table".into()));
+        }
+        let n = int("map_ids", ids.len())?;
+        launch!(self, Source::Elementwise, "map_ids", grid1(ids.len(), 256), ids, table, &n, out)
+    }
+
     /// dst[idx[i], :] = src[i, :] for i < n.
     pub fn scatter_rows(
         &self,

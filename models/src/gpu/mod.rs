@@ -43,6 +43,19 @@ pub(crate) struct GpuLayer {
     /// With expert offload: the GPU stacks hold some experts only; slot[e] is expert e's
     /// place in them, None for an expert left in host memory. None: every expert, in order.
     pub slot: Option<Vec<Option<u32>>>,
+    /// `slot` on the GPU for few-token batches: expert -> place in the stacks, with host
+    /// experts at place 0 (their rows are computed there, then overwritten by the host's
+    /// results). None without offload, or when the stacks are empty.
+    pub slot_table: Option<CudaSlice<i32>>,
+}
+
+/// A layer's `slot` as the GPU table the resident products read (see `GpuLayer::slot_table`).
+pub(crate) fn slot_table(gpu: &Gpu, slot: &[Option<u32>]) -> Result<Option<CudaSlice<i32>>, ModelError> {
+    if slot.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let t: Vec<i32> = slot.iter().map(|s| s.map_or(0, |s| s as i32)).collect();
+    Ok(Some(gpu.upload(&t)?))
 }
 
 pub struct GpuModel {
@@ -182,6 +195,10 @@ impl GpuModel {
                 attn,
                 ffn_norm: gpu.upload(&layer.ffn_norm)?,
                 router: up(&layer.router, 1)?,
+                slot_table: match &slot {
+                    Some(sl) => slot_table(&gpu, sl)?,
+                    None => None,
+                },
                 gate_exps,
                 up_exps,
                 down_exps,

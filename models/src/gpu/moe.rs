@@ -167,10 +167,13 @@ impl GpuModel {
 
     /// The router's choices on the host, one expert per (token, choice) pair, checked.
     pub(crate) fn chosen_experts(&self, ids: &CudaSlice<i32>) -> Result<Vec<usize>, ModelError> {
+        self.checked_experts(self.gpu.download(&ids.as_view())?)
+    }
+
+    /// Downloaded router choices as expert indices, each checked against the expert count.
+    pub(crate) fn checked_experts(&self, ids: Vec<i32>) -> Result<Vec<usize>, ModelError> {
         let n = self.config.n_experts;
-        self.gpu
-            .download(&ids.as_view())?
-            .into_iter()
+        ids.into_iter()
             .map(|e| usize::try_from(e).ok().filter(|&e| e < n).ok_or_else(|| ModelError::Input(format!("GPU router chose expert {e}"))))
             .collect()
     }

@@ -31,10 +31,27 @@ impl GpuModel {
         let (g, c) = (&self.gpu, &self.config);
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
         let (ids, weights) = self.route(layer, x, n, counts)?;
+        let mut y = g.zeros::<f32>(n * k * d)?;
+        // Few tokens: the resident experts' products read their places from a table on the
+        // GPU and are queued before the host learns the choices (read on the side stream, so
+        // the GPU works while the host decides). Every pair is computed there, host experts'
+        // pairs at place 0, and those rows are overwritten below. Many tokens: the host
+        // groups the resident pairs first.
+        let device_side = match (&layer.slot_table, n <= MATVEC_MAX_TOKENS) {
+            (Some(table), true) => {
+                g.side_after_main()?;
+                let mut places = g.alloc::<i32>(n * k)?;
+                g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
+                self.experts_matvec(layer.experts(), &places, x, None, n, k, n * k, &mut y.as_view_mut())?;
+                true
+            }
+            _ => false,
+        };
+        let chosen = if device_side { self.checked_experts(g.download_side(&ids.as_view())?)? } else { self.chosen_experts(&ids)? };
         // (pair, slot) on the GPU; pairs per host expert
         let (mut hot, mut hot_slots) = (Vec::new(), Vec::new());
         let mut cold: Vec<Vec<usize>> = vec![Vec::new(); c.n_experts];
-        for (p, e) in self.chosen_experts(&ids)?.into_iter().enumerate() {
+        for (p, e) in chosen.into_iter().enumerate() {
             match slot[e] {
                 Some(s) => {
                     hot.push(p as i32);
@@ -43,9 +60,17 @@ impl GpuModel {
                 None => cold[e].push(p),
             }
         }
+        if device_side {
+            // queued already
+            hot.clear();
+            hot_slots.clear();
+        }
         let any_cold = cold.iter().any(|v| !v.is_empty());
-        let xh = if any_cold { g.download(&x.slice(..n * d))? } else { Vec::new() };
-        let mut y = g.zeros::<f32>(n * k * d)?;
+        let xh = match (any_cold, device_side) {
+            (false, _) => Vec::new(),
+            (true, true) => g.download_side(&x.slice(..n * d))?,
+            (true, false) => g.download(&x.slice(..n * d))?,
+        };
         // The cost model picks, per host expert and batch, the CPU or a copy to the GPU.
         let hl = &host.layers[l];
         let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
@@ -239,6 +264,7 @@ impl GpuModel {
             layer.down_exps.write_expert(&self.gpu, s as usize, host.rows(&hl.down_exps, e * d, d).data)?;
             slot[sw.demote] = None;
             slot[e] = Some(s);
+            layer.slot_table = super::slot_table(&self.gpu, slot)?;
         }
         Ok(swaps)
     }
