@@ -80,10 +80,11 @@ impl DeviceRates {
 
     /// [`DeviceRates::gpu_share`] of an expert's `h` hidden units, in whole `unit`s (the
     /// GPU's part of the down projection must be whole blocks of its type): 0 means all on
-    /// the CPU, h all copied.
+    /// the CPU, h all copied. Rounded to the nearest unit, halves to the CPU (as
+    /// [`DeviceRates::choose`] copies only what is strictly faster to copy).
     pub fn gpu_hidden_units(&self, bytes: u64, tokens: usize, flops: f64, h: usize, unit: usize) -> usize {
         let unit = unit.max(1);
-        let units = (self.gpu_share(bytes, tokens, flops) * (h / unit) as f64).round() as usize;
+        let units = (self.gpu_share(bytes, tokens, flops) * (h / unit) as f64 - 0.5).ceil().max(0.0) as usize;
         (units * unit).min(h)
     }
 
@@ -158,6 +159,11 @@ mod tests {
         // in whole units: 55/80 of 36 blocks of 256 is 24.75, so 25 blocks
         assert_eq!(r.gpu_hidden_units(BYTES, 1, flops, 9216, 256), 25 * 256);
         assert_eq!(r.gpu_hidden_units(BYTES, 1, flops, 256, 256), 256, "one block: copied whole");
+        // a tie (half of one unit) stays on the CPU, as choose() keeps it
+        let tie = DeviceRates { h2d_gbps: 20.0, cpu_expert_gbps: 20.0, cpu_gflops: 1e6, ..DeviceRates::DEFAULT };
+        assert_eq!(tie.gpu_hidden_units(BYTES, 1, flops, 256, 256), 0);
+        assert_eq!(tie.choose(BYTES, 1, flops), ColdChoice::Cpu);
+        assert_eq!(tie.gpu_hidden_units(BYTES, 1, flops, 9216, 256), 18 * 256);
         let slow_link = DeviceRates { h2d_gbps: 0.1, ..r };
         assert_eq!(slow_link.gpu_hidden_units(BYTES, 1, flops, 9216, 256), 0, "all on the CPU");
         // many tokens make the CPU's share arithmetic-bound: the GPU takes nearly all

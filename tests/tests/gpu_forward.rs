@@ -417,12 +417,16 @@ fn every_expert_placement_gives_the_same_logits() {
             let count = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             let (copied, shared) = (count(&g.copied_experts), count(&g.shared_experts));
             if rates == share {
-                // nano's hidden size is one Q4_K block: whole experts only; Q8_0 is repacked,
-                // so not copied straight from the mapping and never shared
+                // nano's hidden size is one Q4_K block: whole experts only (and a tie stays
+                // on the CPU); Q8_0 is repacked, so not copied straight from the mapping and
+                // never shared
                 assert_eq!(shared > 0, q == QType::F32 && g.pinned_bytes() > 0, "{name}: {shared} experts shared");
-            } else {
-                assert_eq!(copied > 0, rates == copy_all, "{name}: {copied} experts copied");
-                assert_eq!(shared, 0, "{name}: {shared} experts shared");
+            } else if rates == copy_all {
+                assert!(copied > 0 && shared == 0, "{name}: {copied} experts copied, {shared} shared");
+            } else if q != QType::F32 {
+                // the default rates keep nano's small quantized experts on the CPU (F32's
+                // are shared: a tie over 8 units of 32)
+                assert!(copied == 0 && shared == 0, "{name}: {copied} experts copied, {shared} shared");
             }
         }
     }
