@@ -12,6 +12,7 @@
 #   depth      S8: prefill to 131,072 tokens, decode 128 there, 1 rep         ~1 min
 #   offload    S2x32 offload sweep with --calibrate-devices                   ~3 min
 #   depth1m    S8: prefill to 1,048,576 tokens and decode there (issue 8)     minutes
+#   depth1m-q8 the same with --kv-type q8_0                                   minutes
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
@@ -33,6 +34,7 @@ for s in "${steps[@]}"; do
     s8q4) scripts/bench-slice.sh S8q4 -p 4096 -n 128 -r 5 >"$out/s8q4.log" 2>&1 ;;
     depth) scripts/bench-slice.sh S8 -p 0 -n 128 -d 131072 -r 1 -b 8192 >"$out/depth.log" 2>&1 ;;
     depth1m) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 >"$out/depth1m.log" 2>&1 ;;
+    depth1m-q8) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 --kv-type q8_0 >"$out/depth1m-q8.log" 2>&1 ;;
     offload) scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload.log" 2>&1 ;;
     ab)
         for m in gpu alt gpu alt; do
