@@ -271,6 +271,16 @@ fn norm_and_elementwise() {
     let differ = g.download(&yb.as_view()).unwrap().iter().zip(&rounded).filter(|(a, b)| a != b).count();
     check("swiglu_bf16", "5x1031", differ as f64, 0.0);
 
+    // into int8: exactly quantize_act of the f32 result (5 rows of 1031 is not blocks of
+    // 32: the first 4 x 1024 values as 4 rows of 1024)
+    let (qn, qc) = (4, 1024);
+    let fused = g.swiglu_quantize(&gx.slice(..qn * qc), &ga.slice(..qn * qc), qn, qc).unwrap();
+    let two = g.quantize_act(&y.slice(..qn * qc), qn, qc).unwrap();
+    let same = g.download(&fused.q.as_view()).unwrap() == g.download(&two.q.as_view()).unwrap()
+        && g.download(&fused.d.as_view()).unwrap() == g.download(&two.d.as_view()).unwrap();
+    check("swiglu_quantize = quantize_act(swiglu)", "4x1024", if same { 0.0 } else { 1.0 }, 0.0);
+    assert!(g.swiglu_quantize(&gx.as_view(), &ga.as_view(), 5, 1031).is_err(), "1031 columns are not blocks of 32");
+
     let mut y = gx.clone();
     g.residual(&mut y.as_view_mut(), &ga.as_view(), 1.7, -0.3).unwrap();
     let want: Vec<f64> = x.iter().zip(&a).map(|(&v, &u)| 1.7 * v as f64 - 0.3 * u as f64).collect();

@@ -264,6 +264,22 @@ impl Gpu {
         Ok(QAct { q, d, rows: n, cols })
     }
 
+    /// [`Gpu::quantize_act`] of silu(g) * u ([`Gpu::swiglu`]'s output), in one kernel: the
+    /// same int8 values and scales as the two kernels give.
+    pub fn swiglu_quantize(&self, g: &CudaView<'_, f32>, u: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<QAct> {
+        if !cols.is_multiple_of(32) {
+            return Err(KernelError::Shape(format!("swiglu_quantize: {cols} columns are not blocks of 32")));
+        }
+        need("swiglu_quantize", "g", n * cols, g.len())?;
+        need("swiglu_quantize", "u", n * cols, u.len())?;
+        let blocks = n * cols / 32;
+        let mut q = self.alloc::<i8>(n * cols)?;
+        let mut d = self.alloc::<f32>(blocks)?;
+        let nb = blocks as i64;
+        launch!(self, Source::Dequant, "swiglu_quantize", grid1(blocks * 32, 256), g, u, &nb, &mut q, &mut d)?;
+        Ok(QAct { q, d, rows: n, cols })
+    }
+
     /// out [rows, cols] bf16 = expert `e` of `w`.
     pub fn to_bf16(&self, w: &GpuMatrix, e: usize, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
         self.to_bf16_in(&self.stream, w, e, out)

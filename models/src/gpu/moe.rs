@@ -113,9 +113,16 @@ impl GpuModel {
                 g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
             }
         }
-        let mut a = g.alloc::<f32>(pairs * h)?;
-        g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
-        g.matvec(down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
+        if quantized(down_exps.qtype) && h.is_multiple_of(32) {
+            // SwiGLU straight into the down product's int8 input (its f32 form is never
+            // read: gate stands in for it in the shape check)
+            let a = g.swiglu_quantize(&gate.as_view(), &up.as_view(), pairs, h)?;
+            g.matvec_with(down_exps, Some(ids), &gate.as_view(), Some(&a), 1, pairs, y)?;
+        } else {
+            let mut a = g.alloc::<f32>(pairs * h)?;
+            g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
+            g.matvec(down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
+        }
         Ok(())
     }
 
