@@ -13,6 +13,8 @@
 #   offload    S2x32 offload sweep with --calibrate-devices                   ~3 min
 #   depth1m    S8: prefill to 1,048,576 tokens and decode there (issue 8)     minutes
 #   depth1m-q8 the same with --kv-type q8_0                                   minutes
+#   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
+#              MXR_MATVEC_WARPS; default 2 x 8)                                 ~6 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
@@ -36,6 +38,16 @@ for s in "${steps[@]}"; do
     depth1m) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 >"$out/depth1m.log" 2>&1 ;;
     depth1m-q8) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 --kv-type q8_0 >"$out/depth1m-q8.log" 2>&1 ;;
     offload) scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload.log" 2>&1 ;;
+    tune)
+        for slice in S8 S8q4; do
+            for rows in 1 2 4; do
+                for warps in 4 8 16; do
+                    echo "== $slice rows $rows warps $warps"
+                    MXR_MATVEC_ROWS=$rows MXR_MATVEC_WARPS=$warps scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 3
+                done
+            done
+        done >"$out/tune.log" 2>&1
+        ;;
     ab)
         for m in gpu alt gpu alt; do
             echo "== carry/$m/mxr"
@@ -50,6 +62,7 @@ for s in "${steps[@]}"; do
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
+    tune) grep -E "^==|tg128" "$out/tune.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done
