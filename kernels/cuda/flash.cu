@@ -60,10 +60,9 @@ struct KvBf16 {
     const u16* k;
     const u16* v;
     template <int HD>
-    static constexpr int stage_u16() {
+    __device__ static constexpr int stage_u16() {
         return 2 * FK * (HD + 8);
     }
-    static constexpr int conv_u16(int) { return 0; }
     template <int HD>
     __device__ void stage(u16* buf, int g, int kv_dim, int hd, int j0, int end) const {
         flash_stage<HD>(buf, k, g, kv_dim, hd, j0, end);
@@ -86,10 +85,9 @@ struct KvQ8 {
     const float* kd;
     const float* vd;
     template <int HD>
-    static constexpr int stage_u16() {
+    __device__ static constexpr int stage_u16() {
         return FK * HD + FK * (HD / 32) * 4;  // 2 x FK x HD bytes, 2 x FK x HD / 32 floats
     }
-    static constexpr int conv_u16(int hd_class) { return 2 * FK * (hd_class + 8); }
     template <int HD>
     __device__ void stage_one(i8* vals, float* sc, const i8* c, const float* d, int g, int kv_dim, int hd, int j0, int end) const {
 #pragma unroll

@@ -1,5 +1,6 @@
-//! The kernel sources parse and type-check for NVPTX (clang, no CUDA toolkit, no GPU):
-//! a syntax or type error in kernels/cuda fails CI instead of the first run on a GPU.
+//! The kernel sources parse and type-check for NVPTX (clang, no CUDA toolkit, no GPU), and
+//! NVRTC compiles them as the runtime does, down to sm_90 code (ptxas checks the inline
+//! PTX): an error in kernels/cuda fails CI instead of the first run on a GPU.
 
 #[test]
 fn kernel_sources_parse_for_nvptx() {
@@ -11,4 +12,17 @@ fn kernel_sources_parse_for_nvptx() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("kernel sources parse"), "{stdout}");
+}
+
+#[test]
+fn kernel_sources_compile_with_nvrtc_for_sm90() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .arg(root.join("scripts/nvrtc-check.py"))
+        .output()
+        .expect("running scripts/nvrtc-check.py (needs python3 with cuda-bindings and nvidia-cuda-nvrtc: bash .ci/deps)");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // every source: matvec, dequant, norm, elementwise, moe, lightning, attention, flash
+    assert_eq!(stdout.matches("bytes of sm_90 code").count(), 8, "{stdout}");
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Compiles every kernel source with NVRTC as the runtime does (kernels/src/cuda/nvrtc.rs:
+common.cuh, then formats.cuh or mma.cuh, then the source; --std=c++17 -lineinfo; matvec's
+ROWS/WARPS defines), down to SASS for sm_90, so ptxas checks the inline PTX too. No GPU
+is needed, only NVRTC (pip: nvidia-cuda-nvrtc and cuda-bindings). Exits non-zero, with
+NVRTC's log, if a source does not compile.
+
+    python3 scripts/nvrtc-check.py [--arch sm_90]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+K = ROOT / "kernels" / "cuda"
+# (source, headers prepended after common.cuh, -D defines) as nvrtc.rs and Gpu::module give them
+SOURCES = [
+    ("matvec", ["formats.cuh"], ["ROWS=2", "WARPS=8"]),
+    ("dequant", ["formats.cuh"], []),
+    ("norm", [], []),
+    ("elementwise", [], []),
+    ("moe", [], []),
+    ("lightning", ["mma.cuh"], []),
+    ("attention", [], []),
+    ("flash", ["mma.cuh"], []),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sm_90")
+    a = ap.parse_args()
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as e:
+        print(f"nvrtc-check: NVRTC's Python bindings are missing ({e}); pip install cuda-bindings nvidia-cuda-nvrtc", file=sys.stderr)
+        return 2
+    failed = 0
+    for name, headers, defines in SOURCES:
+        text = "".join((K / f).read_text() for f in ["common.cuh", *headers, f"{name}.cu"]).encode()
+        err, prog = nvrtc.nvrtcCreateProgram(text, f"{name}.cu".encode(), 0, [], [])
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            print(f"nvrtc-check: {name}: creating the program: {err}", file=sys.stderr)
+            return 2
+        opts = [b"--std=c++17", b"-lineinfo", f"--gpu-architecture={a.arch}".encode()] + [f"-D{d}".encode() for d in defines]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        log = log.decode(errors="replace").strip("\x00 \n")
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            print(f"nvrtc-check: {name}.cu does not compile for {a.arch}:\n{log}", file=sys.stderr)
+            failed += 1
+            continue
+        _, cubin_size = nvrtc.nvrtcGetCUBINSize(prog)
+        print(f"nvrtc-check: {name}.cu: {cubin_size} bytes of {a.arch} code" + (f"\n{log}" if log else ""))
+        nvrtc.nvrtcDestroyProgram(prog)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
