@@ -14,7 +14,7 @@ for f in kernels/cuda/*.cu; do
     hdr=""
     case "$name" in
     matvec | dequant) hdr=kernels/cuda/formats.cuh ;;
-    flash | lightning) hdr=kernels/cuda/mma.cuh ;;
+    flash | flash_wgmma | lightning) hdr=kernels/cuda/mma.cuh ;;
     esac
     cat scripts/cuda-check-prelude.cuh kernels/cuda/common.cuh $hdr "$f" >"$tmp/$name.cu"
     if ! "$CLANG" -x cuda --cuda-device-only -nocudainc -nocudalib --cuda-gpu-arch=sm_80 -fsyntax-only \

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compiles every kernel source with NVRTC as the runtime does (kernels/src/cuda/nvrtc.rs:
 common.cuh, then formats.cuh or mma.cuh, then the source; --std=c++17 -lineinfo; matvec's
-ROWS/WARPS defines), down to SASS for sm_90, so ptxas checks the inline PTX too. No GPU
+ROWS/WARPS defines), down to SASS for sm_90 (sm_90a for the wgmma source), so ptxas checks the inline PTX too. No GPU
 is needed, only NVRTC (pip: nvidia-cuda-nvrtc and cuda-bindings). Exits non-zero, with
 NVRTC's log, if a source does not compile.
 
@@ -13,16 +13,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 K = ROOT / "kernels" / "cuda"
-# (source, headers prepended after common.cuh, -D defines) as nvrtc.rs and Gpu::module give them
+# (source, headers prepended after common.cuh, -D defines, target) as nvrtc.rs and
+# Gpu::module give them (None: the --arch given)
 SOURCES = [
-    ("matvec", ["formats.cuh"], ["ROWS=2", "WARPS=8"]),
-    ("dequant", ["formats.cuh"], []),
-    ("norm", [], []),
-    ("elementwise", [], []),
-    ("moe", [], []),
-    ("lightning", ["mma.cuh"], []),
-    ("attention", [], []),
-    ("flash", ["mma.cuh"], []),
+    ("matvec", ["formats.cuh"], ["ROWS=2", "WARPS=8"], None),
+    ("dequant", ["formats.cuh"], [], None),
+    ("norm", [], [], None),
+    ("elementwise", [], [], None),
+    ("moe", [], [], None),
+    ("lightning", ["mma.cuh"], [], None),
+    ("attention", [], [], None),
+    ("flash", ["mma.cuh"], [], None),
+    # wgmma: the architecture-specific Hopper target (Source::target)
+    ("flash_wgmma", ["mma.cuh"], [], "sm_90a"),
 ]
 
 
@@ -36,24 +39,25 @@ def main() -> int:
         print(f"nvrtc-check: NVRTC's Python bindings are missing ({e}); pip install cuda-bindings nvidia-cuda-nvrtc", file=sys.stderr)
         return 2
     failed = 0
-    for name, headers, defines in SOURCES:
+    for name, headers, defines, target in SOURCES:
+        arch = target or a.arch
         text = "".join((K / f).read_text() for f in ["common.cuh", *headers, f"{name}.cu"]).encode()
         err, prog = nvrtc.nvrtcCreateProgram(text, f"{name}.cu".encode(), 0, [], [])
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             print(f"nvrtc-check: {name}: creating the program: {err}", file=sys.stderr)
             return 2
-        opts = [b"--std=c++17", b"-lineinfo", f"--gpu-architecture={a.arch}".encode()] + [f"-D{d}".encode() for d in defines]
+        opts = [b"--std=c++17", b"-lineinfo", f"--gpu-architecture={arch}".encode()] + [f"-D{d}".encode() for d in defines]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * size
         nvrtc.nvrtcGetProgramLog(prog, log)
         log = log.decode(errors="replace").strip("\x00 \n")
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            print(f"nvrtc-check: {name}.cu does not compile for {a.arch}:\n{log}", file=sys.stderr)
+            print(f"nvrtc-check: {name}.cu does not compile for {arch}:\n{log}", file=sys.stderr)
             failed += 1
             continue
         _, cubin_size = nvrtc.nvrtcGetCUBINSize(prog)
-        print(f"nvrtc-check: {name}.cu: {cubin_size} bytes of {a.arch} code" + (f"\n{log}" if log else ""))
+        print(f"nvrtc-check: {name}.cu: {cubin_size} bytes of {arch} code" + (f"\n{log}" if log else ""))
         nvrtc.nvrtcDestroyProgram(prog)
     return 1 if failed else 0
 

@@ -13,31 +13,6 @@
 #define FQ 64  // queries per block
 #define FK 64  // keys per tile
 
-// This lane's A fragments of a 16-row tile of queries: rows gid (p0) and gid + 8 (p1;
-// null: a row past the end, zeros), dims kk*16 + 2 tig (+1, +8, +9). Each value is rotated
-// by partial NeoX RoPE as it is read (table rows c0, c1; rd 0: none), scaled by
-// scale * log2(e) for the exp2 softmax and rounded to bf16.
-template <int KS>
-__device__ __forceinline__ void q_fragments(u32 (&qf)[KS][4], const float* p0, const float* p1, const float2* c0, const float2* c1, int hd,
-                                            int rd, float scale, int tig) {
-    const float qs = scale * 1.4426950408889634f;
-#pragma unroll
-    for (int kk = 0; kk < KS; kk++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const float* p = (i & 1) ? p1 : p0;
-            const float2* c = (i & 1) ? c1 : c0;
-            int d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
-            float a = 0.f, b = 0.f;
-            if (p) {
-                if (d < hd) a = roped(p, d, rd, c) * qs;
-                if (d + 1 < hd) b = roped(p, d + 1, rd, c) * qs;
-            }
-            qf[kk][i] = pack_bf16(a, b);
-        }
-    }
-}
-
 // Starts copying rows j0 .. j0 + FK of KV head g into s[FK][LD] (zeros past `end` and
 // past hd). Whole block; complete after cp_async_wait and __syncthreads. hd % 8 == 0.
 template <int HD>

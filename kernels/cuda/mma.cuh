@@ -1,5 +1,6 @@
-// Tensor-core helpers shared by flash.cu and lightning.cu (prepended after common.cuh):
-// bf16 packing, ldmatrix, mma.sync m16n8k16 bf16 with f32 accumulators, cp.async.
+// Tensor-core helpers shared by flash.cu, flash_wgmma.cu and lightning.cu (prepended after
+// common.cuh): bf16 packing, ldmatrix, mma.sync m16n8k16 bf16 with f32 accumulators,
+// cp.async, and the A fragments of a tile of queries.
 //
 // Fragment layouts (lane = 4 * gid + tig): A (16x16, row-major) a[0] = (row gid, cols
 // 2 tig, +1), a[1] = row gid + 8, a[2] = cols + 8, a[3] = both; B (16x8, column-major)
@@ -65,5 +66,30 @@ __device__ __forceinline__ void quad_sum(float& a, float& b) {
     for (int o = 1; o < 4; o <<= 1) {
         a += __shfl_xor_sync(0xffffffffu, a, o);
         b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+}
+
+// This lane's A fragments of a 16-row tile of queries: rows gid (p0) and gid + 8 (p1;
+// null: a row past the end, zeros), dims kk*16 + 2 tig (+1, +8, +9). Each value is rotated
+// by partial NeoX RoPE as it is read (table rows c0, c1; rd 0: none), scaled by
+// scale * log2(e) for the exp2 softmax and rounded to bf16.
+template <int KS>
+__device__ __forceinline__ void q_fragments(u32 (&qf)[KS][4], const float* p0, const float* p1, const float2* c0, const float2* c1, int hd,
+                                            int rd, float scale, int tig) {
+    const float qs = scale * 1.4426950408889634f;
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float* p = (i & 1) ? p1 : p0;
+            const float2* c = (i & 1) ? c1 : c0;
+            int d = kk * 16 + tig * 2 + ((i & 2) ? 8 : 0);
+            float a = 0.f, b = 0.f;
+            if (p) {
+                if (d < hd) a = roped(p, d, rd, c) * qs;
+                if (d + 1 < hd) b = roped(p, d + 1, rd, c) * qs;
+            }
+            qf[kk][i] = pack_bf16(a, b);
+        }
     }
 }

@@ -24,5 +24,7 @@ fn kernel_sources_compile_with_nvrtc_for_sm90() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}{stderr}");
     // every source: matvec, dequant, norm, elementwise, moe, lightning, attention, flash
+    // for sm_90, and flash_wgmma for sm_90a
     assert_eq!(stdout.matches("bytes of sm_90 code").count(), 8, "{stdout}");
+    assert_eq!(stdout.matches("bytes of sm_90a code").count(), 1, "{stdout}");
 }

@@ -560,6 +560,13 @@ fn rope_and_attention() {
                 g.kv_append_roped(&nk.as_view(), &mut c2, &gpos, pos0, (n, kv_dim, hd), &table).unwrap();
                 let same_k = g.kv_download(&c1, len * kv_dim).unwrap() == g.kv_download(&c2, len * kv_dim).unwrap();
                 check("attend + kv_append, RoPE fused", &case, if same_out && same_k { 0.0 } else { 1.0 }, 0.0);
+                // head size 128: the warpgroup (wgmma) kernel, on the H100/H200 this runs on
+                if hd == 128 {
+                    let mut wo = g.zeros::<f32>(n * width).unwrap();
+                    let (shape, at) = ((n, heads, kv_heads, hd), (&gpos, pos0));
+                    g.attend_wgmma(&raw_q.as_view(), &gk, &gv, &mut wo.as_view_mut(), shape, at, Some(&table)).unwrap();
+                    check("attend bf16 (wgmma)", &case, diff(&g.download(&wo.as_view()).unwrap(), &want).nmse, 2e-5);
+                }
             }
             // The last query alone, split over the keys (decode), for several split counts.
             let last = n - 1;
@@ -684,7 +691,7 @@ fn kernel_cache_is_reused() {
     let first = g.warm_up().unwrap();
     let g2 = Gpu::open(0).unwrap();
     let second = g2.warm_up().unwrap();
-    let all = mxr_kernels::cuda::Source::ALL.len();
+    let all = g.sources().len();
     println!("CHECK nvrtc cache | sources from cache: {first} then {second} | - | {all} | {}", if second == all { "ok" } else { "FAIL" });
     assert_eq!(second, all, "a second process-level open should load every module from the disk cache");
 }

@@ -96,13 +96,14 @@ pub fn run(g: &Gpu) -> Result<()> {
         g.kv_write(&v32, &mut vc)?;
         let s = time(g, 3, || Ok(g.attend(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), n, heads, 8, hd, &pos, 0, None)?))?;
         let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
-        row(
-            "attention prefill",
-            &format!("{} KV", t.name()),
-            &format!("4096 tokens, {tflops:.0} TFLOP/s"),
-            s,
-            (2 * n * kv_dim) as f64 * t.bytes(),
-        );
+        let bytes = (2 * n * kv_dim) as f64 * t.bytes();
+        row("attention prefill", &format!("{} KV", t.name()), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
+        // the warpgroup kernel where the GPU has one (sm_90)
+        if t == KvType::Bf16 && g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
+            let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None)?))?;
+            let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
+            row("attention prefill", "bf16 KV, wgmma", &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
+        }
     }
     for t in [KvType::F32, KvType::Bf16, KvType::Q8_0] {
         for depth in [4096usize, 65536, 1 << 20] {

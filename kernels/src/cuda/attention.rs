@@ -165,8 +165,8 @@ fn q8_head_dim(what: &str, hd: usize) -> Result<()> {
 impl Gpu {
     /// The launch of a flash.cu kernel (4 warps) over `grid` with `smem` bytes of dynamic
     /// shared memory, which the kernel is allowed first.
-    fn flash_cfg(&self, name: &'static str, smem: usize, grid: (u32, u32, u32)) -> Result<LaunchConfig> {
-        self.function(Source::Flash, name)?
+    fn flash_cfg(&self, source: Source, name: &'static str, smem: usize, grid: (u32, u32, u32)) -> Result<LaunchConfig> {
+        self.function(source, name)?
             .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| drv(name, e))?;
         Ok(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 })
@@ -319,7 +319,8 @@ impl Gpu {
     /// Causal GQA attention of n_tokens queries at positions *pos.. over caches holding
     /// keys and values of positions 0..*pos + n_tokens (`pos_host` = *pos, for the checks).
     /// f32 caches: the exact SIMT kernel (f32 throughout); bf16 caches: tensor cores (q and
-    /// the probabilities rounded to bf16, f32 accumulation).
+    /// the probabilities rounded to bf16, f32 accumulation); with `MXR_FLASH_WGMMA=1`, head
+    /// size 128 on an sm_90 GPU takes the warpgroup kernel ([`Gpu::attend_wgmma`]).
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
@@ -334,6 +335,43 @@ impl Gpu {
         pos: &CudaSlice<i32>,
         pos0: usize,
         rope: Option<&RopeTable>,
+    ) -> Result<()> {
+        let wgmma = self.tuning.flash_wgmma && kc.t == KvType::Bf16 && hd == 128 && Source::FlashWgmma.target(self.arch).is_ok();
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, wgmma)
+    }
+
+    /// [`Gpu::attend`] on Hopper's warpgroup tensor cores (wgmma, flash_wgmma.cu): bf16
+    /// caches, head size 128, an sm_90 GPU; anything else is refused. The same arithmetic
+    /// as the mma.sync kernel up to the order of the f32 sums.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_wgmma(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &KvBuf,
+        vc: &KvBuf,
+        out: &mut CudaViewMut<'_, f32>,
+        (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
+        (pos, pos0): (&CudaSlice<i32>, usize),
+        rope: Option<&RopeTable>,
+    ) -> Result<()> {
+        Source::FlashWgmma.target(self.arch)?;
+        if kc.t != KvType::Bf16 || hd != 128 {
+            return Err(KernelError::Shape(format!("wgmma attention: a bf16 cache and head size 128 (got {} and {hd})", kc.t.name())));
+        }
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend_on(
+        &self,
+        q: &CudaView<'_, f32>,
+        kc: &KvBuf,
+        vc: &KvBuf,
+        out: &mut CudaViewMut<'_, f32>,
+        (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
+        (pos, pos0): (&CudaSlice<i32>, usize),
+        rope: Option<&RopeTable>,
+        wgmma: bool,
     ) -> Result<()> {
         let hd_class = match hd {
             1..=32 => 32,
@@ -398,7 +436,13 @@ impl Gpu {
                 // two stages of 64-key K and V tiles; 64 queries per block (FQ in flash.cu),
                 // heads fastest
                 let grid = (n_heads as u32, (n_tokens as u32).div_ceil(64), 1);
-                let cfg = self.flash_cfg(name, flash_smem(KvType::Bf16, hd_class, 2), grid)?;
+                if wgmma {
+                    // the same tiles without row padding (the core-matrix layout)
+                    let name = "flash_wg_bf16_128";
+                    let cfg = self.flash_cfg(Source::FlashWgmma, name, 2 * 2 * 64 * 128 * 2, grid)?;
+                    return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
+                }
+                let cfg = self.flash_cfg(Source::Flash, name, flash_smem(KvType::Bf16, hd_class, 2), grid)?;
                 launch!(self, Source::Flash, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs)
             }
             KvType::Q8_0 => {
@@ -409,7 +453,7 @@ impl Gpu {
                     _ => "flash_q8_128",
                 };
                 let grid = (n_heads as u32, (n_tokens as u32).div_ceil(64), 1);
-                let cfg = self.flash_cfg(name, flash_smem(KvType::Q8_0, hd_class, 2), grid)?;
+                let cfg = self.flash_cfg(Source::Flash, name, flash_smem(KvType::Q8_0, hd_class, 2), grid)?;
                 let (kd, vd) = (kc.scale_ptr(), vc.scale_ptr());
                 launch!(self, Source::Flash, name, cfg, q, &k, &v, &kd, &vd, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs)
             }
@@ -527,7 +571,7 @@ impl Gpu {
                 (3, _, true) => "flash_decode3_q8_128",
                 _ => return Err(KernelError::Shape(format!("decode attention: {stages} stages (2 or 3)"))),
             };
-            let cfg = self.flash_cfg(name, flash_smem(kc.t, hd_class, stages), (n_kv_heads as u32, splits as u32, 1))?;
+            let cfg = self.flash_cfg(Source::Flash, name, flash_smem(kc.t, hd_class, stages), (n_kv_heads as u32, splits as u32, 1))?;
             if q8 {
                 let (kd, vd) = (kc.scale_ptr(), vc.scale_ptr());
                 launch!(self, Source::Flash, name, cfg, q, &k, &v, &kd, &vd, &mut part, &h, &kvh, &d, pos, &scale, &rd, &cs)?;

@@ -75,6 +75,9 @@ pub struct Tuning {
     pub matvec_rows: u32,
     /// Warps per block of the matrix-vector kernels.
     pub matvec_warps: u32,
+    /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel
+    /// (`MXR_FLASH_WGMMA=1`; off until it has run on a GPU).
+    pub flash_wgmma: bool,
 }
 
 impl Tuning {
@@ -83,6 +86,7 @@ impl Tuning {
         Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 8, |v| (1..=32).contains(&v)),
+            flash_wgmma: get("MXR_FLASH_WGMMA", 0, |v| v <= 1) == 1,
         }
     }
 }
@@ -208,9 +212,14 @@ impl Gpu {
 
     /// Compiles (or loads from the cache) every kernel source now; returns how many came
     /// from the cache. Without this, each source compiles at its first use.
+    /// The kernel sources this device compiles (all but the Hopper-only one elsewhere).
+    pub fn sources(&self) -> Vec<Source> {
+        Source::ALL.into_iter().filter(|s| s.target(self.arch).is_ok()).collect()
+    }
+
     pub fn warm_up(&self) -> Result<usize> {
         let mut cached = 0;
-        for s in Source::ALL {
+        for s in self.sources() {
             if self.module(s)?.1 {
                 cached += 1;
             }
@@ -227,7 +236,7 @@ impl Gpu {
             Source::Matvec => vec![format!("ROWS={}", self.tuning.matvec_rows), format!("WARPS={}", self.tuning.matvec_warps)],
             _ => Vec::new(),
         };
-        let c = nvrtc::compile(s, self.arch, self.nvrtc_version, &defines)?;
+        let c = nvrtc::compile(s, s.target(self.arch)?, self.nvrtc_version, &defines)?;
         let m = self.ctx.load_module(c.ptx).map_err(|e| drv("loading a compiled kernel module", e))?;
         mods.insert(s, m.clone());
         Ok((m, c.from_cache))

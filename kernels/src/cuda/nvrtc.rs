@@ -20,6 +20,8 @@ pub enum Source {
     Lightning,
     Attention,
     Flash,
+    /// Hopper-only (wgmma): compiled for sm_90a, and only on an sm_90 device.
+    FlashWgmma,
 }
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
@@ -27,7 +29,7 @@ const FORMATS: &str = include_str!("../../cuda/formats.cuh");
 const MMA: &str = include_str!("../../cuda/mma.cuh");
 
 impl Source {
-    pub const ALL: [Source; 8] = [
+    pub const ALL: [Source; 9] = [
         Source::Matvec,
         Source::Dequant,
         Source::Norm,
@@ -36,6 +38,7 @@ impl Source {
         Source::Lightning,
         Source::Attention,
         Source::Flash,
+        Source::FlashWgmma,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +51,19 @@ impl Source {
             Source::Lightning => "lightning",
             Source::Attention => "attention",
             Source::Flash => "flash",
+            Source::FlashWgmma => "flash_wgmma",
+        }
+    }
+
+    /// The architecture to compile for on a device of `arch`: wgmma needs the
+    /// architecture-specific target sm_90a, which only sm_90 devices run.
+    pub fn target(self, arch: &'static str) -> Result<&'static str, KernelError> {
+        match (self, arch) {
+            (Source::FlashWgmma, "sm_90") => Ok("sm_90a"),
+            (Source::FlashWgmma, other) => {
+                Err(KernelError::Shape(format!("warpgroup (wgmma) attention needs an sm_90 GPU; this one is {other}")))
+            }
+            _ => Ok(arch),
         }
     }
 
@@ -63,6 +79,7 @@ impl Source {
             Source::Lightning => (false, true, include_str!("../../cuda/lightning.cu")),
             Source::Attention => (false, false, include_str!("../../cuda/attention.cu")),
             Source::Flash => (false, true, include_str!("../../cuda/flash.cu")),
+            Source::FlashWgmma => (false, true, include_str!("../../cuda/flash_wgmma.cu")),
         };
         let mut s = String::with_capacity(COMMON.len() + FORMATS.len() + MMA.len() + body.len());
         s.push_str(COMMON);

@@ -1,0 +1,188 @@
+// Causal GQA prefill attention for head size 128 on Hopper's warpgroup tensor cores
+// (wgmma; prepended: common.cuh, mma.cuh; compiled for sm_90a only). The same contract and
+// arithmetic as flash.cu's flash_bf16_128 (q rotated and scaled for exp2 as it is read,
+// rounded to bf16; bf16 K/V; f32 accumulators; online softmax), with the products issued
+// per warpgroup instead of per warp:
+//   S = Q K^T: wgmma m64n64k16, A = Q from registers (the mma.sync A fragment is the
+//              wgmma one, warp w holding rows 16w..16w+15), B = the K tile in shared memory;
+//   O += P V:  wgmma m64n64k16 twice (dims 0..63, 64..127), A = P from registers (the S
+//              accumulator converted as flash.cu converts it), B = the V tile, transposed.
+//
+// Block = one warpgroup (4 warps) = 64 queries of one head; grid as flash_bf16_128. K and V
+// tiles of 64 keys go through shared memory by cp.async, double-buffered, in the
+// no-swizzle "core matrix" layout wgmma reads: element (key j, dim d) of a tile at
+// (j / 8) * 1024 + (d / 8) * 64 + (j % 8) * 8 + d % 8 (bf16 elements). Core matrices of 8
+// keys x 8 dims (128 bytes) lie 128 bytes apart along the dims and 2048 bytes apart along
+// the keys; K is read K-major (dims are wgmma's K), V MN-major (dims are its N).
+
+#ifndef FK
+#define FK 64  // keys per tile, as flash.cu
+#endif
+#define WG_HD 128
+#define WG_KEYS_STRIDE (WG_HD * 8)  // elements from one 8-key group to the next
+
+// shared memory matrix descriptor, no swizzle: start, leading and stride byte offsets
+__device__ __forceinline__ unsigned long long wg_desc(const u16* p, u32 lbo, u32 sbo) {
+    unsigned long long a = smem_addr(p);
+    return ((a & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) | ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// shared memory written by cp.async (the generic proxy) made visible to wgmma (the async proxy)
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// d (64x64 f32, this thread's 32) += a (64x16 bf16, registers) * B (16x64 bf16, descriptor);
+// TRANS_B: B is MN-major
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], const u32 (&a)[4], unsigned long long b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %38, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]),
+          "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
+          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TRANS_B), "r"(1));
+}
+
+// Starts copying keys j0 .. j0 + FK of KV head g into s in the core-matrix layout above
+// (zeros past `end`). Whole block; complete after cp_async_wait and __syncthreads.
+__device__ void wg_stage(u16* s, const u16* c, int g, int kv_dim, int j0, int end) {
+#pragma unroll
+    for (int i = threadIdx.x; i < FK * WG_HD / 8; i += blockDim.x) {
+        int j = i / (WG_HD / 8), d = (i % (WG_HD / 8)) * 8;
+        bool ok = j0 + j < end;
+        cp_async16(s + (j >> 3) * WG_KEYS_STRIDE + (d >> 3) * 64 + (j & 7) * 8, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * WG_HD + d : c,
+                   ok);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads,
+                                                                   int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,
+                                                                   int rd, const float2* cs) {
+    constexpr int KS = WG_HD / 16, ST = 2 * FK * WG_HD;  // k-steps of S; u16 per stage (K, V)
+    extern __shared__ __align__(128) u16 smem[];
+    const int h = blockIdx.x, g = h / (n_heads / n_kv_heads);
+    const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int pos0 = *pos, kv_dim = n_kv_heads * WG_HD, width = n_heads * WG_HD;
+    const int r0 = tile * 64 + warp * 16 + gid, r1 = r0 + 8;  // this lane's two rows
+    const int end = pos0 + min(n_tokens, tile * 64 + 64);      // keys any query of the block sees
+    const float ninf = __int_as_float(0xff800000);
+
+    const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * WG_HD : nullptr;
+    const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
+    u32 qf[KS][4];
+    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), hd, rd, scale, tig);
+    // o[half][4 t + i]: dims half * 64 + 8 t + 2 tig (+1), rows gid (i < 2) and gid + 8
+    float o[2][32];
+#pragma unroll
+    for (int i = 0; i < 32; i++) o[0][i] = o[1][i] = 0.f;
+    float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
+
+    const int n_tiles = (end + FK - 1) / FK;
+    wg_stage(smem, kc, g, kv_dim, 0, end);
+    wg_stage(smem + FK * WG_HD, vc, g, kv_dim, 0, end);
+    cp_async_commit();
+    for (int it = 0; it < n_tiles; it++) {
+        const int j0 = it * FK;
+        if (it + 1 < n_tiles) {
+            u16* nx = smem + ((it + 1) & 1) * ST;
+            wg_stage(nx, kc, g, kv_dim, j0 + FK, end);
+            wg_stage(nx + FK * WG_HD, vc, g, kv_dim, j0 + FK, end);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_async_shared();
+        __syncthreads();
+        const u16* ks = smem + (it & 1) * ST;
+        const u16* vs = ks + FK * WG_HD;
+        // S = Q K^T over the 64 keys: k-step kk reads dims 16 kk .. (K-major: leading byte
+        // offset 128 along the dims, stride byte offset 2048 along the keys)
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) s[i] = 0.f;
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) wgmma_64x64x16<0>(s, qf[kk], wg_desc(ks + kk * 2 * 64, 128, WG_KEYS_STRIDE * 2));
+        wg_commit();
+        wg_wait_all();
+        // causal mask and the online softmax, as flash.cu: s[4 nt + i] is its s[nt][i]
+        const int qp0 = pos0 + r0, qp1 = pos0 + r1;
+        float mx0 = ninf, mx1 = ninf;
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            int j = j0 + nt * 8 + tig * 2;
+            if (j > qp0) s[4 * nt] = ninf;
+            if (j + 1 > qp0) s[4 * nt + 1] = ninf;
+            if (j > qp1) s[4 * nt + 2] = ninf;
+            if (j + 1 > qp1) s[4 * nt + 3] = ninf;
+            mx0 = fmaxf(mx0, fmaxf(s[4 * nt], s[4 * nt + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+        }
+        quad_max(mx0, mx1);
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
+        float b0 = n0 == ninf ? 0.f : n0, b1 = n1 == ninf ? 0.f : n1;
+        m0 = n0;
+        m1 = n1;
+        float ps0 = 0.f, ps1 = 0.f;
+        u32 pf[FK / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+            float p0 = exp2f(s[4 * nt] - b0), p1 = exp2f(s[4 * nt + 1] - b0), p2 = exp2f(s[4 * nt + 2] - b1), p3 = exp2f(s[4 * nt + 3] - b1);
+            ps0 += p0 + p1;
+            ps1 += p2 + p3;
+            pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
+            pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+        }
+        l0 = l0 * c0 + ps0;
+        l1 = l1 * c1 + ps1;
+#pragma unroll
+        for (int t = 0; t < 16; t++) {
+            o[t >> 3][4 * (t & 7)] *= c0;
+            o[t >> 3][4 * (t & 7) + 1] *= c0;
+            o[t >> 3][4 * (t & 7) + 2] *= c1;
+            o[t >> 3][4 * (t & 7) + 3] *= c1;
+        }
+        // O += P V: k-step kk reads keys 16 kk .. (MN-major: leading byte offset 2048 along
+        // the keys, stride byte offset 128 along the dims); each half 64 dims
+        wg_fence();
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+#pragma unroll
+            for (int kk = 0; kk < FK / 16; kk++)
+                wgmma_64x64x16<1>(o[half], pf[kk], wg_desc(vs + kk * 2 * WG_KEYS_STRIDE + half * 8 * 64, WG_KEYS_STRIDE * 2, 128));
+        }
+        wg_commit();
+        wg_wait_all();
+        __syncthreads();  // before the next iteration refills this stage
+    }
+    quad_sum(l0, l1);
+    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int t = 0; t < 16; t++) {
+        int d = t * 8 + tig * 2;
+        const float* v = &o[t >> 3][4 * (t & 7)];
+        if (r0 < n_tokens) {
+            float* p = out + (size_t)r0 * width + (size_t)h * WG_HD;
+            p[d] = v[0] * i0;
+            p[d + 1] = v[1] * i0;
+        }
+        if (r1 < n_tokens) {
+            float* p = out + (size_t)r1 * width + (size_t)h * WG_HD;
+            p[d] = v[2] * i1;
+            p[d + 1] = v[3] * i1;
+        }
+    }
+}
