@@ -15,6 +15,7 @@
 #   depth1m-q8 the same with --kv-type q8_0                                   minutes
 #   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
 #              MXR_MATVEC_WARPS; default 2 x 8)                                 ~6 min
+#   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
@@ -48,6 +49,14 @@ for s in "${steps[@]}"; do
             done
         done >"$out/tune.log" 2>&1
         ;;
+    pair)
+        for slice in S8 S8q4; do
+            for p in 1 0 1 0; do
+                echo "== $slice MXR_MATVEC_PAIR=$p"
+                MXR_MATVEC_PAIR=$p scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 3
+            done
+        done >"$out/pair.log" 2>&1
+        ;;
     ab)
         for m in gpu alt gpu alt; do
             echo "== carry/$m/mxr"
@@ -63,6 +72,7 @@ for s in "${steps[@]}"; do
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
+    pair) grep -E "^==|tg128" "$out/pair.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done

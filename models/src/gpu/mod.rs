@@ -374,7 +374,7 @@ impl GpuModel {
                 let w = ws[i];
                 let a = act.filter(|a| a.cols == w.cols);
                 // two quantized products of one type and width: one launch
-                if let (Some(a), Some(&w1)) = (a.filter(|_| quantized(w.qtype)), ws.get(i + 1)) {
+                if let (Some(a), Some(&w1)) = (a.filter(|_| quantized(w.qtype) && g.tuning.matvec_pair), ws.get(i + 1)) {
                     if w1.qtype == w.qtype && w1.cols == w.cols {
                         let (mut y0, mut y1) = (g.alloc::<f32>(n * w.rows)?, g.alloc::<f32>(n * w1.rows)?);
                         g.matvec_pair([w, w1], None, a, 1, n, [&mut y0.as_view_mut(), &mut y1.as_view_mut()])?;

@@ -105,7 +105,7 @@ impl GpuModel {
         let mut up = g.alloc::<f32>(pairs * h)?;
         let act = if quantized(gate_exps.qtype) { Some(self.int8_input(x, x_rows, d, pre)?) } else { None };
         let act = act.as_deref();
-        match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols) {
+        match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols && g.tuning.matvec_pair) {
             // gate and up in one launch
             Some(a) => g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?,
             None => {
