@@ -171,39 +171,10 @@ __device__ void flash(const float* q, const KV kv, float* out, int n_tokens, int
                     if (kk + 1 < KS) mma(s[nt], qf[kk + 1], b[2], b[3]);
                 }
             }
-            // causal mask and the online softmax; each row is spread over the 4 lanes of a group
-            const int q0 = pos0 + r0, q1 = pos0 + r1;
-            float mx0 = __int_as_float(0xff800000), mx1 = mx0;
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                int j = j0 + nt * 8 + tig * 2;
-                if (j > q0) s[nt][0] = __int_as_float(0xff800000);
-                if (j + 1 > q0) s[nt][1] = __int_as_float(0xff800000);
-                if (j > q1) s[nt][2] = __int_as_float(0xff800000);
-                if (j + 1 > q1) s[nt][3] = __int_as_float(0xff800000);
-                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-            }
-            quad_max(mx0, mx1);
-            // rows past the prompt, or with no key yet, keep m = -inf: guard the exponents
-            float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-            float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
-            float b0 = n0 == __int_as_float(0xff800000) ? 0.f : n0, b1 = n1 == __int_as_float(0xff800000) ? 0.f : n1;
-            m0 = n0;
-            m1 = n1;
-            float ps0 = 0.f, ps1 = 0.f;
+            // causal mask and the online softmax (m, l, and c to rescale o); P as A fragments
+            float c0, c1;
             u32 pf[NT / 2][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                float p0 = exp2f(s[nt][0] - b0), p1 = exp2f(s[nt][1] - b0), p2 = exp2f(s[nt][2] - b1), p3 = exp2f(s[nt][3] - b1);
-                ps0 += p0 + p1;
-                ps1 += p2 + p3;
-                // the C fragment of keys nt*8.. is half of the A fragment of keys (nt/2)*16..
-                pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
-                pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
-            }
-            l0 = l0 * c0 + ps0;
-            l1 = l1 * c1 + ps1;
+            softmax_tile<NT>(s, j0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
 #pragma unroll
             for (int dt = 0; dt < DT; dt++) {
                 o[dt][0] *= c0;

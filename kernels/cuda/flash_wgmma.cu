@@ -33,10 +33,10 @@ __device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.s
 // shared memory written by cp.async (the generic proxy) made visible to wgmma (the async proxy)
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// d (64x64 f32, this thread's 32) += a (64x16 bf16, registers) * B (16x64 bf16, descriptor);
+// d (64x64 f32, this thread's 32: d[t][i] is the PTX fragment's element 4 t + i) += a (64x16 bf16, registers) * B (16x64 bf16, descriptor);
 // TRANS_B: B is MN-major
 template <int TRANS_B>
-__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], const u32 (&a)[4], unsigned long long b) {
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[8][4], const u32 (&a)[4], unsigned long long b) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -46,10 +46,7 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], const u32 (&a)[4]
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
         "{%32, %33, %34, %35}, %36, p, 1, 1, %37;\n"
         "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]),
-          "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
-          "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TRANS_B), "r"(1));
 }
 
@@ -82,10 +79,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float*
     const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
     u32 qf[KS][4];
     q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), hd, rd, scale, tig);
-    // o[half][4 t + i]: dims half * 64 + 8 t + 2 tig (+1), rows gid (i < 2) and gid + 8
-    float o[2][32];
+    // o[half][t][i]: dims half * 64 + 8 t + 2 tig (+1), rows gid (i < 2) and gid + 8
+    float o[2][8][4];
 #pragma unroll
-    for (int i = 0; i < 32; i++) o[0][i] = o[1][i] = 0.f;
+    for (int i = 0; i < 32; i++) o[0][i >> 2][i & 3] = o[1][i >> 2][i & 3] = 0.f;
     float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
 
     const int n_tiles = (end + FK - 1) / FK;
@@ -109,51 +106,24 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float*
         const u16* vs = ks + FK * WG_HD;
         // S = Q K^T over the 64 keys: k-step kk reads dims 16 kk .. (K-major: leading byte
         // offset 128 along the dims, stride byte offset 2048 along the keys)
-        float s[32];
+        float s[8][4];  // the accumulator's d[4 nt + i] is s[nt][i]
 #pragma unroll
-        for (int i = 0; i < 32; i++) s[i] = 0.f;
+        for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < KS; kk++) wgmma_64x64x16<0>(s, qf[kk], wg_desc(ks + kk * 2 * 64, 128, WG_KEYS_STRIDE * 2));
         wg_commit();
         wg_wait_all();
-        // causal mask and the online softmax, as flash.cu: s[4 nt + i] is its s[nt][i]
-        const int qp0 = pos0 + r0, qp1 = pos0 + r1;
-        float mx0 = ninf, mx1 = ninf;
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            int j = j0 + nt * 8 + tig * 2;
-            if (j > qp0) s[4 * nt] = ninf;
-            if (j + 1 > qp0) s[4 * nt + 1] = ninf;
-            if (j > qp1) s[4 * nt + 2] = ninf;
-            if (j + 1 > qp1) s[4 * nt + 3] = ninf;
-            mx0 = fmaxf(mx0, fmaxf(s[4 * nt], s[4 * nt + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
-        }
-        quad_max(mx0, mx1);
-        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        float c0 = n0 == m0 ? 1.f : exp2f(m0 - n0), c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
-        float b0 = n0 == ninf ? 0.f : n0, b1 = n1 == ninf ? 0.f : n1;
-        m0 = n0;
-        m1 = n1;
-        float ps0 = 0.f, ps1 = 0.f;
+        // causal mask and the online softmax, as flash.cu
+        float c0, c1;
         u32 pf[FK / 16][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-            float p0 = exp2f(s[4 * nt] - b0), p1 = exp2f(s[4 * nt + 1] - b0), p2 = exp2f(s[4 * nt + 2] - b1), p3 = exp2f(s[4 * nt + 3] - b1);
-            ps0 += p0 + p1;
-            ps1 += p2 + p3;
-            pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
-            pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
-        }
-        l0 = l0 * c0 + ps0;
-        l1 = l1 * c1 + ps1;
+        softmax_tile<8>(s, j0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
 #pragma unroll
         for (int t = 0; t < 16; t++) {
-            o[t >> 3][4 * (t & 7)] *= c0;
-            o[t >> 3][4 * (t & 7) + 1] *= c0;
-            o[t >> 3][4 * (t & 7) + 2] *= c1;
-            o[t >> 3][4 * (t & 7) + 3] *= c1;
+            o[t >> 3][t & 7][0] *= c0;
+            o[t >> 3][t & 7][1] *= c0;
+            o[t >> 3][t & 7][2] *= c1;
+            o[t >> 3][t & 7][3] *= c1;
         }
         // O += P V: k-step kk reads keys 16 kk .. (MN-major: leading byte offset 2048 along
         // the keys, stride byte offset 128 along the dims); each half 64 dims
@@ -173,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float*
 #pragma unroll
     for (int t = 0; t < 16; t++) {
         int d = t * 8 + tig * 2;
-        const float* v = &o[t >> 3][4 * (t & 7)];
+        const float* v = o[t >> 3][t & 7];
         if (r0 < n_tokens) {
             float* p = out + (size_t)r0 * width + (size_t)h * WG_HD;
             p[d] = v[0] * i0;

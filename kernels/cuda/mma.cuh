@@ -1,6 +1,7 @@
 // Tensor-core helpers shared by flash.cu, flash_wgmma.cu and lightning.cu (prepended after
 // common.cuh): bf16 packing, ldmatrix, mma.sync m16n8k16 bf16 with f32 accumulators,
-// cp.async, and the A fragments of a tile of queries.
+// cp.async, the A fragments of a tile of queries, and the online softmax over a tile of
+// keys.
 //
 // Fragment layouts (lane = 4 * gid + tig): A (16x16, row-major) a[0] = (row gid, cols
 // 2 tig, +1), a[1] = row gid + 8, a[2] = cols + 8, a[3] = both; B (16x8, column-major)
@@ -92,4 +93,46 @@ __device__ __forceinline__ void q_fragments(u32 (&qf)[KS][4], const float* p0, c
             qf[kk][i] = pack_bf16(a, b);
         }
     }
+}
+
+// One tile of keys j0 .. j0 + 8 NT for a lane's two rows (C fragments s[nt]: keys j0 + 8 nt
+// + 2 tig, +1; rows at positions qp0 and qp1; scores in exp2 units): the causal mask, the
+// online softmax update of the row maxima m and sums l (c0, c1: the factors that rescale
+// the output accumulated so far), and the probabilities as bf16 A fragments pf[kk] of keys
+// j0 + 16 kk .. (a C fragment of 8 keys is half of the A fragment of its 16). Each row is
+// spread over the 4 lanes of a group.
+template <int NT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], int j0, int qp0, int qp1, int tig, float& m0, float& m1, float& l0,
+                                             float& l1, float& c0, float& c1, u32 (&pf)[NT / 2][4]) {
+    const float ninf = __int_as_float(0xff800000);
+    float mx0 = ninf, mx1 = ninf;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        int j = j0 + nt * 8 + tig * 2;
+        if (j > qp0) s[nt][0] = ninf;
+        if (j + 1 > qp0) s[nt][1] = ninf;
+        if (j > qp1) s[nt][2] = ninf;
+        if (j + 1 > qp1) s[nt][3] = ninf;
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    quad_max(mx0, mx1);
+    // rows past the prompt, or with no key yet, keep m = -inf: guard the exponents
+    float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    c0 = n0 == m0 ? 1.f : exp2f(m0 - n0);
+    c1 = n1 == m1 ? 1.f : exp2f(m1 - n1);
+    float b0 = n0 == ninf ? 0.f : n0, b1 = n1 == ninf ? 0.f : n1;
+    m0 = n0;
+    m1 = n1;
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        float p0 = exp2f(s[nt][0] - b0), p1 = exp2f(s[nt][1] - b0), p2 = exp2f(s[nt][2] - b1), p3 = exp2f(s[nt][3] - b1);
+        ps0 += p0 + p1;
+        ps1 += p2 + p3;
+        pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
+        pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+    l0 = l0 * c0 + ps0;
+    l1 = l1 * c1 + ps1;
 }

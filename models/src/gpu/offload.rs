@@ -100,11 +100,11 @@ impl GpuModel {
                 on_cpu.push((e, 0..h));
             }
         }
-        let count = |a: &std::sync::atomic::AtomicU64, v: usize| a.fetch_add(v as u64, std::sync::atomic::Ordering::Relaxed);
-        count(&self.cold_bytes, cold_bytes as usize);
-        count(&self.cpu_experts, on_cpu.len());
-        count(&self.copied_experts, copy.len());
-        count(&self.shared_experts, shared.len());
+        let count = |a: &std::sync::atomic::AtomicU64, v: u64| a.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
+        count(&self.cold_bytes, cold_bytes);
+        count(&self.cpu_experts, on_cpu.len() as u64);
+        count(&self.copied_experts, copy.len() as u64);
+        count(&self.shared_experts, shared.len() as u64);
         // pairs and stack entries of the copied experts
         let (mut pairs, mut slots) = (Vec::new(), Vec::new());
         for (i, &e) in copy.iter().enumerate() {
