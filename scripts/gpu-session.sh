@@ -7,6 +7,8 @@
 # Steps, in order (default: all but depth1m):
 #   check      the GPU tests (scripts/gpu-check.sh run)                       ~1 min
 #   kernels    mxr bench --kernels                                           ~20 s
+#   ncu        Nsight Compute on the prefill attention kernels of --kernels (MXR_NCU_KERNELS:
+#              a regex of kernel names): speed of light, occupancy, stalls     ~1 min
 #   s8         S8 q8_0: pp512, pp4096, tg128, 5 reps (synth + convert ~75 s)  ~3 min
 #   s8q4       S8 q4_k: pp4096, tg128                                         ~3 min
 #   depth      S8: prefill to 131,072 tokens, decode 128 there, 1 rep         ~1 min
@@ -33,6 +35,14 @@ for s in "${steps[@]}"; do
     case "$s" in
     check) OUT="$out" scripts/gpu-check.sh run >"$out/check.log" 2>&1 ;;
     kernels) carry/gpu/mxr bench --kernels >"$out/kernels.log" 2>&1 ;;
+    ncu)
+        ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+        "$ncu" --clock-control none -k "regex:${MXR_NCU_KERNELS:-flash_(wg2?_)?bf16_128}" -c "${MXR_NCU_COUNT:-6}" \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
+            --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
+            carry/gpu/mxr bench --kernels >"$out/ncu.log" 2>&1
+        ;;
     s8) scripts/bench-slice.sh S8 -p 512,4096 -n 128 -r 5 >"$out/s8.log" 2>&1 ;;
     s8q4) scripts/bench-slice.sh S8q4 -p 4096 -n 128 -r 5 >"$out/s8q4.log" 2>&1 ;;
     depth) scripts/bench-slice.sh S8 -p 0 -n 128 -d 131072 -r 1 -b 8192 >"$out/depth.log" 2>&1 ;;
@@ -71,6 +81,7 @@ for s in "${steps[@]}"; do
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
+    ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;

@@ -5,7 +5,10 @@ ROWS/WARPS defines), down to SASS for sm_90 (sm_90a for the wgmma source), so pt
 is needed, only NVRTC (pip: nvidia-cuda-nvrtc and cuda-bindings). Exits non-zero, with
 NVRTC's log, if a source does not compile.
 
-    python3 scripts/nvrtc-check.py [--arch sm_90]
+    python3 scripts/nvrtc-check.py [--arch sm_90] [--only flash_wgmma] [-v] [--cubin-dir DIR]
+
+-v prints ptxas's registers, spills and shared memory per kernel; --cubin-dir writes each
+cubin there (for nvdisasm / cuobjdump -sass).
 """
 import argparse
 import sys
@@ -32,6 +35,9 @@ SOURCES = [
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--only", help="one source (e.g. flash_wgmma)")
+    ap.add_argument("-v", action="store_true", help="ptxas -v: registers, spills, shared memory")
+    ap.add_argument("--cubin-dir", type=Path)
     a = ap.parse_args()
     try:
         from cuda.bindings import nvrtc
@@ -40,6 +46,8 @@ def main() -> int:
         return 2
     failed = 0
     for name, headers, defines, target in SOURCES:
+        if a.only and name != a.only:
+            continue
         arch = target or a.arch
         text = "".join((K / f).read_text() for f in ["common.cuh", *headers, f"{name}.cu"]).encode()
         err, prog = nvrtc.nvrtcCreateProgram(text, f"{name}.cu".encode(), 0, [], [])
@@ -47,6 +55,8 @@ def main() -> int:
             print(f"nvrtc-check: {name}: creating the program: {err}", file=sys.stderr)
             return 2
         opts = [b"--std=c++17", b"-lineinfo", f"--gpu-architecture={arch}".encode()] + [f"-D{d}".encode() for d in defines]
+        if a.v:
+            opts.append(b"--ptxas-options=-v")
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * size
@@ -57,6 +67,11 @@ def main() -> int:
             failed += 1
             continue
         _, cubin_size = nvrtc.nvrtcGetCUBINSize(prog)
+        if a.cubin_dir:
+            cubin = b" " * cubin_size
+            nvrtc.nvrtcGetCUBIN(prog, cubin)
+            a.cubin_dir.mkdir(parents=True, exist_ok=True)
+            (a.cubin_dir / f"{name}.cubin").write_bytes(cubin)
         print(f"nvrtc-check: {name}.cu: {cubin_size} bytes of {arch} code" + (f"\n{log}" if log else ""))
         nvrtc.nvrtcDestroyProgram(prog)
     return 1 if failed else 0

@@ -8,9 +8,12 @@
 //   O += P V:  wgmma m64n64k16 twice (dims 0..63, 64..127), A = P from registers (the S
 //              accumulator converted as flash.cu converts it), B = the V tile, transposed.
 //
-// Block = one warpgroup (4 warps) = 64 queries of one head; grid as flash_bf16_128. K and V
-// tiles of 64 keys go through shared memory by cp.async, double-buffered, in the
-// no-swizzle "core matrix" layout wgmma reads: element (key j, dim d) of a tile at
+// Block = HPB warpgroups (4 warps each); warpgroup w takes 64 queries of head
+// blockIdx.x * HPB + w. flash_wg_bf16_128 (HPB 1) has the grid of flash_bf16_128;
+// flash_wg2_bf16_128 (HPB 2) pairs two heads of one KV group (the group size must be even),
+// so each K/V tile crosses from L2 once for both. K and V tiles of 64 keys go through shared
+// memory by cp.async, double-buffered, in the no-swizzle "core matrix" layout wgmma reads:
+// element (key j, dim d) of a tile at
 // (j / 8) * 1024 + (d / 8) * 64 + (j % 8) * 8 + d % 8 (bf16 elements). Core matrices of 8
 // keys x 8 dims (128 bytes) lie 128 bytes apart along the dims and 2048 bytes apart along
 // the keys; K is read K-major (dims are wgmma's K), V MN-major (dims are its N).
@@ -51,25 +54,27 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&d)[8][4], const u32 (&a)[
 }
 
 // Starts copying keys j0 .. j0 + FK of KV head g into s in the core-matrix layout above
-// (zeros past `end`). Whole block; complete after cp_async_wait and __syncthreads.
+// (zeros past `end`). Whole block; complete after cp_async_wait and __syncthreads. Eight
+// consecutive threads fill one core matrix (128 contiguous bytes: no bank conflicts); a
+// warp reads 64 contiguous bytes of each of 8 keys.
 __device__ void wg_stage(u16* s, const u16* c, int g, int kv_dim, int j0, int end) {
 #pragma unroll
     for (int i = threadIdx.x; i < FK * WG_HD / 8; i += blockDim.x) {
-        int j = i / (WG_HD / 8), d = (i % (WG_HD / 8)) * 8;
+        int r = i & 7, dc = (i >> 3) & (WG_HD / 8 - 1), jg = i / WG_HD;  // key in group, dim chunk, key group
+        int j = jg * 8 + r;
         bool ok = j0 + j < end;
-        cp_async16(s + (j >> 3) * WG_KEYS_STRIDE + (d >> 3) * 64 + (j & 7) * 8, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * WG_HD + d : c,
-                   ok);
+        cp_async16(s + jg * WG_KEYS_STRIDE + dc * 64 + r * 8, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * WG_HD + dc * 8 : c, ok);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads,
-                                                                   int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,
-                                                                   int rd, const float2* cs) {
+template <int HPB>
+__device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads,
+                                         int n_tokens, const int* pos, float scale, int rd, const float2* cs) {
     constexpr int KS = WG_HD / 16, ST = 2 * FK * WG_HD;  // k-steps of S; u16 per stage (K, V)
     extern __shared__ __align__(128) u16 smem[];
-    const int h = blockIdx.x, g = h / (n_heads / n_kv_heads);
+    const int h = blockIdx.x * HPB + (threadIdx.x >> 7), g = h / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;  // warp in the warpgroup
     const int pos0 = *pos, kv_dim = n_kv_heads * WG_HD, width = n_heads * WG_HD;
     const int r0 = tile * 64 + warp * 16 + gid, r1 = r0 + 8;  // this lane's two rows
     const int end = pos0 + min(n_tokens, tile * 64 + 64);      // keys any query of the block sees
@@ -78,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float*
     const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * WG_HD : nullptr;
     const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
     u32 qf[KS][4];
-    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), hd, rd, scale, tig);
+    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), WG_HD, rd, scale, tig);
     // o[half][t][i]: dims half * 64 + 8 t + 2 tig (+1), rows gid (i < 2) and gid + 8
     float o[2][8][4];
 #pragma unroll
@@ -155,4 +160,16 @@ extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float*
             p[d + 1] = v[3] * i1;
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads,
+                                                                   int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,
+                                                                   int rd, const float2* cs) {
+    flash_wg<1>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
+}
+
+extern "C" __global__ void __launch_bounds__(256) flash_wg2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads,
+                                                                    int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,
+                                                                    int rd, const float2* cs) {
+    flash_wg<2>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
 }

@@ -562,10 +562,20 @@ fn rope_and_attention() {
                 check("attend + kv_append, RoPE fused", &case, if same_out && same_k { 0.0 } else { 1.0 }, 0.0);
                 // head size 128: the warpgroup (wgmma) kernel, on the H100/H200 this runs on
                 if hd == 128 {
-                    let mut wo = g.zeros::<f32>(n * width).unwrap();
                     let (shape, at) = ((n, heads, kv_heads, hd), (&gpos, pos0));
-                    g.attend_wgmma(&raw_q.as_view(), &gk, &gv, &mut wo.as_view_mut(), shape, at, Some(&table)).unwrap();
-                    check("attend bf16 (wgmma)", &case, diff(&g.download(&wo.as_view()).unwrap(), &want).nmse, 2e-5);
+                    let mut one = Vec::new();
+                    for hpb in [1u32, 2] {
+                        let mut wo = g.zeros::<f32>(n * width).unwrap();
+                        g.attend_wgmma(&raw_q.as_view(), &gk, &gv, &mut wo.as_view_mut(), shape, at, Some(&table), hpb).unwrap();
+                        let got = g.download(&wo.as_view()).unwrap();
+                        check(&format!("attend bf16 (wgmma, {hpb} heads/block)"), &case, diff(&got, &want).nmse, 2e-5);
+                        // two heads per block: each warpgroup does one head's arithmetic, as alone
+                        if hpb == 1 {
+                            one = got;
+                        } else {
+                            check("wgmma 2 heads/block = 1", &case, if got == one { 0.0 } else { 1.0 }, 0.0);
+                        }
+                    }
                 }
             }
             // The last query alone, split over the keys (decode), for several split counts.

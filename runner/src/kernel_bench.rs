@@ -100,9 +100,11 @@ pub fn run(g: &Gpu) -> Result<()> {
         row("attention prefill", &format!("{} KV", t.name()), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
         // the warpgroup kernel where the GPU has one (sm_90)
         if t == KvType::Bf16 && g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
-            let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None)?))?;
-            let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
-            row("attention prefill", "bf16 KV, wgmma", &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
+            for hpb in [1u32, 2] {
+                let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None, hpb)?))?;
+                let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
+                row("attention prefill", &format!("bf16 KV, wgmma {hpb} heads/block"), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
+            }
         }
     }
     for t in [KvType::F32, KvType::Bf16, KvType::Q8_0] {

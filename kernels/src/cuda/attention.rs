@@ -319,8 +319,8 @@ impl Gpu {
     /// Causal GQA attention of n_tokens queries at positions *pos.. over caches holding
     /// keys and values of positions 0..*pos + n_tokens (`pos_host` = *pos, for the checks).
     /// f32 caches: the exact SIMT kernel (f32 throughout); bf16 caches: tensor cores (q and
-    /// the probabilities rounded to bf16, f32 accumulation); with `MXR_FLASH_WGMMA=1`, head
-    /// size 128 on an sm_90 GPU takes the warpgroup kernel ([`Gpu::attend_wgmma`]).
+    /// the probabilities rounded to bf16, f32 accumulation); head size 128 on an sm_90 GPU
+    /// takes the warpgroup kernel ([`Gpu::attend_wgmma`]) unless `MXR_FLASH_WGMMA=0`.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &self,
@@ -336,13 +336,19 @@ impl Gpu {
         pos0: usize,
         rope: Option<&RopeTable>,
     ) -> Result<()> {
-        let wgmma = self.tuning.flash_wgmma && kc.t == KvType::Bf16 && hd == 128 && Source::FlashWgmma.target(self.arch).is_ok();
+        let fits = kc.t == KvType::Bf16 && hd == 128 && Source::FlashWgmma.target(self.arch).is_ok();
+        let wgmma = match self.tuning.flash_wgmma {
+            2 if fits && n_kv_heads > 0 && (n_heads / n_kv_heads).is_multiple_of(2) => 2,
+            1 | 2 if fits => 1,
+            _ => 0,
+        };
         self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, wgmma)
     }
 
-    /// [`Gpu::attend`] on Hopper's warpgroup tensor cores (wgmma, flash_wgmma.cu): bf16
-    /// caches, head size 128, an sm_90 GPU; anything else is refused. The same arithmetic
-    /// as the mma.sync kernel up to the order of the f32 sums.
+    /// [`Gpu::attend`] on Hopper's warpgroup tensor cores (wgmma, flash_wgmma.cu) with
+    /// `heads_per_block` (1, or 2 for an even GQA group) heads per block: bf16 caches, head
+    /// size 128, an sm_90 GPU; anything else is refused. The same arithmetic as the mma.sync
+    /// kernel up to the order of the f32 sums.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_wgmma(
         &self,
@@ -353,12 +359,19 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
+        heads_per_block: u32,
     ) -> Result<()> {
         Source::FlashWgmma.target(self.arch)?;
         if kc.t != KvType::Bf16 || hd != 128 {
             return Err(KernelError::Shape(format!("wgmma attention: a bf16 cache and head size 128 (got {} and {hd})", kc.t.name())));
         }
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, true)
+        let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && (n_heads / n_kv_heads).is_multiple_of(heads_per_block as usize);
+        if !(1..=2).contains(&heads_per_block) || !group_ok {
+            return Err(KernelError::Shape(format!(
+                "wgmma attention: {heads_per_block} heads per block over {n_heads} query heads and {n_kv_heads} KV heads (1, or 2 for even groups)"
+            )));
+        }
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, heads_per_block)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -371,7 +384,7 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        wgmma: bool,
+        wgmma: u32,
     ) -> Result<()> {
         let hd_class = match hd {
             1..=32 => 32,
@@ -436,10 +449,12 @@ impl Gpu {
                 // two stages of 64-key K and V tiles; 64 queries per block (FQ in flash.cu),
                 // heads fastest
                 let grid = (n_heads as u32, (n_tokens as u32).div_ceil(64), 1);
-                if wgmma {
-                    // the same tiles without row padding (the core-matrix layout)
-                    let name = "flash_wg_bf16_128";
-                    let cfg = self.flash_cfg(Source::FlashWgmma, name, 2 * 2 * 64 * 128 * 2, grid)?;
+                if wgmma > 0 {
+                    // the same tiles without row padding (the core-matrix layout); one
+                    // warpgroup per head, `wgmma` heads of one KV group per block
+                    let name = if wgmma == 2 { "flash_wg2_bf16_128" } else { "flash_wg_bf16_128" };
+                    let mut cfg = self.flash_cfg(Source::FlashWgmma, name, 2 * 2 * 64 * 128 * 2, (grid.0 / wgmma, grid.1, 1))?;
+                    cfg.block_dim.0 = 128 * wgmma;
                     return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
                 }
                 let cfg = self.flash_cfg(Source::Flash, name, flash_smem(KvType::Bf16, hd_class, 2), grid)?;

@@ -78,9 +78,10 @@ pub struct Tuning {
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
-    /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel
-    /// (`MXR_FLASH_WGMMA=1`; off until it has run on a GPU).
-    pub flash_wgmma: bool,
+    /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
+    /// this many heads per block (`MXR_FLASH_WGMMA`: 1 (default) or 2, the latter for even
+    /// GQA groups only); 0 gives flash.cu's mma.sync kernel, for comparison.
+    pub flash_wgmma: u32,
 }
 
 impl Tuning {
@@ -90,7 +91,7 @@ impl Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 8, |v| (1..=32).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
-            flash_wgmma: get("MXR_FLASH_WGMMA", 0, |v| v <= 1) == 1,
+            flash_wgmma: get("MXR_FLASH_WGMMA", 1, |v| v <= 2),
         }
     }
 }
