@@ -12,17 +12,22 @@
 // blockIdx.x * HPB + w. flash_wg_bf16_128 (HPB 1) has the grid of flash_bf16_128;
 // flash_wg2_bf16_128 (HPB 2) pairs two heads of one KV group (the group size must be even),
 // so each K/V tile crosses from L2 once for both. K and V tiles of 64 keys go through shared
-// memory by cp.async, double-buffered, in the no-swizzle "core matrix" layout wgmma reads:
-// element (key j, dim d) of a tile at
-// (j / 8) * 1024 + (d / 8) * 64 + (j % 8) * 8 + d % 8 (bf16 elements). Core matrices of 8
-// keys x 8 dims (128 bytes) lie 128 bytes apart along the dims and 2048 bytes apart along
-// the keys; K is read K-major (dims are wgmma's K), V MN-major (dims are its N).
+// memory by cp.async, double-buffered, in the no-swizzle "core matrix" layout wgmma reads,
+// padded: element (key j, dim d) of a tile at
+// (j / 8) * WG_GROUP + (d / 8) * WG_CM + (j % 8) * 8 + d % 8 (bf16 elements). A core matrix
+// is 8 keys x 8 dims (128 contiguous bytes); core matrices lie 144 bytes apart along the
+// dims (128 + 16: the eight 16-byte pieces of one key's 64 dims fall in eight different
+// bank groups, so eight threads copying one key's 128 contiguous global bytes store without
+// conflicts) and 2304 bytes apart along the keys. K is read K-major (dims are wgmma's K),
+// V MN-major (dims are its N); the descriptors carry the two strides.
 
 #ifndef FK
 #define FK 64  // keys per tile, as flash.cu
 #endif
 #define WG_HD 128
-#define WG_KEYS_STRIDE (WG_HD * 8)  // elements from one 8-key group to the next
+#define WG_CM 72                          // elements from one core matrix to the next along the dims (144 bytes)
+#define WG_GROUP (WG_CM * WG_HD / 8)      // elements from one 8-key group to the next (2304 bytes)
+#define WG_TILE (FK / 8 * WG_GROUP)       // elements of one K or V tile
 
 // shared memory matrix descriptor, no swizzle: start, leading and stride byte offsets
 __device__ __forceinline__ unsigned long long wg_desc(const u16* p, u32 lbo, u32 sbo) {
@@ -54,23 +59,78 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&d)[8][4], const u32 (&a)[
 }
 
 // Starts copying keys j0 .. j0 + FK of KV head g into s in the core-matrix layout above
-// (zeros past `end`). Whole block; complete after cp_async_wait and __syncthreads. Eight
-// consecutive threads fill one core matrix (128 contiguous bytes: no bank conflicts); a
-// warp reads 64 contiguous bytes of each of 8 keys.
+// (zeros past `end`). Whole block; complete after cp_async_wait and __syncthreads. Sixteen
+// consecutive threads copy one key's 256 contiguous bytes (whole sectors).
 __device__ void wg_stage(u16* s, const u16* c, int g, int kv_dim, int j0, int end) {
 #pragma unroll
     for (int i = threadIdx.x; i < FK * WG_HD / 8; i += blockDim.x) {
-        int r = i & 7, dc = (i >> 3) & (WG_HD / 8 - 1), jg = i / WG_HD;  // key in group, dim chunk, key group
-        int j = jg * 8 + r;
+        int dc = i & (WG_HD / 8 - 1), j = i / (WG_HD / 8);  // 8-dim chunk, key
         bool ok = j0 + j < end;
-        cp_async16(s + jg * WG_KEYS_STRIDE + dc * 64 + r * 8, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * WG_HD + dc * 8 : c, ok);
+        cp_async16(s + (j >> 3) * WG_GROUP + dc * WG_CM + (j & 7) * 8, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * WG_HD + dc * 8 : c, ok);
     }
 }
 
-template <int HPB>
+__device__ __forceinline__ void wg_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
+// After a wait: the compiler must not move reads or writes of wgmma's registers above it
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) asm volatile("" : "+f"(r[i][k])::"memory");
+}
+template <int A, int N>
+__device__ __forceinline__ void reg_fence(float (&r)[A][N][4]) {
+#pragma unroll
+    for (int a = 0; a < A; a++) reg_fence(r[a]);
+}
+__device__ __forceinline__ void reg_fence(u32 (&r)[FK / 16][4]) {
+#pragma unroll
+    for (int i = 0; i < FK / 16; i++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) asm volatile("" : "+r"(r[i][k])::"memory");
+}
+
+// Starts loading tile j0 (K then V) into stage st (whole block; part of the caller's cp.async group)
+__device__ __forceinline__ void wg_load(u16* st, const u16* kc, const u16* vc, int g, int kv_dim, int j0, int end) {
+    wg_stage(st, kc, g, kv_dim, j0, end);
+    wg_stage(st + WG_TILE, vc, g, kv_dim, j0, end);
+}
+
+// Issues S = Q K^T over the 64 keys of the K tile ks (after the caller's wg_fence): k-step kk
+// reads dims 16 kk .. (K-major: leading byte offset 144 along the dims, stride byte offset
+// 2304 along the keys)
+__device__ __forceinline__ void wg_scores(float (&s)[8][4], const u32 (&qf)[WG_HD / 16][4], const u16* ks) {
+#pragma unroll
+    for (int kk = 0; kk < WG_HD / 16; kk++) wgmma_64x64x16<0>(s, qf[kk], wg_desc(ks + kk * 2 * WG_CM, WG_CM * 2, WG_GROUP * 2));
+}
+
+// Issues O += P V over the V tile vs: k-step kk reads keys 16 kk .. (MN-major: leading byte
+// offset 2304 along the keys, stride byte offset 144 along the dims); each half 64 dims
+__device__ __forceinline__ void wg_pv(float (&o)[2][8][4], const u32 (&pf)[FK / 16][4], const u16* vs) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+#pragma unroll
+        for (int kk = 0; kk < FK / 16; kk++)
+            wgmma_64x64x16<1>(o[half], pf[kk], wg_desc(vs + kk * 2 * WG_GROUP + half * 8 * WG_CM, WG_GROUP * 2, WG_CM * 2));
+    }
+}
+
+__device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float c1) {
+#pragma unroll
+    for (int t = 0; t < 16; t++) {
+        o[t >> 3][t & 7][0] *= c0;
+        o[t >> 3][t & 7][1] *= c0;
+        o[t >> 3][t & 7][2] *= c1;
+        o[t >> 3][t & 7][3] *= c1;
+    }
+}
+
+template <int HPB, int STAGES>
 __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads,
                                          int n_tokens, const int* pos, float scale, int rd, const float2* cs) {
-    constexpr int KS = WG_HD / 16, ST = 2 * FK * WG_HD;  // k-steps of S; u16 per stage (K, V)
+    constexpr int KS = WG_HD / 16, ST = 2 * WG_TILE;  // k-steps of S; u16 per stage (K, V)
+    static_assert(STAGES == 2 || STAGES == 3, "2 or 3 stages");
     extern __shared__ __align__(128) u16 smem[];
     const int h = blockIdx.x * HPB + (threadIdx.x >> 7), g = h / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
@@ -91,57 +151,94 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
     float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
 
     const int n_tiles = (end + FK - 1) / FK;
-    wg_stage(smem, kc, g, kv_dim, 0, end);
-    wg_stage(smem + FK * WG_HD, vc, g, kv_dim, 0, end);
-    cp_async_commit();
-    for (int it = 0; it < n_tiles; it++) {
-        const int j0 = it * FK;
-        if (it + 1 < n_tiles) {
-            u16* nx = smem + ((it + 1) & 1) * ST;
-            wg_stage(nx, kc, g, kv_dim, j0 + FK, end);
-            wg_stage(nx + FK * WG_HD, vc, g, kv_dim, j0 + FK, end);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
+    float s[8][4];  // the scores' accumulator: its d[4 nt + i] is s[nt][i]
+    u32 pf[FK / 16][4];
+    float c0, c1;
+    if constexpr (STAGES == 2) {
+        // each tile in turn: scores, softmax, P V; the next tile loads meanwhile
+        wg_load(smem, kc, vc, g, kv_dim, 0, end);
+        cp_async_commit();
+        for (int it = 0; it < n_tiles; it++) {
+            if (it + 1 < n_tiles) {
+                wg_load(smem + ((it + 1) & 1) * ST, kc, vc, g, kv_dim, (it + 1) * FK, end);
+                cp_async_commit();
+                cp_async_wait<1>();
+            } else {
+                cp_async_wait<0>();
+            }
+            fence_async_shared();
+            __syncthreads();
+            const u16* ks = smem + (it & 1) * ST;
+#pragma unroll
+            for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
+            wg_fence();
+            wg_scores(s, qf, ks);
+            wg_commit();
+            wg_wait_all();
+            reg_fence(s);
+            // causal mask and the online softmax, as flash.cu
+            softmax_tile<8>(s, it * FK, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
+            wg_rescale(o, c0, c1);
+            wg_fence();
+            wg_pv(o, pf, ks + WG_TILE);
+            wg_commit();
+            wg_wait_all();
+            reg_fence(o);
+            __syncthreads();  // before the next iteration refills this stage
         }
+    } else {
+        // three stages, and the tensor cores kept busy through the softmax: iteration it
+        // issues the scores of tile it + 1 and then P V of tile it, and runs the softmax of
+        // tile it + 1 while P V runs (P in a second set of registers); tile it + 2 loads
+        // meanwhile into the stage tile it - 1 left
+        wg_load(smem, kc, vc, g, kv_dim, 0, end);
+        cp_async_commit();
+        if (n_tiles > 1) wg_load(smem + ST, kc, vc, g, kv_dim, FK, end);
+        cp_async_commit();
+        cp_async_wait<1>();
         fence_async_shared();
         __syncthreads();
-        const u16* ks = smem + (it & 1) * ST;
-        const u16* vs = ks + FK * WG_HD;
-        // S = Q K^T over the 64 keys: k-step kk reads dims 16 kk .. (K-major: leading byte
-        // offset 128 along the dims, stride byte offset 2048 along the keys)
-        float s[8][4];  // the accumulator's d[4 nt + i] is s[nt][i]
 #pragma unroll
         for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < KS; kk++) wgmma_64x64x16<0>(s, qf[kk], wg_desc(ks + kk * 2 * 64, 128, WG_KEYS_STRIDE * 2));
+        wg_scores(s, qf, smem);
         wg_commit();
         wg_wait_all();
-        // causal mask and the online softmax, as flash.cu
-        float c0, c1;
-        u32 pf[FK / 16][4];
-        softmax_tile<8>(s, j0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
+        reg_fence(s);
+        softmax_tile<8>(s, 0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
+        wg_rescale(o, c0, c1);
+        for (int it = 0; it + 1 < n_tiles; it++) {
+            cp_async_wait<0>();  // tile it + 1 has landed, for this thread
+            fence_async_shared();
+            __syncthreads();  // ... and for all; and every warpgroup is done with tile it - 1
+            if (it + 2 < n_tiles) wg_load(smem + ((it + 2) % 3) * ST, kc, vc, g, kv_dim, (it + 2) * FK, end);
+            cp_async_commit();
 #pragma unroll
-        for (int t = 0; t < 16; t++) {
-            o[t >> 3][t & 7][0] *= c0;
-            o[t >> 3][t & 7][1] *= c0;
-            o[t >> 3][t & 7][2] *= c1;
-            o[t >> 3][t & 7][3] *= c1;
+            for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
+            wg_fence();
+            wg_scores(s, qf, smem + ((it + 1) % 3) * ST);
+            wg_commit();
+            wg_pv(o, pf, smem + (it % 3) * ST + WG_TILE);
+            wg_commit();
+            wg_wait_one();  // the scores (P V may still run)
+            reg_fence(s);
+            u32 pn[FK / 16][4];
+            softmax_tile<8>(s, (it + 1) * FK, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pn);
+            wg_wait_all();  // P V of tile it
+            reg_fence(o);
+            reg_fence(pf);
+            wg_rescale(o, c0, c1);
+#pragma unroll
+            for (int i = 0; i < FK / 16; i++)
+#pragma unroll
+                for (int k = 0; k < 4; k++) pf[i][k] = pn[i][k];
         }
-        // O += P V: k-step kk reads keys 16 kk .. (MN-major: leading byte offset 2048 along
-        // the keys, stride byte offset 128 along the dims); each half 64 dims
+        // the last tile (landed and synchronised above): P V alone
         wg_fence();
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-#pragma unroll
-            for (int kk = 0; kk < FK / 16; kk++)
-                wgmma_64x64x16<1>(o[half], pf[kk], wg_desc(vs + kk * 2 * WG_KEYS_STRIDE + half * 8 * 64, WG_KEYS_STRIDE * 2, 128));
-        }
+        wg_pv(o, pf, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
         wg_commit();
         wg_wait_all();
-        __syncthreads();  // before the next iteration refills this stage
+        reg_fence(o);
     }
     quad_sum(l0, l1);
     float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
@@ -150,26 +247,23 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         int d = t * 8 + tig * 2;
         const float* v = o[t >> 3][t & 7];
         if (r0 < n_tokens) {
-            float* p = out + (size_t)r0 * width + (size_t)h * WG_HD;
-            p[d] = v[0] * i0;
-            p[d + 1] = v[1] * i0;
+            *(float2*)(out + (size_t)r0 * width + (size_t)h * WG_HD + d) = make_float2(v[0] * i0, v[1] * i0);
         }
         if (r1 < n_tokens) {
-            float* p = out + (size_t)r1 * width + (size_t)h * WG_HD;
-            p[d] = v[2] * i1;
-            p[d + 1] = v[3] * i1;
+            *(float2*)(out + (size_t)r1 * width + (size_t)h * WG_HD + d) = make_float2(v[2] * i1, v[3] * i1);
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) flash_wg_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads,
-                                                                   int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,
-                                                                   int rd, const float2* cs) {
-    flash_wg<1>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
-}
-
-extern "C" __global__ void __launch_bounds__(256) flash_wg2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads,
-                                                                    int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,
-                                                                    int rd, const float2* cs) {
-    flash_wg<2>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
-}
+// flash_wg{2}{p}_bf16_128: 1 or 2 heads per block; p: three stages, the softmax overlapped
+// with P V. Shared memory: (2 or 3) * 2 * WG_TILE * 2 bytes.
+#define WG_KERNEL(NAME, HPB, STAGES)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128 * HPB) NAME(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, \
+                                                                 int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,    \
+                                                                 int rd, const float2* cs) {                                           \
+        flash_wg<HPB, STAGES>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);                                      \
+    }
+WG_KERNEL(flash_wg_bf16_128, 1, 2)
+WG_KERNEL(flash_wg2_bf16_128, 2, 2)
+WG_KERNEL(flash_wgp_bf16_128, 1, 3)
+WG_KERNEL(flash_wgp2_bf16_128, 2, 3)

@@ -100,11 +100,29 @@ pub fn run(g: &Gpu) -> Result<()> {
         row("attention prefill", &format!("{} KV", t.name()), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
         // the warpgroup kernel where the GPU has one (sm_90)
         if t == KvType::Bf16 && g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
-            for hpb in [1u32, 2] {
-                let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None, hpb)?))?;
+            for v in [(1u32, 2u32), (2, 2), (1, 3), (2, 3)] {
+                let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None, v)?))?;
                 let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
-                row("attention prefill", &format!("bf16 KV, wgmma {hpb} heads/block"), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
+                let what = format!("bf16 KV, wgmma {} heads/block, {} stages", v.0, v.1);
+                row("attention prefill", &what, &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
             }
+        }
+    }
+    // a long prompt's chunk: 8,192 queries after 57,344 cached positions (every query sees
+    // 57,345 to 65,536 keys), as a million-token prefill runs it chunk by chunk
+    if g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
+        let (chunk, depth) = (8192usize, 65536usize);
+        let (kc, vc) = (g.kv_zeros(KvType::Bf16, depth * kv_dim)?, g.kv_zeros(KvType::Bf16, depth * kv_dim)?);
+        let q = g.upload(&Rng::new(10).normals(chunk * heads * hd, 1.0))?;
+        let mut o = g.zeros::<f32>(chunk * heads * hd)?;
+        let pos0 = depth - chunk;
+        let pos = g.upload(&[pos0 as i32])?;
+        let pairs = chunk * pos0 + chunk * (chunk + 1) / 2;
+        for v in [(1u32, 2u32), (2, 2), (1, 3), (2, 3)] {
+            let s = time(g, 1, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (chunk, heads, 8, hd), (&pos, pos0), None, v)?))?;
+            let tflops = (pairs * heads * 4 * hd) as f64 / s / 1e12;
+            let what = format!("bf16 KV, wgmma {} heads/block, {} stages", v.0, v.1);
+            row("attention prefill", &what, &format!("8192 at depth 65536, {tflops:.0} TFLOP/s"), s, (2 * depth * kv_dim * 2) as f64);
         }
     }
     for t in [KvType::F32, KvType::Bf16, KvType::Q8_0] {

@@ -337,18 +337,19 @@ impl Gpu {
         rope: Option<&RopeTable>,
     ) -> Result<()> {
         let fits = kc.t == KvType::Bf16 && hd == 128 && Source::FlashWgmma.target(self.arch).is_ok();
-        let wgmma = match self.tuning.flash_wgmma {
+        let heads = match self.tuning.flash_wgmma {
             2 if fits && n_kv_heads > 0 && (n_heads / n_kv_heads).is_multiple_of(2) => 2,
             1 | 2 if fits => 1,
             _ => 0,
         };
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, wgmma)
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads, self.tuning.flash_stages))
     }
 
     /// [`Gpu::attend`] on Hopper's warpgroup tensor cores (wgmma, flash_wgmma.cu) with
-    /// `heads_per_block` (1, or 2 for an even GQA group) heads per block: bf16 caches, head
-    /// size 128, an sm_90 GPU; anything else is refused. The same arithmetic as the mma.sync
-    /// kernel up to the order of the f32 sums.
+    /// `heads_per_block` (1, or 2 for an even GQA group) heads per block and `stages` (2, or
+    /// 3 with the softmax overlapped with P V) K/V tiles in flight: bf16 caches, head size
+    /// 128, an sm_90 GPU; anything else is refused. The same arithmetic as the mma.sync
+    /// kernel up to the order of the f32 sums; every variant gives the same bits.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_wgmma(
         &self,
@@ -359,19 +360,19 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        heads_per_block: u32,
+        (heads_per_block, stages): (u32, u32),
     ) -> Result<()> {
         Source::FlashWgmma.target(self.arch)?;
         if kc.t != KvType::Bf16 || hd != 128 {
             return Err(KernelError::Shape(format!("wgmma attention: a bf16 cache and head size 128 (got {} and {hd})", kc.t.name())));
         }
         let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && (n_heads / n_kv_heads).is_multiple_of(heads_per_block as usize);
-        if !(1..=2).contains(&heads_per_block) || !group_ok {
+        if !(1..=2).contains(&heads_per_block) || !group_ok || !(2..=3).contains(&stages) {
             return Err(KernelError::Shape(format!(
-                "wgmma attention: {heads_per_block} heads per block over {n_heads} query heads and {n_kv_heads} KV heads (1, or 2 for even groups)"
+                "wgmma attention: {heads_per_block} heads per block over {n_heads} query heads and {n_kv_heads} KV heads (1, or 2 for even groups), {stages} stages (2 or 3)"
             )));
         }
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, heads_per_block)
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads_per_block, stages))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -384,7 +385,7 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        wgmma: u32,
+        (wgmma, stages): (u32, u32),
     ) -> Result<()> {
         let hd_class = match hd {
             1..=32 => 32,
@@ -452,8 +453,15 @@ impl Gpu {
                 if wgmma > 0 {
                     // the same tiles without row padding (the core-matrix layout); one
                     // warpgroup per head, `wgmma` heads of one KV group per block
-                    let name = if wgmma == 2 { "flash_wg2_bf16_128" } else { "flash_wg_bf16_128" };
-                    let mut cfg = self.flash_cfg(Source::FlashWgmma, name, 2 * 2 * 64 * 128 * 2, (grid.0 / wgmma, grid.1, 1))?;
+                    let name = match (wgmma, stages) {
+                        (2, 3) => "flash_wgp2_bf16_128",
+                        (_, 3) => "flash_wgp_bf16_128",
+                        (2, _) => "flash_wg2_bf16_128",
+                        _ => "flash_wg_bf16_128",
+                    };
+                    // stages x (K, V) tiles of 64 keys x 128 dims, core matrices 144 bytes apart
+                    let smem = stages.clamp(2, 3) as usize * 2 * 64 * 16 * 144;
+                    let mut cfg = self.flash_cfg(Source::FlashWgmma, name, smem, (grid.0 / wgmma, grid.1, 1))?;
                     cfg.block_dim.0 = 128 * wgmma;
                     return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
                 }

@@ -82,6 +82,9 @@ pub struct Tuning {
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1 (default) or 2, the latter for even
     /// GQA groups only); 0 gives flash.cu's mma.sync kernel, for comparison.
     pub flash_wgmma: u32,
+    /// K/V stages of the warpgroup kernel (`MXR_FLASH_STAGES`): 2, or 3 with the softmax
+    /// overlapped with the P V products.
+    pub flash_stages: u32,
 }
 
 impl Tuning {
@@ -92,6 +95,7 @@ impl Tuning {
             matvec_warps: get("MXR_MATVEC_WARPS", 8, |v| (1..=32).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 1, |v| v <= 2),
+            flash_stages: get("MXR_FLASH_STAGES", 2, |v| (2..=3).contains(&v)),
         }
     }
 }
