@@ -459,8 +459,8 @@ impl Gpu {
                         (2, _) => "flash_wg2_bf16_128",
                         _ => "flash_wg_bf16_128",
                     };
-                    // stages x (K, V) tiles of 64 keys x 128 dims, core matrices 144 bytes apart
-                    let smem = stages.clamp(2, 3) as usize * 2 * 64 * 16 * 144;
+                    // stages x (K, V) tiles: 8 groups of 8 keys x 16 core matrices, 144 bytes apart
+                    let smem = stages.clamp(2, 3) as usize * 2 * (64 / 8) * 16 * 144;
                     let mut cfg = self.flash_cfg(Source::FlashWgmma, name, smem, (grid.0 / wgmma, grid.1, 1))?;
                     cfg.block_dim.0 = 128 * wgmma;
                     return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
