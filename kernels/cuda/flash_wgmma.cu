@@ -58,15 +58,20 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&d)[8][4], const u32 (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TRANS_B), "r"(1));
 }
 
-// Starts copying keys j0 .. j0 + FK of KV head g into s in the core-matrix layout above
-// (zeros past `end`). Whole block; complete after cp_async_wait and __syncthreads. Sixteen
+// Starts copying keys j0 .. j0 + FK of one KV head (c: its first key's dims) into s in the
+// core-matrix layout above (zeros past `end`); NT threads, each copying the same 16-byte
+// piece of every (NT / 16)-th key. Complete after cp_async_wait and __syncthreads. Sixteen
 // consecutive threads copy one key's 256 contiguous bytes (whole sectors).
-__device__ void wg_stage(u16* s, const u16* c, int g, int kv_dim, int j0, int end) {
+template <int NT>
+__device__ __forceinline__ void wg_stage(u16* s, const u16* c, int kv_dim, int j0, int end) {
+    constexpr int KEYS = NT / 16;  // keys per step
+    const int dc = threadIdx.x & 15, jt = (threadIdx.x & (NT - 1)) >> 4;
+    u16* sp = s + (jt >> 3) * WG_GROUP + dc * WG_CM + (jt & 7) * 8;
+    const u16* gp = c + (size_t)(j0 + jt) * kv_dim + dc * 8;
 #pragma unroll
-    for (int i = threadIdx.x; i < FK * WG_HD / 8; i += blockDim.x) {
-        int dc = i & (WG_HD / 8 - 1), j = i / (WG_HD / 8);  // 8-dim chunk, key
-        bool ok = j0 + j < end;
-        cp_async16(s + (j >> 3) * WG_GROUP + dc * WG_CM + (j & 7) * 8, ok ? c + (size_t)(j0 + j) * kv_dim + (size_t)g * WG_HD + dc * 8 : c, ok);
+    for (int k = 0; k < FK / KEYS; k++) {
+        bool ok = j0 + jt + k * KEYS < end;
+        cp_async16(sp + k * (KEYS / 8) * WG_GROUP, ok ? gp + (size_t)k * KEYS * kv_dim : c, ok);
     }
 }
 
@@ -91,10 +96,12 @@ __device__ __forceinline__ void reg_fence(u32 (&r)[FK / 16][4]) {
         for (int k = 0; k < 4; k++) asm volatile("" : "+r"(r[i][k])::"memory");
 }
 
-// Starts loading tile j0 (K then V) into stage st (whole block; part of the caller's cp.async group)
-__device__ __forceinline__ void wg_load(u16* st, const u16* kc, const u16* vc, int g, int kv_dim, int j0, int end) {
-    wg_stage(st, kc, g, kv_dim, j0, end);
-    wg_stage(st + WG_TILE, vc, g, kv_dim, j0, end);
+// Starts loading tile j0 (K then V of one KV head) into stage st (NT threads, the whole
+// block; part of the caller's cp.async group)
+template <int NT>
+__device__ __forceinline__ void wg_load(u16* st, const u16* kh, const u16* vh, int kv_dim, int j0, int end) {
+    wg_stage<NT>(st, kh, kv_dim, j0, end);
+    wg_stage<NT>(st + WG_TILE, vh, kv_dim, j0, end);
 }
 
 // Issues S = Q K^T over the 64 keys of the K tile ks (after the caller's wg_fence): k-step kk
@@ -151,16 +158,18 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
     float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
 
     const int n_tiles = (end + FK - 1) / FK;
+    constexpr int NT = 128 * HPB;
+    const u16 *kh = kc + (size_t)g * WG_HD, *vh = vc + (size_t)g * WG_HD;
     float s[8][4];  // the scores' accumulator: its d[4 nt + i] is s[nt][i]
     u32 pf[FK / 16][4];
     float c0, c1;
     if constexpr (STAGES == 2) {
         // each tile in turn: scores, softmax, P V; the next tile loads meanwhile
-        wg_load(smem, kc, vc, g, kv_dim, 0, end);
+        wg_load<NT>(smem, kh, vh, kv_dim, 0, end);
         cp_async_commit();
         for (int it = 0; it < n_tiles; it++) {
             if (it + 1 < n_tiles) {
-                wg_load(smem + ((it + 1) & 1) * ST, kc, vc, g, kv_dim, (it + 1) * FK, end);
+                wg_load<NT>(smem + ((it + 1) & 1) * ST, kh, vh, kv_dim, (it + 1) * FK, end);
                 cp_async_commit();
                 cp_async_wait<1>();
             } else {
@@ -191,9 +200,9 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         // issues the scores of tile it + 1 and then P V of tile it, and runs the softmax of
         // tile it + 1 while P V runs (P in a second set of registers); tile it + 2 loads
         // meanwhile into the stage tile it - 1 left
-        wg_load(smem, kc, vc, g, kv_dim, 0, end);
+        wg_load<NT>(smem, kh, vh, kv_dim, 0, end);
         cp_async_commit();
-        if (n_tiles > 1) wg_load(smem + ST, kc, vc, g, kv_dim, FK, end);
+        if (n_tiles > 1) wg_load<NT>(smem + ST, kh, vh, kv_dim, FK, end);
         cp_async_commit();
         cp_async_wait<1>();
         fence_async_shared();
@@ -211,7 +220,7 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
             cp_async_wait<0>();  // tile it + 1 has landed, for this thread
             fence_async_shared();
             __syncthreads();  // ... and for all; and every warpgroup is done with tile it - 1
-            if (it + 2 < n_tiles) wg_load(smem + ((it + 2) % 3) * ST, kc, vc, g, kv_dim, (it + 2) * FK, end);
+            if (it + 2 < n_tiles) wg_load<NT>(smem + ((it + 2) % 3) * ST, kh, vh, kv_dim, (it + 2) * FK, end);
             cp_async_commit();
 #pragma unroll
             for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
@@ -224,6 +233,9 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
             reg_fence(s);
             u32 pn[FK / 16][4];
             softmax_tile<8>(s, (it + 1) * FK, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pn);
+            // the softmax done before the wait, not moved after it by the compiler
+            reg_fence(pn);
+            asm volatile("" : "+f"(c0), "+f"(c1), "+f"(l0), "+f"(l1), "+f"(m0), "+f"(m1)::"memory");
             wg_wait_all();  // P V of tile it
             reg_fence(o);
             reg_fence(pf);

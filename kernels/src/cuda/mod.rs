@@ -79,11 +79,11 @@ pub struct Tuning {
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
-    /// this many heads per block (`MXR_FLASH_WGMMA`: 1 (default) or 2, the latter for even
-    /// GQA groups only); 0 gives flash.cu's mma.sync kernel, for comparison.
+    /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
+    /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
     pub flash_wgmma: u32,
-    /// K/V stages of the warpgroup kernel (`MXR_FLASH_STAGES`): 2, or 3 with the softmax
-    /// overlapped with the P V products.
+    /// K/V stages of the warpgroup kernel (`MXR_FLASH_STAGES`): 2, or 3 (default) with the
+    /// next tile's scores issued before this tile's P V.
     pub flash_stages: u32,
 }
 
@@ -94,8 +94,8 @@ impl Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 8, |v| (1..=32).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
-            flash_wgmma: get("MXR_FLASH_WGMMA", 1, |v| v <= 2),
-            flash_stages: get("MXR_FLASH_STAGES", 2, |v| (2..=3).contains(&v)),
+            flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
+            flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
         }
     }
 }
