@@ -17,6 +17,8 @@
 #   depth1m-q8 the same with --kv-type q8_0                                   minutes
 #   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
 #              MXR_MATVEC_WARPS; default 2 x 8)                                 ~6 min
+#   tune-kernels  mxr bench --kernels --kernel-group matvec over MXR_MATVEC_ROWS x
+#              MXR_MATVEC_WARPS (each type's matrix-vector products alone)       ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
@@ -59,6 +61,14 @@ for s in "${steps[@]}"; do
             done
         done >"$out/tune.log" 2>&1
         ;;
+    tune-kernels)
+        for rows in 1 2 4; do
+            for warps in 4 8 16; do
+                echo "== rows $rows warps $warps"
+                MXR_MATVEC_ROWS=$rows MXR_MATVEC_WARPS=$warps carry/gpu/mxr bench --kernels --kernel-group matvec
+            done
+        done >"$out/tune-kernels.log" 2>&1
+        ;;
     pair)
         for slice in S8 S8q4; do
             for p in 1 0 1 0; do
@@ -84,6 +94,7 @@ for s in "${steps[@]}"; do
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;
+    tune-kernels) grep -E "^==|^\| matvec" "$out/tune-kernels.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done

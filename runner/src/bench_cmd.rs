@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// Time the decode kernels alone on the real model's shapes (no model needed).
     #[arg(long)]
     pub kernels: bool,
+    /// With --kernels: only this group (matvec, lightning or attention).
+    #[arg(long, requires = "kernels")]
+    pub kernel_group: Option<String>,
     /// Measure what the cold-expert cost model needs (host memory and PCIe bandwidth, the
     /// CPU expert kernels' rates) and save it for later runs (no model needed).
     #[arg(long)]
@@ -240,7 +243,7 @@ fn decode(l: &Loaded, pool: &[u32], n: usize, rep: usize) -> Result<f64> {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.kernels {
-        return crate::kernel_bench::run(&mxr_kernels::cuda::Gpu::open(0)?);
+        return crate::kernel_bench::run(&mxr_kernels::cuda::Gpu::open(0)?, a.kernel_group.as_deref());
     }
     if a.calibrate_devices {
         return crate::calibrate_devices::run(Threads(a.model.threads.unwrap_or_else(|| Threads::all().0).max(1)));

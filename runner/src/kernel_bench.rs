@@ -35,7 +35,12 @@ fn time(g: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64>
     Ok(v[2])
 }
 
-pub fn run(g: &Gpu) -> Result<()> {
+/// `only`: one group of kernels (matvec, lightning, attention), or all.
+pub fn run(g: &Gpu, only: Option<&str>) -> Result<()> {
+    let want = |group: &str| only.is_none_or(|o| o == group);
+    if let Some(o) = only.filter(|o| !["matvec", "lightning", "attention"].contains(o)) {
+        anyhow::bail!("--kernel-group {o}: one of matvec, lightning, attention");
+    }
     let bw = g.copy_bandwidth(1 << 30, 5)?;
     println!(
         "{}; copy bandwidth {:.0} GB/s; matvec {} rows/warp, {} warps/block",
@@ -49,7 +54,8 @@ pub fn run(g: &Gpu) -> Result<()> {
     let row = |k: &str, q: &str, shape: &str, s: f64, bytes: f64| {
         println!("| {k} | {q} | {shape} | {:.1} | {:.0} | {:.0}% |", s * 1e6, bytes / s / 1e9, 100.0 * bytes / s / bw);
     };
-    for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0, QType::BF16] {
+    let types: &[QType] = if want("matvec") { &[QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0, QType::BF16] } else { &[] };
+    for &q in types {
         let (rows, cols) = (24576, 6144);
         let w = matrix(g, q, 1, rows, cols)?;
         let x = g.upload(&Rng::new(2).normals(cols, 1.0))?;
@@ -70,13 +76,23 @@ pub fn run(g: &Gpu) -> Result<()> {
         row("matvec 2 experts", &q.to_string(), "2 x 6144x9216", s, 2.0 * down.expert_bytes() as f64);
     }
     let (heads, hd) = (64, 128);
+    if want("lightning") {
+        lightning(g, &row, heads, hd)?;
+    }
+    if want("attention") {
+        attention(g, &row, heads, hd)?;
+    }
+    Ok(())
+}
+
+fn lightning(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd: usize) -> Result<()> {
     let qkv = g.upload(&Rng::new(4).normals(heads * 3 * hd, 0.3))?;
     let decay = g.upload(&vec![0.99f32; heads])?;
     let mut state = g.zeros::<f32>(heads * hd * hd)?;
     let mut o = g.zeros::<f32>(heads * hd)?;
     let s = time(g, 50, || Ok(g.lightning(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), (1, heads, hd), true)?))?;
     row("lightning decode", "f32 state", "64 x 128x128", s, (2 * heads * hd * hd * 4) as f64);
-    // prefill shapes: 4096 tokens through one lightning layer and one softmax layer
+    // prefill shape: 4096 tokens through one lightning layer
     let n = 4096;
     let qkv = g.upload(&Rng::new(6).normals(n * heads * 3 * hd, 0.3))?;
     let mut o = g.zeros::<f32>(n * heads * hd)?;
@@ -84,8 +100,14 @@ pub fn run(g: &Gpu) -> Result<()> {
     row("lightning prefill", "f32 recurrence", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
     let s = time(g, 3, || Ok(g.lightning_chunked(&qkv.as_view(), &mut state, &decay, &mut o.as_view_mut(), (n, heads, hd), true)?))?;
     row("lightning prefill", "bf16 chunks", "4096 tokens", s, (n * heads * 3 * hd * 4 + n * heads * hd * 4) as f64);
+    Ok(())
+}
+
+fn attention(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd: usize) -> Result<()> {
     // softmax attention over f32, bf16 and q8_0 caches (causal: n^2 / 2 query-key pairs,
     // 4 * hd FLOPs each per head)
+    let n = 4096;
+    let mut o = g.zeros::<f32>(n * heads * hd)?;
     let kv_dim = 8 * hd;
     let (k32, v32) = (Rng::new(7).normals(n * kv_dim, 1.0), Rng::new(8).normals(n * kv_dim, 1.0));
     let q = g.upload(&Rng::new(9).normals(n * heads * hd, 1.0))?;
