@@ -7,8 +7,9 @@
 # Steps, in order (default: all but depth1m):
 #   check      the GPU tests (scripts/gpu-check.sh run)                       ~1 min
 #   kernels    mxr bench --kernels                                           ~20 s
-#   ncu        Nsight Compute on the prefill attention kernels of --kernels (MXR_NCU_KERNELS:
-#              a regex of kernel names): speed of light, occupancy, stalls     ~1 min
+#   ncu        Nsight Compute on kernels of --kernels --kernel-group $MXR_NCU_GROUP
+#              (default attention) whose names match $MXR_NCU_KERNELS (a regex; default
+#              the prefill attention kernels): speed of light, occupancy, stalls  ~1 min
 #   s8         S8 q8_0: pp512, pp4096, tg128, 5 reps (synth + convert ~75 s)  ~3 min
 #   s8q4       S8 q4_k: pp4096, tg128                                         ~3 min
 #   depth      S8: prefill to 131,072 tokens, decode 128 there, 1 rep         ~1 min
@@ -16,7 +17,7 @@
 #   depth1m    S8: prefill to 1,048,576 tokens and decode there (issue 8)     minutes
 #   depth1m-q8 the same with --kv-type q8_0                                   minutes
 #   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
-#              MXR_MATVEC_WARPS; default 2 x 8)                                 ~6 min
+#              MXR_MATVEC_WARPS; default 2 x 4)                                 ~6 min
 #   tune-kernels  mxr bench --kernels --kernel-group matvec over MXR_MATVEC_ROWS x
 #              MXR_MATVEC_WARPS (each type's matrix-vector products alone)       ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
@@ -43,7 +44,7 @@ for s in "${steps[@]}"; do
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
             --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis \
             --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum \
-            carry/gpu/mxr bench --kernels >"$out/ncu.log" 2>&1
+            carry/gpu/mxr bench --kernels --kernel-group "${MXR_NCU_GROUP:-attention}" >"$out/ncu.log" 2>&1
         ;;
     s8) scripts/bench-slice.sh S8 -p 512,4096 -n 128 -r 5 >"$out/s8.log" 2>&1 ;;
     s8q4) scripts/bench-slice.sh S8q4 -p 4096 -n 128 -r 5 >"$out/s8q4.log" 2>&1 ;;

@@ -73,7 +73,9 @@ impl std::fmt::Display for DeviceInfo {
 pub struct Tuning {
     /// Output rows per warp of the matrix-vector kernels.
     pub matvec_rows: u32,
-    /// Warps per block of the matrix-vector kernels.
+    /// Warps per block of the matrix-vector kernels (default 4: at 8, Q4_K ran at 48-53% of
+    /// the copy bandwidth against 58-66% at 4, and Q8_0's expert pairs at 76-79% against
+    /// 79-83%; `gpu-session.sh tune-kernels` on an H200).
     pub matvec_warps: u32,
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
@@ -92,7 +94,7 @@ impl Tuning {
         let get = |k: &str, d: u32, ok: fn(u32) -> bool| std::env::var(k).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(d);
         Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
-            matvec_warps: get("MXR_MATVEC_WARPS", 8, |v| (1..=32).contains(&v)),
+            matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
