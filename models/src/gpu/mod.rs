@@ -88,6 +88,13 @@ pub struct GpuModel {
     pub kv_type: KvType,
     /// Rates for the cold-expert cost model (calibrated or default).
     pub rates: DeviceRates,
+    /// Split a cold expert between a copy to the GPU (hidden units 0..h1) and the CPU (the
+    /// rest) where the cost model says both finish together (`MXR_SHARE_COLD=1`). Off by
+    /// default: on an H200 (S2x32 q4_k, 0d6133a) it decoded slower than whole copies, 273.9
+    /// against 369.3 tokens/s at a quarter of the experts on the GPU and 70.2 against 117.9
+    /// with --cpu-moe, since the GPU's part of the down projection is a strided copy of
+    /// short rows and the two halves contend for host memory.
+    pub share_cold: bool,
     /// Cold experts copied to the GPU for a batch so far (for the placement summary).
     pub copied_experts: std::sync::atomic::AtomicU64,
     /// Cold experts computed on the CPU so far.
@@ -241,6 +248,7 @@ impl GpuModel {
             offloaded: placement.is_some(),
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
+            share_cold: std::env::var("MXR_SHARE_COLD").is_ok_and(|v| v == "1"),
             copied_experts: std::sync::atomic::AtomicU64::new(0),
             cpu_experts: std::sync::atomic::AtomicU64::new(0),
             shared_experts: std::sync::atomic::AtomicU64::new(0),

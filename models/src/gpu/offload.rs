@@ -87,7 +87,7 @@ impl GpuModel {
         for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
             let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
             cold_bytes += b;
-            if direct {
+            if direct && self.share_cold {
                 // the GPU copies and computes hidden units 0..h1, the CPU the rest
                 match rates.gpu_hidden_units(b, ps.len(), flops, h, unit) {
                     0 => on_cpu.push((e, 0..h)),
