@@ -5,8 +5,8 @@
 // per warpgroup instead of per warp:
 //   S = Q K^T: wgmma m64n64k16, A = Q from registers (the mma.sync A fragment is the
 //              wgmma one, warp w holding rows 16w..16w+15), B = the K tile in shared memory;
-//   O += P V:  wgmma m64n64k16 twice (dims 0..63, 64..127), A = P from registers (the S
-//              accumulator converted as flash.cu converts it), B = the V tile, transposed.
+//   O += P V:  wgmma m64n128k16 (all 128 dims), A = P from registers (the S accumulator
+//              converted as flash.cu converts it), B = the V tile, transposed.
 //
 // Block = HPB warpgroups (4 warps each); warpgroup w takes 64 queries of head
 // blockIdx.x * HPB + w. flash_wg_bf16_128 (HPB 1) has the grid of flash_bf16_128;
@@ -58,6 +58,22 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&d)[8][4], const u32 (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(TRANS_B), "r"(1));
 }
 
+// d (64x128 f32, this thread's 64: d[h][t][i] is the PTX fragment's element 32 h + 4 t + i,
+// so d[h] holds columns 64 h ..) += a (64x16 bf16, registers) * B (16x128 bf16, MN-major
+// descriptor)
+__device__ __forceinline__ void wgmma_64x128x16_t(float (&d)[2][8][4], const u32 (&a)[4], unsigned long long b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0][0][0]), "+f"(d[0][0][1]), "+f"(d[0][0][2]), "+f"(d[0][0][3]), "+f"(d[0][1][0]), "+f"(d[0][1][1]), "+f"(d[0][1][2]), "+f"(d[0][1][3]), "+f"(d[0][2][0]), "+f"(d[0][2][1]), "+f"(d[0][2][2]), "+f"(d[0][2][3]), "+f"(d[0][3][0]), "+f"(d[0][3][1]), "+f"(d[0][3][2]), "+f"(d[0][3][3]), "+f"(d[0][4][0]), "+f"(d[0][4][1]), "+f"(d[0][4][2]), "+f"(d[0][4][3]), "+f"(d[0][5][0]), "+f"(d[0][5][1]), "+f"(d[0][5][2]), "+f"(d[0][5][3]), "+f"(d[0][6][0]), "+f"(d[0][6][1]), "+f"(d[0][6][2]), "+f"(d[0][6][3]), "+f"(d[0][7][0]), "+f"(d[0][7][1]), "+f"(d[0][7][2]), "+f"(d[0][7][3]), "+f"(d[1][0][0]), "+f"(d[1][0][1]), "+f"(d[1][0][2]), "+f"(d[1][0][3]), "+f"(d[1][1][0]), "+f"(d[1][1][1]), "+f"(d[1][1][2]), "+f"(d[1][1][3]), "+f"(d[1][2][0]), "+f"(d[1][2][1]), "+f"(d[1][2][2]), "+f"(d[1][2][3]), "+f"(d[1][3][0]), "+f"(d[1][3][1]), "+f"(d[1][3][2]), "+f"(d[1][3][3]), "+f"(d[1][4][0]), "+f"(d[1][4][1]), "+f"(d[1][4][2]), "+f"(d[1][4][3]), "+f"(d[1][5][0]), "+f"(d[1][5][1]), "+f"(d[1][5][2]), "+f"(d[1][5][3]), "+f"(d[1][6][0]), "+f"(d[1][6][1]), "+f"(d[1][6][2]), "+f"(d[1][6][3]), "+f"(d[1][7][0]), "+f"(d[1][7][1]), "+f"(d[1][7][2]), "+f"(d[1][7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
 // Starts copying keys j0 .. j0 + FK of one KV head (c: its first key's dims) into s in the
 // core-matrix layout above (zeros past `end`); NT threads, each copying the same 16-byte
 // piece of every (NT / 16)-th key. Complete after cp_async_wait and __syncthreads. Sixteen
@@ -75,6 +91,9 @@ __device__ __forceinline__ void wg_stage(u16* s, const u16* c, int kv_dim, int j
     }
 }
 
+// named barriers 1 and 2: the two warpgroups' turns to issue products (ping-pong)
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void wg_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
 // After a wait: the compiler must not move reads or writes of wgmma's registers above it
 template <int N>
@@ -112,15 +131,12 @@ __device__ __forceinline__ void wg_scores(float (&s)[8][4], const u32 (&qf)[WG_H
     for (int kk = 0; kk < WG_HD / 16; kk++) wgmma_64x64x16<0>(s, qf[kk], wg_desc(ks + kk * 2 * WG_CM, WG_CM * 2, WG_GROUP * 2));
 }
 
-// Issues O += P V over the V tile vs: k-step kk reads keys 16 kk .. (MN-major: leading byte
-// offset 2304 along the keys, stride byte offset 144 along the dims); each half 64 dims
+// Issues O += P V over the V tile vs: k-step kk reads keys 16 kk .. and all 128 dims in one
+// m64n128k16 (MN-major: leading byte offset 2304 along the keys, stride byte offset 144
+// along the dims)
 __device__ __forceinline__ void wg_pv(float (&o)[2][8][4], const u32 (&pf)[FK / 16][4], const u16* vs) {
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-#pragma unroll
-        for (int kk = 0; kk < FK / 16; kk++)
-            wgmma_64x64x16<1>(o[half], pf[kk], wg_desc(vs + kk * 2 * WG_GROUP + half * 8 * WG_CM, WG_GROUP * 2, WG_CM * 2));
-    }
+    for (int kk = 0; kk < FK / 16; kk++) wgmma_64x128x16_t(o, pf[kk], wg_desc(vs + kk * 2 * WG_GROUP, WG_GROUP * 2, WG_CM * 2));
 }
 
 __device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float c1) {
@@ -133,11 +149,12 @@ __device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float 
     }
 }
 
-template <int HPB, int STAGES>
+template <int HPB, int STAGES, bool PP>
 __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads,
                                          int n_tokens, const int* pos, float scale, int rd, const float2* cs) {
     constexpr int KS = WG_HD / 16, ST = 2 * WG_TILE;  // k-steps of S; u16 per stage (K, V)
     static_assert(STAGES == 2 || STAGES == 3, "2 or 3 stages");
+    static_assert(!PP || (HPB == 2 && STAGES == 3), "ping-pong takes two warpgroups and three stages");
     extern __shared__ __align__(128) u16 smem[];
     const int h = blockIdx.x * HPB + (threadIdx.x >> 7), g = h / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
@@ -216,6 +233,13 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         reg_fence(s);
         softmax_tile<8>(s, 0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
         wg_rescale(o, c0, c1);
+        // ping-pong: warpgroup 0 issues its products first, then lets warpgroup 1 issue
+        // (named barrier 2) and runs its softmax under them; warpgroup 1 hands the turn back
+        // (barrier 1) for the next tile. Each sync meets exactly one arrival.
+        const int wg = threadIdx.x >> 7;
+        if constexpr (PP) {
+            if (wg == 1 && n_tiles > 1) named_arrive(1, NT);
+        }
         for (int it = 0; it + 1 < n_tiles; it++) {
             cp_async_wait<0>();  // tile it + 1 has landed, for this thread
             fence_async_shared();
@@ -224,11 +248,15 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
             cp_async_commit();
 #pragma unroll
             for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
+            if constexpr (PP) named_sync(1 + wg, NT);
             wg_fence();
             wg_scores(s, qf, smem + ((it + 1) % 3) * ST);
             wg_commit();
             wg_pv(o, pf, smem + (it % 3) * ST + WG_TILE);
             wg_commit();
+            if constexpr (PP) {
+                if (wg == 0 || it + 2 < n_tiles) named_arrive(2 - wg, NT);
+            }
             wg_wait_one();  // the scores (P V may still run)
             reg_fence(s);
             u32 pn[FK / 16][4];
@@ -267,15 +295,17 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
     }
 }
 
-// flash_wg{2}{p}_bf16_128: 1 or 2 heads per block; p: three stages, the softmax overlapped
-// with P V. Shared memory: (2 or 3) * 2 * WG_TILE * 2 bytes.
-#define WG_KERNEL(NAME, HPB, STAGES)                                                                                                   \
+// flash_wg{2}{p}_bf16_128: 1 or 2 heads per block; p: three stages, tile j+1's scores
+// issued before tile j's P V; flash_wgpp2_bf16_128: that with two heads, ping-pong.
+// Shared memory: (2 or 3) * 2 * WG_TILE * 2 bytes.
+#define WG_KERNEL(NAME, HPB, STAGES, PP)                                                                                               \
     extern "C" __global__ void __launch_bounds__(128 * HPB) NAME(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, \
                                                                  int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,    \
                                                                  int rd, const float2* cs) {                                           \
-        flash_wg<HPB, STAGES>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);                                      \
+        flash_wg<HPB, STAGES, PP>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);                                  \
     }
-WG_KERNEL(flash_wg_bf16_128, 1, 2)
-WG_KERNEL(flash_wg2_bf16_128, 2, 2)
-WG_KERNEL(flash_wgp_bf16_128, 1, 3)
-WG_KERNEL(flash_wgp2_bf16_128, 2, 3)
+WG_KERNEL(flash_wg_bf16_128, 1, 2, false)
+WG_KERNEL(flash_wg2_bf16_128, 2, 2, false)
+WG_KERNEL(flash_wgp_bf16_128, 1, 3, false)
+WG_KERNEL(flash_wgp2_bf16_128, 2, 3, false)
+WG_KERNEL(flash_wgpp2_bf16_128, 2, 3, true)

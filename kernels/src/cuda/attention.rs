@@ -342,13 +342,16 @@ impl Gpu {
             1 | 2 if fits => 1,
             _ => 0,
         };
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads, self.tuning.flash_stages))
+        let stages = self.tuning.flash_stages;
+        let pingpong = self.tuning.flash_pingpong && heads == 2 && stages == 3;
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads, stages, pingpong))
     }
 
     /// [`Gpu::attend`] on Hopper's warpgroup tensor cores (wgmma, flash_wgmma.cu) with
-    /// `heads_per_block` (1, or 2 for an even GQA group) heads per block and `stages` (2, or
-    /// 3 with the softmax overlapped with P V) K/V tiles in flight: bf16 caches, head size
-    /// 128, an sm_90 GPU; anything else is refused. The same arithmetic as the mma.sync
+    /// `heads_per_block` (1, or 2 for an even GQA group) heads per block, `stages` (2, or 3
+    /// with the next tile's scores issued before this tile's P V) K/V tiles in flight, and
+    /// `pingpong` (2 heads and 3 stages only: the warpgroups take turns issuing products):
+    /// bf16 caches, head size 128, an sm_90 GPU; anything else is refused. The same arithmetic as the mma.sync
     /// kernel up to the order of the f32 sums; every variant gives the same bits.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_wgmma(
@@ -360,19 +363,20 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        (heads_per_block, stages): (u32, u32),
+        (heads_per_block, stages, pingpong): (u32, u32, bool),
     ) -> Result<()> {
         Source::FlashWgmma.target(self.arch)?;
         if kc.t != KvType::Bf16 || hd != 128 {
             return Err(KernelError::Shape(format!("wgmma attention: a bf16 cache and head size 128 (got {} and {hd})", kc.t.name())));
         }
         let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && (n_heads / n_kv_heads).is_multiple_of(heads_per_block as usize);
-        if !(1..=2).contains(&heads_per_block) || !group_ok || !(2..=3).contains(&stages) {
+        let pp_ok = !pingpong || (heads_per_block == 2 && stages == 3);
+        if !(1..=2).contains(&heads_per_block) || !group_ok || !(2..=3).contains(&stages) || !pp_ok {
             return Err(KernelError::Shape(format!(
-                "wgmma attention: {heads_per_block} heads per block over {n_heads} query heads and {n_kv_heads} KV heads (1, or 2 for even groups), {stages} stages (2 or 3)"
+                "wgmma attention: {heads_per_block} heads per block over {n_heads} query heads and {n_kv_heads} KV heads (1, or 2 for even groups), {stages} stages (2 or 3), ping-pong {pingpong} (2 heads and 3 stages only)"
             )));
         }
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads_per_block, stages))
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads_per_block, stages, pingpong))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -385,7 +389,7 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        (wgmma, stages): (u32, u32),
+        (wgmma, stages, pingpong): (u32, u32, bool),
     ) -> Result<()> {
         let hd_class = match hd {
             1..=32 => 32,
@@ -454,6 +458,7 @@ impl Gpu {
                     // the same tiles without row padding (the core-matrix layout); one
                     // warpgroup per head, `wgmma` heads of one KV group per block
                     let name = match (wgmma, stages) {
+                        (2, 3) if pingpong => "flash_wgpp2_bf16_128",
                         (2, 3) => "flash_wgp2_bf16_128",
                         (_, 3) => "flash_wgp_bf16_128",
                         (2, _) => "flash_wg2_bf16_128",

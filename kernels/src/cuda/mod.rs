@@ -87,6 +87,9 @@ pub struct Tuning {
     /// K/V stages of the warpgroup kernel (`MXR_FLASH_STAGES`): 2, or 3 (default) with the
     /// next tile's scores issued before this tile's P V.
     pub flash_stages: u32,
+    /// Two-head, three-stage warpgroup kernel with its warpgroups taking turns to issue
+    /// products, so that one's softmax runs under the other's (`MXR_FLASH_PINGPONG=1`).
+    pub flash_pingpong: bool,
 }
 
 impl Tuning {
@@ -98,6 +101,7 @@ impl Tuning {
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
+            flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
         }
     }
 }
