@@ -51,7 +51,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub kernels: bool,
     /// With --kernels: only this group (matvec, lightning or attention).
-    #[arg(long, requires = "kernels")]
+    #[arg(long, requires = "kernels", value_parser = ["matvec", "lightning", "attention"])]
     pub kernel_group: Option<String>,
     /// Measure what the cold-expert cost model needs (host memory and PCIe bandwidth, the
     /// CPU expert kernels' rates) and save it for later runs (no model needed).

@@ -152,6 +152,18 @@ fn convert_and_synth_cli_fail_cleanly_on_bad_input() {
 }
 
 #[test]
+fn bench_kernel_group_takes_known_groups_only() {
+    // a usage error (clap exits 2) that lists the groups, before any GPU is looked for
+    let out = mxr(&["bench", "--kernels", "--kernel-group", "gemm"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("matvec") && err.contains("attention") && !err.contains("panicked"), "{err}");
+    // and it means nothing without --kernels
+    let out = mxr(&["bench", "--kernel-group", "matvec"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn synth_then_convert_then_inspect() {
     let dir = tempdir("cli-pipeline");
     let ckpt = dir.join("ckpt");
