@@ -19,7 +19,9 @@
 #   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
 #              MXR_MATVEC_WARPS; default 2 x 4)                                 ~6 min
 #   tune-kernels  mxr bench --kernels --kernel-group matvec over MXR_MATVEC_ROWS x
-#              MXR_MATVEC_WARPS (each type's matrix-vector products alone)       ~1 min
+#              MXR_MATVEC_WARPS x MXR_MATVEC_UNROLL x MXR_MATVEC_SMEM (each type's
+#              matrix-vector products alone)                                     ~2 min
+#   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
@@ -64,11 +66,25 @@ for s in "${steps[@]}"; do
         ;;
     tune-kernels)
         for rows in 1 2 4; do
-            for warps in 4 8 16; do
-                echo "== rows $rows warps $warps"
-                MXR_MATVEC_ROWS=$rows MXR_MATVEC_WARPS=$warps carry/gpu/mxr bench --kernels --kernel-group matvec
+            for warps in 4 8; do
+                for unroll in 1 2; do
+                    for smem in 0 15; do
+                        echo "== rows $rows warps $warps unroll $unroll smem $smem"
+                        MXR_MATVEC_ROWS=$rows MXR_MATVEC_WARPS=$warps MXR_MATVEC_UNROLL=$unroll MXR_MATVEC_SMEM=$smem \
+                            carry/gpu/mxr bench --kernels --kernel-group matvec
+                    done
+                done
             done
         done >"$out/tune-kernels.log" 2>&1
+        ;;
+    matvec-check)
+        export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} MXR_CACHE_DIR=${MXR_CACHE_DIR:-/tmp/mxr-cache}
+        for v in "2 4 2 15" "2 4 1 15" "1 4 1 0" "4 4 2 15" "2 8 1 0"; do
+            set -- $v
+            echo "== rows $1 warps $2 unroll $3 smem $4"
+            MXR_MATVEC_ROWS=$1 MXR_MATVEC_WARPS=$2 MXR_MATVEC_UNROLL=$3 MXR_MATVEC_SMEM=$4 \
+                carry/gpu/gpu_kernels --ignored --nocapture --test-threads 1 matvec
+        done >"$out/matvec-check.log" 2>&1
         ;;
     pair)
         for slice in S8 S8q4; do
@@ -96,6 +112,7 @@ for s in "${steps[@]}"; do
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;
     tune-kernels) grep -E "^==|^\| matvec" "$out/tune-kernels.log" ;;
+    matvec-check) grep -E "^==|test result|FAIL|panicked" "$out/matvec-check.log" ;;
     *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done

@@ -11,12 +11,15 @@
 // in flight), then the warp sums. Blocks of WARPS warps. Quantized weights take int8
 // activations (xq, xd: quantize_act's output), float weights f32 activations (x).
 
-// Both are set by the launcher at compile time (-D), defaults here.
+// All three are set by the launcher at compile time (-D), defaults here.
 #ifndef ROWS
 #define ROWS 4
 #endif
 #ifndef WARPS
 #define WARPS 4
+#endif
+#ifndef UNROLL
+#define UNROLL 2  // units in flight per lane in the main loop
 #endif
 
 // The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
@@ -30,7 +33,7 @@ __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row
 #pragma unroll
     for (int i = 0; i < ROWS; i++) acc[i] = 0.f;
     if (r0 + ROWS <= rows) {
-#pragma unroll 2
+#pragma unroll UNROLL
         for (int u = lane; u < n_units; u += 32) {
             typename Input::T x;
             in.load(u, x);
@@ -71,12 +74,38 @@ struct FloatInput {
     __device__ float dot(int r, int u, const T& v) const { return F::dot(w, rows, cols, r, u, v); }
 };
 
+// The block's int8 input row and its scales in shared memory, when the launch gave the
+// block room for them (dynamic shared memory >= cols + cols / 8 bytes; the launcher does
+// so per type, MXR_MATVEC_SMEM): the lanes then read them with shared loads instead of
+// L1 hits. Returns whether it did (the same answer in every thread of the block).
+__device__ __forceinline__ unsigned dyn_smem() {
+    unsigned n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+extern __shared__ __align__(16) u8 xs_smem[];
+__device__ __forceinline__ bool stage_x(const i8* xq, const float* xd, int cols) {
+    if (dyn_smem() < (unsigned)(cols + (cols >> 5) * 4)) return false;
+    for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((int4*)xs_smem)[i] = ((const int4*)xq)[i];
+    for (int i = threadIdx.x; i < cols / 32; i += blockDim.x) ((float*)(xs_smem + cols))[i] = xd[i];
+    __syncthreads();
+    return true;
+}
+
 template <class F>
 __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y) {
     int p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
-    matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+    const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
+    const i8* xr = xq + xrow * cols;
+    const float* dr = xd + xrow * (cols >> 5);
+    if (stage_x(xr, dr, cols)) {
+        QuantInput<F> in{wp, rows, cols, (const i8*)xs_smem, (const float*)(xs_smem + cols)};
+        matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+    } else {
+        QuantInput<F> in{wp, rows, cols, xr, dr};
+        matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+    }
 }
 
 template <class F>
@@ -97,8 +126,17 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
     long long s = second ? s1 : s0;
     int rows = second ? rows1 : rows0, p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
-    matvec_rows(in, rows, F::units(cols), (second ? y1 : y0) + (size_t)p * rows);
+    const u8* wp = w + (ids ? (long long)ids[p] * s : 0ll);
+    const i8* xr = xq + xrow * cols;
+    const float* dr = xd + xrow * (cols >> 5);
+    float* yp = (second ? y1 : y0) + (size_t)p * rows;
+    if (stage_x(xr, dr, cols)) {
+        QuantInput<F> in{wp, rows, cols, (const i8*)xs_smem, (const float*)(xs_smem + cols)};
+        matvec_rows(in, rows, F::units(cols), yp);
+    } else {
+        QuantInput<F> in{wp, rows, cols, xr, dr};
+        matvec_rows(in, rows, F::units(cols), yp);
+    }
 }
 
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,

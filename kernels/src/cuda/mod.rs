@@ -67,7 +67,7 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-/// Launch geometry that can be tuned per run (MXR_MATVEC_ROWS, MXR_MATVEC_WARPS), for
+/// Launch geometry that can be tuned per run (MXR_MATVEC_ROWS, MXR_MATVEC_WARPS, ...), for
 /// kernel experiments; the defaults are the measured best on H100/H200.
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
@@ -77,6 +77,12 @@ pub struct Tuning {
     /// the copy bandwidth against 58-66% at 4, and Q8_0's expert pairs at 76-79% against
     /// 79-83%; `gpu-session.sh tune-kernels` on an H200).
     pub matvec_warps: u32,
+    /// Units in flight per lane in the matrix-vector kernels' main loop (`MXR_MATVEC_UNROLL`,
+    /// 1 to 4).
+    pub matvec_unroll: u32,
+    /// Types whose matrix-vector products stage the block's int8 input in shared memory
+    /// (`MXR_MATVEC_SMEM`, a bit mask: 1 Q8_0, 2 Q4_K, 4 Q6_K, 8 Q4_0; default none).
+    pub matvec_smem: u32,
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
@@ -98,6 +104,8 @@ impl Tuning {
         Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
+            matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
+            matvec_smem: get("MXR_MATVEC_SMEM", 0, |v| v <= 15),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
@@ -248,7 +256,11 @@ impl Gpu {
             return Ok((m.clone(), true));
         }
         let defines = match s {
-            Source::Matvec => vec![format!("ROWS={}", self.tuning.matvec_rows), format!("WARPS={}", self.tuning.matvec_warps)],
+            Source::Matvec => vec![
+                format!("ROWS={}", self.tuning.matvec_rows),
+                format!("WARPS={}", self.tuning.matvec_warps),
+                format!("UNROLL={}", self.tuning.matvec_unroll),
+            ],
             _ => Vec::new(),
         };
         let c = nvrtc::compile(s, s.target(self.arch)?, self.nvrtc_version, &defines)?;
