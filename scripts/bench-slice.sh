@@ -19,6 +19,18 @@ if [ ! -f "$gguf" ]; then
     S2x32) synth=(--preset minimax-text-01 --pattern LS --experts 32 --router zipf:1.1) conv=(--type q4_k) ;;
     *) echo "unknown slice $name (S8, S8q4, S2x32)" >&2; exit 2 ;;
     esac
+    # The bf16 checkpoint and the GGUF need ~40 GB together; the GPU machine's disk (64 GiB)
+    # holds one such pair, so other slices (caches, rebuilt on demand) make room first.
+    need_gb=45
+    free_gb=$(df -P -BG "$SLICES" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+    if [ "${free_gb:-0}" -lt "$need_gb" ]; then
+        for old in "$SLICES"/*.gguf "$SLICES"/*-hf; do
+            [ -e "$old" ] || continue
+            echo "bench-slice: ${free_gb} GB free, removing the cached $old to build $name" >&2
+            rm -rf "$old"
+        done
+    fi
+    rm -rf "$SLICES/$name-hf"  # left by a run that stopped before converting
     "$MXR" synth -o "$SLICES/$name-hf" "${synth[@]}"
     "$MXR" convert "$SLICES/$name-hf" -o "$gguf" "${conv[@]}"
     rm -rf "$SLICES/$name-hf"
