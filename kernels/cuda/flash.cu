@@ -90,8 +90,13 @@ struct KvQ8 {
         constexpr int LD = HD + 8;
         const i8* vals = (const i8*)buf;
         const float* sc = (const float*)(vals + 2 * FK * HD);
-        // 8 values per step: K rows then V rows
-        for (int i = threadIdx.x; i < 2 * FK * HD / 8; i += blockDim.x) {
+        // 8 values per step: K rows then V rows (the kernels run 128 threads). A signed byte
+        // x becomes a float without a conversion instruction: with its sign bit flipped it
+        // is x + 128, placed under the exponent of 2^23 (one byte permute) that is the float
+        // 2^23 + 128 + x, and subtracting 2^23 + 128 leaves x exactly; then x * d as before.
+        constexpr int NT = 128;
+#pragma unroll 4
+        for (int i = threadIdx.x; i < 2 * FK * HD / 8; i += NT) {
             int kv = i / (FK * HD / 8), r = i % (FK * HD / 8);
             int j = r / (HD / 8), x = (r % (HD / 8)) * 8;
             const i8* src = vals + kv * FK * HD + j * HD + x;
@@ -100,10 +105,10 @@ struct KvQ8 {
             u32 w[4];
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                u32 word = e < 2 ? raw.x : raw.y;
-                int sh = (e & 1) * 16;
-                float a = (float)(signed char)((word >> sh) & 0xff) * d;
-                float b = (float)(signed char)((word >> (sh + 8)) & 0xff) * d;
+                u32 word = (e < 2 ? raw.x : raw.y) ^ 0x80808080u;
+                int b0 = (e & 1) * 2;
+                float a = (__int_as_float(__byte_perm(word, 0x4B000000u, 0x7650 + b0)) - 8388736.f) * d;
+                float b = (__int_as_float(__byte_perm(word, 0x4B000000u, 0x7650 + b0 + 1)) - 8388736.f) * d;
                 w[e] = pack_bf16(a, b);
             }
             *(uint4*)(conv + kv * FK * LD + j * LD + x) = make_uint4(w[0], w[1], w[2], w[3]);
