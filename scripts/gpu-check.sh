@@ -47,7 +47,12 @@ run() {
     for t in "${TARGETS[@]}"; do
         [ -x "$STAGE/$t" ] || continue
         # Tests run from the repository root so fixture paths resolve.
-        if ! "$STAGE/$t" --ignored --nocapture --test-threads 1 >"$out/$t.log" 2>&1; then
+        # a kernel that never finishes would hold the device call to its limit: stop a test
+        # binary after MXR_TEST_TIMEOUT seconds (default 300) and say so
+        local rc=0
+        timeout "${MXR_TEST_TIMEOUT:-300}" "$STAGE/$t" --ignored --nocapture --test-threads 1 >"$out/$t.log" 2>&1 || rc=$?
+        if [ $rc -ne 0 ]; then
+            [ $rc -ne 124 ] || echo "FAILED: stopped after ${MXR_TEST_TIMEOUT:-300} s (a hung kernel?)" >>"$out/$t.log"
             status=1
         fi
         grep -E "^test result|FAILED|panicked" "$out/$t.log" | sed "s/^/$t: /" || true
