@@ -39,7 +39,7 @@ for s in "${steps[@]}"; do
     echo "== $s ($(date -u +%H:%M:%S))"
     case "$s" in
     check) OUT="$out" scripts/gpu-check.sh run >"$out/check.log" 2>&1 ;;
-    kernels) carry/gpu/mxr bench --kernels >"$out/kernels.log" 2>&1 ;;
+    kernels) timeout 300 carry/gpu/mxr bench --kernels >"$out/kernels.log" 2>&1 ;;
     ncu)
         ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
         "$ncu" --clock-control none -k "regex:${MXR_NCU_KERNELS:-flash_(wg2?_)?bf16_128}" -c "${MXR_NCU_COUNT:-6}" \

@@ -149,6 +149,20 @@ __device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float 
     }
 }
 
+// out rows r0 and r1 (those under n_tokens) of head h: o / l, l summed over the quad
+__device__ __forceinline__ void wg_store(const float (&o)[2][8][4], float l0, float l1, float* out, int r0, int r1, int n_tokens, int width,
+                                         int h, int tig) {
+    quad_sum(l0, l1);
+    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+    for (int t = 0; t < 16; t++) {
+        int d = t * 8 + tig * 2;
+        const float* v = o[t >> 3][t & 7];
+        if (r0 < n_tokens) *(float2*)(out + (size_t)r0 * width + (size_t)h * WG_HD + d) = make_float2(v[0] * i0, v[1] * i0);
+        if (r1 < n_tokens) *(float2*)(out + (size_t)r1 * width + (size_t)h * WG_HD + d) = make_float2(v[2] * i1, v[3] * i1);
+    }
+}
+
 template <int HPB, int STAGES, bool PP>
 __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads,
                                          int n_tokens, const int* pos, float scale, int rd, const float2* cs) {
@@ -280,19 +294,7 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         wg_wait_all();
         reg_fence(o);
     }
-    quad_sum(l0, l1);
-    float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-#pragma unroll
-    for (int t = 0; t < 16; t++) {
-        int d = t * 8 + tig * 2;
-        const float* v = o[t >> 3][t & 7];
-        if (r0 < n_tokens) {
-            *(float2*)(out + (size_t)r0 * width + (size_t)h * WG_HD + d) = make_float2(v[0] * i0, v[1] * i0);
-        }
-        if (r1 < n_tokens) {
-            *(float2*)(out + (size_t)r1 * width + (size_t)h * WG_HD + d) = make_float2(v[2] * i1, v[3] * i1);
-        }
-    }
+    wg_store(o, l0, l1, out, r0, r1, n_tokens, width, h, tig);
 }
 
 // flash_wg{2}{p}_bf16_128: 1 or 2 heads per block; p: three stages, tile j+1's scores
@@ -309,3 +311,155 @@ WG_KERNEL(flash_wg2_bf16_128, 2, 2, false)
 WG_KERNEL(flash_wgp_bf16_128, 1, 3, false)
 WG_KERNEL(flash_wgp2_bf16_128, 2, 3, false)
 WG_KERNEL(flash_wgpp2_bf16_128, 2, 3, true)
+
+// ---- Two consumer warpgroups and a producer warpgroup (flash_wgs2*_bf16_128) ----
+// Block = 384 threads: warpgroups 0 and 1 take heads 2 blockIdx.x and 2 blockIdx.x + 1 (one
+// KV group, the same 64 queries) as flash_wgp2 does; warpgroup 2 only copies K/V tiles,
+// and gives registers to the consumers (setmaxnreg: 40 for it, 232 for them). Three
+// stages, each with two mbarriers in shared memory after the tiles: `full` (128 arrivals:
+// each producer thread after its own copies of the stage's tile have landed and been
+// fenced for the async proxy) and `empty` (256 arrivals: each consumer thread once its P V
+// over the stage is complete). No block-wide barrier after the start, so the warpgroups drift
+// apart; with PP they also take turns issuing products (named barriers 1 and 2), so one's
+// softmax runs under the other's products. Same arithmetic, tile by tile, as flash_wgp2.
+#define WS_THREADS 384
+
+__device__ __forceinline__ void mb_init(u64* b, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mb_arrive(u64* b) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_addr(b)) : "memory");
+}
+// waits for the completion of the phase with this parity
+__device__ __forceinline__ void mb_wait(u64* b, int parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(b)),
+        "r"(parity)
+        : "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+
+template <bool PP>
+__device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads,
+                                         int n_tokens, const int* pos, float scale, int rd, const float2* cs) {
+    constexpr int KS = WG_HD / 16, ST = 2 * WG_TILE, NC = 256;  // u16 per stage (K, V); consumer threads
+    extern __shared__ __align__(128) u16 smem[];
+    u64* full = (u64*)(smem + 3 * ST);
+    u64* empty = full + 3;
+    const int wg = threadIdx.x >> 7;  // 0, 1: consumers; 2: the producer warp
+    const int g = (blockIdx.x * 2) / (n_heads / n_kv_heads);
+    const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
+    const int pos0 = *pos, kv_dim = n_kv_heads * WG_HD, width = n_heads * WG_HD;
+    const int end = pos0 + min(n_tokens, tile * 64 + 64);  // keys any query of the block sees
+    const int n_tiles = (end + FK - 1) / FK;
+    if (threadIdx.x < 3) {
+        mb_init(full + threadIdx.x, 128);
+        mb_init(empty + threadIdx.x, NC);
+    }
+    __syncthreads();  // the barriers exist (the last block-wide barrier)
+
+    if (wg == 2) {
+        // producer: tile t into stage t % 3 once the consumers are done with tile t - 3; tile
+        // t - 1 published when this thread's copies of it have landed
+        setmaxnreg_dec<40>();
+        const u16 *kh = kc + (size_t)g * WG_HD, *vh = vc + (size_t)g * WG_HD;
+        for (int t = 0; t < n_tiles; t++) {
+            if (t >= 3) mb_wait(empty + t % 3, (t / 3 - 1) & 1);
+            wg_load<128>(smem + (t % 3) * ST, kh, vh, kv_dim, t * FK, end);
+            cp_async_commit();
+            if (t >= 1) {
+                cp_async_wait<1>();
+                fence_async_shared();
+                mb_arrive(full + (t - 1) % 3);
+            }
+        }
+        cp_async_wait<0>();
+        fence_async_shared();
+        mb_arrive(full + (n_tiles - 1) % 3);
+        return;
+    }
+
+    setmaxnreg_inc<232>();
+    const int h = blockIdx.x * 2 + wg;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int r0 = tile * 64 + warp * 16 + gid, r1 = r0 + 8;
+    const float ninf = __int_as_float(0xff800000);
+    const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * WG_HD : nullptr;
+    const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
+    u32 qf[KS][4];
+    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), WG_HD, rd, scale, tig);
+    float o[2][8][4];
+#pragma unroll
+    for (int i = 0; i < 32; i++) o[0][i >> 2][i & 3] = o[1][i >> 2][i & 3] = 0.f;
+    float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
+    float s[8][4];
+    u32 pf[FK / 16][4];
+    float c0, c1;
+
+    mb_wait(full, 0);
+    fence_async_shared();
+#pragma unroll
+    for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
+    wg_fence();
+    wg_scores(s, qf, smem);
+    wg_commit();
+    wg_wait_all();
+    reg_fence(s);
+    softmax_tile<8>(s, 0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
+    wg_rescale(o, c0, c1);
+    if constexpr (PP) {
+        if (wg == 1 && n_tiles > 1) named_arrive(1, NC);
+    }
+    for (int it = 0; it + 1 < n_tiles; it++) {
+        mb_wait(full + (it + 1) % 3, ((it + 1) / 3) & 1);  // tile it + 1 has landed
+        fence_async_shared();
+#pragma unroll
+        for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
+        if constexpr (PP) named_sync(1 + wg, NC);
+        wg_fence();
+        wg_scores(s, qf, smem + ((it + 1) % 3) * ST);
+        wg_commit();
+        wg_pv(o, pf, smem + (it % 3) * ST + WG_TILE);
+        wg_commit();
+        if constexpr (PP) {
+            if (wg == 0 || it + 2 < n_tiles) named_arrive(2 - wg, NC);
+        }
+        wg_wait_one();
+        reg_fence(s);
+        u32 pn[FK / 16][4];
+        softmax_tile<8>(s, (it + 1) * FK, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pn);
+        wg_wait_all();  // P V of tile it: its stage is free
+        reg_fence(o);
+        reg_fence(pf);
+        mb_arrive(empty + it % 3);
+        wg_rescale(o, c0, c1);
+#pragma unroll
+        for (int i = 0; i < FK / 16; i++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) pf[i][k] = pn[i][k];
+    }
+    wg_fence();
+    wg_pv(o, pf, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
+    wg_commit();
+    wg_wait_all();
+    reg_fence(o);
+    wg_store(o, l0, l1, out, r0, r1, n_tokens, width, h, tig);
+}
+
+// Shared memory: 3 * 2 * WG_TILE * 2 bytes of tiles, then 6 mbarriers (48 bytes).
+extern "C" __global__ void __launch_bounds__(WS_THREADS) flash_wgs2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out,
+                                                                           int n_heads, int n_kv_heads, int n_tokens, int hd,
+                                                                           const int* pos, float scale, int rd, const float2* cs) {
+    flash_ws<false>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
+}
+extern "C" __global__ void __launch_bounds__(WS_THREADS) flash_wgspp2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out,
+                                                                             int n_heads, int n_kv_heads, int n_tokens, int hd,
+                                                                             const int* pos, float scale, int rd, const float2* cs) {
+    flash_ws<true>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
+}

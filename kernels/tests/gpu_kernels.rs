@@ -564,11 +564,11 @@ fn rope_and_attention() {
                 if hd == 128 {
                     let (shape, at) = ((n, heads, kv_heads, hd), (&gpos, pos0));
                     let mut first = Vec::new();
-                    for v in [(1u32, 2u32, false), (2, 2, false), (1, 3, false), (2, 3, false), (2, 3, true)] {
+                    for v in mxr_kernels::cuda::WgmmaKernel::ALL {
                         let mut wo = g.zeros::<f32>(n * width).unwrap();
                         g.attend_wgmma(&raw_q.as_view(), &gk, &gv, &mut wo.as_view_mut(), shape, at, Some(&table), v).unwrap();
                         let got = g.download(&wo.as_view()).unwrap();
-                        let what = format!("{} heads/block, {} stages{}", v.0, v.1, if v.2 { ", ping-pong" } else { "" });
+                        let what = v.label();
                         check(&format!("attend bf16 (wgmma, {what})"), &case, diff(&got, &want).nmse, 2e-5);
                         // each warpgroup does one head's arithmetic in the same order whatever
                         // shares its block or overlaps it: the same bits

@@ -18,13 +18,6 @@ fn matrix(g: &Gpu, q: QType, n_experts: usize, rows: usize, cols: usize) -> Resu
     Ok(GpuMatrix::upload(g, q, n_experts, rows, cols, &data)?)
 }
 
-/// The warpgroup attention kernels: (heads per block, stages, ping-pong).
-const WGMMA_VARIANTS: [(u32, u32, bool); 5] = [(1, 2, false), (2, 2, false), (1, 3, false), (2, 3, false), (2, 3, true)];
-
-fn variant_name((heads, stages, pingpong): (u32, u32, bool)) -> String {
-    format!("{heads} heads/block, {stages} stages{}", if pingpong { ", ping-pong" } else { "" })
-}
-
 /// Seconds per call of `f`: the median of 5 batches of `iters` calls, after a warm-up.
 fn time(g: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -128,10 +121,10 @@ fn attention(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd
         row("attention prefill", &format!("{} KV", t.name()), &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
         // the warpgroup kernel where the GPU has one (sm_90)
         if t == KvType::Bf16 && g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
-            for v in WGMMA_VARIANTS {
+            for v in mxr_kernels::cuda::WgmmaKernel::ALL {
                 let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None, v)?))?;
                 let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
-                let what = format!("bf16 KV, wgmma {}", variant_name(v));
+                let what = format!("bf16 KV, wgmma {}", v.label());
                 row("attention prefill", &what, &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
             }
         }
@@ -146,10 +139,10 @@ fn attention(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd
         let pos0 = depth - chunk;
         let pos = g.upload(&[pos0 as i32])?;
         let pairs = chunk * pos0 + chunk * (chunk + 1) / 2;
-        for v in WGMMA_VARIANTS {
+        for v in mxr_kernels::cuda::WgmmaKernel::ALL {
             let s = time(g, 1, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (chunk, heads, 8, hd), (&pos, pos0), None, v)?))?;
             let tflops = (pairs * heads * 4 * hd) as f64 / s / 1e12;
-            let what = format!("bf16 KV, wgmma {}", variant_name(v));
+            let what = format!("bf16 KV, wgmma {}", v.label());
             row("attention prefill", &what, &format!("8192 at depth 65536, {tflops:.0} TFLOP/s"), s, (2 * depth * kv_dim * 2) as f64);
         }
     }

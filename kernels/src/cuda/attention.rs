@@ -154,6 +154,70 @@ fn flash_smem(t: KvType, hd_class: usize, stages: usize) -> usize {
 }
 
 /// The q8_0 cache's kernels take heads of whole 32-value blocks.
+/// One of the warpgroup (wgmma) prefill attention kernels of flash_wgmma.cu, for head size
+/// 128 over a bf16 cache on sm_90. Every one gives the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgmmaKernel {
+    /// Heads of one KV group per block, one warpgroup each (1, or 2 for an even group).
+    pub heads: u32,
+    /// K/V tile stages (2, or 3 with the next tile's scores issued before this tile's P V).
+    pub stages: u32,
+    /// The two warpgroups take turns issuing products (named barriers).
+    pub pingpong: bool,
+    /// A producer warpgroup copies the tiles, published through mbarriers, so the two
+    /// consumer warpgroups need no block-wide barrier per tile.
+    pub producer: bool,
+}
+
+impl WgmmaKernel {
+    /// Every kernel there is, the simplest first.
+    pub const ALL: [WgmmaKernel; 7] = [
+        WgmmaKernel { heads: 1, stages: 2, pingpong: false, producer: false },
+        WgmmaKernel { heads: 2, stages: 2, pingpong: false, producer: false },
+        WgmmaKernel { heads: 1, stages: 3, pingpong: false, producer: false },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: false, producer: false },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: true, producer: false },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: false, producer: true },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: true, producer: true },
+    ];
+
+    fn name(self) -> Option<&'static str> {
+        Some(match (self.heads, self.stages, self.pingpong, self.producer) {
+            (1, 2, false, false) => "flash_wg_bf16_128",
+            (2, 2, false, false) => "flash_wg2_bf16_128",
+            (1, 3, false, false) => "flash_wgp_bf16_128",
+            (2, 3, false, false) => "flash_wgp2_bf16_128",
+            (2, 3, true, false) => "flash_wgpp2_bf16_128",
+            (2, 3, false, true) => "flash_wgs2_bf16_128",
+            (2, 3, true, true) => "flash_wgspp2_bf16_128",
+            _ => return None,
+        })
+    }
+
+    /// Threads per block: a warpgroup per head, plus the producer's.
+    fn threads(self) -> u32 {
+        128 * (self.heads + self.producer as u32)
+    }
+
+    /// Dynamic shared memory: stages x (K, V) tiles of 8 groups of 8 keys x 16 core
+    /// matrices 144 bytes apart, and the producer's 6 mbarriers.
+    fn smem(self) -> usize {
+        self.stages as usize * 2 * (64 / 8) * 16 * 144 + if self.producer { 6 * 8 } else { 0 }
+    }
+
+    /// "2 heads/block, 3 stages, ping-pong, producer" and the like.
+    pub fn label(self) -> String {
+        let mut s = format!("{} heads/block, {} stages", self.heads, self.stages);
+        if self.pingpong {
+            s += ", ping-pong";
+        }
+        if self.producer {
+            s += ", producer";
+        }
+        s
+    }
+}
+
 fn q8_head_dim(what: &str, hd: usize) -> Result<()> {
     if hd.is_multiple_of(32) && hd <= 128 {
         Ok(())
@@ -343,16 +407,15 @@ impl Gpu {
             _ => 0,
         };
         let stages = self.tuning.flash_stages;
-        let pingpong = self.tuning.flash_pingpong && heads == 2 && stages == 3;
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads, stages, pingpong))
+        let two_three = heads == 2 && stages == 3;
+        let k = WgmmaKernel { heads, stages, pingpong: self.tuning.flash_pingpong && two_three, producer: self.tuning.flash_producer && two_three };
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads > 0).then_some(k))
     }
 
-    /// [`Gpu::attend`] on Hopper's warpgroup tensor cores (wgmma, flash_wgmma.cu) with
-    /// `heads_per_block` (1, or 2 for an even GQA group) heads per block, `stages` (2, or 3
-    /// with the next tile's scores issued before this tile's P V) K/V tiles in flight, and
-    /// `pingpong` (2 heads and 3 stages only: the warpgroups take turns issuing products):
-    /// bf16 caches, head size 128, an sm_90 GPU; anything else is refused. The same arithmetic as the mma.sync
-    /// kernel up to the order of the f32 sums; every variant gives the same bits.
+    /// [`Gpu::attend`] on Hopper's warpgroup tensor cores with the kernel `k`
+    /// (flash_wgmma.cu): bf16 caches, head size 128, an sm_90 GPU, a GQA group that `k`'s
+    /// heads per block divide; anything else is refused. The same arithmetic as the mma.sync
+    /// kernel up to the order of the f32 sums; every kernel gives the same bits.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_wgmma(
         &self,
@@ -363,20 +426,20 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        (heads_per_block, stages, pingpong): (u32, u32, bool),
+        k: WgmmaKernel,
     ) -> Result<()> {
         Source::FlashWgmma.target(self.arch)?;
         if kc.t != KvType::Bf16 || hd != 128 {
             return Err(KernelError::Shape(format!("wgmma attention: a bf16 cache and head size 128 (got {} and {hd})", kc.t.name())));
         }
-        let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && (n_heads / n_kv_heads).is_multiple_of(heads_per_block as usize);
-        let pp_ok = !pingpong || (heads_per_block == 2 && stages == 3);
-        if !(1..=2).contains(&heads_per_block) || !group_ok || !(2..=3).contains(&stages) || !pp_ok {
+        let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && (n_heads / n_kv_heads).is_multiple_of(k.heads.max(1) as usize);
+        if k.name().is_none() || !group_ok {
             return Err(KernelError::Shape(format!(
-                "wgmma attention: {heads_per_block} heads per block over {n_heads} query heads and {n_kv_heads} KV heads (1, or 2 for even groups), {stages} stages (2 or 3), ping-pong {pingpong} (2 heads and 3 stages only)"
+                "wgmma attention: no kernel for {} over {n_heads} query heads and {n_kv_heads} KV heads",
+                k.label()
             )));
         }
-        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads_per_block, stages, pingpong))
+        self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, Some(k))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -389,7 +452,7 @@ impl Gpu {
         (n_tokens, n_heads, n_kv_heads, hd): (usize, usize, usize, usize),
         (pos, pos0): (&CudaSlice<i32>, usize),
         rope: Option<&RopeTable>,
-        (wgmma, stages, pingpong): (u32, u32, bool),
+        wgmma: Option<WgmmaKernel>,
     ) -> Result<()> {
         let hd_class = match hd {
             1..=32 => 32,
@@ -454,20 +517,12 @@ impl Gpu {
                 // two stages of 64-key K and V tiles; 64 queries per block (FQ in flash.cu),
                 // heads fastest
                 let grid = (n_heads as u32, (n_tokens as u32).div_ceil(64), 1);
-                if wgmma > 0 {
-                    // the same tiles without row padding (the core-matrix layout); one
-                    // warpgroup per head, `wgmma` heads of one KV group per block
-                    let name = match (wgmma, stages) {
-                        (2, 3) if pingpong => "flash_wgpp2_bf16_128",
-                        (2, 3) => "flash_wgp2_bf16_128",
-                        (_, 3) => "flash_wgp_bf16_128",
-                        (2, _) => "flash_wg2_bf16_128",
-                        _ => "flash_wg_bf16_128",
-                    };
-                    // stages x (K, V) tiles: 8 groups of 8 keys x 16 core matrices, 144 bytes apart
-                    let smem = stages.clamp(2, 3) as usize * 2 * (64 / 8) * 16 * 144;
-                    let mut cfg = self.flash_cfg(Source::FlashWgmma, name, smem, (grid.0 / wgmma, grid.1, 1))?;
-                    cfg.block_dim.0 = 128 * wgmma;
+                if let Some(w) = wgmma {
+                    // the same tiles in the core-matrix layout; one warpgroup per head,
+                    // `w.heads` heads of one KV group per block
+                    let name = w.name().ok_or_else(|| KernelError::Shape(format!("wgmma attention: no kernel for {}", w.label())))?;
+                    let mut cfg = self.flash_cfg(Source::FlashWgmma, name, w.smem(), (grid.0 / w.heads.max(1), grid.1, 1))?;
+                    cfg.block_dim.0 = w.threads();
                     return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
                 }
                 let cfg = self.flash_cfg(Source::Flash, name, flash_smem(KvType::Bf16, hd_class, 2), grid)?;

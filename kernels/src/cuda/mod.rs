@@ -24,7 +24,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::KernelError;
-pub use attention::{KvBuf, KvType, RopeTable};
+pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct};
@@ -96,6 +96,9 @@ pub struct Tuning {
     /// Two-head, three-stage warpgroup kernel with its warpgroups taking turns to issue
     /// products, so that one's softmax runs under the other's (`MXR_FLASH_PINGPONG=1`).
     pub flash_pingpong: bool,
+    /// Two-head, three-stage warpgroup kernel with a producer warpgroup copying the tiles
+    /// (`MXR_FLASH_PRODUCER=1`; not yet run on a GPU).
+    pub flash_producer: bool,
 }
 
 impl Tuning {
@@ -110,6 +113,7 @@ impl Tuning {
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
+            flash_producer: get("MXR_FLASH_PRODUCER", 0, |v| v <= 1) == 1,
         }
     }
 }
