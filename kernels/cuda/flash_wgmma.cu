@@ -352,7 +352,7 @@ __device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u1
     extern __shared__ __align__(128) u16 smem[];
     u64* full = (u64*)(smem + 3 * ST);
     u64* empty = full + 3;
-    const int wg = threadIdx.x >> 7;  // 0, 1: consumers; 2: the producer warp
+    const int wg = threadIdx.x >> 7;  // 0, 1: consumers; 2: the producer warpgroup
     const int g = (blockIdx.x * 2) / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
     const int pos0 = *pos, kv_dim = n_kv_heads * WG_HD, width = n_heads * WG_HD;
