@@ -149,6 +149,77 @@ __device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float 
     }
 }
 
+// One warpgroup's rows in the three-stage loop: O, the scores' accumulator, P of the tile
+// whose P V comes next, the running maxima and sums, and this lane's rows' positions.
+struct WgRows {
+    float o[2][8][4];
+    float s[8][4];
+    u32 pf[FK / 16][4];
+    float m0, m1, l0, l1;
+    int qp0, qp1, tig;
+};
+
+// The first tile's scores (its K at ks) and softmax.
+__device__ __forceinline__ void wg_first(WgRows& w, const u32 (&qf)[WG_HD / 16][4], const u16* ks) {
+    float c0, c1;
+#pragma unroll
+    for (int i = 0; i < 32; i++) w.s[i >> 2][i & 3] = 0.f;
+    wg_fence();
+    wg_scores(w.s, qf, ks);
+    wg_commit();
+    wg_wait_all();
+    reg_fence(w.s);
+    softmax_tile<8>(w.s, 0, w.qp0, w.qp1, w.tig, w.m0, w.m1, w.l0, w.l1, c0, c1, w.pf);
+    wg_rescale(w.o, c0, c1);
+}
+
+// One step of the three-stage loop: issues the scores of the next tile (keys j0n.., K at kn)
+// and then P V of this tile (V at vs), runs the next tile's softmax while P V runs (P in a
+// second set of registers), then `done()` once P V is complete (this tile's stage is free)
+// and the rescale. With PP the issue waits for this warpgroup's turn (named barrier 1 + wg,
+// nc threads) and then hands the turn over, except warpgroup 1's last step.
+template <bool PP, class Done>
+__device__ __forceinline__ void wg_step(WgRows& w, const u32 (&qf)[WG_HD / 16][4], const u16* kn, const u16* vs, int j0n, int wg, bool last, int nc,
+                                        Done done) {
+    float c0, c1;
+#pragma unroll
+    for (int i = 0; i < 32; i++) w.s[i >> 2][i & 3] = 0.f;
+    if constexpr (PP) named_sync(1 + wg, nc);
+    wg_fence();
+    wg_scores(w.s, qf, kn);
+    wg_commit();
+    wg_pv(w.o, w.pf, vs);
+    wg_commit();
+    if constexpr (PP) {
+        if (wg == 0 || !last) named_arrive(2 - wg, nc);
+    }
+    wg_wait_one();  // the scores (P V may still run)
+    reg_fence(w.s);
+    u32 pn[FK / 16][4];
+    softmax_tile<8>(w.s, j0n, w.qp0, w.qp1, w.tig, w.m0, w.m1, w.l0, w.l1, c0, c1, pn);
+    // the softmax done before the wait, not moved after it by the compiler
+    reg_fence(pn);
+    asm volatile("" : "+f"(c0), "+f"(c1), "+f"(w.l0), "+f"(w.l1), "+f"(w.m0), "+f"(w.m1)::"memory");
+    wg_wait_all();  // P V of this tile
+    reg_fence(w.o);
+    reg_fence(w.pf);
+    done();
+    wg_rescale(w.o, c0, c1);
+#pragma unroll
+    for (int i = 0; i < FK / 16; i++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) w.pf[i][k] = pn[i][k];
+}
+
+// The last tile's P V alone (V at vs).
+__device__ __forceinline__ void wg_last(WgRows& w, const u16* vs) {
+    wg_fence();
+    wg_pv(w.o, w.pf, vs);
+    wg_commit();
+    wg_wait_all();
+    reg_fence(w.o);
+}
+
 // out rows r0 and r1 (those under n_tokens) of head h: o / l, l summed over the quad
 __device__ __forceinline__ void wg_store(const float (&o)[2][8][4], float l0, float l1, float* out, int r0, int r1, int n_tokens, int width,
                                          int h, int tig) {
@@ -229,8 +300,8 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
     } else {
         // three stages, and the tensor cores kept busy through the softmax: iteration it
         // issues the scores of tile it + 1 and then P V of tile it, and runs the softmax of
-        // tile it + 1 while P V runs (P in a second set of registers); tile it + 2 loads
-        // meanwhile into the stage tile it - 1 left
+        // tile it + 1 while P V runs; tile it + 2 loads meanwhile into the stage tile it - 1
+        // left
         wg_load<NT>(smem, kh, vh, kv_dim, 0, end);
         cp_async_commit();
         if (n_tiles > 1) wg_load<NT>(smem + ST, kh, vh, kv_dim, FK, end);
@@ -238,15 +309,15 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         cp_async_wait<1>();
         fence_async_shared();
         __syncthreads();
+        WgRows w;
 #pragma unroll
-        for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
-        wg_fence();
-        wg_scores(s, qf, smem);
-        wg_commit();
-        wg_wait_all();
-        reg_fence(s);
-        softmax_tile<8>(s, 0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
-        wg_rescale(o, c0, c1);
+        for (int i = 0; i < 32; i++) w.o[0][i >> 2][i & 3] = w.o[1][i >> 2][i & 3] = 0.f;
+        w.m0 = w.m1 = ninf;
+        w.l0 = w.l1 = 0.f;
+        w.qp0 = pos0 + r0;
+        w.qp1 = pos0 + r1;
+        w.tig = tig;
+        wg_first(w, qf, smem);
         // ping-pong: warpgroup 0 issues its products first, then lets warpgroup 1 issue
         // (named barrier 2) and runs its softmax under them; warpgroup 1 hands the turn back
         // (barrier 1) for the next tile. Each sync meets exactly one arrival.
@@ -260,39 +331,13 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
             __syncthreads();  // ... and for all; and every warpgroup is done with tile it - 1
             if (it + 2 < n_tiles) wg_load<NT>(smem + ((it + 2) % 3) * ST, kh, vh, kv_dim, (it + 2) * FK, end);
             cp_async_commit();
-#pragma unroll
-            for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
-            if constexpr (PP) named_sync(1 + wg, NT);
-            wg_fence();
-            wg_scores(s, qf, smem + ((it + 1) % 3) * ST);
-            wg_commit();
-            wg_pv(o, pf, smem + (it % 3) * ST + WG_TILE);
-            wg_commit();
-            if constexpr (PP) {
-                if (wg == 0 || it + 2 < n_tiles) named_arrive(2 - wg, NT);
-            }
-            wg_wait_one();  // the scores (P V may still run)
-            reg_fence(s);
-            u32 pn[FK / 16][4];
-            softmax_tile<8>(s, (it + 1) * FK, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pn);
-            // the softmax done before the wait, not moved after it by the compiler
-            reg_fence(pn);
-            asm volatile("" : "+f"(c0), "+f"(c1), "+f"(l0), "+f"(l1), "+f"(m0), "+f"(m1)::"memory");
-            wg_wait_all();  // P V of tile it
-            reg_fence(o);
-            reg_fence(pf);
-            wg_rescale(o, c0, c1);
-#pragma unroll
-            for (int i = 0; i < FK / 16; i++)
-#pragma unroll
-                for (int k = 0; k < 4; k++) pf[i][k] = pn[i][k];
+            wg_step<PP>(w, qf, smem + ((it + 1) % 3) * ST, smem + (it % 3) * ST + WG_TILE, (it + 1) * FK, wg, it + 2 >= n_tiles, NT,
+                        [] {});
         }
         // the last tile (landed and synchronised above): P V alone
-        wg_fence();
-        wg_pv(o, pf, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
-        wg_commit();
-        wg_wait_all();
-        reg_fence(o);
+        wg_last(w, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
+        wg_store(w.o, w.l0, w.l1, out, r0, r1, n_tokens, width, h, tig);
+        return;
     }
     wg_store(o, l0, l1, out, r0, r1, n_tokens, width, h, tig);
 }
@@ -394,62 +439,29 @@ __device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u1
     const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
     u32 qf[KS][4];
     q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), WG_HD, rd, scale, tig);
-    float o[2][8][4];
+    WgRows w;
 #pragma unroll
-    for (int i = 0; i < 32; i++) o[0][i >> 2][i & 3] = o[1][i >> 2][i & 3] = 0.f;
-    float m0 = ninf, m1 = ninf, l0 = 0.f, l1 = 0.f;
-    float s[8][4];
-    u32 pf[FK / 16][4];
-    float c0, c1;
-
+    for (int i = 0; i < 32; i++) w.o[0][i >> 2][i & 3] = w.o[1][i >> 2][i & 3] = 0.f;
+    w.m0 = w.m1 = ninf;
+    w.l0 = w.l1 = 0.f;
+    w.qp0 = pos0 + r0;
+    w.qp1 = pos0 + r1;
+    w.tig = tig;
     mb_wait(full, 0);
     fence_async_shared();
-#pragma unroll
-    for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
-    wg_fence();
-    wg_scores(s, qf, smem);
-    wg_commit();
-    wg_wait_all();
-    reg_fence(s);
-    softmax_tile<8>(s, 0, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pf);
-    wg_rescale(o, c0, c1);
+    wg_first(w, qf, smem);
     if constexpr (PP) {
         if (wg == 1 && n_tiles > 1) named_arrive(1, NC);
     }
     for (int it = 0; it + 1 < n_tiles; it++) {
         mb_wait(full + (it + 1) % 3, ((it + 1) / 3) & 1);  // tile it + 1 has landed
         fence_async_shared();
-#pragma unroll
-        for (int i = 0; i < 32; i++) s[i >> 2][i & 3] = 0.f;
-        if constexpr (PP) named_sync(1 + wg, NC);
-        wg_fence();
-        wg_scores(s, qf, smem + ((it + 1) % 3) * ST);
-        wg_commit();
-        wg_pv(o, pf, smem + (it % 3) * ST + WG_TILE);
-        wg_commit();
-        if constexpr (PP) {
-            if (wg == 0 || it + 2 < n_tiles) named_arrive(2 - wg, NC);
-        }
-        wg_wait_one();
-        reg_fence(s);
-        u32 pn[FK / 16][4];
-        softmax_tile<8>(s, (it + 1) * FK, pos0 + r0, pos0 + r1, tig, m0, m1, l0, l1, c0, c1, pn);
-        wg_wait_all();  // P V of tile it: its stage is free
-        reg_fence(o);
-        reg_fence(pf);
-        mb_arrive(empty + it % 3);
-        wg_rescale(o, c0, c1);
-#pragma unroll
-        for (int i = 0; i < FK / 16; i++)
-#pragma unroll
-            for (int k = 0; k < 4; k++) pf[i][k] = pn[i][k];
+        u64* free_stage = empty + it % 3;
+        wg_step<PP>(w, qf, smem + ((it + 1) % 3) * ST, smem + (it % 3) * ST + WG_TILE, (it + 1) * FK, wg, it + 2 >= n_tiles, NC,
+                    [free_stage] { mb_arrive(free_stage); });
     }
-    wg_fence();
-    wg_pv(o, pf, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
-    wg_commit();
-    wg_wait_all();
-    reg_fence(o);
-    wg_store(o, l0, l1, out, r0, r1, n_tokens, width, h, tig);
+    wg_last(w, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
+    wg_store(w.o, w.l0, w.l1, out, r0, r1, n_tokens, width, h, tig);
 }
 
 // Shared memory: 3 * 2 * WG_TILE * 2 bytes of tiles, then 6 mbarriers (48 bytes).
