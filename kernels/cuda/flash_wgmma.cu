@@ -157,6 +157,15 @@ struct WgRows {
     u32 pf[FK / 16][4];
     float m0, m1, l0, l1;
     int qp0, qp1, tig;
+    __device__ __forceinline__ void init(int p0, int p1, int t) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) o[0][i >> 2][i & 3] = o[1][i >> 2][i & 3] = 0.f;
+        m0 = m1 = __int_as_float(0xff800000);
+        l0 = l1 = 0.f;
+        qp0 = p0;
+        qp1 = p1;
+        tig = t;
+    }
 };
 
 // The first tile's scores (its K at ks) and softmax.
@@ -310,13 +319,7 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         fence_async_shared();
         __syncthreads();
         WgRows w;
-#pragma unroll
-        for (int i = 0; i < 32; i++) w.o[0][i >> 2][i & 3] = w.o[1][i >> 2][i & 3] = 0.f;
-        w.m0 = w.m1 = ninf;
-        w.l0 = w.l1 = 0.f;
-        w.qp0 = pos0 + r0;
-        w.qp1 = pos0 + r1;
-        w.tig = tig;
+        w.init(pos0 + r0, pos0 + r1, tig);
         wg_first(w, qf, smem);
         // ping-pong: warpgroup 0 issues its products first, then lets warpgroup 1 issue
         // (named barrier 2) and runs its softmax under them; warpgroup 1 hands the turn back
@@ -434,19 +437,12 @@ __device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u1
     const int h = blockIdx.x * 2 + wg;
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
     const int r0 = tile * 64 + warp * 16 + gid, r1 = r0 + 8;
-    const float ninf = __int_as_float(0xff800000);
     const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * WG_HD : nullptr;
     const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
     u32 qf[KS][4];
     q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), WG_HD, rd, scale, tig);
     WgRows w;
-#pragma unroll
-    for (int i = 0; i < 32; i++) w.o[0][i >> 2][i & 3] = w.o[1][i >> 2][i & 3] = 0.f;
-    w.m0 = w.m1 = ninf;
-    w.l0 = w.l1 = 0.f;
-    w.qp0 = pos0 + r0;
-    w.qp1 = pos0 + r1;
-    w.tig = tig;
+    w.init(pos0 + r0, pos0 + r1, tig);
     mb_wait(full, 0);
     fence_async_shared();
     wg_first(w, qf, smem);
