@@ -153,7 +153,6 @@ fn flash_smem(t: KvType, hd_class: usize, stages: usize) -> usize {
     }
 }
 
-/// The q8_0 cache's kernels take heads of whole 32-value blocks.
 /// One of the warpgroup (wgmma) prefill attention kernels of flash_wgmma.cu, for head size
 /// 128 over a bf16 cache on sm_90. Every one gives the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,6 +217,7 @@ impl WgmmaKernel {
     }
 }
 
+/// The q8_0 cache's kernels take heads of whole 32-value blocks.
 fn q8_head_dim(what: &str, hd: usize) -> Result<()> {
     if hd.is_multiple_of(32) && hd <= 128 {
         Ok(())
