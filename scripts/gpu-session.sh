@@ -19,7 +19,7 @@
 #   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
 #              MXR_MATVEC_WARPS; default 2 x 4)                                 ~6 min
 #   tune-kernels  mxr bench --kernels --kernel-group matvec over MXR_MATVEC_ROWS x
-#              MXR_MATVEC_WARPS x MXR_MATVEC_UNROLL x MXR_MATVEC_SMEM (each type's
+#              MXR_MATVEC_WARPS x MXR_MATVEC_UNROLL (each type's
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
@@ -68,21 +68,19 @@ for s in "${steps[@]}"; do
         for rows in 1 2 4; do
             for warps in 4 8; do
                 for unroll in 1 2; do
-                    for smem in 0 15; do
-                        echo "== rows $rows warps $warps unroll $unroll smem $smem"
-                        MXR_MATVEC_ROWS=$rows MXR_MATVEC_WARPS=$warps MXR_MATVEC_UNROLL=$unroll MXR_MATVEC_SMEM=$smem \
-                            carry/gpu/mxr bench --kernels --kernel-group matvec
-                    done
+                    echo "== rows $rows warps $warps unroll $unroll"
+                    MXR_MATVEC_ROWS=$rows MXR_MATVEC_WARPS=$warps MXR_MATVEC_UNROLL=$unroll \
+                        carry/gpu/mxr bench --kernels --kernel-group matvec
                 done
             done
         done >"$out/tune-kernels.log" 2>&1
         ;;
     matvec-check)
         export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} MXR_CACHE_DIR=${MXR_CACHE_DIR:-/tmp/mxr-cache}
-        for v in "2 4 2 15" "2 4 1 15" "1 4 1 0" "4 4 2 15" "2 8 1 0"; do
+        for v in "2 4 2" "2 4 1" "1 4 1" "4 4 2" "2 8 1"; do
             set -- $v
-            echo "== rows $1 warps $2 unroll $3 smem $4"
-            MXR_MATVEC_ROWS=$1 MXR_MATVEC_WARPS=$2 MXR_MATVEC_UNROLL=$3 MXR_MATVEC_SMEM=$4 \
+            echo "== rows $1 warps $2 unroll $3"
+            MXR_MATVEC_ROWS=$1 MXR_MATVEC_WARPS=$2 MXR_MATVEC_UNROLL=$3 \
                 carry/gpu/gpu_kernels --ignored --nocapture --test-threads 1 matvec
         done >"$out/matvec-check.log" 2>&1
         ;;

@@ -74,38 +74,12 @@ struct FloatInput {
     __device__ float dot(int r, int u, const T& v) const { return F::dot(w, rows, cols, r, u, v); }
 };
 
-// The block's int8 input row and its scales in shared memory, when the launch gave the
-// block room for them (dynamic shared memory >= cols + cols / 8 bytes; the launcher does
-// so per type, MXR_MATVEC_SMEM): the lanes then read them with shared loads instead of
-// L1 hits. Returns whether it did (the same answer in every thread of the block).
-__device__ __forceinline__ unsigned dyn_smem() {
-    unsigned n;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
-    return n;
-}
-extern __shared__ __align__(16) u8 xs_smem[];
-__device__ __forceinline__ bool stage_x(const i8* xq, const float* xd, int cols) {
-    if (dyn_smem() < (unsigned)(cols + (cols >> 5) * 4)) return false;
-    for (int i = threadIdx.x; i < cols / 16; i += blockDim.x) ((int4*)xs_smem)[i] = ((const int4*)xq)[i];
-    for (int i = threadIdx.x; i < cols / 32; i += blockDim.x) ((float*)(xs_smem + cols))[i] = xd[i];
-    __syncthreads();
-    return true;
-}
-
 template <class F>
 __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y) {
     int p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
-    const i8* xr = xq + xrow * cols;
-    const float* dr = xd + xrow * (cols >> 5);
-    if (stage_x(xr, dr, cols)) {
-        QuantInput<F> in{wp, rows, cols, (const i8*)xs_smem, (const float*)(xs_smem + cols)};
-        matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
-    } else {
-        QuantInput<F> in{wp, rows, cols, xr, dr};
-        matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
-    }
+    QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
+    matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
 }
 
 template <class F>
@@ -126,17 +100,8 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
     long long s = second ? s1 : s0;
     int rows = second ? rows1 : rows0, p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    const u8* wp = w + (ids ? (long long)ids[p] * s : 0ll);
-    const i8* xr = xq + xrow * cols;
-    const float* dr = xd + xrow * (cols >> 5);
-    float* yp = (second ? y1 : y0) + (size_t)p * rows;
-    if (stage_x(xr, dr, cols)) {
-        QuantInput<F> in{wp, rows, cols, (const i8*)xs_smem, (const float*)(xs_smem + cols)};
-        matvec_rows(in, rows, F::units(cols), yp);
-    } else {
-        QuantInput<F> in{wp, rows, cols, xr, dr};
-        matvec_rows(in, rows, F::units(cols), yp);
-    }
+    QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
+    matvec_rows(in, rows, F::units(cols), (second ? y1 : y0) + (size_t)p * rows);
 }
 
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,

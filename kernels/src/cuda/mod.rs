@@ -80,9 +80,6 @@ pub struct Tuning {
     /// Units in flight per lane in the matrix-vector kernels' main loop (`MXR_MATVEC_UNROLL`,
     /// 1 to 4).
     pub matvec_unroll: u32,
-    /// Types whose matrix-vector products stage the block's int8 input in shared memory
-    /// (`MXR_MATVEC_SMEM`, a bit mask: 1 Q8_0, 2 Q4_K, 4 Q6_K, 8 Q4_0; default none).
-    pub matvec_smem: u32,
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
@@ -108,7 +105,6 @@ impl Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
-            matvec_smem: get("MXR_MATVEC_SMEM", 0, |v| v <= 15),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),

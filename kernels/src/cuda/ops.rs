@@ -87,25 +87,6 @@ pub(super) use launch;
 pub(super) use launch_on;
 
 impl Gpu {
-    /// Dynamic shared memory for a quantized matrix-vector launch over `cols` inputs: room
-    /// for the int8 row and its scales where the tuning stages this type's input there
-    /// (the kernel reads the size and stages when it suffices), else 0.
-    fn matvec_smem(&self, q: QType, cols: usize) -> u32 {
-        let bit = match q {
-            QType::Q8_0 => 1,
-            QType::Q4K => 2,
-            QType::Q6K => 4,
-            QType::Q4_0 => 8,
-            _ => 0,
-        };
-        let bytes = cols + cols / 32 * 4;
-        if self.tuning.matvec_smem & bit != 0 && bytes <= 48 * 1024 {
-            bytes as u32
-        } else {
-            0
-        }
-    }
-
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
     /// matrix when `ids` is None.
     #[allow(clippy::too_many_arguments)]
@@ -204,7 +185,6 @@ impl Gpu {
                 &made
             }
         };
-        let cfg = LaunchConfig { shared_mem_bytes: self.matvec_smem(w.qtype, cols), ..cfg };
         match ids {
             Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y),
             None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y),
@@ -254,7 +234,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: ((w0.rows.max(w1.rows) as u32).div_ceil(rows_per_block), int("matvec_pair", pairs)? as u32, 2),
             block_dim: (32 * self.tuning.matvec_warps, 1, 1),
-            shared_mem_bytes: self.matvec_smem(w0.qtype, cols),
+            shared_mem_bytes: 0,
         };
         let (s0, s1) = (w0.stride as i64, w1.stride as i64);
         let (r0, r1, c, xd) =
