@@ -139,6 +139,13 @@ __device__ __forceinline__ void wg_pv(float (&o)[2][8][4], const u32 (&pf)[FK / 
     for (int kk = 0; kk < FK / 16; kk++) wgmma_64x128x16_t(o, pf[kk], wg_desc(vs + kk * 2 * WG_GROUP, WG_GROUP * 2, WG_CM * 2));
 }
 
+// The padded core-matrix tiles above, for the step functions below (the TMA kernels' tiles
+// are Sw128Tiles)
+struct PadTiles {
+    static __device__ __forceinline__ void scores(float (&s)[8][4], const u32 (&qf)[WG_HD / 16][4], const u16* ks) { wg_scores(s, qf, ks); }
+    static __device__ __forceinline__ void pv(float (&o)[2][8][4], const u32 (&pf)[FK / 16][4], const u16* vs) { wg_pv(o, pf, vs); }
+};
+
 __device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float c1) {
 #pragma unroll
     for (int t = 0; t < 16; t++) {
@@ -149,81 +156,91 @@ __device__ __forceinline__ void wg_rescale(float (&o)[2][8][4], float c0, float 
     }
 }
 
-// One warpgroup's rows in the three-stage loop: O, the scores' accumulator, P of the tile
-// whose P V comes next, the running maxima and sums, and this lane's rows' positions.
+// One warpgroup's rows in the three-stage loop: O, the scores' accumulator (the
+// probabilities once the softmax is done with it), P of the tile whose P V comes next, the
+// factors (c0, c1) that O still has to be rescaled by before that P V, the running maxima
+// and sums, and this lane's rows' positions.
 struct WgRows {
     float o[2][8][4];
     float s[8][4];
     u32 pf[FK / 16][4];
-    float m0, m1, l0, l1;
+    float c0, c1, m0, m1, l0, l1;
     int qp0, qp1, tig;
     __device__ __forceinline__ void init(int p0, int p1, int t) {
 #pragma unroll
         for (int i = 0; i < 32; i++) o[0][i >> 2][i & 3] = o[1][i >> 2][i & 3] = 0.f;
         m0 = m1 = __int_as_float(0xff800000);
         l0 = l1 = 0.f;
+        c0 = c1 = 1.f;
         qp0 = p0;
         qp1 = p1;
         tig = t;
     }
+    // O *= (c0, c1) per row, skipped when no row of the warp has a new maximum (the factors
+    // are all 1: the same bits), which past the first tiles of a long row is nearly always.
+    // Then a fence: O's registers were written outside wgmma.
+    __device__ __forceinline__ void rescale() {
+        if (!__all_sync(0xffffffffu, c0 == 1.f && c1 == 1.f)) wg_rescale(o, c0, c1);
+        wg_fence();
+    }
 };
 
-// The first tile's scores (its K at ks) and softmax.
+// The first tile's scores (its K at ks, tiles laid out as L says) and softmax.
+template <class L>
 __device__ __forceinline__ void wg_first(WgRows& w, const u32 (&qf)[WG_HD / 16][4], const u16* ks) {
-    float c0, c1;
 #pragma unroll
     for (int i = 0; i < 32; i++) w.s[i >> 2][i & 3] = 0.f;
     wg_fence();
-    wg_scores(w.s, qf, ks);
+    L::scores(w.s, qf, ks);
     wg_commit();
     wg_wait_all();
     reg_fence(w.s);
-    softmax_tile<8>(w.s, 0, w.qp0, w.qp1, w.tig, w.m0, w.m1, w.l0, w.l1, c0, c1, w.pf);
-    wg_rescale(w.o, c0, c1);
+    softmax_exp<8>(w.s, 0, w.qp0, w.qp1, w.tig, w.m0, w.m1, w.l0, w.l1, w.c0, w.c1);
+    pack_p<8>(w.s, w.pf);
 }
 
-// One step of the three-stage loop: issues the scores of the next tile (keys j0n.., K at kn)
-// and then P V of this tile (V at vs), runs the next tile's softmax while P V runs (P in a
-// second set of registers), then `done()` once P V is complete (this tile's stage is free)
-// and the rescale. With PP the issue waits for this warpgroup's turn (named barrier 1 + wg,
-// nc threads) and then hands the turn over, except warpgroup 1's last step.
-template <bool PP, class Done>
+// One step of the three-stage loop: issues the scores of the next tile (keys j0n.., K at kn),
+// rescales O meanwhile, issues P V of this tile (V at vs), and runs the next tile's softmax,
+// keeping the probabilities in f32 until P V is complete (converting them to P earlier
+// would write P's registers under the running product); then `done()` (this tile's stage
+// is free) and the conversion. ptxas still hoists the wait for P V to the start of the
+// softmax's block (after the masking branch) whatever the PTX order, so the products that
+// run under a softmax are mostly the other warpgroup's.
+// With PP the issue waits for this warpgroup's turn (named barrier 1 + wg, nc threads) and
+// then hands the turn over, except warpgroup 1's last step.
+template <class L, bool PP, class Done>
 __device__ __forceinline__ void wg_step(WgRows& w, const u32 (&qf)[WG_HD / 16][4], const u16* kn, const u16* vs, int j0n, int wg, bool last, int nc,
                                         Done done) {
-    float c0, c1;
 #pragma unroll
     for (int i = 0; i < 32; i++) w.s[i >> 2][i & 3] = 0.f;
     if constexpr (PP) named_sync(1 + wg, nc);
     wg_fence();
-    wg_scores(w.s, qf, kn);
+    L::scores(w.s, qf, kn);
     wg_commit();
-    wg_pv(w.o, w.pf, vs);
+    w.rescale();
+    L::pv(w.o, w.pf, vs);
     wg_commit();
     if constexpr (PP) {
         if (wg == 0 || !last) named_arrive(2 - wg, nc);
     }
     wg_wait_one();  // the scores (P V may still run)
     reg_fence(w.s);
-    u32 pn[FK / 16][4];
-    softmax_tile<8>(w.s, j0n, w.qp0, w.qp1, w.tig, w.m0, w.m1, w.l0, w.l1, c0, c1, pn);
+    softmax_exp<8>(w.s, j0n, w.qp0, w.qp1, w.tig, w.m0, w.m1, w.l0, w.l1, w.c0, w.c1);
     // the softmax done before the wait, not moved after it by the compiler
-    reg_fence(pn);
-    asm volatile("" : "+f"(c0), "+f"(c1), "+f"(w.l0), "+f"(w.l1), "+f"(w.m0), "+f"(w.m1)::"memory");
+    reg_fence(w.s);
+    asm volatile("" : "+f"(w.c0), "+f"(w.c1), "+f"(w.l0), "+f"(w.l1), "+f"(w.m0), "+f"(w.m1)::"memory");
     wg_wait_all();  // P V of this tile
     reg_fence(w.o);
     reg_fence(w.pf);
     done();
-    wg_rescale(w.o, c0, c1);
-#pragma unroll
-    for (int i = 0; i < FK / 16; i++)
-#pragma unroll
-        for (int k = 0; k < 4; k++) w.pf[i][k] = pn[i][k];
+    pack_p<8>(w.s, w.pf);
 }
 
 // The last tile's P V alone (V at vs).
+template <class L>
 __device__ __forceinline__ void wg_last(WgRows& w, const u16* vs) {
-    wg_fence();
-    wg_pv(w.o, w.pf, vs);
+    w.rescale();
+    L::pv(w.o, w.pf, vs);
     wg_commit();
     wg_wait_all();
     reg_fence(w.o);
@@ -320,7 +337,7 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
         __syncthreads();
         WgRows w;
         w.init(pos0 + r0, pos0 + r1, tig);
-        wg_first(w, qf, smem);
+        wg_first<PadTiles>(w, qf, smem);
         // ping-pong: warpgroup 0 issues its products first, then lets warpgroup 1 issue
         // (named barrier 2) and runs its softmax under them; warpgroup 1 hands the turn back
         // (barrier 1) for the next tile. Each sync meets exactly one arrival.
@@ -334,11 +351,11 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
             __syncthreads();  // ... and for all; and every warpgroup is done with tile it - 1
             if (it + 2 < n_tiles) wg_load<NT>(smem + ((it + 2) % 3) * ST, kh, vh, kv_dim, (it + 2) * FK, end);
             cp_async_commit();
-            wg_step<PP>(w, qf, smem + ((it + 1) % 3) * ST, smem + (it % 3) * ST + WG_TILE, (it + 1) * FK, wg, it + 2 >= n_tiles, NT,
+            wg_step<PadTiles, PP>(w, qf, smem + ((it + 1) % 3) * ST, smem + (it % 3) * ST + WG_TILE, (it + 1) * FK, wg, it + 2 >= n_tiles, NT,
                         [] {});
         }
         // the last tile (landed and synchronised above): P V alone
-        wg_last(w, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
+        wg_last<PadTiles>(w, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
         wg_store(w.o, w.l0, w.l1, out, r0, r1, n_tokens, width, h, tig);
         return;
     }
@@ -393,17 +410,48 @@ __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
 
+// Consumer warpgroup wg (0 or 1) of a kernel with a producer warpgroup: the 64 queries of
+// query tile `tile` of head 2 blockIdx.x + wg over n_tiles K/V tiles laid out as L says.
+// `ready(t)`: wait until tile t has landed; kat(t), vat(t): its K and V; `release(t)`: this
+// thread is done with tile t (its P V is complete). nc: consumer threads (ping-pong).
+template <class L, bool PP, class Ready, class KAt, class VAt, class Release>
+__device__ __forceinline__ void ws_consume(const float* q, float* out, int n_heads, int n_tokens, int pos0, float scale, int rd,
+                                           const float2* cs, int tile, int wg, int n_tiles, int nc, Ready ready, KAt kat, VAt vat,
+                                           Release release) {
+    constexpr int KS = WG_HD / 16;
+    const int width = n_heads * WG_HD, h = blockIdx.x * 2 + wg;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int r0 = tile * 64 + warp * 16 + gid, r1 = r0 + 8;
+    const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * WG_HD : nullptr;
+    const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
+    u32 qf[KS][4];
+    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), WG_HD, rd, scale, tig);
+    WgRows w;
+    w.init(pos0 + r0, pos0 + r1, tig);
+    ready(0);
+    wg_first<L>(w, qf, kat(0));
+    if constexpr (PP) {
+        if (wg == 1 && n_tiles > 1) named_arrive(1, nc);
+    }
+    for (int it = 0; it + 1 < n_tiles; it++) {
+        ready(it + 1);
+        wg_step<L, PP>(w, qf, kat(it + 1), vat(it), (it + 1) * FK, wg, it + 2 >= n_tiles, nc, [&] { release(it); });
+    }
+    wg_last<L>(w, vat(n_tiles - 1));
+    wg_store(w.o, w.l0, w.l1, out, r0, r1, n_tokens, width, h, tig);
+}
+
 template <bool PP>
 __device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads,
                                          int n_tokens, const int* pos, float scale, int rd, const float2* cs) {
-    constexpr int KS = WG_HD / 16, ST = 2 * WG_TILE, NC = 256;  // u16 per stage (K, V); consumer threads
+    constexpr int ST = 2 * WG_TILE, NC = 256;  // u16 per stage (K, V); consumer threads
     extern __shared__ __align__(128) u16 smem[];
     u64* full = (u64*)(smem + 3 * ST);
     u64* empty = full + 3;
     const int wg = threadIdx.x >> 7;  // 0, 1: consumers; 2: the producer warpgroup
     const int g = (blockIdx.x * 2) / (n_heads / n_kv_heads);
     const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
-    const int pos0 = *pos, kv_dim = n_kv_heads * WG_HD, width = n_heads * WG_HD;
+    const int pos0 = *pos, kv_dim = n_kv_heads * WG_HD;
     const int end = pos0 + min(n_tokens, tile * 64 + 64);  // keys any query of the block sees
     const int n_tiles = (end + FK - 1) / FK;
     if (threadIdx.x < 3) {
@@ -434,30 +482,14 @@ __device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u1
     }
 
     setmaxnreg_inc<232>();
-    const int h = blockIdx.x * 2 + wg;
-    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-    const int r0 = tile * 64 + warp * 16 + gid, r1 = r0 + 8;
-    const float* q0 = r0 < n_tokens ? q + (size_t)r0 * width + (size_t)h * WG_HD : nullptr;
-    const float* q1 = r1 < n_tokens ? q + (size_t)r1 * width + (size_t)h * WG_HD : nullptr;
-    u32 qf[KS][4];
-    q_fragments<KS>(qf, q0, q1, cs + (size_t)r0 * (rd >> 1), cs + (size_t)r1 * (rd >> 1), WG_HD, rd, scale, tig);
-    WgRows w;
-    w.init(pos0 + r0, pos0 + r1, tig);
-    mb_wait(full, 0);
-    fence_async_shared();
-    wg_first(w, qf, smem);
-    if constexpr (PP) {
-        if (wg == 1 && n_tiles > 1) named_arrive(1, NC);
-    }
-    for (int it = 0; it + 1 < n_tiles; it++) {
-        mb_wait(full + (it + 1) % 3, ((it + 1) / 3) & 1);  // tile it + 1 has landed
-        fence_async_shared();
-        u64* free_stage = empty + it % 3;
-        wg_step<PP>(w, qf, smem + ((it + 1) % 3) * ST, smem + (it % 3) * ST + WG_TILE, (it + 1) * FK, wg, it + 2 >= n_tiles, NC,
-                    [free_stage] { mb_arrive(free_stage); });
-    }
-    wg_last(w, smem + ((n_tiles - 1) % 3) * ST + WG_TILE);
-    wg_store(w.o, w.l0, w.l1, out, r0, r1, n_tokens, width, h, tig);
+    ws_consume<PadTiles, PP>(
+        q, out, n_heads, n_tokens, pos0, scale, rd, cs, tile, wg, n_tiles, NC,
+        [&](int t) {
+            mb_wait(full + t % 3, (t / 3) & 1);  // tile t has landed
+            fence_async_shared();
+        },
+        [&](int t) { return smem + (t % 3) * ST; }, [&](int t) { return smem + (t % 3) * ST + WG_TILE; },
+        [&](int t) { mb_arrive(empty + t % 3); });
 }
 
 // Shared memory: 3 * 2 * WG_TILE * 2 bytes of tiles, then 6 mbarriers (48 bytes).
@@ -470,4 +502,175 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) flash_wgspp2_bf16_128(c
                                                                              int n_heads, int n_kv_heads, int n_tokens, int hd,
                                                                              const int* pos, float scale, int rd, const float2* cs) {
     flash_ws<true>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
+}
+
+// ---- TMA loads (flash_wgt2_bf16_128; flash_wgtc2_bf16_128 multicasts to a cluster) ----
+// The producer kernel's consumers over tiles that the Tensor Memory Accelerator copies: one
+// thread of the producer warpgroup issues four boxes per stage (K dims 0-63 and 64-127, V
+// the same), each 64 keys x 64 dims, landing 128-byte swizzled (the canonical SW128 layout
+// wgmma reads: key j's 128 bytes at j * 128, 16-byte chunk c at chunk c ^ (j % 8)), and
+// counted in the stage's `full` mbarrier as transaction bytes. Keys past the cache's
+// filled length arrive as zeros. K is read K-major (8-key groups 1024 bytes apart, a
+// k-step 32 bytes along the row), V MN-major (64-dim halves 8 KiB apart, 8-key groups 1024).
+// flash_wgtc2 runs as clusters of two blocks, the two head pairs of one KV group and query
+// tile: block 0 of the cluster copies both blocks' K and block 1 both blocks' V, so each
+// tile crosses from L2 once per cluster instead of once per block (L2 bandwidth is what
+// bounds the one-block kernels). A stage is refilled once the consumer warps of both
+// blocks have released it (`empty` counts 8 warps per block).
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+#define WT_STAGES 4
+#define WT_BOX 8192              // bytes: 64 keys x 64 dims of bf16
+#define WT_STAGE (4 * WT_BOX)    // K low dims, K high dims, V low dims, V high dims
+
+// shared memory matrix descriptor, 128-byte swizzle
+__device__ __forceinline__ unsigned long long sw128_desc(u32 a, u32 lbo, u32 sbo) {
+    return ((unsigned long long)((a & 0x3FFFF) >> 4)) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+struct Sw128Tiles {
+    // S = Q K^T: k-step kk reads dims 16 kk.. of the K half kk / 4, 32 (kk % 4) bytes into
+    // each swizzled row
+    static __device__ __forceinline__ void scores(float (&s)[8][4], const u32 (&qf)[WG_HD / 16][4], const u16* ks) {
+        const u32 a = smem_addr(ks);
+#pragma unroll
+        for (int kk = 0; kk < WG_HD / 16; kk++) wgmma_64x64x16<0>(s, qf[kk], sw128_desc(a + (kk >> 2) * WT_BOX + (kk & 3) * 32, 16, 1024));
+    }
+    // O += P V: k-step kk reads keys 16 kk.. (two 8-key groups) and both 64-dim halves
+    static __device__ __forceinline__ void pv(float (&o)[2][8][4], const u32 (&pf)[FK / 16][4], const u16* vs) {
+        const u32 a = smem_addr(vs);
+#pragma unroll
+        for (int kk = 0; kk < FK / 16; kk++) wgmma_64x128x16_t(o, pf[kk], sw128_desc(a + kk * 2048, WT_BOX, 1024));
+    }
+};
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void mb_expect_tx(u64* b, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+// the same barrier in block `rank` of the cluster
+__device__ __forceinline__ void mb_arrive_cluster(u64* b, u32 rank) {
+    asm volatile(
+        "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(
+            smem_addr(b)),
+        "r"(rank)
+        : "memory");
+}
+// mb_wait for arrivals from the whole cluster
+__device__ __forceinline__ void mb_wait_cluster(u64* b, int parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAITC_%=:\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAITC_%=;\n}\n" ::"r"(smem_addr(b)),
+        "r"(parity)
+        : "memory");
+}
+// box (c0, c1, c2) of map m into dst, counted on bar; with MC, into the same offsets (and
+// barrier) of every block of the cluster in `mask`
+template <bool MC>
+__device__ __forceinline__ void tma_box(const u16* dst, const TmaMap* m, int c0, int c1, int c2, u64* bar, u16 mask) {
+    if constexpr (MC)
+        asm volatile(
+            "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4}], [%5], %6;" ::"r"(
+                smem_addr(dst)),
+            "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "h"(mask)
+            : "memory");
+    else
+        asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+                         smem_addr(dst)),
+                     "l"(m), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+                     : "memory");
+}
+
+template <int CL>
+__device__ __forceinline__ void flash_wt(const float* q, float* out, int n_heads, int n_kv_heads, int n_tokens, const int* pos, float scale,
+                                         int rd, const float2* cs, const TmaMap* tk, const TmaMap* tv) {
+    extern __shared__ __align__(1024) u16 smem[];
+    // the tiles 1024-byte aligned (the swizzle pattern repeats every 1024 bytes)
+    u16* tiles = smem + ((1024 - (smem_addr(smem) & 1023)) & 1023) / 2;
+    u64* full = (u64*)(tiles + WT_STAGES * WT_STAGE / 2);
+    u64* empty = full + WT_STAGES;
+    const int wg = threadIdx.x >> 7;  // 0, 1: consumers; 2: the producer warpgroup
+    const int g = (blockIdx.x * 2) / (n_heads / n_kv_heads);
+    const int tile = gridDim.y - 1 - blockIdx.y;  // the longest tiles first
+    const int pos0 = *pos;
+    const int end = pos0 + min(n_tokens, tile * 64 + 64);  // keys any query of the block sees
+    const int n_tiles = (end + FK - 1) / FK;
+    const u32 rank = CL > 1 ? cluster_rank() : 0;
+    if (threadIdx.x < WT_STAGES) {
+        mb_init(full + threadIdx.x, 1);
+        mb_init(empty + threadIdx.x, 8 * CL);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    if constexpr (CL > 1)
+        cluster_sync();  // every block's barriers exist before any copy or remote arrival
+    else
+        __syncthreads();
+
+    if (wg == 2) {
+        setmaxnreg_dec<40>();
+        if (threadIdx.x == 256) {
+            for (int t = 0; t < n_tiles; t++) {
+                const int st = t % WT_STAGES;
+                if (t >= WT_STAGES) mb_wait_cluster(empty + st, (t / WT_STAGES - 1) & 1);
+                mb_expect_tx(full + st, WT_STAGE);  // this block's stage fills completely
+                u16* d = tiles + st * (WT_STAGE / 2);
+                if constexpr (CL == 1) {
+                    tma_box<false>(d, tk, 0, g, t * FK, full + st, 0);
+                    tma_box<false>(d + WT_BOX / 2, tk, 64, g, t * FK, full + st, 0);
+                    tma_box<false>(d + WT_BOX, tv, 0, g, t * FK, full + st, 0);
+                    tma_box<false>(d + 3 * WT_BOX / 2, tv, 64, g, t * FK, full + st, 0);
+                } else {
+                    // block 0 copies K, block 1 V, each to both
+                    const TmaMap* m = rank == 0 ? tk : tv;
+                    u16* dd = d + rank * WT_BOX;
+                    tma_box<true>(dd, m, 0, g, t * FK, full + st, 3);
+                    tma_box<true>(dd + WT_BOX / 2, m, 64, g, t * FK, full + st, 3);
+                }
+            }
+        }
+    } else {
+        setmaxnreg_inc<232>();
+        const int lane = threadIdx.x & 31;
+        ws_consume<Sw128Tiles, false>(
+            q, out, n_heads, n_tokens, pos0, scale, rd, cs, tile, wg, n_tiles, 256,
+            [&](int t) { mb_wait(full + t % WT_STAGES, (t / WT_STAGES) & 1); },
+            [&](int t) { return tiles + (t % WT_STAGES) * (WT_STAGE / 2); },
+            [&](int t) { return tiles + (t % WT_STAGES) * (WT_STAGE / 2) + WT_BOX; },
+            [&](int t) {
+                // a warp releases the stage once all its lanes' products are complete
+                __syncwarp();
+                if (lane == 0) {
+                    mb_arrive(empty + t % WT_STAGES);
+                    if constexpr (CL > 1) mb_arrive_cluster(empty + t % WT_STAGES, rank ^ 1);
+                }
+            });
+    }
+    // no block leaves while the other may still copy into it or arrive on its barriers
+    if constexpr (CL > 1) cluster_sync();
+}
+
+// Shared memory: WT_STAGES * WT_STAGE bytes of tiles, 1024 for their alignment, and
+// 2 * WT_STAGES mbarriers. tk, tv: 3-d maps (dims, KV heads, positions) of the K and V
+// caches with 64 x 1 x 64 boxes, 128-byte swizzle (kernels/src/cuda/tma.rs).
+extern "C" __global__ void __launch_bounds__(WS_THREADS)
+    flash_wgt2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads, int n_tokens, int hd,
+                        const int* pos, float scale, int rd, const float2* cs, const __grid_constant__ TmaMap tk,
+                        const __grid_constant__ TmaMap tv) {
+    flash_wt<1>(q, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs, &tk, &tv);
+}
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(WS_THREADS)
+    flash_wgtc2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads, int n_tokens, int hd,
+                         const int* pos, float scale, int rd, const float2* cs, const __grid_constant__ TmaMap tk,
+                         const __grid_constant__ TmaMap tv) {
+    flash_wt<2>(q, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs, &tk, &tv);
 }

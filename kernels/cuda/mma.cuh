@@ -10,6 +10,23 @@
 
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16); }
 
+// pack_bf16 in one instruction, for values that are never NaN (the softmax's probabilities):
+// the same round to nearest even; only a NaN would differ (canonical instead of quieted)
+__device__ __forceinline__ u32 pack_bf16_num(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 2^x with subnormal results flushed to zero: exp2f without its subnormal rescaling (the
+// same bits wherever the result is normal; the softmax's probabilities under 2^-126 count
+// for nothing against the row's maximum, which is 1)
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -98,21 +115,26 @@ __device__ __forceinline__ void q_fragments(u32 (&qf)[KS][4], const float* p0, c
 // One tile of keys j0 .. j0 + 8 NT for a lane's two rows (C fragments s[nt]: keys j0 + 8 nt
 // + 2 tig, +1; rows at positions qp0 and qp1; scores in exp2 units): the causal mask, the
 // online softmax update of the row maxima m and sums l (c0, c1: the factors that rescale
-// the output accumulated so far), and the probabilities as bf16 A fragments pf[kk] of keys
-// j0 + 16 kk .. (a C fragment of 8 keys is half of the A fragment of its 16). Each row is
-// spread over the 4 lanes of a group.
+// the output accumulated so far), and the probabilities, in place of the scores. Each row
+// is spread over the 4 lanes of a group.
 template <int NT>
-__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], int j0, int qp0, int qp1, int tig, float& m0, float& m1, float& l0,
-                                             float& l1, float& c0, float& c1, u32 (&pf)[NT / 2][4]) {
+__device__ __forceinline__ void softmax_exp(float (&s)[NT][4], int j0, int qp0, int qp1, int tig, float& m0, float& m1, float& l0, float& l1,
+                                            float& c0, float& c1) {
     const float ninf = __int_as_float(0xff800000);
     float mx0 = ninf, mx1 = ninf;
+    // only a tile with a key past a row's position has anything to mask (qp0 < qp1)
+    if (j0 + 8 * NT - 1 > qp0) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            int j = j0 + nt * 8 + tig * 2;
+            if (j > qp0) s[nt][0] = ninf;
+            if (j + 1 > qp0) s[nt][1] = ninf;
+            if (j > qp1) s[nt][2] = ninf;
+            if (j + 1 > qp1) s[nt][3] = ninf;
+        }
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-        int j = j0 + nt * 8 + tig * 2;
-        if (j > qp0) s[nt][0] = ninf;
-        if (j + 1 > qp0) s[nt][1] = ninf;
-        if (j > qp1) s[nt][2] = ninf;
-        if (j + 1 > qp1) s[nt][3] = ninf;
         mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
         mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
     }
@@ -127,12 +149,32 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], int j0, int qp0,
     float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
-        float p0 = exp2f(s[nt][0] - b0), p1 = exp2f(s[nt][1] - b0), p2 = exp2f(s[nt][2] - b1), p3 = exp2f(s[nt][3] - b1);
-        ps0 += p0 + p1;
-        ps1 += p2 + p3;
-        pf[nt / 2][(nt & 1) * 2] = pack_bf16(p0, p1);
-        pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16(p2, p3);
+        s[nt][0] = exp2_ftz(s[nt][0] - b0);
+        s[nt][1] = exp2_ftz(s[nt][1] - b0);
+        s[nt][2] = exp2_ftz(s[nt][2] - b1);
+        s[nt][3] = exp2_ftz(s[nt][3] - b1);
+        ps0 += s[nt][0] + s[nt][1];
+        ps1 += s[nt][2] + s[nt][3];
     }
     l0 = l0 * c0 + ps0;
     l1 = l1 * c1 + ps1;
+}
+
+// The probabilities of softmax_exp as bf16 A fragments pf[kk] of keys j0 + 16 kk .. (a C
+// fragment of 8 keys is half of the A fragment of its 16)
+template <int NT>
+__device__ __forceinline__ void pack_p(const float (&s)[NT][4], u32 (&pf)[NT / 2][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        pf[nt / 2][(nt & 1) * 2] = pack_bf16_num(s[nt][0], s[nt][1]);
+        pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16_num(s[nt][2], s[nt][3]);
+    }
+}
+
+// softmax_exp, then pack_p
+template <int NT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], int j0, int qp0, int qp1, int tig, float& m0, float& m1, float& l0,
+                                             float& l1, float& c0, float& c1, u32 (&pf)[NT / 2][4]) {
+    softmax_exp<NT>(s, j0, qp0, qp1, tig, m0, m1, l0, l1, c0, c1);
+    pack_p<NT>(s, pf);
 }

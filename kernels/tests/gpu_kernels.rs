@@ -447,6 +447,8 @@ fn rope_and_attention() {
         // several query tiles and key tiles of the tensor-core kernel
         (128, 64, 16, 2, 70, 150),
         (64, 32, 4, 4, 0, 130),
+        // more key tiles than the TMA kernels' four stages, for several query tiles
+        (128, 64, 16, 2, 300, 130),
         // decode over many key tiles per split, the largest group (16 heads per KV head),
         // and a head size the bf16 tensor-core kernels do not take (SIMT decode, no prefill)
         (128, 64, 64, 8, 700, 1),
@@ -565,6 +567,7 @@ fn rope_and_attention() {
                     let (shape, at) = ((n, heads, kv_heads, hd), (&gpos, pos0));
                     let mut first = Vec::new();
                     for v in mxr_kernels::cuda::WgmmaKernel::ALL {
+                        assert!(v.takes_group(heads / kv_heads), "{}: every case's group is a multiple of 4", v.label());
                         let mut wo = g.zeros::<f32>(n * width).unwrap();
                         g.attend_wgmma(&raw_q.as_view(), &gk, &gv, &mut wo.as_view_mut(), shape, at, Some(&table), v).unwrap();
                         let got = g.download(&wo.as_view()).unwrap();

@@ -13,6 +13,7 @@ use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 
 use super::ops::{grid1, int, launch, launch_on, need};
 use super::pages::PagedBuf;
+use super::tma;
 use super::{drv, Gpu, Result, Source};
 use crate::KernelError;
 
@@ -166,29 +167,38 @@ pub struct WgmmaKernel {
     /// A producer warpgroup copies the tiles, published through mbarriers, so the two
     /// consumer warpgroups need no block-wide barrier per tile.
     pub producer: bool,
+    /// The producer copies with the Tensor Memory Accelerator (four 128-byte-swizzled boxes
+    /// per stage): 0 (cp.async instead), 1, or 2 to multicast each tile to a cluster of two
+    /// blocks (the two head pairs of a KV group's half; the group size must be a multiple
+    /// of 4).
+    pub tma: u32,
 }
 
 impl WgmmaKernel {
     /// Every kernel there is, the simplest first.
-    pub const ALL: [WgmmaKernel; 7] = [
-        WgmmaKernel { heads: 1, stages: 2, pingpong: false, producer: false },
-        WgmmaKernel { heads: 2, stages: 2, pingpong: false, producer: false },
-        WgmmaKernel { heads: 1, stages: 3, pingpong: false, producer: false },
-        WgmmaKernel { heads: 2, stages: 3, pingpong: false, producer: false },
-        WgmmaKernel { heads: 2, stages: 3, pingpong: true, producer: false },
-        WgmmaKernel { heads: 2, stages: 3, pingpong: false, producer: true },
-        WgmmaKernel { heads: 2, stages: 3, pingpong: true, producer: true },
+    pub const ALL: [WgmmaKernel; 9] = [
+        WgmmaKernel { heads: 1, stages: 2, pingpong: false, producer: false, tma: 0 },
+        WgmmaKernel { heads: 2, stages: 2, pingpong: false, producer: false, tma: 0 },
+        WgmmaKernel { heads: 1, stages: 3, pingpong: false, producer: false, tma: 0 },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: false, producer: false, tma: 0 },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: true, producer: false, tma: 0 },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: false, producer: true, tma: 0 },
+        WgmmaKernel { heads: 2, stages: 3, pingpong: true, producer: true, tma: 0 },
+        WgmmaKernel { heads: 2, stages: 4, pingpong: false, producer: true, tma: 1 },
+        WgmmaKernel { heads: 2, stages: 4, pingpong: false, producer: true, tma: 2 },
     ];
 
     fn name(self) -> Option<&'static str> {
-        Some(match (self.heads, self.stages, self.pingpong, self.producer) {
-            (1, 2, false, false) => "flash_wg_bf16_128",
-            (2, 2, false, false) => "flash_wg2_bf16_128",
-            (1, 3, false, false) => "flash_wgp_bf16_128",
-            (2, 3, false, false) => "flash_wgp2_bf16_128",
-            (2, 3, true, false) => "flash_wgpp2_bf16_128",
-            (2, 3, false, true) => "flash_wgs2_bf16_128",
-            (2, 3, true, true) => "flash_wgspp2_bf16_128",
+        Some(match (self.heads, self.stages, self.pingpong, self.producer, self.tma) {
+            (1, 2, false, false, 0) => "flash_wg_bf16_128",
+            (2, 2, false, false, 0) => "flash_wg2_bf16_128",
+            (1, 3, false, false, 0) => "flash_wgp_bf16_128",
+            (2, 3, false, false, 0) => "flash_wgp2_bf16_128",
+            (2, 3, true, false, 0) => "flash_wgpp2_bf16_128",
+            (2, 3, false, true, 0) => "flash_wgs2_bf16_128",
+            (2, 3, true, true, 0) => "flash_wgspp2_bf16_128",
+            (2, 4, false, true, 1) => "flash_wgt2_bf16_128",
+            (2, 4, false, true, 2) => "flash_wgtc2_bf16_128",
             _ => return None,
         })
     }
@@ -200,7 +210,12 @@ impl WgmmaKernel {
 
     /// Dynamic shared memory: stages x (K, V) tiles of 8 groups of 8 keys x 16 core
     /// matrices 144 bytes apart, and the producer's 6 mbarriers.
+    /// With TMA: stages x 32 KiB of swizzled tiles, 1 KiB to align them, 2 mbarriers per
+    /// stage.
     fn smem(self) -> usize {
+        if self.tma > 0 {
+            return self.stages as usize * (32 << 10) + 1024 + self.stages as usize * 2 * 8;
+        }
         self.stages as usize * 2 * (64 / 8) * 16 * 144 + if self.producer { 6 * 8 } else { 0 }
     }
 
@@ -213,7 +228,18 @@ impl WgmmaKernel {
         if self.producer {
             s += ", producer";
         }
+        match self.tma {
+            0 => {}
+            1 => s += ", TMA",
+            n => s += &format!(", TMA multicast x{n}"),
+        }
         s
+    }
+
+    /// Whether the kernel takes GQA groups of `group` query heads per KV head.
+    pub fn takes_group(self, group: usize) -> bool {
+        let per = if self.tma > 1 { 2 * self.tma as usize } else { self.heads.max(1) as usize };
+        group.is_multiple_of(per)
     }
 }
 
@@ -408,7 +434,13 @@ impl Gpu {
         };
         let stages = self.tuning.flash_stages;
         let two_three = heads == 2 && stages == 3;
-        let k = WgmmaKernel { heads, stages, pingpong: self.tuning.flash_pingpong && two_three, producer: self.tuning.flash_producer && two_three };
+        let mut k = WgmmaKernel { heads, stages, pingpong: self.tuning.flash_pingpong && two_three, producer: self.tuning.flash_producer && two_three, tma: 0 };
+        if k.producer && !k.pingpong && self.tuning.flash_tma > 0 {
+            let t = WgmmaKernel { stages: 4, tma: self.tuning.flash_tma, ..k };
+            if t.takes_group(n_heads / n_kv_heads) {
+                k = t;
+            }
+        }
         self.attend_on(q, kc, vc, out, (n_tokens, n_heads, n_kv_heads, hd), (pos, pos0), rope, (heads > 0).then_some(k))
     }
 
@@ -432,7 +464,7 @@ impl Gpu {
         if kc.t != KvType::Bf16 || hd != 128 {
             return Err(KernelError::Shape(format!("wgmma attention: a bf16 cache and head size 128 (got {} and {hd})", kc.t.name())));
         }
-        let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && (n_heads / n_kv_heads).is_multiple_of(k.heads.max(1) as usize);
+        let group_ok = n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads) && k.takes_group(n_heads / n_kv_heads);
         if k.name().is_none() || !group_ok {
             return Err(KernelError::Shape(format!(
                 "wgmma attention: no kernel for {} over {n_heads} query heads and {n_kv_heads} KV heads",
@@ -523,6 +555,12 @@ impl Gpu {
                     let name = w.name().ok_or_else(|| KernelError::Shape(format!("wgmma attention: no kernel for {}", w.label())))?;
                     let mut cfg = self.flash_cfg(Source::FlashWgmma, name, w.smem(), (grid.0 / w.heads.max(1), grid.1, 1))?;
                     cfg.block_dim.0 = w.threads();
+                    if w.tma > 0 {
+                        // maps over the positions filled so far (the causal tiles read no further)
+                        let tk = tma::kv_map(k, hd, n_kv_heads, pos0 + n_tokens)?;
+                        let tv = tma::kv_map(v, hd, n_kv_heads, pos0 + n_tokens)?;
+                        return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs, &tk, &tv);
+                    }
                     return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
                 }
                 let cfg = self.flash_cfg(Source::Flash, name, flash_smem(KvType::Bf16, hd_class, 2), grid)?;

@@ -15,6 +15,7 @@ pub mod matrix;
 pub mod nvrtc;
 pub mod ops;
 pub mod pages;
+pub mod tma;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,8 +95,13 @@ pub struct Tuning {
     /// products, so that one's softmax runs under the other's (`MXR_FLASH_PINGPONG=1`).
     pub flash_pingpong: bool,
     /// Two-head, three-stage warpgroup kernel with a producer warpgroup copying the tiles
-    /// (`MXR_FLASH_PRODUCER=1`; not yet run on a GPU).
+    /// through mbarriers (`MXR_FLASH_PRODUCER`: 1, the default; 0 gives the kernel whose
+    /// consumers also copy, with a block-wide barrier per tile).
     pub flash_producer: bool,
+    /// The producer kernel's copies by the Tensor Memory Accelerator (`MXR_FLASH_TMA`): 0
+    /// (cp.async), 1 (the default), or 2 (multicast to clusters of two blocks, for GQA
+    /// groups that are a multiple of 4; others take cp.async).
+    pub flash_tma: u32,
 }
 
 impl Tuning {
@@ -109,7 +115,8 @@ impl Tuning {
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
-            flash_producer: get("MXR_FLASH_PRODUCER", 0, |v| v <= 1) == 1,
+            flash_producer: get("MXR_FLASH_PRODUCER", 1, |v| v <= 1) == 1,
+            flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
         }
     }
 }
