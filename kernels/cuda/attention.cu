@@ -7,7 +7,7 @@
 // Rotates the first rotary_dim dims of each head_dim-wide head of x [n_tokens, width]:
 // pairs (i, i + rotary_dim/2), angle (*pos + t) * theta^(-2i/rotary_dim), in f64.
 // One thread per (token, head, i).
-extern "C" __global__ void rope(float* x, int n_tokens, int width, int head_dim, int rotary_dim, double theta, const int* pos) {
+extern "C" __global__ void rope(float* x, int n_tokens, int width, int head_dim, int rotary_dim, double theta, const int* pos) { PDL_ENTRY();
     int pos0 = *pos;
     int half = rotary_dim / 2, heads = width / head_dim;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -26,7 +26,7 @@ extern "C" __global__ void rope(float* x, int n_tokens, int width, int head_dim,
 // The rotation table of partial NeoX RoPE for the positions *pos + t, t < n_tokens:
 // cs[t * half + i] = (cos, sin) of (*pos + t) * theta^(-2i/rotary_dim), in f64 rounded to
 // f32 as rope computes them. The attention kernels and kv_append_rope rotate with it.
-extern "C" __global__ void rope_table(float2* cs, int n_tokens, int rotary_dim, double theta, const int* pos) {
+extern "C" __global__ void rope_table(float2* cs, int n_tokens, int rotary_dim, double theta, const int* pos) { PDL_ENTRY();
     int half = rotary_dim / 2;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n_tokens * half) return;
@@ -65,17 +65,17 @@ __device__ void kv_append_rope(const float* src, KV* cache, const int* pos, int 
     kv_store(cache + (size_t)(*pos) * width + i, v);
 }
 extern "C" __global__ void kv_append_rope_f32(const float* src, float* cache, const int* pos, int n_tokens, int width, int head_dim, int rd,
-                                              const float2* cs) {
+                                              const float2* cs) { PDL_ENTRY();
     kv_append_rope(src, cache, pos, n_tokens, width, head_dim, rd, cs);
 }
 extern "C" __global__ void kv_append_rope_bf16(const float* src, u16* cache, const int* pos, int n_tokens, int width, int head_dim, int rd,
-                                               const float2* cs) {
+                                               const float2* cs) { PDL_ENTRY();
     kv_append_rope(src, cache, pos, n_tokens, width, head_dim, rd, cs);
 }
-extern "C" __global__ void kv_append_f32(const float* src, float* cache, const int* pos, int n_tokens, int width) {
+extern "C" __global__ void kv_append_f32(const float* src, float* cache, const int* pos, int n_tokens, int width) { PDL_ENTRY();
     kv_append(src, cache, pos, n_tokens, width);
 }
-extern "C" __global__ void kv_append_bf16(const float* src, u16* cache, const int* pos, int n_tokens, int width) {
+extern "C" __global__ void kv_append_bf16(const float* src, u16* cache, const int* pos, int n_tokens, int width) { PDL_ENTRY();
     kv_append(src, cache, pos, n_tokens, width);
 }
 
@@ -93,10 +93,10 @@ __device__ void kv_append_q8(const float* src, i8* cq, float* cd, const int* pos
     quantize_block32(v, threadIdx.x & 31, cq + r * width + (c & ~31), cd + r * (width / 32) + c / 32);
 }
 extern "C" __global__ void kv_append_rope_q8(const float* src, i8* cq, float* cd, const int* pos, int n_tokens, int width, int head_dim,
-                                             int rd, const float2* cs) {
+                                             int rd, const float2* cs) { PDL_ENTRY();
     kv_append_q8(src, cq, cd, pos, n_tokens, width, head_dim, rd, cs);
 }
-extern "C" __global__ void kv_append_plain_q8(const float* src, i8* cq, float* cd, const int* pos, int n_tokens, int width) {
+extern "C" __global__ void kv_append_plain_q8(const float* src, i8* cq, float* cd, const int* pos, int n_tokens, int width) { PDL_ENTRY();
     kv_append_q8(src, cq, cd, pos, n_tokens, width, width, 0, nullptr);
 }
 
@@ -291,7 +291,7 @@ __device__ void attend_split(const float* q, const KV* kc, const KV* vc, float* 
 // out[h, :] from the splits' partials: one block per query head. The block finds the
 // maximum m and each split's weight exp(m_s - m) (in shared memory, with the denominator),
 // then each thread sums one dim over the splits, several loads in flight. splits <= 1024.
-extern "C" __global__ void attend_combine(const float* part, int splits, int hd, float* out) {
+extern "C" __global__ void attend_combine(const float* part, int splits, int hd, float* out) { PDL_ENTRY();
     __shared__ float w[1024];
     __shared__ float scratch[32];
     int h = blockIdx.x, stride = hd + 2;
@@ -323,15 +323,15 @@ extern "C" __global__ void attend_combine(const float* part, int splits, int hd,
 
 #define ATTEND(HD)                                                                                                                   \
     extern "C" __global__ void attend_##HD(const float* q, const float* kc, const float* vc, float* out, int n_heads, int n_kv_heads, \
-                                           int n_tokens, int hd, const int* pos, float scale) {                                    \
+                                           int n_tokens, int hd, const int* pos, float scale) { PDL_ENTRY();                                    \
         attend<HD>(q, kc, vc, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale);                                                 \
     }                                                                                                                                \
     extern "C" __global__ void attend_split_f32_##HD(const float* q, const float* kc, const float* vc, float* part, int n_heads,    \
-                                                     int n_kv_heads, int hd, const int* pos, float scale) {                           \
+                                                     int n_kv_heads, int hd, const int* pos, float scale) { PDL_ENTRY();                           \
         attend_split<HD, float>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                             \
     }                                                                                                                                \
     extern "C" __global__ void attend_split_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* part, int n_heads,       \
-                                                      int n_kv_heads, int hd, const int* pos, float scale) {                          \
+                                                      int n_kv_heads, int hd, const int* pos, float scale) { PDL_ENTRY();                          \
         attend_split<HD, u16>(q, kc, vc, part, n_heads, n_kv_heads, hd, pos, scale);                                               \
     }
 

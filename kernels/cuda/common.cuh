@@ -8,6 +8,17 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// First statement of every kernel: programmatic dependent launch. In a graph whose
+// kernel-to-kernel edges are programmatic (Gpu::capture with MXR_PDL), a kernel's blocks may
+// start while the kernel before it finishes; griddepcontrol.wait holds them until that
+// kernel has completed and its writes are visible (and returns at once without such an
+// edge), and launch_dependents then lets the next kernel's blocks start early in turn.
+#if __CUDA_ARCH__ >= 900
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_ENTRY()
+#endif
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));

@@ -42,8 +42,8 @@ __device__ void gather_rows_scalar(const u8* w, int rows, int cols, const int* i
 }
 
 #define DEQUANT(suffix, F)                                                                                                  \
-    extern "C" __global__ void to_bf16_##suffix(const u8* w, int rows, int cols, u16* out) { to_bf16<F>(w, rows, cols, out); } \
-    extern "C" __global__ void gather_rows_##suffix(const u8* w, int rows, int cols, const int* ids, float* out) {           \
+    extern "C" __global__ void to_bf16_##suffix(const u8* w, int rows, int cols, u16* out) { PDL_ENTRY(); to_bf16<F>(w, rows, cols, out); } \
+    extern "C" __global__ void gather_rows_##suffix(const u8* w, int rows, int cols, const int* ids, float* out) { PDL_ENTRY();           \
         gather_rows<F>(w, rows, cols, ids, out);                                                                           \
     }
 
@@ -56,8 +56,8 @@ DEQUANT(f16, Half<false>)
 DEQUANT(f32, F32)
 
 #define DEQUANT_SCALAR(suffix, F)                                                                                                  \
-    extern "C" __global__ void to_bf16_scalar_##suffix(const u8* w, int rows, int cols, u16* out) { to_bf16_scalar<F>(w, rows, cols, out); } \
-    extern "C" __global__ void gather_rows_scalar_##suffix(const u8* w, int rows, int cols, const int* ids, float* out) {         \
+    extern "C" __global__ void to_bf16_scalar_##suffix(const u8* w, int rows, int cols, u16* out) { PDL_ENTRY(); to_bf16_scalar<F>(w, rows, cols, out); } \
+    extern "C" __global__ void gather_rows_scalar_##suffix(const u8* w, int rows, int cols, const int* ids, float* out) { PDL_ENTRY();         \
         gather_rows_scalar<F>(w, rows, cols, ids, out);                                                                          \
     }
 
@@ -65,7 +65,7 @@ DEQUANT_SCALAR(bf16, Half<true>)
 DEQUANT_SCALAR(f16, Half<false>)
 DEQUANT_SCALAR(f32, F32)
 
-extern "C" __global__ void f32_to_bf16_n(const float* x, long long n, u16* out) {
+extern "C" __global__ void f32_to_bf16_n(const float* x, long long n, u16* out) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16(x[i]);
 }
@@ -74,7 +74,7 @@ extern "C" __global__ void f32_to_bf16_n(const float* x, long long n, u16* out) 
 // quantize_row_q8_0: d = max|x| / 127, q = roundf(x / d) computed with the f32 inverse of
 // d, and d kept rounded to f16 (stored here as the f32 value of that f16). One warp per
 // block.
-extern "C" __global__ void quantize_act(const float* x, long long n_blocks, i8* xq, float* xd) {
+extern "C" __global__ void quantize_act(const float* x, long long n_blocks, i8* xq, float* xd) { PDL_ENTRY();
     long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (blk >= n_blocks) return;
@@ -83,7 +83,7 @@ extern "C" __global__ void quantize_act(const float* x, long long n_blocks, i8* 
 
 // quantize_act of SwiGLU's output silu(g) * u, computed as elementwise.cu's swiglu computes
 // it: the input of an expert's down product in one pass instead of two.
-extern "C" __global__ void swiglu_quantize(const float* g, const float* u, long long n_blocks, i8* xq, float* xd) {
+extern "C" __global__ void swiglu_quantize(const float* g, const float* u, long long n_blocks, i8* xq, float* xd) { PDL_ENTRY();
     long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (blk >= n_blocks) return;

@@ -1,36 +1,36 @@
 // Elementwise and row-moving ops of the forward pass (prepended: common.cuh).
 
-extern "C" __global__ void silu_inplace(float* x, long long n) {
+extern "C" __global__ void silu_inplace(float* x, long long n) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = silu(x[i]);
 }
 
 // o *= sigmoid(g)
-extern "C" __global__ void sigmoid_gate(float* o, const float* g, long long n) {
+extern "C" __global__ void sigmoid_gate(float* o, const float* g, long long n) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) o[i] *= sigmoid(g[i]);
 }
 
 // out = silu(g) * u
-extern "C" __global__ void swiglu(const float* g, const float* u, float* out, long long n) {
+extern "C" __global__ void swiglu(const float* g, const float* u, float* out, long long n) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = silu(g[i]) * u[i];
 }
 
 // out = bf16(silu(g) * u): swiglu straight into a tensor-core product's input
-extern "C" __global__ void swiglu_bf16(const float* g, const float* u, u16* out, long long n) {
+extern "C" __global__ void swiglu_bf16(const float* g, const float* u, u16* out, long long n) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16(silu(g[i]) * u[i]);
 }
 
 // x = alpha * x + beta * a
-extern "C" __global__ void residual(float* x, const float* a, long long n, float alpha, float beta) {
+extern "C" __global__ void residual(float* x, const float* a, long long n, float alpha, float beta) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = x[i] * alpha + a[i] * beta;
 }
 
 // dst[i, :] = src[idx[i] / div, :] for i = blockIdx.y
-extern "C" __global__ void gather_rows(const float* src, const int* idx, int div, int width, float* dst) {
+extern "C" __global__ void gather_rows(const float* src, const int* idx, int div, int width, float* dst) { PDL_ENTRY();
     const float* s = src + (size_t)(idx[blockIdx.y] / div) * width;
     float* d = dst + (size_t)blockIdx.y * width;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];
@@ -38,7 +38,7 @@ extern "C" __global__ void gather_rows(const float* src, const int* idx, int div
 
 // dst[i, :] = bf16(src[idx[i] / div, :]) for i = blockIdx.y: gathered straight into a
 // tensor-core product's input
-extern "C" __global__ void gather_rows_bf16(const float* src, const int* idx, int div, int width, u16* dst) {
+extern "C" __global__ void gather_rows_bf16(const float* src, const int* idx, int div, int width, u16* dst) { PDL_ENTRY();
     const float* s = src + (size_t)(idx[blockIdx.y] / div) * width;
     u16* d = dst + (size_t)blockIdx.y * width;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = f32_to_bf16(s[c]);
@@ -46,13 +46,13 @@ extern "C" __global__ void gather_rows_bf16(const float* src, const int* idx, in
 
 // out[i] = table[ids[i]] for i < n (an expert's place in a layer's GPU stacks); ids come
 // from the router, below the table's length by construction
-extern "C" __global__ void map_ids(const int* ids, const int* table, int n, int* out) {
+extern "C" __global__ void map_ids(const int* ids, const int* table, int n, int* out) { PDL_ENTRY();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = table[ids[i]];
 }
 
 // dst[idx[i], :] = src[i, :] for i = blockIdx.y
-extern "C" __global__ void scatter_rows(const float* src, const int* idx, int width, float* dst) {
+extern "C" __global__ void scatter_rows(const float* src, const int* idx, int width, float* dst) { PDL_ENTRY();
     const float* s = src + (size_t)blockIdx.y * width;
     float* d = dst + (size_t)idx[blockIdx.y] * width;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];

@@ -378,35 +378,35 @@ __device__ void flash_decode(const float* q, const KV kv, float* part, int n_hea
 #define FLASH(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) flash_bf16_##HD(const float* q, const u16* kc, const u16* vc, float* out,    \
                                                                      int n_heads, int n_kv_heads, int n_tokens, int hd,            \
-                                                                     const int* pos, float scale, int rd, const float2* cs) {      \
+                                                                     const int* pos, float scale, int rd, const float2* cs) { PDL_ENTRY();      \
         flash<HD>(q, KvBf16{kc, vc}, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                  \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode_bf16_##HD(const float* q, const u16* kc, const u16* vc,         \
                                                                             float* part, int n_heads, int n_kv_heads, int hd,      \
-                                                                            const int* pos, float scale, int rd, const float2* cs) { \
+                                                                            const int* pos, float scale, int rd, const float2* cs) { PDL_ENTRY(); \
         flash_decode<HD, 2>(q, KvBf16{kc, vc}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                 \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode3_bf16_##HD(const float* q, const u16* kc, const u16* vc,        \
                                                                              float* part, int n_heads, int n_kv_heads, int hd,     \
-                                                                             const int* pos, float scale, int rd, const float2* cs) { \
+                                                                             const int* pos, float scale, int rd, const float2* cs) { PDL_ENTRY(); \
         flash_decode<HD, 3>(q, KvBf16{kc, vc}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                                 \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_q8_##HD(const float* q, const i8* kc, const i8* vc, const float* kd,  \
                                                                    const float* vd, float* out, int n_heads, int n_kv_heads,       \
                                                                    int n_tokens, int hd, const int* pos, float scale, int rd,      \
-                                                                   const float2* cs) {                                             \
+                                                                   const float2* cs) { PDL_ENTRY();                                             \
         flash<HD>(q, KvQ8{kc, vc, kd, vd}, out, n_tokens, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                            \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode_q8_##HD(const float* q, const i8* kc, const i8* vc,             \
                                                                           const float* kd, const float* vd, float* part,           \
                                                                           int n_heads, int n_kv_heads, int hd, const int* pos,     \
-                                                                          float scale, int rd, const float2* cs) {                 \
+                                                                          float scale, int rd, const float2* cs) { PDL_ENTRY();                 \
         flash_decode<HD, 2>(q, KvQ8{kc, vc, kd, vd}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                           \
     }                                                                                                                             \
     extern "C" __global__ void __launch_bounds__(128) flash_decode3_q8_##HD(const float* q, const i8* kc, const i8* vc,            \
                                                                            const float* kd, const float* vd, float* part,          \
                                                                            int n_heads, int n_kv_heads, int hd, const int* pos,    \
-                                                                           float scale, int rd, const float2* cs) {                \
+                                                                           float scale, int rd, const float2* cs) { PDL_ENTRY();                \
         flash_decode<HD, 3>(q, KvQ8{kc, vc, kd, vd}, part, n_heads, n_kv_heads, hd, pos, scale, rd, cs);                           \
     }
 

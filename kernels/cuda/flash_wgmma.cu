@@ -368,7 +368,7 @@ __device__ __forceinline__ void flash_wg(const float* q, const u16* kc, const u1
 #define WG_KERNEL(NAME, HPB, STAGES, PP)                                                                                               \
     extern "C" __global__ void __launch_bounds__(128 * HPB) NAME(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, \
                                                                  int n_kv_heads, int n_tokens, int hd, const int* pos, float scale,    \
-                                                                 int rd, const float2* cs) {                                           \
+                                                                 int rd, const float2* cs) { PDL_ENTRY();                                           \
         flash_wg<HPB, STAGES, PP>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);                                  \
     }
 WG_KERNEL(flash_wg_bf16_128, 1, 2, false)
@@ -495,12 +495,12 @@ __device__ __forceinline__ void flash_ws(const float* q, const u16* kc, const u1
 // Shared memory: 3 * 2 * WG_TILE * 2 bytes of tiles, then 6 mbarriers (48 bytes).
 extern "C" __global__ void __launch_bounds__(WS_THREADS) flash_wgs2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out,
                                                                            int n_heads, int n_kv_heads, int n_tokens, int hd,
-                                                                           const int* pos, float scale, int rd, const float2* cs) {
+                                                                           const int* pos, float scale, int rd, const float2* cs) { PDL_ENTRY();
     flash_ws<false>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
 }
 extern "C" __global__ void __launch_bounds__(WS_THREADS) flash_wgspp2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out,
                                                                              int n_heads, int n_kv_heads, int n_tokens, int hd,
-                                                                             const int* pos, float scale, int rd, const float2* cs) {
+                                                                             const int* pos, float scale, int rd, const float2* cs) { PDL_ENTRY();
     flash_ws<true>(q, kc, vc, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs);
 }
 
@@ -665,12 +665,12 @@ __device__ __forceinline__ void flash_wt(const float* q, float* out, int n_heads
 extern "C" __global__ void __launch_bounds__(WS_THREADS)
     flash_wgt2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads, int n_tokens, int hd,
                         const int* pos, float scale, int rd, const float2* cs, const __grid_constant__ TmaMap tk,
-                        const __grid_constant__ TmaMap tv) {
+                        const __grid_constant__ TmaMap tv) { PDL_ENTRY();
     flash_wt<1>(q, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs, &tk, &tv);
 }
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(WS_THREADS)
     flash_wgtc2_bf16_128(const float* q, const u16* kc, const u16* vc, float* out, int n_heads, int n_kv_heads, int n_tokens, int hd,
                          const int* pos, float scale, int rd, const float2* cs, const __grid_constant__ TmaMap tk,
-                         const __grid_constant__ TmaMap tv) {
+                         const __grid_constant__ TmaMap tv) { PDL_ENTRY();
     flash_wt<2>(q, out, n_heads, n_kv_heads, n_tokens, pos, scale, rd, cs, &tk, &tv);
 }

@@ -102,7 +102,7 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
 
 #define LIGHTNING(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(32) lightning_##HD(const float* qkv, float* state, const float* decay, float* out, int n_tokens, \
-                                                                    int n_heads, int hd, int act) {                                   \
+                                                                    int n_heads, int hd, int act) { PDL_ENTRY();                                   \
         lightning<HD>(qkv, state, decay, out, n_tokens, n_heads, hd, act);                                                             \
     }
 
@@ -167,7 +167,7 @@ __device__ __forceinline__ void state_tile(float (&s)[2][NT][4], float* st, int 
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd, int act) {
+    lightning_chunked(const float* qkv, float* state, const float* decay, float* out, int n_tokens, int n_heads, int hd, int act) { PDL_ENTRY();
     constexpr int LDQ = LHD + 8, LDV = LW + 8, KS = LHD / 16, NT = LW / 8, CT = LC / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* qs = smem;             // [LC][LDQ] q

@@ -141,17 +141,17 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
 #define MATVEC_F(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
 #define Q2ARGS                                                                                                                  \
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
         int x_div, float *y0, float *y1
 #define MATVEC2_Q(name, F)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(Q2ARGS) {                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(Q2ARGS) { PDL_ENTRY();                                                 \
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 
@@ -167,7 +167,7 @@ MATVEC_F(matvec_bf16, Half<true>)
 MATVEC_F(matvec_f16, Half<false>)
 MATVEC_F(matvec_f32, F32)
 #define MATVEC_WIDE(name, F) \
-    extern "C" __global__ void __launch_bounds__(256) name(FARGS) { matvec_wide<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(256) name(FARGS) { PDL_ENTRY(); matvec_wide<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 MATVEC_WIDE(matvec_wide_bf16, Half<true>)
 MATVEC_WIDE(matvec_wide_f16, Half<false>)
 MATVEC_WIDE(matvec_wide_f32, F32)

@@ -6,7 +6,7 @@
 // Per token (one warp each): p = softmax(logits) in f32, the top k of p (ties to the lower
 // expert), weights renormalised over the k. ids/weights: [n_tokens, k]; counts[e] += 1 per
 // choice. k <= MAX_K, n_experts <= 32 * MAX_EXPERTS_PER_LANE (checked by the launcher).
-extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_experts, int k, int* ids, float* weights, unsigned* counts) {
+extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_experts, int k, int* ids, float* weights, unsigned* counts) { PDL_ENTRY();
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (t >= n_tokens) return;
@@ -56,7 +56,7 @@ extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_e
 }
 
 // out[t, :] = Σ_j weights[t, j] * y[t * k + j, :]
-extern "C" __global__ void moe_combine(const float* y, const float* weights, int k, int width, float* out) {
+extern "C" __global__ void moe_combine(const float* y, const float* weights, int k, int width, float* out) { PDL_ENTRY();
     int t = blockIdx.y;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) {
         float acc = 0.f;

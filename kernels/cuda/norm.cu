@@ -3,7 +3,7 @@
 // reduced across the block. Rows of a multiple of 4 values go 16 bytes a load, so that a
 // decode row (one block) takes one or two loads per thread rather than a long serial loop.
 
-extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float eps) {
+extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float eps) { PDL_ENTRY();
     __shared__ float scratch[32];
     float* row = x + (size_t)blockIdx.x * width;
     float ss = 0.f;
@@ -35,7 +35,7 @@ extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float ep
 // of the result as quantize_act makes them (width % 32 == 0). One kernel for the residual
 // of one stage, the norm of the next and its products' input.
 extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, float beta, const float* w, const float* gate, int width,
-                                         float eps, i8* xq, float* xd) {
+                                         float eps, i8* xq, float* xd) { PDL_ENTRY();
     __shared__ float scratch[32];
     float* row = x + (size_t)blockIdx.x * width;
     const float* ar = a ? a + (size_t)blockIdx.x * width : nullptr;

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod blas;
+pub mod graph;
 pub mod host;
 pub mod lightning;
 pub mod matrix;
@@ -26,6 +27,7 @@ pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut
 
 use crate::KernelError;
 pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
+pub use graph::Graph;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct};
@@ -102,6 +104,9 @@ pub struct Tuning {
     /// (cp.async), 1 (the default), or 2 (multicast to clusters of two blocks, for GQA
     /// groups that are a multiple of 4; others take cp.async).
     pub flash_tma: u32,
+    /// Captured graphs with programmatic edges between mxr's kernels (`MXR_PDL`: 1, or 0
+    /// for plain edges): see graph.rs.
+    pub pdl: bool,
 }
 
 impl Tuning {
@@ -117,6 +122,7 @@ impl Tuning {
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
             flash_producer: get("MXR_FLASH_PRODUCER", 1, |v| v <= 1) == 1,
             flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
+            pdl: get("MXR_PDL", 0, |v| v <= 1) == 1,
         }
     }
 }
@@ -496,23 +502,25 @@ impl Gpu {
         let body = f();
         let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         body?;
-        match end.map_err(|e| drv("ending graph capture", e))? {
-            Some(g) => Ok(Graph(g)),
-            None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
+        let mut graph = match end.map_err(|e| drv("ending graph capture", e))? {
+            Some(g) => Graph::new(g, self.stream.cu_stream()),
+            None => return Err(KernelError::Cuda("graph capture recorded nothing".into())),
+        };
+        if self.tuning.pdl {
+            let ours = self
+                .functions
+                .lock()
+                .map_err(|_| KernelError::Threads("function cache poisoned".into()))?
+                .values()
+                .map(|f| f.cu_function() as usize)
+                .collect();
+            graph.programmatic(&ours)?;
         }
+        Ok(graph)
     }
 
     pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {
         &self.blas
-    }
-}
-
-/// A captured sequence of GPU work, replayed as one launch.
-pub struct Graph(cudarc::driver::CudaGraph);
-
-impl Graph {
-    pub fn launch(&self) -> Result<()> {
-        self.0.launch().map_err(|e| drv("launching a graph", e))
     }
 }
 
