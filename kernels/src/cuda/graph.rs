@@ -5,14 +5,13 @@
 //! every step of a decode (about a hundred kernels per token). With programmatic edges the
 //! next kernel's blocks may start while the previous one drains; every mxr kernel begins
 //! with `PDL_ENTRY()` (common.cuh), whose griddepcontrol.wait holds it until the kernel it
-//! depends on has completed and its writes are visible. Only edges into mxr's own kernels
-//! are changed (a cuBLAS kernel has no such wait).
-
-use std::collections::HashSet;
+//! depends on has completed and its writes are visible. The edges are set while capturing,
+//! just before each of mxr's own launches (a cuBLAS kernel has no such wait, and edges
+//! cannot be changed afterwards in a graph that holds allocation nodes).
 
 use cudarc::driver::sys::{
-    self, cuGraphAddDependencies_v2, cuGraphExecDestroy, cuGraphGetEdges_v2, cuGraphInstantiateWithFlags, cuGraphKernelNodeGetParams_v2,
-    cuGraphLaunch, cuGraphNodeGetType, cuGraphRemoveDependencies_v2, CUgraphEdgeData, CUgraphNode, CUgraphNodeType, CUresult,
+    self, cuGraphNodeGetType, cuStreamGetCaptureInfo_v3, cuStreamUpdateCaptureDependencies_v2, CUgraphEdgeData, CUgraphNode,
+    CUgraphNodeType, CUresult, CUstreamCaptureStatus,
 };
 use cudarc::driver::CudaGraph;
 
@@ -28,87 +27,56 @@ fn ok(what: &str, r: CUresult) -> Result<()> {
     }
 }
 
-/// A captured sequence of GPU work, replayed as one launch (boxed: sessions hold one).
-pub struct Graph(Box<Inner>);
-
-struct Inner {
-    graph: CudaGraph,
-    /// The graph re-instantiated with programmatic edges (None: replay `graph` as captured).
-    pdl: Option<sys::CUgraphExec>,
-    stream: sys::CUstream,
-}
+/// A captured sequence of GPU work, replayed as one launch.
+pub struct Graph(pub(super) CudaGraph);
 
 impl Graph {
-    pub(super) fn new(graph: CudaGraph, stream: sys::CUstream) -> Graph {
-        Graph(Box::new(Inner { graph, pdl: None, stream }))
-    }
-
-    /// Makes every kernel-to-kernel edge into one of `ours` (CUfunction handles of mxr's
-    /// kernels) programmatic, and instantiates the graph so. Returns the number of edges
-    /// changed.
-    pub(super) fn programmatic(&mut self, ours: &HashSet<usize>) -> Result<usize> {
-        let me = &mut *self.0;
-        let g = me.graph.cu_graph();
-        // SAFETY: `g` is the live graph `self.graph` owns; every array passed holds the
-        // number of elements the call is told, and nodes come from the graph itself.
-        unsafe {
-            let mut n = 0usize;
-            ok("listing graph edges", cuGraphGetEdges_v2(g, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), &mut n))?;
-            let mut from = vec![std::ptr::null_mut(); n];
-            let mut to = vec![std::ptr::null_mut(); n];
-            let mut data = vec![CUgraphEdgeData { from_port: 0, to_port: 0, type_: 0, reserved: [0; 5] }; n];
-            ok("listing graph edges", cuGraphGetEdges_v2(g, from.as_mut_ptr(), to.as_mut_ptr(), data.as_mut_ptr(), &mut n))?;
-            let kernel_of = |node: CUgraphNode| -> Result<Option<usize>> {
-                let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-                ok("reading a graph node", cuGraphNodeGetType(node, &mut t))?;
-                if t != CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
-                    return Ok(None);
-                }
-                let mut p = std::mem::MaybeUninit::<sys::CUDA_KERNEL_NODE_PARAMS>::zeroed();
-                ok("reading a kernel node", cuGraphKernelNodeGetParams_v2(node, p.as_mut_ptr()))?;
-                Ok(Some(p.assume_init().func as usize))
-            };
-            let mut changed = 0;
-            for i in 0..n {
-                let d = data[i];
-                if d.type_ != 0 || kernel_of(from[i])?.is_none() || !kernel_of(to[i])?.is_some_and(|f| ours.contains(&f)) {
-                    continue;
-                }
-                ok("removing a graph edge", cuGraphRemoveDependencies_v2(g, &from[i], &to[i], &d, 1))?;
-                let p = CUgraphEdgeData {
-                    from_port: sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8,
-                    to_port: 0,
-                    type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8,
-                    reserved: [0; 5],
-                };
-                ok("adding a programmatic graph edge", cuGraphAddDependencies_v2(g, &from[i], &to[i], &p, 1))?;
-                changed += 1;
-            }
-            let mut exec = std::ptr::null_mut();
-            ok("instantiating a graph with programmatic edges", cuGraphInstantiateWithFlags(&mut exec, g, 0))?;
-            if let Some(old) = me.pdl.replace(exec) {
-                cuGraphExecDestroy(old);
-            }
-            Ok(changed)
-        }
-    }
-
     pub fn launch(&self) -> Result<()> {
-        match self.0.pdl {
-            // SAFETY: a live executable graph, launched on the stream it was captured from.
-            Some(exec) => ok("launching a graph", unsafe { cuGraphLaunch(exec, self.0.stream) }),
-            None => self.0.graph.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}"))),
-        }
+        self.0.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
     }
 }
 
-impl Drop for Graph {
-    fn drop(&mut self) {
-        if let Some(exec) = self.0.pdl.take() {
-            // SAFETY: instantiated by `programmatic` and not used after this.
-            unsafe {
-                cuGraphExecDestroy(exec);
+/// While `stream` is capturing: makes the edges from the kernel nodes the next captured node
+/// will depend on programmatic (the next node must be one of mxr's kernels). Nothing when
+/// the stream is not capturing.
+pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
+    // SAFETY: the arrays returned by the capture query stay valid until the next call on
+    // the stream; they are copied before the update, which takes arrays of length n.
+    unsafe {
+        let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let (mut deps, mut data, mut n): (*const CUgraphNode, *const CUgraphEdgeData, usize) = (std::ptr::null(), std::ptr::null(), 0);
+        ok(
+            "reading the capture state",
+            cuStreamGetCaptureInfo_v3(stream, &mut status, std::ptr::null_mut(), std::ptr::null_mut(), &mut deps, &mut data, &mut n),
+        )?;
+        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || n == 0 || deps.is_null() {
+            return Ok(());
+        }
+        let mut nodes = std::slice::from_raw_parts(deps, n).to_vec();
+        let plain = CUgraphEdgeData { from_port: 0, to_port: 0, type_: 0, reserved: [0; 5] };
+        let mut edges = if data.is_null() { vec![plain; n] } else { std::slice::from_raw_parts(data, n).to_vec() };
+        let mut any = false;
+        for (node, e) in nodes.iter().zip(edges.iter_mut()) {
+            let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            ok("reading a graph node", cuGraphNodeGetType(*node, &mut t))?;
+            if t == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL && e.type_ == 0 {
+                e.from_port = sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8;
+                e.type_ = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
+                any = true;
             }
         }
+        if any {
+            ok(
+                "setting programmatic capture dependencies",
+                cuStreamUpdateCaptureDependencies_v2(
+                    stream,
+                    nodes.as_mut_ptr(),
+                    edges.as_ptr(),
+                    n,
+                    sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES as u32,
+                ),
+            )?;
+        }
+        Ok(())
     }
 }

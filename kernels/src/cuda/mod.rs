@@ -104,8 +104,8 @@ pub struct Tuning {
     /// (cp.async), 1 (the default), or 2 (multicast to clusters of two blocks, for GQA
     /// groups that are a multiple of 4; others take cp.async).
     pub flash_tma: u32,
-    /// Captured graphs with programmatic edges between mxr's kernels (`MXR_PDL`: 1, or 0
-    /// for plain edges): see graph.rs.
+    /// Captured graphs with programmatic edges into mxr's kernels (`MXR_PDL`: 1, or 0 for
+    /// plain edges): see graph.rs.
     pub pdl: bool,
 }
 
@@ -502,21 +502,10 @@ impl Gpu {
         let body = f();
         let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         body?;
-        let mut graph = match end.map_err(|e| drv("ending graph capture", e))? {
-            Some(g) => Graph::new(g, self.stream.cu_stream()),
-            None => return Err(KernelError::Cuda("graph capture recorded nothing".into())),
-        };
-        if self.tuning.pdl {
-            let ours = self
-                .functions
-                .lock()
-                .map_err(|_| KernelError::Threads("function cache poisoned".into()))?
-                .values()
-                .map(|f| f.cu_function() as usize)
-                .collect();
-            graph.programmatic(&ours)?;
+        match end.map_err(|e| drv("ending graph capture", e))? {
+            Some(g) => Ok(Graph(g)),
+            None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
         }
-        Ok(graph)
     }
 
     pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {

@@ -77,6 +77,9 @@ macro_rules! launch_on {
         let name: &'static str = $name;
         let cfg: LaunchConfig = $cfg;
         let f = $gpu.function($src, name)?;
+        if $gpu.tuning.pdl {
+            $crate::cuda::graph::programmatic_next($stream.cu_stream())?;
+        }
         let mut b = $stream.launch_builder(&f);
         $(b.arg($arg);)+
         // SAFETY: the launcher checked every buffer against the sizes the kernel touches.
