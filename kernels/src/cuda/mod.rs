@@ -104,8 +104,8 @@ pub struct Tuning {
     /// (cp.async), 1 (the default), or 2 (multicast to clusters of two blocks, for GQA
     /// groups that are a multiple of 4; others take cp.async).
     pub flash_tma: u32,
-    /// Captured graphs with programmatic edges into mxr's kernels (`MXR_PDL`: 1, or 0 for
-    /// plain edges): see graph.rs.
+    /// Captured graphs with programmatic edges into mxr's kernels (`MXR_PDL`: 1, the
+    /// default, or 0 for plain edges): see graph.rs.
     pub pdl: bool,
 }
 
@@ -122,7 +122,7 @@ impl Tuning {
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
             flash_producer: get("MXR_FLASH_PRODUCER", 1, |v| v <= 1) == 1,
             flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
-            pdl: get("MXR_PDL", 0, |v| v <= 1) == 1,
+            pdl: get("MXR_PDL", 1, |v| v <= 1) == 1,
         }
     }
 }
