@@ -51,9 +51,6 @@ __device__ __forceinline__ void load_block(const i8* xq, const float* xd, int bl
 }
 
 struct Q8_0 {
-    // bytes per row: of the quants, then of the f16 scales that follow all the quants
-    __device__ static size_t row_bytes(int cols) { return (size_t)cols; }
-    __device__ static size_t scale_bytes(int cols) { return (size_t)(cols >> 5) * 2; }
     __device__ static int units(int cols) { return cols >> 5; }
     __device__ static float scale(const u8* w, int rows, int cols, int r, int u) {
         return f16_to_f32(((const u16*)(w + (size_t)rows * cols))[(size_t)r * (cols >> 5) + u]);
@@ -80,8 +77,6 @@ struct Q8_0 {
 };
 
 struct Q4_0 {
-    __device__ static size_t row_bytes(int cols) { return (size_t)(cols >> 1); }
-    __device__ static size_t scale_bytes(int cols) { return (size_t)(cols >> 5) * 2; }
     __device__ static int units(int cols) { return cols >> 5; }
     __device__ static float scale(const u8* w, int rows, int cols, int r, int u) {
         return f16_to_f32(((const u16*)(w + (size_t)rows * (cols >> 1)))[(size_t)r * (cols >> 5) + u]);
@@ -118,8 +113,6 @@ struct Q4_0 {
 // (sub-block 2j) and 32 high nibbles (sub-block 2j+1), j = u % 4. Each unit decodes its
 // two (scale, min) pairs once for 64 values.
 struct Q4_K {
-    __device__ static size_t row_bytes(int cols) { return (size_t)(cols >> 8) * 144; }
-    __device__ static size_t scale_bytes(int) { return 0; }
     __device__ static int units(int cols) { return cols >> 6; }
     // The block's 16-byte header in one load: d and dmin (f16) in .x, the 12 bytes of
     // packed 6-bit scales and mins in .y, .z, .w. Blocks are 144 bytes from a 256-byte
@@ -202,8 +195,6 @@ struct Q4_K {
 // A unit is 16 values: half h, positions l0..l0+3 (l0 = 4g) of each of the four 32-wide
 // quarters; the quarters' 6-bit values come out of one ql word pair and one qh word.
 struct Q6_K {
-    __device__ static size_t row_bytes(int cols) { return (size_t)(cols >> 8) * 212; }
-    __device__ static size_t scale_bytes(int) { return 0; }
     __device__ static int units(int cols) { return cols >> 4; }
     __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 212 + (size_t)(u >> 4) * 212; }
     // The four quarters' 6-bit values (as unsigned bytes, value = byte - 32) of unit u.
@@ -256,8 +247,6 @@ struct Q6_K {
 // aligned (cols % 8 == 0); otherwise the launcher picks the one-value kernel (dot1).
 template <bool BF>
 struct Half {
-    __device__ static size_t row_bytes(int cols) { return (size_t)cols * 2; }
-    __device__ static size_t scale_bytes(int) { return 0; }
     __device__ static float cvt(u16 h) { return BF ? bf16_to_f32(h) : f16_to_f32(h); }
     __device__ static int units(int cols) { return (cols & 7) ? cols : cols >> 3; }
     struct X { float v[8]; };
@@ -290,8 +279,6 @@ struct Half {
 };
 
 struct F32 {
-    __device__ static size_t row_bytes(int cols) { return (size_t)cols * 4; }
-    __device__ static size_t scale_bytes(int) { return 0; }
     __device__ static int units(int cols) { return (cols & 3) ? cols : cols >> 2; }
     struct X { float4 v; };
     __device__ static void load_x(const float* x, int u, X& xu) { xu.v = *(const float4*)(x + (u << 2)); }

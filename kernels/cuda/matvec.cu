@@ -22,32 +22,6 @@
 #define UNROLL 2  // units in flight per lane in the main loop
 #endif
 
-#ifndef PREFETCH
-#define PREFETCH 1  // dense products: the block's weights into L2 before waiting on the previous kernel
-#endif
-
-// Before PDL_ENTRY's wait (so while the previous kernel still runs): one thread of the
-// first pair's blocks asks L2 for the block's rows of a dense matrix (ids null: the weights
-// do not depend on any earlier kernel). Formats keep rows in one array (plus, for Q8_0 and
-// Q4_0, a second array of per-row scales after it).
-template <class F>
-__device__ __forceinline__ void prefetch_rows(const u8* w, const int* ids, int rows, int cols) {
-#if PREFETCH && __CUDA_ARCH__ >= 900
-    if (ids || threadIdx.x != 0 || blockIdx.y != 0) return;
-    const int r0 = blockIdx.x * WARPS * ROWS, n = min(WARPS * ROWS, rows - r0);
-    if (n <= 0) return;
-    const size_t rb = F::row_bytes(cols), sb = F::scale_bytes(cols);
-    const u8* spans[2] = {w + (size_t)r0 * rb, w + (size_t)rows * rb + (size_t)r0 * sb};
-    const size_t sizes[2] = {(size_t)n * rb, (size_t)n * sb};
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        // whole 16-byte pieces inside the span
-        unsigned long long a = ((unsigned long long)spans[i] + 15) & ~15ull, e = ((unsigned long long)spans[i] + sizes[i]) & ~15ull;
-        if (e > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"((u32)(e - a)) : "memory");
-    }
-#endif
-}
-
 // The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
 // Input::dot(r, u, in) one row's product with them.
 template <class Input>
@@ -167,9 +141,9 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(QARGS) { prefetch_rows<F>(w, ids, rows, cols); PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
 #define MATVEC_F(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { prefetch_rows<F>(w, ids, rows, cols); PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
@@ -177,9 +151,7 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
         int x_div, float *y0, float *y1
 #define MATVEC2_Q(name, F)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(Q2ARGS) {                                                 \
-        if (blockIdx.z == 0) prefetch_rows<F>(w0, ids, rows0, cols); else prefetch_rows<F>(w1, ids, rows1, cols);            \
-        PDL_ENTRY();                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(Q2ARGS) { PDL_ENTRY();                                                 \
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 

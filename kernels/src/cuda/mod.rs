@@ -86,9 +86,6 @@ pub struct Tuning {
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
-    /// Dense matrix-vector products ask L2 for their block's weights before waiting on the
-    /// previous kernel (`MXR_MATVEC_PREFETCH`: 1, the default, or 0).
-    pub matvec_prefetch: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
     /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
@@ -120,7 +117,6 @@ impl Tuning {
             matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
-            matvec_prefetch: get("MXR_MATVEC_PREFETCH", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
@@ -277,7 +273,6 @@ impl Gpu {
                 format!("ROWS={}", self.tuning.matvec_rows),
                 format!("WARPS={}", self.tuning.matvec_warps),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
-                format!("PREFETCH={}", self.tuning.matvec_prefetch as u32),
             ],
             _ => Vec::new(),
         };
