@@ -73,6 +73,15 @@ pub fn run(g: &Gpu, only: Option<&str>) -> Result<()> {
         let s = time(g, 50, || Ok(g.matvec(&down, Some(&ids), &xd.as_view(), 1, 2, &mut yd.as_view_mut())?))?;
         row("matvec 2 experts", &q.to_string(), "2 x 6144x9216", s, 2.0 * down.expert_bytes() as f64);
     }
+    if want("matvec") {
+        // the real model's lm_head, in the precision the converter keeps it (2.46 GB)
+        let (rows, cols) = (200064, 6144);
+        let w = matrix(g, QType::BF16, 1, rows, cols)?;
+        let x = g.upload(&Rng::new(2).normals(cols, 1.0))?;
+        let mut y = g.zeros::<f32>(rows)?;
+        let s = time(g, 10, || Ok(g.matvec(&w, None, &x.as_view(), 1, 1, &mut y.as_view_mut())?))?;
+        row("matvec lm_head", "BF16", "200064x6144", s, w.expert_bytes() as f64);
+    }
     let (heads, hd) = (64, 128);
     if want("lightning") {
         lightning(g, &row, heads, hd)?;
