@@ -395,15 +395,13 @@ __device__ __forceinline__ void mb_init(u64* b, int count) {
 __device__ __forceinline__ void mb_arrive(u64* b) {
     asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_addr(b)) : "memory");
 }
+// a loop on mbarrier.try_wait.parity with the given semantics and scope qualifiers
+#define MB_WAIT_ASM(SEM)                                            \
+    "{\n.reg .pred done;\nWAIT_%=:\n"                               \
+    "mbarrier.try_wait.parity" SEM ".shared::cta.b64 done, [%0], %1;\n" \
+    "@!done bra WAIT_%=;\n}\n"
 // waits for the completion of the phase with this parity
-__device__ __forceinline__ void mb_wait(u64* b, int parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(b)),
-        "r"(parity)
-        : "memory");
-}
+__device__ __forceinline__ void mb_wait(u64* b, int parity) { asm volatile(MB_WAIT_ASM("") ::"r"(smem_addr(b)), "r"(parity) : "memory"); }
 
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
@@ -567,12 +565,7 @@ __device__ __forceinline__ void mb_arrive_cluster(u64* b, u32 rank) {
 }
 // mb_wait for arrivals from the whole cluster
 __device__ __forceinline__ void mb_wait_cluster(u64* b, int parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAITC_%=:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAITC_%=;\n}\n" ::"r"(smem_addr(b)),
-        "r"(parity)
-        : "memory");
+    asm volatile(MB_WAIT_ASM(".acquire.cluster") ::"r"(smem_addr(b)), "r"(parity) : "memory");
 }
 // box (c0, c1, c2) of map m into dst, counted on bar; with MC, into the same offsets (and
 // barrier) of every block of the cluster in `mask`
