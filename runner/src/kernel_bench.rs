@@ -139,19 +139,23 @@ fn attention(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd
     }
     // a long prompt's chunk: 8,192 queries after 57,344 cached positions (every query sees
     // 57,345 to 65,536 keys), as a million-token prefill runs it chunk by chunk
+    // and the last chunk of a million-token prompt, for the producer kernels (the others
+    // take seconds there)
     if g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
-        let (chunk, depth) = (8192usize, 65536usize);
-        let (kc, vc) = (g.kv_zeros(KvType::Bf16, depth * kv_dim)?, g.kv_zeros(KvType::Bf16, depth * kv_dim)?);
-        let q = g.upload(&Rng::new(10).normals(chunk * heads * hd, 1.0))?;
-        let mut o = g.zeros::<f32>(chunk * heads * hd)?;
-        let pos0 = depth - chunk;
-        let pos = g.upload(&[pos0 as i32])?;
-        let pairs = chunk * pos0 + chunk * (chunk + 1) / 2;
-        for v in mxr_kernels::cuda::WgmmaKernel::ALL {
-            let s = time(g, 1, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (chunk, heads, 8, hd), (&pos, pos0), None, v)?))?;
-            let tflops = (pairs * heads * 4 * hd) as f64 / s / 1e12;
-            let what = format!("bf16 KV, wgmma {}", v.label());
-            row("attention prefill", &what, &format!("8192 at depth 65536, {tflops:.0} TFLOP/s"), s, (2 * depth * kv_dim * 2) as f64);
+        for depth in [65536usize, 1 << 20] {
+            let chunk = 8192usize;
+            let (kc, vc) = (g.kv_zeros(KvType::Bf16, depth * kv_dim)?, g.kv_zeros(KvType::Bf16, depth * kv_dim)?);
+            let q = g.upload(&Rng::new(10).normals(chunk * heads * hd, 1.0))?;
+            let mut o = g.zeros::<f32>(chunk * heads * hd)?;
+            let pos0 = depth - chunk;
+            let pos = g.upload(&[pos0 as i32])?;
+            let pairs = chunk * pos0 + chunk * (chunk + 1) / 2;
+            for v in mxr_kernels::cuda::WgmmaKernel::ALL.into_iter().filter(|v| depth <= 65536 || (v.producer && !v.pingpong)) {
+                let s = time(g, 1, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (chunk, heads, 8, hd), (&pos, pos0), None, v)?))?;
+                let tflops = (pairs * heads * 4 * hd) as f64 / s / 1e12;
+                let what = format!("bf16 KV, wgmma {}", v.label());
+                row("attention prefill", &what, &format!("8192 at depth {depth}, {tflops:.0} TFLOP/s"), s, (2 * depth * kv_dim * 2) as f64);
+            }
         }
     }
     for t in [KvType::F32, KvType::Bf16, KvType::Q8_0] {
