@@ -130,7 +130,9 @@ fn attention(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd
         // the warpgroup kernel where the GPU has one (sm_90)
         if t == KvType::Bf16 && g.sources().contains(&mxr_kernels::cuda::Source::FlashWgmma) {
             for v in mxr_kernels::cuda::WgmmaKernel::ALL {
-                let s = time(g, 3, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None, v)?))?;
+                let s = time(g, 3, || {
+                    Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (n, heads, 8, hd), (&pos, 0), None, v)?)
+                })?;
                 let tflops = (n * n / 2 * heads * 4 * hd) as f64 / s / 1e12;
                 let what = format!("bf16 KV, wgmma {}", v.label());
                 row("attention prefill", &what, &format!("4096 tokens, {tflops:.0} TFLOP/s"), s, bytes);
@@ -151,7 +153,9 @@ fn attention(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64), heads: usize, hd
             let pos = g.upload(&[pos0 as i32])?;
             let pairs = chunk * pos0 + chunk * (chunk + 1) / 2;
             for v in mxr_kernels::cuda::WgmmaKernel::ALL.into_iter().filter(|v| depth <= 65536 || (v.producer && !v.pingpong)) {
-                let s = time(g, 1, || Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (chunk, heads, 8, hd), (&pos, pos0), None, v)?))?;
+                let s = time(g, 1, || {
+                    Ok(g.attend_wgmma(&q.as_view(), &kc, &vc, &mut o.as_view_mut(), (chunk, heads, 8, hd), (&pos, pos0), None, v)?)
+                })?;
                 let tflops = (pairs * heads * 4 * hd) as f64 / s / 1e12;
                 let what = format!("bf16 KV, wgmma {}", v.label());
                 row("attention prefill", &what, &format!("8192 at depth {depth}, {tflops:.0} TFLOP/s"), s, (2 * depth * kv_dim * 2) as f64);

@@ -434,7 +434,13 @@ impl Gpu {
         };
         let stages = self.tuning.flash_stages;
         let two_three = heads == 2 && stages == 3;
-        let mut k = WgmmaKernel { heads, stages, pingpong: self.tuning.flash_pingpong && two_three, producer: self.tuning.flash_producer && two_three, tma: 0 };
+        let mut k = WgmmaKernel {
+            heads,
+            stages,
+            pingpong: self.tuning.flash_pingpong && two_three,
+            producer: self.tuning.flash_producer && two_three,
+            tma: 0,
+        };
         if k.producer && !k.pingpong && self.tuning.flash_tma > 0 {
             let t = WgmmaKernel { stages: 4, tma: self.tuning.flash_tma, ..k };
             if t.takes_group(n_heads / n_kv_heads) {
@@ -559,7 +565,26 @@ impl Gpu {
                         // maps over the positions filled so far (the causal tiles read no further)
                         let tk = tma::kv_map(k, hd, n_kv_heads, pos0 + n_tokens)?;
                         let tv = tma::kv_map(v, hd, n_kv_heads, pos0 + n_tokens)?;
-                        return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs, &tk, &tv);
+                        return launch!(
+                            self,
+                            Source::FlashWgmma,
+                            name,
+                            cfg,
+                            q,
+                            &k,
+                            &v,
+                            out,
+                            &h,
+                            &kvh,
+                            &nt,
+                            &d,
+                            pos,
+                            &scale,
+                            &rd,
+                            &cs,
+                            &tk,
+                            &tv
+                        );
                     }
                     return launch!(self, Source::FlashWgmma, name, cfg, q, &k, &v, out, &h, &kvh, &nt, &d, pos, &scale, &rd, &cs);
                 }

@@ -52,7 +52,9 @@ pub fn kv_map(base: u64, hd: usize, n_kv_heads: usize, positions: usize) -> Resu
         )
     };
     if r != CUresult::CUDA_SUCCESS {
-        return Err(KernelError::Cuda(format!("cuTensorMapEncodeTiled for a KV cache ({positions} positions x {n_kv_heads} heads): {r:?}")));
+        return Err(KernelError::Cuda(format!(
+            "cuTensorMapEncodeTiled for a KV cache ({positions} positions x {n_kv_heads} heads): {r:?}"
+        )));
     }
     // SAFETY: initialised by the successful call above.
     Ok(TmaMap(unsafe { m.assume_init() }))
