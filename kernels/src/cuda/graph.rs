@@ -11,21 +11,14 @@
 
 use cudarc::driver::sys::{
     self, cuGraphNodeGetType, cuStreamGetCaptureInfo_v3, cuStreamUpdateCaptureDependencies_v2, CUgraphEdgeData, CUgraphNode,
-    CUgraphNodeType, CUresult, CUstreamCaptureStatus,
+    CUgraphNodeType, CUstreamCaptureStatus,
 };
 use cudarc::driver::CudaGraph;
 
+use super::cu_ok;
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
-
-fn ok(what: &str, r: CUresult) -> Result<()> {
-    if r == CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(KernelError::Cuda(format!("{what}: {r:?}")))
-    }
-}
 
 /// A captured sequence of GPU work, replayed as one launch.
 pub struct Graph(pub(super) CudaGraph);
@@ -45,7 +38,7 @@ pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
     unsafe {
         let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         let (mut deps, mut data, mut n): (*const CUgraphNode, *const CUgraphEdgeData, usize) = (std::ptr::null(), std::ptr::null(), 0);
-        ok(
+        cu_ok(
             "reading the capture state",
             cuStreamGetCaptureInfo_v3(stream, &mut status, std::ptr::null_mut(), std::ptr::null_mut(), &mut deps, &mut data, &mut n),
         )?;
@@ -58,7 +51,7 @@ pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
         let mut any = false;
         for (node, e) in nodes.iter().zip(edges.iter_mut()) {
             let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-            ok("reading a graph node", cuGraphNodeGetType(*node, &mut t))?;
+            cu_ok("reading a graph node", cuGraphNodeGetType(*node, &mut t))?;
             if t == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL && e.type_ == 0 {
                 e.from_port = sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8;
                 e.type_ = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
@@ -66,7 +59,7 @@ pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
             }
         }
         if any {
-            ok(
+            cu_ok(
                 "setting programmatic capture dependencies",
                 cuStreamUpdateCaptureDependencies_v2(
                     stream,

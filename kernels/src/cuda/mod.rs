@@ -145,6 +145,8 @@ pub struct Gpu {
     /// Nanoseconds the host has spent blocked on the GPU (downloads and syncs), for
     /// `mxr bench`: wall time minus this is the time the host spent issuing work.
     waited_ns: std::sync::atomic::AtomicU64,
+    /// `capture` is recording the main stream (launches then set programmatic edges).
+    capturing: std::sync::atomic::AtomicBool,
 }
 
 /// Why there is no usable GPU, without touching a library that is absent.
@@ -230,6 +232,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             waited_ns: std::sync::atomic::AtomicU64::new(0),
+            capturing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -499,7 +502,9 @@ impl Gpu {
         self.stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| drv("starting graph capture", e))?;
+        self.capturing.store(true, std::sync::atomic::Ordering::Relaxed);
         let body = f();
+        self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
         let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         body?;
         match end.map_err(|e| drv("ending graph capture", e))? {
@@ -511,6 +516,11 @@ impl Gpu {
     pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {
         &self.blas
     }
+}
+
+/// A raw driver call's status as a Result, the error naming `what`.
+pub(super) fn cu_ok(what: &str, r: cudarc::driver::sys::CUresult) -> Result<()> {
+    r.result().map_err(|e| drv(what, e))
 }
 
 /// The stream-ordered allocator returns freed memory to the driver at every

@@ -77,7 +77,8 @@ macro_rules! launch_on {
         let name: &'static str = $name;
         let cfg: LaunchConfig = $cfg;
         let f = $gpu.function($src, name)?;
-        if $gpu.tuning.pdl {
+        // only while capturing a graph: eager launches need no capture query
+        if $gpu.tuning.pdl && $gpu.capturing.load(std::sync::atomic::Ordering::Relaxed) {
             $crate::cuda::graph::programmatic_next($stream.cu_stream())?;
         }
         let mut b = $stream.launch_builder(&f);

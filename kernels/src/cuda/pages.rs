@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaContext};
 
-use super::{drv, Gpu, Result};
+use super::{cu_ok, drv, Gpu, Result};
 use crate::KernelError;
 
 /// Physical memory is committed in pages of at least this many bytes (a multiple of the
@@ -25,10 +25,6 @@ pub struct PagedBuf {
     pages: Vec<sys::CUmemGenericAllocationHandle>,
 }
 
-fn ok(what: &str, r: sys::CUresult) -> Result<()> {
-    r.result().map_err(|e| drv(what, e))
-}
-
 impl PagedBuf {
     /// Reserves room for `capacity` bytes; nothing is committed yet.
     pub fn reserve(gpu: &Gpu, capacity: usize) -> Result<PagedBuf> {
@@ -38,14 +34,14 @@ impl PagedBuf {
         let prop = Self::prop(device);
         let mut gran = 0usize;
         // SAFETY: prop describes pinned device memory on `device`; gran is written.
-        ok("allocation granularity", unsafe {
+        cu_ok("allocation granularity", unsafe {
             sys::cuMemGetAllocationGranularity(&mut gran, &prop, sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM)
         })?;
         let page = PAGE.div_ceil(gran.max(1)) * gran.max(1);
         let reserved = capacity.max(1).div_ceil(page) * page;
         let mut base: sys::CUdeviceptr = 0;
         // SAFETY: reserves address space only; base is written.
-        ok("reserving device address space", unsafe { sys::cuMemAddressReserve(&mut base, reserved, page, 0, 0) })?;
+        cu_ok("reserving device address space", unsafe { sys::cuMemAddressReserve(&mut base, reserved, page, 0, 0) })?;
         Ok(PagedBuf { ctx, device, base, reserved, page, pages: Vec::new() })
     }
 
@@ -79,7 +75,7 @@ impl PagedBuf {
                 });
             }
             // SAFETY: [at, at + page) lies inside the reserved range and is not mapped yet.
-            if let Err(e) = ok("mapping device memory", unsafe { sys::cuMemMap(at, self.page, 0, h, 0) }) {
+            if let Err(e) = cu_ok("mapping device memory", unsafe { sys::cuMemMap(at, self.page, 0, h, 0) }) {
                 // SAFETY: h was created above and is not mapped.
                 unsafe { sys::cuMemRelease(h) };
                 return Err(e);
@@ -126,7 +122,7 @@ impl PagedBuf {
         }
         gpu.sync()?;
         // SAFETY: the source range is committed (checked) and the host slice is writable.
-        ok("download", unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), self.base + at as u64, host.len()) })
+        cu_ok("download", unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr().cast(), self.base + at as u64, host.len()) })
     }
 
     /// Copies `host` to offset `at` (after `gpu`'s queued work).
@@ -134,7 +130,7 @@ impl PagedBuf {
         self.ensure(at + host.len())?;
         gpu.sync()?;
         // SAFETY: the destination range is committed (ensured) and the host slice readable.
-        ok("upload", unsafe { sys::cuMemcpyHtoD_v2(self.base + at as u64, host.as_ptr().cast(), host.len()) })
+        cu_ok("upload", unsafe { sys::cuMemcpyHtoD_v2(self.base + at as u64, host.as_ptr().cast(), host.len()) })
     }
 }
 

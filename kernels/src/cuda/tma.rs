@@ -2,11 +2,12 @@
 //! (flash_wgmma.cu, `flash_wgt*`) are given to copy K and V tiles with.
 
 use cudarc::driver::sys::{
-    cuTensorMapEncodeTiled, CUresult, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
-    CUtensorMapL2promotion, CUtensorMapSwizzle,
+    cuTensorMapEncodeTiled, CUtensorMap, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion,
+    CUtensorMapSwizzle,
 };
 use cudarc::driver::DeviceRepr;
 
+use super::cu_ok;
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
@@ -51,11 +52,7 @@ pub fn kv_map(base: u64, hd: usize, n_kv_heads: usize, positions: usize) -> Resu
             CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
     };
-    if r != CUresult::CUDA_SUCCESS {
-        return Err(KernelError::Cuda(format!(
-            "cuTensorMapEncodeTiled for a KV cache ({positions} positions x {n_kv_heads} heads): {r:?}"
-        )));
-    }
+    cu_ok(&format!("cuTensorMapEncodeTiled for a KV cache ({positions} positions x {n_kv_heads} heads)"), r)?;
     // SAFETY: initialised by the successful call above.
     Ok(TmaMap(unsafe { m.assume_init() }))
 }
