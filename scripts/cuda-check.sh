@@ -13,7 +13,7 @@ for f in kernels/cuda/*.cu; do
     name=$(basename "$f" .cu)
     hdr=""
     case "$name" in
-    matvec | dequant) hdr=kernels/cuda/formats.cuh ;;
+    matvec | dequant | moe) hdr=kernels/cuda/formats.cuh ;;
     flash | flash_wgmma | lightning) hdr=kernels/cuda/mma.cuh ;;
     esac
     cat scripts/cuda-check-prelude.cuh kernels/cuda/common.cuh $hdr "$f" >"$tmp/$name.cu"

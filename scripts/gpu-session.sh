@@ -23,6 +23,8 @@
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
+#   fuse       S8 and S8q4 tg128 with MXR_FUSE=0 (decode's fused router, SwiGLU epilogue
+#              and combine-in-norm off) against the default, interleaved     ~5 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
@@ -92,6 +94,14 @@ for s in "${steps[@]}"; do
             done
         done >"$out/pair.log" 2>&1
         ;;
+    fuse)
+        for slice in S8 S8q4; do
+            for f in 1 0 1 0; do
+                echo "== $slice MXR_FUSE=$f"
+                MXR_FUSE=$f scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 3
+            done
+        done >"$out/fuse.log" 2>&1
+        ;;
     ab)
         for m in gpu alt gpu alt; do
             echo "== carry/$m/mxr"
@@ -106,6 +116,7 @@ for s in "${steps[@]}"; do
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
+    fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

@@ -23,7 +23,7 @@ SOURCES = [
     ("dequant", ["formats.cuh"], [], None),
     ("norm", [], [], None),
     ("elementwise", [], [], None),
-    ("moe", [], [], None),
+    ("moe", ["formats.cuh"], [], None),
     ("lightning", ["mma.cuh"], [], None),
     ("attention", [], [], None),
     ("flash", ["mma.cuh"], [], None),

@@ -99,5 +99,53 @@ __device__ __forceinline__ float roped(const float* p, int j, int rd, const floa
     return j < half ? a * r.x - b * r.y : b * r.x + a * r.y;
 }
 
+// A load that bypasses L1: for values other blocks wrote during this kernel, read by the
+// block that counted them all done (tickets; see moe.cu's route_fused).
+__device__ __forceinline__ float load_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// Σ_j w[t * k + j] * y[(t * k + j) * width + c]: token t's k expert outputs at column c,
+// combined with its routing weights (moe_combine, and the norm that takes them instead).
+__device__ __forceinline__ float combine_at(const float* y, const float* w, int k, int width, int t, int c) {
+    float acc = 0.f;
+    for (int j = 0; j < k; j++) acc += w[t * k + j] * y[((size_t)t * k + j) * width + c];
+    return acc;
+}
+
+// The same for four consecutive columns c..c+3 (c a multiple of 4, width too), 16 bytes a
+// load, each column's sum in the same order as combine_at's.
+__device__ __forceinline__ float4 combine4_at(const float* y, const float* w, int k, int width, int t, int c) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < k; j++) {
+        float wj = w[t * k + j];
+        float4 v = *(const float4*)(y + ((size_t)t * k + j) * width + c);
+        acc.x += wj * v.x;
+        acc.y += wj * v.y;
+        acc.z += wj * v.z;
+        acc.w += wj * v.w;
+    }
+    return acc;
+}
+
+// The last block to finish a piece of work shared by `expected` blocks: each block calls
+// this after writing its part (all threads); it returns true in every thread of the one
+// block that arrived last, which then reads the others' parts (load_cg). The ticket is left
+// at 0 for the next launch (and the next replay of a graph).
+__device__ __forceinline__ bool arrived_last(unsigned* ticket, unsigned expected) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(ticket, 1u) == expected - 1;
+        if (last) *ticket = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }

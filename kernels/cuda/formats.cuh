@@ -295,3 +295,18 @@ struct F32 {
         v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     }
 };
+
+// Row r of a float matrix (F: F32, Half) times x, by a whole block: each thread strides over
+// the row's 16-byte units, then the block sums (every thread gets the result). The
+// router's product (matvec.cu's matvec_wide, moe.cu's route_fused): a few long rows.
+template <class F>
+__device__ float block_row_dot(const u8* w, int rows, int cols, const float* x, int r, float* scratch) {
+    float acc = 0.f;
+    int n = F::units(cols);
+    for (int u = threadIdx.x; u < n; u += blockDim.x) {
+        typename F::X v;
+        F::load_x(x, u, v);
+        acc += F::dot(w, rows, cols, r, u, v);
+    }
+    return block_sum(acc, scratch);
+}

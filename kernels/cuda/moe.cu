@@ -1,23 +1,21 @@
-// MoE routing and combination (prepended: common.cuh).
+// MoE routing and combination (prepended: common.cuh, formats.cuh).
 
 #define MAX_EXPERTS_PER_LANE 8  // up to 256 experts
 #define MAX_K 16
 
-// Per token (one warp each): p = softmax(logits) in f32, the top k of p (ties to the lower
-// expert), weights renormalised over the k. ids/weights: [n_tokens, k]; counts[e] += 1 per
-// choice. k <= MAX_K, n_experts <= 32 * MAX_EXPERTS_PER_LANE (checked by the launcher).
-extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_experts, int k, int* ids, float* weights, unsigned* counts) { PDL_ENTRY();
-    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+// One token's routing, by one warp: p = softmax(l) in f32, the top k of p (ties to the
+// lower expert), weights renormalised over the k, into ids[0..k] and weights[0..k];
+// counts[e] += 1 per choice. k <= MAX_K, n_experts <= 32 * MAX_EXPERTS_PER_LANE (checked by
+// the launchers). l is read past L1 (route_fused's blocks wrote it during the kernel).
+__device__ void topk_token(const float* l, int n_experts, int k, int* ids, float* weights, unsigned* counts) {
     int lane = threadIdx.x & 31;
-    if (t >= n_tokens) return;
-    const float* l = logits + (size_t)t * n_experts;
     float p[MAX_EXPERTS_PER_LANE];
     const float NEG_INF = __int_as_float(0xff800000);
     float m = NEG_INF;
 #pragma unroll
     for (int i = 0; i < MAX_EXPERTS_PER_LANE; i++) {
         int e = lane + 32 * i;
-        p[i] = e < n_experts ? l[e] : NEG_INF;
+        p[i] = e < n_experts ? load_cg(l + e) : NEG_INF;
         m = fmaxf(m, p[i]);
     }
     m = warp_max(m);
@@ -47,20 +45,48 @@ extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_e
         chosen[j] = best * inv;
         total += chosen[j];
         if (lane == 0) {
-            ids[t * k + j] = arg;
+            ids[j] = arg;
             atomicAdd(counts + arg, 1u);
         }
     }
     if (lane == 0)
-        for (int j = 0; j < k; j++) weights[t * k + j] = chosen[j] / total;
+        for (int j = 0; j < k; j++) weights[j] = chosen[j] / total;
 }
+
+// Per token (one warp each) over the router's logits [n_tokens, n_experts]: topk_token.
+// ids/weights: [n_tokens, k].
+extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_experts, int k, int* ids, float* weights, unsigned* counts) { PDL_ENTRY();
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= n_tokens) return;
+    topk_token(logits + (size_t)t * n_experts, n_experts, k, ids + t * k, weights + t * k, counts);
+}
+
+// The router's product and route_topk in one kernel (few tokens): block (r, t) computes
+// logit r of token t as matvec.cu's matvec_wide does (the same sums), and the block that
+// finishes token t's last logit runs topk_token on them (tickets[t] counts the blocks).
+template <class F>
+__device__ void route_fused(const u8* w, int n_experts, int cols, const float* x, int k, float* logits, int* ids, float* weights,
+                            unsigned* counts, unsigned* tickets) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x, t = blockIdx.y;
+    float v = block_row_dot<F>(w, n_experts, cols, x + (size_t)t * cols, r, scratch);
+    if (threadIdx.x == 0) logits[(size_t)t * n_experts + r] = v;
+    if (arrived_last(tickets + t, n_experts) && threadIdx.x < 32)
+        topk_token(logits + (size_t)t * n_experts, n_experts, k, ids + t * k, weights + t * k, counts);
+}
+
+#define ROUTE_FUSED(name, F)                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) name(const u8* w, int n_experts, int cols, const float* x, int k, float* logits, \
+                                                        int* ids, float* weights, unsigned* counts, unsigned* tickets) { PDL_ENTRY(); \
+        route_fused<F>(w, n_experts, cols, x, k, logits, ids, weights, counts, tickets);                                     \
+    }
+ROUTE_FUSED(route_fused_f32, F32)
+ROUTE_FUSED(route_fused_bf16, Half<true>)
+ROUTE_FUSED(route_fused_f16, Half<false>)
 
 // out[t, :] = Σ_j weights[t, j] * y[t * k + j, :]
 extern "C" __global__ void moe_combine(const float* y, const float* weights, int k, int width, float* out) { PDL_ENTRY();
     int t = blockIdx.y;
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < k; j++) acc += weights[t * k + j] * y[((size_t)t * k + j) * width + c];
-        out[(size_t)t * width + c] = acc;
-    }
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x)
+        out[(size_t)t * width + c] = combine_at(y, weights, k, width, t, c);
 }

@@ -30,12 +30,14 @@ extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float ep
 }
 
 // The fused norm: x[r, :] = rmsnorm(alpha * x[r, :] + beta * a[r, :]) * w in place
-// (a == nullptr: rmsnorm(x[r, :]) * w, as rmsnorm above), then times sigmoid(gate[r, :])
+// (a == nullptr: rmsnorm(x[r, :]) * w, as rmsnorm above; cw != nullptr: a holds k rows per
+// row of x, the MoE's expert outputs, and a[r, :] stands for their sum weighted by cw[r, :],
+// as moe_combine computes it), then times sigmoid(gate[r, :])
 // when gate != nullptr (the lightning output's gate), and with xq != nullptr the int8 blocks
 // of the result as quantize_act makes them (width % 32 == 0). One kernel for the residual
 // of one stage, the norm of the next and its products' input.
-extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, float beta, const float* w, const float* gate, int width,
-                                         float eps, i8* xq, float* xd) { PDL_ENTRY();
+extern "C" __global__ void rmsnorm_fused(float* x, const float* a, const float* cw, int k, float alpha, float beta, const float* w,
+                                         const float* gate, int width, float eps, i8* xq, float* xd) { PDL_ENTRY();
     __shared__ float scratch[32];
     float* row = x + (size_t)blockIdx.x * width;
     const float* ar = a ? a + (size_t)blockIdx.x * width : nullptr;
@@ -50,7 +52,7 @@ extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, 
         for (int i = threadIdx.x; i < n4; i += blockDim.x) {
             float4 v = r4[i];
             if (a4) {
-                float4 u = a4[i];
+                float4 u = cw ? combine4_at(a, cw, k, width, blockIdx.x, i << 2) : a4[i];
                 v = make_float4(v.x * alpha + u.x * beta, v.y * alpha + u.y * beta, v.z * alpha + u.z * beta, v.w * alpha + u.w * beta);
             }
             ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
@@ -70,7 +72,7 @@ extern "C" __global__ void rmsnorm_fused(float* x, const float* a, float alpha, 
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
             float v = row[i];
-            if (ar) v = v * alpha + ar[i] * beta;
+            if (ar) v = v * alpha + (cw ? combine_at(a, cw, k, width, blockIdx.x, i) : ar[i]) * beta;
             row[i] = v;
             ss += v * v;
         }

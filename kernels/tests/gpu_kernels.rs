@@ -10,7 +10,7 @@
 //! reference applies the same quantization to x (mxr-quant's bit-exact port), so the same
 //! budget holds.
 
-use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType};
+use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType, Residual};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 use mxr_quant::reference::{dequantize_to_vec, matvec_f64, quantize_to_vec, stats::diff, stats::Rng};
 use mxr_quant::{QMatrix, QType};
@@ -219,7 +219,10 @@ fn norm_and_elementwise() {
         let (gx, ga, gw) = (g.upload(&x).unwrap(), g.upload(&a).unwrap(), g.upload(&w).unwrap());
         let (alpha, beta) = (1.7f32, -0.3f32);
         let mut y = gx.clone();
-        let q = g.rmsnorm_fused(&mut y.as_view_mut(), Some((&ga.as_view(), alpha, beta)), &gw, None, 1e-6, true).unwrap().unwrap();
+        let q = g
+            .rmsnorm_fused(&mut y.as_view_mut(), Some(&Residual { a: ga.as_view(), alpha, beta, combine: None }), &gw, None, 1e-6, true)
+            .unwrap()
+            .unwrap();
         let want: Vec<f64> = x
             .chunks(width)
             .zip(a.chunks(width))

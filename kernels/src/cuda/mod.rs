@@ -30,7 +30,7 @@ pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use graph::Graph;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
-pub use ops::{quantized, QAct};
+pub use ops::{quantized, QAct, Residual, ROUTE_FUSED_TOKENS};
 
 type Result<T> = std::result::Result<T, KernelError>;
 
@@ -107,6 +107,11 @@ pub struct Tuning {
     /// Captured graphs with programmatic edges into mxr's kernels (`MXR_PDL`: 1, the
     /// default, or 0 for plain edges): see graph.rs.
     pub pdl: bool,
+    /// Decode's fused kernels (`MXR_FUSE`: 1, the default, or 0): the router's product
+    /// with its top-k (`route_fused`), SwiGLU's int8 form in the gate and up products'
+    /// epilogue (`matvec_pair_swiglu`), and the MoE's combination inside the next norm.
+    /// Off, each is its own kernel again, with the same values.
+    pub fuse: bool,
 }
 
 impl Tuning {
@@ -123,6 +128,7 @@ impl Tuning {
             flash_producer: get("MXR_FLASH_PRODUCER", 1, |v| v <= 1) == 1,
             flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
             pdl: get("MXR_PDL", 1, |v| v <= 1) == 1,
+            fuse: get("MXR_FUSE", 1, |v| v <= 1) == 1,
         }
     }
 }
@@ -147,6 +153,10 @@ pub struct Gpu {
     waited_ns: std::sync::atomic::AtomicU64,
     /// `capture` is recording the main stream (launches then set programmatic edges).
     capturing: std::sync::atomic::AtomicBool,
+    /// Counters for kernels whose last block finishes a shared piece of work (common.cuh's
+    /// `arrived_last`), zero between kernels: each such kernel resets what it counted. Only
+    /// kernels on `stream` use them, one at a time.
+    tickets: CudaSlice<u32>,
 }
 
 /// Why there is no usable GPU, without touching a library that is absent.
@@ -220,6 +230,7 @@ impl Gpu {
             sm_count,
         };
         let arch: &'static str = Box::leak(info.arch().into_boxed_str());
+        let tickets = stream.alloc_zeros::<u32>(ops::TICKETS).map_err(|e| oom_or("allocation", ops::TICKETS * 4, e))?;
         Ok(Gpu {
             tuning: Tuning::from_env(),
             ctx,
@@ -233,6 +244,7 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             waited_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            tickets,
         })
     }
 

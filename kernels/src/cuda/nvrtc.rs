@@ -75,7 +75,7 @@ impl Source {
             Source::Dequant => (true, false, include_str!("../../cuda/dequant.cu")),
             Source::Norm => (false, false, include_str!("../../cuda/norm.cu")),
             Source::Elementwise => (false, false, include_str!("../../cuda/elementwise.cu")),
-            Source::Moe => (false, false, include_str!("../../cuda/moe.cu")),
+            Source::Moe => (true, false, include_str!("../../cuda/moe.cu")),
             Source::Lightning => (false, true, include_str!("../../cuda/lightning.cu")),
             Source::Attention => (false, false, include_str!("../../cuda/attention.cu")),
             Source::Flash => (false, true, include_str!("../../cuda/flash.cu")),

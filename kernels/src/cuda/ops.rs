@@ -32,6 +32,25 @@ pub struct QAct {
     pub cols: usize,
 }
 
+/// What [`Gpu::rmsnorm_fused`] adds to x before the norm: alpha x + beta a, where a is
+/// `a` [rows, width] itself, or with `combine` = (weights [rows, k], k) the weighted sum of
+/// `a`'s k rows per row of x (`a`: [rows k, width], the MoE's expert outputs).
+pub struct Residual<'a> {
+    pub a: CudaView<'a, f32>,
+    pub alpha: f32,
+    pub beta: f32,
+    pub combine: Option<(CudaView<'a, f32>, usize)>,
+}
+
+/// Tokens [`Gpu::route_fused`] takes (its tickets: one per token).
+pub const ROUTE_FUSED_TOKENS: usize = 64;
+/// The parts of [`Gpu`]'s ticket buffer (zeros between kernels; see common.cuh's
+/// `arrived_last`): the router's, then the SwiGLU epilogue's (one per 32-row group of an
+/// expert pair).
+pub(super) const ROUTE_TICKETS: std::ops::Range<usize> = 0..ROUTE_FUSED_TOKENS;
+pub(super) const SWIGLU_TICKETS: std::ops::Range<usize> = ROUTE_FUSED_TOKENS..TICKETS;
+pub(super) const TICKETS: usize = 1 << 14;
+
 /// Whether the type's kernels take int8 activations.
 pub fn quantized(q: QType) -> bool {
     matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q4K | QType::Q6K)
@@ -253,6 +272,88 @@ impl Gpu {
         }
     }
 
+    /// [`Gpu::matvec_pair`] of the MoE's gate and up stacks with SwiGLU's int8 form as its
+    /// epilogue: gate and up into y0, y1 as `matvec_pair` writes them, and the down
+    /// product's input, the same values [`Gpu::swiglu_quantize`] makes of them. None (and
+    /// nothing run) where the epilogue does not apply: rows not whole 32-row groups, a
+    /// block's rows (`MXR_MATVEC_WARPS` x `MXR_MATVEC_ROWS`) not dividing 32, more groups
+    /// than the ticket buffer holds, or fusion turned off (`MXR_FUSE=0`); the caller then
+    /// runs the two kernels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_pair_swiglu(
+        &self,
+        [w0, w1]: [&GpuMatrix; 2],
+        ids: &CudaSlice<i32>,
+        act: &QAct,
+        x_div: usize,
+        pairs: usize,
+        [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
+    ) -> Result<Option<QAct>> {
+        let rows = w0.rows;
+        let rows_per_block = (self.tuning.matvec_warps * self.tuning.matvec_rows) as usize;
+        let groups = pairs * rows / 32;
+        if !self.tuning.fuse
+            || w1.rows != rows
+            || !rows.is_multiple_of(32)
+            || !32usize.is_multiple_of(rows_per_block)
+            || groups > SWIGLU_TICKETS.len()
+        {
+            return Ok(None);
+        }
+        let cols = w0.cols;
+        if w0.qtype != w1.qtype || !quantized(w0.qtype) || w1.cols != cols {
+            return Err(KernelError::Shape(format!(
+                "matvec_pair_swiglu: {} {}x{} and {} {}x{} are not two quantized matrices of one type and width",
+                w0.qtype, w0.rows, w0.cols, w1.qtype, w1.rows, w1.cols
+            )));
+        }
+        let n_rows = pairs.div_ceil(x_div.max(1));
+        if act.rows < n_rows || act.cols != cols {
+            return Err(KernelError::Shape(format!(
+                "matvec_pair_swiglu: quantized input is {}x{}, the products need {n_rows}x{cols}",
+                act.rows, act.cols
+            )));
+        }
+        need("matvec_pair_swiglu", "y0", pairs * rows, y0.len())?;
+        need("matvec_pair_swiglu", "y1", pairs * rows, y1.len())?;
+        need("matvec_pair_swiglu", "ids", pairs, ids.len())?;
+        let mut out = QAct { q: self.alloc::<i8>(pairs * rows)?, d: self.alloc::<f32>(groups.max(1))?, rows: pairs, cols: rows };
+        if pairs == 0 {
+            return Ok(Some(out));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((rows / rows_per_block) as u32, int("matvec_pair_swiglu", pairs)? as u32, 2),
+            block_dim: (32 * self.tuning.matvec_warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (s0, s1) = (w0.stride as i64, w1.stride as i64);
+        let (r, c, xd) = (int("matvec_pair_swiglu", rows)?, int("matvec_pair_swiglu", cols)?, int("matvec_pair_swiglu", x_div.max(1))?);
+        let name = per_type!("matvec2_swiglu_", w0.qtype);
+        let tickets = self.tickets.slice(SWIGLU_TICKETS);
+        launch!(
+            self,
+            Source::Matvec,
+            name,
+            cfg,
+            &w0.buf,
+            &w1.buf,
+            &s0,
+            &s1,
+            ids,
+            &r,
+            &c,
+            &act.q,
+            &act.d,
+            &xd,
+            y0,
+            y1,
+            &tickets,
+            &mut out.q,
+            &mut out.d
+        )?;
+        Ok(Some(out))
+    }
+
     /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
     /// 32 values, as ggml's Q8_0 activations (dequant.cu, `quantize_act`).
     pub fn quantize_act(&self, x: &CudaView<'_, f32>, n: usize, cols: usize) -> Result<QAct> {
@@ -356,14 +457,15 @@ impl Gpu {
         launch!(self, Source::Norm, "rmsnorm", cfg, x, w, &wd, &eps)
     }
 
-    /// x = rmsnorm(alpha x + beta a) * w row by row, in place (`residual` = (a, alpha,
-    /// beta); None: rmsnorm(x) * w, as [`Gpu::rmsnorm`]), times sigmoid(gate) if given (as
+    /// x = rmsnorm(alpha x + beta a) * w row by row, in place (`residual`; None:
+    /// rmsnorm(x) * w, as [`Gpu::rmsnorm`]), times sigmoid(gate) if given (as
     /// [`Gpu::sigmoid_gate`]), in one kernel; with `quantize` also the result's int8 form, as
-    /// [`Gpu::quantize_act`] makes it.
+    /// [`Gpu::quantize_act`] makes it. A residual with `combine` adds the MoE's expert
+    /// outputs exactly as [`Gpu::moe_combine`] sums them.
     pub fn rmsnorm_fused(
         &self,
         x: &mut CudaViewMut<'_, f32>,
-        residual: Option<(&CudaView<'_, f32>, f32, f32)>,
+        residual: Option<&Residual<'_>>,
         w: &CudaSlice<f32>,
         gate: Option<&CudaView<'_, f32>>,
         eps: f32,
@@ -377,8 +479,18 @@ impl Gpu {
             return Err(KernelError::Shape(format!("rmsnorm_fused: {width} columns are not blocks of 32")));
         }
         let rows = x.len() / width;
-        if let Some((a, _, _)) = &residual {
-            need("rmsnorm_fused", "residual", x.len(), a.len())?;
+        let k = match residual.and_then(|r| r.combine.as_ref()) {
+            Some((cw, k)) => {
+                if *k == 0 {
+                    return Err(KernelError::Shape("rmsnorm_fused: combining 0 expert outputs per row".into()));
+                }
+                need("rmsnorm_fused", "combine weights", rows * k, cw.len())?;
+                *k
+            }
+            None => 1,
+        };
+        if let Some(r) = residual {
+            need("rmsnorm_fused", "residual", x.len() * k, r.a.len())?;
         }
         if let Some(g) = &gate {
             need("rmsnorm_fused", "gate", x.len(), g.len())?;
@@ -386,20 +498,22 @@ impl Gpu {
         let threads = if rows < 64 { 1024 } else { 256 };
         let cfg = LaunchConfig { grid_dim: (int("rmsnorm_fused", rows)? as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let wd = int("rmsnorm_fused", width)?;
-        let (alpha, beta) = residual.as_ref().map_or((1.0, 0.0), |r| (r.1, r.2));
+        let (alpha, beta) = residual.map_or((1.0, 0.0), |r| (r.alpha, r.beta));
         let mut act = if quantize {
             Some(QAct { q: self.alloc::<i8>(rows * width)?, d: self.alloc::<f32>(rows * width / 32)?, rows, cols: width })
         } else {
             None
         };
         // absent inputs and outputs are null pointers
-        let a = residual.as_ref().map_or(0, |(a, _, _)| a.device_ptr(&self.stream).0);
+        let a = residual.map_or(0, |r| r.a.device_ptr(&self.stream).0);
+        let cw = residual.and_then(|r| r.combine.as_ref()).map_or(0, |(cw, _)| cw.device_ptr(&self.stream).0);
         let gp = gate.as_ref().map_or(0, |g| g.device_ptr(&self.stream).0);
         let (q, d) = match act.as_mut() {
             Some(qa) => (qa.q.device_ptr_mut(&self.stream).0, qa.d.device_ptr_mut(&self.stream).0),
             None => (0, 0),
         };
-        launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
+        let kk = k as i32;
+        launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &cw, &kk, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
         Ok(act)
     }
 
@@ -547,6 +661,53 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: ((n_tokens as u32).div_ceil(4).max(1), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (n, e, kk) = (int("route_topk", n_tokens)?, n_experts as i32, k as i32);
         launch!(self, Source::Moe, "route_topk", cfg, logits, &n, &e, &kk, ids, weights, counts)
+    }
+
+    /// The router's product (a float matrix of n_experts rows) over x [n_tokens, cols] and
+    /// [`Gpu::route_topk`] on its logits, in one kernel, for up to [`ROUTE_FUSED_TOKENS`]
+    /// tokens: the same ids, weights and counts as [`Gpu::matvec`] (whose few-row kernel
+    /// makes the same sums) followed by `route_topk`. Ok(false), with nothing run, where it
+    /// does not apply: more tokens, a quantized router, rows not whole 16-byte loads, or
+    /// fusion turned off (`MXR_FUSE=0`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_fused(
+        &self,
+        router: &GpuMatrix,
+        x: &CudaView<'_, f32>,
+        n_tokens: usize,
+        k: usize,
+        ids: &mut CudaViewMut<'_, i32>,
+        weights: &mut CudaViewMut<'_, f32>,
+        counts: &mut CudaSlice<u32>,
+    ) -> Result<bool> {
+        let (n_experts, cols) = (router.rows, router.cols);
+        let name = match router.qtype {
+            QType::F32 if cols % 4 == 0 => "route_fused_f32",
+            QType::BF16 if cols % 8 == 0 => "route_fused_bf16",
+            QType::F16 if cols % 8 == 0 => "route_fused_f16",
+            _ => return Ok(false),
+        };
+        if !self.tuning.fuse || router.n_experts != 1 || n_tokens > ROUTE_FUSED_TOKENS {
+            return Ok(false);
+        }
+        if k == 0 || k > 16 || k > n_experts || n_experts > 256 {
+            return Err(KernelError::Shape(format!(
+                "route_fused: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)"
+            )));
+        }
+        need("route_fused", "x", n_tokens * cols, x.len())?;
+        need("route_fused", "ids", n_tokens * k, ids.len())?;
+        need("route_fused", "weights", n_tokens * k, weights.len())?;
+        need("route_fused", "counts", n_experts, counts.len())?;
+        if n_tokens == 0 {
+            return Ok(true);
+        }
+        let mut logits = self.alloc::<f32>(n_tokens * n_experts)?;
+        let cfg = LaunchConfig { grid_dim: (n_experts as u32, n_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (e, c, kk) = (n_experts as i32, int("route_fused", cols)?, k as i32);
+        let tickets = self.tickets.slice(ROUTE_TICKETS);
+        launch!(self, Source::Moe, name, cfg, &router.buf, &e, &c, x, &kk, &mut logits, ids, weights, counts, &tickets)?;
+        Ok(true)
     }
 
     /// out[t, :] = Σ_j weights[t, j] y[t k + j, :]

@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{quantized, CudaSlice, Graph, KvBuf, KvType, QAct};
+use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, QAct, Residual};
 
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
@@ -223,8 +223,8 @@ impl GpuModel {
         which: Logits,
     ) -> Result<CudaSlice<f32>, ModelError> {
         let mut x = self.embed(ids, n)?;
-        self.run_layers(host, session, &mut x, pos, pos_host, n)?;
-        self.head(&x, n, which)
+        let pending = self.run_layers(host, session, &mut x, pos, pos_host, n)?;
+        self.head(&mut x, pending, n, which)
     }
 
     /// x [n, dim] = the embeddings of the tokens in `ids` (on the part with the first layer).
@@ -244,7 +244,8 @@ impl GpuModel {
     }
 
     /// This model's (or part's) layers over x [n, dim] in place, at the position in `pos`
-    /// (device; `pos_host` the same number).
+    /// (device; `pos_host` the same number). The last layer's MoE output is returned, not
+    /// yet added to x: [`GpuModel::head`] adds it in its norm, or [`Pending::apply`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_layers(
         &self,
@@ -254,12 +255,12 @@ impl GpuModel {
         pos: &CudaSlice<i32>,
         pos_host: usize,
         n: usize,
-    ) -> Result<(), ModelError> {
+    ) -> Result<Option<Pending>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         // A stage's output waits here to be added (with its residual scales) by the next
         // norm, which does the residual, the norm and, for decode, the int8 form of the
         // next products' input in one kernel.
-        let mut pending: Option<(CudaSlice<f32>, f32, f32)> = None;
+        let mut pending: Option<Pending> = None;
         let quick = n <= MATVEC_MAX_TOKENS;
         // RoPE's rotations for these positions, made once for every softmax layer: the
         // tensor-core kernels (bf16 and q8_0 caches) apply them as they read q and append k
@@ -337,7 +338,7 @@ impl GpuModel {
                         (self.linear(out, &o.as_view(), n)?, c.residual_softmax)
                     }
                 };
-                pending = Some((a, r.alpha as f32, r.beta as f32));
+                pending = Some(Pending::plain(a, r.alpha as f32, r.beta as f32));
                 Ok(())
             })?;
             // resident experts: two stages, the router (with the host's wait for its choices
@@ -351,27 +352,36 @@ impl GpuModel {
                 }
             })?;
             self.stage(if routed.is_some() { "moe experts" } else { "moe (offload)" }, || {
-                let m = match (&layer.slot, host, &routed) {
-                    (None, _, Some(r)) => self.moe_experts(layer, r, &x.as_view(), n, act.as_ref())?,
+                let (alpha, beta) = (c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32);
+                let p = match (&layer.slot, host, routed) {
+                    (None, _, Some(r)) => {
+                        let (y, weights) = self.moe_experts(layer, r, &x.as_view(), n, act.as_ref())?;
+                        Pending::experts(g, y, weights, n, c.n_experts_used, c.dim, alpha, beta)?
+                    }
                     (Some(slot), Some(h), _) => {
-                        self.moe_offload(h, self.first_layer + l, layer, slot, &x.as_view(), n, &mut session.counts[l])?
+                        let m = self.moe_offload(h, self.first_layer + l, layer, slot, &x.as_view(), n, &mut session.counts[l])?;
+                        Pending::plain(m, alpha, beta)
                     }
                     (Some(_), None, _) => return Err(ModelError::Input("experts in host memory need the host model".into())),
                     (None, _, None) => return Err(ModelError::Input("the router's choices are missing".into())),
                 };
-                pending = Some((m, c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32));
+                pending = Some(p);
                 Ok(())
             })?;
         }
-        if let Some((m, alpha, beta)) = pending.take() {
-            g.residual(&mut x.as_view_mut(), &m.as_view(), alpha, beta)?;
-        }
-        Ok(())
+        Ok(pending)
     }
 
-    /// Logits of the last row (or all rows) of x [n, dim]: final norm and lm_head (on the
-    /// part with the last layer).
-    pub(crate) fn head(&self, x: &CudaSlice<f32>, n: usize, which: Logits) -> Result<CudaSlice<f32>, ModelError> {
+    /// Logits of the last row (or all rows) of x [n, dim] plus `pending` (the last layer's
+    /// output): the residual, the final norm and lm_head (on the part with the last layer).
+    /// The rows the logits are of are left normalised in x.
+    pub(crate) fn head(
+        &self,
+        x: &mut CudaSlice<f32>,
+        pending: Option<Pending>,
+        n: usize,
+        which: Logits,
+    ) -> Result<CudaSlice<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let d = c.dim;
         let lm_head = self.lm_head()?;
@@ -382,9 +392,12 @@ impl GpuModel {
             Logits::Last => (n - 1, 1),
         };
         self.stage("lm_head", || {
-            let mut h = g.alloc::<f32>(rows * d)?;
-            g.copy(&x.slice(first * d..n * d), &mut h.as_view_mut())?;
-            g.rmsnorm(&mut h.as_view_mut(), norm, c.rms_eps as f32)?;
+            let mut h = x.slice_mut(first * d..n * d);
+            let eps = c.rms_eps as f32;
+            match &pending {
+                Some(p) => _ = g.rmsnorm_fused(&mut h, Some(&p.residual(first..n, d)), norm, None, eps, false)?,
+                None => g.rmsnorm(&mut h, norm, eps)?,
+            }
             self.linear(lm_head, &h.as_view(), rows)
         })
     }
@@ -396,13 +409,79 @@ impl GpuModel {
     fn norm_into(
         &self,
         x: &mut CudaSlice<f32>,
-        pending: Option<(CudaSlice<f32>, f32, f32)>,
+        pending: Option<Pending>,
         w: &CudaSlice<f32>,
         quantize: bool,
     ) -> Result<Option<QAct>, ModelError> {
         let eps = self.config.rms_eps as f32;
-        let a = pending.as_ref().map(|(a, alpha, beta)| (a.as_view(), *alpha, *beta));
-        Ok(self.gpu.rmsnorm_fused(&mut x.as_view_mut(), a.as_ref().map(|(v, al, be)| (v, *al, *be)), w, None, eps, quantize)?)
+        let rows = x.len() / self.config.dim;
+        let r = pending.as_ref().map(|p| p.residual(0..rows, self.config.dim));
+        Ok(self.gpu.rmsnorm_fused(&mut x.as_view_mut(), r.as_ref(), w, None, eps, quantize)?)
+    }
+}
+
+/// A stage's output not yet added to the residual stream x: the next norm adds it (with
+/// the stage's residual scales alpha x + beta out) in its own kernel. With `weights` (the
+/// MoE's routing weights [n, k]) `out` holds each token's k expert outputs [n k, dim],
+/// summed with those weights as they are added.
+pub(crate) struct Pending {
+    out: CudaSlice<f32>,
+    weights: Option<CudaSlice<f32>>,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+}
+
+impl Pending {
+    fn plain(out: CudaSlice<f32>, alpha: f32, beta: f32) -> Pending {
+        Pending { out, weights: None, k: 1, alpha, beta }
+    }
+
+    /// The MoE's expert outputs y [n k, dim] and weights [n, k]; combined here already
+    /// (`moe_combine`) when fusion is off (`MXR_FUSE=0`).
+    #[allow(clippy::too_many_arguments)]
+    fn experts(
+        g: &Gpu,
+        y: CudaSlice<f32>,
+        weights: CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        d: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<Pending, ModelError> {
+        if g.tuning.fuse {
+            return Ok(Pending { out: y, weights: Some(weights), k, alpha, beta });
+        }
+        let mut m = g.alloc::<f32>(n * d)?;
+        g.moe_combine(&y.as_view(), &weights.as_view(), n, k, d, &mut m.as_view_mut())?;
+        Ok(Pending::plain(m, alpha, beta))
+    }
+
+    /// The residual term for rows `rows` of x (of width d).
+    fn residual(&self, rows: std::ops::Range<usize>, d: usize) -> Residual<'_> {
+        let k = self.k;
+        Residual {
+            a: self.out.slice(rows.start * k * d..rows.end * k * d),
+            alpha: self.alpha,
+            beta: self.beta,
+            combine: self.weights.as_ref().map(|w| (w.slice(rows.start * k..rows.end * k), k)),
+        }
+    }
+
+    /// x [n, d] = alpha x + beta out, without a norm (a part of a split model hands x on).
+    pub(crate) fn apply(self, g: &Gpu, x: &mut CudaSlice<f32>, d: usize) -> Result<(), ModelError> {
+        let n = x.len() / d.max(1);
+        let out = match self.weights {
+            Some(w) => {
+                let mut m = g.alloc::<f32>(n * d)?;
+                g.moe_combine(&self.out.as_view(), &w.as_view(), n, self.k, d, &mut m.as_view_mut())?;
+                m
+            }
+            None => self.out,
+        };
+        g.residual(&mut x.as_view_mut(), &out.as_view(), self.alpha, self.beta)?;
+        Ok(())
     }
 }
 

@@ -30,9 +30,13 @@ impl GpuModel {
     ) -> Result<(CudaSlice<i32>, CudaSlice<f32>), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let k = c.n_experts_used;
-        let logits = self.linear(&layer.router, x, n)?;
         let mut ids = g.alloc::<i32>(n * k)?;
         let mut weights = g.alloc::<f32>(n * k)?;
+        // few tokens: the product and the top-k in one kernel
+        if n <= MATVEC_MAX_TOKENS && g.route_fused(&layer.router, x, n, k, &mut ids.as_view_mut(), &mut weights.as_view_mut(), counts)? {
+            return Ok((ids, weights));
+        }
+        let logits = self.linear(&layer.router, x, n)?;
         g.route_topk(&logits.as_view(), n, c.n_experts, k, &mut ids.as_view_mut(), &mut weights.as_view_mut(), counts)?;
         Ok((ids, weights))
     }
@@ -60,16 +64,17 @@ impl GpuModel {
         Ok(Routed { ids, weights, groups })
     }
 
-    /// The MoE's second half: the chosen experts over x, combined with the routing weights.
-    /// `pre`: x's int8 form, if already made (decode).
+    /// The MoE's second half: the chosen experts over x, y [n k, dim] (row t k + j: token
+    /// t's choice j), and the routing weights [n, k] that combine them (the next norm does,
+    /// or [`Pending::apply`]). `pre`: x's int8 form, if already made (decode).
     pub(crate) fn moe_experts(
         &self,
         layer: &GpuLayer,
-        r: &Routed,
+        r: Routed,
         x: &CudaView<'_, f32>,
         n: usize,
         pre: Option<&QAct>,
-    ) -> Result<CudaSlice<f32>, ModelError> {
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, k) = (c.dim, c.n_experts_used);
         let mut y = g.alloc::<f32>(n * k * d)?;
@@ -77,9 +82,7 @@ impl GpuModel {
             None => self.experts_matvec(layer.experts(), &r.ids, x, pre, n, k, n * k, &mut y.as_view_mut())?,
             Some(pairs) => self.experts_grouped(layer.experts(), pairs, x, k, &mut y.as_view_mut())?,
         }
-        let mut out = g.alloc::<f32>(n * d)?;
-        g.moe_combine(&y.as_view(), &r.weights.as_view(), n, k, d, &mut out.as_view_mut())?;
-        Ok(out)
+        Ok((y, r.weights))
     }
 
     /// y [pairs, dim] = E_{ids[p]}(x[p / x_div]) for every pair, E from the stacks of gate,
@@ -105,18 +108,31 @@ impl GpuModel {
         let mut up = g.alloc::<f32>(pairs * h)?;
         let act = if quantized(gate_exps.qtype) { Some(self.int8_input(x, x_rows, d, pre)?) } else { None };
         let act = act.as_deref();
+        let down_int8 = quantized(down_exps.qtype) && h.is_multiple_of(32);
+        let mut swiglu_made = None;
         match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols && g.tuning.matvec_pair) {
-            // gate and up in one launch
-            Some(a) => g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?,
+            // gate and up in one launch, SwiGLU's int8 form in its epilogue where it applies
+            Some(a) => {
+                if down_int8 {
+                    let ys = [&mut gate.as_view_mut(), &mut up.as_view_mut()];
+                    swiglu_made = g.matvec_pair_swiglu([gate_exps, up_exps], ids, a, x_div, pairs, ys)?;
+                }
+                if swiglu_made.is_none() {
+                    g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?;
+                }
+            }
             None => {
                 g.matvec_with(gate_exps, Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
                 g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
             }
         }
-        if quantized(down_exps.qtype) && h.is_multiple_of(32) {
+        if down_int8 {
             // SwiGLU straight into the down product's int8 input (its f32 form is never
             // read: gate stands in for it in the shape check)
-            let a = g.swiglu_quantize(&gate.as_view(), &up.as_view(), pairs, h)?;
+            let a = match swiglu_made {
+                Some(a) => a,
+                None => g.swiglu_quantize(&gate.as_view(), &up.as_view(), pairs, h)?,
+            };
             g.matvec_with(down_exps, Some(ids), &gate.as_view(), Some(&a), 1, pairs, y)?;
         } else {
             let mut a = g.alloc::<f32>(pairs * h)?;

@@ -118,16 +118,21 @@ impl SplitModel {
         let ids = first.gpu.upload(&ids)?;
         let mut x = first.embed(&ids, n)?;
         let mut prev: Option<&GpuModel> = None;
+        let mut pending: Option<super::forward::Pending> = None;
         for (part, ps) in self.parts.iter().zip(s.parts.iter_mut()) {
             if let Some(p) = prev {
+                // the previous part's last output is added on its GPU, then x moves on
+                if let Some(out) = pending.take() {
+                    out.apply(&p.gpu, &mut x, self.config().dim)?;
+                }
                 x = part.gpu.take_from(&p.gpu, &x)?;
             }
             let pos = part.gpu.upload(&[pos_host as i32])?;
-            part.run_layers(host, ps, &mut x, &pos, pos_host, n)?;
+            pending = part.run_layers(host, ps, &mut x, &pos, pos_host, n)?;
             prev = Some(part);
         }
         let last = prev.ok_or_else(|| ModelError::Input("a split model without parts".into()))?;
-        let logits = last.head(&x, n, which)?;
+        let logits = last.head(&mut x, pending, n, which)?;
         Ok(last.gpu.download(&logits.as_view())?)
     }
 
@@ -166,11 +171,14 @@ impl SplitModel {
                     } else {
                         x
                     };
-                    part.run_layers(None, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
+                    let pending = part.run_layers(None, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
                     if i == last {
-                        let logits = part.head(y, 1, Logits::Last).map_err(to_kernel)?;
+                        let logits = part.head(y, pending, 1, Logits::Last).map_err(to_kernel)?;
                         g.copy(&logits.as_view(), &mut out.as_view_mut())
                     } else {
+                        if let Some(p) = pending {
+                            p.apply(g, y, c.dim).map_err(to_kernel)?;
+                        }
                         g.copy(&y.as_view(), &mut out.as_view_mut())
                     }
                 })?;

@@ -1,0 +1,154 @@
+//! Decode's fused kernels against the kernels they replace, bit for bit (they are the same
+//! arithmetic in fewer launches): the router's product with its top-k, SwiGLU's int8 form
+//! in the gate/up products' epilogue, and the MoE's combination inside the next norm.
+//! Each fused kernel is run twice: the second run shows that the "last block" tickets were
+//! left at zero. Run on the GPU machine by scripts/gpu-check.sh.
+
+use mxr_kernels::cuda::{Gpu, GpuMatrix, Residual};
+use mxr_quant::reference::{quantize_to_vec, stats::Rng};
+use mxr_quant::QType;
+
+fn gpu() -> Gpu {
+    Gpu::open(0).expect("these tests need a GPU")
+}
+
+fn same(kernel: &str, case: &str, equal: bool) {
+    println!("CHECK {kernel} | {case} | {} | exact | {}", if equal { "equal" } else { "differ" }, if equal { "ok" } else { "FAIL" });
+    assert!(equal, "{kernel} {case}: the fused kernel's values differ from the separate kernels'");
+}
+
+fn weights(q: QType, n: usize, seed: u64) -> Vec<u8> {
+    quantize_to_vec(q, &Rng::new(seed).normals(n, 0.5)).unwrap()
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn norm_adds_expert_outputs_as_moe_combine_does() {
+    let g = gpu();
+    // decode's width, rows of few 32-blocks, rows not of whole 16-byte loads (the scalar
+    // path), and one expert per token
+    for (rows, width, k) in [(1usize, 6144usize, 2usize), (3, 96, 3), (2, 1030, 2), (5, 64, 1)] {
+        let x = Rng::new(40).normals(rows * width, 2.0);
+        let y = Rng::new(41).normals(rows * k * width, 1.0);
+        let w: Vec<f32> = Rng::new(42).normals(rows * k, 1.0).iter().map(|v| v.abs()).collect();
+        let norm = Rng::new(43).normals(width, 1.0);
+        let (gx, gy, gw, gn) = (g.upload(&x).unwrap(), g.upload(&y).unwrap(), g.upload(&w).unwrap(), g.upload(&norm).unwrap());
+        let (alpha, beta) = (1.3f32, 0.7f32);
+        let quantize = width.is_multiple_of(32);
+        // separate: moe_combine, then the norm with a plain residual
+        let mut m = g.zeros::<f32>(rows * width).unwrap();
+        g.moe_combine(&gy.as_view(), &gw.as_view(), rows, k, width, &mut m.as_view_mut()).unwrap();
+        let mut want = gx.clone();
+        let plain = Residual { a: m.as_view(), alpha, beta, combine: None };
+        let want_q = g.rmsnorm_fused(&mut want.as_view_mut(), Some(&plain), &gn, None, 1e-6, quantize).unwrap();
+        // fused
+        let mut got = gx.clone();
+        let fused = Residual { a: gy.as_view(), alpha, beta, combine: Some((gw.as_view(), k)) };
+        let got_q = g.rmsnorm_fused(&mut got.as_view_mut(), Some(&fused), &gn, None, 1e-6, quantize).unwrap();
+        let mut equal = g.download(&got.as_view()).unwrap() == g.download(&want.as_view()).unwrap();
+        if let (Some(a), Some(b)) = (&got_q, &want_q) {
+            equal &= g.download(&a.q.as_view()).unwrap() == g.download(&b.q.as_view()).unwrap();
+            equal &= g.download(&a.d.as_view()).unwrap() == g.download(&b.d.as_view()).unwrap();
+        }
+        same("rmsnorm_fused + combine", &format!("{rows}x{width}, k {k}"), equal);
+        // the combine weights' length is checked
+        let short = Residual { a: gy.as_view(), alpha, beta, combine: Some((gw.slice(..rows * k - 1), k)) };
+        assert!(g.rmsnorm_fused(&mut got.as_view_mut(), Some(&short), &gn, None, 1e-6, false).is_err());
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn route_fused_equals_the_product_then_top_k() {
+    let g = gpu();
+    for (n_tokens, n_exp, k, cols, q) in [
+        (1usize, 8usize, 2usize, 6144usize, QType::F32),
+        (5, 32, 2, 100, QType::F32),
+        (3, 45, 3, 264, QType::BF16),
+        (8, 7, 2, 64, QType::F16),
+    ] {
+        let router = GpuMatrix::upload(&g, q, 1, n_exp, cols, &weights(q, n_exp * cols, 44)).unwrap();
+        let gx = g.upload(&Rng::new(45).normals(n_tokens * cols, 1.0)).unwrap();
+        // separate: the product (few rows: one block per row), then route_topk
+        let mut logits = g.zeros::<f32>(n_tokens * n_exp).unwrap();
+        g.matvec(&router, None, &gx.as_view(), 1, n_tokens, &mut logits.as_view_mut()).unwrap();
+        let mut ids = g.zeros::<i32>(n_tokens * k).unwrap();
+        let mut w = g.zeros::<f32>(n_tokens * k).unwrap();
+        let mut counts = g.zeros::<u32>(n_exp).unwrap();
+        g.route_topk(&logits.as_view(), n_tokens, n_exp, k, &mut ids.as_view_mut(), &mut w.as_view_mut(), &mut counts).unwrap();
+        let (want_ids, want_w) = (g.download(&ids.as_view()).unwrap(), g.download(&w.as_view()).unwrap());
+        let want_counts = g.download(&counts.as_view()).unwrap();
+        // fused, twice, into fresh outputs; the counts accumulate
+        let mut fcounts = g.zeros::<u32>(n_exp).unwrap();
+        for run in 1..=2u32 {
+            let mut ids = g.zeros::<i32>(n_tokens * k).unwrap();
+            let mut w = g.zeros::<f32>(n_tokens * k).unwrap();
+            let ran =
+                g.route_fused(&router, &gx.as_view(), n_tokens, k, &mut ids.as_view_mut(), &mut w.as_view_mut(), &mut fcounts).unwrap();
+            assert!(ran, "route_fused should take {n_tokens} tokens of a {q} router");
+            let c: Vec<u32> = g.download(&fcounts.as_view()).unwrap();
+            let equal = g.download(&ids.as_view()).unwrap() == want_ids
+                && g.download(&w.as_view()).unwrap() == want_w
+                && c.iter().zip(&want_counts).all(|(&a, &b)| a == run * b);
+            same("route_fused", &format!("{n_tokens} tokens, top-{k} of {n_exp}, {q} x{cols}, run {run}"), equal);
+        }
+    }
+    // where it does not apply, it runs nothing and says so
+    let (n_exp, cols) = (8, 256);
+    let q8 = GpuMatrix::upload(&g, QType::Q8_0, 1, n_exp, cols, &weights(QType::Q8_0, n_exp * cols, 46)).unwrap();
+    let f32r = GpuMatrix::upload(&g, QType::F32, 1, n_exp, cols, &weights(QType::F32, n_exp * cols, 46)).unwrap();
+    let gx = g.upload(&Rng::new(47).normals(65 * cols, 1.0)).unwrap();
+    let mut ids = g.zeros::<i32>(65 * 2).unwrap();
+    let mut w = g.zeros::<f32>(65 * 2).unwrap();
+    let mut counts = g.zeros::<u32>(n_exp).unwrap();
+    let (iv, wv) = (&mut ids.as_view_mut(), &mut w.as_view_mut());
+    assert!(!g.route_fused(&q8, &gx.slice(..cols), 1, 2, iv, wv, &mut counts).unwrap(), "a quantized router");
+    assert!(!g.route_fused(&f32r, &gx.as_view(), 65, 2, iv, wv, &mut counts).unwrap(), "65 tokens");
+    assert_eq!(g.download(&counts.as_view()).unwrap(), vec![0; n_exp], "nothing ran");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn pair_swiglu_equals_the_pair_then_swiglu_quantize() {
+    let g = gpu();
+    for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0] {
+        let cols = if q.block_size() == 256 { 512 } else { 256 };
+        // (experts, rows, pair ids, x_div): decode's two choices of one token, and two tokens' worth
+        let cases = [(3usize, 96usize, vec![2i32, 0], 2usize), (8, 320, vec![7, 0, 3, 3, 5, 1, 6, 2], 2)];
+        for (n_exp, rows, ids, x_div) in cases {
+            let pairs = ids.len();
+            let w0 = GpuMatrix::upload(&g, q, n_exp, rows, cols, &weights(q, n_exp * rows * cols, 48)).unwrap();
+            let w1 = GpuMatrix::upload(&g, q, n_exp, rows, cols, &weights(q, n_exp * rows * cols, 49)).unwrap();
+            let n_x = pairs.div_ceil(x_div);
+            let gx = g.upload(&Rng::new(50).normals(n_x * cols, 1.0)).unwrap();
+            let act = g.quantize_act(&gx.as_view(), n_x, cols).unwrap();
+            let gids = g.upload(&ids).unwrap();
+            let (mut a0, mut a1) = (g.zeros::<f32>(pairs * rows).unwrap(), g.zeros::<f32>(pairs * rows).unwrap());
+            g.matvec_pair([&w0, &w1], Some(&gids), &act, x_div, pairs, [&mut a0.as_view_mut(), &mut a1.as_view_mut()]).unwrap();
+            let sep = g.swiglu_quantize(&a0.as_view(), &a1.as_view(), pairs, rows).unwrap();
+            let (want_q, want_d) = (g.download(&sep.q.as_view()).unwrap(), g.download(&sep.d.as_view()).unwrap());
+            let (want0, want1) = (g.download(&a0.as_view()).unwrap(), g.download(&a1.as_view()).unwrap());
+            for run in 1..=2 {
+                let (mut b0, mut b1) = (g.zeros::<f32>(pairs * rows).unwrap(), g.zeros::<f32>(pairs * rows).unwrap());
+                let got = g
+                    .matvec_pair_swiglu([&w0, &w1], &gids, &act, x_div, pairs, [&mut b0.as_view_mut(), &mut b1.as_view_mut()])
+                    .unwrap()
+                    .expect("the epilogue applies to rows of whole 32-row groups");
+                let equal = g.download(&got.q.as_view()).unwrap() == want_q
+                    && g.download(&got.d.as_view()).unwrap() == want_d
+                    && g.download(&b0.as_view()).unwrap() == want0
+                    && g.download(&b1.as_view()).unwrap() == want1;
+                same("matvec_pair_swiglu", &format!("{q} {rows} rows x{cols}, {pairs} pairs, run {run}"), equal);
+            }
+        }
+    }
+    // rows that are not whole 32-row groups: nothing run, the caller falls back
+    let q = QType::Q8_0;
+    let w = GpuMatrix::upload(&g, q, 2, 70, 64, &weights(q, 2 * 70 * 64, 51)).unwrap();
+    let gx = g.upload(&Rng::new(52).normals(64, 1.0)).unwrap();
+    let act = g.quantize_act(&gx.as_view(), 1, 64).unwrap();
+    let gids = g.upload(&[1i32, 0]).unwrap();
+    let (mut b0, mut b1) = (g.zeros::<f32>(140).unwrap(), g.zeros::<f32>(140).unwrap());
+    let r = g.matvec_pair_swiglu([&w, &w], &gids, &act, 2, 2, [&mut b0.as_view_mut(), &mut b1.as_view_mut()]).unwrap();
+    assert!(r.is_none(), "70 rows are not 32-row groups");
+}
