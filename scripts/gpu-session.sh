@@ -23,8 +23,8 @@
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
-#   fuse       S8 and S8q4 tg128 with MXR_FUSE=0 (decode's fused router, SwiGLU epilogue
-#              and combine-in-norm off) against the default, interleaved     ~5 min
+#   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
+#              2 SwiGLU epilogue, 4 combine in the norm; default 7), interleaved  ~5 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
@@ -95,11 +95,9 @@ for s in "${steps[@]}"; do
         done >"$out/pair.log" 2>&1
         ;;
     fuse)
-        for slice in S8 S8q4; do
-            for f in 1 0 1 0; do
-                echo "== $slice MXR_FUSE=$f"
-                MXR_FUSE=$f scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 3
-            done
+        for f in ${MXR_FUSE_SET:-7 5 3 0 7 5 3 0}; do
+            echo "== S8 MXR_FUSE=$f"
+            MXR_FUSE=$f scripts/bench-slice.sh S8 -p 0 -n 128 -r 3
         done >"$out/fuse.log" 2>&1
         ;;
     ab)

@@ -133,17 +133,20 @@ __device__ __forceinline__ float4 combine4_at(const float* y, const float* w, in
 // The last block to finish a piece of work shared by `expected` blocks: each block calls
 // this after writing its part (all threads); it returns true in every thread of the one
 // block that arrived last, which then reads the others' parts (load_cg). The ticket is left
-// at 0 for the next launch (and the next replay of a graph).
+// at 0 for the next launch (and the next replay of a graph). As a grid barrier does it: the
+// block's barrier, then one thread's fence orders all the block's writes before its ticket.
 __device__ __forceinline__ bool arrived_last(unsigned* ticket, unsigned expected) {
     __shared__ bool last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
+        __threadfence();
         last = atomicAdd(ticket, 1u) == expected - 1;
-        if (last) *ticket = 0;
+        if (last) {
+            *ticket = 0;
+            __threadfence();
+        }
     }
     __syncthreads();
-    if (last) __threadfence();
     return last;
 }
 

@@ -277,7 +277,7 @@ impl Gpu {
     /// product's input, the same values [`Gpu::swiglu_quantize`] makes of them. None (and
     /// nothing run) where the epilogue does not apply: rows not whole 32-row groups, a
     /// block's rows (`MXR_MATVEC_WARPS` x `MXR_MATVEC_ROWS`) not dividing 32, more groups
-    /// than the ticket buffer holds, or fusion turned off (`MXR_FUSE=0`); the caller then
+    /// than the ticket buffer holds, or fusion turned off (`MXR_FUSE` without 2); the caller then
     /// runs the two kernels.
     #[allow(clippy::too_many_arguments)]
     pub fn matvec_pair_swiglu(
@@ -292,7 +292,7 @@ impl Gpu {
         let rows = w0.rows;
         let rows_per_block = (self.tuning.matvec_warps * self.tuning.matvec_rows) as usize;
         let groups = pairs * rows / 32;
-        if !self.tuning.fuse
+        if self.tuning.fuse & super::FUSE_SWIGLU == 0
             || w1.rows != rows
             || !rows.is_multiple_of(32)
             || !32usize.is_multiple_of(rows_per_block)
@@ -668,7 +668,7 @@ impl Gpu {
     /// tokens: the same ids, weights and counts as [`Gpu::matvec`] (whose few-row kernel
     /// makes the same sums) followed by `route_topk`. Ok(false), with nothing run, where it
     /// does not apply: more tokens, a quantized router, rows not whole 16-byte loads, or
-    /// fusion turned off (`MXR_FUSE=0`).
+    /// fusion turned off (`MXR_FUSE` without 1).
     #[allow(clippy::too_many_arguments)]
     pub fn route_fused(
         &self,
@@ -687,7 +687,7 @@ impl Gpu {
             QType::F16 if cols % 8 == 0 => "route_fused_f16",
             _ => return Ok(false),
         };
-        if !self.tuning.fuse || router.n_experts != 1 || n_tokens > ROUTE_FUSED_TOKENS {
+        if self.tuning.fuse & super::FUSE_ROUTE == 0 || router.n_experts != 1 || n_tokens > ROUTE_FUSED_TOKENS {
             return Ok(false);
         }
         if k == 0 || k > 16 || k > n_experts || n_experts > 256 {

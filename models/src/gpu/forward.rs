@@ -438,7 +438,7 @@ impl Pending {
     }
 
     /// The MoE's expert outputs y [n k, dim] and weights [n, k]; combined here already
-    /// (`moe_combine`) when fusion is off (`MXR_FUSE=0`).
+    /// (`moe_combine`) when that fusion is off (`MXR_FUSE` without 4).
     #[allow(clippy::too_many_arguments)]
     fn experts(
         g: &Gpu,
@@ -450,7 +450,7 @@ impl Pending {
         alpha: f32,
         beta: f32,
     ) -> Result<Pending, ModelError> {
-        if g.tuning.fuse {
+        if g.tuning.fuse & mxr_kernels::cuda::FUSE_COMBINE != 0 {
             return Ok(Pending { out: y, weights: Some(weights), k, alpha, beta });
         }
         let mut m = g.alloc::<f32>(n * d)?;
