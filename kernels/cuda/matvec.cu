@@ -21,40 +21,59 @@
 #ifndef UNROLL
 #define UNROLL 2  // units in flight per lane in the main loop
 #endif
+// Q8_0's own launch shape (its products are fastest with one row per warp, eight warps)
+#ifndef Q8_ROWS
+#define Q8_ROWS ROWS
+#endif
+#ifndef Q8_WARPS
+#define Q8_WARPS WARPS
+#endif
+
+// The launch shape of a weight type's kernels: rows per warp R, warps per block W.
+template <class F>
+struct Shape {
+    static constexpr int R = ROWS, W = WARPS;
+};
+template <>
+struct Shape<Q8_0> {
+    static constexpr int R = Q8_ROWS, W = Q8_WARPS;
+};
 
 // The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
 // Input::dot(r, u, in) one row's product with them.
 template <class Input>
 __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row) {
+    constexpr int R = Shape<typename Input::Format>::R, W = Shape<typename Input::Format>::W;
     int lane = threadIdx.x & 31;
-    int r0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
+    int r0 = (blockIdx.x * W + (threadIdx.x >> 5)) * R;
     if (r0 >= rows) return;
-    float acc[ROWS];
+    float acc[R];
 #pragma unroll
-    for (int i = 0; i < ROWS; i++) acc[i] = 0.f;
-    if (r0 + ROWS <= rows) {
+    for (int i = 0; i < R; i++) acc[i] = 0.f;
+    if (r0 + R <= rows) {
 #pragma unroll UNROLL
         for (int u = lane; u < n_units; u += 32) {
             typename Input::T x;
             in.load(u, x);
 #pragma unroll
-            for (int i = 0; i < ROWS; i++) acc[i] += in.dot(r0 + i, u, x);
+            for (int i = 0; i < R; i++) acc[i] += in.dot(r0 + i, u, x);
         }
     } else {
         for (int u = lane; u < n_units; u += 32) {
             typename Input::T x;
             in.load(u, x);
-            for (int i = 0; i < ROWS && r0 + i < rows; i++) acc[i] += in.dot(r0 + i, u, x);
+            for (int i = 0; i < R && r0 + i < rows; i++) acc[i] += in.dot(r0 + i, u, x);
         }
     }
 #pragma unroll
-    for (int i = 0; i < ROWS; i++) acc[i] = warp_sum(acc[i]);
+    for (int i = 0; i < R; i++) acc[i] = warp_sum(acc[i]);
     if (lane == 0)
-        for (int i = 0; i < ROWS && r0 + i < rows; i++) y_row[r0 + i] = acc[i];
+        for (int i = 0; i < R && r0 + i < rows; i++) y_row[r0 + i] = acc[i];
 }
 
 template <class F>
 struct QuantInput {
+    typedef F Format;
     typedef typename F::XQ T;
     const u8* w;
     int rows, cols;
@@ -66,6 +85,7 @@ struct QuantInput {
 
 template <class F>
 struct FloatInput {
+    typedef F Format;
     typedef typename F::X T;
     const u8* w;
     int rows, cols;
@@ -112,7 +132,7 @@ __device__ void matvec_scalar(const u8* w, long long expert_stride, const int* i
     const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
     const float* xp = x + (size_t)(p / x_div) * cols;
     int lane = threadIdx.x & 31;
-    int r = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    int r = blockIdx.x * Shape<F>::W + (threadIdx.x >> 5);
     if (r >= rows) return;
     float acc = 0.f;
     for (int u = lane; u < cols; u += 32) acc += F::dot1(wp, cols, r, u, xp);
@@ -139,7 +159,7 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 template <class F>
 __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, int rows, int cols, const i8* xq,
                                const float* xd, int x_div, float* y0, float* y1, unsigned* tickets, i8* aq, float* ad) {
-    constexpr int RPB = WARPS * ROWS;
+    constexpr int RPB = Shape<F>::W * Shape<F>::R;
     if (32 % RPB != 0) return;
     matvec2_q<F>(w0, w1, s0, s1, ids, rows, rows, cols, xq, xd, x_div, y0, y1);
     int p = blockIdx.y, groups = rows >> 5, g = blockIdx.x * RPB / 32;
@@ -151,22 +171,22 @@ __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long lo
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
 #define MATVEC_F(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
 #define Q2ARGS                                                                                                                  \
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
         int x_div, float *y0, float *y1
 #define MATVEC2_Q(name, F)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(Q2ARGS) { PDL_ENTRY();                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(Q2ARGS) { PDL_ENTRY();                                                 \
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 
 #define MATVEC2_SWIGLU(name, F)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) name(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, \
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, \
                                                                   int rows, int cols, const i8* xq, const float* xd, int x_div, float* y0, \
                                                                   float* y1, unsigned* tickets, i8* aq, float* ad) { PDL_ENTRY();       \
         matvec2_swiglu<F>(w0, w1, s0, s1, ids, rows, cols, xq, xd, x_div, y0, y1, tickets, aq, ad);                           \

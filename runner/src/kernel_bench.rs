@@ -40,11 +40,13 @@ pub fn run(g: &Gpu, only: Option<&str>) -> Result<()> {
     let want = |group: &str| only.is_none_or(|o| o == group);
     let bw = g.copy_bandwidth(1 << 30, 5)?;
     println!(
-        "{}; copy bandwidth {:.0} GB/s; matvec {} rows/warp, {} warps/block, unroll {}",
+        "{}; copy bandwidth {:.0} GB/s; matvec {} rows/warp, {} warps/block (q8_0: {} x {}), unroll {}",
         g.info(),
         bw / 1e9,
         g.tuning.matvec_rows,
         g.tuning.matvec_warps,
+        g.tuning.matvec_q8_rows,
+        g.tuning.matvec_q8_warps,
         g.tuning.matvec_unroll
     );
     println!("| kernel | type | shape | us | GB/s | % BW |");

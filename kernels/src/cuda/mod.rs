@@ -80,6 +80,12 @@ pub struct Tuning {
     /// the copy bandwidth against 58-66% at 4, and Q8_0's expert pairs at 76-79% against
     /// 79-83%; `gpu-session.sh tune-kernels` on an H200).
     pub matvec_warps: u32,
+    /// Q8_0's own rows per warp and warps per block (`MXR_MATVEC_Q8_ROWS`,
+    /// `MXR_MATVEC_Q8_WARPS`; default 1 x 8: `tune-kernels` at 893c477 and da5483b put its
+    /// products at 90 / 84 / 85% of the copy bandwidth (dense / gate pair / down pair)
+    /// against 89 / 83 / 79-80 at the other types' 2 x 4, where Q4_K is best).
+    pub matvec_q8_rows: u32,
+    pub matvec_q8_warps: u32,
     /// Units in flight per lane in the matrix-vector kernels' main loop (`MXR_MATVEC_UNROLL`,
     /// 1 to 4).
     pub matvec_unroll: u32,
@@ -120,11 +126,21 @@ pub const FUSE_SWIGLU: u32 = 2;
 pub const FUSE_COMBINE: u32 = 4;
 
 impl Tuning {
+    /// The matrix-vector kernels' (warps per block, rows per warp) for weights of type `q`.
+    pub fn matvec_shape(&self, q: mxr_quant::QType) -> (u32, u32) {
+        match q {
+            mxr_quant::QType::Q8_0 => (self.matvec_q8_warps, self.matvec_q8_rows),
+            _ => (self.matvec_warps, self.matvec_rows),
+        }
+    }
+
     fn from_env() -> Tuning {
         let get = |k: &str, d: u32, ok: fn(u32) -> bool| std::env::var(k).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(d);
         Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
+            matvec_q8_rows: get("MXR_MATVEC_Q8_ROWS", 1, |v| (1..=16).contains(&v)),
+            matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 8, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
@@ -292,6 +308,8 @@ impl Gpu {
             Source::Matvec => vec![
                 format!("ROWS={}", self.tuning.matvec_rows),
                 format!("WARPS={}", self.tuning.matvec_warps),
+                format!("Q8_ROWS={}", self.tuning.matvec_q8_rows),
+                format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
             ],
             _ => Vec::new(),

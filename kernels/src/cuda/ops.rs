@@ -155,7 +155,7 @@ impl Gpu {
             QType::F32 => cols % 4 != 0,
             _ => false,
         };
-        let (warps, per_warp) = (self.tuning.matvec_warps, self.tuning.matvec_rows);
+        let (warps, per_warp) = self.tuning.matvec_shape(w.qtype);
         let rows_per_block = if scalar { warps } else { warps * per_warp };
         let cfg = LaunchConfig {
             grid_dim: ((rows as u32).div_ceil(rows_per_block), int("matvec", pairs)? as u32, 1),
@@ -253,10 +253,10 @@ impl Gpu {
         if pairs == 0 {
             return Ok(());
         }
-        let rows_per_block = self.tuning.matvec_warps * self.tuning.matvec_rows;
+        let (warps, per_warp) = self.tuning.matvec_shape(w0.qtype);
         let cfg = LaunchConfig {
-            grid_dim: ((w0.rows.max(w1.rows) as u32).div_ceil(rows_per_block), int("matvec_pair", pairs)? as u32, 2),
-            block_dim: (32 * self.tuning.matvec_warps, 1, 1),
+            grid_dim: ((w0.rows.max(w1.rows) as u32).div_ceil(warps * per_warp), int("matvec_pair", pairs)? as u32, 2),
+            block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: 0,
         };
         let (s0, s1) = (w0.stride as i64, w1.stride as i64);
@@ -290,7 +290,8 @@ impl Gpu {
         [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
     ) -> Result<Option<QAct>> {
         let rows = w0.rows;
-        let rows_per_block = (self.tuning.matvec_warps * self.tuning.matvec_rows) as usize;
+        let (warps, per_warp) = self.tuning.matvec_shape(w0.qtype);
+        let rows_per_block = (warps * per_warp) as usize;
         let groups = pairs * rows / 32;
         if self.tuning.fuse & super::FUSE_SWIGLU == 0
             || w1.rows != rows
@@ -323,7 +324,7 @@ impl Gpu {
         }
         let cfg = LaunchConfig {
             grid_dim: ((rows / rows_per_block) as u32, int("matvec_pair_swiglu", pairs)? as u32, 2),
-            block_dim: (32 * self.tuning.matvec_warps, 1, 1),
+            block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: 0,
         };
         let (s0, s1) = (w0.stride as i64, w1.stride as i64);
