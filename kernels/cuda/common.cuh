@@ -107,6 +107,14 @@ __device__ __forceinline__ float load_cg(const float* p) {
     return v;
 }
 
+// alpha x + beta a, rounded as every residual in mxr rounds it: one fused multiply-add,
+// written out so that the residual kernel and the norms that fold the residual in give the
+// same bits (left to the compiler, the two contracted it differently).
+__device__ __forceinline__ float mix(float x, float alpha, float a, float beta) { return fmaf(x, alpha, a * beta); }
+__device__ __forceinline__ float4 mix4(float4 x, float alpha, float4 a, float beta) {
+    return make_float4(mix(x.x, alpha, a.x, beta), mix(x.y, alpha, a.y, beta), mix(x.z, alpha, a.z, beta), mix(x.w, alpha, a.w, beta));
+}
+
 // Σ_j w[t * k + j] * y[(t * k + j) * width + c]: token t's k expert outputs at column c,
 // combined with its routing weights (moe_combine, and the norm that takes them instead).
 __device__ __forceinline__ float combine_at(const float* y, const float* w, int k, int width, int t, int c) {

@@ -26,7 +26,7 @@ extern "C" __global__ void swiglu_bf16(const float* g, const float* u, u16* out,
 // x = alpha * x + beta * a
 extern "C" __global__ void residual(float* x, const float* a, long long n, float alpha, float beta) { PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = x[i] * alpha + a[i] * beta;
+    if (i < n) x[i] = mix(x[i], alpha, a[i], beta);
 }
 
 // dst[i, :] = src[idx[i] / div, :] for i = blockIdx.y

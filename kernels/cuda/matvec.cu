@@ -21,7 +21,7 @@
 #ifndef UNROLL
 #define UNROLL 2  // units in flight per lane in the main loop
 #endif
-// Q8_0's own launch shape (its products are fastest with one row per warp, eight warps)
+// Q8_0's own launch shape (MXR_MATVEC_Q8_ROWS / _WARPS; by default the others')
 #ifndef Q8_ROWS
 #define Q8_ROWS ROWS
 #endif

@@ -60,7 +60,7 @@ __device__ void norm_row_regs(float* row, const float* a, const float* cw, int k
         v[j] = r4[i];
         if (a4) {
             float4 u = cw ? combine4_at(a, cw, k, width, blockIdx.x, i << 2) : a4[i];
-            v[j] = make_float4(v[j].x * alpha + u.x * beta, v[j].y * alpha + u.y * beta, v[j].z * alpha + u.z * beta, v[j].w * alpha + u.w * beta);
+            v[j] = mix4(v[j], alpha, u, beta);
         }
         ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
     }
@@ -127,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fused(float* x, const
             float4 v = r4[i];
             if (a4) {
                 float4 u = cw ? combine4_at(a, cw, k, width, blockIdx.x, i << 2) : a4[i];
-                v = make_float4(v.x * alpha + u.x * beta, v.y * alpha + u.y * beta, v.z * alpha + u.z * beta, v.w * alpha + u.w * beta);
+                v = mix4(v, alpha, u, beta);
             }
             ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             if (a4) r4[i] = v;
@@ -146,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fused(float* x, const
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
             float v = row[i];
-            if (ar) v = v * alpha + (cw ? combine_at(a, cw, k, width, blockIdx.x, i) : ar[i]) * beta;
+            if (ar) v = mix(v, alpha, cw ? combine_at(a, cw, k, width, blockIdx.x, i) : ar[i], beta);
             row[i] = v;
             ss += v * v;
         }

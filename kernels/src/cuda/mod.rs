@@ -81,9 +81,10 @@ pub struct Tuning {
     /// 79-83%; `gpu-session.sh tune-kernels` on an H200).
     pub matvec_warps: u32,
     /// Q8_0's own rows per warp and warps per block (`MXR_MATVEC_Q8_ROWS`,
-    /// `MXR_MATVEC_Q8_WARPS`; default 1 x 8: `tune-kernels` at 893c477 and da5483b put its
-    /// products at 90 / 84 / 85% of the copy bandwidth (dense / gate pair / down pair)
-    /// against 89 / 83 / 79-80 at the other types' 2 x 4, where Q4_K is best).
+    /// `MXR_MATVEC_Q8_WARPS`; default 2 x 4, as the other types). `tune-kernels` put 1 x 8
+    /// ahead on the products alone (down pair 85% of the copy bandwidth against 80%), but
+    /// S8 decode on an H200 at 02778ac was slower with it: 423.9 / 421.8 tokens/s against
+    /// 429.5 / 432.8 at 2 x 4, alternated in one call.
     pub matvec_q8_rows: u32,
     pub matvec_q8_warps: u32,
     /// Units in flight per lane in the matrix-vector kernels' main loop (`MXR_MATVEC_UNROLL`,
@@ -139,8 +140,8 @@ impl Tuning {
         Tuning {
             matvec_rows: get("MXR_MATVEC_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
-            matvec_q8_rows: get("MXR_MATVEC_Q8_ROWS", 1, |v| (1..=16).contains(&v)),
-            matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 8, |v| (1..=32).contains(&v)),
+            matvec_q8_rows: get("MXR_MATVEC_Q8_ROWS", 2, |v| (1..=16).contains(&v)),
+            matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
