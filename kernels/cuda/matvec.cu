@@ -39,46 +39,6 @@ struct Shape<Q8_0> {
     static constexpr int R = Q8_ROWS, W = Q8_WARPS;
 };
 
-#ifndef PREFETCH
-#define PREFETCH 0  // MXR_MATVEC_PREFETCH: dense products ask L2 for their first units before the PDL wait
-#endif
-
-// Where unit u of row r starts, for the types whose first units are prefetched (the
-// others: nullptr, nothing asked).
-template <class F>
-struct FirstUnit {
-    __device__ static const u8* at(const u8*, int, int, int, int) { return nullptr; }
-};
-template <>
-struct FirstUnit<Q8_0> {
-    __device__ static const u8* at(const u8* w, int rows, int cols, int r, int u) { return w + (size_t)r * cols + (u << 5); }
-};
-template <bool BF>
-struct FirstUnit<Half<BF>> {
-    __device__ static const u8* at(const u8* w, int rows, int cols, int r, int u) { return w + ((size_t)r * cols + (u << 3)) * 2; }
-};
-
-// Before PDL_ENTRY's wait, so while the previous kernel may still run: each lane asks L2
-// for the first UNROLL units of its rows, the loads its loop starts with. Only for dense
-// weights (ids null), which no earlier kernel writes. An earlier try that prefetched whole
-// rows (f39b4ce) made decode 15% slower; this asks for 1 KB per warp and row.
-template <class F>
-__device__ __forceinline__ void prefetch_first(const u8* w, const int* ids, int rows, int cols) {
-#if PREFETCH && __CUDA_ARCH__ >= 900
-    if (ids) return;
-    constexpr int R = Shape<F>::R, W = Shape<F>::W;
-    int lane = threadIdx.x & 31, r0 = (blockIdx.x * W + (threadIdx.x >> 5)) * R, n = F::units(cols);
-#pragma unroll
-    for (int i = 0; i < R; i++)
-#pragma unroll
-        for (int k = 0; k < UNROLL; k++) {
-            int u = lane + 32 * k;
-            const u8* p = (r0 + i < rows && u < n) ? FirstUnit<F>::at(w, rows, cols, r0 + i, u) : nullptr;
-            if (p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-        }
-#endif
-}
-
 // The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
 // Input::dot(r, u, in) one row's product with them.
 template <class Input>
@@ -211,15 +171,9 @@ __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long lo
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(QARGS) {        \
-        prefetch_first<F>(w, ids, rows, cols);                                                                        \
-        PDL_ENTRY();                                                                                                  \
-        matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
 #define MATVEC_F(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) {        \
-        prefetch_first<F>(w, ids, rows, cols);                                                                        \
-        PDL_ENTRY();                                                                                                  \
-        matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
     extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
@@ -227,9 +181,7 @@ __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long lo
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
         int x_div, float *y0, float *y1
 #define MATVEC2_Q(name, F)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(Q2ARGS) {                                       \
-        prefetch_first<F>(blockIdx.z ? w1 : w0, ids, blockIdx.z ? rows1 : rows0, cols);                                   \
-        PDL_ENTRY();                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(Q2ARGS) { PDL_ENTRY();                                                 \
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 

@@ -90,10 +90,6 @@ pub struct Tuning {
     /// Units in flight per lane in the matrix-vector kernels' main loop (`MXR_MATVEC_UNROLL`,
     /// 1 to 4).
     pub matvec_unroll: u32,
-    /// Dense matrix-vector products ask L2 for the first units each lane reads before
-    /// waiting on the previous kernel (`MXR_MATVEC_PREFETCH`: 0, the default, or 1; Q8_0 and
-    /// bf16/f16 weights).
-    pub matvec_prefetch: bool,
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
@@ -147,7 +143,6 @@ impl Tuning {
             matvec_q8_rows: get("MXR_MATVEC_Q8_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
-            matvec_prefetch: get("MXR_MATVEC_PREFETCH", 0, |v| v <= 1) == 1,
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
@@ -316,7 +311,6 @@ impl Gpu {
                 format!("WARPS={}", self.tuning.matvec_warps),
                 format!("Q8_ROWS={}", self.tuning.matvec_q8_rows),
                 format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
-                format!("PREFETCH={}", u32::from(self.tuning.matvec_prefetch)),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
             ],
             _ => Vec::new(),
