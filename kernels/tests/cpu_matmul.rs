@@ -158,3 +158,50 @@ fn matmul_over_column_ranges_sums_to_the_whole() {
         );
     }
 }
+
+/// An expert's whole SwiGLU feed-forward in one parallel region gives exactly what the
+/// three products it replaces give (gate and up with `matmul`, SiLU, down with
+/// `matmul_cols` over the same hidden units), for every weight type, one and several
+/// tokens, any thread count, and a part of the hidden units (a shared cold expert's).
+#[test]
+fn swiglu_ffn_equals_its_three_products() {
+    use mxr_kernels::cpu::{matmul_cols, swiglu_ffn};
+    let silu = |v: f32| v / (1.0 + (-v).exp());
+    for q in QType::WEIGHT_TYPES {
+        let b = q.block_size().max(32);
+        // d_in of whole blocks; 3 blocks of hidden units (rows not a multiple of the tile);
+        // an output width of 37 rows
+        let (d_in, h, d_out) = (2 * b, 3 * b, 37);
+        let gb = weights(q, h, d_in, 21);
+        let ub = weights(q, h, d_in, 22);
+        let db = weights(q, d_out, h, 23);
+        let (gate, up, down) =
+            (QMatrix::new(q, h, d_in, &gb).unwrap(), QMatrix::new(q, h, d_in, &ub).unwrap(), QMatrix::new(q, d_out, h, &db).unwrap());
+        for (n_tokens, hidden) in [(1usize, 0..h), (3, 0..h), (2, b..h)] {
+            let x = Rng::new(24 + n_tokens as u64).normals(n_tokens * d_in, 1.0);
+            let hn = hidden.len();
+            let rb = gate.row_bytes();
+            let part = hidden.start * rb..hidden.end * rb;
+            let (g, u) = (QMatrix::new(q, hn, d_in, &gb[part.clone()]).unwrap(), QMatrix::new(q, hn, d_in, &ub[part]).unwrap());
+            let mut gy = vec![0f32; n_tokens * hn];
+            let mut uy = vec![0f32; n_tokens * hn];
+            matmul(&g, &x, n_tokens, &mut gy, Threads(2)).unwrap();
+            matmul(&u, &x, n_tokens, &mut uy, Threads(2)).unwrap();
+            let act: Vec<f32> = gy.iter().zip(&uy).map(|(&a, &c)| silu(a) * c).collect();
+            let mut want = vec![0f32; n_tokens * d_out];
+            matmul_cols(&down, hidden.clone(), &act, n_tokens, &mut want, Threads(2)).unwrap();
+            for threads in [1, 2, 5] {
+                let mut got = vec![f32::NAN; n_tokens * d_out];
+                swiglu_ffn(&g, &u, &down, hidden.clone(), &x, n_tokens, &mut got, Threads(threads)).unwrap();
+                let same = got.iter().zip(&want).all(|(a, c)| a.to_bits() == c.to_bits());
+                assert!(same, "{q}: {n_tokens} tokens, hidden {hidden:?}, {threads} threads");
+            }
+        }
+        // shapes that do not fit are errors, not panics
+        let x = vec![0f32; d_in];
+        let mut y = vec![0f32; d_out];
+        assert!(swiglu_ffn(&gate, &up, &down, 0..h - 1, &x, 1, &mut y, Threads(2)).is_err(), "{q}: hidden units and rows differ");
+        assert!(swiglu_ffn(&gate, &up, &down, 0..h, &x[..d_in - 1], 1, &mut y, Threads(2)).is_err(), "{q}: short x");
+        assert!(swiglu_ffn(&gate, &up, &down, 0..h, &x, 1, &mut y[..d_out - 1], Threads(2)).is_err(), "{q}: short y");
+    }
+}

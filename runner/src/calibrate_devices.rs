@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use mxr_kernels::cpu::{matmul, Threads};
+use mxr_kernels::cpu::{swiglu_ffn, Threads};
 use mxr_kernels::cuda::Gpu;
 use mxr_models::offload_cost::DeviceRates;
 use mxr_quant::reference::quantize_to_vec;
@@ -50,19 +50,30 @@ pub fn run(threads: Threads) -> Result<()> {
     println!("| --- | ---: | --- |");
     r.host_read_gbps = host_read_bandwidth(threads.0) / 1e9;
     println!("| host memory read | {:.1} GB/s | {} threads summing 1 GiB |", r.host_read_gbps, threads.0);
-    // one real expert projection (9216 x 6144) at q4_k, the offload slices' type
-    let (rows, cols) = (9216, 6144);
-    let row = quantize_to_vec(QType::Q4K, &Rng::new(1).normals(cols, 0.5)).context("quantizing a q4_k row")?;
-    let data: Vec<u8> = row.iter().copied().cycle().take(row.len() * rows).collect();
-    let w = QMatrix { qtype: QType::Q4K, rows, cols, data: &data };
-    let x = Rng::new(2).normals(64 * cols, 1.0);
-    let mut y = vec![0f32; 64 * rows];
-    let t1 = median(7, || Ok(matmul(&w, &x[..cols], 1, &mut y[..rows], threads)?))?;
-    r.cpu_expert_gbps = data.len() as f64 / t1 / 1e9;
-    println!("| CPU expert, 1 token | {:.1} GB/s of weights ({:.2} ms) | ggml q4_k x q8_k, {rows}x{cols} |", r.cpu_expert_gbps, t1 * 1e3);
-    let t64 = median(5, || Ok(matmul(&w, &x, 64, &mut y, threads)?))?;
-    r.cpu_gflops = 2.0 * (rows * cols * 64) as f64 / t64 / 1e9;
-    println!("| CPU expert, 64 tokens | {:.0} GFLOP/s ({:.2} ms) | the same matrix |", r.cpu_gflops, t64 * 1e3);
+    // one real expert (gate and up 9216 x 6144, down 6144 x 9216) at q4_k, the offload
+    // slices' type, through the kernel the runner uses for a cold expert (swiglu_ffn)
+    let (h, d) = (9216, 6144);
+    let matrix = |rows: usize, cols: usize, seed: u64| -> Result<Vec<u8>> {
+        let row = quantize_to_vec(QType::Q4K, &Rng::new(seed).normals(cols, 0.5)).context("quantizing a q4_k row")?;
+        Ok(row.iter().copied().cycle().take(row.len() * rows).collect())
+    };
+    let (gb, ub, db) = (matrix(h, d, 1)?, matrix(h, d, 3)?, matrix(d, h, 4)?);
+    let gate = QMatrix { qtype: QType::Q4K, rows: h, cols: d, data: &gb };
+    let up = QMatrix { qtype: QType::Q4K, rows: h, cols: d, data: &ub };
+    let down = QMatrix { qtype: QType::Q4K, rows: d, cols: h, data: &db };
+    let bytes = (gb.len() + ub.len() + db.len()) as f64;
+    let x = Rng::new(2).normals(64 * d, 1.0);
+    let mut y = vec![0f32; 64 * d];
+    let t1 = median(7, || Ok(swiglu_ffn(&gate, &up, &down, 0..h, &x[..d], 1, &mut y[..d], threads)?))?;
+    r.cpu_expert_gbps = bytes / t1 / 1e9;
+    println!(
+        "| CPU expert, 1 token | {:.1} GB/s of weights ({:.2} ms) | ggml q4_k x q8_k, gate, up and down {h}x{d} |",
+        r.cpu_expert_gbps,
+        t1 * 1e3
+    );
+    let t64 = median(5, || Ok(swiglu_ffn(&gate, &up, &down, 0..h, &x, 64, &mut y, threads)?))?;
+    r.cpu_gflops = 2.0 * 3.0 * (h * d * 64) as f64 / t64 / 1e9;
+    println!("| CPU expert, 64 tokens | {:.0} GFLOP/s ({:.2} ms) | the same expert |", r.cpu_gflops, t64 * 1e3);
     match Gpu::open(0) {
         Ok(g) => {
             r.h2d_gbps = g.upload_bandwidth(256 << 20, false, 5)? / 1e9;
@@ -72,9 +83,9 @@ pub fn run(threads: Threads) -> Result<()> {
         }
         Err(e) => println!("| host to GPU | (defaults {:.0} / {:.0} GB/s) | no GPU: {e} |", r.h2d_gbps, r.h2d_pinned_gbps),
     }
-    // what the model decides for one q4_k expert (3 such projections)
-    let bytes = 3 * data.len() as u64;
-    let flops = 3.0 * 2.0 * (rows * cols) as f64;
+    // what the model decides for one q4_k expert
+    let bytes = bytes as u64;
+    let flops = 3.0 * 2.0 * (h * d) as f64;
     println!();
     // copies from the mapped file as it is (pageable), and from page-locked memory (what a
     // run uses when the driver lets it lock the cold experts' pages)

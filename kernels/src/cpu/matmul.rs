@@ -18,11 +18,11 @@ use crate::KernelError;
 type Result<T> = std::result::Result<T, KernelError>;
 
 /// Weight rows per work item: enough to amortise the counter, small enough to balance.
-const TILE_ROWS: usize = 16;
+pub(super) const TILE_ROWS: usize = 16;
 
 /// Weight bytes x tokens below which another thread costs more (spawn and join, tens of
 /// microseconds) than it saves: small products run on fewer threads.
-const BYTES_PER_THREAD: usize = 1 << 18;
+pub(super) const BYTES_PER_THREAD: usize = 1 << 18;
 
 /// How many threads a CPU op may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +33,26 @@ impl Threads {
     pub fn all() -> Threads {
         Threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
+}
+
+/// The byte offset and length, within each of W's rows, of its columns `cols` (whole
+/// blocks of its type).
+pub(super) fn column_bytes(w: &QMatrix, cols: &std::ops::Range<usize>) -> Result<(usize, usize)> {
+    let blocks = |c: usize| {
+        w.qtype.row_bytes(c).ok_or_else(|| {
+            KernelError::Shape(format!(
+                "matmul columns {}..{}: not whole {} blocks of {}",
+                cols.start,
+                cols.end,
+                w.qtype,
+                w.qtype.block_size()
+            ))
+        })
+    };
+    if cols.end > w.cols || cols.start > cols.end {
+        return Err(KernelError::Shape(format!("matmul columns {}..{} of a {}-column matrix", cols.start, cols.end, w.cols)));
+    }
+    Ok((blocks(cols.start)?, blocks(cols.len())?))
 }
 
 /// y[r] = Σ_c W[r, c] · x[c].
@@ -50,21 +70,7 @@ pub fn matmul(w: &QMatrix, x: &[f32], n_tokens: usize, y: &mut [f32], threads: T
 /// split by columns between devices (the hidden units of a cold expert) sums the parts.
 pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_tokens: usize, y: &mut [f32], threads: Threads) -> Result<()> {
     let rows = w.rows;
-    let blocks = |c: usize| {
-        w.qtype.row_bytes(c).ok_or_else(|| {
-            KernelError::Shape(format!(
-                "matmul columns {}..{}: not whole {} blocks of {}",
-                cols.start,
-                cols.end,
-                w.qtype,
-                w.qtype.block_size()
-            ))
-        })
-    };
-    if cols.end > w.cols || cols.start > cols.end {
-        return Err(KernelError::Shape(format!("matmul columns {}..{} of a {}-column matrix", cols.start, cols.end, w.cols)));
-    }
-    let (first, width) = (blocks(cols.start)?, blocks(cols.len())?);
+    let (first, width) = column_bytes(w, &cols)?;
     let cols = cols.len();
     let len = |what, expected: usize, actual| {
         if expected == actual {

@@ -2,9 +2,9 @@
 //! per expert E(x) = W2 (silu(W1 x) * (W3 x)); tokens are grouped by expert so each expert
 //! runs one matrix product over its tokens.
 
-use mxr_kernels::cpu::Threads;
+use mxr_kernels::cpu::{swiglu_ffn, Threads};
 
-use super::ops::{linear, silu, softmax};
+use super::ops::{linear, softmax};
 use crate::model::{Layer, Model};
 use crate::ModelError;
 
@@ -37,10 +37,10 @@ pub fn moe(model: &Model, layer: &Layer, x: &[f32], n_tokens: usize, counts: &mu
     for (e, tokens) in by_expert.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
         let n = tokens.len();
         let xs: Vec<f32> = tokens.iter().flat_map(|&(t, _)| x[t * d..(t + 1) * d].iter().copied()).collect();
-        let gate = linear(&model.rows(&layer.gate_exps, e * h, h), &xs, n, threads)?;
-        let up = linear(&model.rows(&layer.up_exps, e * h, h), &xs, n, threads)?;
-        let act: Vec<f32> = gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect();
-        let down = linear(&model.rows(&layer.down_exps, e * d, d), &act, n, threads)?;
+        // gate, up, SiLU and down in one parallel region (the values of three products)
+        let mut down = vec![0f32; n * d];
+        let (gate, up) = (model.rows(&layer.gate_exps, e * h, h), model.rows(&layer.up_exps, e * h, h));
+        swiglu_ffn(&gate, &up, &model.rows(&layer.down_exps, e * d, d), 0..h, &xs, n, &mut down, threads)?;
         for (i, &(t, w)) in tokens.iter().enumerate() {
             for (o, &y) in out[t * d..(t + 1) * d].iter_mut().zip(&down[i * d..(i + 1) * d]) {
                 *o += w * y;

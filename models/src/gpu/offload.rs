@@ -5,11 +5,10 @@
 //! host results are uploaded into the same per-(token, choice) rows and one kernel
 //! combines them with the routing weights.
 
-use mxr_kernels::cpu::{matmul_cols, Threads};
+use mxr_kernels::cpu::{swiglu_ffn, Threads};
 use mxr_kernels::cuda::{CudaSlice, CudaView, GpuMatrix};
 
 use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
-use crate::forward::ops::{linear, silu};
 use crate::offload_cost::ColdChoice;
 use crate::placement::{rebalance, Swap};
 use crate::{Model, ModelError};
@@ -295,11 +294,10 @@ impl CpuExperts<'_> {
             let (e, ps) = (*e, &self.cold[*e]);
             let m = ps.len();
             let xs: Vec<f32> = ps.iter().flat_map(|&p| self.xh[(p / k) * d..(p / k + 1) * d].iter().copied()).collect();
-            let gate = linear(&self.host.rows(&hl.gate_exps, e * h + hid.start, hid.len()), &xs, m, threads)?;
-            let up = linear(&self.host.rows(&hl.up_exps, e * h + hid.start, hid.len()), &xs, m, threads)?;
-            let act: Vec<f32> = gate.iter().zip(&up).map(|(&a, &b)| silu(a) * b).collect();
+            let gate = self.host.rows(&hl.gate_exps, e * h + hid.start, hid.len());
+            let up = self.host.rows(&hl.up_exps, e * h + hid.start, hid.len());
             let mut y = vec![0f32; m * d];
-            matmul_cols(&self.host.rows(&hl.down_exps, e * d, d), hid.clone(), &act, m, &mut y, threads)?;
+            swiglu_ffn(&gate, &up, &self.host.rows(&hl.down_exps, e * d, d), hid.clone(), &xs, m, &mut y, threads)?;
             out.extend(y);
             rows.extend(ps.iter().map(|&p| p as i32));
         }
