@@ -14,7 +14,7 @@ use std::sync::{Barrier, Mutex, OnceLock};
 use mxr_quant::QMatrix;
 
 use super::ggml::{AlignedBytes, DotKernel};
-use super::matmul::{column_bytes, Threads, BYTES_PER_THREAD, TILE_ROWS};
+use super::matmul::{column_bytes, exact_len, place_tiles, Threads, BYTES_PER_THREAD, TILE_ROWS};
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
@@ -56,15 +56,8 @@ pub fn swiglu_ffn(
         )));
     }
     let (first, width) = column_bytes(down, &hidden)?;
-    let len = |what, expected: usize, actual| {
-        if expected == actual {
-            Ok(())
-        } else {
-            Err(KernelError::Length { op: "swiglu_ffn", what, expected, actual })
-        }
-    };
-    len("x", n_tokens * d_in, x.len())?;
-    len("y", n_tokens * d_out, y.len())?;
+    exact_len("swiglu_ffn", "x", n_tokens * d_in, x.len())?;
+    exact_len("swiglu_ffn", "y", n_tokens * d_out, y.len())?;
     if n_tokens == 0 || d_out == 0 {
         return Ok(());
     }
@@ -111,12 +104,7 @@ pub fn swiglu_ffn(
     // the hidden activations [n_tokens, h], quantized for the down product (one thread)
     let between = || -> Result<(AlignedBytes, usize)> {
         let mut a = vec![0f32; n_tokens * h];
-        for (r0, out) in hidden_done.lock().map_err(|_| lock_err())?.iter() {
-            let w = out.len() / n_tokens;
-            for (t, chunk) in out.chunks_exact(w).enumerate() {
-                a[t * h + r0..t * h + r0 + w].copy_from_slice(chunk);
-            }
-        }
+        place_tiles(&hidden_done.lock().map_err(|_| lock_err())?, n_tokens, h, &mut a);
         quantize_rows(&kd, &a, n_tokens, h)
     };
     let phase2 = |(a, ra): &(AlignedBytes, usize)| -> Result<()> {
@@ -176,11 +164,6 @@ pub fn swiglu_ffn(
     if act.get().is_none() {
         return Err(KernelError::Threads("swiglu_ffn: the hidden activations were not made".into()));
     }
-    for (r0, out) in out_done.into_inner().map_err(|_| lock_err())? {
-        let w = out.len() / n_tokens;
-        for (t, chunk) in out.chunks_exact(w).enumerate() {
-            y[t * d_out + r0..t * d_out + r0 + w].copy_from_slice(chunk);
-        }
-    }
+    place_tiles(&out_done.into_inner().map_err(|_| lock_err())?, n_tokens, d_out, y);
     Ok(())
 }

@@ -72,15 +72,8 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
     let rows = w.rows;
     let (first, width) = column_bytes(w, &cols)?;
     let cols = cols.len();
-    let len = |what, expected: usize, actual| {
-        if expected == actual {
-            Ok(())
-        } else {
-            Err(KernelError::Length { op: "matmul", what, expected, actual })
-        }
-    };
-    len("x", n_tokens * cols, x.len())?;
-    len("y", n_tokens * rows, y.len())?;
+    exact_len("matmul", "x", n_tokens * cols, x.len())?;
+    exact_len("matmul", "y", n_tokens * rows, y.len())?;
     if rows == 0 || n_tokens == 0 {
         return Ok(());
     }
@@ -128,11 +121,24 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
         })?;
     }
     let done = done.into_inner().map_err(|_| KernelError::Threads("a worker panicked".into()))?;
+    place_tiles(&done, n_tokens, rows, y);
+    Ok(())
+}
+
+pub(super) fn exact_len(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(KernelError::Length { op, what, expected, actual })
+    }
+}
+
+/// Finished tiles (first row, [n_tokens, tile rows]) into y [n_tokens, rows].
+pub(super) fn place_tiles(done: &[(usize, Vec<f32>)], n_tokens: usize, rows: usize, y: &mut [f32]) {
     for (r0, out) in done {
         let width = out.len() / n_tokens;
         for (t, chunk) in out.chunks_exact(width).enumerate() {
             y[t * rows + r0..t * rows + r0 + width].copy_from_slice(chunk);
         }
     }
-    Ok(())
 }

@@ -51,6 +51,38 @@ pub(super) const ROUTE_TICKETS: std::ops::Range<usize> = 0..ROUTE_FUSED_TOKENS;
 pub(super) const SWIGLU_TICKETS: std::ops::Range<usize> = ROUTE_FUSED_TOKENS..TICKETS;
 pub(super) const TICKETS: usize = 1 << 14;
 
+/// The checks of a launch of two quantized products over one int8 input (`matvec_pair` and
+/// its SwiGLU form): matrices of one quantized type and width, the input's rows for `pairs`
+/// pairs at `x_div` pairs per row, the outputs' lengths, and ids (`ids_len`) for stacks.
+fn check_pair(
+    op: &'static str,
+    [w0, w1]: [&GpuMatrix; 2],
+    ids_len: Option<usize>,
+    act: &QAct,
+    x_div: usize,
+    pairs: usize,
+    [y0, y1]: [usize; 2],
+) -> Result<()> {
+    let cols = w0.cols;
+    if w0.qtype != w1.qtype || !quantized(w0.qtype) || w1.cols != cols {
+        return Err(KernelError::Shape(format!(
+            "{op}: {} {}x{} and {} {}x{} are not two quantized matrices of one type and width",
+            w0.qtype, w0.rows, w0.cols, w1.qtype, w1.rows, w1.cols
+        )));
+    }
+    let n_rows = pairs.div_ceil(x_div.max(1));
+    if act.rows < n_rows || act.cols != cols {
+        return Err(KernelError::Shape(format!("{op}: quantized input is {}x{}, the products need {n_rows}x{cols}", act.rows, act.cols)));
+    }
+    need(op, "y0", pairs * w0.rows, y0)?;
+    need(op, "y1", pairs * w1.rows, y1)?;
+    match ids_len {
+        Some(n) => need(op, "ids", pairs, n),
+        None if w0.n_experts != 1 || w1.n_experts != 1 => Err(KernelError::Shape(format!("{op}: a stack of experts needs expert ids"))),
+        None => Ok(()),
+    }
+}
+
 /// Whether the type's kernels take int8 activations.
 pub fn quantized(q: QType) -> bool {
     matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q4K | QType::Q6K)
@@ -227,29 +259,8 @@ impl Gpu {
         pairs: usize,
         [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
     ) -> Result<()> {
+        check_pair("matvec_pair", [w0, w1], ids.map(|i| i.len()), act, x_div, pairs, [y0.len(), y1.len()])?;
         let cols = w0.cols;
-        if w0.qtype != w1.qtype || !quantized(w0.qtype) || w1.cols != cols {
-            return Err(KernelError::Shape(format!(
-                "matvec_pair: {} {}x{} and {} {}x{} are not two quantized matrices of one type and width",
-                w0.qtype, w0.rows, w0.cols, w1.qtype, w1.rows, w1.cols
-            )));
-        }
-        let n_rows = pairs.div_ceil(x_div.max(1));
-        if act.rows < n_rows || act.cols != cols {
-            return Err(KernelError::Shape(format!(
-                "matvec_pair: quantized input is {}x{}, the products need {n_rows}x{cols}",
-                act.rows, act.cols
-            )));
-        }
-        need("matvec_pair", "y0", pairs * w0.rows, y0.len())?;
-        need("matvec_pair", "y1", pairs * w1.rows, y1.len())?;
-        match ids {
-            Some(ids) => need("matvec_pair", "ids", pairs, ids.len())?,
-            None if w0.n_experts != 1 || w1.n_experts != 1 => {
-                return Err(KernelError::Shape("matvec_pair: a stack of experts needs expert ids".into()))
-            }
-            None => {}
-        }
         if pairs == 0 {
             return Ok(());
         }
@@ -301,23 +312,8 @@ impl Gpu {
         {
             return Ok(None);
         }
+        check_pair("matvec_pair_swiglu", [w0, w1], Some(ids.len()), act, x_div, pairs, [y0.len(), y1.len()])?;
         let cols = w0.cols;
-        if w0.qtype != w1.qtype || !quantized(w0.qtype) || w1.cols != cols {
-            return Err(KernelError::Shape(format!(
-                "matvec_pair_swiglu: {} {}x{} and {} {}x{} are not two quantized matrices of one type and width",
-                w0.qtype, w0.rows, w0.cols, w1.qtype, w1.rows, w1.cols
-            )));
-        }
-        let n_rows = pairs.div_ceil(x_div.max(1));
-        if act.rows < n_rows || act.cols != cols {
-            return Err(KernelError::Shape(format!(
-                "matvec_pair_swiglu: quantized input is {}x{}, the products need {n_rows}x{cols}",
-                act.rows, act.cols
-            )));
-        }
-        need("matvec_pair_swiglu", "y0", pairs * rows, y0.len())?;
-        need("matvec_pair_swiglu", "y1", pairs * rows, y1.len())?;
-        need("matvec_pair_swiglu", "ids", pairs, ids.len())?;
         let mut out = QAct { q: self.alloc::<i8>(pairs * rows)?, d: self.alloc::<f32>(groups.max(1))?, rows: pairs, cols: rows };
         if pairs == 0 {
             return Ok(Some(out));
