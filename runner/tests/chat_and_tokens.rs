@@ -4,13 +4,13 @@
 use mxr::template::{render, Message};
 use mxr::tokenizer::TextTokenizer;
 use mxr_convert::{convert, ConvertOptions, TypePlan};
-use mxr_e2e::{repo_root, tempdir};
+use mxr_e2e::{repo_root, temp_path, tempdir};
 use mxr_quant::gguf::{GgufFile, Header};
 use mxr_quant::QType;
 use serde_json::Value as Json;
 
 fn tokenizer(case: &str) -> TextTokenizer {
-    let out = tempdir("chat").join(format!("{case}.gguf"));
+    let out = temp_path("chat", &format!("{case}.gguf"));
     convert(&repo_root().join("tests/fixtures/golden").join(case), &out, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {})
         .unwrap();
     TextTokenizer::from_gguf(GgufFile::open(&out).unwrap().header()).unwrap()

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use mxr_e2e::fixture::FIXTURE;
-use mxr_e2e::{python_json, repo_root, tempdir};
+use mxr_e2e::{python_json, repo_root, temp_path, tempdir};
 use serde_json::Value as Json;
 
 fn mxr(args: &[&str]) -> Output {
@@ -64,7 +64,7 @@ fn json_describes_every_tensor_and_key() {
 
 #[test]
 fn json_of_a_gguf_py_file_agrees_with_gguf_py() {
-    let path = tempdir("cli").join("py.gguf");
+    let path = temp_path("cli", "py.gguf");
     python_json("gguf_interop.py", &["write", path.to_str().unwrap()]);
     let theirs = python_json("gguf_interop.py", &["read", path.to_str().unwrap()]);
     let ours = inspect_json(&path);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mxr_e2e::{repo_root, tempdir};
+use mxr_e2e::{repo_root, tempdir, TempDir};
 
 fn mxr(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mxr")).args(args).output().expect("running mxr")
@@ -82,20 +82,21 @@ fn convert_started(ck: &Path, out: &Path) -> Child {
     child
 }
 
-/// A checkpoint, an empty output directory, and a conversion into it that has started.
-fn conversion_in_progress(tag: &str) -> (PathBuf, PathBuf, PathBuf, Child) {
+/// A checkpoint, an empty output directory, and a conversion into it that has started;
+/// the directory holding them lives as long as the returned guard.
+fn conversion_in_progress(tag: &str) -> (TempDir, PathBuf, PathBuf, PathBuf, Child) {
     let dir = tempdir(tag);
     let ck = checkpoint(&dir);
     let work = dir.join("work");
     std::fs::create_dir(&work).unwrap();
     let out = work.join("out.gguf");
     let child = convert_started(&ck, &out);
-    (ck, work, out, child)
+    (dir, ck, work, out, child)
 }
 
 #[test]
 fn ctrl_c_during_conversion_removes_the_partial_file() {
-    let (_, work, _, child) = conversion_in_progress("fault-int-convert");
+    let (_dir, _, work, _, child) = conversion_in_progress("fault-int-convert");
     signal(&child, "-INT");
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -106,7 +107,7 @@ fn ctrl_c_during_conversion_removes_the_partial_file() {
 
 #[test]
 fn a_killed_conversion_leaves_no_output_and_a_rerun_succeeds() {
-    let (ck, work, out, mut child) = conversion_in_progress("fault-kill-convert");
+    let (_dir, ck, work, out, mut child) = conversion_in_progress("fault-kill-convert");
     signal(&child, "-KILL");
     child.wait().unwrap();
     // SIGKILL cannot be caught: the temporary file stays, the output never appears

@@ -16,14 +16,72 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-/// A fresh, empty directory under the system temp dir, unique per call.
-pub fn tempdir(tag: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir, unique per call, removed with
+/// everything in it when the guard is dropped, unless the test is panicking (then it stays
+/// for a look). Tests convert whole checkpoints in these: left behind, a CI run on a
+/// development machine used to leave ~1 GB in the temp dir.
+pub fn tempdir(tag: &str) -> TempDir {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let d = std::env::temp_dir().join(format!("mxr-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
-    d
+    TempDir(d)
+}
+
+/// See [`tempdir`].
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// `name` inside a fresh [`tempdir`] of its own, which lives as long as this does.
+pub fn temp_path(tag: &str, name: &str) -> TempPath {
+    let dir = tempdir(tag);
+    TempPath { path: dir.join(name), _dir: dir }
+}
+
+/// See [`temp_path`].
+pub struct TempPath {
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl std::ops::Deref for TempPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// Runs `python3 tests/py/<script> args...` and returns its stdout parsed as JSON.

@@ -2,7 +2,7 @@
 //! deterministic). Regenerate with `MXR_UPDATE_FIXTURES=1 cargo test -p mxr-e2e --test fixture`.
 
 use mxr_e2e::fixture::{tensor_list, write_fixture, FIXTURE};
-use mxr_e2e::{repo_root, tempdir};
+use mxr_e2e::{repo_root, temp_path};
 use mxr_models::{layer_pattern, LayerKind};
 use mxr_quant::gguf::GgufFile;
 use mxr_quant::QType;
@@ -13,7 +13,7 @@ fn committed_fixture_is_up_to_date() {
     if std::env::var_os("MXR_UPDATE_FIXTURES").is_some() {
         write_fixture(&committed).unwrap();
     }
-    let fresh = tempdir("fixture").join("tiny.gguf");
+    let fresh = temp_path("fixture", "tiny.gguf");
     write_fixture(&fresh).unwrap();
     let (a, b) = (std::fs::read(&committed).expect("fixture file missing"), std::fs::read(&fresh).unwrap());
     assert!(a == b, "{FIXTURE} is stale: rerun with MXR_UPDATE_FIXTURES=1");

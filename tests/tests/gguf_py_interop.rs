@@ -2,7 +2,7 @@
 //! it reads what mxr writes, mxr reads what it writes, and for the types gguf-py can
 //! quantize our quantizer produces the same bytes.
 
-use mxr_e2e::{every_value, hex, json_matches, python_json, tempdir};
+use mxr_e2e::{every_value, hex, json_matches, python_json, temp_path};
 use mxr_quant::gguf::{Builder, GgufFile};
 use mxr_quant::qtype::type_info;
 use mxr_quant::reference::{quantize_to_vec, stats::Rng};
@@ -15,7 +15,7 @@ const TYPES: &[(&str, u32)] =
 
 #[test]
 fn gguf_py_reads_what_mxr_writes() {
-    let path = tempdir("interop").join("ours.gguf");
+    let path = temp_path("interop", "ours.gguf");
     let mut b = Builder::new();
     for (k, v) in every_value() {
         b.set(k, v).unwrap();
@@ -62,7 +62,7 @@ fn gguf_py_reads_what_mxr_writes() {
 
 #[test]
 fn mxr_reads_what_gguf_py_writes_and_quantizes_identically() {
-    let path = tempdir("interop").join("py.gguf");
+    let path = temp_path("interop", "py.gguf");
     let manifest = python_json("gguf_interop.py", &["write", path.to_str().unwrap()]);
     let described = python_json("gguf_interop.py", &["read", path.to_str().unwrap()]);
     let f = GgufFile::open(&path).unwrap();

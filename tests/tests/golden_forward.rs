@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use mxr_convert::{convert, ConvertOptions, TypePlan};
-use mxr_e2e::{npy, repo_root, tempdir};
+use mxr_e2e::{npy, repo_root, temp_path};
 use mxr_kernels::cpu::Threads;
 use mxr_models::forward::{forward, Logits};
 use mxr_models::{Model, Session};
@@ -18,7 +18,7 @@ fn golden(case: &str) -> PathBuf {
 }
 
 fn model(case: &str, q: QType) -> Model {
-    let out = tempdir("fwd").join(format!("{case}.gguf"));
+    let out = temp_path("fwd", &format!("{case}.gguf"));
     convert(&golden(case), &out, &ConvertOptions::new(TypePlan::uniform(q)), &|_| {}).unwrap();
     Model::open(&out).unwrap()
 }
@@ -99,7 +99,7 @@ fn saved_session_resumes_exactly() {
     let m = model("equal-alpha", QType::F32);
     let mut s = Session::new(&m.config);
     forward(&m, &mut s, &tokens[..200], Logits::Last, Threads(2)).unwrap();
-    let path = tempdir("session").join("s.mxrs");
+    let path = temp_path("session", "s.mxrs");
     s.save(&m, &path, b"{\"messages\": []}").unwrap();
     let (mut loaded, extra) = Session::load(&m, &path).unwrap();
     assert_eq!((loaded.pos, &loaded.tokens[..], &extra[..]), (200, &tokens[..200], &b"{\"messages\": []}"[..]));

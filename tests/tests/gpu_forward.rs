@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 
 use mxr_convert::{convert, ConvertOptions, TypePlan};
-use mxr_e2e::{npy, repo_root, tempdir};
+use mxr_e2e::{npy, repo_root, temp_path};
 use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::forward::{forward, Logits};
@@ -29,7 +29,7 @@ use mxr_quant::reference::stats::diff;
 use mxr_quant::QType;
 
 fn converted(src: &std::path::Path, name: &str, q: QType) -> Model {
-    let out = tempdir("gpu-fwd").join(format!("{name}-{q}.gguf"));
+    let out = temp_path("gpu-fwd", &format!("{name}-{q}.gguf"));
     convert(src, &out, &ConvertOptions::new(TypePlan::uniform(q)), &|_| {}).unwrap();
     Model::open(&out).unwrap()
 }

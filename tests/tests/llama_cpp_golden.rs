@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use llama_cpp_sys_2 as sys;
 use mxr_convert::{convert, ConvertOptions, TypePlan};
-use mxr_e2e::{npy, python_json, repo_root, tempdir};
+use mxr_e2e::{npy, python_json, repo_root, temp_path, TempPath};
 use mxr_quant::gguf::GgufFile;
 use mxr_quant::QType;
 
@@ -20,8 +20,8 @@ fn golden(case: &str) -> PathBuf {
     repo_root().join("tests/fixtures/golden").join(case)
 }
 
-fn convert_to(case: &str, q: QType) -> PathBuf {
-    let out = tempdir("golden").join(format!("{case}-{q}.gguf"));
+fn convert_to(case: &str, q: QType) -> TempPath {
+    let out = temp_path("golden", &format!("{case}-{q}.gguf"));
     convert(&golden(case), &out, &ConvertOptions::new(TypePlan::uniform(q)), &|_| {}).unwrap();
     out
 }

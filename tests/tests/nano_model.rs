@@ -3,7 +3,7 @@
 //! the saved bf16 weights (same tokens, same windows of 256) within 0.5%.
 
 use mxr_convert::{convert, ConvertOptions, TypePlan};
-use mxr_e2e::{repo_root, tempdir};
+use mxr_e2e::{repo_root, temp_path};
 use mxr_kernels::cpu::Threads;
 use mxr_models::forward::{forward, Logits};
 use mxr_models::{Model, Session};
@@ -14,7 +14,7 @@ fn f32_perplexity_equals_the_training_validation_loss() {
     let ckpt = repo_root().join("nano/checkpoint");
     let log: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("train_log.json")).unwrap()).unwrap();
     let (want, ctx) = (log["val_loss_bf16"].as_f64().unwrap(), log["ctx"].as_u64().unwrap() as usize);
-    let gguf = tempdir("nano").join("f32.gguf");
+    let gguf = temp_path("nano", "f32.gguf");
     convert(&ckpt, &gguf, &ConvertOptions::new(TypePlan::uniform(QType::F32)), &|_| {}).unwrap();
     let m = Model::open(&gguf).unwrap();
     let val = repo_root().join("../shared/data/open_shakespeare/val.txt");
