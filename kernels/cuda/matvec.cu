@@ -28,6 +28,18 @@
 #ifndef Q8_WARPS
 #define Q8_WARPS WARPS
 #endif
+// MXR_MATVEC_Q8_MINB: the Q8_0 kernels' blocks per multiprocessor that ptxas must leave
+// registers for (0: no such bound; a bound of 1 is not the same, ptxas then takes more
+// registers). An experiment knob: at 10, 48 registers and a few bytes of spills.
+#ifndef Q8_MINB
+#define Q8_MINB 0
+#endif
+#if Q8_MINB > 0
+#define LB_Q8 __launch_bounds__(32 * Q8_WARPS, Q8_MINB)
+#else
+#define LB_Q8 __launch_bounds__(32 * Q8_WARPS)
+#endif
+#define LB_ANY __launch_bounds__(32 * WARPS)
 
 // The launch shape of a weight type's kernels: rows per warp R, warps per block W.
 template <class F>
@@ -170,40 +182,40 @@ __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long lo
 
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
-#define MATVEC_Q(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+#define MATVEC_Q(name, F, LB) \
+    extern "C" __global__ void LB name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
 #define MATVEC_F(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 
 #define Q2ARGS                                                                                                                  \
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
         int x_div, float *y0, float *y1
-#define MATVEC2_Q(name, F)                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(Q2ARGS) { PDL_ENTRY();                                                 \
+#define MATVEC2_Q(name, F, LB)                                                                                                 \
+    extern "C" __global__ void LB name(Q2ARGS) { PDL_ENTRY();                                                 \
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 
-#define MATVEC2_SWIGLU(name, F)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * Shape<F>::W) name(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, \
+#define MATVEC2_SWIGLU(name, F, LB)                                                                                            \
+    extern "C" __global__ void LB name(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, \
                                                                   int rows, int cols, const i8* xq, const float* xd, int x_div, float* y0, \
                                                                   float* y1, unsigned* tickets, i8* aq, float* ad) { PDL_ENTRY();       \
         matvec2_swiglu<F>(w0, w1, s0, s1, ids, rows, cols, xq, xd, x_div, y0, y1, tickets, aq, ad);                           \
     }
 
-MATVEC2_SWIGLU(matvec2_swiglu_q8_0, Q8_0)
-MATVEC2_SWIGLU(matvec2_swiglu_q4_k, Q4_K)
-MATVEC2_SWIGLU(matvec2_swiglu_q6_k, Q6_K)
-MATVEC2_SWIGLU(matvec2_swiglu_q4_0, Q4_0)
-MATVEC2_Q(matvec2_q8_0, Q8_0)
-MATVEC2_Q(matvec2_q4_k, Q4_K)
-MATVEC2_Q(matvec2_q6_k, Q6_K)
-MATVEC2_Q(matvec2_q4_0, Q4_0)
-MATVEC_Q(matvec_q8_0, Q8_0)
-MATVEC_Q(matvec_q4_k, Q4_K)
-MATVEC_Q(matvec_q6_k, Q6_K)
-MATVEC_Q(matvec_q4_0, Q4_0)
+MATVEC2_SWIGLU(matvec2_swiglu_q8_0, Q8_0, LB_Q8)
+MATVEC2_SWIGLU(matvec2_swiglu_q4_k, Q4_K, LB_ANY)
+MATVEC2_SWIGLU(matvec2_swiglu_q6_k, Q6_K, LB_ANY)
+MATVEC2_SWIGLU(matvec2_swiglu_q4_0, Q4_0, LB_ANY)
+MATVEC2_Q(matvec2_q8_0, Q8_0, LB_Q8)
+MATVEC2_Q(matvec2_q4_k, Q4_K, LB_ANY)
+MATVEC2_Q(matvec2_q6_k, Q6_K, LB_ANY)
+MATVEC2_Q(matvec2_q4_0, Q4_0, LB_ANY)
+MATVEC_Q(matvec_q8_0, Q8_0, LB_Q8)
+MATVEC_Q(matvec_q4_k, Q4_K, LB_ANY)
+MATVEC_Q(matvec_q6_k, Q6_K, LB_ANY)
+MATVEC_Q(matvec_q4_0, Q4_0, LB_ANY)
 MATVEC_F(matvec_bf16, Half<true>)
 MATVEC_F(matvec_f16, Half<false>)
 MATVEC_F(matvec_f32, F32)
