@@ -204,18 +204,13 @@ __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long lo
         matvec2_swiglu<F>(w0, w1, s0, s1, ids, rows, cols, xq, xd, x_div, y0, y1, tickets, aq, ad);                           \
     }
 
-MATVEC2_SWIGLU(matvec2_swiglu_q8_0, Q8_0, LB_Q8)
-MATVEC2_SWIGLU(matvec2_swiglu_q4_k, Q4_K, LB_ANY)
-MATVEC2_SWIGLU(matvec2_swiglu_q6_k, Q6_K, LB_ANY)
-MATVEC2_SWIGLU(matvec2_swiglu_q4_0, Q4_0, LB_ANY)
-MATVEC2_Q(matvec2_q8_0, Q8_0, LB_Q8)
-MATVEC2_Q(matvec2_q4_k, Q4_K, LB_ANY)
-MATVEC2_Q(matvec2_q6_k, Q6_K, LB_ANY)
-MATVEC2_Q(matvec2_q4_0, Q4_0, LB_ANY)
-MATVEC_Q(matvec_q8_0, Q8_0, LB_Q8)
-MATVEC_Q(matvec_q4_k, Q4_K, LB_ANY)
-MATVEC_Q(matvec_q6_k, Q6_K, LB_ANY)
-MATVEC_Q(matvec_q4_0, Q4_0, LB_ANY)
+// Each quantized type's three kernels: one product, two products, two with SwiGLU's epilogue.
+#define MATVEC_QUANT(t, F, LB) \
+    MATVEC2_SWIGLU(matvec2_swiglu_##t, F, LB) MATVEC2_Q(matvec2_##t, F, LB) MATVEC_Q(matvec_##t, F, LB)
+MATVEC_QUANT(q8_0, Q8_0, LB_Q8)
+MATVEC_QUANT(q4_k, Q4_K, LB_ANY)
+MATVEC_QUANT(q6_k, Q6_K, LB_ANY)
+MATVEC_QUANT(q4_0, Q4_0, LB_ANY)
 MATVEC_F(matvec_bf16, Half<true>)
 MATVEC_F(matvec_f16, Half<false>)
 MATVEC_F(matvec_f32, F32)

@@ -8,13 +8,13 @@
 //! product.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Barrier, Mutex, OnceLock};
 
 use mxr_quant::QMatrix;
 
 use super::ggml::{AlignedBytes, DotKernel};
-use super::matmul::{column_bytes, exact_len, place_tiles, Threads, BYTES_PER_THREAD, TILE_ROWS};
+use super::matmul::{column_bytes, exact_len, place_tiles, tile_worker, Threads, BYTES_PER_THREAD, TILE_ROWS};
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
@@ -83,23 +83,12 @@ pub fn swiglu_ffn(
     };
     let lock_err = || KernelError::Threads("a worker panicked".into());
 
-    let phase1 = || -> Result<()> {
-        loop {
-            let tile = next1.fetch_add(1, Ordering::Relaxed);
-            if tile >= tiles1 {
-                return Ok(());
-            }
-            let (r0, r1) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(h));
-            let mut out = vec![0f32; n_tokens * (r1 - r0)];
-            for r in r0..r1 {
-                for t in 0..n_tokens {
-                    let g = kg.dot(d_in, gate.row(r), &xg.as_bytes()[t * rg..(t + 1) * rg])?;
-                    let u = ku.dot(d_in, up.row(r), &xu.as_bytes()[t * ru..(t + 1) * ru])?;
-                    out[t * (r1 - r0) + (r - r0)] = swiglu(g, u);
-                }
-            }
-            hidden_done.lock().map_err(|_| lock_err())?.push((r0, out));
-        }
+    let phase1 = || {
+        tile_worker(&next1, h, n_tokens, &hidden_done, |r, t| {
+            let g = kg.dot(d_in, gate.row(r), &xg.as_bytes()[t * rg..(t + 1) * rg])?;
+            let u = ku.dot(d_in, up.row(r), &xu.as_bytes()[t * ru..(t + 1) * ru])?;
+            Ok(swiglu(g, u))
+        })
     };
     // the hidden activations [n_tokens, h], quantized for the down product (one thread)
     let between = || -> Result<(AlignedBytes, usize)> {
@@ -107,22 +96,10 @@ pub fn swiglu_ffn(
         place_tiles(&hidden_done.lock().map_err(|_| lock_err())?, n_tokens, h, &mut a);
         quantize_rows(&kd, &a, n_tokens, h)
     };
-    let phase2 = |(a, ra): &(AlignedBytes, usize)| -> Result<()> {
-        loop {
-            let tile = next2.fetch_add(1, Ordering::Relaxed);
-            if tile >= tiles2 {
-                return Ok(());
-            }
-            let (r0, r1) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(d_out));
-            let mut out = vec![0f32; n_tokens * (r1 - r0)];
-            for r in r0..r1 {
-                let wr = &down.row(r)[first..first + width];
-                for t in 0..n_tokens {
-                    out[t * (r1 - r0) + (r - r0)] = kd.dot(h, wr, &a.as_bytes()[t * ra..(t + 1) * ra])?;
-                }
-            }
-            out_done.lock().map_err(|_| lock_err())?.push((r0, out));
-        }
+    let phase2 = |(a, ra): &(AlignedBytes, usize)| {
+        tile_worker(&next2, d_out, n_tokens, &out_done, |r, t| {
+            kd.dot(h, &down.row(r)[first..first + width], &a.as_bytes()[t * ra..(t + 1) * ra])
+        })
     };
     // Every worker reaches both barriers whatever happens, so an error cannot strand the
     // others: errors are recorded and the later work skipped.

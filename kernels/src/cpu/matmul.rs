@@ -91,22 +91,10 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
     let next = AtomicUsize::new(0);
     // Each finished tile: (first row, [n_tokens, tile_rows] results).
     let done: Mutex<Vec<(usize, Vec<f32>)>> = Mutex::new(Vec::with_capacity(n_tiles));
-    let work = || -> Result<()> {
-        loop {
-            let tile = next.fetch_add(1, Ordering::Relaxed);
-            if tile >= n_tiles {
-                return Ok(());
-            }
-            let (r0, r1) = (tile * TILE_ROWS, ((tile + 1) * TILE_ROWS).min(rows));
-            let mut out = vec![0f32; n_tokens * (r1 - r0)];
-            for r in r0..r1 {
-                let wr = &w.row(r)[first..first + width];
-                for t in 0..n_tokens {
-                    out[t * (r1 - r0) + (r - r0)] = kernel.dot(cols, wr, &acts[t * a_row..(t + 1) * a_row])?;
-                }
-            }
-            done.lock().map_err(|_| KernelError::Threads("a worker panicked".into()))?.push((r0, out));
-        }
+    let work = || {
+        tile_worker(&next, rows, n_tokens, &done, |r, t| {
+            kernel.dot(cols, &w.row(r)[first..first + width], &acts[t * a_row..(t + 1) * a_row])
+        })
     };
     if n_threads == 1 {
         work()?;
@@ -123,6 +111,32 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
     let done = done.into_inner().map_err(|_| KernelError::Threads("a worker panicked".into()))?;
     place_tiles(&done, n_tokens, rows, y);
     Ok(())
+}
+
+/// One worker's share of a product tiled by rows: tiles of [`TILE_ROWS`] rows taken from
+/// `next` until none is left, each pushed to `done` as (first row, [n_tokens, tile rows])
+/// of `value(row, token)`.
+pub(super) fn tile_worker(
+    next: &AtomicUsize,
+    rows: usize,
+    n_tokens: usize,
+    done: &Mutex<Vec<(usize, Vec<f32>)>>,
+    value: impl Fn(usize, usize) -> Result<f32>,
+) -> Result<()> {
+    loop {
+        let r0 = next.fetch_add(1, Ordering::Relaxed).saturating_mul(TILE_ROWS);
+        if r0 >= rows {
+            return Ok(());
+        }
+        let r1 = (r0 + TILE_ROWS).min(rows);
+        let mut out = vec![0f32; n_tokens * (r1 - r0)];
+        for r in r0..r1 {
+            for t in 0..n_tokens {
+                out[t * (r1 - r0) + (r - r0)] = value(r, t)?;
+            }
+        }
+        done.lock().map_err(|_| KernelError::Threads("a worker panicked".into()))?.push((r0, out));
+    }
 }
 
 pub(super) fn exact_len(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {

@@ -83,6 +83,17 @@ fn check_pair(
     }
 }
 
+/// The checks of the GPU router's top-k (moe.cu's limits: k <= 16, experts <= 256) and the
+/// lengths of its outputs: ids and weights [n_tokens, k], counts [n_experts].
+fn check_route(op: &'static str, n_tokens: usize, n_experts: usize, k: usize, [ids, weights, counts]: [usize; 3]) -> Result<()> {
+    if k == 0 || k > 16 || k > n_experts || n_experts > 256 {
+        return Err(KernelError::Shape(format!("{op}: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)")));
+    }
+    need(op, "ids", n_tokens * k, ids)?;
+    need(op, "weights", n_tokens * k, weights)?;
+    need(op, "counts", n_experts, counts)
+}
+
 /// Whether the type's kernels take int8 activations.
 pub fn quantized(q: QType) -> bool {
     matches!(q, QType::Q8_0 | QType::Q4_0 | QType::Q4K | QType::Q6K)
@@ -646,15 +657,8 @@ impl Gpu {
         weights: &mut CudaViewMut<'_, f32>,
         counts: &mut CudaSlice<u32>,
     ) -> Result<()> {
-        if k == 0 || k > 16 || k > n_experts || n_experts > 256 {
-            return Err(KernelError::Shape(format!(
-                "route_topk: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)"
-            )));
-        }
+        check_route("route_topk", n_tokens, n_experts, k, [ids.len(), weights.len(), counts.len()])?;
         need("route_topk", "logits", n_tokens * n_experts, logits.len())?;
-        need("route_topk", "ids", n_tokens * k, ids.len())?;
-        need("route_topk", "weights", n_tokens * k, weights.len())?;
-        need("route_topk", "counts", n_experts, counts.len())?;
         let cfg = LaunchConfig { grid_dim: ((n_tokens as u32).div_ceil(4).max(1), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (n, e, kk) = (int("route_topk", n_tokens)?, n_experts as i32, k as i32);
         launch!(self, Source::Moe, "route_topk", cfg, logits, &n, &e, &kk, ids, weights, counts)
@@ -687,15 +691,8 @@ impl Gpu {
         if self.tuning.fuse & super::FUSE_ROUTE == 0 || router.n_experts != 1 || n_tokens > ROUTE_FUSED_TOKENS {
             return Ok(false);
         }
-        if k == 0 || k > 16 || k > n_experts || n_experts > 256 {
-            return Err(KernelError::Shape(format!(
-                "route_fused: top-{k} of {n_experts} experts (the GPU router takes k <= 16, experts <= 256)"
-            )));
-        }
+        check_route("route_fused", n_tokens, n_experts, k, [ids.len(), weights.len(), counts.len()])?;
         need("route_fused", "x", n_tokens * cols, x.len())?;
-        need("route_fused", "ids", n_tokens * k, ids.len())?;
-        need("route_fused", "weights", n_tokens * k, weights.len())?;
-        need("route_fused", "counts", n_experts, counts.len())?;
         if n_tokens == 0 {
             return Ok(true);
         }
