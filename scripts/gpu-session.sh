@@ -26,7 +26,7 @@
 #   minb       S8 tg128 with MXR_MATVEC_Q8_MINB=10 (Q8_0 kernels held to 48 registers, 10
 #              blocks per multiprocessor) against the default, interleaved     ~4 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
-#              2 SwiGLU epilogue, 4 combine in the norm; default 7), interleaved  ~5 min
+#              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
 #              by hand, e.g. a revert), interleaved twice                      ~3 min
 # Each step prints its table last; a failing step does not stop the others.
@@ -103,7 +103,7 @@ for s in "${steps[@]}"; do
         done >"$out/minb.log" 2>&1
         ;;
     fuse)
-        for f in ${MXR_FUSE_SET:-7 5 3 0 7 5 3 0}; do
+        for f in ${MXR_FUSE_SET:-5 0 5 0}; do
             echo "== S8 MXR_FUSE=$f"
             MXR_FUSE=$f scripts/bench-slice.sh S8 -p 0 -n 128 -r 3
         done >"$out/fuse.log" 2>&1

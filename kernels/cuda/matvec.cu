@@ -162,24 +162,6 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
     if (threadIdx.x == 0) y[(size_t)p * rows + r] = acc;
 }
 
-// MoE decode's gate and up products (matvec2_q: y0 = gate, y1 = up over the expert pairs)
-// with SwiGLU and its int8 form as the epilogue: aq, ad = quantize_act(silu(y0) * y1), the
-// down product's input, as dequant.cu's swiglu_quantize makes it. Each 32-row group of a
-// pair is written by 2 * 32 / (WARPS * ROWS) blocks (gate and up); the last of them to
-// finish (tickets[p * groups + group]) has one warp read the group back and quantize it.
-// rows0 == rows1, a multiple of 32, and WARPS * ROWS dividing 32 (the launcher checks).
-template <class F>
-__device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, int rows, int cols, const i8* xq,
-                               const float* xd, int x_div, float* y0, float* y1, unsigned* tickets, i8* aq, float* ad) {
-    constexpr int RPB = Shape<F>::W * Shape<F>::R;
-    if (32 % RPB != 0) return;
-    matvec2_q<F>(w0, w1, s0, s1, ids, rows, rows, cols, xq, xd, x_div, y0, y1);
-    int p = blockIdx.y, groups = rows >> 5, g = blockIdx.x * RPB / 32;
-    if (!arrived_last(tickets + (size_t)p * groups + g, 2 * (32 / RPB)) || threadIdx.x >= 32) return;
-    size_t i = (size_t)p * rows + g * 32 + threadIdx.x;
-    quantize_block32(silu(load_cg(y0 + i)) * load_cg(y1 + i), threadIdx.x, aq + (size_t)p * rows + g * 32, ad + (size_t)p * groups + g);
-}
-
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F, LB) \
@@ -197,16 +179,8 @@ __device__ void matvec2_swiglu(const u8* w0, const u8* w1, long long s0, long lo
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 
-#define MATVEC2_SWIGLU(name, F, LB)                                                                                            \
-    extern "C" __global__ void LB name(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, \
-                                                                  int rows, int cols, const i8* xq, const float* xd, int x_div, float* y0, \
-                                                                  float* y1, unsigned* tickets, i8* aq, float* ad) { PDL_ENTRY();       \
-        matvec2_swiglu<F>(w0, w1, s0, s1, ids, rows, cols, xq, xd, x_div, y0, y1, tickets, aq, ad);                           \
-    }
-
-// Each quantized type's three kernels: one product, two products, two with SwiGLU's epilogue.
-#define MATVEC_QUANT(t, F, LB) \
-    MATVEC2_SWIGLU(matvec2_swiglu_##t, F, LB) MATVEC2_Q(matvec2_##t, F, LB) MATVEC_Q(matvec_##t, F, LB)
+// Each quantized type's two kernels: one product, and two products of one input.
+#define MATVEC_QUANT(t, F, LB) MATVEC2_Q(matvec2_##t, F, LB) MATVEC_Q(matvec_##t, F, LB)
 MATVEC_QUANT(q8_0, Q8_0, LB_Q8)
 MATVEC_QUANT(q4_k, Q4_K, LB_ANY)
 MATVEC_QUANT(q6_k, Q6_K, LB_ANY)

@@ -44,15 +44,12 @@ pub struct Residual<'a> {
 
 /// Tokens [`Gpu::route_fused`] takes (its tickets: one per token).
 pub const ROUTE_FUSED_TOKENS: usize = 64;
-/// The parts of [`Gpu`]'s ticket buffer (zeros between kernels; see common.cuh's
-/// `arrived_last`): the router's, then the SwiGLU epilogue's (one per 32-row group of an
-/// expert pair).
-pub(super) const ROUTE_TICKETS: std::ops::Range<usize> = 0..ROUTE_FUSED_TOKENS;
-pub(super) const SWIGLU_TICKETS: std::ops::Range<usize> = ROUTE_FUSED_TOKENS..TICKETS;
-pub(super) const TICKETS: usize = 1 << 14;
+/// [`Gpu`]'s ticket buffer (zeros between kernels; see common.cuh's `arrived_last`): one
+/// per token of [`Gpu::route_fused`].
+pub(super) const TICKETS: usize = ROUTE_FUSED_TOKENS;
 
-/// The checks of a launch of two quantized products over one int8 input (`matvec_pair` and
-/// its SwiGLU form): matrices of one quantized type and width, the input's rows for `pairs`
+/// The checks of a launch of two quantized products over one int8 input (`matvec_pair`):
+/// matrices of one quantized type and width, the input's rows for `pairs`
 /// pairs at `x_div` pairs per row, the outputs' lengths, and ids (`ids_len`) for stacks.
 fn check_pair(
     op: &'static str,
@@ -292,74 +289,6 @@ impl Gpu {
             }
             None => launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, &null, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1),
         }
-    }
-
-    /// [`Gpu::matvec_pair`] of the MoE's gate and up stacks with SwiGLU's int8 form as its
-    /// epilogue: gate and up into y0, y1 as `matvec_pair` writes them, and the down
-    /// product's input, the same values [`Gpu::swiglu_quantize`] makes of them. None (and
-    /// nothing run) where the epilogue does not apply: rows not whole 32-row groups, a
-    /// block's rows (`MXR_MATVEC_WARPS` x `MXR_MATVEC_ROWS`) not dividing 32, more groups
-    /// than the ticket buffer holds, or fusion turned off (`MXR_FUSE` without 2); the caller then
-    /// runs the two kernels.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matvec_pair_swiglu(
-        &self,
-        [w0, w1]: [&GpuMatrix; 2],
-        ids: &CudaSlice<i32>,
-        act: &QAct,
-        x_div: usize,
-        pairs: usize,
-        [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
-    ) -> Result<Option<QAct>> {
-        let rows = w0.rows;
-        let (warps, per_warp) = self.tuning.matvec_shape(w0.qtype);
-        let rows_per_block = (warps * per_warp) as usize;
-        let groups = pairs * rows / 32;
-        if self.tuning.fuse & super::FUSE_SWIGLU == 0
-            || w1.rows != rows
-            || !rows.is_multiple_of(32)
-            || !32usize.is_multiple_of(rows_per_block)
-            || groups > SWIGLU_TICKETS.len()
-        {
-            return Ok(None);
-        }
-        check_pair("matvec_pair_swiglu", [w0, w1], Some(ids.len()), act, x_div, pairs, [y0.len(), y1.len()])?;
-        let cols = w0.cols;
-        let mut out = QAct { q: self.alloc::<i8>(pairs * rows)?, d: self.alloc::<f32>(groups.max(1))?, rows: pairs, cols: rows };
-        if pairs == 0 {
-            return Ok(Some(out));
-        }
-        let cfg = LaunchConfig {
-            grid_dim: ((rows / rows_per_block) as u32, int("matvec_pair_swiglu", pairs)? as u32, 2),
-            block_dim: (32 * warps, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (s0, s1) = (w0.stride as i64, w1.stride as i64);
-        let (r, c, xd) = (int("matvec_pair_swiglu", rows)?, int("matvec_pair_swiglu", cols)?, int("matvec_pair_swiglu", x_div.max(1))?);
-        let name = per_type!("matvec2_swiglu_", w0.qtype);
-        let tickets = self.tickets.slice(SWIGLU_TICKETS);
-        launch!(
-            self,
-            Source::Matvec,
-            name,
-            cfg,
-            &w0.buf,
-            &w1.buf,
-            &s0,
-            &s1,
-            ids,
-            &r,
-            &c,
-            &act.q,
-            &act.d,
-            &xd,
-            y0,
-            y1,
-            &tickets,
-            &mut out.q,
-            &mut out.d
-        )?;
-        Ok(Some(out))
     }
 
     /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
@@ -699,7 +628,7 @@ impl Gpu {
         let mut logits = self.alloc::<f32>(n_tokens * n_experts)?;
         let cfg = LaunchConfig { grid_dim: (n_experts as u32, n_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (e, c, kk) = (n_experts as i32, int("route_fused", cols)?, k as i32);
-        let tickets = self.tickets.slice(ROUTE_TICKETS);
+        let tickets = self.tickets.slice(..);
         launch!(self, Source::Moe, name, cfg, &router.buf, &e, &c, x, &kk, &mut logits, ids, weights, counts, &tickets)?;
         Ok(true)
     }

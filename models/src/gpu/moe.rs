@@ -108,31 +108,18 @@ impl GpuModel {
         let mut up = g.alloc::<f32>(pairs * h)?;
         let act = if quantized(gate_exps.qtype) { Some(self.int8_input(x, x_rows, d, pre)?) } else { None };
         let act = act.as_deref();
-        let down_int8 = quantized(down_exps.qtype) && h.is_multiple_of(32);
-        let mut swiglu_made = None;
         match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols && g.tuning.matvec_pair) {
-            // gate and up in one launch, SwiGLU's int8 form in its epilogue where it applies
-            Some(a) => {
-                if down_int8 {
-                    let ys = [&mut gate.as_view_mut(), &mut up.as_view_mut()];
-                    swiglu_made = g.matvec_pair_swiglu([gate_exps, up_exps], ids, a, x_div, pairs, ys)?;
-                }
-                if swiglu_made.is_none() {
-                    g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?;
-                }
-            }
+            // gate and up in one launch
+            Some(a) => g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?,
             None => {
                 g.matvec_with(gate_exps, Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
                 g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
             }
         }
-        if down_int8 {
+        if quantized(down_exps.qtype) && h.is_multiple_of(32) {
             // SwiGLU straight into the down product's int8 input (its f32 form is never
             // read: gate stands in for it in the shape check)
-            let a = match swiglu_made {
-                Some(a) => a,
-                None => g.swiglu_quantize(&gate.as_view(), &up.as_view(), pairs, h)?,
-            };
+            let a = g.swiglu_quantize(&gate.as_view(), &up.as_view(), pairs, h)?;
             g.matvec_with(down_exps, Some(ids), &gate.as_view(), Some(&a), 1, pairs, y)?;
         } else {
             let mut a = g.alloc::<f32>(pairs * h)?;
