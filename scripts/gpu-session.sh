@@ -23,8 +23,6 @@
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
-#   minb       S8 tg128 with MXR_MATVEC_Q8_MINB=10 (Q8_0 kernels held to 48 registers, 10
-#              blocks per multiprocessor) against the default, interleaved     ~4 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -96,12 +94,6 @@ for s in "${steps[@]}"; do
             done
         done >"$out/pair.log" 2>&1
         ;;
-    minb)
-        for b in 0 10 0 10; do
-            echo "== S8 MXR_MATVEC_Q8_MINB=$b"
-            MXR_MATVEC_Q8_MINB=$b scripts/bench-slice.sh S8 -p 0 -n 128 -r 3
-        done >"$out/minb.log" 2>&1
-        ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
             echo "== S8 MXR_FUSE=$f"
@@ -123,7 +115,6 @@ for s in "${steps[@]}"; do
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
-    minb) grep -E "^==|tg128" "$out/minb.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

@@ -28,17 +28,7 @@
 #ifndef Q8_WARPS
 #define Q8_WARPS WARPS
 #endif
-// MXR_MATVEC_Q8_MINB: the Q8_0 kernels' blocks per multiprocessor that ptxas must leave
-// registers for (0: no such bound; a bound of 1 is not the same, ptxas then takes more
-// registers). An experiment knob: at 10, 48 registers and a few bytes of spills.
-#ifndef Q8_MINB
-#define Q8_MINB 0
-#endif
-#if Q8_MINB > 0
-#define LB_Q8 __launch_bounds__(32 * Q8_WARPS, Q8_MINB)
-#else
 #define LB_Q8 __launch_bounds__(32 * Q8_WARPS)
-#endif
 #define LB_ANY __launch_bounds__(32 * WARPS)
 
 // The launch shape of a weight type's kernels: rows per warp R, warps per block W.

@@ -87,11 +87,6 @@ pub struct Tuning {
     /// 429.5 / 432.8 at 2 x 4, alternated in one call.
     pub matvec_q8_rows: u32,
     pub matvec_q8_warps: u32,
-    /// Blocks per multiprocessor that ptxas must leave registers for in the Q8_0 kernels
-    /// (`MXR_MATVEC_Q8_MINB`, default 0: no bound). An experiment: the expert down and
-    /// attention out products fill 1.3 and 0.65 waves at the 9 blocks that 56 registers
-    /// allow; at 10, ptxas fits 48 registers with a few bytes of spills. Not yet measured.
-    pub matvec_q8_minb: u32,
     /// Units in flight per lane in the matrix-vector kernels' main loop (`MXR_MATVEC_UNROLL`,
     /// 1 to 4).
     pub matvec_unroll: u32,
@@ -147,7 +142,6 @@ impl Tuning {
             matvec_warps: get("MXR_MATVEC_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_q8_rows: get("MXR_MATVEC_Q8_ROWS", 2, |v| (1..=16).contains(&v)),
             matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 4, |v| (1..=32).contains(&v)),
-            matvec_q8_minb: get("MXR_MATVEC_Q8_MINB", 0, |v| v <= 32),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
@@ -317,7 +311,6 @@ impl Gpu {
                 format!("WARPS={}", self.tuning.matvec_warps),
                 format!("Q8_ROWS={}", self.tuning.matvec_q8_rows),
                 format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
-                format!("Q8_MINB={}", self.tuning.matvec_q8_minb),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
             ],
             _ => Vec::new(),
