@@ -8,7 +8,7 @@ pub enum KernelError {
     Length { op: &'static str, what: &'static str, expected: usize, actual: usize },
     #[error("{op}: {n} is not a whole number of {qtype} blocks ({block} elements)")]
     PartialBlock { op: &'static str, qtype: QType, n: usize, block: usize },
-    #[error("ggml has no CPU {what} for {qtype}")]
+    #[error("no {what} for {qtype}")]
     Unsupported { what: &'static str, qtype: QType },
     #[error("ggml disagrees with mxr about {qtype}: {detail}")]
     TableMismatch { qtype: QType, detail: String },

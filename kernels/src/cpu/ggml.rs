@@ -55,7 +55,7 @@ fn check_len(op: &'static str, what: &'static str, expected: usize, actual: usiz
 pub fn quantize_chunk(qtype: QType, src: &[f32], n_per_row: usize) -> Result<Vec<u8>> {
     init();
     if qtype == QType::Q8K {
-        return Err(KernelError::Unsupported { what: "quantize_chunk", qtype });
+        return Err(KernelError::Unsupported { what: "ggml CPU quantize_chunk", qtype });
     }
     let row = check_blocks("quantize_chunk", qtype, n_per_row)?;
     if n_per_row == 0 || !src.len().is_multiple_of(n_per_row) {
@@ -93,7 +93,7 @@ pub fn to_float(qtype: QType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     }
     // SAFETY: static traits table entry for a valid id.
     let f =
-        unsafe { (*sys::ggml_get_type_traits(qtype.ggml_id())).to_float }.ok_or(KernelError::Unsupported { what: "to_float", qtype })?;
+        unsafe { (*sys::ggml_get_type_traits(qtype.ggml_id())).to_float }.ok_or(KernelError::Unsupported { what: "ggml CPU to_float", qtype })?;
     // SAFETY: bytes holds exactly out.len() elements of qtype.
     unsafe { f(bytes.as_ptr() as *const c_void, out.as_mut_ptr(), out.len() as i64) };
     Ok(())
@@ -118,14 +118,14 @@ impl DotKernel {
         init();
         // SAFETY: static CPU traits table entry for a valid id.
         let t = unsafe { *sys::ggml_get_type_traits_cpu(wtype.ggml_id()) };
-        let vec_dot = t.vec_dot.ok_or(KernelError::Unsupported { what: "vec_dot", qtype: wtype })?;
+        let vec_dot = t.vec_dot.ok_or(KernelError::Unsupported { what: "ggml CPU vec_dot", qtype: wtype })?;
         let atype = QType::from_ggml(t.vec_dot_type).filter(|&a| a == wtype.vec_dot_type()).ok_or_else(|| KernelError::TableMismatch {
             qtype: wtype,
             detail: format!("ggml vec_dot_type is type id {}", t.vec_dot_type),
         })?;
         // SAFETY: as above, for the activation type.
         let from_float = unsafe { (*sys::ggml_get_type_traits_cpu(atype.ggml_id())).from_float }
-            .ok_or(KernelError::Unsupported { what: "from_float", qtype: atype })?;
+            .ok_or(KernelError::Unsupported { what: "ggml CPU from_float", qtype: atype })?;
         Ok(DotKernel { wtype, atype, vec_dot, from_float })
     }
 
