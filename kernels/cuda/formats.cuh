@@ -4,9 +4,13 @@
 // Quantized types (Q8_0, Q4_0, Q4_K, Q6_K) multiply int8 activations: the input row is
 // quantized in blocks of 32 (`quantize_act` in dequant.cu: int8 values, one f32 scale per
 // block, as ggml's Q8_0), and units are dotted with __dp4a, four products per instruction.
-//   units(cols), XQ, load_xq(xq, xd, u, XQ&), dotq(w, rows, cols, r, u, XQ)
+//   units(cols), XQ, load_xq(xq, xd, u, XQ&), WQ, load_w(w, rows, cols, r, u, WQ&),
+//   dotw(WQ, u, XQ); dotq<F>(w, rows, cols, r, u, XQ) does both
 // Float types (BF16, F16, F32) multiply f32 activations:
-//   units(cols), X, load_x(x, u, X&), dot(w, rows, cols, r, u, X)
+//   units(cols), X, load_x(x, u, X&), WX, load_w(w, rows, cols, r, u, WX&), dotw(WX, u, X);
+//   dot<F>(w, rows, cols, r, u, X) does both
+// load_w only loads (a unit of one row's weights into registers) and dotw only computes,
+// so the matrix-vector kernels can have the next unit's loads in flight while they compute.
 // Every type decodes 8 consecutive values: decode8(w, rows, cols, r, c, v) fills v[0..8)
 // with W[r, c..c+8) (c a multiple of 8), for the coalesced dequantization kernels.
 //
@@ -57,13 +61,21 @@ struct Q8_0 {
     }
     typedef XBlock XQ;
     __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) { load_block(xq, xd, u, x); }
-    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
+    struct WQ {
+        int4 a, b;
+        u16 d;
+    };
+    __device__ static void load_w(const u8* w, int rows, int cols, int r, int u, WQ& q) {
         const int4* p = (const int4*)(w + (size_t)r * cols + (u << 5));
-        int4 a = p[0], b = p[1];
-        int s = dp4a(a.x, x.v[0], 0);
-        s = dp4a(a.y, x.v[1], s); s = dp4a(a.z, x.v[2], s); s = dp4a(a.w, x.v[3], s);
-        s = dp4a(b.x, x.v[4], s); s = dp4a(b.y, x.v[5], s); s = dp4a(b.z, x.v[6], s); s = dp4a(b.w, x.v[7], s);
-        return (float)s * (scale(w, rows, cols, r, u) * x.d);
+        q.a = p[0];
+        q.b = p[1];
+        q.d = ((const u16*)(w + (size_t)rows * cols))[(size_t)r * (cols >> 5) + u];
+    }
+    __device__ static float dotw(const WQ& q, int u, const XQ& x) {
+        int s = dp4a(q.a.x, x.v[0], 0);
+        s = dp4a(q.a.y, x.v[1], s); s = dp4a(q.a.z, x.v[2], s); s = dp4a(q.a.w, x.v[3], s);
+        s = dp4a(q.b.x, x.v[4], s); s = dp4a(q.b.y, x.v[5], s); s = dp4a(q.b.z, x.v[6], s); s = dp4a(q.b.w, x.v[7], s);
+        return (float)s * (f16_to_f32(q.d) * x.d);
     }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
         uint2 q = *(const uint2*)(w + (size_t)r * cols + c);
@@ -83,8 +95,16 @@ struct Q4_0 {
     }
     typedef XBlock XQ;
     __device__ static void load_xq(const i8* xq, const float* xd, int u, XQ& x) { load_block(xq, xd, u, x); }
-    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
-        int4 q = *(const int4*)(w + (size_t)r * (cols >> 1) + (u << 4));
+    struct WQ {
+        int4 q;
+        u16 d;
+    };
+    __device__ static void load_w(const u8* w, int rows, int cols, int r, int u, WQ& q) {
+        q.q = *(const int4*)(w + (size_t)r * (cols >> 1) + (u << 4));
+        q.d = ((const u16*)(w + (size_t)rows * (cols >> 1)))[(size_t)r * (cols >> 5) + u];
+    }
+    __device__ static float dotw(const WQ& wq, int u, const XQ& x) {
+        const int4& q = wq.q;
         const int M = 0x0F0F0F0F;
         int s = dp4a(q.x & M, x.v[0], 0);
         s = dp4a(q.y & M, x.v[1], s); s = dp4a(q.z & M, x.v[2], s); s = dp4a(q.w & M, x.v[3], s);
@@ -93,7 +113,7 @@ struct Q4_0 {
         int sx = 0;
 #pragma unroll
         for (int i = 0; i < 8; i++) sx = dp4a(0x01010101, x.v[i], sx);
-        return (float)(s - 8 * sx) * (scale(w, rows, cols, r, u) * x.d);
+        return (float)(s - 8 * sx) * (f16_to_f32(wq.d) * x.d);
     }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
         int b = c >> 5, o = c & 31;
@@ -154,12 +174,21 @@ struct Q4_K {
         x.sl = sl;
         x.sh = sh;
     }
-    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
+    struct WQ {
+        int4 q0, q1;
+        uint4 hd;
+    };
+    __device__ static void load_w(const u8* w, int rows, int cols, int r, int u, WQ& q) {
         const u8* b = block(w, cols, r, u);
+        const int4* qp = (const int4*)(b + 16 + ((u & 3) << 5));
+        q.q0 = qp[0];
+        q.q1 = qp[1];
+        q.hd = header(b);
+    }
+    __device__ static float dotw(const WQ& wq, int u, const XQ& x) {
         int j = u & 3;
-        const int4* qp = (const int4*)(b + 16 + (j << 5));
-        int4 q0 = qp[0], q1 = qp[1];
-        uint4 hd = header(b);
+        const int4 &q0 = wq.q0, &q1 = wq.q1;
+        const uint4& hd = wq.hd;
         float d = f16_to_f32((u16)(hd.x & 0xFFFF)), dmin = f16_to_f32((u16)(hd.x >> 16));
         float sc0, m0, sc1, m1;
         scale_min(hd, 2 * j, sc0, m0);
@@ -197,10 +226,9 @@ struct Q4_K {
 struct Q6_K {
     __device__ static int units(int cols) { return cols >> 4; }
     __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 212 + (size_t)(u >> 4) * 212; }
-    // The four quarters' 6-bit values (as unsigned bytes, value = byte - 32) of unit u.
-    __device__ static void words(const u8* b, int u, int q[4]) {
-        int h = (u >> 3) & 1, l0 = (u & 7) * 4;
-        int a = *(const int*)(b + h * 64 + l0), c = *(const int*)(b + h * 64 + l0 + 32), hb = *(const int*)(b + 128 + h * 32 + l0);
+    // The four quarters' 6-bit values (as unsigned bytes, value = byte - 32) of a unit, from
+    // its low-nibble words a, c and its high-bit word hb.
+    __device__ static void words(int a, int c, int hb, int q[4]) {
         const int M = 0x0F0F0F0F, H = 0x30303030;
         q[0] = (a & M) | ((hb << 4) & H);
         q[1] = (c & M) | ((hb << 2) & H);
@@ -221,15 +249,29 @@ struct Q6_K {
             x.d[k] = xd[blk];
         }
     }
-    __device__ static float dotq(const u8* w, int rows, int cols, int r, int u, const XQ& x) {
+    struct WQ {
+        int a, c, hb;
+        i8 sc[4];
+        u16 d;
+    };
+    __device__ static void load_w(const u8* w, int rows, int cols, int r, int u, WQ& q) {
         const u8* b = block(w, cols, r, u);
+        int h = (u >> 3) & 1, l0 = (u & 7) * 4;
+        q.a = *(const int*)(b + h * 64 + l0);
+        q.c = *(const int*)(b + h * 64 + l0 + 32);
+        q.hb = *(const int*)(b + 128 + h * 32 + l0);
+        const i8* sc = (const i8*)(b + 192) + h * 8 + (l0 >> 4);
+#pragma unroll
+        for (int k = 0; k < 4; k++) q.sc[k] = sc[2 * k];
+        q.d = *(const u16*)(b + 208);
+    }
+    __device__ static float dotw(const WQ& wq, int u, const XQ& x) {
         int q[4];
-        words(b, u, q);
-        const i8* sc = (const i8*)(b + 192) + ((u >> 3) & 1) * 8 + (((u & 7) * 4) >> 4);
+        words(wq.a, wq.c, wq.hb, q);
         float acc = 0.f;
 #pragma unroll
-        for (int k = 0; k < 4; k++) acc += (float)sc[2 * k] * x.d[k] * (float)(dp4a(q[k], x.v[k], 0) - 32 * x.s[k]);
-        return f16_to_f32(*(const u16*)(b + 208)) * acc;
+        for (int k = 0; k < 4; k++) acc += (float)wq.sc[k] * x.d[k] * (float)(dp4a(q[k], x.v[k], 0) - 32 * x.s[k]);
+        return f16_to_f32(wq.d) * acc;
     }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
         const u8* b = w + (size_t)r * (cols >> 8) * 212 + (size_t)(c >> 8) * 212;
@@ -256,9 +298,9 @@ struct Half {
         xu.v[0] = a.x; xu.v[1] = a.y; xu.v[2] = a.z; xu.v[3] = a.w;
         xu.v[4] = b.x; xu.v[5] = b.y; xu.v[6] = b.z; xu.v[7] = b.w;
     }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
-        const u16* row = (const u16*)w + (size_t)r * cols;
-        uint4 q = *(const uint4*)(row + (u << 3));
+    typedef uint4 WX;
+    __device__ static void load_w(const u8* w, int rows, int cols, int r, int u, WX& q) { q = *(const uint4*)((const u16*)w + (size_t)r * cols + (u << 3)); }
+    __device__ static float dotw(const WX& q, int u, const X& xu) {
         u32 p[4] = {q.x, q.y, q.z, q.w};
         float acc = 0.f;
 #pragma unroll
@@ -282,10 +324,9 @@ struct F32 {
     __device__ static int units(int cols) { return (cols & 3) ? cols : cols >> 2; }
     struct X { float4 v; };
     __device__ static void load_x(const float* x, int u, X& xu) { xu.v = *(const float4*)(x + (u << 2)); }
-    __device__ static float dot(const u8* w, int rows, int cols, int r, int u, const X& xu) {
-        float4 a = *(const float4*)((const float*)w + (size_t)r * cols + (u << 2));
-        return a.x * xu.v.x + a.y * xu.v.y + a.z * xu.v.z + a.w * xu.v.w;
-    }
+    typedef float4 WX;
+    __device__ static void load_w(const u8* w, int rows, int cols, int r, int u, WX& a) { a = *(const float4*)((const float*)w + (size_t)r * cols + (u << 2)); }
+    __device__ static float dotw(const WX& a, int u, const X& xu) { return a.x * xu.v.x + a.y * xu.v.y + a.z * xu.v.z + a.w * xu.v.w; }
     __device__ static float dot1(const u8* w, int cols, int r, int u, const float* x) { return ((const float*)w)[(size_t)r * cols + u] * x[u]; }
     __device__ static float value(const u8* w, int cols, int r, int c) { return ((const float*)w)[(size_t)r * cols + c]; }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {
@@ -295,6 +336,20 @@ struct F32 {
         v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     }
 };
+
+// One row-unit's product, its weights loaded first (quantized types, then float types).
+template <class F>
+__device__ float dotq(const u8* w, int rows, int cols, int r, int u, const typename F::XQ& x) {
+    typename F::WQ q;
+    F::load_w(w, rows, cols, r, u, q);
+    return F::dotw(q, u, x);
+}
+template <class F>
+__device__ float dot(const u8* w, int rows, int cols, int r, int u, const typename F::X& x) {
+    typename F::WX q;
+    F::load_w(w, rows, cols, r, u, q);
+    return F::dotw(q, u, x);
+}
 
 // Row r of a float matrix (F: F32, Half) times x, by a whole block: each thread strides over
 // the row's 16-byte units, then the block sums (every thread gets the result). The
@@ -306,7 +361,7 @@ __device__ float block_row_dot(const u8* w, int rows, int cols, const float* x, 
     for (int u = threadIdx.x; u < n; u += blockDim.x) {
         typename F::X v;
         F::load_x(x, u, v);
-        acc += F::dot(w, rows, cols, r, u, v);
+        acc += dot<F>(w, rows, cols, r, u, v);
     }
     return block_sum(acc, scratch);
 }

@@ -21,6 +21,12 @@
 #ifndef UNROLL
 #define UNROLL 2  // units in flight per lane in the main loop
 #endif
+// MXR_MATVEC_PIPELINE: 1 (default) runs the types of `Pipelined` software-pipelined
+// (matvec_pipelined: each lane loads its next unit while it computes the current one)
+// instead of the UNROLL loop; 0 runs every type through the UNROLL loop
+#ifndef PIPELINE
+#define PIPELINE 1
+#endif
 // Q8_0's own launch shape (MXR_MATVEC_Q8_ROWS / _WARPS; by default the others')
 #ifndef Q8_ROWS
 #define Q8_ROWS ROWS
@@ -41,8 +47,69 @@ struct Shape<Q8_0> {
     static constexpr int R = Q8_ROWS, W = Q8_WARPS;
 };
 
+// One step of a lane in matvec_pipelined: unit u's inputs and its R rows' weights
+// loaded, or multiplied.
+template <class Input, int R>
+__device__ __forceinline__ void load_step(const Input& in, int r0, int u, typename Input::T& x, typename Input::W (&w)[R]) {
+    in.load(u, x);
+#pragma unroll
+    for (int i = 0; i < R; i++) in.load_w(r0 + i, u, w[i]);
+}
+template <class Input, int R>
+__device__ __forceinline__ void dot_step(const Input& in, int u, const typename Input::T& x, const typename Input::W (&w)[R], float (&acc)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; i++) acc[i] += in.dotw(w[i], u, x);
+}
+
+// A lane's units of R whole rows, software-pipelined: the next unit's loads are issued
+// before the current unit's products, in two register sets taken in turn. The loads sit in
+// their own branch ahead of the products, so ptxas cannot sink them below.
+template <class Input, int R>
+__device__ void matvec_pipelined(const Input& in, int r0, int lane, int n_units, float (&acc)[R]) {
+    typename Input::T xa, xb;
+    typename Input::W wa[R], wb[R];
+    int u = lane;
+    if (u >= n_units) return;
+    load_step<Input, R>(in, r0, u, xa, wa);
+    for (;;) {
+        bool more = u + 32 < n_units;
+        if (more) load_step<Input, R>(in, r0, u + 32, xb, wb);
+        dot_step<Input, R>(in, u, xa, wa, acc);
+        if (!more) return;
+        u += 32;
+        more = u + 32 < n_units;
+        if (more) load_step<Input, R>(in, r0, u + 32, xa, wa);
+        dot_step<Input, R>(in, u, xb, wb, acc);
+        if (!more) return;
+        u += 32;
+    }
+}
+
+// The types whose kernels run software-pipelined. On an H200 (`mxr bench --kernels`, ninth
+// session) the pipeline lifted Q8_0's products from 86 / 81 / 78% of the copy bandwidth
+// (24576 x 6144, two experts' gate, two experts' down) to 88 / 83 / 84%, Q6_K's from 49 /
+// 45 / 42% to 58 / 54 / 54% and Q4_0's from 70 / 66 / 60% to 73 / 62 / 64%; Q4_K's stayed
+// at 66 / 59-61 / 58% (126 registers against 76-80), and bf16's down shape fell from 99
+// to 88%, so those keep the UNROLL loop.
+template <class F>
+struct Pipelined {
+    static constexpr bool on = false;
+};
+template <>
+struct Pipelined<Q8_0> {
+    static constexpr bool on = PIPELINE;
+};
+template <>
+struct Pipelined<Q6_K> {
+    static constexpr bool on = PIPELINE;
+};
+template <>
+struct Pipelined<Q4_0> {
+    static constexpr bool on = PIPELINE;
+};
+
 // The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
-// Input::dot(r, u, in) one row's product with them.
+// Input::load_w(r, u) one row's weights of it, Input::dotw their product (Input::dot both).
 template <class Input>
 __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row) {
     constexpr int R = Shape<typename Input::Format>::R, W = Shape<typename Input::Format>::W;
@@ -52,7 +119,9 @@ __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row
     float acc[R];
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = 0.f;
-    if (r0 + R <= rows) {
+    if (Pipelined<typename Input::Format>::on && r0 + R <= rows) {
+        matvec_pipelined<Input, R>(in, r0, lane, n_units, acc);
+    } else if (r0 + R <= rows) {
 #pragma unroll UNROLL
         for (int u = lane; u < n_units; u += 32) {
             typename Input::T x;
@@ -77,23 +146,29 @@ template <class F>
 struct QuantInput {
     typedef F Format;
     typedef typename F::XQ T;
+    typedef typename F::WQ W;
     const u8* w;
     int rows, cols;
     const i8* xq;
     const float* xd;
     __device__ void load(int u, T& x) const { F::load_xq(xq, xd, u, x); }
-    __device__ float dot(int r, int u, const T& x) const { return F::dotq(w, rows, cols, r, u, x); }
+    __device__ void load_w(int r, int u, W& q) const { F::load_w(w, rows, cols, r, u, q); }
+    __device__ float dotw(const W& q, int u, const T& x) const { return F::dotw(q, u, x); }
+    __device__ float dot(int r, int u, const T& x) const { return dotq<F>(w, rows, cols, r, u, x); }
 };
 
 template <class F>
 struct FloatInput {
     typedef F Format;
     typedef typename F::X T;
+    typedef typename F::WX W;
     const u8* w;
     int rows, cols;
     const float* x;
     __device__ void load(int u, T& v) const { F::load_x(x, u, v); }
-    __device__ float dot(int r, int u, const T& v) const { return F::dot(w, rows, cols, r, u, v); }
+    __device__ void load_w(int r, int u, W& q) const { F::load_w(w, rows, cols, r, u, q); }
+    __device__ float dotw(const W& q, int u, const T& v) const { return F::dotw(q, u, v); }
+    __device__ float dot(int r, int u, const T& v) const { return ::dot<F>(w, rows, cols, r, u, v); }
 };
 
 template <class F>

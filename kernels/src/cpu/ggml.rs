@@ -92,8 +92,8 @@ pub fn to_float(qtype: QType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         return Ok(());
     }
     // SAFETY: static traits table entry for a valid id.
-    let f =
-        unsafe { (*sys::ggml_get_type_traits(qtype.ggml_id())).to_float }.ok_or(KernelError::Unsupported { what: "ggml CPU to_float", qtype })?;
+    let f = unsafe { (*sys::ggml_get_type_traits(qtype.ggml_id())).to_float }
+        .ok_or(KernelError::Unsupported { what: "ggml CPU to_float", qtype })?;
     // SAFETY: bytes holds exactly out.len() elements of qtype.
     unsafe { f(bytes.as_ptr() as *const c_void, out.as_mut_ptr(), out.len() as i64) };
     Ok(())

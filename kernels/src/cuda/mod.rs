@@ -93,6 +93,10 @@ pub struct Tuning {
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
+    /// Software-pipelined matrix-vector kernels for the types that gain from it, Q8_0, Q6_K
+    /// and Q4_0 (`MXR_MATVEC_PIPELINE`: 1, the default, or 0 for none): each lane loads its
+    /// next unit while it computes the current one (matvec.cu, `Pipelined`).
+    pub matvec_pipeline: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
     /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
@@ -144,6 +148,7 @@ impl Tuning {
             matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
+            matvec_pipeline: get("MXR_MATVEC_PIPELINE", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
@@ -312,6 +317,7 @@ impl Gpu {
                 format!("Q8_ROWS={}", self.tuning.matvec_q8_rows),
                 format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
+                format!("PIPELINE={}", self.tuning.matvec_pipeline as u32),
             ],
             _ => Vec::new(),
         };
