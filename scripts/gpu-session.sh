@@ -23,6 +23,8 @@
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
+#   stage      Q4_K's rows staged in shared memory (MXR_MATVEC_STAGE=1) against the default:
+#              mxr bench --kernels --kernel-group matvec, then S8q4 tg128, interleaved  ~4 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -94,6 +96,16 @@ for s in "${steps[@]}"; do
             done
         done >"$out/pair.log" 2>&1
         ;;
+    stage)
+        for v in 1 0; do
+            echo "== kernels MXR_MATVEC_STAGE=$v"
+            MXR_MATVEC_STAGE=$v carry/gpu/mxr bench --kernels --kernel-group matvec
+        done >"$out/stage.log" 2>&1
+        for v in 1 0 1 0; do
+            echo "== S8q4 MXR_MATVEC_STAGE=$v"
+            MXR_MATVEC_STAGE=$v scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 3
+        done >>"$out/stage.log" 2>&1
+        ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
             echo "== S8 MXR_FUSE=$f"
@@ -115,6 +127,7 @@ for s in "${steps[@]}"; do
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
+    stage) grep -E "^==|tg128|^\| matvec.*Q4_K" "$out/stage.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

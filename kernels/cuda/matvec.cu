@@ -27,6 +27,12 @@
 #ifndef PIPELINE
 #define PIPELINE 1
 #endif
+// MXR_MATVEC_STAGE: 1 copies each warp's rows of a `Staged` type into shared memory
+// (cp.async) before it computes, when the launcher gives the block room for them; 0
+// (default) never
+#ifndef STAGE
+#define STAGE 0
+#endif
 // Q8_0's own launch shape (MXR_MATVEC_Q8_ROWS / _WARPS; by default the others')
 #ifndef Q8_ROWS
 #define Q8_ROWS ROWS
@@ -108,8 +114,73 @@ struct Pipelined<Q4_0> {
     static constexpr bool on = PIPELINE;
 };
 
+// The types whose rows may be staged in shared memory (rows of row_bytes(cols) contiguous
+// bytes, 16-byte multiples): Q4_K. Its products wait on their loads' latency (24 warps per
+// multiprocessor at 76-80 registers, ~90 instructions per 32 bytes of weights, and ptxas
+// spreads a step's loads over several waves); a warp's two rows copied by cp.async are
+// all in flight at once without holding registers.
+template <class F>
+struct Staged {
+    static constexpr bool on = false;
+    __device__ static size_t row_bytes(int cols) { return 0; }
+};
+template <>
+struct Staged<Q4_K> {
+    static constexpr bool on = STAGE;
+    __device__ static size_t row_bytes(int cols) { return (size_t)(cols >> 8) * 144; }
+};
+
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+
+// Copies rows r0..r0+nr of in's matrix into this warp's part of the block's dynamic shared
+// memory (W x R rows) and points `in` at them (row r0 becomes row 0). False, with `in`
+// untouched, when the launch gave less room than that.
+template <class Input, int R, int W>
+__device__ bool stage_rows(Input& in, int r0, int nr, int lane) {
+    typedef Staged<typename Input::Format> S;
+    size_t rb = S::row_bytes(in.cols);
+    if ((size_t)W * R * rb > dynamic_smem_bytes()) return false;
+    extern __shared__ __align__(16) u8 stage[];
+    u8* mine = stage + (size_t)(threadIdx.x >> 5) * R * rb;
+    const u8* g = in.w + (size_t)r0 * rb;
+    int n16 = (int)(((size_t)nr * rb) >> 4);
+    for (int i = lane; i < n16; i += 32) cp_async16(mine + 16 * i, g + 16 * i, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncwarp();
+    in.w = mine;
+    in.rows = nr;
+    return true;
+}
+
 // The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
 // Input::load_w(r, u) one row's weights of it, Input::dotw their product (Input::dot both).
+// A warp's rows r0..r0+R (those below `rows`) into acc; `in` holds row r0 as its row rw.
+template <class Input, int R>
+__device__ __forceinline__ void rows_dot(const Input& in, int rw, int r0, int rows, int lane, int n_units, float (&acc)[R]) {
+    if (Pipelined<typename Input::Format>::on && r0 + R <= rows) {
+        matvec_pipelined<Input, R>(in, rw, lane, n_units, acc);
+    } else if (r0 + R <= rows) {
+#pragma unroll UNROLL
+        for (int u = lane; u < n_units; u += 32) {
+            typename Input::T x;
+            in.load(u, x);
+#pragma unroll
+            for (int i = 0; i < R; i++) acc[i] += in.dot(rw + i, u, x);
+        }
+    } else {
+        for (int u = lane; u < n_units; u += 32) {
+            typename Input::T x;
+            in.load(u, x);
+            for (int i = 0; i < R && r0 + i < rows; i++) acc[i] += in.dot(rw + i, u, x);
+        }
+    }
+}
+
 template <class Input>
 __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row) {
     constexpr int R = Shape<typename Input::Format>::R, W = Shape<typename Input::Format>::W;
@@ -119,23 +190,17 @@ __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row
     float acc[R];
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = 0.f;
-    if (Pipelined<typename Input::Format>::on && r0 + R <= rows) {
-        matvec_pipelined<Input, R>(in, r0, lane, n_units, acc);
-    } else if (r0 + R <= rows) {
-#pragma unroll UNROLL
-        for (int u = lane; u < n_units; u += 32) {
-            typename Input::T x;
-            in.load(u, x);
-#pragma unroll
-            for (int i = 0; i < R; i++) acc[i] += in.dot(r0 + i, u, x);
-        }
-    } else {
-        for (int u = lane; u < n_units; u += 32) {
-            typename Input::T x;
-            in.load(u, x);
-            for (int i = 0; i < R && r0 + i < rows; i++) acc[i] += in.dot(r0 + i, u, x);
+    // Staged: the same loop over the copy in shared memory (its own instance, so that each
+    // instance's loads know their memory).
+    bool staged = false;
+    if constexpr (Staged<typename Input::Format>::on) {
+        Input s = in;
+        if (stage_rows<Input, R, W>(s, r0, min(R, rows - r0), lane)) {
+            rows_dot<Input, R>(s, 0, r0, rows, lane, n_units, acc);
+            staged = true;
         }
     }
+    if (!staged) rows_dot<Input, R>(in, r0, r0, rows, lane, n_units, acc);
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = warp_sum(acc[i]);
     if (lane == 0)

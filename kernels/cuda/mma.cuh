@@ -27,12 +27,6 @@ __device__ __forceinline__ float exp2_ftz(float x) {
     return r;
 }
 
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
 // Four 8x8 b16 matrices from shared memory; lane L gives the address of row L % 8 of
 // matrix L / 8. Without .trans lane l receives (row l/4, cols 2(l%4), +1) of each matrix;
 // with .trans (rows 2(l%4), +1, col l/4).
@@ -54,20 +48,6 @@ __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u3
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16 bytes global -> shared without passing through registers; `ok` false zero-fills
-// (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
-}
-// 4 bytes (zeros when !ok); cp.async's .ca form, the one that takes sizes under 16
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
 
 
 // A C-fragment row is spread over the 4 lanes of a group (tig 0..3): the maximum or the

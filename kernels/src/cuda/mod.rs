@@ -97,6 +97,10 @@ pub struct Tuning {
     /// and Q4_0 (`MXR_MATVEC_PIPELINE`: 1, the default, or 0 for none): each lane loads its
     /// next unit while it computes the current one (matvec.cu, `Pipelined`).
     pub matvec_pipeline: bool,
+    /// Q4_K's matrix-vector kernels copy each warp's rows into shared memory with cp.async
+    /// before computing (`MXR_MATVEC_STAGE`: 0, the default, or 1; matvec.cu, `Staged`). An
+    /// experiment for the Q4_K products' load latency, not yet measured.
+    pub matvec_stage: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
     /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
@@ -139,6 +143,22 @@ impl Tuning {
         }
     }
 
+    /// Dynamic shared memory for a matrix-vector block over `cols`-wide rows of type `q`:
+    /// room for the block's rows when they are staged (`matvec_stage`, Q4_K) and fit the
+    /// 48 KiB a launch gets without opting in; else 0, and the kernel reads global memory.
+    pub fn matvec_stage_bytes(&self, q: mxr_quant::QType, cols: usize) -> u32 {
+        if !self.matvec_stage || q != mxr_quant::QType::Q4K {
+            return 0;
+        }
+        let (warps, rows) = self.matvec_shape(q);
+        let bytes = q.row_bytes(cols).unwrap_or(usize::MAX).saturating_mul((warps * rows) as usize);
+        if bytes <= 48 * 1024 {
+            bytes as u32
+        } else {
+            0
+        }
+    }
+
     fn from_env() -> Tuning {
         let get = |k: &str, d: u32, ok: fn(u32) -> bool| std::env::var(k).ok().and_then(|v| v.parse().ok()).filter(|&v| ok(v)).unwrap_or(d);
         Tuning {
@@ -149,6 +169,7 @@ impl Tuning {
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             matvec_pipeline: get("MXR_MATVEC_PIPELINE", 1, |v| v <= 1) == 1,
+            matvec_stage: get("MXR_MATVEC_STAGE", 0, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
@@ -318,6 +339,7 @@ impl Gpu {
                 format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
                 format!("PIPELINE={}", self.tuning.matvec_pipeline as u32),
+                format!("STAGE={}", self.tuning.matvec_stage as u32),
             ],
             _ => Vec::new(),
         };

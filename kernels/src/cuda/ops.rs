@@ -200,7 +200,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: ((rows as u32).div_ceil(rows_per_block), int("matvec", pairs)? as u32, 1),
             block_dim: (32 * warps, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: self.tuning.matvec_stage_bytes(w.qtype, cols),
         };
         let (stride, r, c, xd) = (w.stride as i64, int("matvec", rows)?, int("matvec", cols)?, int("matvec", x_div.max(1))?);
         let null = 0u64;
@@ -276,7 +276,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: ((w0.rows.max(w1.rows) as u32).div_ceil(warps * per_warp), int("matvec_pair", pairs)? as u32, 2),
             block_dim: (32 * warps, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: self.tuning.matvec_stage_bytes(w0.qtype, cols),
         };
         let (s0, s1) = (w0.stride as i64, w1.stride as i64);
         let (r0, r1, c, xd) =
