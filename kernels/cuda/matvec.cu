@@ -157,9 +157,10 @@ __device__ bool stage_rows(Input& in, int r0, int nr, int lane) {
     return true;
 }
 
-// The loop shared by both activation kinds: Input::load(u) gives the unit's inputs,
-// Input::load_w(r, u) one row's weights of it, Input::dotw their product (Input::dot both).
-// A warp's rows r0..r0+R (those below `rows`) into acc; `in` holds row r0 as its row rw.
+// The loop shared by both activation kinds, over a warp's rows r0..r0+R (those below
+// `rows`) into acc; `in` holds row r0 as its row rw. Input::load(u) gives the unit's
+// inputs, Input::load_w(r, u) one row's weights of it, Input::dotw their product
+// (Input::dot both).
 template <class Input, int R>
 __device__ __forceinline__ void rows_dot(const Input& in, int rw, int r0, int rows, int lane, int n_units, float (&acc)[R]) {
     if (Pipelined<typename Input::Format>::on && r0 + R <= rows) {
