@@ -619,3 +619,27 @@ fn oom_or(what: &str, bytes: usize, e: cudarc::driver::DriverError) -> KernelErr
         drv(what, e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Tuning;
+    use mxr_quant::QType;
+
+    /// The launcher gives a Q4_K block room for its rows only when staging is on and the
+    /// rows fit 48 KiB; any other type, or wider rows, read global memory (0 bytes).
+    #[test]
+    fn matvec_stage_bytes_fit_the_block_rows() {
+        let mut t = Tuning::from_env();
+        t.matvec_stage = false;
+        assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144), 0);
+        t.matvec_stage = true;
+        let (warps, rows) = t.matvec_shape(QType::Q4K);
+        let block_rows = (warps * rows) as usize;
+        assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144) as usize, block_rows * 24 * 144);
+        assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);
+        // the widest rows that fit, and one block of 256 more
+        let fit = 48 * 1024 / (block_rows * 144) * 256;
+        assert_eq!(t.matvec_stage_bytes(QType::Q4K, fit) as usize, block_rows * fit / 256 * 144);
+        assert_eq!(t.matvec_stage_bytes(QType::Q4K, fit + 256), 0);
+    }
+}
