@@ -23,8 +23,10 @@
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
-#   stage      Q4_K's rows staged in shared memory (MXR_MATVEC_STAGE=1) against the default:
-#              mxr bench --kernels --kernel-group matvec, then S8q4 tg128, interleaved  ~4 min
+#   q4k        Q4_K's products over MXR_MATVEC_STAGE (rows staged in shared memory),
+#              MXR_MATVEC_PIPELINE (15: Q4_K pipelined too) and MXR_MATVEC_ROWS: the
+#              matrix-vector GPU tests and mxr bench --kernels --kernel-group matvec for
+#              each, then S8q4 tg128 with MXR_MATVEC_STAGE=1 against 0, interleaved  ~6 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -96,15 +98,18 @@ for s in "${steps[@]}"; do
             done
         done >"$out/pair.log" 2>&1
         ;;
-    stage)
-        for v in 1 0; do
-            echo "== kernels MXR_MATVEC_STAGE=$v"
-            MXR_MATVEC_STAGE=$v carry/gpu/mxr bench --kernels --kernel-group matvec
-        done >"$out/stage.log" 2>&1
+    q4k)
+        for v in "0 7 2" "1 7 2" "1 7 4" "0 15 2" "0 15 1" "1 15 2"; do
+            set -- $v
+            echo "== STAGE=$1 PIPELINE=$2 ROWS=$3"
+            MXR_MATVEC_STAGE=$1 MXR_MATVEC_PIPELINE=$2 MXR_MATVEC_ROWS=$3 \
+                carry/gpu/gpu_kernels --ignored --test-threads 1 matvec 2>&1 | grep -E "test result|FAIL|panicked"
+            MXR_MATVEC_STAGE=$1 MXR_MATVEC_PIPELINE=$2 MXR_MATVEC_ROWS=$3 carry/gpu/mxr bench --kernels --kernel-group matvec
+        done >"$out/q4k.log" 2>&1
         for v in 1 0 1 0; do
             echo "== S8q4 MXR_MATVEC_STAGE=$v"
             MXR_MATVEC_STAGE=$v scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 3
-        done >>"$out/stage.log" 2>&1
+        done >>"$out/q4k.log" 2>&1
         ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
@@ -127,7 +132,7 @@ for s in "${steps[@]}"; do
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
-    stage) grep -E "^==|tg128|^\| matvec.*Q4_K" "$out/stage.log" ;;
+    q4k) grep -E "^==|tg128|test result|FAIL|^\| matvec.*Q4_K" "$out/q4k.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

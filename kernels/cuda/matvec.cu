@@ -21,11 +21,11 @@
 #ifndef UNROLL
 #define UNROLL 2  // units in flight per lane in the main loop
 #endif
-// MXR_MATVEC_PIPELINE: 1 (default) runs the types of `Pipelined` software-pipelined
-// (matvec_pipelined: each lane loads its next unit while it computes the current one)
-// instead of the UNROLL loop; 0 runs every type through the UNROLL loop
+// MXR_MATVEC_PIPELINE: the types that run software-pipelined (matvec_pipelined: each lane
+// loads its next unit while it computes the current one) instead of the UNROLL loop, a bit
+// set: 1 Q8_0, 2 Q6_K, 4 Q4_0, 8 Q4_K, 16 the float types (kernels/src/cuda/mod.rs)
 #ifndef PIPELINE
-#define PIPELINE 1
+#define PIPELINE 7
 #endif
 // MXR_MATVEC_STAGE: 1 copies each warp's rows of a `Staged` type into shared memory
 // (cp.async) before it computes, when the launcher gives the block room for them; 0
@@ -91,27 +91,31 @@ __device__ void matvec_pipelined(const Input& in, int r0, int lane, int n_units,
     }
 }
 
-// The types whose kernels run software-pipelined. On an H200 (`mxr bench --kernels`, ninth
-// session) the pipeline lifted Q8_0's products from 86 / 81 / 78% of the copy bandwidth
-// (24576 x 6144, two experts' gate, two experts' down) to 88 / 83 / 84%, Q6_K's from 49 /
-// 45 / 42% to 58 / 54 / 54% and Q4_0's from 70 / 66 / 60% to 73 / 62 / 64%; Q4_K's stayed
-// at 66 / 59-61 / 58% (126 registers against 76-80), and bf16's down shape fell from 99
-// to 88%, so those keep the UNROLL loop.
+// Whether a type's kernels run software-pipelined (PIPELINE's bits). By default Q8_0, Q6_K
+// and Q4_0: on an H200 (`mxr bench --kernels`, ninth session) the pipeline lifted Q8_0's
+// products from 86 / 81 / 78% of the copy bandwidth (24576 x 6144, two experts' gate, two
+// experts' down) to 88 / 83 / 84%, Q6_K's from 49 / 45 / 42% to 58 / 54 / 54% and Q4_0's
+// from 70 / 66 / 60% to 73 / 62 / 64%; Q4_K's stayed at 66 / 59-61 / 58% (126 registers
+// against 76-80), and bf16's down shape fell from 99 to 88%.
 template <class F>
 struct Pipelined {
-    static constexpr bool on = false;
+    static constexpr bool on = (PIPELINE & 16) != 0;  // the float types
 };
 template <>
 struct Pipelined<Q8_0> {
-    static constexpr bool on = PIPELINE;
+    static constexpr bool on = (PIPELINE & 1) != 0;
 };
 template <>
 struct Pipelined<Q6_K> {
-    static constexpr bool on = PIPELINE;
+    static constexpr bool on = (PIPELINE & 2) != 0;
 };
 template <>
 struct Pipelined<Q4_0> {
-    static constexpr bool on = PIPELINE;
+    static constexpr bool on = (PIPELINE & 4) != 0;
+};
+template <>
+struct Pipelined<Q4_K> {
+    static constexpr bool on = (PIPELINE & 8) != 0;
 };
 
 // The types whose rows may be staged in shared memory (rows of row_bytes(cols) contiguous

@@ -93,10 +93,11 @@ pub struct Tuning {
     /// Two products of one input in one launch (`matvec_pair`); `MXR_MATVEC_PAIR=0` gives
     /// two launches instead, the same values (for timing one against the other).
     pub matvec_pair: bool,
-    /// Software-pipelined matrix-vector kernels for the types that gain from it, Q8_0, Q6_K
-    /// and Q4_0 (`MXR_MATVEC_PIPELINE`: 1, the default, or 0 for none): each lane loads its
-    /// next unit while it computes the current one (matvec.cu, `Pipelined`).
-    pub matvec_pipeline: bool,
+    /// The types whose matrix-vector kernels run software-pipelined, a bit set
+    /// (`MXR_MATVEC_PIPELINE`; [`PIPELINE_DEFAULT`], Q8_0, Q6_K and Q4_0, the types that
+    /// gained on an H200; 0 for none): each lane loads its next unit while it computes the
+    /// current one (matvec.cu, `Pipelined`).
+    pub matvec_pipeline: u32,
     /// Q4_K's matrix-vector kernels copy each warp's rows into shared memory with cp.async
     /// before computing (`MXR_MATVEC_STAGE`: 0, the default, or 1; matvec.cu, `Staged`). An
     /// experiment for the Q4_K products' load latency, not yet measured.
@@ -129,6 +130,14 @@ pub struct Tuning {
     /// an H200, a fence and an atomic in every block of the step's largest kernel; removed.)
     pub fuse: u32,
 }
+
+/// `Tuning::matvec_pipeline` bits, one per weight type (matvec.cu's `Pipelined`).
+pub const PIPELINE_Q8_0: u32 = 1;
+pub const PIPELINE_Q6_K: u32 = 2;
+pub const PIPELINE_Q4_0: u32 = 4;
+pub const PIPELINE_Q4_K: u32 = 8;
+pub const PIPELINE_FLOAT: u32 = 16;
+pub const PIPELINE_DEFAULT: u32 = PIPELINE_Q8_0 | PIPELINE_Q6_K | PIPELINE_Q4_0;
 
 /// `Tuning::fuse` bits.
 pub const FUSE_ROUTE: u32 = 1;
@@ -168,7 +177,7 @@ impl Tuning {
             matvec_q8_warps: get("MXR_MATVEC_Q8_WARPS", 4, |v| (1..=32).contains(&v)),
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
-            matvec_pipeline: get("MXR_MATVEC_PIPELINE", 1, |v| v <= 1) == 1,
+            matvec_pipeline: get("MXR_MATVEC_PIPELINE", PIPELINE_DEFAULT, |v| v <= 31),
             matvec_stage: get("MXR_MATVEC_STAGE", 0, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
@@ -338,7 +347,7 @@ impl Gpu {
                 format!("Q8_ROWS={}", self.tuning.matvec_q8_rows),
                 format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
-                format!("PIPELINE={}", self.tuning.matvec_pipeline as u32),
+                format!("PIPELINE={}", self.tuning.matvec_pipeline),
                 format!("STAGE={}", self.tuning.matvec_stage as u32),
             ],
             _ => Vec::new(),
