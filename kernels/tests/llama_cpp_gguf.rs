@@ -10,10 +10,9 @@ use mxr_quant::gguf::{Array, Builder, GgufFile, Value};
 use mxr_quant::reference::{quantize_to_vec, stats::Rng};
 use mxr_quant::QType;
 
+/// A file in the temp dir for one test (each test removes its file when it passes).
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mxr-llama-gguf-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    std::env::temp_dir().join(format!("mxr-llama-gguf-{}-{name}", std::process::id()))
 }
 
 fn c(s: &str) -> CString {
@@ -84,6 +83,8 @@ fn llama_cpp_reads_what_mxr_writes() {
         }
         sys::gguf_free(ctx);
     }
+    drop(ours);
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]
@@ -134,4 +135,6 @@ fn mxr_reads_what_llama_cpp_writes() {
         assert_eq!((v.info.qtype(), &v.info.dims), (Some(*q), dims), "{name}");
         assert_eq!(v.data, &data[..], "{name} bytes");
     }
+    drop(f);
+    std::fs::remove_file(&path).unwrap();
 }

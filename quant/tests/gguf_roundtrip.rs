@@ -122,6 +122,7 @@ fn file_writer_renames_on_finish_and_mmap_reader_sees_the_same() {
     let v = f.tensor("blk.0.f32").unwrap();
     assert_eq!(v.data, &datas[0][..]);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temp file left behind");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -134,6 +135,7 @@ fn dropped_writer_leaves_no_file() {
     drop(w);
     assert!(!path.exists());
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "temp file removed");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -154,6 +156,7 @@ fn temp_files_of_dead_writers_are_removed_by_the_next_write() {
     w.finish().unwrap();
     assert!(!stale.exists(), "stale temp of the same target removed");
     assert!(other.exists(), "temps of other targets untouched");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -167,6 +170,7 @@ fn finishing_with_missing_tensors_fails_and_cleans_up() {
     assert!(err.contains("incomplete"), "{err}");
     assert!(!path.exists());
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -189,6 +193,7 @@ fn writer_rejects_wrong_order_wrong_size_and_bad_declarations() {
     assert!(Builder::new().set("general.alignment", Value::U32(48)).is_err(), "not a power of two");
 }
 
+/// A fresh directory for one test; each test removes it when it passes.
 fn tempdir() -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
