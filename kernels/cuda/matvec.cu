@@ -9,9 +9,12 @@
 // A warp computes ROWS rows: each lane strides over the units of the row, loads the
 // unit's inputs once and the ROWS weight units (independent 16-byte loads, so several are
 // in flight), then the warp sums. Blocks of WARPS warps. Quantized weights take int8
-// activations (xq, xd: quantize_act's output), float weights f32 activations (x).
+// activations (xq, xd: quantize_act's output), float weights f32 activations (x). The
+// lane's loop is either unrolled (UNROLL units per step) or software-pipelined (the next
+// unit's loads issued before the current unit's products; `Pipelined`), and Q4_K's rows
+// may first be copied to shared memory (`Staged`).
 
-// All three are set by the launcher at compile time (-D), defaults here.
+// All of these are set by the launcher at compile time (-D), defaults here.
 #ifndef ROWS
 #define ROWS 4
 #endif
