@@ -205,8 +205,8 @@ fn run_dumps_logits_equal_to_transformers_and_is_reproducible() {
         "256",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (shape, got) = mxr_e2e::npy::read_f32(&npy);
-    let (wshape, want) = mxr_e2e::npy::read_f32(&golden.join("logits.npy"));
+    let (shape, got) = mxr_e2e::npy::read_f32(&npy).unwrap();
+    let (wshape, want) = mxr_e2e::npy::read_f32(&golden.join("logits.npy")).unwrap();
     assert_eq!(shape, wshape);
     let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max <= 1e-3, "max abs diff {max}");

@@ -25,7 +25,7 @@ fn model(case: &str, q: QType) -> Model {
 
 fn reference(case: &str) -> (Vec<u32>, usize, Vec<f32>) {
     let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(golden(case).join("tokens.json")).unwrap()).unwrap();
-    let (shape, logits) = npy::read_f32(&golden(case).join("logits.npy"));
+    let (shape, logits) = npy::read_f32(&golden(case).join("logits.npy")).unwrap();
     (tokens, shape[1], logits)
 }
 

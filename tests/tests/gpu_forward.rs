@@ -76,7 +76,7 @@ fn golden_fixtures_match_the_cpu() {
     let mut ok = true;
     for case in ["equal-alpha", "distinct-alpha"] {
         let tokens: Vec<u32> = serde_json::from_str(&std::fs::read_to_string(golden(case).join("tokens.json")).unwrap()).unwrap();
-        let (shape, hf) = npy::read_f32(&golden(case).join("logits.npy"));
+        let (shape, hf) = npy::read_f32(&golden(case).join("logits.npy")).unwrap();
         let vocab = shape[1];
         for q in [QType::F32, QType::Q8_0] {
             let m = converted(&golden(case), case, q);

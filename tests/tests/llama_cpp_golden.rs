@@ -86,7 +86,7 @@ fn argmax(x: &[f32]) -> usize {
 fn llama_cpp_runs_the_converted_fixture_like_transformers() {
     let case = "equal-alpha";
     let tokens: Vec<i32> = serde_json::from_str(&std::fs::read_to_string(golden(case).join("tokens.json")).unwrap()).unwrap();
-    let (shape, want) = npy::read_f32(&golden(case).join("logits.npy"));
+    let (shape, want) = npy::read_f32(&golden(case).join("logits.npy")).unwrap();
     assert_eq!(shape[0], tokens.len());
     let gguf = convert_to(case, QType::F32);
     let (n_vocab, got) = llama_logits(&gguf, &tokens);
@@ -160,7 +160,7 @@ fn mxr_matches_llama_cpp_on_the_same_file() {
 fn q8_0_tracks_transformers_as_closely_as_llama_cpp() {
     for case in ["equal-alpha", "distinct-alpha"] {
         let tokens: Vec<i32> = serde_json::from_str(&std::fs::read_to_string(golden(case).join("tokens.json")).unwrap()).unwrap();
-        let (shape, want) = npy::read_f32(&golden(case).join("logits.npy"));
+        let (shape, want) = npy::read_f32(&golden(case).join("logits.npy")).unwrap();
         let gguf = convert_to(case, QType::Q8_0);
         let (rel, top1) = closeness(&mxr_logits(&gguf, &tokens), &want, shape[1]);
         eprintln!("{case} Q8_0: mxr vs transformers rel L2 {rel:.2e}, top-1 {top1:.3}");
