@@ -104,22 +104,13 @@ template <class F>
 struct Pipelined {
     static constexpr bool on = (PIPELINE & 16) != 0;  // the float types
 };
-template <>
-struct Pipelined<Q8_0> {
-    static constexpr bool on = (PIPELINE & 1) != 0;
-};
-template <>
-struct Pipelined<Q6_K> {
-    static constexpr bool on = (PIPELINE & 2) != 0;
-};
-template <>
-struct Pipelined<Q4_0> {
-    static constexpr bool on = (PIPELINE & 4) != 0;
-};
-template <>
-struct Pipelined<Q4_K> {
-    static constexpr bool on = (PIPELINE & 8) != 0;
-};
+#define PIPELINED(F, bit) \
+    template <>           \
+    struct Pipelined<F> { static constexpr bool on = (PIPELINE & bit) != 0; };
+PIPELINED(Q8_0, 1)
+PIPELINED(Q6_K, 2)
+PIPELINED(Q4_0, 4)
+PIPELINED(Q4_K, 8)
 
 // The types whose rows may be staged in shared memory (rows of row_bytes(cols) contiguous
 // bytes, 16-byte multiples): Q4_K. Its products wait on their loads' latency (24 warps per
