@@ -23,10 +23,11 @@
 #              matrix-vector products alone)                                     ~2 min
 #   matvec-check  the matrix-vector GPU tests under those variants              ~1 min
 #   pair       S8 and S8q4 tg128 with MXR_MATVEC_PAIR=0 against the default, interleaved
-#   q4k        Q4_K's products over MXR_MATVEC_STAGE (rows staged in shared memory),
-#              MXR_MATVEC_PIPELINE (15: Q4_K pipelined too) and MXR_MATVEC_ROWS: the
-#              matrix-vector GPU tests and mxr bench --kernels --kernel-group matvec for
-#              each, then S8q4 tg128 with MXR_MATVEC_STAGE=1 against 0, interleaved  ~6 min
+#   stage      matrix-vector products from shared memory: mxr bench --kernels
+#              --kernel-group matvec over "STAGE ROWS WARPS" (MXR_MATVEC_*, Q8_0's shape
+#              too; a ;-separated list in $MXR_STAGE_SET), then S8 and S8q4 tg128 with
+#              MXR_MATVEC_STAGE=$MXR_STAGE (default 3; EARLY 1 and 0) against 0,
+#              interleaved                                                    ~9 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -98,18 +99,23 @@ for s in "${steps[@]}"; do
             done
         done >"$out/pair.log" 2>&1
         ;;
-    q4k)
-        for v in "0 7 2" "1 7 2" "1 7 4" "0 15 2" "0 15 1" "1 15 2"; do
+    stage)
+        IFS=';' read -ra variants <<<"${MXR_STAGE_SET:-0 2 4;2 2 4;3 2 4;4 2 4;3 2 8}"
+        for v in "${variants[@]}"; do
             set -- $v
-            echo "== STAGE=$1 PIPELINE=$2 ROWS=$3"
-            MXR_MATVEC_STAGE=$1 MXR_MATVEC_PIPELINE=$2 MXR_MATVEC_ROWS=$3 \
-                carry/gpu/gpu_kernels --ignored --test-threads 1 matvec 2>&1 | grep -E "test result|FAIL|panicked"
-            MXR_MATVEC_STAGE=$1 MXR_MATVEC_PIPELINE=$2 MXR_MATVEC_ROWS=$3 carry/gpu/mxr bench --kernels --kernel-group matvec
-        done >"$out/q4k.log" 2>&1
-        for v in 1 0 1 0; do
-            echo "== S8q4 MXR_MATVEC_STAGE=$v"
-            MXR_MATVEC_STAGE=$v scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 3
-        done >>"$out/q4k.log" 2>&1
+            echo "== STAGE=$1 ROWS=$2 WARPS=$3"
+            export MXR_MATVEC_STAGE=$1 MXR_MATVEC_ROWS=$2 MXR_MATVEC_WARPS=$3 MXR_MATVEC_Q8_ROWS=$2 MXR_MATVEC_Q8_WARPS=$3
+            carry/gpu/mxr bench --kernels --kernel-group matvec
+            unset MXR_MATVEC_STAGE MXR_MATVEC_ROWS MXR_MATVEC_WARPS MXR_MATVEC_Q8_ROWS MXR_MATVEC_Q8_WARPS
+        done >"$out/stage.log" 2>&1
+        st=${MXR_STAGE:-3}
+        for slice in ${MXR_STAGE_SLICES:-S8 S8q4}; do
+            for v in "$st 1" "0 1" "$st 0" "$st 1" "0 1" "$st 0"; do
+                set -- $v
+                echo "== $slice MXR_MATVEC_STAGE=$1 MXR_MATVEC_EARLY=$2"
+                MXR_MATVEC_STAGE=$1 MXR_MATVEC_EARLY=$2 scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 3
+            done
+        done >>"$out/stage.log" 2>&1
         ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
@@ -132,7 +138,7 @@ for s in "${steps[@]}"; do
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
-    q4k) grep -E "^==|tg128|test result|FAIL|^\| matvec.*Q4_K" "$out/q4k.log" ;;
+    stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

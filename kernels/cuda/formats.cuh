@@ -165,6 +165,10 @@ struct Q4_K {
         x.h[4] = b1.x; x.h[5] = b1.y; x.h[6] = b1.z; x.h[7] = b1.w;
         x.dl = xd[blk];
         x.dh = xd[blk + 1];
+        sums(x);
+    }
+    // Σ of the low and of the high inputs (for the mins)
+    __device__ static void sums(XQ& x) {
         int sl = 0, sh = 0;
 #pragma unroll
         for (int i = 0; i < 8; i++) {

@@ -11,8 +11,8 @@
 // in flight), then the warp sums. Blocks of WARPS warps. Quantized weights take int8
 // activations (xq, xd: quantize_act's output), float weights f32 activations (x). The
 // lane's loop is either unrolled (UNROLL units per step) or software-pipelined (the next
-// unit's loads issued before the current unit's products; `Pipelined`), and Q4_K's rows
-// may first be copied to shared memory (`Staged`).
+// unit's loads issued before the current unit's products; `Pipelined`), or Q8_0's and
+// Q4_K's products run from shared memory filled by cp.async (`Staged`).
 
 // All of these are set by the launcher at compile time (-D), defaults here.
 #ifndef ROWS
@@ -30,11 +30,20 @@
 #ifndef PIPELINE
 #define PIPELINE 7
 #endif
-// MXR_MATVEC_STAGE: 1 copies each warp's rows of a `Staged` type into shared memory
-// (cp.async) before it computes, when the launcher gives the block room for them; 0
-// (default) never
+// MXR_MATVEC_STAGE: S > 0 runs a `Staged` type's products from shared memory, through a
+// ring of S chunks per warp filled by cp.async, when the launcher gives the block room;
+// 0 (default) never
 #ifndef STAGE
 #define STAGE 0
+#endif
+// MXR_MATVEC_STAGED: the types staged when STAGE > 0, PIPELINE's bits (1 Q8_0, 8 Q4_K)
+#ifndef STAGED
+#define STAGED 9
+#endif
+// MXR_MATVEC_EARLY: 1 (default) lets a dense staged launch issue its first chunks before
+// its PDL wait; 0 waits first
+#ifndef EARLY
+#define EARLY 1
 #endif
 // Q8_0's own launch shape (MXR_MATVEC_Q8_ROWS / _WARPS; by default the others')
 #ifndef Q8_ROWS
@@ -112,70 +121,27 @@ PIPELINED(Q6_K, 2)
 PIPELINED(Q4_0, 4)
 PIPELINED(Q4_K, 8)
 
-// The types whose rows may be staged in shared memory (rows of row_bytes(cols) contiguous
-// bytes, 16-byte multiples): Q4_K. Its products wait on their loads' latency (24 warps per
-// multiprocessor at 76-80 registers, ~90 instructions per 32 bytes of weights, and ptxas
-// spreads a step's loads over several waves); a warp's two rows copied by cp.async are
-// all in flight at once without holding registers.
-template <class F>
-struct Staged {
-    static constexpr bool on = false;
-    __device__ static size_t row_bytes(int cols) { return 0; }
-};
-template <>
-struct Staged<Q4_K> {
-    static constexpr bool on = STAGE;
-    __device__ static size_t row_bytes(int cols) { return (size_t)(cols >> 8) * 144; }
-};
-
-__device__ __forceinline__ u32 dynamic_smem_bytes() {
-    u32 n;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
-    return n;
-}
-
-// Copies rows r0..r0+nr of in's matrix into this warp's part of the block's dynamic shared
-// memory (W x R rows) and points `in` at them (row r0 becomes row 0). False, with `in`
-// untouched, when the launch gave less room than that.
-template <class Input, int R, int W>
-__device__ bool stage_rows(Input& in, int r0, int nr, int lane) {
-    typedef Staged<typename Input::Format> S;
-    size_t rb = S::row_bytes(in.cols);
-    if ((size_t)W * R * rb > dynamic_smem_bytes()) return false;
-    extern __shared__ __align__(16) u8 stage[];
-    u8* mine = stage + (size_t)(threadIdx.x >> 5) * R * rb;
-    const u8* g = in.w + (size_t)r0 * rb;
-    int n16 = (int)(((size_t)nr * rb) >> 4);
-    for (int i = lane; i < n16; i += 32) cp_async16(mine + 16 * i, g + 16 * i, true);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncwarp();
-    in.w = mine;
-    in.rows = nr;
-    return true;
-}
-
 // The loop shared by both activation kinds, over a warp's rows r0..r0+R (those below
-// `rows`) into acc; `in` holds row r0 as its row rw. Input::load(u) gives the unit's
+// `rows`) into acc. Input::load(u) gives the unit's
 // inputs, Input::load_w(r, u) one row's weights of it, Input::dotw their product
 // (Input::dot both).
 template <class Input, int R>
-__device__ __forceinline__ void rows_dot(const Input& in, int rw, int r0, int rows, int lane, int n_units, float (&acc)[R]) {
+__device__ __forceinline__ void rows_dot(const Input& in, int r0, int rows, int lane, int n_units, float (&acc)[R]) {
     if (Pipelined<typename Input::Format>::on && r0 + R <= rows) {
-        matvec_pipelined<Input, R>(in, rw, lane, n_units, acc);
+        matvec_pipelined<Input, R>(in, r0, lane, n_units, acc);
     } else if (r0 + R <= rows) {
 #pragma unroll UNROLL
         for (int u = lane; u < n_units; u += 32) {
             typename Input::T x;
             in.load(u, x);
 #pragma unroll
-            for (int i = 0; i < R; i++) acc[i] += in.dot(rw + i, u, x);
+            for (int i = 0; i < R; i++) acc[i] += in.dot(r0 + i, u, x);
         }
     } else {
         for (int u = lane; u < n_units; u += 32) {
             typename Input::T x;
             in.load(u, x);
-            for (int i = 0; i < R && r0 + i < rows; i++) acc[i] += in.dot(rw + i, u, x);
+            for (int i = 0; i < R && r0 + i < rows; i++) acc[i] += in.dot(r0 + i, u, x);
         }
     }
 }
@@ -189,17 +155,7 @@ __device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row
     float acc[R];
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = 0.f;
-    // Staged: the same loop over the copy in shared memory (its own instance, so that each
-    // instance's loads know their memory).
-    bool staged = false;
-    if constexpr (Staged<typename Input::Format>::on) {
-        Input s = in;
-        if (stage_rows<Input, R, W>(s, r0, min(R, rows - r0), lane)) {
-            rows_dot<Input, R>(s, 0, r0, rows, lane, n_units, acc);
-            staged = true;
-        }
-    }
-    if (!staged) rows_dot<Input, R>(in, r0, r0, rows, lane, n_units, acc);
+    rows_dot<Input, R>(in, r0, rows, lane, n_units, acc);
 #pragma unroll
     for (int i = 0; i < R; i++) acc[i] = warp_sum(acc[i]);
     if (lane == 0)
@@ -235,11 +191,216 @@ struct FloatInput {
     __device__ float dot(int r, int u, const T& v) const { return ::dot<F>(w, rows, cols, r, u, v); }
 };
 
+// Products from shared memory (MXR_MATVEC_STAGE = S > 0, for the types in STAGED): the
+// block copies its activation row into shared memory once, and each warp keeps a ring of
+// S chunks of its R rows (32 units each, one step of its lanes) filled by cp.async: S - 1
+// chunks are in flight while the warp computes one, and bytes in flight hold no registers.
+// Q4_K's products wait on their loads' latency (24 warps per multiprocessor at 76-80
+// registers, and ptxas spreads a step's loads over several waves). A dense launch (no
+// expert ids) issues its first chunks before it waits for the previous kernel (PDL), since
+// weights never depend on it: a kernel's blocks that become resident while a small kernel
+// runs fetch their weights meanwhile (EARLY).
+//
+// Each staged type: CHUNK_COLS (32 units' values), CHUNK_ROW_BYTES (a row's bytes of them
+// as the chunk holds them: the chunk of R rows is the type's layout of an R x CHUNK_COLS
+// matrix), fits(cols), x_bytes(cols), copy_chunk<R>, copy_x and load_x (the activation
+// row, 16-byte pieces swizzled so that a quarter warp's lanes read distinct banks).
+template <class F>
+struct Staged {
+    static constexpr bool on = false;
+};
+
+// The 16-byte pieces of the activation scales (f32, one per 32 values) after the values.
+__device__ __forceinline__ void copy_x_scales(const float* xd, int cols, u8* dst, int tid, int threads) {
+    for (int i = tid; i < cols / 128; i += threads) cp_async16(dst + cols + 16 * i, (const u8*)xd + 16 * i, true);
+}
+
+template <>
+struct Staged<Q4_K> {
+    static constexpr bool on = STAGE > 0 && (STAGED & 8);
+    static constexpr int CHUNK_COLS = 2048;       // 32 units of 64 values: 8 blocks
+    static constexpr int CHUNK_ROW_BYTES = 1152;  // their 8 x 144 bytes
+    __device__ static bool fits(int cols) { return (cols & 255) == 0; }
+    __device__ static int x_bytes(int cols) { return cols + cols / 8; }
+    // Chunk k (units 32k..) of rows r0..r0+R into dst: the first nr rows from w, the
+    // others zeros. A lane copies pieces lane, lane + 32 and lane + 64 (< 72) of each row;
+    // pieces past the row's last unit are zero-filled without a read.
+    template <int R>
+    __device__ static void copy_chunk(const u8* w, int rows, int cols, int r0, int nr, int k, int n_units, u8* dst, int lane) {
+        size_t rb = (size_t)(cols >> 8) * 144;
+        int n16 = min(32, n_units - (k << 5)) / 4 * 9;  // 9 pieces of 16 bytes per block
+        const u8* g = w + (size_t)r0 * rb + (size_t)k * CHUNK_ROW_BYTES + 16 * lane;
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            const u8* gi = i < nr ? g + i * rb : g;
+#pragma unroll
+            for (int q = 0; q < 3; q++)
+                if (q < 2 || lane < 8) cp_async16(dst + i * CHUNK_ROW_BYTES + 16 * (lane + 32 * q), gi + 512 * q, i < nr && lane + 32 * q < n16);
+        }
+    }
+    // unit u's 64 inputs: four pieces, piece m stored at m ^ ((u >> 1) & 3)
+    __device__ static void copy_x(const i8* xq, const float* xd, int cols, u8* dst, int tid, int threads) {
+        for (int i = tid; i < cols / 16; i += threads) {
+            int u = i >> 2, m = i & 3;
+            cp_async16(dst + 64 * u + 16 * (m ^ ((u >> 1) & 3)), xq + 16 * i, true);
+        }
+        copy_x_scales(xd, cols, dst, tid, threads);
+    }
+    __device__ static void load_x(const u8* xs, int cols, int u, Q4_K::XQ& x) {
+        const u8* p = xs + 64 * u;
+        int sw = (u >> 1) & 3;
+        int4 a0 = *(const int4*)(p + 16 * (0 ^ sw)), a1 = *(const int4*)(p + 16 * (1 ^ sw));
+        int4 b0 = *(const int4*)(p + 16 * (2 ^ sw)), b1 = *(const int4*)(p + 16 * (3 ^ sw));
+        x.l[0] = a0.x; x.l[1] = a0.y; x.l[2] = a0.z; x.l[3] = a0.w;
+        x.l[4] = a1.x; x.l[5] = a1.y; x.l[6] = a1.z; x.l[7] = a1.w;
+        x.h[0] = b0.x; x.h[1] = b0.y; x.h[2] = b0.z; x.h[3] = b0.w;
+        x.h[4] = b1.x; x.h[5] = b1.y; x.h[6] = b1.z; x.h[7] = b1.w;
+        float2 d = *(const float2*)(xs + cols + 8 * u);  // unit u's blocks are 2u, 2u + 1
+        x.dl = d.x;
+        x.dh = d.y;
+        Q4_K::sums(x);
+    }
+};
+
+template <>
+struct Staged<Q8_0> {
+    static constexpr bool on = STAGE > 0 && (STAGED & 1);
+    static constexpr int CHUNK_COLS = 1024;       // 32 units of 32 values
+    static constexpr int CHUNK_ROW_BYTES = 1088;  // 1024 int8 values and 32 f16 scales
+    // whole 256-column groups: every row's values and scales, and a chunk's 32 or a
+    // multiple of 8 scales, lie on 16-byte boundaries
+    __device__ static bool fits(int cols) { return (cols & 255) == 0; }
+    __device__ static int x_bytes(int cols) { return cols + cols / 8; }
+    // the chunk holds R rows of values, then R rows of 32 scales; a lane copies value
+    // pieces lane and lane + 32 of each row, lanes 0-3 its scales
+    template <int R>
+    __device__ static void copy_chunk(const u8* w, int rows, int cols, int r0, int nr, int k, int n_units, u8* dst, int lane) {
+        int units = min(32, n_units - (k << 5));
+        const u8* g = w + (size_t)r0 * cols + (k << 10) + 16 * lane;
+        const u8* gs = w + (size_t)rows * cols + ((size_t)r0 * (cols >> 5) + (k << 5)) * 2 + 16 * lane;
+#pragma unroll
+        for (int i = 0; i < R; i++) {
+            bool row = i < nr;
+            const u8* gi = row ? g + (size_t)i * cols : g;
+            cp_async16(dst + i * 1024 + 16 * lane, gi, row && lane < 2 * units);
+            cp_async16(dst + i * 1024 + 16 * (lane + 32), gi + 512, row && lane + 32 < 2 * units);
+            if (lane < 4) cp_async16(dst + R * 1024 + i * 64 + 16 * lane, row ? gs + (size_t)i * (cols >> 4) : gs, row && lane < units / 8);
+        }
+    }
+    // unit u's 32 inputs: two pieces, piece m stored at m ^ ((u >> 2) & 1)
+    __device__ static void copy_x(const i8* xq, const float* xd, int cols, u8* dst, int tid, int threads) {
+        for (int i = tid; i < cols / 16; i += threads) {
+            int u = i >> 1, m = i & 1;
+            cp_async16(dst + 32 * u + 16 * (m ^ ((u >> 2) & 1)), xq + 16 * i, true);
+        }
+        copy_x_scales(xd, cols, dst, tid, threads);
+    }
+    __device__ static void load_x(const u8* xs, int cols, int u, XBlock& x) {
+        const u8* p = xs + 32 * u;
+        int sw = (u >> 2) & 1;
+        int4 a = *(const int4*)(p + 16 * sw), b = *(const int4*)(p + 16 * (1 ^ sw));
+        x.v[0] = a.x; x.v[1] = a.y; x.v[2] = a.z; x.v[3] = a.w;
+        x.v[4] = b.x; x.v[5] = b.y; x.v[6] = b.z; x.v[7] = b.w;
+        x.d = *(const float*)(xs + cols + 4 * u);
+    }
+};
+
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+
+// Whether this launch runs staged: on for the type, the launcher gave the block room for
+// the activation row and W warps' rings, and every copy is 16-byte aligned (the same for
+// every thread of the block, and known before the previous kernel ends).
+template <class F>
+__device__ bool stage_fits(const u8* w, long long expert_stride, int cols, const i8* xq, const float* xd) {
+    typedef Staged<F> S;
+    constexpr int R = Shape<F>::R, W = Shape<F>::W;
+    if (!S::fits(cols) || (((size_t)w | (size_t)expert_stride | (size_t)xq | (size_t)xd) & 15)) return false;
+    return (size_t)S::x_bytes(cols) + (size_t)W * STAGE * R * S::CHUNK_ROW_BYTES <= dynamic_smem_bytes();
+}
+
+// A block's rows from shared memory, when stage_fits (else false, having done nothing):
+// rows of matrix w (expert ids[p] of a stack when ids) times the activation row xq, xd.
+// This does the kernel's PDL wait. The lane's units and the order of its sums are those of
+// the direct loop, so the results are the same bits.
+template <class F>
+__device__ bool matvec_staged(const u8* w, long long expert_stride, const int* ids, int p, int rows, int cols, const i8* xq, const float* xd,
+                              float* y_row) {
+    typedef Staged<F> S;
+    constexpr int R = Shape<F>::R, W = Shape<F>::W, CB = R * S::CHUNK_ROW_BYTES;
+    if (!stage_fits<F>(w, expert_stride, cols, xq, xd)) return false;
+    extern __shared__ __align__(16) u8 smem[];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int r0 = (blockIdx.x * W + warp) * R;
+    int n_units = F::units(cols), nr = max(0, min(R, rows - r0)), steps = (n_units + 31) >> 5;
+    u8* xs = smem;
+    u8* ring = smem + S::x_bytes(cols) + (size_t)warp * STAGE * CB;
+    bool early = EARLY && !ids;
+    if (!early) {
+        PDL_ENTRY();
+        if (ids) w += (long long)ids[p] * expert_stride;
+    }
+#pragma unroll
+    for (int s = 0; s < STAGE - 1; s++) {
+        if (nr > 0 && s < steps) S::template copy_chunk<R>(w, rows, cols, r0, nr, s, n_units, ring + s * CB, lane);
+        cp_async_commit();
+    }
+    if (early) PDL_ENTRY();
+    S::copy_x(xq, xd, cols, xs, threadIdx.x, 32 * W);
+    cp_async_commit();
+    cp_async_wait<0>();  // this thread's copies
+    __syncthreads();     // and everyone's
+    if (nr == 0) return true;
+    float acc[R];
+#pragma unroll
+    for (int i = 0; i < R; i++) acc[i] = 0.f;
+    int cur = 0, next = STAGE - 1;  // ring slots of chunks k and k + STAGE - 1
+    for (int k = 0; k < steps; k++) {
+        if (k + STAGE - 1 < steps) S::template copy_chunk<R>(w, rows, cols, r0, nr, k + STAGE - 1, n_units, ring + next * CB, lane);
+        cp_async_commit();
+        cp_async_wait<STAGE - 1>();
+        __syncwarp();
+        int u = (k << 5) + lane;
+        if (u < n_units) {
+            typename F::XQ x;
+            S::load_x(xs, cols, u, x);
+            const u8* c = ring + cur * CB;
+            // the chunk as an R x CHUNK_COLS matrix; a chunk starts at a multiple of 32
+            // units, so unit u is its unit `lane`, at the same place in its block
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                typename F::WQ q;
+                F::load_w(c, R, S::CHUNK_COLS, i, lane, q);
+                acc[i] += F::dotw(q, lane, x);
+            }
+        }
+        __syncwarp();  // the slot is refilled next step
+        cur = cur + 1 == STAGE ? 0 : cur + 1;
+        next = next + 1 == STAGE ? 0 : next + 1;
+    }
+#pragma unroll
+    for (int i = 0; i < R; i++) acc[i] = warp_sum(acc[i]);
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < R; i++)
+            if (i < nr) y_row[r0 + i] = acc[i];
+    }
+    return true;
+}
+
 template <class F>
 __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y) {
     int p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
+    const i8* xqp = xq + xrow * cols;
+    const float* xdp = xd + xrow * (cols >> 5);
+    if constexpr (Staged<F>::on)
+        if (matvec_staged<F>(w, expert_stride, ids, p, rows, cols, xqp, xdp, y + (size_t)p * rows)) return;
+    PDL_ENTRY();
+    QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xqp, xdp};
     matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
 }
 
@@ -261,8 +422,14 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
     long long s = second ? s1 : s0;
     int rows = second ? rows1 : rows0, p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5)};
-    matvec_rows(in, rows, F::units(cols), (second ? y1 : y0) + (size_t)p * rows);
+    const i8* xqp = xq + xrow * cols;
+    const float* xdp = xd + xrow * (cols >> 5);
+    float* y_row = (second ? y1 : y0) + (size_t)p * rows;
+    if constexpr (Staged<F>::on)
+        if (matvec_staged<F>(w, s, ids, p, rows, cols, xqp, xdp, y_row)) return;
+    PDL_ENTRY();
+    QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xqp, xdp};
+    matvec_rows(in, rows, F::units(cols), y_row);
 }
 
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,
@@ -294,7 +461,7 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 #define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
 #define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
 #define MATVEC_Q(name, F, LB) \
-    extern "C" __global__ void LB name(QARGS) { PDL_ENTRY(); matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+    extern "C" __global__ void LB name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
 #define MATVEC_F(name, F) \
     extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
 #define MATVEC_SCALAR(name, F) \
@@ -304,7 +471,7 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
         int x_div, float *y0, float *y1
 #define MATVEC2_Q(name, F, LB)                                                                                                 \
-    extern "C" __global__ void LB name(Q2ARGS) { PDL_ENTRY();                                                 \
+    extern "C" __global__ void LB name(Q2ARGS) {                                                              \
         matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
     }
 

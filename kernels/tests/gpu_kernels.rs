@@ -100,50 +100,77 @@ fn matvec_gathers_experts_and_inputs() {
     }
 }
 
-/// Q4_K's rows staged in shared memory (`MXR_MATVEC_STAGE=1`) give the same bits as the
-/// kernels reading global memory: single matrices (rows that fill no block, and rows too
-/// wide to stage, which fall back), expert stacks picked by ids, and the two-matrix launch.
+/// Q8_0's and Q4_K's products from shared memory (`MXR_MATVEC_STAGE` = 1 to 4 chunks per
+/// warp, dense launches prefetching before their PDL wait or not) give the same bits as the
+/// kernels reading global memory: single matrices (rows that fill no block, rows of one
+/// partial chunk, of whole and partial chunks, and rows too wide to stage, which fall
+/// back), expert stacks picked by ids, and the two-matrix launch.
 #[test]
 #[ignore = "needs a GPU"]
-fn staged_q4_k_products_equal_the_direct_ones() {
-    let plain = gpu();
-    let mut staged = gpu();
-    staged.tuning.matvec_stage = true;
-    let q = QType::Q4K;
-    for (rows, cols) in [(1, 256), (65, 768), (513, 256), (7, 6144), (37, 9216), (5, 11264)] {
-        let w = quantized(q, rows * cols, 40);
-        let x = Rng::new(41).normals(cols, 1.0);
-        let run = |g: &Gpu| {
-            let gw = GpuMatrix::upload(g, q, 1, rows, cols, &w).unwrap();
-            let gx = g.upload(&x).unwrap();
-            let mut gy = g.zeros::<f32>(rows).unwrap();
-            g.matvec(&gw, None, &gx.as_view(), 1, 1, &mut gy.as_view_mut()).unwrap();
-            g.download(&gy.as_view()).unwrap()
+fn staged_products_equal_the_direct_ones() {
+    let mut plain = gpu();
+    plain.tuning.matvec_stage = 0;
+    let shapes = [(1, 256), (65, 768), (513, 256), (7, 6144), (37, 9216), (5, 11264), (9, 20480)];
+    for q in [QType::Q8_0, QType::Q4K] {
+        let ws: Vec<(usize, usize, Vec<u8>, Vec<f32>)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(rows, cols))| (rows, cols, quantized(q, rows * cols, 40 + i as u64), Rng::new(60 + i as u64).normals(cols, 1.0)))
+            .collect();
+        let single = |g: &Gpu| -> Vec<Vec<f32>> {
+            ws.iter()
+                .map(|(rows, cols, w, x)| {
+                    let gw = GpuMatrix::upload(g, q, 1, *rows, *cols, w).unwrap();
+                    let gx = g.upload(x).unwrap();
+                    let mut gy = g.zeros::<f32>(*rows).unwrap();
+                    g.matvec(&gw, None, &gx.as_view(), 1, 1, &mut gy.as_view_mut()).unwrap();
+                    g.download(&gy.as_view()).unwrap()
+                })
+                .collect()
         };
-        let (a, b) = (run(&plain), run(&staged));
-        let staged_bytes = staged.tuning.matvec_stage_bytes(q, cols);
-        check("matvec staged = direct", &format!("{rows}x{cols}, {staged_bytes} bytes staged"), if a == b { 0.0 } else { 1.0 }, 0.0);
+        // stacks of 3 experts, 4 pairs over 2 tokens, gate/up-like pair of 70 and 37 rows;
+        // then a dense pair (no ids) of 130 and 37 rows
+        let (n_exp, rows0, rows1, cols) = (3, 70, 37, 2304);
+        let ids = [2i32, 0, 1, 2];
+        let w0 = quantized(q, n_exp * rows0 * cols, 42);
+        let w1 = quantized(q, n_exp * rows1 * cols, 43);
+        let x = Rng::new(44).normals(2 * cols, 1.0);
+        let pairs = |g: &Gpu| {
+            let (m0, m1) =
+                (GpuMatrix::upload(g, q, n_exp, rows0, cols, &w0).unwrap(), GpuMatrix::upload(g, q, n_exp, rows1, cols, &w1).unwrap());
+            let gx = g.upload(&x).unwrap();
+            let act = g.quantize_act(&gx.as_view(), 2, cols).unwrap();
+            let gids = g.upload(&ids).unwrap();
+            let (mut y0, mut y1) = (g.zeros::<f32>(4 * rows0).unwrap(), g.zeros::<f32>(4 * rows1).unwrap());
+            g.matvec_pair([&m0, &m1], Some(&gids), &act, 2, 4, [&mut y0.as_view_mut(), &mut y1.as_view_mut()]).unwrap();
+            let mut y2 = g.zeros::<f32>(4 * rows0).unwrap();
+            g.matvec_with(&m0, Some(&gids), &gx.as_view(), Some(&act), 2, 4, &mut y2.as_view_mut()).unwrap();
+            let (d0, d1) = (
+                GpuMatrix::upload(g, q, 1, 130, cols, &w0[..q.row_bytes(cols).unwrap() * 130]).unwrap(),
+                GpuMatrix::upload(g, q, 1, 37, cols, &w1[..q.row_bytes(cols).unwrap() * 37]).unwrap(),
+            );
+            let (mut z0, mut z1) = (g.zeros::<f32>(130).unwrap(), g.zeros::<f32>(37).unwrap());
+            g.matvec_pair([&d0, &d1], None, &act, 1, 1, [&mut z0.as_view_mut(), &mut z1.as_view_mut()]).unwrap();
+            [y0, y1, y2, z0, z1].map(|y| g.download(&y.as_view()).unwrap())
+        };
+        let (direct, direct_pairs) = (single(&plain), pairs(&plain));
+        for (stages, early) in [(1, true), (1, false), (2, true), (3, true), (3, false), (4, true)] {
+            let mut staged = gpu();
+            (staged.tuning.matvec_stage, staged.tuning.matvec_early) = (stages, early);
+            let what = format!("{q:?} S={stages}{}", if early { " early" } else { "" });
+            for ((rows, cols, ..), (a, b)) in ws.iter().zip(direct.iter().zip(single(&staged))) {
+                let bytes = staged.tuning.matvec_stage_bytes(q, *cols);
+                check(
+                    "matvec staged = direct",
+                    &format!("{what} {rows}x{cols}, {bytes} bytes staged"),
+                    if *a == b { 0.0 } else { 1.0 },
+                    0.0,
+                );
+            }
+            let same = direct_pairs == pairs(&staged);
+            check("matvec staged = direct", &format!("{what} experts, pairs and single"), if same { 0.0 } else { 1.0 }, 0.0);
+        }
     }
-    // stacks of 3 experts, 4 pairs over 2 tokens, gate/up-like pair of 70 and 37 rows
-    let (n_exp, rows0, rows1, cols) = (3, 70, 37, 1024);
-    let ids = [2i32, 0, 1, 2];
-    let w0 = quantized(q, n_exp * rows0 * cols, 42);
-    let w1 = quantized(q, n_exp * rows1 * cols, 43);
-    let x = Rng::new(44).normals(2 * cols, 1.0);
-    let run = |g: &Gpu| {
-        let (m0, m1) =
-            (GpuMatrix::upload(g, q, n_exp, rows0, cols, &w0).unwrap(), GpuMatrix::upload(g, q, n_exp, rows1, cols, &w1).unwrap());
-        let gx = g.upload(&x).unwrap();
-        let act = g.quantize_act(&gx.as_view(), 2, cols).unwrap();
-        let gids = g.upload(&ids).unwrap();
-        let (mut y0, mut y1) = (g.zeros::<f32>(4 * rows0).unwrap(), g.zeros::<f32>(4 * rows1).unwrap());
-        g.matvec_pair([&m0, &m1], Some(&gids), &act, 2, 4, [&mut y0.as_view_mut(), &mut y1.as_view_mut()]).unwrap();
-        let mut y2 = g.zeros::<f32>(4 * rows0).unwrap();
-        g.matvec_with(&m0, Some(&gids), &gx.as_view(), Some(&act), 2, 4, &mut y2.as_view_mut()).unwrap();
-        [g.download(&y0.as_view()).unwrap(), g.download(&y1.as_view()).unwrap(), g.download(&y2.as_view()).unwrap()]
-    };
-    let (a, b) = (run(&plain), run(&staged));
-    check("matvec staged = direct", "experts, pair and single", if a == b { 0.0 } else { 1.0 }, 0.0);
 }
 
 /// Two quantized products in one launch (gate and up; qkv and gate) give exactly what two

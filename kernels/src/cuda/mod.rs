@@ -98,10 +98,17 @@ pub struct Tuning {
     /// gained on an H200; 0 for none): each lane loads its next unit while it computes the
     /// current one (matvec.cu, `Pipelined`).
     pub matvec_pipeline: u32,
-    /// Q4_K's matrix-vector kernels copy each warp's rows into shared memory with cp.async
-    /// before computing (`MXR_MATVEC_STAGE`: 0, the default, or 1; matvec.cu, `Staged`). An
-    /// experiment for the Q4_K products' load latency, not yet measured.
-    pub matvec_stage: bool,
+    /// Matrix-vector products from shared memory (`MXR_MATVEC_STAGE` = S, 1 to 4; 0, the
+    /// default, reads global memory) for the types in `matvec_staged`: the block copies
+    /// its activation row once and each warp keeps S chunks of its rows in flight by
+    /// cp.async (matvec.cu, `Staged`).
+    pub matvec_stage: u32,
+    /// The types staged when `matvec_stage` > 0 (`MXR_MATVEC_STAGED`, [`PIPELINE_Q8_0`] and
+    /// [`PIPELINE_Q4_K`] bits; default both).
+    pub matvec_staged: u32,
+    /// Dense staged products issue their first chunks before waiting for the previous
+    /// kernel (`MXR_MATVEC_EARLY`: 1, the default, or 0).
+    pub matvec_early: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
     /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
@@ -153,14 +160,24 @@ impl Tuning {
     }
 
     /// Dynamic shared memory for a matrix-vector block over `cols`-wide rows of type `q`:
-    /// room for the block's rows when they are staged (`matvec_stage`, Q4_K) and fit the
-    /// 48 KiB a launch gets without opting in; else 0, and the kernel reads global memory.
+    /// when `q` is staged (`matvec_stage` > 0, Q8_0 or Q4_K in `matvec_staged`, `cols` a
+    /// multiple of 256), the activation row (int8 values and f32 scales, 9/8 byte a column)
+    /// and each warp's ring of `matvec_stage` chunks of its rows (32 units: 1088 bytes a
+    /// row for Q8_0, 1152 for Q4_K), if that fits the 48 KiB a launch gets without opting
+    /// in; else 0, and the kernel reads global memory. matvec.cu's `stage_fits` makes the
+    /// same sum.
     pub fn matvec_stage_bytes(&self, q: mxr_quant::QType, cols: usize) -> u32 {
-        if !self.matvec_stage || q != mxr_quant::QType::Q4K {
+        let (bit, chunk_row_bytes) = match q {
+            mxr_quant::QType::Q8_0 => (PIPELINE_Q8_0, 1088),
+            mxr_quant::QType::Q4K => (PIPELINE_Q4_K, 8 * 144),
+            _ => return 0,
+        };
+        if self.matvec_stage == 0 || self.matvec_staged & bit == 0 || !cols.is_multiple_of(256) {
             return 0;
         }
         let (warps, rows) = self.matvec_shape(q);
-        let bytes = q.row_bytes(cols).unwrap_or(usize::MAX).saturating_mul((warps * rows) as usize);
+        let ring = (warps * rows * self.matvec_stage) as usize * chunk_row_bytes;
+        let bytes = cols.saturating_add(cols / 8).saturating_add(ring);
         if bytes <= 48 * 1024 {
             bytes as u32
         } else {
@@ -178,7 +195,9 @@ impl Tuning {
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             matvec_pipeline: get("MXR_MATVEC_PIPELINE", PIPELINE_DEFAULT, |v| v <= 31),
-            matvec_stage: get("MXR_MATVEC_STAGE", 0, |v| v <= 1) == 1,
+            matvec_stage: get("MXR_MATVEC_STAGE", 0, |v| v <= 4),
+            matvec_staged: get("MXR_MATVEC_STAGED", PIPELINE_Q8_0 | PIPELINE_Q4_K, |v| v <= 31),
+            matvec_early: get("MXR_MATVEC_EARLY", 1, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
@@ -348,7 +367,9 @@ impl Gpu {
                 format!("Q8_WARPS={}", self.tuning.matvec_q8_warps),
                 format!("UNROLL={}", self.tuning.matvec_unroll),
                 format!("PIPELINE={}", self.tuning.matvec_pipeline),
-                format!("STAGE={}", self.tuning.matvec_stage as u32),
+                format!("STAGE={}", self.tuning.matvec_stage),
+                format!("STAGED={}", self.tuning.matvec_staged),
+                format!("EARLY={}", self.tuning.matvec_early as u32),
             ],
             _ => Vec::new(),
         };
@@ -634,21 +655,34 @@ mod tests {
     use super::Tuning;
     use mxr_quant::QType;
 
-    /// The launcher gives a Q4_K block room for its rows only when staging is on and the
-    /// rows fit 48 KiB; any other type, or wider rows, read global memory (0 bytes).
+    /// The launcher gives a Q8_0 or Q4_K block room for its activation row and its warps'
+    /// rings only when staging is on for the type, the columns are whole 256-column groups
+    /// and it all fits 48 KiB; any other type, or wider rows, read global memory (0 bytes).
     #[test]
     fn matvec_stage_bytes_fit_the_block_rows() {
         let mut t = Tuning::from_env();
-        t.matvec_stage = false;
+        t.matvec_staged = super::PIPELINE_Q8_0 | super::PIPELINE_Q4_K;
+        t.matvec_stage = 0;
         assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144), 0);
-        t.matvec_stage = true;
-        let (warps, rows) = t.matvec_shape(QType::Q4K);
-        let block_rows = (warps * rows) as usize;
-        assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144) as usize, block_rows * 24 * 144);
         assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);
-        // the widest rows that fit, and one block of 256 more
-        let fit = 48 * 1024 / (block_rows * 144) * 256;
-        assert_eq!(t.matvec_stage_bytes(QType::Q4K, fit) as usize, block_rows * fit / 256 * 144);
-        assert_eq!(t.matvec_stage_bytes(QType::Q4K, fit + 256), 0);
+        for (q, chunk_row_bytes) in [(QType::Q4K, 1152), (QType::Q8_0, 1088)] {
+            let (warps, rows) = t.matvec_shape(q);
+            let warp_rows = (warps * rows) as usize;
+            for stages in 1..=4u32 {
+                t.matvec_stage = stages;
+                let ring = warp_rows * stages as usize * chunk_row_bytes;
+                assert_eq!(t.matvec_stage_bytes(q, 6144) as usize, 6144 + 768 + ring);
+                assert_eq!(t.matvec_stage_bytes(QType::Q6K, 6144), 0);
+                assert_eq!(t.matvec_stage_bytes(q, 6144 + 128), 0, "not whole 256-column groups");
+                // the widest rows that fit, and one group of 256 more
+                let fit = (48 * 1024 - ring) * 8 / 9 / 256 * 256;
+                assert_eq!(t.matvec_stage_bytes(q, fit) as usize, fit + fit / 8 + ring);
+                assert_eq!(t.matvec_stage_bytes(q, fit + 256), 0);
+            }
+        }
+        // a type left out of matvec_staged reads global memory
+        t.matvec_staged = super::PIPELINE_Q4_K;
+        assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);
+        assert!(t.matvec_stage_bytes(QType::Q4K, 6144) > 0);
     }
 }
