@@ -30,20 +30,21 @@
 #ifndef PIPELINE
 #define PIPELINE 7
 #endif
-// MXR_MATVEC_STAGE: S > 0 runs a `Staged` type's products from shared memory, through a
-// ring of S chunks per warp filled by cp.async, when the launcher gives the block room;
-// 0 (default) never
+// MXR_MATVEC_STAGE: S > 0 (default 2) runs a `Staged` type's products from shared memory,
+// through a ring of S chunks per warp filled by cp.async, when the launcher gives the
+// block room; 0 never
 #ifndef STAGE
-#define STAGE 0
+#define STAGE 2
 #endif
-// MXR_MATVEC_STAGED: the types staged when STAGE > 0, PIPELINE's bits (1 Q8_0, 8 Q4_K)
+// MXR_MATVEC_STAGED: the types staged when STAGE > 0, PIPELINE's bits (1 Q8_0, 8 Q4_K;
+// default Q4_K)
 #ifndef STAGED
-#define STAGED 9
+#define STAGED 8
 #endif
-// MXR_MATVEC_EARLY: 1 (default) lets a dense staged launch issue its first chunks before
-// its PDL wait; 0 waits first
+// MXR_MATVEC_EARLY: 1 lets a dense staged launch issue its first chunks before its PDL
+// wait; 0 (default) waits first
 #ifndef EARLY
-#define EARLY 1
+#define EARLY 0
 #endif
 // Q8_0's own launch shape (MXR_MATVEC_Q8_ROWS / _WARPS; by default the others')
 #ifndef Q8_ROWS
@@ -199,7 +200,7 @@ struct FloatInput {
 // registers, and ptxas spreads a step's loads over several waves). A dense launch (no
 // expert ids) issues its first chunks before it waits for the previous kernel (PDL), since
 // weights never depend on it: a kernel's blocks that become resident while a small kernel
-// runs fetch their weights meanwhile (EARLY).
+// runs fetch their weights meanwhile (EARLY; off by default: slower end to end on an H200).
 //
 // Each staged type: CHUNK_COLS (32 units' values), CHUNK_ROW_BYTES (a row's bytes of them
 // as the chunk holds them: the chunk of R rows is the type's layout of an R x CHUNK_COLS

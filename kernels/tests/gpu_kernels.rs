@@ -10,7 +10,7 @@
 //! reference applies the same quantization to x (mxr-quant's bit-exact port), so the same
 //! budget holds.
 
-use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType, Residual};
+use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType, Residual, PIPELINE_Q4_K, PIPELINE_Q8_0};
 use mxr_quant::convert::{bf16_to_f32, f32_to_bf16};
 use mxr_quant::reference::{dequantize_to_vec, matvec_f64, quantize_to_vec, stats::diff, stats::Rng};
 use mxr_quant::{QMatrix, QType};
@@ -157,6 +157,7 @@ fn staged_products_equal_the_direct_ones() {
         for (stages, early) in [(1, true), (1, false), (2, true), (3, true), (3, false), (4, true)] {
             let mut staged = gpu();
             (staged.tuning.matvec_stage, staged.tuning.matvec_early) = (stages, early);
+            staged.tuning.matvec_staged = PIPELINE_Q8_0 | PIPELINE_Q4_K;
             let what = format!("{q:?} S={stages}{}", if early { " early" } else { "" });
             for ((rows, cols, ..), (a, b)) in ws.iter().zip(direct.iter().zip(single(&staged))) {
                 let bytes = staged.tuning.matvec_stage_bytes(q, *cols);

@@ -98,16 +98,19 @@ pub struct Tuning {
     /// gained on an H200; 0 for none): each lane loads its next unit while it computes the
     /// current one (matvec.cu, `Pipelined`).
     pub matvec_pipeline: u32,
-    /// Matrix-vector products from shared memory (`MXR_MATVEC_STAGE` = S, 1 to 4; 0, the
-    /// default, reads global memory) for the types in `matvec_staged`: the block copies
-    /// its activation row once and each warp keeps S chunks of its rows in flight by
-    /// cp.async (matvec.cu, `Staged`).
+    /// Matrix-vector products from shared memory (`MXR_MATVEC_STAGE` = S, 1 to 4, default
+    /// 2; 0 reads global memory) for the types in `matvec_staged`: the block copies its
+    /// activation row once and each warp keeps S chunks of its rows in flight by cp.async
+    /// (matvec.cu, `Staged`). On an H200 (tenth session) S8 q4_k decode went from 528.1 /
+    /// 534.2 to 548.0 / 548.4 tokens/s at S = 2, alternated in one call; Q8_0 staged
+    /// measured no change (438.0 / 435.3 against 446.9 / 433.2), so it is left out.
     pub matvec_stage: u32,
     /// The types staged when `matvec_stage` > 0 (`MXR_MATVEC_STAGED`, [`PIPELINE_Q8_0`] and
-    /// [`PIPELINE_Q4_K`] bits; default both).
+    /// [`PIPELINE_Q4_K`] bits; default Q4_K).
     pub matvec_staged: u32,
     /// Dense staged products issue their first chunks before waiting for the previous
-    /// kernel (`MXR_MATVEC_EARLY`: 1, the default, or 0).
+    /// kernel (`MXR_MATVEC_EARLY=1`; default 0). Slower on an H200: S8 q4_k 492.9 / 507.7
+    /// tokens/s against 548.0 / 548.4 without, S8 q8_0 426.6 / 403.9 against 438.0 / 435.3.
     pub matvec_early: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
@@ -195,9 +198,9 @@ impl Tuning {
             matvec_unroll: get("MXR_MATVEC_UNROLL", 2, |v| (1..=4).contains(&v)),
             matvec_pair: get("MXR_MATVEC_PAIR", 1, |v| v <= 1) == 1,
             matvec_pipeline: get("MXR_MATVEC_PIPELINE", PIPELINE_DEFAULT, |v| v <= 31),
-            matvec_stage: get("MXR_MATVEC_STAGE", 0, |v| v <= 4),
-            matvec_staged: get("MXR_MATVEC_STAGED", PIPELINE_Q8_0 | PIPELINE_Q4_K, |v| v <= 31),
-            matvec_early: get("MXR_MATVEC_EARLY", 1, |v| v <= 1) == 1,
+            matvec_stage: get("MXR_MATVEC_STAGE", 2, |v| v <= 4),
+            matvec_staged: get("MXR_MATVEC_STAGED", PIPELINE_Q4_K, |v| v <= 31),
+            matvec_early: get("MXR_MATVEC_EARLY", 0, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
