@@ -28,6 +28,9 @@
 #              too; a ;-separated list in $MXR_STAGE_SET), then S8 and S8q4 tg128 with
 #              MXR_MATVEC_STAGE=$MXR_STAGE (default 3; EARLY 1 and 0) against 0,
 #              interleaved                                                    ~9 min
+#   lean       Q4_K's lean products (MXR_MATVEC_Q4K_LEAN=1): the matrix-vector and staged
+#              GPU tests under it, mxr bench --kernels --kernel-group matvec with and
+#              without, then S8q4 tg128 with and without, interleaved           ~5 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -117,6 +120,21 @@ for s in "${steps[@]}"; do
             done
         done >>"$out/stage.log" 2>&1
         ;;
+    lean)
+        {
+            export MXR_MATVEC_Q4K_LEAN=1
+            for f in matvec staged; do carry/gpu/gpu_kernels --ignored --test-threads 1 "$f" 2>&1 | grep -E "test result|FAIL|panicked"; done
+            for v in 0 1; do
+                echo "== kernels MXR_MATVEC_Q4K_LEAN=$v"
+                MXR_MATVEC_Q4K_LEAN=$v carry/gpu/mxr bench --kernels --kernel-group matvec
+            done
+            for v in 1 0 1 0; do
+                echo "== S8q4 MXR_MATVEC_Q4K_LEAN=$v"
+                MXR_MATVEC_Q4K_LEAN=$v scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 3
+            done
+            unset MXR_MATVEC_Q4K_LEAN
+        } >"$out/lean.log" 2>&1
+        ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
             echo "== S8 MXR_FUSE=$f"
@@ -139,6 +157,7 @@ for s in "${steps[@]}"; do
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
+    lean) grep -E "^==|tg128|test result|FAIL|panicked|^\| matvec.*Q4_K" "$out/lean.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

@@ -38,6 +38,21 @@ __device__ __forceinline__ void store1(u16* out, float v) { *out = f32_to_bf16(v
 __device__ __forceinline__ void store1(float* out, float v) { *out = v; }
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) { return __dp4a(a, b, c); }
+// dp4a with a's bytes unsigned, b's signed
+__device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// MXR_MATVEC_Q4K_LEAN=1 (matvec.cu): Q4_K's products with fewer instructions, the same
+// bits. The high nibbles are dotted in place (their bytes masked, not shifted: every
+// product is 16 times the nibble's, so one exact shift of the sum undoes it), a unit's two
+// scales and mins come out of one lane-constant choice of words (scale_min2), and staged
+// products take their activation block sums from shared memory, summed once per block.
+#ifndef Q4K_LEAN
+#define Q4K_LEAN 0
+#endif
 // Σ of the four signed bytes of b
 __device__ __forceinline__ int bsum4(int b) { return __dp4a(0x01010101, b, 0); }
 
@@ -147,6 +162,19 @@ struct Q4_K {
         sc = (float)(k < 4 ? s_lo : s_hi);
         m = (float)(k < 4 ? m_lo : m_hi);
     }
+    // Sub-blocks 2j and 2j + 1's scales and mins, the same integers as scale_min (Q4K_LEAN):
+    // both sub-blocks lie in one half (j < 2: bytes of .y and .z; j >= 2: nibbles of .w with
+    // two high bits from .y and .z), so one lane-constant choice serves the four values.
+    __device__ static void scale_min2(const uint4& h, int j, float& sc0, float& m0, float& sc1, float& m1) {
+        bool high = j >= 2;
+        int s0 = (2 * j & 3) * 8, s1 = s0 + 8;
+        u32 ps = high ? h.w : h.y, pm = high ? h.w >> 4 : h.z;
+        u32 ma = high ? 0xFu : 63u, mb = high ? 0x30u : 0u;
+        sc0 = (float)(((ps >> s0) & ma) | ((h.y >> (s0 + 2)) & mb));
+        sc1 = (float)(((ps >> s1) & ma) | ((h.y >> (s1 + 2)) & mb));
+        m0 = (float)(((pm >> s0) & ma) | ((h.z >> (s0 + 2)) & mb));
+        m1 = (float)(((pm >> s1) & ma) | ((h.z >> (s1 + 2)) & mb));
+    }
     __device__ static const u8* block(const u8* w, int cols, int r, int u) { return w + (size_t)r * (cols >> 8) * 144 + (size_t)(u >> 2) * 144; }
     // The 32 inputs of the low nibbles and of the high nibbles, their blocks' scales, sums.
     struct XQ {
@@ -195,16 +223,30 @@ struct Q4_K {
         const uint4& hd = wq.hd;
         float d = f16_to_f32((u16)(hd.x & 0xFFFF)), dmin = f16_to_f32((u16)(hd.x >> 16));
         float sc0, m0, sc1, m1;
-        scale_min(hd, 2 * j, sc0, m0);
-        scale_min(hd, 2 * j + 1, sc1, m1);
+        if (Q4K_LEAN) {
+            scale_min2(hd, j, sc0, m0, sc1, m1);
+        } else {
+            scale_min(hd, 2 * j, sc0, m0);
+            scale_min(hd, 2 * j + 1, sc1, m1);
+        }
         const int M = 0x0F0F0F0F;
         int lo = dp4a(q0.x & M, x.l[0], 0);
         lo = dp4a(q0.y & M, x.l[1], lo); lo = dp4a(q0.z & M, x.l[2], lo); lo = dp4a(q0.w & M, x.l[3], lo);
         lo = dp4a(q1.x & M, x.l[4], lo); lo = dp4a(q1.y & M, x.l[5], lo); lo = dp4a(q1.z & M, x.l[6], lo); lo = dp4a(q1.w & M, x.l[7], lo);
-        int hi = dp4a((q0.x >> 4) & M, x.h[0], 0);
-        hi = dp4a((q0.y >> 4) & M, x.h[1], hi); hi = dp4a((q0.z >> 4) & M, x.h[2], hi); hi = dp4a((q0.w >> 4) & M, x.h[3], hi);
-        hi = dp4a((q1.x >> 4) & M, x.h[4], hi); hi = dp4a((q1.y >> 4) & M, x.h[5], hi); hi = dp4a((q1.z >> 4) & M, x.h[6], hi);
-        hi = dp4a((q1.w >> 4) & M, x.h[7], hi);
+        int hi;
+        if (Q4K_LEAN) {
+            const u32 H = 0xF0F0F0F0u;
+            int h = dp4a_us((u32)q0.x & H, x.h[0], 0);
+            h = dp4a_us((u32)q0.y & H, x.h[1], h); h = dp4a_us((u32)q0.z & H, x.h[2], h); h = dp4a_us((u32)q0.w & H, x.h[3], h);
+            h = dp4a_us((u32)q1.x & H, x.h[4], h); h = dp4a_us((u32)q1.y & H, x.h[5], h); h = dp4a_us((u32)q1.z & H, x.h[6], h);
+            h = dp4a_us((u32)q1.w & H, x.h[7], h);
+            hi = h >> 4;  // |h| < 2^31: at most 32 x 240 x 128
+        } else {
+            hi = dp4a((q0.x >> 4) & M, x.h[0], 0);
+            hi = dp4a((q0.y >> 4) & M, x.h[1], hi); hi = dp4a((q0.z >> 4) & M, x.h[2], hi); hi = dp4a((q0.w >> 4) & M, x.h[3], hi);
+            hi = dp4a((q1.x >> 4) & M, x.h[4], hi); hi = dp4a((q1.y >> 4) & M, x.h[5], hi); hi = dp4a((q1.z >> 4) & M, x.h[6], hi);
+            hi = dp4a((q1.w >> 4) & M, x.h[7], hi);
+        }
         return d * (sc0 * x.dl * (float)lo + sc1 * x.dh * (float)hi) - dmin * (m0 * x.dl * (float)x.sl + m1 * x.dh * (float)x.sh);
     }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {

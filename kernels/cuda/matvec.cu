@@ -205,7 +205,8 @@ struct FloatInput {
 // Each staged type: CHUNK_COLS (32 units' values), CHUNK_ROW_BYTES (a row's bytes of them
 // as the chunk holds them: the chunk of R rows is the type's layout of an R x CHUNK_COLS
 // matrix), fits(cols), x_bytes(cols), copy_chunk<R>, copy_x and load_x (the activation
-// row, 16-byte pieces swizzled so that a quarter warp's lanes read distinct banks).
+// row, 16-byte pieces swizzled so that a quarter warp's lanes read distinct banks), and
+// finish_x (what the block derives from the row once it is in, when FINISH).
 template <class F>
 struct Staged {
     static constexpr bool on = false;
@@ -221,8 +222,11 @@ struct Staged<Q4_K> {
     static constexpr bool on = STAGE > 0 && (STAGED & 8);
     static constexpr int CHUNK_COLS = 2048;       // 32 units of 64 values: 8 blocks
     static constexpr int CHUNK_ROW_BYTES = 1152;  // their 8 x 144 bytes
+    // Q4K_LEAN: each unit's two activation block sums (int2) after the scales, made by
+    // finish_x once the row is in
+    static constexpr bool FINISH = Q4K_LEAN;
     __device__ static bool fits(int cols) { return (cols & 255) == 0; }
-    __device__ static int x_bytes(int cols) { return cols + cols / 8; }
+    __device__ static int x_bytes(int cols) { return cols + cols / 8 + (Q4K_LEAN ? cols / 8 : 0); }
     // Chunk k (units 32k..) of rows r0..r0+R into dst: the first nr rows from w, the
     // others zeros. A lane copies pieces lane, lane + 32 and lane + 64 (< 72) of each row;
     // pieces past the row's last unit are zero-filled without a read.
@@ -240,14 +244,7 @@ struct Staged<Q4_K> {
         }
     }
     // unit u's 64 inputs: four pieces, piece m stored at m ^ ((u >> 1) & 3)
-    __device__ static void copy_x(const i8* xq, const float* xd, int cols, u8* dst, int tid, int threads) {
-        for (int i = tid; i < cols / 16; i += threads) {
-            int u = i >> 2, m = i & 3;
-            cp_async16(dst + 64 * u + 16 * (m ^ ((u >> 1) & 3)), xq + 16 * i, true);
-        }
-        copy_x_scales(xd, cols, dst, tid, threads);
-    }
-    __device__ static void load_x(const u8* xs, int cols, int u, Q4_K::XQ& x) {
+    __device__ static void load_x_values(const u8* xs, int u, Q4_K::XQ& x) {
         const u8* p = xs + 64 * u;
         int sw = (u >> 1) & 3;
         int4 a0 = *(const int4*)(p + 16 * (0 ^ sw)), a1 = *(const int4*)(p + 16 * (1 ^ sw));
@@ -256,10 +253,35 @@ struct Staged<Q4_K> {
         x.l[4] = a1.x; x.l[5] = a1.y; x.l[6] = a1.z; x.l[7] = a1.w;
         x.h[0] = b0.x; x.h[1] = b0.y; x.h[2] = b0.z; x.h[3] = b0.w;
         x.h[4] = b1.x; x.h[5] = b1.y; x.h[6] = b1.z; x.h[7] = b1.w;
+    }
+    __device__ static void copy_x(const i8* xq, const float* xd, int cols, u8* dst, int tid, int threads) {
+        for (int i = tid; i < cols / 16; i += threads) {
+            int u = i >> 2, m = i & 3;
+            cp_async16(dst + 64 * u + 16 * (m ^ ((u >> 1) & 3)), xq + 16 * i, true);
+        }
+        copy_x_scales(xd, cols, dst, tid, threads);
+    }
+    __device__ static void load_x(const u8* xs, int cols, int u, Q4_K::XQ& x) {
+        load_x_values(xs, u, x);
         float2 d = *(const float2*)(xs + cols + 8 * u);  // unit u's blocks are 2u, 2u + 1
         x.dl = d.x;
         x.dh = d.y;
-        Q4_K::sums(x);
+        if (Q4K_LEAN) {
+            int2 sums = *(const int2*)(xs + cols + cols / 8 + 8 * u);
+            x.sl = sums.x;
+            x.sh = sums.y;
+        } else {
+            Q4_K::sums(x);
+        }
+    }
+    // the block sums of every unit, from the staged row (the same integers Q4_K::sums makes)
+    __device__ static void finish_x(u8* xs, int cols, int tid, int threads) {
+        for (int u = tid; u < cols / 64; u += threads) {
+            Q4_K::XQ x;
+            load_x_values(xs, u, x);
+            Q4_K::sums(x);
+            *(int2*)(xs + cols + cols / 8 + 8 * u) = make_int2(x.sl, x.sh);
+        }
     }
 };
 
@@ -268,6 +290,8 @@ struct Staged<Q8_0> {
     static constexpr bool on = STAGE > 0 && (STAGED & 1);
     static constexpr int CHUNK_COLS = 1024;       // 32 units of 32 values
     static constexpr int CHUNK_ROW_BYTES = 1088;  // 1024 int8 values and 32 f16 scales
+    static constexpr bool FINISH = false;
+    __device__ static void finish_x(u8* xs, int cols, int tid, int threads) {}
     // whole 256-column groups: every row's values and scales, and a chunk's 32 or a
     // multiple of 8 scales, lie on 16-byte boundaries
     __device__ static bool fits(int cols) { return (cols & 255) == 0; }
@@ -354,6 +378,10 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
     cp_async_commit();
     cp_async_wait<0>();  // this thread's copies
     __syncthreads();     // and everyone's
+    if constexpr (S::FINISH) {
+        S::finish_x(xs, cols, threadIdx.x, 32 * W);
+        __syncthreads();
+    }
     if (nr == 0) return true;
     float acc[R];
 #pragma unroll

@@ -112,6 +112,10 @@ pub struct Tuning {
     /// kernel (`MXR_MATVEC_EARLY=1`; default 0). Slower on an H200: S8 q4_k 492.9 / 507.7
     /// tokens/s against 548.0 / 548.4 without, S8 q8_0 426.6 / 403.9 against 438.0 / 435.3.
     pub matvec_early: bool,
+    /// Q4_K's products with fewer instructions and the same bits (`MXR_MATVEC_Q4K_LEAN=1`;
+    /// default 0, not yet measured): high nibbles dotted in place, and the activation block
+    /// sums made once per block when staged (formats.cuh, `Q4K_LEAN`).
+    pub matvec_q4k_lean: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
     /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
@@ -167,8 +171,9 @@ impl Tuning {
     /// multiple of 256), the activation row (int8 values and f32 scales, 9/8 byte a column)
     /// and each warp's ring of `matvec_stage` chunks of its rows (32 units: 1088 bytes a
     /// row for Q8_0, 1152 for Q4_K), if that fits the 48 KiB a launch gets without opting
-    /// in; else 0, and the kernel reads global memory. matvec.cu's `stage_fits` makes the
-    /// same sum.
+    /// in (Q4_K with `matvec_q4k_lean` also keeps its activation block sums, 1/8 byte a
+    /// column); else 0, and the kernel reads global memory. matvec.cu's `stage_fits` makes
+    /// the same sum.
     pub fn matvec_stage_bytes(&self, q: mxr_quant::QType, cols: usize) -> u32 {
         let (bit, chunk_row_bytes) = match q {
             mxr_quant::QType::Q8_0 => (PIPELINE_Q8_0, 1088),
@@ -180,7 +185,9 @@ impl Tuning {
         }
         let (warps, rows) = self.matvec_shape(q);
         let ring = (warps * rows * self.matvec_stage) as usize * chunk_row_bytes;
-        let bytes = cols.saturating_add(cols / 8).saturating_add(ring);
+        // with matvec_q4k_lean, Q4_K's activation block sums too (an int per 32 columns)
+        let sums = if q == mxr_quant::QType::Q4K && self.matvec_q4k_lean { cols / 8 } else { 0 };
+        let bytes = cols.saturating_add(cols / 8).saturating_add(sums).saturating_add(ring);
         if bytes <= 48 * 1024 {
             bytes as u32
         } else {
@@ -201,6 +208,7 @@ impl Tuning {
             matvec_stage: get("MXR_MATVEC_STAGE", 2, |v| v <= 4),
             matvec_staged: get("MXR_MATVEC_STAGED", PIPELINE_Q4_K, |v| v <= 31),
             matvec_early: get("MXR_MATVEC_EARLY", 0, |v| v <= 1) == 1,
+            matvec_q4k_lean: get("MXR_MATVEC_Q4K_LEAN", 0, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
@@ -373,6 +381,7 @@ impl Gpu {
                 format!("STAGE={}", self.tuning.matvec_stage),
                 format!("STAGED={}", self.tuning.matvec_staged),
                 format!("EARLY={}", self.tuning.matvec_early as u32),
+                format!("Q4K_LEAN={}", self.tuning.matvec_q4k_lean as u32),
             ],
             _ => Vec::new(),
         };
@@ -664,6 +673,7 @@ mod tests {
     #[test]
     fn matvec_stage_bytes_fit_the_block_rows() {
         let mut t = Tuning::from_env();
+        t.matvec_q4k_lean = false;
         t.matvec_staged = super::PIPELINE_Q8_0 | super::PIPELINE_Q4_K;
         t.matvec_stage = 0;
         assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144), 0);
@@ -683,6 +693,14 @@ mod tests {
                 assert_eq!(t.matvec_stage_bytes(q, fit + 256), 0);
             }
         }
+        // Q4_K's lean products keep the activation block sums too
+        t.matvec_q4k_lean = true;
+        t.matvec_stage = 2;
+        let (warps, rows) = t.matvec_shape(QType::Q4K);
+        assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144) as usize, 6144 + 768 + 768 + (warps * rows * 2) as usize * 1152);
+        let (warps, rows) = t.matvec_shape(QType::Q8_0);
+        assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144) as usize, 6144 + 768 + (warps * rows * 2) as usize * 1088);
+        t.matvec_q4k_lean = false;
         // a type left out of matvec_staged reads global memory
         t.matvec_staged = super::PIPELINE_Q4_K;
         assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);
