@@ -9,8 +9,8 @@
 struct uint3 { unsigned x, y, z; };
 struct dim3 { unsigned x, y, z; };
 extern const __device__ uint3 threadIdx; extern const __device__ uint3 blockIdx; extern const __device__ dim3 blockDim; extern const __device__ dim3 gridDim;
-struct int4 { int x, y, z, w; }; struct uint4 { unsigned x, y, z, w; }; struct uint2 { unsigned x, y; }; struct float4 { float x, y, z, w; }; struct float2 { float x, y; };
-__device__ float4 make_float4(float, float, float, float); __device__ uint4 make_uint4(unsigned, unsigned, unsigned, unsigned); __device__ int4 make_int4(int,int,int,int); __device__ uint2 make_uint2(unsigned, unsigned); __device__ float2 make_float2(float, float);
+struct int4 { int x, y, z, w; }; struct uint4 { unsigned x, y, z, w; }; struct uint2 { unsigned x, y; }; struct int2 { int x, y; }; struct float4 { float x, y, z, w; }; struct float2 { float x, y; };
+__device__ float4 make_float4(float, float, float, float); __device__ uint4 make_uint4(unsigned, unsigned, unsigned, unsigned); __device__ int4 make_int4(int,int,int,int); __device__ uint2 make_uint2(unsigned, unsigned); __device__ int2 make_int2(int, int); __device__ float2 make_float2(float, float);
 __device__ int __dp4a(int, int, int); __device__ float __shfl_xor_sync(unsigned, float, int); __device__ int __shfl_xor_sync(unsigned, int, int);
 __device__ float __shfl_sync(unsigned, float, int); __device__ float __int_as_float(int); __device__ unsigned __float_as_uint(float); __device__ float __uint_as_float(unsigned);
 __device__ unsigned __byte_perm(unsigned, unsigned, unsigned);
