@@ -13,7 +13,7 @@ struct int4 { int x, y, z, w; }; struct uint4 { unsigned x, y, z, w; }; struct u
 __device__ float4 make_float4(float, float, float, float); __device__ uint4 make_uint4(unsigned, unsigned, unsigned, unsigned); __device__ int4 make_int4(int,int,int,int); __device__ uint2 make_uint2(unsigned, unsigned); __device__ int2 make_int2(int, int); __device__ float2 make_float2(float, float);
 __device__ int __dp4a(int, int, int); __device__ float __shfl_xor_sync(unsigned, float, int); __device__ int __shfl_xor_sync(unsigned, int, int);
 __device__ float __shfl_sync(unsigned, float, int); __device__ float __int_as_float(int); __device__ unsigned __float_as_uint(float); __device__ float __uint_as_float(unsigned);
-__device__ unsigned __byte_perm(unsigned, unsigned, unsigned);
+__device__ unsigned __byte_perm(unsigned, unsigned, unsigned); __device__ unsigned long __cvta_generic_to_shared(const void*);
 __device__ int __float_as_int(float); __device__ void __syncthreads(); __device__ float expf(float); __device__ float exp2f(float); __device__ float fmaxf(float, float); __device__ float fminf(float, float);
 __device__ float fmaf(float, float, float); __device__ float sqrtf(float); __device__ float rsqrtf(float); __device__ float fabsf(float); __device__ double pow(double, double); __device__ double cos(double); __device__ double sin(double);
 __device__ float logf(float); __device__ float roundf(float); __device__ int min(int, int); __device__ int max(int, int); __device__ float atomicAdd(float*, float); __device__ unsigned atomicAdd(unsigned*, unsigned); __device__ float log2f(float);

@@ -49,7 +49,8 @@ __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {
 // bits. The high nibbles are dotted in place (their bytes masked, not shifted: every
 // product is 16 times the nibble's, so one exact shift of the sum undoes it), a unit's two
 // scales and mins come out of one lane-constant choice of words (scale_min2), and staged
-// products take their activation block sums from shared memory, summed once per block.
+// products take their activation block sums from shared memory, summed once per block, and
+// address their chunk copies in 32-bit shared addresses.
 #ifndef Q4K_LEAN
 #define Q4K_LEAN 0
 #endif

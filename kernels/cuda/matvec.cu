@@ -235,6 +235,18 @@ struct Staged<Q4_K> {
         size_t rb = (size_t)(cols >> 8) * 144;
         int n16 = min(32, n_units - (k << 5)) / 4 * 9;  // 9 pieces of 16 bytes per block
         const u8* g = w + (size_t)r0 * rb + (size_t)k * CHUNK_ROW_BYTES + 16 * lane;
+        if (Q4K_LEAN) {
+            // the destination as a 32-bit shared address (no generic-window arithmetic)
+            u32 d = (u32)__cvta_generic_to_shared(dst) + 16 * lane;
+#pragma unroll
+            for (int i = 0; i < R; i++) {
+                const u8* gi = i < nr ? g + i * rb : g;
+#pragma unroll
+                for (int q = 0; q < 3; q++)
+                    if (q < 2 || lane < 8) cp_async16_s(d + i * CHUNK_ROW_BYTES + 512 * q, gi + 512 * q, i < nr && lane + 32 * q < n16);
+            }
+            return;
+        }
 #pragma unroll
         for (int i = 0; i < R; i++) {
             const u8* gi = i < nr ? g + i * rb : g;

@@ -113,8 +113,10 @@ pub struct Tuning {
     /// tokens/s against 548.0 / 548.4 without, S8 q8_0 426.6 / 403.9 against 438.0 / 435.3.
     pub matvec_early: bool,
     /// Q4_K's products with fewer instructions and the same bits (`MXR_MATVEC_Q4K_LEAN=1`;
-    /// default 0, not yet measured): high nibbles dotted in place, and the activation block
-    /// sums made once per block when staged (formats.cuh, `Q4K_LEAN`).
+    /// default 0, not yet measured): high nibbles dotted in place, scales and mins from one
+    /// lane-constant choice of header words, and when staged the activation block sums made
+    /// once per block and the chunk copies in 32-bit shared addresses (formats.cuh,
+    /// `Q4K_LEAN`).
     pub matvec_q4k_lean: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
