@@ -31,6 +31,8 @@
 #   lean       Q4_K's lean products (MXR_MATVEC_Q4K_LEAN=1): the matrix-vector and staged
 #              GPU tests under it, mxr bench --kernels --kernel-group matvec with and
 #              without, then S8q4 tg128 with and without, interleaved           ~5 min
+#   timeline   S8 and S8q4: mxr bench -n 32 --timeline (each decode kernel's share of a
+#              step inside the graph, kernels built with time stamps)         ~4 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -135,6 +137,12 @@ for s in "${steps[@]}"; do
             unset MXR_MATVEC_Q4K_LEAN
         } >"$out/lean.log" 2>&1
         ;;
+    timeline)
+        for slice in ${MXR_TIMELINE_SLICES:-S8 S8q4}; do
+            echo "== $slice --timeline"
+            scripts/bench-slice.sh "$slice" -p 0 -n 32 -r 1 --timeline
+        done >"$out/timeline.log" 2>&1
+        ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
             echo "== S8 MXR_FUSE=$f"
@@ -157,6 +165,7 @@ for s in "${steps[@]}"; do
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
+    timeline) grep -E "^==|^timeline|^\| " "$out/timeline.log" | head -90 ;;
     lean) grep -E "^==|tg128|test result|FAIL|panicked|^\| matvec.*Q4_K" "$out/lean.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;

@@ -54,6 +54,8 @@ def main() -> int:
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             print(f"nvrtc-check: {name}: creating the program: {err}", file=sys.stderr)
             return 2
+        # TIMELINE=1 in the environment: every source as `MXR_TIMELINE=1` builds it
+        defines = defines + (["TIMELINE=1"] if __import__("os").environ.get("TIMELINE") == "1" else [])
         opts = [b"--std=c++17", b"-lineinfo", f"--gpu-architecture={arch}".encode()] + [f"-D{d}".encode() for d in defines]
         if a.v:
             opts.append(b"--ptxas-options=-v")

@@ -14,6 +14,37 @@ typedef unsigned long long u64;
 // kernel has completed and its writes are visible (and returns at once without such an
 // edge), and launch_dependents then lets the next kernel's blocks start early in turn.
 #if __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_LAUNCH()
+#endif
+#if defined(TIMELINE) && TIMELINE
+// MXR_TIMELINE=1 (kernels/src/cuda/timeline.rs): the first block of every kernel stamps
+// the global timer when it starts and when its wait returns, into the next of the slots
+// `mxr_timeline` points at ([0] the count, [1] the capacity, then a pair per kernel).
+__device__ u64* mxr_timeline = nullptr;
+__device__ __forceinline__ u64 global_timer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void pdl_entry_stamped() {
+    u64 start = global_timer();
+    PDL_WAIT();
+    if (mxr_timeline && threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+        u64 release = global_timer();
+        u64 i = atomicAdd(mxr_timeline, 1ull);
+        if (i < mxr_timeline[1]) {
+            mxr_timeline[2 + 2 * i] = start;
+            mxr_timeline[3 + 2 * i] = release;
+        }
+    }
+    PDL_LAUNCH();
+}
+#define PDL_ENTRY() pdl_entry_stamped()
+#elif __CUDA_ARCH__ >= 900
 #define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define PDL_ENTRY()

@@ -835,3 +835,42 @@ fn paged_buffers_grow_behind_a_fixed_address() {
     let all = g.kv_download(&kv, (pos + 1) * width).unwrap();
     assert!(all[pos * width..].iter().all(|&v| v == 1.5) && all[..pos * width].iter().all(|&v| v == 0.0));
 }
+
+/// `MXR_TIMELINE=1`: a replayed graph's kernels each leave one stamp, in capture order and
+/// named by it, each released no earlier than the one ahead and no earlier than it started.
+#[test]
+#[ignore = "needs a GPU"]
+fn timeline_stamps_each_captured_kernel_in_order() {
+    std::env::set_var("MXR_TIMELINE", "1");
+    let g = gpu();
+    std::env::remove_var("MXR_TIMELINE");
+    assert!(g.tuning.timeline);
+    let (rows, cols) = (64, 4096);
+    let w8 = GpuMatrix::upload(&g, QType::Q8_0, 1, rows, cols, &quantized(QType::Q8_0, rows * cols, 6)).unwrap();
+    let w4 = GpuMatrix::upload(&g, QType::Q4K, 1, rows, cols, &quantized(QType::Q4K, rows * cols, 7)).unwrap();
+    let x = g.upload(&Rng::new(5).normals(cols, 1.0)).unwrap();
+    let act = g.quantize_act(&x.as_view(), 1, cols).unwrap();
+    let mut y = g.zeros::<f32>(rows).unwrap();
+    // four products of two kernels, taking turns (the input quantized outside the graph)
+    let graph = g
+        .capture(|| {
+            for w in [&w8, &w4, &w8, &w4] {
+                g.matvec_with(w, None, &x.as_view(), Some(&act), 1, 1, &mut y.as_view_mut())?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    for _ in 0..2 {
+        g.timeline_reset().unwrap();
+        graph.launch().unwrap();
+        let s = g.timeline_read().unwrap();
+        let names: Vec<_> = s.iter().map(|s| s.name.unwrap_or("?")).collect();
+        let ordered = s.len() == 4
+            && names[0] == names[2]
+            && names[1] == names[3]
+            && names[0] != names[1]
+            && s.windows(2).all(|p| p[0].release <= p[1].release)
+            && s.iter().all(|s| s.start <= s.release && s.start > 0);
+        check("timeline", &format!("{names:?}"), if ordered { 0.0 } else { 1.0 }, 0.0);
+    }
+}

@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// issuing work or blocked on the GPU (GPU only).
     #[arg(long)]
     pub profile: bool,
+    /// After the tests, decode -n more tokens and time each kernel of the decode step's
+    /// graph as it runs (one GPU): per kernel, its share of the step. Builds the kernels
+    /// with time stamps (MXR_TIMELINE=1), which the run's other figures then include.
+    #[arg(long)]
+    pub timeline: bool,
     /// Time the decode kernels alone on the real model's shapes (no model needed).
     #[arg(long)]
     pub kernels: bool,
@@ -252,9 +257,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let deepest = a.depth.iter().copied().max().map_or(0, |d| d + a.n_gen);
     let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen).max(deepest);
     margs.ctx_size = margs.ctx_size.max(longest);
+    if a.timeline {
+        // read when the GPU opens: every kernel then stamps its start (kernels/src/cuda/timeline.rs)
+        std::env::set_var("MXR_TIMELINE", "1");
+    }
     let l = load(&margs)?;
     if a.reps == 0 {
         bail!("--reps must be at least 1");
+    }
+    if a.timeline {
+        crate::bench_timeline::gpu(&l)?;
     }
     let kv_elem = match &l.backend {
         Backend::Cuda(g) => g.kv_type.bytes(),
@@ -347,6 +359,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
         records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile, host_wait, cold });
     }
+    let timeline = if a.timeline { Some(crate::bench_timeline::measure(&l, &tokens(a.n_gen.max(2) + 1, &pool, 4242))?) } else { None };
     for &d in a.depth.iter().filter(|&&d| d > 0) {
         // warm-up: kernels and buffers for these shapes (a full-size one would cost as much
         // as a repetition at a million tokens)
@@ -425,6 +438,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             println!("{j}");
         }
+        if let Some(t) = &timeline {
+            t.print(true);
+        }
         return Ok(());
     }
     println!("mxr {} (commit {commit}); device: {device}", env!("CARGO_PKG_VERSION"));
@@ -486,6 +502,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(p) = &r.profile {
             print_profile(&r.test, p);
         }
+    }
+    if let Some(t) = &timeline {
+        t.print(false);
     }
     Ok(())
 }

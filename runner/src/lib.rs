@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bench_cmd;
+pub mod bench_timeline;
 pub mod calibrate_cmd;
 pub mod calibrate_devices;
 pub mod chat_cmd;

@@ -163,6 +163,17 @@ fn bench_kernel_group_takes_known_groups_only() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// --timeline times the GPU's decode graph: on the CPU it is a clear error before any test
+/// runs, not a panic or an empty table.
+#[test]
+fn bench_timeline_needs_a_gpu() {
+    let out = mxr(&["bench", "-p", "0", "-n", "4", "-r", "1", "--device", "cpu", "--timeline"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--timeline needs the model on one GPU") && !err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
 #[test]
 fn synth_then_convert_then_inspect() {
     let dir = tempdir("cli-pipeline");

@@ -16,6 +16,7 @@ pub mod matrix;
 pub mod nvrtc;
 pub mod ops;
 pub mod pages;
+pub mod timeline;
 pub mod tma;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ pub use graph::Graph;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct, Residual, ROUTE_FUSED_TOKENS};
+pub use timeline::{by_kernel, Stamp};
 
 type Result<T> = std::result::Result<T, KernelError>;
 
@@ -145,6 +147,9 @@ pub struct Tuning {
     /// int8 form as the gate/up products' epilogue: the same values, no measurable gain on
     /// an H200, a fence and an atomic in every block of the step's largest kernel; removed.)
     pub fuse: u32,
+    /// Every kernel stamps when its first block starts and when its wait for the kernel
+    /// ahead returns (`MXR_TIMELINE=1`, default 0; timeline.rs), for `mxr bench --timeline`.
+    pub timeline: bool,
 }
 
 /// `Tuning::matvec_pipeline` bits, one per weight type (matvec.cu's `Pipelined`).
@@ -218,6 +223,7 @@ impl Tuning {
             flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
             pdl: get("MXR_PDL", 1, |v| v <= 1) == 1,
             fuse: get("MXR_FUSE", 5, |v| v <= 7),
+            timeline: get("MXR_TIMELINE", 0, |v| v <= 1) == 1,
         }
     }
 }
@@ -246,6 +252,8 @@ pub struct Gpu {
     /// `arrived_last`), zero between kernels: each such kernel resets what it counted. Only
     /// kernels on `stream` use them, one at a time.
     tickets: CudaSlice<u32>,
+    /// With `tuning.timeline`: the stamps' buffer and the captured kernels' names.
+    pub(crate) timeline: Option<timeline::Timeline>,
 }
 
 /// Why there is no usable GPU, without touching a library that is absent.
@@ -320,8 +328,10 @@ impl Gpu {
         };
         let arch: &'static str = Box::leak(info.arch().into_boxed_str());
         let tickets = stream.alloc_zeros::<u32>(ops::TICKETS).map_err(|e| oom_or("allocation", ops::TICKETS * 4, e))?;
-        Ok(Gpu {
-            tuning: Tuning::from_env(),
+        let tuning = Tuning::from_env();
+        let timeline = if tuning.timeline { Some(timeline::Timeline::new(&stream)?) } else { None };
+        let gpu = Gpu {
+            tuning,
             ctx,
             stream,
             side,
@@ -334,7 +344,14 @@ impl Gpu {
             waited_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
             tickets,
-        })
+            timeline,
+        };
+        // the timeline points every module at its buffer when the module loads, which must
+        // not happen inside a capture: load them all now
+        if gpu.timeline.is_some() {
+            gpu.warm_up()?;
+        }
+        Ok(gpu)
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -387,8 +404,18 @@ impl Gpu {
             ],
             _ => Vec::new(),
         };
+        let mut defines = defines;
+        if self.timeline.is_some() {
+            defines.push("TIMELINE=1".into());
+        }
         let c = nvrtc::compile(s, s.target(self.arch)?, self.nvrtc_version, &defines)?;
         let m = self.ctx.load_module(c.ptx).map_err(|e| drv("loading a compiled kernel module", e))?;
+        if let Some(t) = &self.timeline {
+            if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(KernelError::Cuda("timeline: a kernel module loaded during a graph capture".into()));
+            }
+            t.attach(&m, &self.stream)?;
+        }
         mods.insert(s, m.clone());
         Ok((m, c.from_cache))
     }
@@ -610,6 +637,9 @@ impl Gpu {
         self.stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| drv("starting graph capture", e))?;
+        if let Some(t) = &self.timeline {
+            t.begin_capture()?;
+        }
         self.capturing.store(true, std::sync::atomic::Ordering::Relaxed);
         let body = f();
         self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -618,6 +648,23 @@ impl Gpu {
         match end.map_err(|e| drv("ending graph capture", e))? {
             Some(g) => Ok(Graph(g)),
             None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
+        }
+    }
+
+    /// Empties the timeline's slots (`MXR_TIMELINE=1`), so that the next graph replay's
+    /// kernels fill them from the first.
+    pub fn timeline_reset(&self) -> Result<()> {
+        match &self.timeline {
+            Some(t) => t.reset(&self.stream),
+            None => Err(KernelError::Cuda("the timeline is off: run with MXR_TIMELINE=1".into())),
+        }
+    }
+
+    /// The kernels stamped since [`Gpu::timeline_reset`], named by the last capture.
+    pub fn timeline_read(&self) -> Result<Vec<Stamp>> {
+        match &self.timeline {
+            Some(t) => t.read(&self.stream),
+            None => Err(KernelError::Cuda("the timeline is off: run with MXR_TIMELINE=1".into())),
         }
     }
 

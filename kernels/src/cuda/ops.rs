@@ -137,8 +137,13 @@ macro_rules! launch_on {
         let cfg: LaunchConfig = $cfg;
         let f = $gpu.function($src, name)?;
         // only while capturing a graph: eager launches need no capture query
-        if $gpu.tuning.pdl && $gpu.capturing.load(std::sync::atomic::Ordering::Relaxed) {
-            $crate::cuda::graph::programmatic_next($stream.cu_stream())?;
+        if $gpu.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            if $gpu.tuning.pdl {
+                $crate::cuda::graph::programmatic_next($stream.cu_stream())?;
+            }
+            if let Some(t) = &$gpu.timeline {
+                t.captured(name)?;
+            }
         }
         let mut b = $stream.launch_builder(&f);
         $(b.arg($arg);)+

@@ -1,0 +1,99 @@
+//! `mxr bench --timeline`: where a decode step's time goes, kernel by kernel, inside its
+//! CUDA graph (mxr_kernels::cuda::timeline). Each kernel is charged from the moment its
+//! first block may run (its wait for the kernel ahead returned) to the same moment of the
+//! next kernel, so the rows add up to the step's span on the GPU.
+
+use anyhow::{bail, Result};
+use mxr_kernels::cuda::{by_kernel, Gpu, Stamp};
+use mxr_models::engine::Backend;
+use mxr_models::forward::Logits;
+
+use crate::run_cmd::Loaded;
+
+/// Per kernel name: calls and nanoseconds over all replays.
+pub struct Report {
+    replays: usize,
+    rows: Vec<(&'static str, usize, u64)>,
+    span_ns: f64,
+    early: f64,
+    kernels: f64,
+}
+
+/// The GPU whose decode graph --timeline can time, or why there is none.
+pub fn gpu(l: &Loaded) -> Result<&Gpu> {
+    match &l.backend {
+        Backend::Cuda(g) if !g.offloaded => Ok(&g.gpu),
+        Backend::Cuda(_) => bail!("--timeline times the captured decode graph, and decode with offloaded experts runs without one"),
+        _ => bail!("--timeline needs the model on one GPU (--device cuda)"),
+    }
+}
+
+/// Decodes one token from an empty context (capturing the step's graph), then the rest of
+/// `ids` one replay each, and sums their kernels.
+pub fn measure(l: &Loaded, ids: &[u32]) -> Result<Report> {
+    let g = gpu(l)?;
+    if ids.len() < 2 {
+        bail!("--timeline needs at least 2 tokens to decode (-n)");
+    }
+    let mut st = l.new_state()?;
+    l.forward(&mut st, &ids[..1], Logits::Last)?;
+    let mut replays = Vec::new();
+    for &id in &ids[1..] {
+        g.timeline_reset()?;
+        l.forward(&mut st, &[id], Logits::Last)?;
+        replays.push(g.timeline_read()?);
+    }
+    let n = replays.len() as f64;
+    Ok(Report {
+        replays: replays.len(),
+        rows: by_kernel(&replays)?,
+        span_ns: replays.iter().map(|r| span_ns(r)).sum::<u64>() as f64 / n,
+        early: replays.iter().map(|r| r.iter().filter(|s| s.start + 1000 < s.release).count()).sum::<usize>() as f64 / n,
+        kernels: replays.iter().map(Vec::len).sum::<usize>() as f64 / n,
+    })
+}
+
+impl Report {
+    pub fn print(&self, json: bool) {
+        let n = self.replays as f64;
+        if json {
+            let rows: Vec<_> = self
+                .rows
+                .iter()
+                .map(|(name, calls, ns)| serde_json::json!({"kernel": name, "calls_per_step": *calls as f64 / n, "us_per_step": *ns as f64 / n / 1e3}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"timeline": {"replays": self.replays, "span_us": self.span_ns / 1e3, "kernels_per_step": self.kernels, "kernels": rows}})
+            );
+            return;
+        }
+        println!(
+            "timeline of a decode step (mean of {} replays): {:.1} us from the first kernel's release to the last's, {:.0} kernels, {:.0} of them resident over 1 us before the kernel ahead finished",
+            self.replays,
+            self.span_ns / 1e3,
+            self.kernels,
+            self.early
+        );
+        println!("| kernel | calls/step | us/step | us each | % of span |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (name, calls, ns) in &self.rows {
+            let per_step = *ns as f64 / n;
+            println!(
+                "| {name} | {:.0} | {:.1} | {:.2} | {:.1}% |",
+                *calls as f64 / n,
+                per_step / 1e3,
+                *ns as f64 / *calls as f64 / 1e3,
+                100.0 * per_step / self.span_ns.max(1.0)
+            );
+        }
+    }
+}
+
+/// From the first kernel's release to the last's.
+fn span_ns(r: &[Stamp]) -> u64 {
+    match (r.first(), r.last()) {
+        (Some(a), Some(b)) => b.release.saturating_sub(a.release),
+        _ => 0,
+    }
+}
