@@ -32,7 +32,8 @@
 #              GPU tests under it, mxr bench --kernels --kernel-group matvec with and
 #              without, then S8q4 tg128 with and without, interleaved           ~5 min
 #   timeline   S8 and S8q4: mxr bench -n 32 --timeline (each decode kernel's share of a
-#              step inside the graph, kernels built with time stamps)         ~4 min
+#              step inside the graph, kernels built with time stamps), and S8q4 again
+#              with MXR_MATVEC_EARLY=1                                        ~5 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
@@ -138,10 +139,15 @@ for s in "${steps[@]}"; do
         } >"$out/lean.log" 2>&1
         ;;
     timeline)
-        for slice in ${MXR_TIMELINE_SLICES:-S8 S8q4}; do
-            echo "== $slice --timeline"
-            scripts/bench-slice.sh "$slice" -p 0 -n 32 -r 1 --timeline
-        done >"$out/timeline.log" 2>&1
+        {
+            for slice in ${MXR_TIMELINE_SLICES:-S8 S8q4}; do
+                echo "== $slice --timeline"
+                scripts/bench-slice.sh "$slice" -p 0 -n 32 -r 1 --timeline
+            done
+            # and the early-chunk variant that measured slower (tenth session), to see where
+            echo "== S8q4 --timeline MXR_MATVEC_EARLY=1"
+            MXR_MATVEC_EARLY=1 scripts/bench-slice.sh S8q4 -p 0 -n 32 -r 1 --timeline
+        } >"$out/timeline.log" 2>&1
         ;;
     fuse)
         for f in ${MXR_FUSE_SET:-5 0 5 0}; do
