@@ -4,7 +4,7 @@
 //! next kernel, so the rows add up to the step's span on the GPU.
 
 use anyhow::{bail, Result};
-use mxr_kernels::cuda::{by_kernel, Gpu, Stamp};
+use mxr_kernels::cuda::{by_kernel, Gpu, KernelTime, Stamp};
 use mxr_models::engine::Backend;
 use mxr_models::forward::Logits;
 
@@ -13,7 +13,7 @@ use crate::run_cmd::Loaded;
 /// Per kernel name: calls and nanoseconds over all replays.
 pub struct Report {
     replays: usize,
-    rows: Vec<(&'static str, usize, u64)>,
+    rows: Vec<KernelTime>,
     span_ns: f64,
     early: f64,
     kernels: f64,
@@ -60,7 +60,10 @@ impl Report {
             let rows: Vec<_> = self
                 .rows
                 .iter()
-                .map(|(name, calls, ns)| serde_json::json!({"kernel": name, "calls_per_step": *calls as f64 / n, "us_per_step": *ns as f64 / n / 1e3}))
+                .map(|r| {
+                    serde_json::json!({"kernel": r.name, "calls_per_step": r.calls as f64 / n, "us_per_step": r.ns as f64 / n / 1e3,
+                        "us_resident_before_release": r.early_ns as f64 / r.calls as f64 / 1e3})
+                })
                 .collect();
             println!(
                 "{}",
@@ -75,16 +78,18 @@ impl Report {
             self.kernels,
             self.early
         );
-        println!("| kernel | calls/step | us/step | us each | % of span |");
-        println!("| --- | ---: | ---: | ---: | ---: |");
-        for (name, calls, ns) in &self.rows {
-            let per_step = *ns as f64 / n;
+        println!("| kernel | calls/step | us/step | us each | % of span | us resident before release |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        for r in &self.rows {
+            let per_step = r.ns as f64 / n;
             println!(
-                "| {name} | {:.0} | {:.1} | {:.2} | {:.1}% |",
-                *calls as f64 / n,
+                "| {} | {:.0} | {:.1} | {:.2} | {:.1}% | {:.2} |",
+                r.name,
+                r.calls as f64 / n,
                 per_step / 1e3,
-                *ns as f64 / *calls as f64 / 1e3,
-                100.0 * per_step / self.span_ns.max(1.0)
+                r.ns as f64 / r.calls as f64 / 1e3,
+                100.0 * per_step / self.span_ns.max(1.0),
+                r.early_ns as f64 / r.calls as f64 / 1e3
             );
         }
     }

@@ -32,7 +32,7 @@ pub use graph::Graph;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct, Residual, ROUTE_FUSED_TOKENS};
-pub use timeline::{by_kernel, Stamp};
+pub use timeline::{by_kernel, KernelTime, Stamp};
 
 type Result<T> = std::result::Result<T, KernelError>;
 

@@ -142,7 +142,7 @@ macro_rules! launch_on {
                 $crate::cuda::graph::programmatic_next($stream.cu_stream())?;
             }
             if let Some(t) = &$gpu.timeline {
-                t.captured(name)?;
+                t.captured(name, cfg.grid_dim)?;
             }
         }
         let mut b = $stream.launch_builder(&f);

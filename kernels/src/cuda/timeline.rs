@@ -23,18 +23,19 @@ pub const TIMELINE_SLOTS: usize = 8192;
 /// names of the kernels captured last.
 pub struct Timeline {
     buf: Mutex<CudaSlice<u64>>,
-    names: Mutex<Vec<&'static str>>,
+    names: Mutex<Vec<String>>,
 }
 
 fn poisoned<T>(_: T) -> KernelError {
     KernelError::Threads("timeline poisoned".into())
 }
 
-/// One kernel of a replay: its name (None when more kernels ran than were captured), when
-/// its first block started and when that block's wait returned, in timer nanoseconds.
+/// One kernel of a replay: its name and grid as captured ("matvec_q8_0 768x2x1"; None when
+/// more kernels ran than were captured), when its first block started and when that
+/// block's wait returned, in timer nanoseconds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stamp {
-    pub name: Option<&'static str>,
+    pub name: Option<String>,
     pub start: u64,
     pub release: u64,
 }
@@ -68,9 +69,9 @@ impl Timeline {
         Ok(())
     }
 
-    /// A kernel was captured.
-    pub(crate) fn captured(&self, name: &'static str) -> Result<()> {
-        self.names.lock().map_err(poisoned)?.push(name);
+    /// A kernel was captured, with this grid.
+    pub(crate) fn captured(&self, name: &str, grid: (u32, u32, u32)) -> Result<()> {
+        self.names.lock().map_err(poisoned)?.push(format!("{name} {}x{}x{}", grid.0, grid.1, grid.2));
         Ok(())
     }
 
@@ -97,61 +98,79 @@ impl Timeline {
 }
 
 /// The buffer's filled slots, named in order.
-fn stamps(host: &[u64], names: &[&'static str]) -> Vec<Stamp> {
+fn stamps(host: &[u64], names: &[String]) -> Vec<Stamp> {
     let n = (host[0] as usize).min(TIMELINE_SLOTS).min((host.len() - 2) / 2);
-    (0..n).map(|i| Stamp { name: names.get(i).copied(), start: host[2 + 2 * i], release: host[3 + 2 * i] }).collect()
+    (0..n).map(|i| Stamp { name: names.get(i).cloned(), start: host[2 + 2 * i], release: host[3 + 2 * i] }).collect()
 }
 
-/// Per kernel name over one or more replays of the same graph: calls, and the total of
-/// each kernel's time from its release to the next kernel's release, in nanoseconds. The
-/// last kernel of each replay has no successor and counts no time. Sorted by time, most
-/// first. The names must agree with the stamps (as many of each), else an error says so.
-pub fn by_kernel(replays: &[Vec<Stamp>]) -> Result<Vec<(&'static str, usize, u64)>> {
-    let mut rows: Vec<(&'static str, usize, u64)> = Vec::new();
+/// One kernel name's total over one or more replays of a graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    pub name: String,
+    pub calls: usize,
+    /// Nanoseconds from each call's release to the next kernel's release (the last kernel
+    /// of a replay has no successor and counts none).
+    pub ns: u64,
+    /// Nanoseconds each call's first block was resident before its release (PDL: started
+    /// while the kernel ahead was still running).
+    pub early_ns: u64,
+}
+
+/// Per kernel name over replays of the same graph, most time first. Every stamp must carry
+/// a name, else an error says so.
+pub fn by_kernel(replays: &[Vec<Stamp>]) -> Result<Vec<KernelTime>> {
+    let mut rows: Vec<KernelTime> = Vec::new();
     for stamps in replays {
         for (i, s) in stamps.iter().enumerate() {
-            let name =
-                s.name.ok_or_else(|| KernelError::Cuda(format!("timeline: {} kernels ran, more than the graph captured", stamps.len())))?;
-            let t = stamps.get(i + 1).map_or(0, |next| next.release.saturating_sub(s.release));
-            match rows.iter_mut().find(|r| r.0 == name) {
+            let name = s
+                .name
+                .as_deref()
+                .ok_or_else(|| KernelError::Cuda(format!("timeline: {} kernels ran, more than the graph captured", stamps.len())))?;
+            let ns = stamps.get(i + 1).map_or(0, |next| next.release.saturating_sub(s.release));
+            let early_ns = s.release.saturating_sub(s.start);
+            match rows.iter_mut().find(|r| r.name == name) {
                 Some(r) => {
-                    r.1 += 1;
-                    r.2 += t;
+                    r.calls += 1;
+                    r.ns += ns;
+                    r.early_ns += early_ns;
                 }
-                None => rows.push((name, 1, t)),
+                None => rows.push(KernelTime { name: name.to_string(), calls: 1, ns, early_ns }),
             }
         }
     }
-    rows.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(b.0)));
+    rows.sort_by(|a, b| b.ns.cmp(&a.ns).then(a.name.cmp(&b.name)));
     Ok(rows)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{by_kernel, stamps, Stamp};
+    use super::{by_kernel, stamps, KernelTime, Stamp};
 
     /// Slots are named in capture order, and a count past the names leaves the rest unnamed.
     #[test]
     fn stamps_take_the_captured_names_in_order() {
         let host = [3, 8, 10, 12, 20, 25, 30, 31, 0, 0];
-        let s = stamps(&host, &["norm", "matvec"]);
+        let names = ["norm 1x1x1".to_string(), "matvec 768x1x1".to_string()];
+        let s = stamps(&host, &names);
         assert_eq!(s.len(), 3);
-        assert_eq!(s[0], Stamp { name: Some("norm"), start: 10, release: 12 });
-        assert_eq!(s[1], Stamp { name: Some("matvec"), start: 20, release: 25 });
+        assert_eq!(s[0], Stamp { name: Some(names[0].clone()), start: 10, release: 12 });
+        assert_eq!(s[1], Stamp { name: Some(names[1].clone()), start: 20, release: 25 });
         assert_eq!(s[2].name, None);
         // a count beyond the buffer is cut to what it holds
-        assert_eq!(stamps(&[99, 8, 1, 2], &["a"]).len(), 1);
+        assert_eq!(stamps(&[99, 8, 1, 2], &names[..1]).len(), 1);
     }
 
-    /// Each kernel is charged from its release to the next one's; names add up over
-    /// replays; an unnamed stamp is an error, not a guess.
+    /// Each kernel is charged from its release to the next one's, and with the time its
+    /// first block waited; names add up over replays; an unnamed stamp is an error, not a
+    /// guess.
     #[test]
     fn by_kernel_charges_release_to_release() {
-        let st = |name, release| Stamp { name: Some(name), start: 0, release };
-        let one = vec![st("norm", 100), st("matvec", 104), st("norm", 130), st("matvec", 133)];
-        let two = vec![st("norm", 1000), st("matvec", 1006), st("norm", 1030), st("matvec", 1031)];
+        let st = |name: &str, start, release| Stamp { name: Some(name.to_string()), start, release };
+        let one = vec![st("norm", 90, 100), st("matvec", 101, 104), st("norm", 130, 130), st("matvec", 120, 133)];
+        let two = vec![st("norm", 1000, 1000), st("matvec", 1001, 1006), st("norm", 1030, 1030), st("matvec", 1031, 1031)];
         let rows = by_kernel(&[one, two]).unwrap();
-        assert_eq!(rows, vec![("matvec", 4, 26 + 24), ("norm", 4, 4 + 3 + 6 + 1)]);
+        let k = |name: &str, calls, ns, early_ns| KernelTime { name: name.to_string(), calls, ns, early_ns };
+        assert_eq!(rows, vec![k("matvec", 4, 26 + 24, 3 + 13 + 5), k("norm", 4, 4 + 3 + 6 + 1, 10)]);
         let unnamed = vec![Stamp { name: None, start: 0, release: 5 }];
         assert!(by_kernel(&[unnamed]).is_err());
     }
