@@ -852,7 +852,8 @@ fn timeline_stamps_each_captured_kernel_in_order() {
     let x = g.upload(&Rng::new(5).normals(cols, 1.0)).unwrap();
     let act = g.quantize_act(&x.as_view(), 1, cols).unwrap();
     let mut y = g.zeros::<f32>(rows).unwrap();
-    // four products of two kernels, taking turns (the input quantized outside the graph)
+    // four products of two kernels, taking turns (the input quantized outside the graph);
+    // capture adds a fifth, the closing mark
     let graph = g
         .capture(|| {
             for w in [&w8, &w4, &w8, &w4] {
@@ -866,11 +867,13 @@ fn timeline_stamps_each_captured_kernel_in_order() {
         graph.launch().unwrap();
         let s = g.timeline_read().unwrap();
         let names: Vec<_> = s.iter().map(|s| s.name.as_deref().unwrap_or("?")).collect();
-        let ordered = s.len() == 4
+        // and the mark every timed graph ends with
+        let ordered = s.len() == 5
             && names[0] == names[2]
             && names[1] == names[3]
             && names[0].starts_with("matvec_q8_0 ")
             && names[1].starts_with("matvec_q4_k ")
+            && names[4] == "timeline_mark 1x1x1"
             && s.windows(2).all(|p| p[0].release <= p[1].release)
             && s.iter().all(|s| s.start <= s.release && s.start > 0);
         check("timeline", &format!("{names:?}"), if ordered { 0.0 } else { 1.0 }, 0.0);

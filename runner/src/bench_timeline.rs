@@ -44,12 +44,16 @@ pub fn measure(l: &Loaded, ids: &[u32]) -> Result<Report> {
         replays.push(g.timeline_read()?);
     }
     let n = replays.len() as f64;
+    let is_mark = |s: &Stamp| s.name.as_deref().is_some_and(|m| m.starts_with("timeline_mark "));
+    let mut rows = by_kernel(&replays)?;
+    // the closing mark (Gpu::capture) only stamps the end of the last real kernel
+    rows.retain(|r| !r.name.starts_with("timeline_mark "));
     Ok(Report {
         replays: replays.len(),
-        rows: by_kernel(&replays)?,
+        rows,
         span_ns: replays.iter().map(|r| span_ns(r)).sum::<u64>() as f64 / n,
-        early: replays.iter().map(|r| r.iter().filter(|s| s.start + 1000 < s.release).count()).sum::<usize>() as f64 / n,
-        kernels: replays.iter().map(Vec::len).sum::<usize>() as f64 / n,
+        early: replays.iter().map(|r| r.iter().filter(|s| !is_mark(s) && s.start + 1000 < s.release).count()).sum::<usize>() as f64 / n,
+        kernels: replays.iter().map(|r| r.iter().filter(|s| !is_mark(s)).count()).sum::<usize>() as f64 / n,
     })
 }
 

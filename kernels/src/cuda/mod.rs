@@ -641,7 +641,9 @@ impl Gpu {
             t.begin_capture()?;
         }
         self.capturing.store(true, std::sync::atomic::Ordering::Relaxed);
-        let body = f();
+        // timed graphs end in a kernel that only stamps (timeline.rs): the last real kernel
+        // is then charged until it completes
+        let body = f().and_then(|_| if self.timeline.is_some() { self.timeline_mark() } else { Ok(()) });
         self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
         let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         body?;

@@ -125,14 +125,14 @@ macro_rules! per_type {
 }
 
 macro_rules! launch {
-    ($gpu:expr, $src:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {
-        launch_on!($gpu, $gpu.stream, $src, $name, $cfg, $($arg),+)
+    ($gpu:expr, $src:expr, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {
+        launch_on!($gpu, $gpu.stream, $src, $name, $cfg $(, $arg)*)
     };
 }
 
 /// `launch!` on a given stream of the GPU.
 macro_rules! launch_on {
-    ($gpu:expr, $stream:expr, $src:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+    ($gpu:expr, $stream:expr, $src:expr, $name:expr, $cfg:expr $(, $arg:expr)* $(,)?) => {{
         let name: &'static str = $name;
         let cfg: LaunchConfig = $cfg;
         let f = $gpu.function($src, name)?;
@@ -145,8 +145,9 @@ macro_rules! launch_on {
                 t.captured(name, cfg.grid_dim)?;
             }
         }
+        #[allow(unused_mut)]
         let mut b = $stream.launch_builder(&f);
-        $(b.arg($arg);)+
+        $(b.arg($arg);)*
         // SAFETY: the launcher checked every buffer against the sizes the kernel touches.
         unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| drv(name, e))
     }};
@@ -457,6 +458,13 @@ impl Gpu {
         let kk = k as i32;
         launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &cw, &kk, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
         Ok(act)
+    }
+
+    /// A one-thread kernel that only does PDL_ENTRY: with `MXR_TIMELINE=1`, a stamp at the
+    /// point where everything queued before it has completed (timeline.rs).
+    pub fn timeline_mark(&self) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, Source::Elementwise, "timeline_mark", cfg)
     }
 
     pub fn silu(&self, x: &mut CudaViewMut<'_, f32>) -> Result<()> {
