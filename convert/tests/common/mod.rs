@@ -8,33 +8,7 @@ use mxr_convert::synth::{synth, tiny_config, Router, SynthOptions};
 use mxr_models::Config;
 use serde_json::json;
 
-/// A fresh directory under the system temp dir, removed when the guard is dropped (kept
-/// if the test is panicking, for a look).
-pub fn tempdir(tag: &str) -> TempDir {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!("mxr-convert-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
-
-pub struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+pub use mxr_e2e::tempdir;
 
 /// A tiny synthetic checkpoint in `parent/name`, with shards of at most `shard_bytes`.
 pub fn tiny_checkpoint(parent: &Path, name: &str, cfg: Config, shard_bytes: u64) -> PathBuf {
