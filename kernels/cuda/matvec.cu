@@ -123,9 +123,8 @@ PIPELINED(Q4_0, 4)
 PIPELINED(Q4_K, 8)
 
 // The loop shared by both activation kinds, over a warp's rows r0..r0+R (those below
-// `rows`) into acc. Input::load(u) gives the unit's
-// inputs, Input::load_w(r, u) one row's weights of it, Input::dotw their product
-// (Input::dot both).
+// `rows`) into acc. Input::load(u) gives the unit's inputs, Input::load_w(r, u) one row's
+// weights of it, Input::dotw their product (Input::dot both).
 template <class Input, int R>
 __device__ __forceinline__ void rows_dot(const Input& in, int r0, int rows, int lane, int n_units, float (&acc)[R]) {
     if (Pipelined<typename Input::Format>::on && r0 + R <= rows) {
@@ -196,8 +195,8 @@ struct FloatInput {
 // block copies its activation row into shared memory once, and each warp keeps a ring of
 // S chunks of its R rows (32 units each, one step of its lanes) filled by cp.async: S - 1
 // chunks are in flight while the warp computes one, and bytes in flight hold no registers.
-// Q4_K's products wait on their loads' latency (24 warps per multiprocessor at 76-80
-// registers, and ptxas spreads a step's loads over several waves). A dense launch (no
+// Q4_K's direct products waited on their loads' latency (24 warps per multiprocessor at
+// 76-80 registers, and ptxas spreads a step's loads over several waves). A dense launch (no
 // expert ids) issues its first chunks before it waits for the previous kernel (PDL), since
 // weights never depend on it: a kernel's blocks that become resident while a small kernel
 // runs fetch their weights meanwhile (EARLY; off by default: slower end to end on an H200).
@@ -236,7 +235,9 @@ struct Staged<Q4_K> {
         int n16 = min(32, n_units - (k << 5)) / 4 * 9;  // 9 pieces of 16 bytes per block
         const u8* g = w + (size_t)r0 * rb + (size_t)k * CHUNK_ROW_BYTES + 16 * lane;
         if (Q4K_LEAN) {
-            // the destination as a 32-bit shared address (no generic-window arithmetic)
+            // the destination as a 32-bit shared address (no generic-window arithmetic);
+            // the same pieces as the loop below, which stays for the measured default until
+            // the lean kernels are measured (then one of the two goes)
             u32 d = (u32)__cvta_generic_to_shared(dst) + 16 * lane;
 #pragma unroll
             for (int i = 0; i < R; i++) {

@@ -389,7 +389,7 @@ impl Gpu {
         if let Some(m) = mods.get(&s) {
             return Ok((m.clone(), true));
         }
-        let defines = match s {
+        let mut defines = match s {
             Source::Matvec => vec![
                 format!("ROWS={}", self.tuning.matvec_rows),
                 format!("WARPS={}", self.tuning.matvec_warps),
@@ -404,7 +404,6 @@ impl Gpu {
             ],
             _ => Vec::new(),
         };
-        let mut defines = defines;
         if self.timeline.is_some() {
             defines.push("TIMELINE=1".into());
         }
