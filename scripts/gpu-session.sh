@@ -28,16 +28,14 @@
 #              too; a ;-separated list in $MXR_STAGE_SET), then S8 and S8q4 tg128 with
 #              MXR_MATVEC_STAGE=$MXR_STAGE (default 3; EARLY 1 and 0) against 0,
 #              interleaved                                                    ~9 min
-#   lean       Q4_K's lean products (MXR_MATVEC_Q4K_LEAN=1): the matrix-vector and staged
-#              GPU tests under it, mxr bench --kernels --kernel-group matvec with and
-#              without, then S8q4 tg128 with and without, interleaved           ~5 min
 #   timeline   S8 and S8q4: mxr bench -n 32 --timeline (each decode kernel's share of a
 #              step inside the graph, kernels built with time stamps), and S8q4 again
 #              with MXR_MATVEC_EARLY=1                                        ~5 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
-#   ab         S8q4 tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged
-#              by hand, e.g. a revert), interleaved twice                      ~3 min
+#   ab         tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged by
+#              hand, e.g. the last commit; or carry/alt/mxr.xz, compressed), interleaved
+#              twice, on each slice of $MXR_AB_SLICES (default S8q4)       ~3 min a slice
 # Each step prints its table last; a failing step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -123,21 +121,6 @@ for s in "${steps[@]}"; do
             done
         done >>"$out/stage.log" 2>&1
         ;;
-    lean)
-        {
-            export MXR_MATVEC_Q4K_LEAN=1
-            for f in matvec staged; do carry/gpu/gpu_kernels --ignored --test-threads 1 "$f" 2>&1 | grep -E "test result|FAIL|panicked"; done
-            for v in 0 1; do
-                echo "== kernels MXR_MATVEC_Q4K_LEAN=$v"
-                MXR_MATVEC_Q4K_LEAN=$v carry/gpu/mxr bench --kernels --kernel-group matvec
-            done
-            for v in 1 0 1 0; do
-                echo "== S8q4 MXR_MATVEC_Q4K_LEAN=$v"
-                MXR_MATVEC_Q4K_LEAN=$v scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 3
-            done
-            unset MXR_MATVEC_Q4K_LEAN
-        } >"$out/lean.log" 2>&1
-        ;;
     timeline)
         {
             for slice in ${MXR_TIMELINE_SLICES:-S8 S8q4}; do
@@ -156,9 +139,13 @@ for s in "${steps[@]}"; do
         done >"$out/fuse.log" 2>&1
         ;;
     ab)
-        for m in gpu alt gpu alt; do
-            echo "== carry/$m/mxr"
-            MXR=carry/$m/mxr scripts/bench-slice.sh S8q4 -p 0 -n 128 -r 5
+        # carry/alt/mxr may come xz-compressed (carry/alt/mxr.xz) to fit the carry limit
+        [ -x carry/alt/mxr ] || [ ! -f carry/alt/mxr.xz ] || { python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("carry/alt/mxr.xz"), open("carry/alt/mxr", "wb"))' && chmod +x carry/alt/mxr; }
+        for slice in ${MXR_AB_SLICES:-S8q4}; do
+            for m in gpu alt gpu alt; do
+                echo "== $slice carry/$m/mxr"
+                MXR=carry/$m/mxr scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 5
+            done
         done >"$out/ab.log" 2>&1
         ;;
     *) echo "unknown step $s" >&2; status=2; continue ;;
@@ -172,7 +159,6 @@ for s in "${steps[@]}"; do
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
     timeline) grep -E "^==|^timeline|^\| " "$out/timeline.log" | head -90 ;;
-    lean) grep -E "^==|tg128|test result|FAIL|panicked|^\| matvec.*Q4_K" "$out/lean.log" ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;

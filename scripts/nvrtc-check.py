@@ -19,7 +19,7 @@ K = ROOT / "kernels" / "cuda"
 # (source, headers prepended after common.cuh, -D defines, target) as nvrtc.rs and
 # Gpu::module give them (None: the --arch given)
 SOURCES = [
-    ("matvec", ["formats.cuh"], ["ROWS=2", "WARPS=4", "UNROLL=2", "PIPELINE=" + __import__("os").environ.get("PIPELINE", "7"), "STAGE=" + __import__("os").environ.get("STAGE", "2"), "STAGED=" + __import__("os").environ.get("STAGED", "8"), "EARLY=" + __import__("os").environ.get("EARLY", "0"), "Q4K_LEAN=" + __import__("os").environ.get("Q4K_LEAN", "0")], None),
+    ("matvec", ["formats.cuh"], ["ROWS=2", "WARPS=4", "UNROLL=2", "PIPELINE=" + __import__("os").environ.get("PIPELINE", "7"), "STAGE=" + __import__("os").environ.get("STAGE", "2"), "STAGED=" + __import__("os").environ.get("STAGED", "8"), "EARLY=" + __import__("os").environ.get("EARLY", "0")], None),
     ("dequant", ["formats.cuh"], [], None),
     ("norm", [], [], None),
     ("elementwise", [], [], None),

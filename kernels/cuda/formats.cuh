@@ -45,15 +45,6 @@ __device__ __forceinline__ int dp4a_us(u32 a, int b, int c) {
     return d;
 }
 
-// MXR_MATVEC_Q4K_LEAN=1 (matvec.cu): Q4_K's products with fewer instructions, the same
-// bits. The high nibbles are dotted in place (their bytes masked, not shifted: every
-// product is 16 times the nibble's, so one exact shift of the sum undoes it), a unit's two
-// scales and mins come out of one lane-constant choice of words (scale_min2), and staged
-// products take their activation block sums from shared memory, summed once per block, and
-// address their chunk copies in 32-bit shared addresses.
-#ifndef Q4K_LEAN
-#define Q4K_LEAN 0
-#endif
 // Σ of the four signed bytes of b
 __device__ __forceinline__ int bsum4(int b) { return __dp4a(0x01010101, b, 0); }
 
@@ -163,7 +154,7 @@ struct Q4_K {
         sc = (float)(k < 4 ? s_lo : s_hi);
         m = (float)(k < 4 ? m_lo : m_hi);
     }
-    // Sub-blocks 2j and 2j + 1's scales and mins, the same integers as scale_min (Q4K_LEAN):
+    // Sub-blocks 2j and 2j + 1's scales and mins, the same integers as scale_min:
     // both sub-blocks lie in one half (j < 2: bytes of .y and .z; j >= 2: nibbles of .w with
     // two high bits from .y and .z), so one lane-constant choice serves the four values.
     __device__ static void scale_min2(const uint4& h, int j, float& sc0, float& m0, float& sc1, float& m1) {
@@ -224,30 +215,19 @@ struct Q4_K {
         const uint4& hd = wq.hd;
         float d = f16_to_f32((u16)(hd.x & 0xFFFF)), dmin = f16_to_f32((u16)(hd.x >> 16));
         float sc0, m0, sc1, m1;
-        if (Q4K_LEAN) {
-            scale_min2(hd, j, sc0, m0, sc1, m1);
-        } else {
-            scale_min(hd, 2 * j, sc0, m0);
-            scale_min(hd, 2 * j + 1, sc1, m1);
-        }
+        scale_min2(hd, j, sc0, m0, sc1, m1);
         const int M = 0x0F0F0F0F;
         int lo = dp4a(q0.x & M, x.l[0], 0);
         lo = dp4a(q0.y & M, x.l[1], lo); lo = dp4a(q0.z & M, x.l[2], lo); lo = dp4a(q0.w & M, x.l[3], lo);
         lo = dp4a(q1.x & M, x.l[4], lo); lo = dp4a(q1.y & M, x.l[5], lo); lo = dp4a(q1.z & M, x.l[6], lo); lo = dp4a(q1.w & M, x.l[7], lo);
-        int hi;
-        if (Q4K_LEAN) {
-            const u32 H = 0xF0F0F0F0u;
-            int h = dp4a_us((u32)q0.x & H, x.h[0], 0);
-            h = dp4a_us((u32)q0.y & H, x.h[1], h); h = dp4a_us((u32)q0.z & H, x.h[2], h); h = dp4a_us((u32)q0.w & H, x.h[3], h);
-            h = dp4a_us((u32)q1.x & H, x.h[4], h); h = dp4a_us((u32)q1.y & H, x.h[5], h); h = dp4a_us((u32)q1.z & H, x.h[6], h);
-            h = dp4a_us((u32)q1.w & H, x.h[7], h);
-            hi = h >> 4;  // |h| < 2^31: at most 32 x 240 x 128
-        } else {
-            hi = dp4a((q0.x >> 4) & M, x.h[0], 0);
-            hi = dp4a((q0.y >> 4) & M, x.h[1], hi); hi = dp4a((q0.z >> 4) & M, x.h[2], hi); hi = dp4a((q0.w >> 4) & M, x.h[3], hi);
-            hi = dp4a((q1.x >> 4) & M, x.h[4], hi); hi = dp4a((q1.y >> 4) & M, x.h[5], hi); hi = dp4a((q1.z >> 4) & M, x.h[6], hi);
-            hi = dp4a((q1.w >> 4) & M, x.h[7], hi);
-        }
+        // the high nibbles dotted in place: their bytes masked, not shifted, so that every
+        // product is 16 times the nibble's and one exact shift of the sum undoes it
+        const u32 H = 0xF0F0F0F0u;
+        int h = dp4a_us((u32)q0.x & H, x.h[0], 0);
+        h = dp4a_us((u32)q0.y & H, x.h[1], h); h = dp4a_us((u32)q0.z & H, x.h[2], h); h = dp4a_us((u32)q0.w & H, x.h[3], h);
+        h = dp4a_us((u32)q1.x & H, x.h[4], h); h = dp4a_us((u32)q1.y & H, x.h[5], h); h = dp4a_us((u32)q1.z & H, x.h[6], h);
+        h = dp4a_us((u32)q1.w & H, x.h[7], h);
+        int hi = h >> 4;  // |h| < 2^31: at most 32 x 240 x 128
         return d * (sc0 * x.dl * (float)lo + sc1 * x.dh * (float)hi) - dmin * (m0 * x.dl * (float)x.sl + m1 * x.dh * (float)x.sh);
     }
     __device__ static void decode8(const u8* w, int rows, int cols, int r, int c, float* v) {

@@ -32,6 +32,10 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
     int b = blockIdx.x * 8 + col;
     bool live = b < hd;
     float* st = state + (size_t)h * hd * hd;
+    // The state and the decay are read before the PDL wait: the kernel ahead computes q,
+    // k and v, never the state, which this kernel wrote last (a layer's lightning steps
+    // are separated by several kernels, each of which waited for the one before it), so
+    // its load latency overlaps the products' drain.
     float s[R];
 #pragma unroll
     for (int i = 0; i < R; i++) {
@@ -39,6 +43,7 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
         s[i] = (live && a < hd) ? st[a * hd + b] : 0.f;
     }
     float lam = decay[h];
+    PDL_ENTRY();
     size_t stride = (size_t)n_heads * 3 * hd;
     for (int t0 = 0; t0 < n_tokens; t0 += CHUNK) {
         int m = min(CHUNK, n_tokens - t0);
@@ -102,7 +107,7 @@ __device__ void lightning(const float* qkv, float* state, const float* decay, fl
 
 #define LIGHTNING(HD)                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(32) lightning_##HD(const float* qkv, float* state, const float* decay, float* out, int n_tokens, \
-                                                                    int n_heads, int hd, int act) { PDL_ENTRY();                                   \
+                                                                    int n_heads, int hd, int act) {                                                \
         lightning<HD>(qkv, state, decay, out, n_tokens, n_heads, hd, act);                                                             \
     }
 

@@ -221,11 +221,11 @@ struct Staged<Q4_K> {
     static constexpr bool on = STAGE > 0 && (STAGED & 8);
     static constexpr int CHUNK_COLS = 2048;       // 32 units of 64 values: 8 blocks
     static constexpr int CHUNK_ROW_BYTES = 1152;  // their 8 x 144 bytes
-    // Q4K_LEAN: each unit's two activation block sums (int2) after the scales, made by
-    // finish_x once the row is in
-    static constexpr bool FINISH = Q4K_LEAN;
+    // each unit's two activation block sums (int2) after the scales, made by finish_x
+    // once the row is in: summed once per block rather than once per warp and step
+    static constexpr bool FINISH = true;
     __device__ static bool fits(int cols) { return (cols & 255) == 0; }
-    __device__ static int x_bytes(int cols) { return cols + cols / 8 + (Q4K_LEAN ? cols / 8 : 0); }
+    __device__ static int x_bytes(int cols) { return cols + cols / 4; }  // values, scales, sums
     // Chunk k (units 32k..) of rows r0..r0+R into dst: the first nr rows from w, the
     // others zeros. A lane copies pieces lane, lane + 32 and lane + 64 (< 72) of each row;
     // pieces past the row's last unit are zero-filled without a read.
@@ -234,26 +234,14 @@ struct Staged<Q4_K> {
         size_t rb = (size_t)(cols >> 8) * 144;
         int n16 = min(32, n_units - (k << 5)) / 4 * 9;  // 9 pieces of 16 bytes per block
         const u8* g = w + (size_t)r0 * rb + (size_t)k * CHUNK_ROW_BYTES + 16 * lane;
-        if (Q4K_LEAN) {
-            // the destination as a 32-bit shared address (no generic-window arithmetic);
-            // the same pieces as the loop below, which stays for the measured default until
-            // the lean kernels are measured (then one of the two goes)
-            u32 d = (u32)__cvta_generic_to_shared(dst) + 16 * lane;
-#pragma unroll
-            for (int i = 0; i < R; i++) {
-                const u8* gi = i < nr ? g + i * rb : g;
-#pragma unroll
-                for (int q = 0; q < 3; q++)
-                    if (q < 2 || lane < 8) cp_async16_s(d + i * CHUNK_ROW_BYTES + 512 * q, gi + 512 * q, i < nr && lane + 32 * q < n16);
-            }
-            return;
-        }
+        // the destination as a 32-bit shared address (no generic-window arithmetic)
+        u32 d = (u32)__cvta_generic_to_shared(dst) + 16 * lane;
 #pragma unroll
         for (int i = 0; i < R; i++) {
             const u8* gi = i < nr ? g + i * rb : g;
 #pragma unroll
             for (int q = 0; q < 3; q++)
-                if (q < 2 || lane < 8) cp_async16(dst + i * CHUNK_ROW_BYTES + 16 * (lane + 32 * q), gi + 512 * q, i < nr && lane + 32 * q < n16);
+                if (q < 2 || lane < 8) cp_async16_s(d + i * CHUNK_ROW_BYTES + 512 * q, gi + 512 * q, i < nr && lane + 32 * q < n16);
         }
     }
     // unit u's 64 inputs: four pieces, piece m stored at m ^ ((u >> 1) & 3)
@@ -279,13 +267,9 @@ struct Staged<Q4_K> {
         float2 d = *(const float2*)(xs + cols + 8 * u);  // unit u's blocks are 2u, 2u + 1
         x.dl = d.x;
         x.dh = d.y;
-        if (Q4K_LEAN) {
-            int2 sums = *(const int2*)(xs + cols + cols / 8 + 8 * u);
-            x.sl = sums.x;
-            x.sh = sums.y;
-        } else {
-            Q4_K::sums(x);
-        }
+        int2 sums = *(const int2*)(xs + cols + cols / 8 + 8 * u);
+        x.sl = sums.x;
+        x.sh = sums.y;
     }
     // the block sums of every unit, from the staged row (the same integers Q4_K::sums makes)
     __device__ static void finish_x(u8* xs, int cols, int tid, int threads) {

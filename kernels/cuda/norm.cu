@@ -43,21 +43,26 @@ extern "C" __global__ void rmsnorm(float* x, const float* w, int width, float ep
 // order below is the general path's, so the sums are the same), and the int8 form is made
 // from those registers: the 8 consecutive lanes holding a 32-value block take its maximum by
 // shuffles, with quantize_block32's arithmetic, instead of reading the row back.
-__device__ void norm_row_regs(float* row, const float* a, const float* cw, int k, float alpha, float beta, const float* w, const float* gr,
-                              int width, float eps, i8* q, float* d) {
+//
+// The norm's weights do not depend on the kernel ahead, so they are read before the PDL
+// wait (the caller's), and the gate is read with the row, ahead of the block's reduction:
+// a single-block kernel on the decode path otherwise pays each of those L2 round trips in
+// turn.
+__device__ void norm_row_regs(float* row, const float* a, const float* cw, int k, float alpha, float beta, const float4* wv,
+                              const float* gr, int width, float eps, i8* q, float* d) {
     __shared__ float scratch[32];
     float4* r4 = (float4*)row;
     const float4* a4 = a ? (const float4*)(a + (size_t)blockIdx.x * width) : nullptr;
-    const float4* w4 = (const float4*)w;
     const float4* g4 = (const float4*)gr;
     int n4 = width >> 2;
-    float4 v[NORM_REG];
+    float4 v[NORM_REG], gv[NORM_REG];
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_REG; j++) {
         int i = threadIdx.x + j * blockDim.x;
         if (i >= n4) continue;
         v[j] = r4[i];
+        if (g4) gv[j] = g4[i];
         if (a4) {
             float4 u = cw ? combine4_at(a, cw, k, width, blockIdx.x, i << 2) : a4[i];
             v[j] = mix4(v[j], alpha, u, beta);
@@ -70,10 +75,10 @@ __device__ void norm_row_regs(float* row, const float* a, const float* cw, int k
     for (int j = 0; j < NORM_REG; j++) {
         int i = threadIdx.x + j * blockDim.x;
         if (i >= n4) continue;
-        float4 g = w4[i];
+        float4 g = wv[j];
         float4 y = make_float4(v[j].x * r * g.x, v[j].y * r * g.y, v[j].z * r * g.z, v[j].w * r * g.w);
         if (g4) {
-            float4 t = g4[i];
+            float4 t = gv[j];
             y = make_float4(y.x * sigmoid(t.x), y.y * sigmoid(t.y), y.z * sigmoid(t.z), y.w * sigmoid(t.w));
         }
         r4[i] = y;
@@ -106,12 +111,20 @@ __device__ void norm_row_regs(float* row, const float* a, const float* cw, int k
 }
 
 extern "C" __global__ void __launch_bounds__(1024) rmsnorm_fused(float* x, const float* a, const float* cw, int k, float alpha, float beta, const float* w,
-                                         const float* gate, int width, float eps, i8* xq, float* xd) { PDL_ENTRY();
+                                         const float* gate, int width, float eps, i8* xq, float* xd) {
     if ((width & 3) == 0 && (width >> 2) <= NORM_REG * (int)blockDim.x) {
-        norm_row_regs(x + (size_t)blockIdx.x * width, a, cw, k, alpha, beta, w, gate ? gate + (size_t)blockIdx.x * width : nullptr, width,
+        float4 wv[NORM_REG];
+#pragma unroll
+        for (int j = 0; j < NORM_REG; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            if (i < (width >> 2)) wv[j] = ((const float4*)w)[i];
+        }
+        PDL_ENTRY();
+        norm_row_regs(x + (size_t)blockIdx.x * width, a, cw, k, alpha, beta, wv, gate ? gate + (size_t)blockIdx.x * width : nullptr, width,
                       eps, xq, xd);
         return;
     }
+    PDL_ENTRY();
     __shared__ float scratch[32];
     float* row = x + (size_t)blockIdx.x * width;
     const float* ar = a ? a + (size_t)blockIdx.x * width : nullptr;

@@ -101,16 +101,15 @@ fn matvec_gathers_experts_and_inputs() {
 }
 
 /// Q8_0's and Q4_K's products from shared memory (`MXR_MATVEC_STAGE` = 1 to 4 chunks per
-/// warp, dense launches prefetching before their PDL wait or not), and Q4_K's lean products
-/// (`MXR_MATVEC_Q4K_LEAN`, direct and staged), give the same bits as the kernels reading
-/// global memory: single matrices (rows that fill no block, rows of one
+/// warp, dense launches prefetching before their PDL wait or not) give the same bits as the
+/// kernels reading global memory: single matrices (rows that fill no block, rows of one
 /// partial chunk, of whole and partial chunks, and rows too wide to stage, which fall
 /// back), expert stacks picked by ids, and the two-matrix launch.
 #[test]
 #[ignore = "needs a GPU"]
 fn staged_products_equal_the_direct_ones() {
     let mut plain = gpu();
-    (plain.tuning.matvec_stage, plain.tuning.matvec_q4k_lean) = (0, false);
+    plain.tuning.matvec_stage = 0;
     let shapes = [(1, 256), (65, 768), (513, 256), (7, 6144), (37, 9216), (5, 11264), (9, 20480)];
     for q in [QType::Q8_0, QType::Q4K] {
         let ws: Vec<(usize, usize, Vec<u8>, Vec<f32>)> = shapes
@@ -155,14 +154,11 @@ fn staged_products_equal_the_direct_ones() {
             [y0, y1, y2, z0, z1].map(|y| g.download(&y.as_view()).unwrap())
         };
         let (direct, direct_pairs) = (single(&plain), pairs(&plain));
-        let variants = [(1, true, false), (1, false, false), (2, true, false), (3, true, false), (3, false, false), (4, true, false)];
-        // Q4_K's lean products, direct (S = 0) and staged
-        let lean = [(0, false, true), (2, false, true), (3, true, true)];
-        for (stages, early, lean) in variants.into_iter().chain(if q == QType::Q4K { &lean[..] } else { &[] }.iter().copied()) {
+        for (stages, early) in [(1, true), (1, false), (2, true), (2, false), (3, true), (3, false), (4, true)] {
             let mut staged = gpu();
-            (staged.tuning.matvec_stage, staged.tuning.matvec_early, staged.tuning.matvec_q4k_lean) = (stages, early, lean);
+            (staged.tuning.matvec_stage, staged.tuning.matvec_early) = (stages, early);
             staged.tuning.matvec_staged = PIPELINE_Q8_0 | PIPELINE_Q4_K;
-            let what = format!("{q:?} S={stages}{}{}", if early { " early" } else { "" }, if lean { " lean" } else { "" });
+            let what = format!("{q:?} S={stages}{}", if early { " early" } else { "" });
             for ((rows, cols, ..), (a, b)) in ws.iter().zip(direct.iter().zip(single(&staged))) {
                 let bytes = staged.tuning.matvec_stage_bytes(q, *cols);
                 check(

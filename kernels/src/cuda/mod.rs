@@ -16,6 +16,7 @@ pub mod matrix;
 pub mod nvrtc;
 pub mod ops;
 pub mod pages;
+pub mod pinned;
 pub mod timeline;
 pub mod tma;
 
@@ -32,6 +33,7 @@ pub use graph::Graph;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, QAct, Residual, ROUTE_FUSED_TOKENS};
+pub use pinned::Pinned;
 pub use timeline::{by_kernel, KernelTime, Stamp};
 
 type Result<T> = std::result::Result<T, KernelError>;
@@ -114,12 +116,6 @@ pub struct Tuning {
     /// kernel (`MXR_MATVEC_EARLY=1`; default 0). Slower on an H200: S8 q4_k 492.9 / 507.7
     /// tokens/s against 548.0 / 548.4 without, S8 q8_0 426.6 / 403.9 against 438.0 / 435.3.
     pub matvec_early: bool,
-    /// Q4_K's products with fewer instructions and the same bits (`MXR_MATVEC_Q4K_LEAN=1`;
-    /// default 0, not yet measured): high nibbles dotted in place, scales and mins from one
-    /// lane-constant choice of header words, and when staged the activation block sums made
-    /// once per block and the chunk copies in 32-bit shared addresses (formats.cuh,
-    /// `Q4K_LEAN`).
-    pub matvec_q4k_lean: bool,
     /// Prefill attention (bf16 cache, head size 128, sm_90) on the warpgroup kernel with
     /// this many heads per block (`MXR_FLASH_WGMMA`: 1, or 2 (default; even GQA groups
     /// only, others take 1)); 0 gives flash.cu's mma.sync kernel, for comparison.
@@ -175,12 +171,11 @@ impl Tuning {
 
     /// Dynamic shared memory for a matrix-vector block over `cols`-wide rows of type `q`:
     /// when `q` is staged (`matvec_stage` > 0, Q8_0 or Q4_K in `matvec_staged`, `cols` a
-    /// multiple of 256), the activation row (int8 values and f32 scales, 9/8 byte a column)
-    /// and each warp's ring of `matvec_stage` chunks of its rows (32 units: 1088 bytes a
-    /// row for Q8_0, 1152 for Q4_K), if that fits the 48 KiB a launch gets without opting
-    /// in (Q4_K with `matvec_q4k_lean` also keeps its activation block sums, 1/8 byte a
-    /// column); else 0, and the kernel reads global memory. matvec.cu's `stage_fits` makes
-    /// the same sum.
+    /// multiple of 256), the activation row (int8 values and f32 scales, 9/8 byte a column;
+    /// Q4_K also keeps its activation block sums, 1/8 byte a column) and each warp's ring
+    /// of `matvec_stage` chunks of its rows (32 units: 1088 bytes a row for Q8_0, 1152 for
+    /// Q4_K), if that fits the 48 KiB a launch gets without opting in; else 0, and the
+    /// kernel reads global memory. matvec.cu's `stage_fits` makes the same sum.
     pub fn matvec_stage_bytes(&self, q: mxr_quant::QType, cols: usize) -> u32 {
         let (bit, chunk_row_bytes) = match q {
             mxr_quant::QType::Q8_0 => (PIPELINE_Q8_0, 1088),
@@ -192,8 +187,8 @@ impl Tuning {
         }
         let (warps, rows) = self.matvec_shape(q);
         let ring = (warps * rows * self.matvec_stage) as usize * chunk_row_bytes;
-        // with matvec_q4k_lean, Q4_K's activation block sums too (an int per 32 columns)
-        let sums = if q == mxr_quant::QType::Q4K && self.matvec_q4k_lean { cols / 8 } else { 0 };
+        // Q4_K's activation block sums too (an int per 32 columns)
+        let sums = if q == mxr_quant::QType::Q4K { cols / 8 } else { 0 };
         let bytes = cols.saturating_add(cols / 8).saturating_add(sums).saturating_add(ring);
         if bytes <= 48 * 1024 {
             bytes as u32
@@ -215,7 +210,6 @@ impl Tuning {
             matvec_stage: get("MXR_MATVEC_STAGE", 2, |v| v <= 4),
             matvec_staged: get("MXR_MATVEC_STAGED", PIPELINE_Q4_K, |v| v <= 31),
             matvec_early: get("MXR_MATVEC_EARLY", 0, |v| v <= 1) == 1,
-            matvec_q4k_lean: get("MXR_MATVEC_Q4K_LEAN", 0, |v| v <= 1) == 1,
             flash_wgmma: get("MXR_FLASH_WGMMA", 2, |v| v <= 2),
             flash_stages: get("MXR_FLASH_STAGES", 3, |v| (2..=3).contains(&v)),
             flash_pingpong: get("MXR_FLASH_PINGPONG", 0, |v| v <= 1) == 1,
@@ -400,7 +394,6 @@ impl Gpu {
                 format!("STAGE={}", self.tuning.matvec_stage),
                 format!("STAGED={}", self.tuning.matvec_staged),
                 format!("EARLY={}", self.tuning.matvec_early as u32),
-                format!("Q4K_LEAN={}", self.tuning.matvec_q4k_lean as u32),
             ],
             _ => Vec::new(),
         };
@@ -723,34 +716,26 @@ mod tests {
     #[test]
     fn matvec_stage_bytes_fit_the_block_rows() {
         let mut t = Tuning::from_env();
-        t.matvec_q4k_lean = false;
         t.matvec_staged = super::PIPELINE_Q8_0 | super::PIPELINE_Q4_K;
         t.matvec_stage = 0;
         assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144), 0);
         assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);
-        for (q, chunk_row_bytes) in [(QType::Q4K, 1152), (QType::Q8_0, 1088)] {
+        // per column: Q8_0 an int8 value and 1/8 of an f32 scale; Q4_K its block sums too
+        for (q, chunk_row_bytes, eighths) in [(QType::Q4K, 1152, 10), (QType::Q8_0, 1088, 9)] {
             let (warps, rows) = t.matvec_shape(q);
             let warp_rows = (warps * rows) as usize;
             for stages in 1..=4u32 {
                 t.matvec_stage = stages;
                 let ring = warp_rows * stages as usize * chunk_row_bytes;
-                assert_eq!(t.matvec_stage_bytes(q, 6144) as usize, 6144 + 768 + ring);
+                assert_eq!(t.matvec_stage_bytes(q, 6144) as usize, 6144 * eighths / 8 + ring);
                 assert_eq!(t.matvec_stage_bytes(QType::Q6K, 6144), 0);
                 assert_eq!(t.matvec_stage_bytes(q, 6144 + 128), 0, "not whole 256-column groups");
                 // the widest rows that fit, and one group of 256 more
-                let fit = (48 * 1024 - ring) * 8 / 9 / 256 * 256;
-                assert_eq!(t.matvec_stage_bytes(q, fit) as usize, fit + fit / 8 + ring);
+                let fit = (48 * 1024 - ring) * 8 / eighths / 256 * 256;
+                assert_eq!(t.matvec_stage_bytes(q, fit) as usize, fit * eighths / 8 + ring);
                 assert_eq!(t.matvec_stage_bytes(q, fit + 256), 0);
             }
         }
-        // Q4_K's lean products keep the activation block sums too
-        t.matvec_q4k_lean = true;
-        t.matvec_stage = 2;
-        let (warps, rows) = t.matvec_shape(QType::Q4K);
-        assert_eq!(t.matvec_stage_bytes(QType::Q4K, 6144) as usize, 6144 + 768 + 768 + (warps * rows * 2) as usize * 1152);
-        let (warps, rows) = t.matvec_shape(QType::Q8_0);
-        assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144) as usize, 6144 + 768 + (warps * rows * 2) as usize * 1088);
-        t.matvec_q4k_lean = false;
         // a type left out of matvec_staged reads global memory
         t.matvec_staged = super::PIPELINE_Q4_K;
         assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);

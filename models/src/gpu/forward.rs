@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, QAct, Residual};
+use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, Pinned, QAct, Residual};
 
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
@@ -25,14 +25,18 @@ pub struct GpuSession {
     kv: Vec<Option<(KvBuf, KvBuf)>>,
     counts: Vec<CudaSlice<u32>>,
     /// The decode step's graph and its buffers (None only while a step runs).
-    step: Option<Step>,
+    step: Option<Box<Step>>,
 }
 
-/// The decode step's inputs and output, at fixed addresses for its graph.
+/// The decode step's inputs and output, at fixed addresses for its graph: the token and
+/// position are written on the host into `io` and copied in by the graph, which also copies
+/// the logits out to `logits` (page-locked host memory both, so that a step costs one graph
+/// launch and one wait).
 struct Step {
+    io: Pinned<i32>,
     token: CudaSlice<i32>,
     pos: CudaSlice<i32>,
-    logits: CudaSlice<f32>,
+    logits: Pinned<f32>,
     graph: Option<Graph>,
 }
 
@@ -73,7 +77,13 @@ impl GpuSession {
             lightning,
             kv,
             counts,
-            step: Some(Step { token: g.zeros::<i32>(1)?, pos: g.zeros::<i32>(1)?, logits: g.zeros::<f32>(c.vocab_size)?, graph: None }),
+            step: Some(Box::new(Step {
+                io: g.pinned::<i32>(2)?,
+                token: g.zeros::<i32>(1)?,
+                pos: g.zeros::<i32>(1)?,
+                logits: g.pinned::<f32>(c.vocab_size)?,
+                graph: None,
+            })),
         })
     }
 
@@ -191,21 +201,22 @@ impl GpuModel {
 
     fn decode_with(&self, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<Vec<f32>, ModelError> {
         let g = &self.gpu;
-        g.write(&[token as i32], &mut step.token.as_view_mut())?;
-        g.write(&[session.pos as i32], &mut step.pos.as_view_mut())?;
+        g.pinned_host_mut(&mut step.io)?.copy_from_slice(&[token as i32, session.pos as i32]);
         if step.graph.is_none() {
             let pos_host = session.pos;
-            let Step { token, pos, logits, .. } = step;
+            let Step { io, token, pos, logits, .. } = step;
             let graph = g.capture(|| {
+                g.upload_pinned(io, 0, &mut token.as_view_mut())?;
+                g.upload_pinned(io, 1, &mut pos.as_view_mut())?;
                 let out = self.body(None, session, token, pos, pos_host, 1, Logits::Last).map_err(to_kernel)?;
-                g.copy(&out.as_view(), &mut logits.as_view_mut())
+                g.download_pinned(&out.as_view(), logits)
             })?;
             step.graph = Some(graph);
         }
         if let Some(graph) = &step.graph {
             graph.launch()?;
         }
-        Ok(g.download(&step.logits.as_view())?)
+        Ok(g.pinned_host(&step.logits)?.to_vec())
     }
 
     /// The layers and the head over `n` tokens whose ids are in `ids` (device), starting at
