@@ -28,9 +28,10 @@
 #              too; a ;-separated list in $MXR_STAGE_SET), then S8 and S8q4 tg128 with
 #              MXR_MATVEC_STAGE=$MXR_STAGE (default 3; EARLY 1 and 0) against 0,
 #              interleaved                                                    ~9 min
-#   timeline   S8 and S8q4: mxr bench -n 32 --timeline (each decode kernel's share of a
-#              step inside the graph, kernels built with time stamps), and S8q4 again
-#              with MXR_MATVEC_EARLY=1                                        ~5 min
+#   timeline   $MXR_TIMELINE_SLICES (default S8 and S8q4): mxr bench -n 32 --timeline
+#              (each decode kernel's share of a step inside the graph, kernels built
+#              with time stamps), and with MXR_TIMELINE_EARLY=1 S8q4 again with
+#              MXR_MATVEC_EARLY=1                                             ~4 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm; default 5), interleaved               ~4 min
 #   ab         tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged by
@@ -127,9 +128,12 @@ for s in "${steps[@]}"; do
                 echo "== $slice --timeline"
                 scripts/bench-slice.sh "$slice" -p 0 -n 32 -r 1 --timeline
             done
-            # and the early-chunk variant that measured slower (tenth session), to see where
-            echo "== S8q4 --timeline MXR_MATVEC_EARLY=1"
-            MXR_MATVEC_EARLY=1 scripts/bench-slice.sh S8q4 -p 0 -n 32 -r 1 --timeline
+            # and, with MXR_TIMELINE_EARLY=1, the early-chunk variant that measured slower
+            # (tenth session), to see where
+            if [ "${MXR_TIMELINE_EARLY:-0}" = 1 ]; then
+                echo "== S8q4 --timeline MXR_MATVEC_EARLY=1"
+                MXR_MATVEC_EARLY=1 scripts/bench-slice.sh S8q4 -p 0 -n 32 -r 1 --timeline
+            fi
         } >"$out/timeline.log" 2>&1
         ;;
     fuse)
