@@ -13,16 +13,21 @@ use cudarc::driver::{DevicePtr, DevicePtrMut, PinnedHostSlice};
 use super::{drv, CudaView, CudaViewMut, DeviceRepr, Gpu, Result, ValidAsZeroBits};
 use crate::KernelError;
 
-/// `len` values of page-locked host memory, zeroed at allocation.
-pub struct Pinned<T>(PinnedHostSlice<T>);
+/// `len` values of page-locked host memory, zeroed at allocation. `at` is its address,
+/// taken once: cudarc's accessors synchronise on an event first, which a capturing stream
+/// does not allow.
+pub struct Pinned<T> {
+    host: PinnedHostSlice<T>,
+    at: usize,
+}
 
 impl<T> Pinned<T> {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.host.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.host.is_empty()
     }
 }
 
@@ -36,21 +41,21 @@ impl Gpu {
         let p = h.as_mut_ptr().map_err(|e| drv("pinned memory", e))?;
         // SAFETY: p points at h's len() values, owned by h.
         unsafe { std::ptr::write_bytes(p, 0, h.len()) };
-        Ok(Pinned(h))
+        Ok(Pinned { host: h, at: p as usize })
     }
 
     /// The host values, once the stream has finished everything queued (a download into
     /// them included).
     pub fn pinned_host<'p, T: ValidAsZeroBits>(&self, p: &'p Pinned<T>) -> Result<&'p [T]> {
         self.sync()?;
-        p.0.as_slice().map_err(|e| drv("pinned memory", e))
+        p.host.as_slice().map_err(|e| drv("pinned memory", e))
     }
 
     /// The host values to write, once the stream has finished everything queued (an upload
     /// still reading them included).
     pub fn pinned_host_mut<'p, T: ValidAsZeroBits>(&self, p: &'p mut Pinned<T>) -> Result<&'p mut [T]> {
         self.sync()?;
-        p.0.as_mut_slice().map_err(|e| drv("pinned memory", e))
+        p.host.as_mut_slice().map_err(|e| drv("pinned memory", e))
     }
 
     /// Queues dst = src[at..at + dst.len()] on the stream (a copy node when capturing): the
@@ -61,7 +66,7 @@ impl Gpu {
             return Err(KernelError::Length { op: "upload from pinned memory", what: "source", expected: at + n, actual: src.len() });
         }
         let (ptr, _) = dst.device_ptr_mut(&self.stream);
-        let base = src.0.as_ptr().map_err(|e| drv("pinned memory", e))?;
+        let base = src.at as *const T;
         // SAFETY: [at, at + n) lies inside src's page-locked allocation, which outlives the
         // copy only if the caller keeps it: the step that owns both the graph and its
         // buffers drops them together, and the host side is written only after a sync
@@ -80,7 +85,7 @@ impl Gpu {
             return Err(KernelError::Length { op: "download to pinned memory", what: "destination", expected: n, actual: dst.len() });
         }
         let (ptr, _) = src.device_ptr(&self.stream);
-        let base = dst.0.as_mut_ptr().map_err(|e| drv("pinned memory", e))?;
+        let base = dst.at as *mut T;
         // SAFETY: [0, n) lies inside dst's page-locked allocation; the host reads it only
         // after a sync (pinned_host), and its owner keeps it as long as the graph that
         // holds this copy.
