@@ -28,8 +28,11 @@ __device__ void topk_token(const float* l, int n_experts, int k, int* ids, float
     }
     s = warp_sum(s);
     float inv = 1.f / s, total = 0.f;
+    // both arrays indexed by unrolled constants only, so that they stay in registers
     float chosen[MAX_K];
-    for (int j = 0; j < k; j++) {
+#pragma unroll
+    for (int j = 0; j < MAX_K; j++) {
+        if (j >= k) break;
         // Best of this lane (lowest index on ties), then across lanes.
         float best = -1.f;
         int arg = 0x7fffffff;
@@ -41,7 +44,9 @@ __device__ void topk_token(const float* l, int n_experts, int k, int* ids, float
             int oa = __shfl_xor_sync(0xffffffffu, arg, o);
             if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
         }
-        if ((arg & 31) == lane) p[arg >> 5] = -1.f;
+#pragma unroll
+        for (int i = 0; i < MAX_EXPERTS_PER_LANE; i++)
+            if (arg == lane + 32 * i) p[i] = -1.f;
         chosen[j] = best * inv;
         total += chosen[j];
         if (lane == 0) {
@@ -49,8 +54,11 @@ __device__ void topk_token(const float* l, int n_experts, int k, int* ids, float
             atomicAdd(counts + arg, 1u);
         }
     }
-    if (lane == 0)
-        for (int j = 0; j < k; j++) weights[j] = chosen[j] / total;
+    if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < MAX_K; j++)
+            if (j < k) weights[j] = chosen[j] / total;
+    }
 }
 
 // Per token (one warp each) over the router's logits [n_tokens, n_experts]: topk_token.
@@ -64,12 +72,43 @@ extern "C" __global__ void route_topk(const float* logits, int n_tokens, int n_e
 // The router's product and route_topk in one kernel (few tokens): block (r, t) computes
 // logit r of token t as matvec.cu's matvec_wide does (the same sums), and the block that
 // finishes token t's last logit runs topk_token on them (tickets[t] counts the blocks).
+//
+// A row of up to ROUTE_HELD 16-byte units per thread is read into registers before the PDL
+// wait (the router's weights never depend on the kernel ahead, the norm that makes x), and
+// summed in block_row_dot's order once x is there.
+#define ROUTE_HELD 8
 template <class F>
 __device__ void route_fused(const u8* w, int n_experts, int cols, const float* x, int k, float* logits, int* ids, float* weights,
                             unsigned* counts, unsigned* tickets) {
     __shared__ float scratch[32];
-    int r = blockIdx.x, t = blockIdx.y;
-    float v = block_row_dot<F>(w, n_experts, cols, x + (size_t)t * cols, r, scratch);
+    int r = blockIdx.x, t = blockIdx.y, n = F::units(cols);
+    bool held = n <= ROUTE_HELD * (int)blockDim.x;
+    typename F::WX wq[ROUTE_HELD];
+    if (held) {
+#pragma unroll
+        for (int j = 0; j < ROUTE_HELD; j++) {
+            int u = threadIdx.x + j * blockDim.x;
+            if (u < n) F::load_w(w, n_experts, cols, r, u, wq[j]);
+        }
+    }
+    PDL_ENTRY();
+    const float* xt = x + (size_t)t * cols;
+    float v;
+    if (held) {
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < ROUTE_HELD; j++) {
+            int u = threadIdx.x + j * blockDim.x;
+            if (u < n) {
+                typename F::X xu;
+                F::load_x(xt, u, xu);
+                acc += F::dotw(wq[j], u, xu);
+            }
+        }
+        v = block_sum(acc, scratch);
+    } else {
+        v = block_row_dot<F>(w, n_experts, cols, xt, r, scratch);
+    }
     if (threadIdx.x == 0) logits[(size_t)t * n_experts + r] = v;
     if (arrived_last(tickets + t, n_experts) && threadIdx.x < 32)
         topk_token(logits + (size_t)t * n_experts, n_experts, k, ids + t * k, weights + t * k, counts);
@@ -77,7 +116,7 @@ __device__ void route_fused(const u8* w, int n_experts, int cols, const float* x
 
 #define ROUTE_FUSED(name, F)                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) name(const u8* w, int n_experts, int cols, const float* x, int k, float* logits, \
-                                                        int* ids, float* weights, unsigned* counts, unsigned* tickets) { PDL_ENTRY(); \
+                                                        int* ids, float* weights, unsigned* counts, unsigned* tickets) {      \
         route_fused<F>(w, n_experts, cols, x, k, logits, ids, weights, counts, tickets);                                     \
     }
 ROUTE_FUSED(route_fused_f32, F32)

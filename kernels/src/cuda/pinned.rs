@@ -35,8 +35,9 @@ impl Gpu {
     /// `len` zeroed values of page-locked host memory for this GPU's stream.
     pub fn pinned<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<Pinned<T>> {
         // SAFETY: the allocation is zeroed below before anything can read it, and zero bits
-        // are a valid T.
-        let mut h = unsafe { self.ctx.alloc_pinned::<T>(len.max(1)) }
+        // are a valid T. Cached memory (flags 0), not cudarc's default write-combined kind,
+        // whose host reads bypass the caches (the logits, 800 KB a token, are read here).
+        let mut h = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len.max(1), 0) }
             .map_err(|e| drv(&format!("page-locking {} bytes of host memory", len * std::mem::size_of::<T>()), e))?;
         let p = h.as_mut_ptr().map_err(|e| drv("pinned memory", e))?;
         // SAFETY: p points at h's len() values, owned by h.

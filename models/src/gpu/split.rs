@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use mxr_kernels::cuda::{CudaSlice, Gpu, Graph};
+use mxr_kernels::cuda::{CudaSlice, Gpu, Graph, Pinned};
 
 use super::forward::{check_tokens, to_kernel, GpuSession};
 use super::GpuModel;
@@ -29,14 +29,17 @@ pub struct SplitSession {
     steps: Vec<PartStep>,
 }
 
-/// One part's decode step, at fixed addresses for its graph: the position, the token
-/// (first part) or the activations handed in (later parts), and what it hands on (the
-/// activations, or the logits on the last part).
+/// One part's decode step, at fixed addresses for its graph: the position and the token
+/// (written on the host into the page-locked `io`, copied in by the graph), the
+/// activations handed in (later parts), and what it hands on (the activations; on the last
+/// part the logits, which its graph copies out to the page-locked `logits`).
 struct PartStep {
+    io: Pinned<i32>,
     pos: CudaSlice<i32>,
     token: CudaSlice<i32>,
     x: CudaSlice<f32>,
     out: CudaSlice<f32>,
+    logits: Option<Pinned<f32>>,
     graph: Option<Graph>,
 }
 
@@ -143,8 +146,16 @@ impl SplitModel {
         if s.steps.is_empty() {
             for (i, p) in self.parts.iter().enumerate() {
                 let g = &p.gpu;
-                let out = if i + 1 == self.parts.len() { c.vocab_size } else { c.dim };
-                s.steps.push(PartStep { pos: g.zeros(1)?, token: g.zeros(1)?, x: g.zeros(c.dim)?, out: g.zeros(out)?, graph: None });
+                let is_last = i + 1 == self.parts.len();
+                s.steps.push(PartStep {
+                    io: g.pinned(2)?,
+                    pos: g.zeros(1)?,
+                    token: g.zeros(1)?,
+                    x: g.zeros(c.dim)?,
+                    out: g.zeros(if is_last { c.vocab_size } else { c.dim })?,
+                    logits: if is_last { Some(g.pinned(c.vocab_size)?) } else { None },
+                    graph: None,
+                });
             }
         }
         let pos_host = s.pos;
@@ -153,15 +164,16 @@ impl SplitModel {
             let g = &part.gpu;
             let (before, rest) = s.steps.split_at_mut(i);
             let st = &mut rest[0];
-            g.write(&[pos_host as i32], &mut st.pos.as_view_mut())?;
-            match before.last() {
-                None => g.write(&[token as i32], &mut st.token.as_view_mut())?,
-                Some(prev) => g.copy_from(&self.parts[i - 1].gpu, &prev.out, &mut st.x)?,
+            g.pinned_host_mut(&mut st.io)?.copy_from_slice(&[token as i32, pos_host as i32]);
+            if let Some(prev) = before.last() {
+                g.copy_from(&self.parts[i - 1].gpu, &prev.out, &mut st.x)?;
             }
             if st.graph.is_none() {
                 let ps = &mut s.parts[i];
-                let PartStep { pos, token, x, out, .. } = st;
+                let PartStep { io, pos, token, x, out, logits, .. } = st;
                 let graph = g.capture(|| {
+                    g.upload_pinned(io, 0, &mut token.as_view_mut())?;
+                    g.upload_pinned(io, 1, &mut pos.as_view_mut())?;
                     // the first part embeds its token; later parts work in place on the
                     // activations copied in before each replay
                     let mut embedded;
@@ -173,8 +185,12 @@ impl SplitModel {
                     };
                     let pending = part.run_layers(None, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
                     if i == last {
-                        let logits = part.head(y, pending, 1, Logits::Last).map_err(to_kernel)?;
-                        g.copy(&logits.as_view(), &mut out.as_view_mut())
+                        let l = part.head(y, pending, 1, Logits::Last).map_err(to_kernel)?;
+                        g.copy(&l.as_view(), &mut out.as_view_mut())?;
+                        match logits {
+                            Some(host) => g.download_pinned(&out.as_view(), host),
+                            None => Err(mxr_kernels::KernelError::Cuda("the last part's decode step has no logits buffer".into())),
+                        }
                     } else {
                         if let Some(p) = pending {
                             p.apply(g, y, c.dim).map_err(to_kernel)?;
@@ -188,8 +204,9 @@ impl SplitModel {
                 graph.launch()?;
             }
         }
-        let out = &s.steps[last].out;
-        Ok(self.parts[last].gpu.download(&out.as_view())?)
+        let logits =
+            s.steps[last].logits.as_ref().ok_or_else(|| ModelError::Input("the last part's decode step has no logits buffer".into()))?;
+        Ok(self.parts[last].gpu.pinned_host(logits)?.to_vec())
     }
 }
 
