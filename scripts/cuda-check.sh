@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Parses and type-checks every kernel source for NVPTX with clang, as NVRTC would see it
-# (common.cuh, plus formats.cuh or mma.cuh where the Rust side prepends them), without the CUDA toolkit
+# (common.cuh, plus formats.cuh, mma.cuh or rownorm.cuh where the Rust side prepends them), without the CUDA toolkit
 # or a GPU: syntax and type errors in kernels/cuda show up in CI. The GPU tests
 # (scripts/gpu-check.sh) remain the check that the kernels compute the right thing.
 set -euo pipefail
@@ -13,7 +13,9 @@ for f in kernels/cuda/*.cu; do
     name=$(basename "$f" .cu)
     hdr=""
     case "$name" in
-    matvec | dequant | moe) hdr=kernels/cuda/formats.cuh ;;
+    matvec | dequant) hdr=kernels/cuda/formats.cuh ;;
+    moe) hdr="kernels/cuda/formats.cuh kernels/cuda/rownorm.cuh" ;;
+    norm) hdr=kernels/cuda/rownorm.cuh ;;
     flash | flash_wgmma | lightning) hdr=kernels/cuda/mma.cuh ;;
     esac
     cat scripts/cuda-check-prelude.cuh kernels/cuda/common.cuh $hdr "$f" >"$tmp/$name.cu"

@@ -33,7 +33,8 @@
 #              with time stamps), and with MXR_TIMELINE_EARLY=1 S8q4 again with
 #              MXR_MATVEC_EARLY=1                                             ~4 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
-#              4 combine in the norm; default 5), interleaved               ~4 min
+#              4 combine in the norm, 8 the MoE norm in the router; default 13), over
+#              $MXR_FUSE_SET (default 13 5 13 5), interleaved              ~4 min
 #   ab         tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged by
 #              hand, e.g. the last commit; or carry/alt/mxr.xz, compressed), interleaved
 #              twice, on each slice of $MXR_AB_SLICES (default S8q4)       ~3 min a slice
@@ -137,7 +138,7 @@ for s in "${steps[@]}"; do
         } >"$out/timeline.log" 2>&1
         ;;
     fuse)
-        for f in ${MXR_FUSE_SET:-5 0 5 0}; do
+        for f in ${MXR_FUSE_SET:-13 5 13 5}; do
             echo "== S8 MXR_FUSE=$f"
             MXR_FUSE=$f scripts/bench-slice.sh S8 -p 0 -n 128 -r 3
         done >"$out/fuse.log" 2>&1

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Compiles every kernel source with NVRTC as the runtime does (kernels/src/cuda/nvrtc.rs:
-common.cuh, then formats.cuh or mma.cuh, then the source; --std=c++17 -lineinfo; matvec's
+common.cuh, then formats.cuh, mma.cuh or rownorm.cuh, then the source; --std=c++17 -lineinfo; matvec's
 ROWS/WARPS defines), down to SASS for sm_90 (sm_90a for the wgmma source), so ptxas checks the inline PTX too. No GPU
 is needed, only NVRTC (pip: nvidia-cuda-nvrtc and cuda-bindings). Exits non-zero, with
 NVRTC's log, if a source does not compile.
@@ -21,9 +21,9 @@ K = ROOT / "kernels" / "cuda"
 SOURCES = [
     ("matvec", ["formats.cuh"], ["ROWS=2", "WARPS=4", "UNROLL=2", "PIPELINE=" + __import__("os").environ.get("PIPELINE", "7"), "STAGE=" + __import__("os").environ.get("STAGE", "2"), "STAGED=" + __import__("os").environ.get("STAGED", "8"), "EARLY=" + __import__("os").environ.get("EARLY", "0")], None),
     ("dequant", ["formats.cuh"], [], None),
-    ("norm", [], [], None),
+    ("norm", ["rownorm.cuh"], [], None),
     ("elementwise", [], [], None),
-    ("moe", ["formats.cuh"], [], None),
+    ("moe", ["formats.cuh", "rownorm.cuh"], [], None),
     ("lightning", ["mma.cuh"], [], None),
     ("attention", [], [], None),
     ("flash", ["mma.cuh"], [], None),

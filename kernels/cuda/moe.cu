@@ -129,3 +129,43 @@ extern "C" __global__ void moe_combine(const float* y, const float* weights, int
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x)
         out[(size_t)t * width + c] = combine_at(y, weights, k, width, t, c);
 }
+
+// The MoE's norm and its router in one kernel, for one token (decode; MXR_FUSE bit 8).
+// Block r of n_experts (1024 threads) computes the whole norm of the row (rownorm.cuh:
+// x_out = rmsnorm(alpha x + beta Σ cw a) * w, the bits rmsnorm_fused makes with the same
+// block size), writes its share of x_out (float4s [r per, (r + 1) per)) and of its int8
+// form, and takes router row r's product with the normalised row from its registers; the
+// block that finishes last runs topk_token. x is only read: blocks may still be reading it
+// while others write their shares of x_out. The router's row and the norm's weights are
+// read before the PDL wait. The launcher checks the shapes (width <= 8192, per a multiple
+// of 8).
+extern "C" __global__ void __launch_bounds__(1024)
+    moe_norm_route_f32(const float* x, const float* a, const float* cw, int k_res, float alpha, float beta, const float* w, int width,
+                       float eps, float* x_out, i8* xq, float* xd, const float* router, int n_experts, int k, float* logits, int* ids,
+                       float* weights, unsigned* counts, unsigned* tickets) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x, n4 = width >> 2, per = n4 / n_experts;
+    const float4* w4 = (const float4*)w;
+    const float4* g4 = (const float4*)(router + (size_t)r * width);
+    float4 wv[NORM_REG], gv[NORM_REG];
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) {
+            wv[j] = w4[i];
+            gv[j] = g4[i];
+        }
+    }
+    PDL_ENTRY();
+    float4 ys[NORM_REG];
+    norm_row_regs(x, 0, a, cw, k_res, alpha, beta, wv, nullptr, width, eps, x_out, r * per, (r + 1) * per, xq, xd, ys);
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) {
+        int i = threadIdx.x + j * blockDim.x;
+        if (i < n4) acc += gv[j].x * ys[j].x + gv[j].y * ys[j].y + gv[j].z * ys[j].z + gv[j].w * ys[j].w;
+    }
+    float v = block_sum(acc, scratch);
+    if (threadIdx.x == 0) logits[r] = v;
+    if (arrived_last(tickets, n_experts) && threadIdx.x < 32) topk_token(logits, n_experts, k, ids, weights, counts);
+}

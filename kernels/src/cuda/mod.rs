@@ -32,7 +32,7 @@ pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use graph::Graph;
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
-pub use ops::{quantized, QAct, Residual, ROUTE_FUSED_TOKENS};
+pub use ops::{quantized, NormRouted, QAct, Residual, ROUTE_FUSED_TOKENS};
 pub use pinned::Pinned;
 pub use timeline::{by_kernel, KernelTime, Stamp};
 
@@ -137,9 +137,11 @@ pub struct Tuning {
     /// Captured graphs with programmatic edges into mxr's kernels (`MXR_PDL`: 1, the
     /// default, or 0 for plain edges): see graph.rs.
     pub pdl: bool,
-    /// Decode's fused kernels (`MXR_FUSE`, a bit set, default 5: both): 1 the router's
-    /// product with its top-k (`route_fused`), 4 the MoE's combination inside the next norm.
-    /// A fusion left out is its own kernel again, with the same values. (Bit 2 was SwiGLU's
+    /// Decode's fused kernels (`MXR_FUSE`, a bit set, default 13: all three): 1 the router's
+    /// product with its top-k (`route_fused`), 4 the MoE's combination inside the next norm,
+    /// 8 the MoE's norm inside the router (`moe_norm_route`: one token, f32 router; with 1
+    /// and 4). A fusion left out is its own kernel again, with the same values (the router's
+    /// logits of bit 8 are summed in another order, so they may differ in the last bits). (Bit 2 was SwiGLU's
     /// int8 form as the gate/up products' epilogue: the same values, no measurable gain on
     /// an H200, a fence and an atomic in every block of the step's largest kernel; removed.)
     pub fuse: u32,
@@ -159,6 +161,7 @@ pub const PIPELINE_DEFAULT: u32 = PIPELINE_Q8_0 | PIPELINE_Q6_K | PIPELINE_Q4_0;
 /// `Tuning::fuse` bits.
 pub const FUSE_ROUTE: u32 = 1;
 pub const FUSE_COMBINE: u32 = 4;
+pub const FUSE_NORM_ROUTE: u32 = 8;
 
 impl Tuning {
     /// The matrix-vector kernels' (warps per block, rows per warp) for weights of type `q`.
@@ -216,7 +219,7 @@ impl Tuning {
             flash_producer: get("MXR_FLASH_PRODUCER", 1, |v| v <= 1) == 1,
             flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
             pdl: get("MXR_PDL", 1, |v| v <= 1) == 1,
-            fuse: get("MXR_FUSE", 5, |v| v <= 7),
+            fuse: get("MXR_FUSE", 13, |v| v <= 15),
             timeline: get("MXR_TIMELINE", 0, |v| v <= 1) == 1,
         }
     }

@@ -27,6 +27,7 @@ pub enum Source {
 const COMMON: &str = include_str!("../../cuda/common.cuh");
 const FORMATS: &str = include_str!("../../cuda/formats.cuh");
 const MMA: &str = include_str!("../../cuda/mma.cuh");
+const ROWNORM: &str = include_str!("../../cuda/rownorm.cuh");
 
 impl Source {
     pub const ALL: [Source; 9] = [
@@ -67,28 +68,24 @@ impl Source {
         }
     }
 
-    /// The full text NVRTC compiles: common.cuh, then the quantization formats and the
-    /// tensor-core helpers for the sources that use them, then the source.
+    /// The full text NVRTC compiles: common.cuh, then the quantization formats, the
+    /// tensor-core helpers and the register-held row norm for the sources that use them,
+    /// then the source.
     pub fn text(self) -> String {
-        let (formats, mma, body) = match self {
-            Source::Matvec => (true, false, include_str!("../../cuda/matvec.cu")),
-            Source::Dequant => (true, false, include_str!("../../cuda/dequant.cu")),
-            Source::Norm => (false, false, include_str!("../../cuda/norm.cu")),
-            Source::Elementwise => (false, false, include_str!("../../cuda/elementwise.cu")),
-            Source::Moe => (true, false, include_str!("../../cuda/moe.cu")),
-            Source::Lightning => (false, true, include_str!("../../cuda/lightning.cu")),
-            Source::Attention => (false, false, include_str!("../../cuda/attention.cu")),
-            Source::Flash => (false, true, include_str!("../../cuda/flash.cu")),
-            Source::FlashWgmma => (false, true, include_str!("../../cuda/flash_wgmma.cu")),
+        let (headers, body): (&[&str], &str) = match self {
+            Source::Matvec => (&[FORMATS], include_str!("../../cuda/matvec.cu")),
+            Source::Dequant => (&[FORMATS], include_str!("../../cuda/dequant.cu")),
+            Source::Norm => (&[ROWNORM], include_str!("../../cuda/norm.cu")),
+            Source::Elementwise => (&[], include_str!("../../cuda/elementwise.cu")),
+            Source::Moe => (&[FORMATS, ROWNORM], include_str!("../../cuda/moe.cu")),
+            Source::Lightning => (&[MMA], include_str!("../../cuda/lightning.cu")),
+            Source::Attention => (&[], include_str!("../../cuda/attention.cu")),
+            Source::Flash => (&[MMA], include_str!("../../cuda/flash.cu")),
+            Source::FlashWgmma => (&[MMA], include_str!("../../cuda/flash_wgmma.cu")),
         };
-        let mut s = String::with_capacity(COMMON.len() + FORMATS.len() + MMA.len() + body.len());
+        let mut s = String::with_capacity(COMMON.len() + headers.iter().map(|h| h.len()).sum::<usize>() + body.len());
         s.push_str(COMMON);
-        if formats {
-            s.push_str(FORMATS);
-        }
-        if mma {
-            s.push_str(MMA);
-        }
+        headers.iter().for_each(|h| s.push_str(h));
         s.push_str(body);
         s
     }

@@ -42,6 +42,15 @@ pub struct Residual<'a> {
     pub combine: Option<(CudaView<'a, f32>, usize)>,
 }
 
+/// What [`Gpu::moe_norm_route`] makes: the normalised row, its int8 form (if asked for),
+/// and the router's choices [k] with their renormalised weights.
+pub struct NormRouted {
+    pub x: CudaSlice<f32>,
+    pub act: Option<QAct>,
+    pub ids: CudaSlice<i32>,
+    pub weights: CudaSlice<f32>,
+}
+
 /// Tokens [`Gpu::route_fused`] takes (its tickets: one per token).
 pub const ROUTE_FUSED_TOKENS: usize = 64;
 /// [`Gpu`]'s ticket buffer (zeros between kernels; see common.cuh's `arrived_last`): one
@@ -458,6 +467,82 @@ impl Gpu {
         let kk = k as i32;
         launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &cw, &kk, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
         Ok(act)
+    }
+
+    /// The MoE's norm and its router for one token in one kernel (moe.cu's
+    /// `moe_norm_route_f32`): x_out = rmsnorm(alpha x + beta a) * w, the same values
+    /// [`Gpu::rmsnorm_fused`] makes in place, with its int8 form when `quantize`; then the
+    /// top `k` of the router's softmax over x_out into ids and weights, as
+    /// [`Gpu::route_fused`] (the logits summed in another order; counts[e] += choices of
+    /// e). Ok(None), with nothing queued, where the fusion does not apply: `MXR_FUSE` without 8, more than one row, a
+    /// router other than one f32 matrix, or a row the routing blocks cannot share in whole
+    /// 32-value blocks (width / 4 / experts a multiple of 8) or hold in registers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_norm_route(
+        &self,
+        x: &CudaView<'_, f32>,
+        residual: Option<&Residual<'_>>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        quantize: bool,
+        router: &GpuMatrix,
+        k: usize,
+        counts: &mut CudaSlice<u32>,
+    ) -> Result<Option<NormRouted>> {
+        const THREADS: usize = 1024;
+        let (width, n_experts) = (w.len(), router.rows);
+        let fused = super::FUSE_NORM_ROUTE | super::FUSE_ROUTE | super::FUSE_COMBINE;
+        let share = (width / 4).checked_div(n_experts).unwrap_or(0);
+        if self.tuning.fuse & fused != fused
+            || x.len() != width
+            || router.qtype != QType::F32
+            || router.n_experts != 1
+            || router.cols != width
+            || !width.is_multiple_of(32)
+            || width / 4 > 2 * THREADS
+            || share == 0
+            || !share.is_multiple_of(8)
+            || !(width / 4).is_multiple_of(n_experts)
+        {
+            return Ok(None);
+        }
+        check_route("moe_norm_route", 1, n_experts, k, [k, k, counts.len()])?;
+        let k_res = match residual.and_then(|r| r.combine.as_ref()) {
+            Some((cw, kr)) => {
+                if *kr == 0 {
+                    return Err(KernelError::Shape("moe_norm_route: combining 0 expert outputs".into()));
+                }
+                need("moe_norm_route", "combine weights", *kr, cw.len())?;
+                *kr
+            }
+            None => 1,
+        };
+        if let Some(r) = residual {
+            need("moe_norm_route", "residual", width * k_res, r.a.len())?;
+        }
+        let mut out = self.alloc::<f32>(width)?;
+        let mut act = if quantize {
+            Some(QAct { q: self.alloc::<i8>(width)?, d: self.alloc::<f32>(width / 32)?, rows: 1, cols: width })
+        } else {
+            None
+        };
+        let mut logits = self.alloc::<f32>(n_experts)?;
+        let (mut ids, mut weights) = (self.alloc::<i32>(k)?, self.alloc::<f32>(k)?);
+        let (alpha, beta) = residual.map_or((1.0, 0.0), |r| (r.alpha, r.beta));
+        // absent inputs and outputs are null pointers
+        let a = residual.map_or(0, |r| r.a.device_ptr(&self.stream).0);
+        let cw = residual.and_then(|r| r.combine.as_ref()).map_or(0, |(cw, _)| cw.device_ptr(&self.stream).0);
+        let (q, d) = match act.as_mut() {
+            Some(qa) => (qa.q.device_ptr_mut(&self.stream).0, qa.d.device_ptr_mut(&self.stream).0),
+            None => (0, 0),
+        };
+        let cfg = LaunchConfig { grid_dim: (n_experts as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        let (kr, wd, e, kk) = (k_res as i32, width as i32, n_experts as i32, k as i32);
+        let tickets = self.tickets.slice(..);
+        #[rustfmt::skip]
+        launch!(self, Source::Moe, "moe_norm_route_f32", cfg, x, &a, &cw, &kr, &alpha, &beta, w, &wd, &eps, &mut out, &q, &d,
+            &router.buf, &e, &kk, &mut logits, &mut ids, &mut weights, counts, &tickets)?;
+        Ok(Some(NormRouted { x: out, act, ids, weights }))
     }
 
     /// A one-thread kernel that only does PDL_ENTRY: with `MXR_TIMELINE=1`, a stamp at the

@@ -356,7 +356,15 @@ impl GpuModel {
             // in prefill) and the experts; offloaded: one
             let (routed, act) = self.stage("moe router", || {
                 let resident = layer.slot.is_none();
-                let act = self.norm_into(x, pending.take(), &layer.ffn_norm, quick && resident && quantized(layer.gate_exps.qtype))?;
+                let quantize = quick && resident && quantized(layer.gate_exps.qtype);
+                // decode: the norm inside the router's kernel, where that fusion applies
+                if resident && n == 1 {
+                    if let Some((routed, act)) = self.norm_route(layer, x, pending.as_ref(), quantize, &mut session.counts[l])? {
+                        pending = None;
+                        return Ok((Some(routed), act));
+                    }
+                }
+                let act = self.norm_into(x, pending.take(), &layer.ffn_norm, quantize)?;
                 match layer.slot {
                     Some(_) => Ok((None, act)),
                     None => Ok((Some(self.moe_route(layer, &x.as_view(), n, &mut session.counts[l])?), act)),
@@ -470,7 +478,7 @@ impl Pending {
     }
 
     /// The residual term for rows `rows` of x (of width d).
-    fn residual(&self, rows: std::ops::Range<usize>, d: usize) -> Residual<'_> {
+    pub(crate) fn residual(&self, rows: std::ops::Range<usize>, d: usize) -> Residual<'_> {
         let k = self.k;
         Residual {
             a: self.out.slice(rows.start * k * d..rows.end * k * d),

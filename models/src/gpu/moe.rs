@@ -8,6 +8,7 @@
 use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix, QAct};
 use mxr_quant::QType;
 
+use super::forward::Pending;
 use super::{Bf16Input, GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
 use crate::ModelError;
 
@@ -62,6 +63,31 @@ impl GpuModel {
             Some(pairs)
         };
         Ok(Routed { ids, weights, groups })
+    }
+
+    /// Decode's MoE norm and router in one kernel ([`mxr_kernels::cuda::Gpu::moe_norm_route`]),
+    /// where that fusion applies: x becomes the normalised row (alpha x + beta `pending`,
+    /// normalised with the layer's MoE norm; a new buffer), and the router's choices and,
+    /// with `quantize`, x's int8 form come back. None, with nothing queued and x as it was,
+    /// where it does not apply (then the caller runs the norm and the router apart).
+    pub(crate) fn norm_route(
+        &self,
+        layer: &GpuLayer,
+        x: &mut CudaSlice<f32>,
+        pending: Option<&Pending>,
+        quantize: bool,
+        counts: &mut CudaSlice<u32>,
+    ) -> Result<Option<(Routed, Option<QAct>)>, ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let residual = pending.map(|p| p.residual(0..1, c.dim));
+        let eps = c.rms_eps as f32;
+        let Some(r) =
+            g.moe_norm_route(&x.as_view(), residual.as_ref(), &layer.ffn_norm, eps, quantize, &layer.router, c.n_experts_used, counts)?
+        else {
+            return Ok(None);
+        };
+        *x = r.x;
+        Ok(Some((Routed { ids: r.ids, weights: r.weights, groups: None }, r.act)))
     }
 
     /// The MoE's second half: the chosen experts over x, y [n k, dim] (row t k + j: token
