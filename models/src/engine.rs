@@ -52,10 +52,23 @@ impl Backend {
     }
 
     pub fn forward(&self, model: &Model, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        self.forward_with(model, state, tokens, which, |l| l.to_vec())
+    }
+
+    /// [`Backend::forward`], handing the logits to `f` where they lie instead of returning a
+    /// copy (a GPU's decoded token: its page-locked buffer).
+    pub fn forward_with<R>(
+        &self,
+        model: &Model,
+        state: &mut State,
+        tokens: &[u32],
+        which: Logits,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R, ModelError> {
         match (self, state) {
-            (Backend::Cpu(t), State::Cpu(s)) => forward(model, s, tokens, which, *t),
-            (Backend::Cuda(g), State::Cuda(s)) => g.forward_on(Some(model), s, tokens, which),
-            (Backend::Split(m), State::Split(s)) => m.forward(Some(model), s, tokens, which),
+            (Backend::Cpu(t), State::Cpu(s)) => Ok(f(&forward(model, s, tokens, which, *t)?)),
+            (Backend::Cuda(g), State::Cuda(s)) => g.forward_with(Some(model), s, tokens, which, f),
+            (Backend::Split(m), State::Split(s)) => m.forward_with(Some(model), s, tokens, which, f),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
         }
     }

@@ -214,7 +214,7 @@ fn prefill(l: &Loaded, pool: &[u32], n: usize, batch: usize, rep: usize) -> Resu
     let mut st = l.new_state()?;
     let t = Instant::now();
     for chunk in ids.chunks(batch.max(1)) {
-        l.forward(&mut st, chunk, Logits::Last)?;
+        l.forward_with(&mut st, chunk, Logits::Last, |_| ())?;
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -226,12 +226,12 @@ fn at_depth(l: &Loaded, pool: &[u32], depth: usize, n: usize, batch: usize, rep:
     let mut st = l.new_state()?;
     let t = Instant::now();
     for chunk in ids[..depth].chunks(batch.max(1)) {
-        l.forward(&mut st, chunk, Logits::Last)?;
+        l.forward_with(&mut st, chunk, Logits::Last, |_| ())?;
     }
     let prefill = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for &id in &ids[depth..] {
-        l.forward(&mut st, &[id], Logits::Last)?;
+        l.forward_with(&mut st, &[id], Logits::Last, |_| ())?;
     }
     Ok((prefill, t.elapsed().as_secs_f64()))
 }
@@ -241,7 +241,7 @@ fn decode(l: &Loaded, pool: &[u32], n: usize, rep: usize) -> Result<f64> {
     let mut st = l.new_state()?;
     let t = Instant::now();
     for &id in &ids {
-        l.forward(&mut st, &[id], Logits::Last)?;
+        l.forward_with(&mut st, &[id], Logits::Last, |_| ())?;
     }
     Ok(t.elapsed().as_secs_f64())
 }

@@ -36,11 +36,11 @@ pub fn measure(l: &Loaded, ids: &[u32]) -> Result<Report> {
         bail!("--timeline needs at least 2 tokens to decode (-n)");
     }
     let mut st = l.new_state()?;
-    l.forward(&mut st, &ids[..1], Logits::Last)?;
+    l.forward_with(&mut st, &ids[..1], Logits::Last, |_| ())?;
     let mut replays = Vec::new();
     for &id in &ids[1..] {
         g.timeline_reset()?;
-        l.forward(&mut st, &[id], Logits::Last)?;
+        l.forward_with(&mut st, &[id], Logits::Last, |_| ())?;
         replays.push(g.timeline_read()?);
     }
     let n = replays.len() as f64;

@@ -238,7 +238,10 @@ impl Chat {
             }
             let next = self.sampler.sample(&logits, self.session.tokens(), &self.l.tokenizer.suppress);
             n += 1;
-            logits = self.l.forward(&mut self.session, &[next], Logits::Last)?;
+            self.l.forward_with(&mut self.session, &[next], Logits::Last, |x| {
+                logits.clear();
+                logits.extend_from_slice(x);
+            })?;
             if self.l.tokenizer.stop.contains(&next) {
                 self.seen.push_str(&reply);
                 reply_done = true;

@@ -336,19 +336,30 @@ impl Loaded {
     /// The model on `tokens`; non-finite logits (NaN or infinite weights, overflow) are an
     /// error rather than garbage text.
     pub fn forward(&self, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let logits = self.backend.forward(&self.model, state, tokens, which)?;
-        // every call, decode included: a branch-free scan in chunks (vectorised), and the
-        // position only when something is found
-        let bad = logits.chunks(64).any(|c| c.iter().fold(false, |a, v| a | !v.is_finite()));
-        if let Some(i) = bad.then(|| logits.iter().position(|v| !v.is_finite())).flatten() {
-            bail!(
-                "the model produced a non-finite logit ({} for token {} at position {}): are its weights finite? `mxr inspect --check` finds NaN and infinity",
-                logits[i],
-                i % self.model.config.vocab_size.max(1),
-                state.pos().saturating_sub(logits.len().div_ceil(self.model.config.vocab_size.max(1))) + i / self.model.config.vocab_size.max(1)
-            );
-        }
-        Ok(logits)
+        self.forward_with(state, tokens, which, |l| l.to_vec())
+    }
+
+    /// [`Loaded::forward`], handing the logits to `f` where they lie (a GPU's decoded
+    /// token: the page-locked buffer its graph wrote) instead of returning a copy; `f` runs
+    /// only on finite logits.
+    pub fn forward_with<R>(&self, state: &mut State, tokens: &[u32], which: Logits, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let checked = self.backend.forward_with(&self.model, state, tokens, which, |logits| {
+            // every call, decode included: a branch-free scan in chunks (vectorised), and
+            // the position only when something is found
+            let bad = logits.chunks(64).any(|c| c.iter().fold(false, |a, v| a | !v.is_finite()));
+            match bad.then(|| logits.iter().position(|v| !v.is_finite())).flatten() {
+                Some(i) => Err((logits[i], i, logits.len())),
+                None => Ok(f(logits)),
+            }
+        })?;
+        let vocab = self.model.config.vocab_size.max(1);
+        checked.map_err(|(v, i, len)| {
+            anyhow::anyhow!(
+                "the model produced a non-finite logit ({v} for token {} at position {}): are its weights finite? `mxr inspect --check` finds NaN and infinity",
+                i % vocab,
+                state.pos().saturating_sub(len.div_ceil(vocab)) + i / vocab
+            )
+        })
     }
 }
 
@@ -541,7 +552,10 @@ pub fn run(a: RunArgs) -> Result<()> {
         if generated == a.n_predict {
             break;
         }
-        last = l.forward(&mut session, &[next], Logits::Last)?;
+        l.forward_with(&mut session, &[next], Logits::Last, |x| {
+            last.clear();
+            last.extend_from_slice(x);
+        })?;
     }
     if a.n_predict > 0 {
         writeln!(out).ok();

@@ -169,6 +169,21 @@ impl GpuModel {
         tokens: &[u32],
         which: Logits,
     ) -> Result<Vec<f32>, ModelError> {
+        self.forward_with(host, session, tokens, which, |l| l.to_vec())
+    }
+
+    /// [`GpuModel::forward_on`], handing the logits to `f` where they lie instead of
+    /// returning a copy: a decoded token's are read from the page-locked buffer its graph
+    /// copied them to (800 KB a token for MiniMax-Text-01, whose copy into a new vector the
+    /// host would otherwise pay every token).
+    pub fn forward_with<R>(
+        &self,
+        host: Option<&Model>,
+        session: &mut GpuSession,
+        tokens: &[u32],
+        which: Logits,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R, ModelError> {
         if self.offloaded && host.is_none() {
             return Err(ModelError::Input("this GPU model keeps experts in host memory: run it with its host model (forward_on)".into()));
         }
@@ -177,29 +192,32 @@ impl GpuModel {
         check_tokens(&self.config, session.pos, session.capacity, tokens)?;
         let pos_host = session.pos;
         session.commit(self, n)?;
-        let logits = if n == 1 && which == Logits::Last && self.graphs_enabled() {
-            self.decode(session, tokens[0])?
+        let r = if n == 1 && which == Logits::Last && self.graphs_enabled() {
+            self.decode(session, tokens[0])?;
+            let step = session.step.as_ref().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
+            f(g.pinned_host(&step.logits)?)
         } else {
             let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
             let ids = g.upload(&ids)?;
             let pos = g.upload(&[pos_host as i32])?;
             let logits = self.body(host, session, &ids, &pos, pos_host, n, which)?;
-            g.download(&logits.as_view())?
+            f(&g.download(&logits.as_view())?)
         };
         session.pos += n;
         session.tokens.extend_from_slice(tokens);
-        Ok(logits)
+        Ok(r)
     }
 
-    /// One token through the session's decode graph (captured at the first call).
-    fn decode(&self, session: &mut GpuSession, token: u32) -> Result<Vec<f32>, ModelError> {
+    /// One token through the session's decode graph (captured at the first call); the
+    /// logits land in the step's page-locked buffer.
+    fn decode(&self, session: &mut GpuSession, token: u32) -> Result<(), ModelError> {
         let mut step = session.step.take().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
         let result = self.decode_with(session, &mut step, token);
         session.step = Some(step);
         result
     }
 
-    fn decode_with(&self, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<Vec<f32>, ModelError> {
+    fn decode_with(&self, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<(), ModelError> {
         let g = &self.gpu;
         g.pinned_host_mut(&mut step.io)?.copy_from_slice(&[token as i32, session.pos as i32]);
         if step.graph.is_none() {
@@ -216,7 +234,7 @@ impl GpuModel {
         if let Some(graph) = &step.graph {
             graph.launch()?;
         }
-        Ok(g.pinned_host(&step.logits)?.to_vec())
+        Ok(())
     }
 
     /// The layers and the head over `n` tokens whose ids are in `ids` (device), starting at

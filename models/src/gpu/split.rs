@@ -91,6 +91,19 @@ impl SplitModel {
     /// Runs `tokens` after what `s` has seen; logits as [`GpuModel::forward_on`]. `host`:
     /// the mapped model, needed when some part keeps experts in host memory.
     pub fn forward(&self, host: Option<&Model>, s: &mut SplitSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
+        self.forward_with(host, s, tokens, which, |l| l.to_vec())
+    }
+
+    /// [`SplitModel::forward`], handing the logits to `f` where they lie (a decoded
+    /// token's: the last part's page-locked buffer), as [`GpuModel::forward_with`].
+    pub fn forward_with<R>(
+        &self,
+        host: Option<&Model>,
+        s: &mut SplitSession,
+        tokens: &[u32],
+        which: Logits,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R, ModelError> {
         if self.parts.iter().any(|p| p.offloaded) && host.is_none() {
             return Err(ModelError::Input("this split model keeps experts in host memory: run it with its host model".into()));
         }
@@ -99,10 +112,16 @@ impl SplitModel {
         for (part, ps) in self.parts.iter().zip(s.parts.iter_mut()) {
             ps.commit(part, n)?;
         }
-        let logits = if n == 1 && which == Logits::Last && self.parts.iter().all(|p| p.graphs_enabled()) {
-            self.decode(s, tokens[0])?
+        let r = if n == 1 && which == Logits::Last && self.parts.iter().all(|p| p.graphs_enabled()) {
+            self.decode(s, tokens[0])?;
+            let logits = s
+                .steps
+                .last()
+                .and_then(|st| st.logits.as_ref())
+                .ok_or_else(|| ModelError::Input("the last part's decode step has no logits buffer".into()))?;
+            f(self.parts[self.parts.len() - 1].gpu.pinned_host(logits)?)
         } else {
-            self.pass(host, s, tokens, which)?
+            f(&self.pass(host, s, tokens, which)?)
         };
         for ps in &mut s.parts {
             ps.pos += n;
@@ -110,7 +129,7 @@ impl SplitModel {
         }
         s.pos += n;
         s.tokens.extend_from_slice(tokens);
-        Ok(logits)
+        Ok(r)
     }
 
     /// The parts one after another, kernel by kernel.
@@ -140,8 +159,9 @@ impl SplitModel {
     }
 
     /// One token: each part replays its captured graph (captured at the first call), the
-    /// activations handed from part to part between the replays.
-    fn decode(&self, s: &mut SplitSession, token: u32) -> Result<Vec<f32>, ModelError> {
+    /// activations handed from part to part between the replays; the logits land in the
+    /// last part's page-locked buffer.
+    fn decode(&self, s: &mut SplitSession, token: u32) -> Result<(), ModelError> {
         let c = self.config();
         if s.steps.is_empty() {
             for (i, p) in self.parts.iter().enumerate() {
@@ -204,9 +224,7 @@ impl SplitModel {
                 graph.launch()?;
             }
         }
-        let logits =
-            s.steps[last].logits.as_ref().ok_or_else(|| ModelError::Input("the last part's decode step has no logits buffer".into()))?;
-        Ok(self.parts[last].gpu.pinned_host(logits)?.to_vec())
+        Ok(())
     }
 }
 
