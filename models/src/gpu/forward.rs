@@ -274,7 +274,10 @@ impl GpuModel {
 
     /// This model's (or part's) layers over x [n, dim] in place, at the position in `pos`
     /// (device; `pos_host` the same number). The last layer's MoE output is returned, not
-    /// yet added to x: [`GpuModel::head`] adds it in its norm, or [`Pending::apply`].
+    /// yet added to x: [`GpuModel::head`] adds it in its norm, or [`Pending::apply`]. x
+    /// may end in another buffer than it started in (decode's MoE norm fused into the
+    /// router writes the normalised row to a new one): a caller that needs the result at
+    /// a fixed address copies it there.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_layers(
         &self,

@@ -194,15 +194,18 @@ impl SplitModel {
                 let graph = g.capture(|| {
                     g.upload_pinned(io, 0, &mut token.as_view_mut())?;
                     g.upload_pinned(io, 1, &mut pos.as_view_mut())?;
-                    // the first part embeds its token; later parts work in place on the
-                    // activations copied in before each replay
-                    let mut embedded;
-                    let y = if i == 0 {
-                        embedded = part.embed(token, 1).map_err(to_kernel)?;
-                        &mut embedded
+                    // the first part embeds its token; later parts work on a copy of the
+                    // activations copied into `x` before each replay: run_layers may
+                    // replace the buffer it is given (the MoE norm fused into the router
+                    // writes a new row), and `x` must stay where the replays copy to
+                    let mut y = if i == 0 {
+                        part.embed(token, 1).map_err(to_kernel)?
                     } else {
-                        x
+                        let mut own = g.alloc::<f32>(x.len())?;
+                        g.copy(&x.as_view(), &mut own.as_view_mut())?;
+                        own
                     };
+                    let y = &mut y;
                     let pending = part.run_layers(None, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
                     if i == last {
                         let l = part.head(y, pending, 1, Logits::Last).map_err(to_kernel)?;
