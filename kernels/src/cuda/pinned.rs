@@ -1,8 +1,8 @@
 //! Page-locked host buffers that stream-ordered (and graph-captured) copies read and write:
 //! a decode step's token and position go in and its logits come out without the driver's
-//! pageable staging and without a synchronisation per copy. A pageable copy costs a
-//! staging pass and a wait each way, which at a few hundred microseconds of GPU work per
-//! token is a tenth of the step.
+//! pageable staging and without a synchronisation per copy. With pageable copies (a
+//! staging pass and a wait each) the GPU sat idle 190-280 us between steps of 1.6-2.0 ms
+//! on an H200 (docs/PERF.md, eleventh session).
 //!
 //! The host side is reached only through [`Gpu::pinned_host`] and
 //! [`Gpu::pinned_host_mut`], which first wait for the stream: a queued copy never races
