@@ -344,10 +344,8 @@ impl Loaded {
     /// only on finite logits.
     pub fn forward_with<R>(&self, state: &mut State, tokens: &[u32], which: Logits, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         let checked = self.backend.forward_with(&self.model, state, tokens, which, |logits| {
-            // every call, decode included: a branch-free scan in chunks (vectorised), and
-            // the position only when something is found
-            let bad = logits.chunks(64).any(|c| c.iter().fold(false, |a, v| a | !v.is_finite()));
-            match bad.then(|| logits.iter().position(|v| !v.is_finite())).flatten() {
+            // every call, decode included
+            match crate::finite::first_non_finite(logits) {
                 Some(i) => Err((logits[i], i, logits.len())),
                 None => Ok(f(logits)),
             }
