@@ -155,9 +155,9 @@ struct Record {
     /// decode: bytes read per token; prefill: FLOPs per token
     per_token: f64,
     profile: Option<Profile>,
-    /// GPU: mean seconds per repetition the host spent blocked on the GPU; the rest of
-    /// the repetition's time it spent issuing work.
-    host_wait: Option<f64>,
+    /// GPU: mean seconds per repetition the host spent blocked on the GPU and launching
+    /// graphs; the rest of the repetition's time it spent issuing other work.
+    host_wait: Option<HostTime>,
     /// With experts in host memory: the cold experts this test read, per token.
     cold: Option<Cold>,
 }
@@ -195,18 +195,27 @@ fn cold_per_token(l: &Loaded, before: Option<[u64; 4]>, tokens: usize) -> Option
     Some(Cold { copied: per(a[0], b[0]), shared: per(a[1], b[1]), on_cpu: per(a[2], b[2]), bytes: per(a[3], b[3]), host_gbps })
 }
 
-/// Seconds the host has spent blocked on the GPU so far (None on the CPU).
-fn waited(l: &Loaded) -> Option<f64> {
-    match &l.backend {
-        Backend::Cuda(g) => Some(g.gpu.host_waited()),
-        Backend::Split(m) => Some(m.parts.iter().map(|p| p.gpu.host_waited()).sum()),
-        Backend::Cpu(_) => None,
-    }
+/// Seconds of host time on the GPU's account: blocked on it, and launching its graphs.
+#[derive(Clone, Copy)]
+struct HostTime {
+    wait: f64,
+    launch: f64,
 }
 
-/// Mean host wait per repetition between two readings of [`waited`].
-fn wait_per_rep(before: Option<f64>, after: Option<f64>, reps: usize) -> Option<f64> {
-    Some((after? - before?) / reps.max(1) as f64)
+/// The host's time on the GPUs so far (None on the CPU).
+fn waited(l: &Loaded) -> Option<HostTime> {
+    let gpus: Vec<&mxr_kernels::cuda::Gpu> = match &l.backend {
+        Backend::Cuda(g) => vec![&g.gpu],
+        Backend::Split(m) => m.parts.iter().map(|p| &p.gpu).collect(),
+        Backend::Cpu(_) => return None,
+    };
+    Some(HostTime { wait: gpus.iter().map(|g| g.host_waited()).sum(), launch: gpus.iter().map(|g| g.host_launching()).sum() })
+}
+
+/// Mean host time per repetition between two readings of [`waited`].
+fn wait_per_rep(before: Option<HostTime>, after: Option<HostTime>, reps: usize) -> Option<HostTime> {
+    let (b, a, n) = (before?, after?, reps.max(1) as f64);
+    Some(HostTime { wait: (a.wait - b.wait) / n, launch: (a.launch - b.launch) / n })
 }
 
 fn prefill(l: &Loaded, pool: &[u32], n: usize, batch: usize, rep: usize) -> Result<f64> {
@@ -419,7 +428,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 }
             }
             if let Some(w) = r.host_wait {
-                j["host_wait_seconds"] = serde_json::json!(w);
+                j["host_wait_seconds"] = serde_json::json!(w.wait);
+                j["host_launch_seconds"] = serde_json::json!(w.launch);
             }
             if let Some(c) = r.cold {
                 j["cold_experts"] = serde_json::json!({"copied_per_token": c.copied, "shared_per_token": c.shared, "on_cpu_per_token": c.on_cpu,
@@ -475,11 +485,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if let Some(w) = r.host_wait {
             let mean = r.seconds.iter().sum::<f64>() / r.seconds.len().max(1) as f64;
             println!(
-                "host {}: blocked on the GPU {:.2} ms of {:.2} ms per repetition ({:.0}%); issuing work the rest",
+                "host {}: blocked on the GPU {:.2} ms of {:.2} ms per repetition ({:.0}%), launching graphs {:.2} ms ({:.0}%); issuing other work the rest",
                 r.test,
-                w * 1e3,
+                w.wait * 1e3,
                 mean * 1e3,
-                100.0 * w / mean.max(1e-12)
+                100.0 * w.wait / mean.max(1e-12),
+                w.launch * 1e3,
+                100.0 * w.launch / mean.max(1e-12)
             );
         }
     }

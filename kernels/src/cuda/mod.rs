@@ -243,6 +243,9 @@ pub struct Gpu {
     /// Nanoseconds the host has spent blocked on the GPU (downloads and syncs), for
     /// `mxr bench`: wall time minus this is the time the host spent issuing work.
     waited_ns: std::sync::atomic::AtomicU64,
+    /// Nanoseconds the host has spent in graph launches ([`Gpu::launch_graph`]), for the
+    /// same report.
+    launched_ns: std::sync::atomic::AtomicU64,
     /// `capture` is recording the main stream (launches then set programmatic edges).
     capturing: std::sync::atomic::AtomicBool,
     /// Counters for kernels whose last block finishes a shared piece of work (common.cuh's
@@ -339,6 +342,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             waited_ns: std::sync::atomic::AtomicU64::new(0),
+            launched_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
             tickets,
             timeline,
@@ -455,6 +459,19 @@ impl Gpu {
     /// Seconds the host has spent blocked on the GPU so far (downloads and syncs).
     pub fn host_waited(&self) -> f64 {
         self.waited_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+    }
+
+    /// Replays `graph` on this GPU's stream, timing the host's part (the launch call).
+    pub fn launch_graph(&self, graph: &Graph) -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = graph.launch();
+        self.launched_ns.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// Seconds the host has spent launching graphs so far.
+    pub fn host_launching(&self) -> f64 {
+        self.launched_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
     }
 
     pub fn copy<T: DeviceRepr>(&self, src: &CudaView<'_, T>, dst: &mut CudaViewMut<'_, T>) -> Result<()> {

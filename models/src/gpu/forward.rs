@@ -232,7 +232,7 @@ impl GpuModel {
             step.graph = Some(graph);
         }
         if let Some(graph) = &step.graph {
-            graph.launch()?;
+            g.launch_graph(graph)?;
         }
         Ok(())
     }

@@ -224,7 +224,7 @@ impl SplitModel {
                 st.graph = Some(graph);
             }
             if let Some(graph) = &st.graph {
-                graph.launch()?;
+                g.launch_graph(graph)?;
             }
         }
         Ok(())
