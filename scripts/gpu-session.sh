@@ -32,6 +32,9 @@
 #              (each decode kernel's share of a step inside the graph, kernels built
 #              with time stamps), and with MXR_TIMELINE_EARLY=1 S8q4 again with
 #              MXR_MATVEC_EARLY=1                                             ~4 min
+#   split      S8 and S8q4 tg128 ($MXR_SPLIT_SLICES) with the decode step's lm_head in two
+#              launches, the first half's logits copied out meanwhile (MXR_LOGITS_SPLIT=1),
+#              against one launch, interleaved                             ~5 min
 #   fuse       S8 tg128 over MXR_FUSE (decode's fusions, a bit set: 1 router + top-k,
 #              4 combine in the norm, 8 the MoE norm in the router; default 13), over
 #              $MXR_FUSE_SET (default 13 5 13 5), interleaved              ~4 min
@@ -137,6 +140,14 @@ for s in "${steps[@]}"; do
             fi
         } >"$out/timeline.log" 2>&1
         ;;
+    split)
+        for slice in ${MXR_SPLIT_SLICES:-S8 S8q4}; do
+            for v in 1 0 1 0; do
+                echo "== $slice MXR_LOGITS_SPLIT=$v"
+                MXR_LOGITS_SPLIT=$v scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 3
+            done
+        done >"$out/split.log" 2>&1
+        ;;
     fuse)
         for f in ${MXR_FUSE_SET:-13 5 13 5}; do
             echo "== S8 MXR_FUSE=$f"
@@ -162,6 +173,7 @@ for s in "${steps[@]}"; do
     offload) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/offload.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
+    split) grep -E "^==|tg128" "$out/split.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
     timeline) grep -E "^==|^timeline|^\| " "$out/timeline.log" | head -90 ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;

@@ -100,6 +100,48 @@ fn matvec_gathers_experts_and_inputs() {
     }
 }
 
+/// A float product in row ranges (`matvec_rows`, the decode step's lm_head in pieces)
+/// gives each row the bits of the whole product; ranges the kernel cannot take are errors.
+#[test]
+#[ignore = "needs a GPU"]
+fn matvec_rows_give_the_rows_of_the_whole_product() {
+    let g = gpu();
+    for (q, rows, cols) in [(QType::BF16, 4096usize, 512usize), (QType::F16, 2056, 264), (QType::F32, 1032, 100)] {
+        let w = GpuMatrix::upload(&g, q, 1, rows, cols, &quantized(q, rows * cols, 70)).unwrap();
+        let x = g.upload(&Rng::new(71).normals(cols, 1.0)).unwrap();
+        let mut whole = g.zeros::<f32>(rows).unwrap();
+        g.matvec(&w, None, &x.as_view(), 1, 1, &mut whole.as_view_mut()).unwrap();
+        let want = g.download(&whole.as_view()).unwrap();
+        // two halves on a block boundary, then three uneven pieces
+        let (wp, rp) = g.tuning.matvec_shape(q);
+        let b = (wp * rp) as usize;
+        let half = rows / 2 / b * b;
+        for cuts in [vec![0, half, rows], vec![0, b, 5 * b, rows]] {
+            let mut y = g.zeros::<f32>(rows).unwrap();
+            for r in cuts.windows(2) {
+                g.matvec_rows(&w, r[0]..r[1], &x.as_view(), &mut y.slice_mut(r[0]..r[1])).unwrap();
+            }
+            let same = g.download(&y.as_view()).unwrap() == want;
+            println!(
+                "CHECK matvec_rows | {q} {rows}x{cols}, pieces at {cuts:?} | {} | exact | {}",
+                if same { "equal" } else { "differ" },
+                if same { "ok" } else { "FAIL" }
+            );
+            assert!(same, "{q} {rows}x{cols} in pieces {cuts:?}");
+        }
+        let mut y = g.zeros::<f32>(rows).unwrap();
+        assert!(g.matvec_rows(&w, 1..rows, &x.as_view(), &mut y.slice_mut(1..rows)).is_err(), "a range off a block's first row");
+        assert!(g.matvec_rows(&w, 0..rows + 1, &x.as_view(), &mut y.as_view_mut()).is_err(), "past the last row");
+        assert!(g.matvec_rows(&w, 0..b, &x.as_view(), &mut y.slice_mut(0..2 * b)).is_err(), "y of another length");
+    }
+    let q8 = GpuMatrix::upload(&g, QType::Q8_0, 1, 2048, 256, &quantized(QType::Q8_0, 2048 * 256, 72)).unwrap();
+    let small = GpuMatrix::upload(&g, QType::BF16, 1, 512, 256, &quantized(QType::BF16, 512 * 256, 73)).unwrap();
+    let x = g.upload(&Rng::new(74).normals(256, 1.0)).unwrap();
+    let mut y = g.zeros::<f32>(2048).unwrap();
+    assert!(g.matvec_rows(&q8, 0..1024, &x.as_view(), &mut y.slice_mut(0..1024)).is_err(), "quantized weights");
+    assert!(g.matvec_rows(&small, 0..256, &x.as_view(), &mut y.slice_mut(0..256)).is_err(), "under 1024 rows (another kernel)");
+}
+
 /// Q8_0's and Q4_K's products from shared memory (`MXR_MATVEC_STAGE` = 1 to 4 chunks per
 /// warp, dense launches prefetching before their PDL wait or not) give the same bits as the
 /// kernels reading global memory: single matrices (rows that fill no block, rows of one

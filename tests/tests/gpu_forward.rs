@@ -228,6 +228,40 @@ fn nano_greedy_text_is_the_same_on_gpu_and_cpu() {
     assert_eq!(cpu_t, gpu_t);
 }
 
+/// The decode step's lm_head in two launches with the first half's logits copied out
+/// while the second computes (`MXR_LOGITS_SPLIT=1`) gives the same logits, bit for bit, as
+/// the one launch: the nano model (Q8_0 layers, a bf16 lm_head of 4,096 rows), prompt then
+/// 16 decoded tokens.
+#[test]
+#[ignore = "needs a GPU"]
+fn split_lm_head_gives_the_same_logits() {
+    let m = converted(&repo_root().join("nano/checkpoint"), "nano", QType::Q8_0);
+    let head =
+        m.file.header().tensors().iter().find(|t| t.name == "output.weight" || t.name == "token_embd.weight").map(|t| t.type_info.name);
+    assert_eq!(head, Some("bf16"), "the nano model's lm_head should be bf16 for the split to apply");
+    let mut g = gpu_model(&m);
+    let prompt: Vec<u32> = mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light");
+    let mut run = |split: bool| {
+        g.gpu.tuning.logits_split = split;
+        let mut s = GpuSession::new(&g, prompt.len() + 16).unwrap();
+        let mut last = g.forward(&mut s, &prompt, Logits::Last).unwrap();
+        let mut all = Vec::new();
+        for _ in 0..16 {
+            last = g.forward(&mut s, &[argmax(&last) as u32], Logits::Last).unwrap();
+            all.extend_from_slice(&last);
+        }
+        all
+    };
+    let (one, two) = (run(false), run(true));
+    let same = one == two;
+    println!(
+        "CHECK split lm_head | nano Q8_0, 16 decode steps | {} | exact | {}",
+        if same { "equal" } else { "differ" },
+        if same { "ok" } else { "FAIL" }
+    );
+    assert!(same);
+}
+
 /// Issue 10: the layers split over GPUs give the logits of one GPU. Two parts on the same
 /// GPU (two contexts' worth of streams and pools) must give exactly the same values, as
 /// the same kernels run on the same inputs; with two or more GPUs, the parts on different

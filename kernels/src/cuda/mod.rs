@@ -148,6 +148,10 @@ pub struct Tuning {
     /// Every kernel stamps when its first block starts and when its wait for the kernel
     /// ahead returns (`MXR_TIMELINE=1`, default 0; timeline.rs), for `mxr bench --timeline`.
     pub timeline: bool,
+    /// The decode step's float lm_head in two launches, the first half's logits copied to
+    /// the host on the side stream while the second half computes (`MXR_LOGITS_SPLIT=1`;
+    /// default 0: built in the eleventh session, not yet measured). The same bits.
+    pub logits_split: bool,
 }
 
 /// `Tuning::matvec_pipeline` bits, one per weight type (matvec.cu's `Pipelined`).
@@ -220,6 +224,7 @@ impl Tuning {
             flash_tma: get("MXR_FLASH_TMA", 1, |v| v <= 2),
             pdl: get("MXR_PDL", 1, |v| v <= 1) == 1,
             fuse: get("MXR_FUSE", 13, |v| v <= 15),
+            logits_split: get("MXR_LOGITS_SPLIT", 0, |v| v <= 1) == 1,
             timeline: get("MXR_TIMELINE", 0, |v| v <= 1) == 1,
         }
     }
@@ -584,6 +589,13 @@ impl Gpu {
     pub fn side_after_main(&self) -> Result<()> {
         let e = self.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
         self.side.wait(&e).map_err(|e| drv("stream wait", e))
+    }
+
+    /// Later work on the main stream waits for the side stream's work queued so far (the
+    /// join of [`Gpu::side_after_main`]'s fork, also inside a capture).
+    pub fn main_after_side(&self) -> Result<()> {
+        let e = self.side.record_event(None).map_err(|e| drv("recording an event", e))?;
+        self.stream.wait(&e).map_err(|e| drv("stream wait", e))
     }
 
     /// Later work on the side stream waits for `e`.

@@ -269,6 +269,51 @@ impl Gpu {
         }
     }
 
+    /// Rows `rows` of a float matrix's product with one input row x, into y (rows.len()
+    /// values), by the kernel [`Gpu::matvec`] runs for the whole matrix: each row's value is
+    /// the same bits (the decode step's lm_head in pieces). A single float matrix of at
+    /// least 1,024 rows of whole 16-byte loads, and `rows` starting on a block's first row.
+    pub fn matvec_rows(
+        &self,
+        w: &GpuMatrix,
+        rows: std::ops::Range<usize>,
+        x: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let cols = w.cols;
+        let (elem, whole) = match w.qtype {
+            QType::BF16 | QType::F16 => (2, cols.is_multiple_of(8)),
+            QType::F32 => (4, cols.is_multiple_of(4)),
+            q => return Err(KernelError::Shape(format!("matvec_rows: {q} weights (float weights only)"))),
+        };
+        let (warps, per_warp) = self.tuning.matvec_shape(w.qtype);
+        let rows_per_block = (warps * per_warp) as usize;
+        if !whole
+            || w.n_experts != 1
+            || w.rows < 1024
+            || rows.start >= rows.end
+            || rows.end > w.rows
+            || !rows.start.is_multiple_of(rows_per_block)
+        {
+            return Err(KernelError::Shape(format!(
+                "matvec_rows: rows {rows:?} of a {}x{cols} {} matrix ({} experts; needs one matrix of at least 1024 rows of whole 16-byte loads, starting on a multiple of {rows_per_block})",
+                w.rows, w.qtype, w.n_experts
+            )));
+        }
+        need("matvec_rows", "x", cols, x.len())?;
+        need("matvec_rows", "y", rows.len(), y.len())?;
+        let n = rows.len();
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(rows_per_block as u32), 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: self.tuning.matvec_stage_bytes(w.qtype, cols),
+        };
+        let wv = w.buf.slice(rows.start * cols * elem..);
+        let (stride, r, c, xd, null) = (w.stride as i64, int("matvec_rows", n)?, int("matvec_rows", cols)?, 1i32, 0u64);
+        let name = per_type!("matvec_", w.qtype);
+        launch!(self, Source::Matvec, name, cfg, &wv, &stride, &null, &r, &c, x, &xd, y)
+    }
+
     /// y0 = W0 · x and y1 = W1 · x as [`Gpu::matvec_with`], in one launch: two quantized
     /// matrices of one type and width (each a single matrix, or stacks picked by `ids`) over
     /// the same int8 input `act`. Bit for bit what two `matvec_with` calls give.

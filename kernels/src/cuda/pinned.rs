@@ -78,21 +78,42 @@ impl Gpu {
         }
     }
 
-    /// Queues dst[..src.len()] = src on the stream (a copy node when capturing); read the
-    /// values with [`Gpu::pinned_host`].
-    pub fn download_pinned<T: DeviceRepr + ValidAsZeroBits>(&self, src: &CudaView<'_, T>, dst: &mut Pinned<T>) -> Result<()> {
+    /// Queues dst[at..at + src.len()] = src on the stream (a copy node when capturing);
+    /// read the values with [`Gpu::pinned_host`].
+    pub fn download_pinned<T: DeviceRepr + ValidAsZeroBits>(&self, src: &CudaView<'_, T>, dst: &mut Pinned<T>, at: usize) -> Result<()> {
+        self.download_pinned_on(&self.stream, src, dst, at)
+    }
+
+    /// [`Gpu::download_pinned`] on the side stream (order it with [`Gpu::side_after_main`]
+    /// and [`Gpu::main_after_side`]).
+    pub fn download_pinned_side<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &CudaView<'_, T>,
+        dst: &mut Pinned<T>,
+        at: usize,
+    ) -> Result<()> {
+        self.download_pinned_on(&self.side, src, dst, at)
+    }
+
+    fn download_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        src: &CudaView<'_, T>,
+        dst: &mut Pinned<T>,
+        at: usize,
+    ) -> Result<()> {
         let n = src.len();
-        if n > dst.len() {
-            return Err(KernelError::Length { op: "download to pinned memory", what: "destination", expected: n, actual: dst.len() });
+        if at + n > dst.len() {
+            return Err(KernelError::Length { op: "download to pinned memory", what: "destination", expected: at + n, actual: dst.len() });
         }
-        let (ptr, _) = src.device_ptr(&self.stream);
+        let (ptr, _) = src.device_ptr(stream);
         let base = dst.at as *mut T;
-        // SAFETY: [0, n) lies inside dst's page-locked allocation; the host reads it only
-        // after a sync (pinned_host), and its owner keeps it as long as the graph that
+        // SAFETY: [at, at + n) lies inside dst's page-locked allocation; the host reads it
+        // only after a sync (pinned_host), and its owner keeps it as long as the graph that
         // holds this copy.
         unsafe {
-            let host = std::slice::from_raw_parts_mut(base, n);
-            cudarc::driver::result::memcpy_dtoh_async(host, ptr, self.stream.cu_stream()).map_err(|e| drv("download to pinned memory", e))
+            let host = std::slice::from_raw_parts_mut(base.add(at), n);
+            cudarc::driver::result::memcpy_dtoh_async(host, ptr, stream.cu_stream()).map_err(|e| drv("download to pinned memory", e))
         }
     }
 }

@@ -12,6 +12,7 @@ use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
 use crate::forward::{Logits, Session};
 use crate::{LayerKind, Model, ModelError};
+use mxr_quant::QType;
 
 /// One sequence's state on the GPU.
 pub struct GpuSession {
@@ -226,8 +227,7 @@ impl GpuModel {
             let graph = g.capture(|| {
                 g.upload_pinned(io, 0, &mut token.as_view_mut())?;
                 g.upload_pinned(io, 1, &mut pos.as_view_mut())?;
-                let out = self.body(None, session, token, pos, pos_host, 1, Logits::Last).map_err(to_kernel)?;
-                g.download_pinned(&out.as_view(), logits)
+                self.decode_body(session, token, pos, pos_host, logits).map_err(to_kernel)
             })?;
             step.graph = Some(graph);
         }
@@ -422,23 +422,74 @@ impl GpuModel {
         n: usize,
         which: Logits,
     ) -> Result<CudaSlice<f32>, ModelError> {
-        let (g, c) = (&self.gpu, &self.config);
-        let d = c.dim;
+        let d = self.config.dim;
         let lm_head = self.lm_head()?;
-        let norm =
-            self.output_norm.as_ref().ok_or_else(|| ModelError::Input("the final norm is on the part with the last layer".into()))?;
-        let (first, rows) = match which {
-            Logits::All => (0, n),
-            Logits::Last => (n - 1, 1),
+        let first = match which {
+            Logits::All => 0,
+            Logits::Last => n - 1,
         };
         self.stage("lm_head", || {
-            let mut h = x.slice_mut(first * d..n * d);
-            let eps = c.rms_eps as f32;
-            match &pending {
-                Some(p) => _ = g.rmsnorm_fused(&mut h, Some(&p.residual(first..n, d)), norm, None, eps, false)?,
-                None => g.rmsnorm(&mut h, norm, eps)?,
-            }
-            self.linear(lm_head, &h.as_view(), rows)
+            self.final_norm(x, pending, first, n)?;
+            self.linear(lm_head, &x.slice(first * d..n * d), n - first)
+        })
+    }
+
+    /// Rows first..n of x [n, dim] = the final norm of x plus `pending` (the last layer's
+    /// output), in place.
+    fn final_norm(&self, x: &mut CudaSlice<f32>, pending: Option<Pending>, first: usize, n: usize) -> Result<(), ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let d = c.dim;
+        let norm =
+            self.output_norm.as_ref().ok_or_else(|| ModelError::Input("the final norm is on the part with the last layer".into()))?;
+        let mut h = x.slice_mut(first * d..n * d);
+        let eps = c.rms_eps as f32;
+        match &pending {
+            Some(p) => _ = g.rmsnorm_fused(&mut h, Some(&p.residual(first..n, d)), norm, None, eps, false)?,
+            None => g.rmsnorm(&mut h, norm, eps)?,
+        }
+        Ok(())
+    }
+
+    /// The decode step's work inside its graph: the token through the layers and the
+    /// head, its logits copied to `host`. With `MXR_LOGITS_SPLIT=1` and a float lm_head of
+    /// 2,048 rows or more, the lm_head runs in two launches and the first half's logits go
+    /// to the host on the side stream while the second half computes: the copy (~37 us for
+    /// 200,064 logits on an H200) overlaps the product instead of following it.
+    fn decode_body(
+        &self,
+        session: &mut GpuSession,
+        token: &CudaSlice<i32>,
+        pos: &CudaSlice<i32>,
+        pos_host: usize,
+        host: &mut Pinned<f32>,
+    ) -> Result<(), ModelError> {
+        let g = &self.gpu;
+        let lm = self.lm_head()?;
+        let (warps, per_warp) = g.tuning.matvec_shape(lm.qtype);
+        let block_rows = (warps * per_warp) as usize;
+        let half = lm.rows / 2 / block_rows * block_rows;
+        let float_rows = match lm.qtype {
+            QType::BF16 | QType::F16 => lm.cols % 8 == 0,
+            QType::F32 => lm.cols % 4 == 0,
+            _ => false,
+        };
+        if !(g.tuning.logits_split && float_rows && lm.n_experts == 1 && lm.rows >= 2048) {
+            let out = self.body(None, session, token, pos, pos_host, 1, Logits::Last)?;
+            return Ok(g.download_pinned(&out.as_view(), host, 0)?);
+        }
+        let mut x = self.embed(token, 1)?;
+        let pending = self.run_layers(None, session, &mut x, pos, pos_host, 1)?;
+        self.stage("lm_head", || {
+            self.final_norm(&mut x, pending, 0, 1)?;
+            let v = lm.rows;
+            let mut y = g.alloc::<f32>(v)?;
+            g.matvec_rows(lm, 0..half, &x.as_view(), &mut y.slice_mut(0..half))?;
+            g.side_after_main()?;
+            g.download_pinned_side(&y.slice(0..half), host, 0)?;
+            g.matvec_rows(lm, half..v, &x.as_view(), &mut y.slice_mut(half..v))?;
+            g.download_pinned(&y.slice(half..v), host, half)?;
+            // y is freed after this join, once both copies have read it
+            Ok(g.main_after_side()?)
         })
     }
 }

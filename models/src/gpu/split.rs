@@ -211,7 +211,7 @@ impl SplitModel {
                         let l = part.head(y, pending, 1, Logits::Last).map_err(to_kernel)?;
                         g.copy(&l.as_view(), &mut out.as_view_mut())?;
                         match logits {
-                            Some(host) => g.download_pinned(&out.as_view(), host),
+                            Some(host) => g.download_pinned(&out.as_view(), host, 0),
                             None => Err(mxr_kernels::KernelError::Cuda("the last part's decode step has no logits buffer".into())),
                         }
                     } else {
