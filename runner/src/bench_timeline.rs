@@ -46,8 +46,14 @@ pub fn measure(l: &Loaded, ids: &[u32]) -> Result<Report> {
     let n = replays.len() as f64;
     let is_mark = |s: &Stamp| s.name.as_deref().is_some_and(|m| m.starts_with("timeline_mark "));
     let mut rows = by_kernel(&replays)?;
-    // the closing mark (Gpu::capture) only stamps the end of the last real kernel
-    rows.retain(|r| !r.name.starts_with("timeline_mark "));
+    // the marks only stamp: the one after the last product (GpuModel::decode_body) is
+    // charged the logits' copy to the host, up to the closing one (Gpu::capture), which
+    // has no time of its own
+    for r in rows.iter_mut().filter(|r| r.name.starts_with("timeline_mark ")) {
+        r.name = "(logits copy to the host)".into();
+        r.calls = replays.len();
+    }
+    rows.retain(|r| r.ns > 0 || !r.name.starts_with('('));
     Ok(Report {
         replays: replays.len(),
         rows,

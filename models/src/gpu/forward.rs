@@ -473,8 +473,12 @@ impl GpuModel {
             QType::F32 => lm.cols % 4 == 0,
             _ => false,
         };
+        // with MXR_TIMELINE=1 a mark after the last product: the timeline then charges the
+        // logits' copy to the host apart from the lm_head
+        let mark = || if g.tuning.timeline { g.timeline_mark() } else { Ok(()) };
         if !(g.tuning.logits_split && float_rows && lm.n_experts == 1 && lm.rows >= 2048) {
             let out = self.body(None, session, token, pos, pos_host, 1, Logits::Last)?;
+            mark()?;
             return Ok(g.download_pinned(&out.as_view(), host, 0)?);
         }
         let mut x = self.embed(token, 1)?;
@@ -487,6 +491,7 @@ impl GpuModel {
             g.side_after_main()?;
             g.download_pinned_side(&y.slice(0..half), host, 0)?;
             g.matvec_rows(lm, half..v, &x.as_view(), &mut y.slice_mut(half..v))?;
+            mark()?;
             g.download_pinned(&y.slice(half..v), host, half)?;
             // y is freed after this join, once both copies have read it
             Ok(g.main_after_side()?)
