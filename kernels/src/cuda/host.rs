@@ -150,8 +150,7 @@ impl<'s> CopyScope<'_, 's> {
 
     /// The main stream's later work waits for the copies queued so far.
     pub fn main_waits(&self) -> Result<()> {
-        let e = self.gpu.side.record_event(None).map_err(|e| drv("recording an event", e))?;
-        self.gpu.stream.wait(&e).map_err(|e| drv("stream wait", e))
+        self.gpu.main_after_side()
     }
 }
 

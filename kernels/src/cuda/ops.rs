@@ -51,6 +51,15 @@ pub struct NormRouted {
     pub weights: CudaSlice<f32>,
 }
 
+/// A fused norm's residual as its kernel takes it ([`Gpu::residual_args`]).
+struct ResidualArgs {
+    k: i32,
+    a: u64,
+    cw: u64,
+    alpha: f32,
+    beta: f32,
+}
+
 /// Tokens [`Gpu::route_fused`] takes (its tickets: one per token).
 pub const ROUTE_FUSED_TOKENS: usize = 64;
 /// [`Gpu`]'s ticket buffer (zeros between kernels; see common.cuh's `arrived_last`): one
@@ -476,42 +485,56 @@ impl Gpu {
             return Err(KernelError::Shape(format!("rmsnorm_fused: {width} columns are not blocks of 32")));
         }
         let rows = x.len() / width;
-        let k = match residual.and_then(|r| r.combine.as_ref()) {
-            Some((cw, k)) => {
-                if *k == 0 {
-                    return Err(KernelError::Shape("rmsnorm_fused: combining 0 expert outputs per row".into()));
-                }
-                need("rmsnorm_fused", "combine weights", rows * k, cw.len())?;
-                *k
-            }
-            None => 1,
-        };
-        if let Some(r) = residual {
-            need("rmsnorm_fused", "residual", x.len() * k, r.a.len())?;
-        }
+        let res = self.residual_args("rmsnorm_fused", residual, rows, width)?;
         if let Some(g) = &gate {
             need("rmsnorm_fused", "gate", x.len(), g.len())?;
         }
         let threads = if rows < 64 { 1024 } else { 256 };
         let cfg = LaunchConfig { grid_dim: (int("rmsnorm_fused", rows)? as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let wd = int("rmsnorm_fused", width)?;
-        let (alpha, beta) = residual.map_or((1.0, 0.0), |r| (r.alpha, r.beta));
-        let mut act = if quantize {
-            Some(QAct { q: self.alloc::<i8>(rows * width)?, d: self.alloc::<f32>(rows * width / 32)?, rows, cols: width })
-        } else {
-            None
-        };
-        // absent inputs and outputs are null pointers
-        let a = residual.map_or(0, |r| r.a.device_ptr(&self.stream).0);
-        let cw = residual.and_then(|r| r.combine.as_ref()).map_or(0, |(cw, _)| cw.device_ptr(&self.stream).0);
+        let (act, q, d) = self.norm_act(quantize, rows, width)?;
+        // an absent gate is a null pointer
         let gp = gate.as_ref().map_or(0, |g| g.device_ptr(&self.stream).0);
-        let (q, d) = match act.as_mut() {
-            Some(qa) => (qa.q.device_ptr_mut(&self.stream).0, qa.d.device_ptr_mut(&self.stream).0),
-            None => (0, 0),
-        };
-        let kk = k as i32;
-        launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &cw, &kk, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
+        let ResidualArgs { k, a, cw, alpha, beta } = res;
+        launch!(self, Source::Norm, "rmsnorm_fused", cfg, x, &a, &cw, &k, &alpha, &beta, w, &gp, &wd, &eps, &q, &d)?;
         Ok(act)
+    }
+
+    /// A fused norm's residual for `rows` rows of `width`, checked: how many expert outputs
+    /// it combines per row (1 for a plain one), its device pointers and its scales (absent:
+    /// null pointers, alpha 1, beta 0).
+    fn residual_args(&self, op: &'static str, residual: Option<&Residual<'_>>, rows: usize, width: usize) -> Result<ResidualArgs> {
+        let k = match residual.and_then(|r| r.combine.as_ref()) {
+            Some((cw, k)) => {
+                if *k == 0 {
+                    return Err(KernelError::Shape(format!("{op}: combining 0 expert outputs per row")));
+                }
+                need(op, "combine weights", rows * k, cw.len())?;
+                *k
+            }
+            None => 1,
+        };
+        if let Some(r) = residual {
+            need(op, "residual", rows * width * k, r.a.len())?;
+        }
+        Ok(ResidualArgs {
+            k: int(op, k)?,
+            a: residual.map_or(0, |r| r.a.device_ptr(&self.stream).0),
+            cw: residual.and_then(|r| r.combine.as_ref()).map_or(0, |(cw, _)| cw.device_ptr(&self.stream).0),
+            alpha: residual.map_or(1.0, |r| r.alpha),
+            beta: residual.map_or(0.0, |r| r.beta),
+        })
+    }
+
+    /// With `quantize`, the int8 form's buffers for `rows` rows of `width` and their device
+    /// pointers; else none and null pointers.
+    fn norm_act(&self, quantize: bool, rows: usize, width: usize) -> Result<(Option<QAct>, u64, u64)> {
+        if !quantize {
+            return Ok((None, 0, 0));
+        }
+        let mut a = QAct { q: self.alloc::<i8>(rows * width)?, d: self.alloc::<f32>(rows * width / 32)?, rows, cols: width };
+        let (q, d) = (a.q.device_ptr_mut(&self.stream).0, a.d.device_ptr_mut(&self.stream).0);
+        Ok((Some(a), q, d))
     }
 
     /// The MoE's norm and its router for one token in one kernel (moe.cu's
@@ -552,37 +575,14 @@ impl Gpu {
             return Ok(None);
         }
         check_route("moe_norm_route", 1, n_experts, k, [k, k, counts.len()])?;
-        let k_res = match residual.and_then(|r| r.combine.as_ref()) {
-            Some((cw, kr)) => {
-                if *kr == 0 {
-                    return Err(KernelError::Shape("moe_norm_route: combining 0 expert outputs".into()));
-                }
-                need("moe_norm_route", "combine weights", *kr, cw.len())?;
-                *kr
-            }
-            None => 1,
-        };
-        if let Some(r) = residual {
-            need("moe_norm_route", "residual", width * k_res, r.a.len())?;
-        }
+        let res = self.residual_args("moe_norm_route", residual, 1, width)?;
         let mut out = self.alloc::<f32>(width)?;
-        let mut act = if quantize {
-            Some(QAct { q: self.alloc::<i8>(width)?, d: self.alloc::<f32>(width / 32)?, rows: 1, cols: width })
-        } else {
-            None
-        };
+        let (act, q, d) = self.norm_act(quantize, 1, width)?;
         let mut logits = self.alloc::<f32>(n_experts)?;
         let (mut ids, mut weights) = (self.alloc::<i32>(k)?, self.alloc::<f32>(k)?);
-        let (alpha, beta) = residual.map_or((1.0, 0.0), |r| (r.alpha, r.beta));
-        // absent inputs and outputs are null pointers
-        let a = residual.map_or(0, |r| r.a.device_ptr(&self.stream).0);
-        let cw = residual.and_then(|r| r.combine.as_ref()).map_or(0, |(cw, _)| cw.device_ptr(&self.stream).0);
-        let (q, d) = match act.as_mut() {
-            Some(qa) => (qa.q.device_ptr_mut(&self.stream).0, qa.d.device_ptr_mut(&self.stream).0),
-            None => (0, 0),
-        };
+        let ResidualArgs { k: kr, a, cw, alpha, beta } = res;
         let cfg = LaunchConfig { grid_dim: (n_experts as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-        let (kr, wd, e, kk) = (k_res as i32, width as i32, n_experts as i32, k as i32);
+        let (wd, e, kk) = (width as i32, n_experts as i32, k as i32);
         let tickets = self.tickets.slice(..);
         #[rustfmt::skip]
         launch!(self, Source::Moe, "moe_norm_route_f32", cfg, x, &a, &cw, &kr, &alpha, &beta, w, &wd, &eps, &mut out, &q, &d,
