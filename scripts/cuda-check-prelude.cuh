@@ -20,7 +20,7 @@ __device__ float logf(float); __device__ float roundf(float); __device__ int min
 typedef unsigned long size_t;
 #define __align__(n) __attribute__((aligned(n)))
 __device__ void __syncwarp(unsigned mask = 0xffffffffu);
-__device__ int __all_sync(unsigned, int);
+__device__ int __all_sync(unsigned, int); __device__ int __reduce_min_sync(unsigned, int); __device__ int __ffs(int);
 __device__ void __threadfence();
 #define __grid_constant__
 #define __cluster_dims__(...)

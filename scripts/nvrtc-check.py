@@ -29,6 +29,7 @@ SOURCES = [
     ("flash", ["mma.cuh"], [], None),
     # wgmma: the architecture-specific Hopper target (Source::target)
     ("flash_wgmma", ["mma.cuh"], [], "sm_90a"),
+    ("check", [], [], None),
 ]
 
 

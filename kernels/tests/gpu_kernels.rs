@@ -917,3 +917,51 @@ fn timeline_stamps_each_captured_kernel_in_order() {
         check("timeline", &format!("{names:?}"), if ordered { 0.0 } else { 1.0 }, 0.0);
     }
 }
+
+/// The look for NaN and infinity the decode step does beside its logits' copy: the first
+/// one's index wherever it lies (whole 16-byte units, the tail, a start off 16 bytes),
+/// whichever kind it is, with a later one present; -1 for clean values, also on the side
+/// stream.
+#[test]
+#[ignore = "needs a GPU"]
+fn first_non_finite_finds_the_first_nan_or_infinity() {
+    let g = gpu();
+    let mut out = g.zeros::<i32>(1).unwrap();
+    let mut cases = 0;
+    for n in [1usize, 3, 4, 1031, 4100, 200_064] {
+        let clean: Vec<f32> = Rng::new(n as u64).normals(n + 1, 1e30);
+        for skip in [0usize, 1] {
+            let mut places = vec![None, Some(0), Some(n / 2), Some(n - 1)];
+            places.extend([4 * 1024 + 3, 4 * 1024 * 2 + 1].iter().filter(|&&p| p < n).map(|&p| Some(p)));
+            for (k, at) in places.into_iter().enumerate() {
+                let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN][k % 4];
+                let mut host = clean[..n + skip].to_vec();
+                if let Some(a) = at {
+                    host[skip + a] = bad;
+                    // a later one does not move the answer
+                    if a + 5 < n {
+                        host[skip + a + 5] = f32::NAN;
+                    }
+                }
+                let x = g.upload(&host).unwrap();
+                let view = x.slice(skip..skip + n);
+                let side = k % 2 == 1;
+                if side {
+                    g.side_after_main().unwrap();
+                    g.first_non_finite_side(&view, &mut out.as_view_mut()).unwrap();
+                    g.main_after_side().unwrap();
+                } else {
+                    g.first_non_finite(&view, &mut out.as_view_mut()).unwrap();
+                }
+                let got = g.download(&out.as_view()).unwrap()[0];
+                let want = at.map_or(-1, |a| a as i32);
+                let case = format!("n {n}, from {skip}, {bad} at {at:?}{}", if side { ", side stream" } else { "" });
+                assert_eq!(got, want, "{case}");
+                cases += 1;
+            }
+        }
+    }
+    check("first_non_finite", &format!("{cases} cases, lengths 1 to 200064, aligned and not"), 0.0, 0.0);
+    let x = g.upload(&[1f32]).unwrap();
+    assert!(g.first_non_finite(&x.as_view(), &mut out.slice_mut(0..0)).is_err(), "no room for the answer");
+}

@@ -6,7 +6,7 @@ use mxr_kernels::cpu::Threads;
 use crate::forward::{forward, Logits, Session};
 use crate::gpu::split::{SplitModel, SplitSession};
 use crate::gpu::{GpuModel, GpuSession};
-use crate::{Model, ModelError};
+use crate::{LogitsOut, Model, ModelError};
 
 pub enum Backend {
     Cpu(Threads),
@@ -52,21 +52,22 @@ impl Backend {
     }
 
     pub fn forward(&self, model: &Model, state: &mut State, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
-        self.forward_with(model, state, tokens, which, |l| l.to_vec())
+        self.forward_with(model, state, tokens, which, |l| l.logits.to_vec())
     }
 
     /// [`Backend::forward`], handing the logits to `f` where they lie instead of returning a
-    /// copy (a GPU's decoded token: its page-locked buffer).
+    /// copy (a GPU's decoded token: its page-locked buffer, looked through for NaN and
+    /// infinity on the GPU already).
     pub fn forward_with<R>(
         &self,
         model: &Model,
         state: &mut State,
         tokens: &[u32],
         which: Logits,
-        f: impl FnOnce(&[f32]) -> R,
+        f: impl FnOnce(LogitsOut<'_>) -> R,
     ) -> Result<R, ModelError> {
         match (self, state) {
-            (Backend::Cpu(t), State::Cpu(s)) => Ok(f(&forward(model, s, tokens, which, *t)?)),
+            (Backend::Cpu(t), State::Cpu(s)) => Ok(f(LogitsOut::unchecked(&forward(model, s, tokens, which, *t)?))),
             (Backend::Cuda(g), State::Cuda(s)) => g.forward_with(Some(model), s, tokens, which, f),
             (Backend::Split(m), State::Split(s)) => m.forward_with(Some(model), s, tokens, which, f),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),

@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod finite;
 pub mod forward;
 pub mod gpu;
 pub mod layer_split;
@@ -25,6 +26,7 @@ pub mod offload_cost;
 pub mod placement;
 
 pub use config::{Config, Residual};
+pub use finite::LogitsOut;
 pub use forward::Session;
 pub use layers::{layer_pattern, LayerKind};
 pub use model::Model;

@@ -13,7 +13,6 @@ pub mod calibrate_devices;
 pub mod chat_cmd;
 pub mod check;
 pub mod convert_cmd;
-pub mod finite;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel_bench;

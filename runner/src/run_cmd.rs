@@ -343,10 +343,11 @@ impl Loaded {
     /// token: the page-locked buffer its graph wrote) instead of returning a copy; `f` runs
     /// only on finite logits.
     pub fn forward_with<R>(&self, state: &mut State, tokens: &[u32], which: Logits, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        let checked = self.backend.forward_with(&self.model, state, tokens, which, |logits| {
-            // every call, decode included
-            match crate::finite::first_non_finite(logits) {
-                Some(i) => Err((logits[i], i, logits.len())),
+        let checked = self.backend.forward_with(&self.model, state, tokens, which, |out| {
+            // every call, decode included (a GPU's decode step has looked on the device)
+            let logits = out.logits;
+            match out.first_non_finite() {
+                Some(i) => Err((logits.get(i).copied().unwrap_or(f32::NAN), i, logits.len())),
                 None => Ok(f(logits)),
             }
         })?;

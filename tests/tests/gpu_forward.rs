@@ -22,9 +22,11 @@ use mxr_convert::{convert, ConvertOptions, TypePlan};
 use mxr_e2e::{npy, repo_root, temp_path};
 use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{Gpu, KvType};
+use mxr_models::finite::first_non_finite;
 use mxr_models::forward::{forward, Logits};
 use mxr_models::gpu::{GpuModel, GpuSession};
 use mxr_models::{Model, Session};
+use mxr_quant::gguf::GgufFile;
 use mxr_quant::reference::stats::diff;
 use mxr_quant::QType;
 
@@ -260,6 +262,53 @@ fn split_lm_head_gives_the_same_logits() {
         if same { "ok" } else { "FAIL" }
     );
     assert!(same);
+}
+
+/// The decode step looks for NaN and infinity in its logits on the GPU (beside their copy
+/// to the host; the lm_head in one launch or two): its answer is the host's on the same
+/// logits, clean or not. The nano model, then the same file with an infinity in one row of
+/// its lm_head (that logit infinite or NaN at every position, and once that row's token is
+/// fed back, with a tied embedding, every logit), prompt then 6 decoded tokens.
+#[test]
+#[ignore = "needs a GPU"]
+fn decode_finds_non_finite_logits_on_the_gpu() {
+    let path = temp_path("gpu-fwd", "nano-inf-Q8_0.gguf");
+    convert(&repo_root().join("nano/checkpoint"), &path, &ConvertOptions::new(TypePlan::uniform(QType::Q8_0)), &|_| {}).unwrap();
+    let clean = std::fs::read(&path).unwrap();
+    let mut broken = clean.clone();
+    let row = 1234usize;
+    {
+        let f = GgufFile::open(&path).unwrap();
+        let h = f.header();
+        let t = h.tensor("output.weight").or_else(|| h.tensor("token_embd.weight")).unwrap();
+        assert_eq!(t.type_info.name, "bf16");
+        let at = h.data_range(t).start + (row * t.dims[0] as usize + 3) * 2;
+        broken[at..at + 2].copy_from_slice(&0x7f80u16.to_le_bytes());
+    }
+    let prompt: Vec<u32> = mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light");
+    let (mut steps, mut found) = (0, 0);
+    for (what, bytes) in [("clean", &clean), ("an infinite weight", &broken)] {
+        std::fs::write(&path, bytes).unwrap();
+        let m = Model::open(&path).unwrap();
+        let mut g = gpu_model(&m);
+        for split in [false, true] {
+            g.gpu.tuning.logits_split = split;
+            let mut s = GpuSession::new(&g, prompt.len() + 8).unwrap();
+            let look = |o: mxr_models::LogitsOut<'_>| (o.first_non_finite(), first_non_finite(o.logits), argmax(o.logits) as u32);
+            let (mut dev, mut host, mut next) = g.forward_with(None, &mut s, &prompt, Logits::Last, look).unwrap();
+            assert_eq!(dev, host, "{what}, split {split}, the prompt");
+            for i in 0..6 {
+                (dev, host, next) = g.forward_with(None, &mut s, &[next], Logits::Last, look).unwrap();
+                assert_eq!(dev, host, "{what}, split {split}, step {i}");
+                steps += 1;
+                found += dev.is_some() as usize;
+            }
+            assert_eq!(host.is_some(), what != "clean", "{what}, split {split}");
+        }
+    }
+    let ok = found > 0 && found < steps;
+    println!("CHECK non-finite logits found on the GPU | nano Q8_0, clean and broken | {found} of {steps} steps, all as the host finds | same | {}", if ok { "ok" } else { "FAIL" });
+    assert!(ok);
 }
 
 /// Issue 10: the layers split over GPUs give the logits of one GPU. Two parts on the same

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod blas;
+pub mod check;
 pub mod graph;
 pub mod host;
 pub mod lightning;

@@ -22,6 +22,7 @@ pub enum Source {
     Flash,
     /// Hopper-only (wgmma): compiled for sm_90a, and only on an sm_90 device.
     FlashWgmma,
+    Check,
 }
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
@@ -30,7 +31,7 @@ const MMA: &str = include_str!("../../cuda/mma.cuh");
 const ROWNORM: &str = include_str!("../../cuda/rownorm.cuh");
 
 impl Source {
-    pub const ALL: [Source; 9] = [
+    pub const ALL: [Source; 10] = [
         Source::Matvec,
         Source::Dequant,
         Source::Norm,
@@ -40,6 +41,7 @@ impl Source {
         Source::Attention,
         Source::Flash,
         Source::FlashWgmma,
+        Source::Check,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +55,7 @@ impl Source {
             Source::Attention => "attention",
             Source::Flash => "flash",
             Source::FlashWgmma => "flash_wgmma",
+            Source::Check => "check",
         }
     }
 
@@ -82,6 +85,7 @@ impl Source {
             Source::Attention => (&[], include_str!("../../cuda/attention.cu")),
             Source::Flash => (&[MMA], include_str!("../../cuda/flash.cu")),
             Source::FlashWgmma => (&[MMA], include_str!("../../cuda/flash_wgmma.cu")),
+            Source::Check => (&[], include_str!("../../cuda/check.cu")),
         };
         let mut s = String::with_capacity(COMMON.len() + headers.iter().map(|h| h.len()).sum::<usize>() + body.len());
         s.push_str(COMMON);

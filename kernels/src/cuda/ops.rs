@@ -310,7 +310,10 @@ impl Gpu {
             )));
         }
         need("matvec_rows", "x", cols, x.len())?;
-        need("matvec_rows", "y", rows.len(), y.len())?;
+        if y.len() != rows.len() {
+            // y is exactly the range's rows: a longer one would leave rows unwritten
+            return Err(KernelError::Length { op: "matvec_rows", what: "y", expected: rows.len(), actual: y.len() });
+        }
         let n = rows.len();
         let cfg = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(rows_per_block as u32), 1, 1),

@@ -11,7 +11,7 @@ use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, Pinned,
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
 use crate::forward::{Logits, Session};
-use crate::{LayerKind, Model, ModelError};
+use crate::{LayerKind, LogitsOut, Model, ModelError};
 use mxr_quant::QType;
 
 /// One sequence's state on the GPU.
@@ -30,16 +30,21 @@ pub struct GpuSession {
 }
 
 /// The decode step's inputs and output, at fixed addresses for its graph: the token and
-/// position are written on the host into `io` and copied in by the graph, which also copies
-/// the logits out to `logits` (page-locked host memory both, so that a step costs one graph
-/// launch and one wait).
+/// position are written on the host into `io` [0..2] and copied in by the graph, which also
+/// copies the logits out to `logits` and, into `io` [2], where their first NaN or infinity
+/// is (-1: none), found on the GPU in `found` (page-locked host memory both, so that a step
+/// costs one graph launch and one wait).
 struct Step {
     io: Pinned<i32>,
     token: CudaSlice<i32>,
     pos: CudaSlice<i32>,
+    found: CudaSlice<i32>,
     logits: Pinned<f32>,
     graph: Option<Graph>,
 }
+
+/// `io`'s slot for the logits' first NaN or infinity.
+const IO_FOUND: usize = 2;
 
 impl GpuSession {
     /// An empty session with KV room for `capacity` tokens.
@@ -79,9 +84,10 @@ impl GpuSession {
             kv,
             counts,
             step: Some(Box::new(Step {
-                io: g.pinned::<i32>(2)?,
+                io: g.pinned::<i32>(3)?,
                 token: g.zeros::<i32>(1)?,
                 pos: g.zeros::<i32>(1)?,
+                found: g.zeros::<i32>(1)?,
                 logits: g.pinned::<f32>(c.vocab_size)?,
                 graph: None,
             })),
@@ -170,7 +176,7 @@ impl GpuModel {
         tokens: &[u32],
         which: Logits,
     ) -> Result<Vec<f32>, ModelError> {
-        self.forward_with(host, session, tokens, which, |l| l.to_vec())
+        self.forward_with(host, session, tokens, which, |l| l.logits.to_vec())
     }
 
     /// [`GpuModel::forward_on`], handing the logits to `f` where they lie instead of
@@ -183,7 +189,7 @@ impl GpuModel {
         session: &mut GpuSession,
         tokens: &[u32],
         which: Logits,
-        f: impl FnOnce(&[f32]) -> R,
+        f: impl FnOnce(LogitsOut<'_>) -> R,
     ) -> Result<R, ModelError> {
         if self.offloaded && host.is_none() {
             return Err(ModelError::Input("this GPU model keeps experts in host memory: run it with its host model (forward_on)".into()));
@@ -196,13 +202,14 @@ impl GpuModel {
         let r = if n == 1 && which == Logits::Last && self.graphs_enabled() {
             self.decode(session, tokens[0])?;
             let step = session.step.as_ref().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
-            f(g.pinned_host(&step.logits)?)
+            let found = usize::try_from(g.pinned_host(&step.io)?[IO_FOUND]).ok();
+            f(LogitsOut::checked(g.pinned_host(&step.logits)?, found))
         } else {
             let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
             let ids = g.upload(&ids)?;
             let pos = g.upload(&[pos_host as i32])?;
             let logits = self.body(host, session, &ids, &pos, pos_host, n, which)?;
-            f(&g.download(&logits.as_view())?)
+            f(LogitsOut::unchecked(&g.download(&logits.as_view())?))
         };
         session.pos += n;
         session.tokens.extend_from_slice(tokens);
@@ -223,11 +230,11 @@ impl GpuModel {
         g.pinned_host_mut(&mut step.io)?.copy_from_slice(&[token as i32, session.pos as i32]);
         if step.graph.is_none() {
             let pos_host = session.pos;
-            let Step { io, token, pos, logits, .. } = step;
+            let Step { io, token, pos, found, logits, .. } = step;
             let graph = g.capture(|| {
                 g.upload_pinned(io, 0, &mut token.as_view_mut())?;
                 g.upload_pinned(io, 1, &mut pos.as_view_mut())?;
-                self.decode_body(session, token, pos, pos_host, logits).map_err(to_kernel)
+                self.decode_body(session, token, pos, pos_host, StepOut { logits, io, found }).map_err(to_kernel)
             })?;
             step.graph = Some(graph);
         }
@@ -451,17 +458,19 @@ impl GpuModel {
     }
 
     /// The decode step's work inside its graph: the token through the layers and the
-    /// head, its logits copied to `host`. With `MXR_LOGITS_SPLIT=1` and a float lm_head of
-    /// 2,048 rows or more, the lm_head runs in two launches and the first half's logits go
-    /// to the host on the side stream while the second half computes: the copy (~37 us for
-    /// 200,064 logits on an H200) overlaps the product instead of following it.
+    /// head, its logits copied to the host and looked through for NaN and infinity on the
+    /// side stream meanwhile ([`GpuModel::logits_out`]). With `MXR_LOGITS_SPLIT=1` and a
+    /// float lm_head of 2,048 rows or more, the lm_head runs in two launches and the first
+    /// half's logits go to the host on the side stream while the second half computes: the
+    /// copy (~37 us for 200,064 logits on an H200) overlaps the product instead of
+    /// following it.
     fn decode_body(
         &self,
         session: &mut GpuSession,
         token: &CudaSlice<i32>,
         pos: &CudaSlice<i32>,
         pos_host: usize,
-        host: &mut Pinned<f32>,
+        mut out: StepOut<'_>,
     ) -> Result<(), ModelError> {
         let g = &self.gpu;
         let lm = self.lm_head()?;
@@ -473,13 +482,9 @@ impl GpuModel {
             QType::F32 => lm.cols % 4 == 0,
             _ => false,
         };
-        // with MXR_TIMELINE=1 a mark after the last product: the timeline then charges the
-        // logits' copy to the host apart from the lm_head
-        let mark = || if g.tuning.timeline { g.timeline_mark() } else { Ok(()) };
         if !(g.tuning.logits_split && float_rows && lm.n_experts == 1 && lm.rows >= 2048) {
-            let out = self.body(None, session, token, pos, pos_host, 1, Logits::Last)?;
-            mark()?;
-            return Ok(g.download_pinned(&out.as_view(), host, 0)?);
+            let y = self.body(None, session, token, pos, pos_host, 1, Logits::Last)?;
+            return self.logits_out(&y, 0, &mut out);
         }
         let mut x = self.embed(token, 1)?;
         let pending = self.run_layers(None, session, &mut x, pos, pos_host, 1)?;
@@ -489,14 +494,42 @@ impl GpuModel {
             let mut y = g.alloc::<f32>(v)?;
             g.matvec_rows(lm, 0..half, &x.as_view(), &mut y.slice_mut(0..half))?;
             g.side_after_main()?;
-            g.download_pinned_side(&y.slice(0..half), host, 0)?;
+            g.download_pinned_side(&y.slice(0..half), out.logits, 0)?;
             g.matvec_rows(lm, half..v, &x.as_view(), &mut y.slice_mut(half..v))?;
-            mark()?;
-            g.download_pinned(&y.slice(half..v), host, half)?;
-            // y is freed after this join, once both copies have read it
-            Ok(g.main_after_side()?)
+            self.logits_out(&y, half, &mut out)
         })
     }
+
+    /// The decode step's end, after its last product: logits y[from..] to the host (those
+    /// before `from` are on their way on the side stream already) and, on the side stream
+    /// meanwhile, the look for their first NaN or infinity, its answer after them into the
+    /// step's `io`; then the join. With `MXR_TIMELINE=1` all on the main stream (a
+    /// timeline's slots follow one stream's capture order), after a mark that charges the
+    /// copy apart from the lm_head.
+    fn logits_out(&self, y: &CudaSlice<f32>, from: usize, out: &mut StepOut<'_>) -> Result<(), ModelError> {
+        let g = &self.gpu;
+        if g.tuning.timeline {
+            g.timeline_mark()?;
+            g.download_pinned(&y.slice(from..), out.logits, from)?;
+            g.first_non_finite(&y.as_view(), &mut out.found.as_view_mut())?;
+            return Ok(g.download_pinned(&out.found.as_view(), out.io, IO_FOUND)?);
+        }
+        g.side_after_main()?;
+        g.first_non_finite_side(&y.as_view(), &mut out.found.as_view_mut())?;
+        g.download_pinned_side(&out.found.as_view(), out.io, IO_FOUND)?;
+        g.download_pinned(&y.slice(from..), out.logits, from)?;
+        // y is freed after this join, once the copies and the look have read it
+        Ok(g.main_after_side()?)
+    }
+}
+
+/// Where a decode step's graph leaves its results: the logits' page-locked buffer, the
+/// step's `io` (the answer of the look for NaN and infinity goes to [`IO_FOUND`]) and the
+/// device word that answer is found in.
+struct StepOut<'a> {
+    logits: &'a mut Pinned<f32>,
+    io: &'a mut Pinned<i32>,
+    found: &'a mut CudaSlice<i32>,
 }
 
 impl GpuModel {

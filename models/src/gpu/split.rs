@@ -13,7 +13,7 @@ use super::forward::{check_tokens, to_kernel, GpuSession};
 use super::GpuModel;
 use crate::forward::{Logits, Session};
 use crate::placement::Placement;
-use crate::{Model, ModelError};
+use crate::{LogitsOut, Model, ModelError};
 
 pub struct SplitModel {
     pub parts: Vec<GpuModel>,
@@ -91,7 +91,7 @@ impl SplitModel {
     /// Runs `tokens` after what `s` has seen; logits as [`GpuModel::forward_on`]. `host`:
     /// the mapped model, needed when some part keeps experts in host memory.
     pub fn forward(&self, host: Option<&Model>, s: &mut SplitSession, tokens: &[u32], which: Logits) -> Result<Vec<f32>, ModelError> {
-        self.forward_with(host, s, tokens, which, |l| l.to_vec())
+        self.forward_with(host, s, tokens, which, |l| l.logits.to_vec())
     }
 
     /// [`SplitModel::forward`], handing the logits to `f` where they lie (a decoded
@@ -102,7 +102,7 @@ impl SplitModel {
         s: &mut SplitSession,
         tokens: &[u32],
         which: Logits,
-        f: impl FnOnce(&[f32]) -> R,
+        f: impl FnOnce(LogitsOut<'_>) -> R,
     ) -> Result<R, ModelError> {
         if self.parts.iter().any(|p| p.offloaded) && host.is_none() {
             return Err(ModelError::Input("this split model keeps experts in host memory: run it with its host model".into()));
@@ -119,9 +119,9 @@ impl SplitModel {
                 .last()
                 .and_then(|st| st.logits.as_ref())
                 .ok_or_else(|| ModelError::Input("the last part's decode step has no logits buffer".into()))?;
-            f(self.parts[self.parts.len() - 1].gpu.pinned_host(logits)?)
+            f(LogitsOut::unchecked(self.parts[self.parts.len() - 1].gpu.pinned_host(logits)?))
         } else {
-            f(&self.pass(host, s, tokens, which)?)
+            f(LogitsOut::unchecked(&self.pass(host, s, tokens, which)?))
         };
         for ps in &mut s.parts {
             ps.pos += n;

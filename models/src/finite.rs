@@ -1,5 +1,32 @@
 //! The check every forward pass's logits get before anyone samples from them: a NaN or an
 //! infinity means broken weights or an overflow, and is an error rather than garbage text.
+//! A GPU's decode step looks on the device, beside the logits' copy to the host
+//! (`Gpu::first_non_finite`); elsewhere the host looks here.
+
+/// A forward pass's logits where they lie, handed to the caller's closure, with where the
+/// first NaN or infinity among them is when the device has looked already.
+pub struct LogitsOut<'a> {
+    pub logits: &'a [f32],
+    found: Option<Option<usize>>,
+}
+
+impl<'a> LogitsOut<'a> {
+    /// Logits nobody has looked through yet.
+    pub fn unchecked(logits: &'a [f32]) -> LogitsOut<'a> {
+        LogitsOut { logits, found: None }
+    }
+
+    /// Logits whose first NaN or infinity the device found at `first` (None: there is none).
+    pub(crate) fn checked(logits: &'a [f32], first: Option<usize>) -> LogitsOut<'a> {
+        LogitsOut { logits, found: Some(first) }
+    }
+
+    /// Where the first NaN or infinity is, if any: the device's answer, or a pass on the
+    /// host.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        self.found.unwrap_or_else(|| first_non_finite(self.logits))
+    }
+}
 
 /// Where the first NaN or infinity in `x` is, if any. The common case (none) is one pass
 /// that vectorises: 0 v is 0 for every finite v and NaN for a NaN or an infinity, summed
@@ -26,7 +53,7 @@ pub fn first_non_finite(x: &[f32]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_non_finite;
+    use super::{first_non_finite, LogitsOut};
 
     #[test]
     fn finds_the_first_nan_or_infinity_anywhere() {
@@ -45,5 +72,15 @@ mod tests {
                 assert_eq!(first_non_finite(&x), Some(at), "{bad} at {at}, infinity last");
             }
         }
+    }
+
+    #[test]
+    fn the_device_answer_is_taken_as_given() {
+        let x = [1.0, f32::NAN, 2.0];
+        assert_eq!(LogitsOut::unchecked(&x).first_non_finite(), Some(1));
+        // a device that looked answers for the host, which does not read the logits again
+        // (the point of looking on the device)
+        assert_eq!(LogitsOut::checked(&x, None).first_non_finite(), None);
+        assert_eq!(LogitsOut::checked(&[1.0, 2.0], Some(0)).first_non_finite(), Some(0));
     }
 }
