@@ -227,7 +227,7 @@ impl GpuModel {
 
     fn decode_with(&self, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<(), ModelError> {
         let g = &self.gpu;
-        g.pinned_host_mut(&mut step.io)?.copy_from_slice(&[token as i32, session.pos as i32]);
+        g.pinned_host_mut(&mut step.io)?[..2].copy_from_slice(&[token as i32, session.pos as i32]);
         if step.graph.is_none() {
             let pos_host = session.pos;
             let Step { io, token, pos, found, logits, .. } = step;
