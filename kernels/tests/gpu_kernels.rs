@@ -965,3 +965,58 @@ fn first_non_finite_finds_the_first_nan_or_infinity() {
     let x = g.upload(&[1f32]).unwrap();
     assert!(g.first_non_finite(&x.as_view(), &mut out.slice_mut(0..0)).is_err(), "no room for the answer");
 }
+
+/// Issue 7, cold experts read in place: a stack whose experts lie some in device pages and
+/// some in host pages (`GpuMatrix::upload_placed`) gives the bits of an ordinary stack in
+/// the products by ids (one expert and two in a launch) and in the dequantization to bf16
+/// the prefill uses, for every type; only the hot experts count as device bytes.
+#[test]
+#[ignore = "needs a GPU"]
+fn placed_stacks_read_host_experts_in_place() {
+    let g = gpu();
+    let (n_exp, rows, cols) = (4, 96, 512);
+    let on_gpu = [true, false, false, true];
+    let ids = [1i32, 3, 2, 0, 1, 1];
+    for q in TYPES {
+        let w = quantized(q, n_exp * rows * cols, 80);
+        let plain = GpuMatrix::upload(&g, q, n_exp, rows, cols, &w).unwrap();
+        let placed = GpuMatrix::upload_placed(&g, q, rows, cols, &w, &on_gpu).unwrap();
+        let x = g.upload(&Rng::new(81).normals(cols, 1.0)).unwrap();
+        let gids = g.upload(&ids).unwrap();
+        let product = |m: &GpuMatrix| {
+            let mut y = g.zeros::<f32>(ids.len() * rows).unwrap();
+            g.matvec(m, Some(&gids), &x.as_view(), ids.len(), ids.len(), &mut y.as_view_mut()).unwrap();
+            g.download(&y.as_view()).unwrap()
+        };
+        // the two-matrix launch (gate and up) takes quantized weights only
+        let pair = |a: &GpuMatrix, b: &GpuMatrix| {
+            if q.block_size() == 1 {
+                return (Vec::new(), Vec::new());
+            }
+            let act = g.quantize_act(&x.as_view(), 1, cols).unwrap();
+            let (mut y0, mut y1) = (g.zeros::<f32>(ids.len() * rows).unwrap(), g.zeros::<f32>(ids.len() * rows).unwrap());
+            g.matvec_pair([a, b], Some(&gids), &act, ids.len(), ids.len(), [&mut y0.as_view_mut(), &mut y1.as_view_mut()]).unwrap();
+            (g.download(&y0.as_view()).unwrap(), g.download(&y1.as_view()).unwrap())
+        };
+        let dequant = |m: &GpuMatrix, e: usize| {
+            let mut out = g.zeros::<u16>(rows * cols).unwrap();
+            g.to_bf16(m, e, &mut out.as_view_mut()).unwrap();
+            g.download(&out.as_view()).unwrap()
+        };
+        let same_products = product(&placed) == product(&plain);
+        let same_pairs = pair(&placed, &plain) == pair(&plain, &plain);
+        let same_bf16 = (0..n_exp).all(|e| dequant(&placed, e) == dequant(&plain, e));
+        let stride = placed.stride;
+        let bytes_ok = placed.bytes() == 2 * stride && placed.host_bytes() == 2 * stride && plain.host_bytes() == 0;
+        let ok = same_products && same_pairs && same_bf16 && bytes_ok;
+        println!(
+            "CHECK placed stack | {q} {n_exp}x{rows}x{cols}, experts 1 and 2 in host memory | products {same_products}, pairs {same_pairs}, bf16 {same_bf16}, bytes {bytes_ok} | exact | {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        assert!(ok, "{q}");
+    }
+    assert!(
+        GpuMatrix::upload_placed(&g, QType::Q8_0, rows, cols, &quantized(QType::Q8_0, 3 * rows * cols, 82), &on_gpu).is_err(),
+        "3 experts' bytes for 4"
+    );
+}

@@ -208,9 +208,17 @@ fn offload_setup(g: &mut GpuModel, p: &Placement, stats: Option<&ExpertStats>, a
         _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
     };
     g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
-    eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+    if g.in_place_bytes > 0 {
+        eprintln!(
+            "cold experts: read in place by the GPU from {:.2} GiB of page-locked host memory mapped into the expert stacks (MXR_COLD_IN_PLACE=1, experimental)",
+            g.in_place_bytes as f64 / (1u64 << 30) as f64
+        );
+    } else {
+        eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+    }
     match &g.pin_note {
         Some(note) => eprintln!("{note}"),
+        None if g.in_place_bytes > 0 => {}
         None => eprintln!(
             "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
             g.pinned_bytes() as f64 / (1u64 << 30) as f64,

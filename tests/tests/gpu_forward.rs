@@ -516,6 +516,63 @@ fn every_expert_placement_gives_the_same_logits() {
     }
 }
 
+/// Issue 7, cold experts read in place (`ColdExperts::InPlace`, `MXR_COLD_IN_PLACE=1`):
+/// the same kernels read the same bytes, some from host pages, so the logits are the
+/// all-GPU model's bit for bit: prefill in chunks of 4 (the matrix-vector path) and of 24
+/// (tensor-core products on weights dequantized from host pages), then decode steps in the
+/// captured graph; with every expert in host memory, and with half of them.
+#[test]
+#[ignore = "needs a GPU"]
+fn cold_experts_read_in_place_give_the_all_gpu_logits() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::placement::{plan, Policy, Sizes};
+    let mut ok = true;
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-in-place", q);
+        let c = &m.config;
+        let prompt: Vec<u32> =
+            mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
+        let run = |g: &GpuModel, chunk: usize| -> Vec<f32> {
+            let mut s = GpuSession::new(g, 64).unwrap();
+            let mut out = Vec::new();
+            for ch in prompt.chunks(chunk) {
+                out.extend(g.forward(&mut s, ch, Logits::All).unwrap());
+            }
+            let mut next = argmax(&out[out.len() - c.vocab_size..]) as u32;
+            for _ in 0..6 {
+                let l = g.forward(&mut s, &[next], Logits::Last).unwrap();
+                next = argmax(&l) as u32;
+                out.extend(l);
+            }
+            out
+        };
+        let all = gpu_model(&m);
+        let want = [run(&all, 4), run(&all, 24)];
+        drop(all);
+        let sizes = Sizes::of(&m, 64, 4.0, 0);
+        let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
+        let half = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 2;
+        for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("half the experts", Policy::Budget(half))] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, ColdExperts::InPlace).unwrap();
+            g.kv_type = KvType::F32;
+            let got = [run(&g, 4), run(&g, 24)];
+            let same = got == want;
+            let placed = !g.offloaded && g.in_place_bytes > 0;
+            println!(
+                "CHECK cold experts in place | nano {q}, {name} ({} of {} experts on GPU, {} KiB of host pages) | {} | exact | {}",
+                p.experts_on_gpu(),
+                c.n_experts * c.n_layers,
+                g.in_place_bytes / 1024,
+                if same { "equal" } else { "differ" },
+                if same && placed { "ok" } else { "FAIL" }
+            );
+            ok &= same && placed;
+        }
+    }
+    assert!(ok);
+}
+
 /// The default bf16 KV cache (tensor-core prefill attention, bf16 keys and values in
 /// decode), and the q8_0 one, against f32 caches, on the F32 golden fixtures and the nano
 /// model: prefill in one pass and token-by-token decode. Rounding keys, values, q and the

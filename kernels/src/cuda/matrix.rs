@@ -4,16 +4,21 @@
 //! padded from 210 to 212 bytes, so that the kernels load aligned words; every other
 //! type keeps ggml's bytes as in the file.
 
+use std::mem::ManuallyDrop;
+
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use mxr_quant::QType;
 
+use super::placed::PlacedStack;
 use super::{Gpu, Result};
 use crate::KernelError;
 
 const ALIGN: usize = 256;
 
 pub struct GpuMatrix {
-    pub buf: CudaSlice<u8>,
+    /// The weights; for a placed stack a view of its address range, which the stack (not
+    /// this slice) frees.
+    pub buf: ManuallyDrop<CudaSlice<u8>>,
     pub qtype: QType,
     /// Rows of one expert (of the whole matrix when `n_experts` is 1).
     pub rows: usize,
@@ -21,6 +26,21 @@ pub struct GpuMatrix {
     pub n_experts: usize,
     /// Bytes from one expert to the next.
     pub stride: usize,
+    /// Experts some in device and some in host memory ([`GpuMatrix::upload_placed`]).
+    placed: Option<PlacedStack>,
+}
+
+impl Drop for GpuMatrix {
+    fn drop(&mut self) {
+        // SAFETY: buf is taken once, here, and not used again.
+        let buf = unsafe { ManuallyDrop::take(&mut self.buf) };
+        if self.placed.is_some() {
+            // the address range is the placed stack's to unmap and free (when it drops next)
+            buf.leak();
+        } else {
+            drop(buf);
+        }
+    }
 }
 
 impl GpuMatrix {
@@ -30,7 +50,28 @@ impl GpuMatrix {
         let stride = host.len() / n_experts.max(1);
         // An empty stack (every expert of a layer in host memory) holds no weights.
         let buf = if host.is_empty() { gpu.zeros::<u8>(ALIGN)? } else { gpu.upload(&host)? };
-        Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
+        Ok(GpuMatrix { buf: ManuallyDrop::new(buf), qtype, rows, cols, n_experts, stride, placed: None })
+    }
+
+    /// As [`GpuMatrix::upload`] for a stack of `n_experts` experts of which expert e stays
+    /// in device memory when `on_gpu[e]` and in page-locked host memory otherwise, all
+    /// behind one address range: the kernels read a host expert in place over PCIe. Each
+    /// expert takes whole pages (2 MiB on current GPUs), so the stride is padded to them.
+    pub fn upload_placed(gpu: &Gpu, qtype: QType, rows: usize, cols: usize, data: &[u8], on_gpu: &[bool]) -> Result<GpuMatrix> {
+        let n_experts = on_gpu.len();
+        let host = pack(qtype, n_experts, rows, cols, data)?;
+        let each = host.len() / n_experts.max(1);
+        let stack = PlacedStack::new(gpu, &host, each, on_gpu)?;
+        // SAFETY: the range [ptr, ptr + len) stays mapped while `stack` lives, which is as
+        // long as this matrix; Drop leaks the slice instead of freeing it.
+        let buf = unsafe { gpu.stream.upgrade_device_ptr::<u8>(stack.ptr(), stack.len()) };
+        Ok(GpuMatrix { buf: ManuallyDrop::new(buf), qtype, rows, cols, n_experts, stride: stack.stride(), placed: Some(stack) })
+    }
+
+    /// Bytes of page-locked host memory this matrix's experts take (a placed stack's cold
+    /// experts; 0 for any other matrix).
+    pub fn host_bytes(&self) -> usize {
+        self.placed.as_ref().map_or(0, PlacedStack::host_bytes)
     }
 
     /// A stack of `n_experts` experts whose weights are copied in afterwards, one by one,
@@ -45,7 +86,7 @@ impl GpuMatrix {
         let buf = gpu.alloc::<u8>((stride * n_experts).max(ALIGN))?;
         // the side stream's copies wait for this allocation (made on the main stream) only
         gpu.side_after_main()?;
-        Ok(GpuMatrix { buf, qtype, rows, cols, n_experts, stride })
+        Ok(GpuMatrix { buf: ManuallyDrop::new(buf), qtype, rows, cols, n_experts, stride, placed: None })
     }
 
     /// Expert `e`'s device bytes, for the file's bytes to be copied in as they are
@@ -63,6 +104,9 @@ impl GpuMatrix {
     pub fn write_expert(&mut self, gpu: &Gpu, e: usize, data: &[u8]) -> Result<()> {
         if e >= self.n_experts {
             return Err(KernelError::Shape(format!("write_expert: expert {e} of a stack of {}", self.n_experts)));
+        }
+        if self.placed.is_some() {
+            return Err(KernelError::Shape("write_expert: a stack with experts in host memory is placed at upload".into()));
         }
         let host = pack(self.qtype, 1, self.rows, self.cols, data)?;
         if host.len() != self.stride {
@@ -95,8 +139,9 @@ impl GpuMatrix {
         unsafe { self.expert(e).transmute::<f32>(self.rows * self.cols) }
     }
 
+    /// Bytes of device memory the weights take (a placed stack: its hot experts).
     pub fn bytes(&self) -> usize {
-        self.buf.len()
+        self.placed.as_ref().map_or(self.buf.len(), PlacedStack::device_bytes)
     }
 
     /// Bytes one product reads from one expert's matrix.

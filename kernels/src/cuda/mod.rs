@@ -18,6 +18,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod pages;
 pub mod pinned;
+pub mod placed;
 pub mod timeline;
 pub mod tma;
 

@@ -245,14 +245,14 @@ impl Gpu {
             let cfg =
                 LaunchConfig { grid_dim: (rows as u32, int("matvec", pairs)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             return match ids {
-                Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
-                None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
+                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y),
+                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y),
             };
         }
         if !quantized(w.qtype) {
             return match ids {
-                Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, x, &xd, y),
-                None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, x, &xd, y),
+                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y),
+                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y),
             };
         }
         // Quantized weights multiply int8 activations: quantize the input rows first
@@ -273,8 +273,8 @@ impl Gpu {
             }
         };
         match ids {
-            Some(ids) => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y),
-            None => launch!(self, Source::Matvec, name, cfg, &w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y),
+            Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y),
+            None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y),
         }
     }
 
@@ -357,9 +357,11 @@ impl Gpu {
         let null = 0u64;
         match ids {
             Some(ids) => {
-                launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, ids, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1)
+                launch!(self, Source::Matvec, name, cfg, &*w0.buf, &*w1.buf, &s0, &s1, ids, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1)
             }
-            None => launch!(self, Source::Matvec, name, cfg, &w0.buf, &w1.buf, &s0, &s1, &null, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1),
+            None => {
+                launch!(self, Source::Matvec, name, cfg, &*w0.buf, &*w1.buf, &s0, &s1, &null, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1)
+            }
         }
     }
 
@@ -441,9 +443,9 @@ impl Gpu {
                 QType::F16 => "gather_rows_scalar_f16",
                 _ => "gather_rows_scalar_f32",
             };
-            return launch!(self, Source::Dequant, name, cfg, &w.buf, &r, &c, ids, out);
+            return launch!(self, Source::Dequant, name, cfg, &*w.buf, &r, &c, ids, out);
         }
-        launch!(self, Source::Dequant, per_type!("gather_rows_", w.qtype), cfg, &w.buf, &r, &c, ids, out)
+        launch!(self, Source::Dequant, per_type!("gather_rows_", w.qtype), cfg, &*w.buf, &r, &c, ids, out)
     }
 
     pub fn f32_to_bf16(&self, x: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, u16>) -> Result<()> {
@@ -589,7 +591,7 @@ impl Gpu {
         let tickets = self.tickets.slice(..);
         #[rustfmt::skip]
         launch!(self, Source::Moe, "moe_norm_route_f32", cfg, x, &a, &cw, &kr, &alpha, &beta, w, &wd, &eps, &mut out, &q, &d,
-            &router.buf, &e, &kk, &mut logits, &mut ids, &mut weights, counts, &tickets)?;
+            &*router.buf, &e, &kk, &mut logits, &mut ids, &mut weights, counts, &tickets)?;
         Ok(Some(NormRouted { x: out, act, ids, weights }))
     }
 
@@ -775,7 +777,7 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: (n_experts as u32, n_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (e, c, kk) = (n_experts as i32, int("route_fused", cols)?, k as i32);
         let tickets = self.tickets.slice(..);
-        launch!(self, Source::Moe, name, cfg, &router.buf, &e, &c, x, &kk, &mut logits, ids, weights, counts, &tickets)?;
+        launch!(self, Source::Moe, name, cfg, &*router.buf, &e, &c, x, &kk, &mut logits, ids, weights, counts, &tickets)?;
         Ok(true)
     }
 

@@ -136,17 +136,30 @@ impl PagedBuf {
 
 impl Drop for PagedBuf {
     fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: the pages were mapped in order from base; unmap, release, then free the
-        // reservation. Work still queued on them must be finished: callers drop caches
-        // only between forward passes, after a download or a sync.
-        unsafe {
-            let _ = sys::cuCtxSynchronize();
-            for (i, &h) in self.pages.iter().enumerate() {
-                sys::cuMemUnmap(self.base + (i * self.page) as u64, self.page);
-                sys::cuMemRelease(h);
-            }
-            sys::cuMemAddressFree(self.base, self.reserved);
+        // work still queued on the pages must be finished: callers drop caches only
+        // between forward passes, after a download or a sync
+        release_range(&self.ctx, self.base, self.reserved, self.page, &self.pages);
+    }
+}
+
+/// Unmaps and releases `handles` (mapped in order from `base`, `each` bytes apart), then
+/// frees the reservation of `reserved` bytes, after the context's queued work.
+pub(super) fn release_range(
+    ctx: &Arc<CudaContext>,
+    base: sys::CUdeviceptr,
+    reserved: usize,
+    each: usize,
+    handles: &[sys::CUmemGenericAllocationHandle],
+) {
+    let _ = ctx.bind_to_thread();
+    // SAFETY: the handles were mapped in order from base; nothing reads them once the
+    // context is idle. Unmap, release, then free the reservation.
+    unsafe {
+        let _ = sys::cuCtxSynchronize();
+        for (i, &h) in handles.iter().enumerate() {
+            sys::cuMemUnmap(base + (i * each) as u64, each);
+            sys::cuMemRelease(h);
         }
+        sys::cuMemAddressFree(base, reserved);
     }
 }

@@ -82,6 +82,8 @@ pub struct GpuModel {
     graphs: std::sync::atomic::AtomicBool,
     /// Some experts are in host memory (the MoE then waits for the host each layer).
     pub offloaded: bool,
+    /// Page-locked host memory of experts read in place ([`ColdExperts::InPlace`]).
+    pub in_place_bytes: usize,
     /// Element type of the KV caches of new sessions (default bf16; f32 keeps the CPU's
     /// exact values: the f32 attention kernels, and the lightning prefill as the f32
     /// recurrence instead of bf16 tensor-core chunks).
@@ -110,6 +112,29 @@ pub struct GpuModel {
     pins: Vec<mxr_kernels::cuda::host::HostPin>,
     /// Why the cold experts are not page-locked, if they are not.
     pub pin_note: Option<String>,
+}
+
+/// How a placement's cold experts (those it leaves in host memory) are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColdExperts {
+    /// On the CPU from the mapped file, or copied to the GPU for a batch, as the cost model
+    /// picks per expert; the MoE waits for the host each layer (the default).
+    Host,
+    /// Copied at upload into page-locked host memory mapped into the layer's expert stacks,
+    /// where the GPU's products read them in place over PCIe; the decode step stays one
+    /// CUDA graph (`MXR_COLD_IN_PLACE=1`; experimental, docs/offload.md).
+    InPlace,
+}
+
+impl ColdExperts {
+    /// `MXR_COLD_IN_PLACE=1`: in place; otherwise the default.
+    pub fn from_env() -> ColdExperts {
+        if std::env::var("MXR_COLD_IN_PLACE").is_ok_and(|v| v == "1") {
+            ColdExperts::InPlace
+        } else {
+            ColdExperts::Host
+        }
+    }
 }
 
 impl GpuLayer {
@@ -141,6 +166,17 @@ impl GpuModel {
         placement: Option<&Placement>,
         range: std::ops::Range<usize>,
     ) -> Result<GpuModel, ModelError> {
+        Self::upload_part_with(model, gpu, placement, range, ColdExperts::from_env())
+    }
+
+    /// [`GpuModel::upload_part`] with the cold experts computed as `cold` says.
+    pub fn upload_part_with(
+        model: &Model,
+        gpu: Gpu,
+        placement: Option<&Placement>,
+        range: std::ops::Range<usize>,
+        cold: ColdExperts,
+    ) -> Result<GpuModel, ModelError> {
         let c = model.config.clone();
         if range.start >= range.end || range.end > c.n_layers {
             return Err(ModelError::Input(format!("layers {range:?} of a model of {} layers", c.n_layers)));
@@ -154,6 +190,7 @@ impl GpuModel {
         let (first, last) = (range.start == 0, range.end == c.n_layers);
         let tied = model.output.name() == model.token_embd.name();
         let bytes = std::cell::Cell::new(0usize);
+        let host_bytes = std::cell::Cell::new(0usize);
         let up = |t: &Tensor, n_experts: usize| -> Result<GpuMatrix, ModelError> {
             let m = model.matrix(t);
             let m = GpuMatrix::upload(&gpu, m.qtype, n_experts, m.rows / n_experts, m.cols, m.data).map_err(|e| upload_error(t, e))?;
@@ -179,6 +216,18 @@ impl GpuModel {
             };
             let (gate_exps, up_exps, down_exps, slot) = match placement {
                 None => (up(&layer.gate_exps, c.n_experts)?, up(&layer.up_exps, c.n_experts)?, up(&layer.down_exps, c.n_experts)?, None),
+                Some(p) if cold == ColdExperts::InPlace => {
+                    // every expert in its own place in the stack, the cold ones in host pages
+                    let placed = |t: &Tensor, rows_each: usize| -> Result<GpuMatrix, ModelError> {
+                        let m = model.matrix(t);
+                        let g = GpuMatrix::upload_placed(&gpu, m.qtype, rows_each, m.cols, m.data, &p.on_gpu[l])
+                            .map_err(|e| upload_error(t, e))?;
+                        bytes.set(bytes.get() + g.bytes());
+                        host_bytes.set(host_bytes.get() + g.host_bytes());
+                        Ok(g)
+                    };
+                    (placed(&layer.gate_exps, c.hidden_dim)?, placed(&layer.up_exps, c.hidden_dim)?, placed(&layer.down_exps, c.dim)?, None)
+                }
                 Some(p) => {
                     let keep: Vec<usize> = (0..c.n_experts).filter(|&e| p.on_gpu[l][e]).collect();
                     let mut slot = vec![None; c.n_experts];
@@ -215,6 +264,7 @@ impl GpuModel {
         let output_norm = if last { Some(gpu.upload(&model.output_norm)?) } else { None };
         // cold experts: page-lock their tensors in the mapped file for fast copies
         let (pins, pin_note) = match placement {
+            Some(_) if cold == ColdExperts::InPlace => (Vec::new(), None),
             Some(p) => {
                 let cold: Vec<&[u8]> = model
                     .layers
@@ -245,7 +295,8 @@ impl GpuModel {
             scratch: Mutex::new(Scratch::default()),
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
-            offloaded: placement.is_some(),
+            offloaded: placement.is_some() && cold == ColdExperts::Host,
+            in_place_bytes: host_bytes.get(),
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
             share_cold: std::env::var("MXR_SHARE_COLD").is_ok_and(|v| v == "1"),

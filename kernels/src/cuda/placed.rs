@@ -1,0 +1,160 @@
+//! Expert stacks whose experts lie some in device memory and some in host memory, behind
+//! one device address range (CUDA virtual memory management; issue 7, `MXR_COLD_IN_PLACE`).
+//! Each expert gets whole pages of the allocation granularity: device pages for a hot
+//! expert, page-locked host pages (`CU_MEM_LOCATION_TYPE_HOST`) for a cold one, all mapped
+//! for the GPU. The products index experts by stride as in any stack, so a cold expert is
+//! read in place over PCIe by the same kernels, the router's choices never go to the host,
+//! and the decode step stays one CUDA graph.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext};
+
+use super::pages::release_range;
+use super::{cu_ok, drv, Gpu, Result};
+use crate::KernelError;
+
+pub struct PlacedStack {
+    ctx: Arc<CudaContext>,
+    base: sys::CUdeviceptr,
+    reserved: usize,
+    stride: usize,
+    /// Physical allocations in expert order, each `stride` bytes; all mapped from `base`.
+    handles: Vec<sys::CUmemGenericAllocationHandle>,
+    device_bytes: usize,
+    host_bytes: usize,
+}
+
+fn prop(on_gpu: bool, device: i32) -> sys::CUmemAllocationProp {
+    // SAFETY: an all-zero CUmemAllocationProp is valid (no handle types, no flags).
+    let mut p: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+    p.type_ = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+    if on_gpu {
+        p.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        p.location.id = device;
+    } else {
+        // host memory on no particular NUMA node (the id is ignored)
+        p.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST;
+    }
+    p
+}
+
+fn granularity(p: &sys::CUmemAllocationProp, what: &str) -> Result<usize> {
+    let mut g = 0usize;
+    // SAFETY: p is a valid property; g is written.
+    cu_ok(what, unsafe {
+        sys::cuMemGetAllocationGranularity(&mut g, p, sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM)
+    })?;
+    Ok(g.max(1))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl PlacedStack {
+    /// Experts of `each` bytes (`packed` holds them one after another, `each` apart), expert
+    /// e in device memory when `on_gpu[e]`, in host memory otherwise; copied in before this
+    /// returns. An error (out of device or host memory included) leaves nothing allocated.
+    pub fn new(gpu: &Gpu, packed: &[u8], each: usize, on_gpu: &[bool]) -> Result<PlacedStack> {
+        let n = on_gpu.len();
+        if n == 0 || each == 0 || packed.len() != each * n {
+            return Err(KernelError::Length {
+                op: "placed expert stack",
+                what: "packed experts",
+                expected: each * n,
+                actual: packed.len(),
+            });
+        }
+        let ctx = gpu.context().clone();
+        ctx.bind_to_thread().map_err(|e| drv("binding the context", e))?;
+        let device = gpu.info().ordinal as i32;
+        let (gd, gh) = (
+            granularity(&prop(true, device), "device allocation granularity")?,
+            granularity(&prop(false, device), "host allocation granularity")?,
+        );
+        let gran = gd / gcd(gd, gh) * gh;
+        let stride = each.div_ceil(gran) * gran;
+        let reserved = stride * n;
+        let mut base: sys::CUdeviceptr = 0;
+        // SAFETY: reserves address space only; base is written.
+        cu_ok("reserving device address space", unsafe { sys::cuMemAddressReserve(&mut base, reserved, gran, 0, 0) })?;
+        // from here on, Drop undoes whatever was done
+        let mut s = PlacedStack { ctx, base, reserved, stride, handles: Vec::with_capacity(n), device_bytes: 0, host_bytes: 0 };
+        for (e, &hot) in on_gpu.iter().enumerate() {
+            let mut h: sys::CUmemGenericAllocationHandle = 0;
+            // SAFETY: h is written; stride is a multiple of both granularities.
+            if let Err(err) = unsafe { sys::cuMemCreate(&mut h, stride, &prop(hot, device), 0) }.result() {
+                let place = if hot { "device memory" } else { "page-locked host memory" };
+                return Err(if format!("{err:?}").contains("OUT_OF_MEMORY") {
+                    KernelError::OutOfMemory { what: format!("an expert in {place}"), bytes: stride }
+                } else {
+                    drv(if hot { "creating device memory for an expert" } else { "creating host memory for an expert" }, err)
+                });
+            }
+            // SAFETY: [at, at + stride) lies inside the reservation and is not mapped yet.
+            if let Err(err) = cu_ok("mapping an expert", unsafe { sys::cuMemMap(base + (e * stride) as u64, stride, 0, h, 0) }) {
+                // SAFETY: h was created above and is not mapped.
+                unsafe { sys::cuMemRelease(h) };
+                return Err(err);
+            }
+            s.handles.push(h);
+            if hot {
+                s.device_bytes += stride;
+            } else {
+                s.host_bytes += stride;
+            }
+        }
+        let access = sys::CUmemAccessDesc {
+            location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device },
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the whole range is mapped (above).
+        cu_ok("letting the GPU read the experts", unsafe { sys::cuMemSetAccess(base, reserved, &access, 1) })?;
+        for (e, src) in packed.chunks_exact(each).enumerate() {
+            // SAFETY: [e stride, e stride + each) is mapped and readable by the device; the
+            // copy is synchronous and src is readable.
+            cu_ok("copying an expert in", unsafe { sys::cuMemcpyHtoD_v2(base + (e * stride) as u64, src.as_ptr().cast(), each) })?;
+        }
+        Ok(s)
+    }
+
+    /// The device address of expert 0.
+    pub fn ptr(&self) -> u64 {
+        self.base
+    }
+
+    /// Bytes from one expert to the next (whole pages).
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Bytes of the whole range.
+    pub fn len(&self) -> usize {
+        self.reserved
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reserved == 0
+    }
+
+    /// Bytes of device memory the hot experts take.
+    pub fn device_bytes(&self) -> usize {
+        self.device_bytes
+    }
+
+    /// Bytes of page-locked host memory the cold experts take.
+    pub fn host_bytes(&self) -> usize {
+        self.host_bytes
+    }
+}
+
+impl Drop for PlacedStack {
+    fn drop(&mut self) {
+        release_range(&self.ctx, self.base, self.reserved, self.stride, &self.handles);
+    }
+}
