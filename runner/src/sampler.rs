@@ -158,7 +158,7 @@ fn top_k(l: &[f32], k: usize) -> Vec<usize> {
     // the smallest value kept, once k are: most values fall below it (a NaN too)
     let mut floor = f32::NEG_INFINITY;
     for (i, &v) in l.iter().enumerate() {
-        if !(v >= floor) || !v.is_finite() {
+        if v < floor || !v.is_finite() {
             continue;
         }
         if best.len() < k {
