@@ -543,12 +543,18 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let gen_start = Instant::now();
     let mut generated = 0;
+    // the token drawn from the last forward pass's logits, where they lie (a GPU's decode
+    // step: its page-locked buffer), so that they are not copied first
+    let mut drawn = None;
     while generated < a.n_predict {
         if stop.requested() {
             writeln!(out).ok();
             return Err(Interrupted(format!("after {generated} generated tokens")).into());
         }
-        let next = sampler.sample(&last, &history, &l.tokenizer.suppress);
+        let next = match drawn.take() {
+            Some(t) => t,
+            None => sampler.sample(&last, &history, &l.tokenizer.suppress),
+        };
         generated += 1;
         if l.tokenizer.stop.contains(&next) {
             break;
@@ -559,10 +565,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         if generated == a.n_predict {
             break;
         }
-        l.forward_with(&mut session, &[next], Logits::Last, |x| {
-            last.clear();
-            last.extend_from_slice(x);
-        })?;
+        drawn = Some(l.forward_with(&mut session, &[next], Logits::Last, |x| sampler.sample(x, &history, &l.tokenizer.suppress))?);
     }
     if a.n_predict > 0 {
         writeln!(out).ok();
