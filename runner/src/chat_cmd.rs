@@ -231,18 +231,30 @@ impl Chat {
         let (mut reply, mut stream, mut n, mut reply_done) = (String::new(), StreamDecoder::new(), 0, false);
         let gen_start = Instant::now();
         let mut out = std::io::stdout().lock();
+        // the token drawn from the last forward pass's logits where they lie (a GPU's decode
+        // step: its page-locked buffer) rather than from a copy; drawn only where the loop
+        // goes on, so that the sampler's draws are those of drawing at the loop's top
+        let mut drawn = None;
         while n < self.n_predict && self.session.pos() < self.l.ctx {
             if self.interrupted.take() {
                 write!(out, " [stopped]").ok();
                 break;
             }
-            let next = self.sampler.sample(&logits, self.session.tokens(), &self.l.tokenizer.suppress);
+            let next = match drawn.take() {
+                Some(t) => t,
+                None => self.sampler.sample(&logits, self.session.tokens(), &self.l.tokenizer.suppress),
+            };
             n += 1;
-            self.l.forward_with(&mut self.session, &[next], Logits::Last, |x| {
-                logits.clear();
-                logits.extend_from_slice(x);
-            })?;
-            if self.l.tokenizer.stop.contains(&next) {
+            let is_stop = self.l.tokenizer.stop.contains(&next);
+            let goes_on = !is_stop && n < self.n_predict && self.session.pos() + 1 < self.l.ctx;
+            // the penalty's window of the history the next draw sees
+            let tokens = self.session.tokens();
+            let mut recent = tokens[tokens.len().saturating_sub(self.sampler.window())..].to_vec();
+            recent.push(next);
+            let (sampler, suppress) = (&mut self.sampler, &self.l.tokenizer.suppress);
+            drawn =
+                self.l.forward_with(&mut self.session, &[next], Logits::Last, |x| goes_on.then(|| sampler.sample(x, &recent, suppress)))?;
+            if is_stop {
                 self.seen.push_str(&reply);
                 reply_done = true;
                 self.seen.push_str(&self.l.tokenizer.decode(&[next])?);

@@ -61,6 +61,12 @@ impl Sampler {
         Cow::Owned(l)
     }
 
+    /// How many of the latest tokens of `history` a draw looks at (the penalty's window):
+    /// those are all a caller needs to keep.
+    pub fn window(&self) -> usize {
+        self.cfg.repeat_last_n
+    }
+
     /// The next token. `suppress` ids are never chosen; `history` feeds the penalty.
     pub fn sample(&mut self, logits: &[f32], history: &[u32], suppress: &[u32]) -> u32 {
         let l = self.adjusted(logits, history, suppress);
