@@ -830,50 +830,6 @@ fn kernel_cache_is_reused() {
     assert_eq!(second, all, "a second process-level open should load every module from the disk cache");
 }
 
-/// KV caches grow in pages behind a fixed address: memory is committed as positions fill,
-/// the address stays, and data written across page boundaries reads back whole.
-#[test]
-#[ignore = "needs a GPU"]
-fn paged_buffers_grow_behind_a_fixed_address() {
-    use mxr_kernels::cuda::pages::PagedBuf;
-    let g = gpu();
-    let mut b = PagedBuf::reserve(&g, 1 << 30).unwrap();
-    let base = b.ptr();
-    assert_eq!(b.committed(), 0);
-    b.ensure(1).unwrap();
-    let page = b.committed();
-    assert!((2 << 20..1 << 30).contains(&page), "page {page}");
-    // three pages' worth of data, starting mid-page
-    let data: Vec<u8> = (0..3 * page).map(|i| (i * 7 % 251) as u8).collect();
-    b.write(&g, page / 2, &data).unwrap();
-    assert_eq!(b.ptr(), base, "the address never moves");
-    assert!(b.committed() >= page / 2 + data.len());
-    let mut back = vec![0u8; data.len()];
-    b.read(&g, page / 2, &mut back).unwrap();
-    let ok = back == data;
-    println!(
-        "CHECK paged buffer | 1 GiB reserved, {} MiB pages, 3 pages written | round trip | exact | {}",
-        page >> 20,
-        if ok { "ok" } else { "FAIL" }
-    );
-    assert!(ok);
-    // fresh pages read as zeros; beyond the reservation is an error
-    let mut z = vec![1u8; 16];
-    b.read(&g, 0, &mut z).unwrap();
-    assert_eq!(z, vec![0u8; 16]);
-    assert!(b.ensure((1 << 30) + 1).is_err());
-    // a KV cache through the launchers: append at a position in the third page
-    let mut kv = g.kv_reserve(KvType::Bf16, 3 * page, 0).unwrap();
-    assert_eq!(kv.len(), 0);
-    let width = 64;
-    let pos = (2 * page + 100) / 2 / width; // a row inside the third page of bf16
-    kv.ensure((pos + 1) * width).unwrap();
-    let src = g.upload(&vec![1.5f32; width]).unwrap();
-    g.kv_append(&src.as_view(), &mut kv, &g.upload(&[pos as i32]).unwrap(), pos, 1, width).unwrap();
-    let all = g.kv_download(&kv, (pos + 1) * width).unwrap();
-    assert!(all[pos * width..].iter().all(|&v| v == 1.5) && all[..pos * width].iter().all(|&v| v == 0.0));
-}
-
 /// `MXR_TIMELINE=1`: a replayed graph's kernels each leave one stamp, in capture order and
 /// named by it (kernel and grid), each released no earlier than the one ahead and no
 /// earlier than it started.
@@ -964,59 +920,4 @@ fn first_non_finite_finds_the_first_nan_or_infinity() {
     check("first_non_finite", &format!("{cases} cases, lengths 1 to 200064, aligned and not"), 0.0, 0.0);
     let x = g.upload(&[1f32]).unwrap();
     assert!(g.first_non_finite(&x.as_view(), &mut out.slice_mut(0..0)).is_err(), "no room for the answer");
-}
-
-/// Issue 7, cold experts read in place: a stack whose experts lie some in device pages and
-/// some in host pages (`GpuMatrix::upload_placed`) gives the bits of an ordinary stack in
-/// the products by ids (one expert and two in a launch) and in the dequantization to bf16
-/// the prefill uses, for every type; only the hot experts count as device bytes.
-#[test]
-#[ignore = "needs a GPU"]
-fn placed_stacks_read_host_experts_in_place() {
-    let g = gpu();
-    let (n_exp, rows, cols) = (4, 96, 512);
-    let on_gpu = [true, false, false, true];
-    let ids = [1i32, 3, 2, 0, 1, 1];
-    for q in TYPES {
-        let w = quantized(q, n_exp * rows * cols, 80);
-        let plain = GpuMatrix::upload(&g, q, n_exp, rows, cols, &w).unwrap();
-        let placed = GpuMatrix::upload_placed(&g, q, rows, cols, &w, &on_gpu).unwrap();
-        let x = g.upload(&Rng::new(81).normals(cols, 1.0)).unwrap();
-        let gids = g.upload(&ids).unwrap();
-        let product = |m: &GpuMatrix| {
-            let mut y = g.zeros::<f32>(ids.len() * rows).unwrap();
-            g.matvec(m, Some(&gids), &x.as_view(), ids.len(), ids.len(), &mut y.as_view_mut()).unwrap();
-            g.download(&y.as_view()).unwrap()
-        };
-        // the two-matrix launch (gate and up) takes quantized weights only
-        let pair = |a: &GpuMatrix, b: &GpuMatrix| {
-            if q.block_size() == 1 {
-                return (Vec::new(), Vec::new());
-            }
-            let act = g.quantize_act(&x.as_view(), 1, cols).unwrap();
-            let (mut y0, mut y1) = (g.zeros::<f32>(ids.len() * rows).unwrap(), g.zeros::<f32>(ids.len() * rows).unwrap());
-            g.matvec_pair([a, b], Some(&gids), &act, ids.len(), ids.len(), [&mut y0.as_view_mut(), &mut y1.as_view_mut()]).unwrap();
-            (g.download(&y0.as_view()).unwrap(), g.download(&y1.as_view()).unwrap())
-        };
-        let dequant = |m: &GpuMatrix, e: usize| {
-            let mut out = g.zeros::<u16>(rows * cols).unwrap();
-            g.to_bf16(m, e, &mut out.as_view_mut()).unwrap();
-            g.download(&out.as_view()).unwrap()
-        };
-        let same_products = product(&placed) == product(&plain);
-        let same_pairs = pair(&placed, &plain) == pair(&plain, &plain);
-        let same_bf16 = (0..n_exp).all(|e| dequant(&placed, e) == dequant(&plain, e));
-        let stride = placed.stride;
-        let bytes_ok = placed.bytes() == 2 * stride && placed.host_bytes() == 2 * stride && plain.host_bytes() == 0;
-        let ok = same_products && same_pairs && same_bf16 && bytes_ok;
-        println!(
-            "CHECK placed stack | {q} {n_exp}x{rows}x{cols}, experts 1 and 2 in host memory | products {same_products}, pairs {same_pairs}, bf16 {same_bf16}, bytes {bytes_ok} | exact | {}",
-            if ok { "ok" } else { "FAIL" }
-        );
-        assert!(ok, "{q}");
-    }
-    assert!(
-        GpuMatrix::upload_placed(&g, QType::Q8_0, rows, cols, &quantized(QType::Q8_0, 3 * rows * cols, 82), &on_gpu).is_err(),
-        "3 experts' bytes for 4"
-    );
 }

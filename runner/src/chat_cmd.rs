@@ -98,7 +98,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 eprintln!("--expert-rebalance: not yet for a model split over several GPUs; experts stay where they were placed")
             }
             Backend::Cuda(g) if g.in_place_bytes > 0 => {
-                eprintln!("--expert-rebalance: not yet for experts read in place (MXR_COLD_IN_PLACE=1); experts stay where they were placed")
+                eprintln!(
+                    "--expert-rebalance: not yet for experts read in place (MXR_COLD_IN_PLACE=1); experts stay where they were placed"
+                )
             }
             _ => eprintln!("--expert-rebalance: every expert is on one device; nothing to rebalance"),
         }
