@@ -13,9 +13,12 @@
 #   s8         S8 q8_0: pp512, pp4096, tg128, 5 reps (synth + convert ~75 s)  ~3 min
 #   s8q4       S8 q4_k: pp4096, tg128                                         ~3 min
 #   depth      S8: prefill to 131,072 tokens, decode 128 there, 1 rep         ~1 min
-#   offload    S2x32 offload sweep with --calibrate-devices                   ~3 min
+#   offload    S2x32 offload sweep with --calibrate-devices (--cold-experts auto) ~3 min
+#   offload-cpu  the same sweep with the CPU computing cold experts (--cold-experts cpu;
+#              its bench lines count the cold experts each token used)         ~3 min
 #   in-place   the same sweep with cold experts read in place by the GPU from host
-#              pages mapped into the expert stacks (MXR_COLD_IN_PLACE=1)      ~3 min
+#              pages mapped into the expert stacks, --cpu-moe too (--cold-experts
+#              in-place)                                                      ~3 min
 #   depth1m    S8: prefill to 1,048,576 tokens and decode there (issue 8)     minutes
 #   depth1m-q8 the same with --kv-type q8_0                                   minutes
 #   tune       S8 and S8q4 tg128 over the matrix-vector launch shape (MXR_MATVEC_ROWS x
@@ -72,7 +75,8 @@ for s in "${steps[@]}"; do
     depth1m) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 >"$out/depth1m.log" 2>&1 ;;
     depth1m-q8) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 --kv-type q8_0 >"$out/depth1m-q8.log" 2>&1 ;;
     offload) scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload.log" 2>&1 ;;
-    in-place) MXR_COLD_IN_PLACE=1 scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/in-place.log" 2>&1 ;;
+    offload-cpu) COLD=cpu scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload-cpu.log" 2>&1 ;;
+    in-place) COLD=in-place scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/in-place.log" 2>&1 ;;
     tune)
         for slice in S8 S8q4; do
             for rows in 1 2 4; do
@@ -173,7 +177,7 @@ for s in "${steps[@]}"; do
     [ $rc -eq 0 ] || { echo "step $s failed ($rc)"; status=1; }
     case "$s" in
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
-    offload | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|pp512|tg64" "$out/$s.log" ;;
+    offload | offload-cpu | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|pp512|tg64" "$out/$s.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     split) grep -E "^==|tg128" "$out/split.log" ;;

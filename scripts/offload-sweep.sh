@@ -2,7 +2,9 @@
 # Issue 7's offload measurement: decode speed of a slice (default S2x32) with GPU budgets
 # that hold about 25%, 50% and 75% of its experts, against all experts on the GPU and all
 # on the CPU (--cpu-moe). Budgets come from `mxr plan` (the runner's own planner), so each
-# row holds the stated share of experts.
+# row holds the stated share of experts. COLD=cpu|in-place passes --cold-experts to every
+# row (default: auto, which reads cold experts in place where the calibrated rates say so,
+# and computes them on the CPU with --cpu-moe).
 #   scripts/offload-sweep.sh [SLICE] [bench args...]     (GPU machine; mxr from $MXR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,7 @@ name=${1:-S2x32}
 shift || true
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(-p 0 -n 64 -r 3)
+[ -z "${COLD:-}" ] || args+=(--cold-experts "$COLD")
 scripts/bench-slice.sh "$name" --help >/dev/null  # builds the slice if needed
 gguf="$SLICES/$name.gguf"
 # the smallest budget (GiB, in 1/8 steps) at which the plan holds at least `want` experts

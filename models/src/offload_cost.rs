@@ -25,6 +25,9 @@ pub struct DeviceRates {
     pub h2d_gbps: f64,
     /// Host-to-GPU copy from pinned memory, GB/s.
     pub h2d_pinned_gbps: f64,
+    /// Weight bytes per second the GPU's decode products read from a cold expert left in
+    /// page-locked host pages mapped for the device (read in place over PCIe), GB/s.
+    pub in_place_gbps: f64,
 }
 
 /// Where a cold expert runs for one batch.
@@ -37,8 +40,14 @@ pub enum ColdChoice {
 impl DeviceRates {
     /// Used when no calibration file exists: below what a current server measures, so that
     /// the copy is chosen only where it clearly pays.
-    pub const DEFAULT: DeviceRates =
-        DeviceRates { host_read_gbps: 40.0, cpu_expert_gbps: 20.0, cpu_gflops: 300.0, h2d_gbps: 10.0, h2d_pinned_gbps: 20.0 };
+    pub const DEFAULT: DeviceRates = DeviceRates {
+        host_read_gbps: 40.0,
+        cpu_expert_gbps: 20.0,
+        cpu_gflops: 300.0,
+        h2d_gbps: 10.0,
+        h2d_pinned_gbps: 20.0,
+        in_place_gbps: 20.0,
+    };
 
     /// Seconds for the CPU to run one expert of `bytes` of weights over `tokens` tokens of
     /// `flops` each: bound by streaming the weights or by the arithmetic.
@@ -55,6 +64,14 @@ impl DeviceRates {
     /// These rates for copies from page-locked memory.
     pub fn pinned(&self) -> DeviceRates {
         DeviceRates { h2d_gbps: self.h2d_pinned_gbps, ..*self }
+    }
+
+    /// Whether decode should read cold experts in place on the GPU rather than wait for the
+    /// CPU to compute them: when the GPU reads a cold expert at least as fast as the CPU
+    /// computes it for one token. In place also keeps the decode step one CUDA graph with
+    /// no host round trip per layer, so at equal rates it wins on that alone.
+    pub fn reads_in_place(&self) -> bool {
+        self.in_place_gbps > 0.0 && self.in_place_gbps >= self.cpu_expert_gbps
     }
 
     pub fn choose(&self, bytes: u64, tokens: usize, flops: f64) -> ColdChoice {
@@ -100,6 +117,7 @@ impl DeviceRates {
             "cpu_gflops": self.cpu_gflops,
             "h2d_gbps": self.h2d_gbps,
             "h2d_pinned_gbps": self.h2d_pinned_gbps,
+            "in_place_gbps": self.in_place_gbps,
         })
     }
 
@@ -110,12 +128,22 @@ impl DeviceRates {
                 .filter(|v| v.is_finite() && *v > 0.0)
                 .ok_or_else(|| ModelError::Input(format!("device rates: `{k}` missing or not a positive number")))
         };
+        let h2d_pinned_gbps = get("h2d_pinned_gbps")?;
         Ok(DeviceRates {
             host_read_gbps: get("host_read_gbps")?,
             cpu_expert_gbps: get("cpu_expert_gbps")?,
             cpu_gflops: get("cpu_gflops")?,
             h2d_gbps: get("h2d_gbps")?,
-            h2d_pinned_gbps: get("h2d_pinned_gbps")?,
+            h2d_pinned_gbps,
+            // files saved before the rate existed: the same PCIe link as pinned copies; 0:
+            // the GPU cannot read host pages in place
+            in_place_gbps: match j.get("in_place_gbps") {
+                None => h2d_pinned_gbps,
+                Some(v) => v
+                    .as_f64()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| ModelError::Input("device rates: `in_place_gbps` not a number >= 0".into()))?,
+            },
         })
     }
 
@@ -178,7 +206,14 @@ mod tests {
 
     #[test]
     fn decode_stays_on_the_cpu_and_long_batches_copy() {
-        let r = DeviceRates { host_read_gbps: 50.0, cpu_expert_gbps: 40.0, cpu_gflops: 400.0, h2d_gbps: 20.0, h2d_pinned_gbps: 50.0 };
+        let r = DeviceRates {
+            host_read_gbps: 50.0,
+            cpu_expert_gbps: 40.0,
+            cpu_gflops: 400.0,
+            h2d_gbps: 20.0,
+            h2d_pinned_gbps: 50.0,
+            in_place_gbps: 45.0,
+        };
         // streaming 31.9 MB: 0.8 ms on the CPU against 1.6 ms over PCIe
         assert_eq!(r.choose(BYTES, 1, FLOPS), ColdChoice::Cpu);
         assert_eq!(r.choose(BYTES, 2, FLOPS), ColdChoice::Cpu);
@@ -195,6 +230,23 @@ mod tests {
     }
 
     #[test]
+    fn decode_reads_cold_experts_in_place_where_the_gpu_reads_them_as_fast_as_the_cpu_computes() {
+        // the H200 machine of the twelfth session: PCIe in place ~48 GB/s, CPU 40 GB/s
+        let r = DeviceRates { cpu_expert_gbps: 40.2, in_place_gbps: 48.0, ..DeviceRates::DEFAULT };
+        assert!(r.reads_in_place());
+        assert!(DeviceRates { in_place_gbps: 40.2, ..r }.reads_in_place(), "a tie: in place (no host round trip)");
+        // an older link (PCIe 3, ~12 GB/s) against the same CPU: the CPU
+        assert!(!DeviceRates { in_place_gbps: 12.0, ..r }.reads_in_place());
+        assert!(DeviceRates::DEFAULT.reads_in_place());
+        // measured as unavailable (0) and saved: never, even against a stalled CPU rate
+        let none = DeviceRates { in_place_gbps: 0.0, cpu_expert_gbps: 0.0, ..r };
+        assert!(!none.reads_in_place());
+        assert!(DeviceRates::from_json(&none.to_json()).unwrap_err().to_string().contains("cpu_expert_gbps"));
+        let saved = DeviceRates { in_place_gbps: 0.0, ..r };
+        assert_eq!(DeviceRates::from_json(&saved.to_json()).unwrap(), saved);
+    }
+
+    #[test]
     fn rates_round_trip_through_json_and_bad_files_are_errors() {
         let r = DeviceRates::DEFAULT;
         assert_eq!(DeviceRates::from_json(&r.to_json()).unwrap(), r);
@@ -208,6 +260,13 @@ mod tests {
         assert!(DeviceRates::load(&dir.join("bad.json")).unwrap_err().to_string().contains("not JSON"));
         std::fs::write(dir.join("good.json"), r.to_json().to_string()).unwrap();
         assert_eq!(DeviceRates::load(&dir.join("good.json")).unwrap(), Some(r));
+        // a file from before the in-place rate: that rate is the pinned copies'
+        let mut old = DeviceRates { h2d_pinned_gbps: 33.0, in_place_gbps: 7.0, ..r }.to_json();
+        old.as_object_mut().unwrap().remove("in_place_gbps");
+        assert_eq!(DeviceRates::from_json(&old).unwrap().in_place_gbps, 33.0);
+        j = r.to_json();
+        j["in_place_gbps"] = json!("fast");
+        assert!(DeviceRates::from_json(&j).unwrap_err().to_string().contains("in_place_gbps"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

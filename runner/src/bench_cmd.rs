@@ -510,6 +510,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    if let Backend::Cuda(g) = &l.backend {
+        if g.in_place_bytes > 0 {
+            println!(
+                "cold experts: read in place by the GPU from {:.2} GiB of host pages; not counted per token (the routing never leaves the GPU; --cold-experts cpu counts them)",
+                g.in_place_bytes as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     for r in &records {
         if let Some(p) = &r.profile {
             print_profile(&r.test, p);

@@ -1,13 +1,14 @@
 //! `mxr bench --calibrate-devices`: the rates the cold-expert cost model uses (issue 7,
 //! docs/offload.md), measured on this machine and saved for later runs: host memory read
 //! bandwidth, the CPU expert kernels' streaming rate (one token) and arithmetic rate (a
-//! batch), and the host-to-GPU copy rate from pageable and pinned memory.
+//! batch), the host-to-GPU copy rate from pageable and pinned memory, and the rate the
+//! GPU's decode products read an expert left in host pages (in place, over PCIe).
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use mxr_kernels::cpu::{swiglu_ffn, Threads};
-use mxr_kernels::cuda::Gpu;
+use mxr_kernels::cuda::{Gpu, GpuMatrix};
 use mxr_models::offload_cost::DeviceRates;
 use mxr_quant::reference::quantize_to_vec;
 use mxr_quant::reference::stats::Rng;
@@ -42,6 +43,23 @@ fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     }
     v.sort_by(f64::total_cmp);
     Ok(v[v.len() / 2])
+}
+
+/// Weight bytes/s the GPU's decode products (gate and up in one launch, then down, one
+/// token, as a decode step runs an expert) read from an expert whose pages are all in
+/// page-locked host memory mapped for the device; `bytes` is the expert's size in the file.
+fn in_place_rate(g: &Gpu, [gate, up, down]: [&QMatrix; 3], bytes: f64) -> Result<f64> {
+    let place = |m: &QMatrix| GpuMatrix::upload_placed(g, m.qtype, m.rows, m.cols, m.data, &[false]);
+    let (wg, wu, wd) = (place(gate)?, place(up)?, place(down)?);
+    let x = g.upload(&Rng::new(5).normals(gate.cols, 1.0))?;
+    let (mut y0, mut y1, mut out) = (g.zeros::<f32>(gate.rows)?, g.zeros::<f32>(up.rows)?, g.zeros::<f32>(down.rows)?);
+    let t = median(7, || {
+        let act = g.quantize_act(&x.as_view(), 1, gate.cols)?;
+        g.matvec_pair([&wg, &wu], None, &act, 1, 1, [&mut y0.as_view_mut(), &mut y1.as_view_mut()])?;
+        g.matvec(&wd, None, &y0.as_view(), 1, 1, &mut out.as_view_mut())?;
+        Ok(g.sync()?)
+    })?;
+    Ok(bytes / t)
 }
 
 pub fn run(threads: Threads) -> Result<()> {
@@ -80,8 +98,26 @@ pub fn run(threads: Threads) -> Result<()> {
             r.h2d_pinned_gbps = g.upload_bandwidth(256 << 20, true, 5)? / 1e9;
             println!("| host to GPU, pageable | {:.1} GB/s | 256 MiB, {} |", r.h2d_gbps, g.info().name);
             println!("| host to GPU, pinned | {:.1} GB/s | 256 MiB |", r.h2d_pinned_gbps);
+            match in_place_rate(&g, [&gate, &up, &down], bytes) {
+                Ok(rate) => {
+                    r.in_place_gbps = rate / 1e9;
+                    println!(
+                        "| GPU expert read in place, 1 token | {:.1} GB/s of weights ({:.2} ms) | the same expert in host pages mapped for the GPU |",
+                        r.in_place_gbps,
+                        bytes / rate * 1e3
+                    );
+                }
+                Err(e) => {
+                    // 0: never read in place (the driver cannot map host pages for the GPU)
+                    r.in_place_gbps = 0.0;
+                    println!("| GPU expert read in place | not available | {e:#} |");
+                }
+            }
         }
-        Err(e) => println!("| host to GPU | (defaults {:.0} / {:.0} GB/s) | no GPU: {e} |", r.h2d_gbps, r.h2d_pinned_gbps),
+        Err(e) => println!(
+            "| host to GPU | (defaults {:.0} / {:.0} / {:.0} GB/s in place) | no GPU: {e} |",
+            r.h2d_gbps, r.h2d_pinned_gbps, r.in_place_gbps
+        ),
     }
     // what the model decides for one q4_k expert
     let bytes = bytes as u64;
@@ -98,6 +134,14 @@ pub fn run(threads: Threads) -> Result<()> {
             None => println!("cost model ({how} copies): a cold q4_k expert always runs on the CPU"),
         }
     }
+    println!(
+        "cost model (decode, --cold-experts auto): {}",
+        if r.reads_in_place() {
+            format!("cold experts are read in place by the GPU ({:.1} GB/s, the CPU {:.1})", r.in_place_gbps, r.cpu_expert_gbps)
+        } else {
+            format!("the CPU computes cold experts ({:.1} GB/s, in place {:.1})", r.cpu_expert_gbps, r.in_place_gbps)
+        }
+    );
     let path = DeviceRates::cache_path().context("no cache directory (set MXR_CACHE_DIR or HOME)")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

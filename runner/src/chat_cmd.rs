@@ -17,7 +17,7 @@ use rustyline::error::ReadlineError;
 use serde_json::json;
 
 use crate::interrupt::Interrupt;
-use crate::run_cmd::{load, Loaded, ModelArgs, SamplingArgs};
+use crate::run_cmd::{load, ColdArg, Loaded, ModelArgs, SamplingArgs};
 use crate::sampler::Sampler;
 use crate::template::{render, Message};
 use crate::tokenizer::StreamDecoder;
@@ -70,7 +70,11 @@ struct Chat {
     rebalance: Option<(Counts, Counts)>,
 }
 
-pub fn run(a: ChatArgs) -> Result<()> {
+pub fn run(mut a: ChatArgs) -> Result<()> {
+    if a.expert_rebalance && a.model.cold_experts == ColdArg::Auto {
+        // rebalancing moves experts between the GPU's stacks and the CPU's mapped file
+        a.model.cold_experts = ColdArg::Cpu;
+    }
     let l = load(&a.model)?;
     let (sampler, seed) = a.sampling.sampler();
     eprintln!("seed {seed}; /help for commands");
@@ -99,7 +103,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             }
             Backend::Cuda(g) if g.in_place_bytes > 0 => {
                 eprintln!(
-                    "--expert-rebalance: not yet for experts read in place (MXR_COLD_IN_PLACE=1); experts stay where they were placed"
+                    "--expert-rebalance: not yet for experts read in place (--cold-experts in-place); experts stay where they were placed"
                 )
             }
             _ => eprintln!("--expert-rebalance: every expert is on one device; nothing to rebalance"),

@@ -12,7 +12,7 @@ use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 use mxr_models::gpu::split::SplitModel;
-use mxr_models::gpu::GpuModel;
+use mxr_models::gpu::{ColdExperts, GpuModel};
 use mxr_models::layer_split::{split, LayerBytes};
 use mxr_models::layers::PatternSummary;
 use mxr_models::offload_cost::DeviceRates;
@@ -72,6 +72,21 @@ pub struct ModelArgs {
     /// throughout). The CPU always keeps f32.
     #[arg(long, value_enum, default_value_t = KvArg::Bf16)]
     pub kv_type: KvArg,
+    /// How experts left in host memory are computed: in-place (the GPU reads them over
+    /// PCIe from page-locked host pages mapped into its expert stacks; decode stays one
+    /// CUDA graph), cpu (the CPU computes them from the mapped file, or a long batch copies
+    /// them to the GPU), or auto: cpu with --cpu-moe, --n-cpu-moe (llama.cpp's meaning) or
+    /// chat's --expert-rebalance, else in-place where the measured rates say the GPU reads
+    /// a cold expert at least as fast as the CPU computes one (docs/offload.md).
+    #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
+    pub cold_experts: ColdArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ColdArg {
+    Auto,
+    Cpu,
+    InPlace,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -177,13 +192,22 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     }
     let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
     let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
-    let mut m = SplitModel::upload(model, gpus, &ranges, &placements)?;
+    let cp = ColdPlan::new(a)?;
+    let cold = cp.cold;
+    let mut m = match SplitModel::upload(model, gpus, &ranges, &placements, cold) {
+        Err(e) if cold == ColdExperts::InPlace && a.cold_experts == ColdArg::Auto => {
+            eprintln!("cold experts: not read in place ({e}); the CPU computes them");
+            let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>, _>>()?;
+            SplitModel::upload(model, gpus, &ranges, &placements, ColdExperts::Host)?
+        }
+        r => r?,
+    };
     for (i, (part, pl)) in m.parts.iter_mut().zip(&placements).enumerate() {
         part.kv_type = a.kv_type.kv_type();
         if let Some(pl) = pl.as_ref().filter(|pl| pl.host_experts > 0) {
             // (no statistics line: a part's placement marks other parts' layers as off it)
             eprint!("GPU {i}: ");
-            offload_setup(part, pl, None, a, model, ctx)?;
+            offload_setup(part, pl, None, &cp, a, model, ctx)?;
         }
     }
     eprintln!(
@@ -195,26 +219,83 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     Ok(Backend::Split(Box::new(m)))
 }
 
+/// How the cold experts will run: the cost model's rates (calibrated by `mxr bench
+/// --calibrate-devices`, or the defaults) and where they came from; the way chosen
+/// (--cold-experts) and why, in words.
+pub struct ColdPlan {
+    pub rates: DeviceRates,
+    pub source: String,
+    pub cold: ColdExperts,
+    pub why: String,
+}
+
+impl ColdPlan {
+    pub fn new(a: &ModelArgs) -> Result<ColdPlan> {
+        let path = DeviceRates::cache_path();
+        let (rates, source) = match (path.as_ref().map(|f| DeviceRates::load(f)).transpose()?.flatten(), &path) {
+            (Some(r), Some(f)) => (r, format!("rates from {}", f.display())),
+            _ => (DeviceRates::DEFAULT, "default rates; `mxr bench --calibrate-devices` measures this machine's".into()),
+        };
+        let (cold, why) = cold_mode(a, &rates);
+        Ok(ColdPlan { rates, source, cold, why })
+    }
+}
+
+/// How the cold experts are computed (--cold-experts), and why, in words.
+pub fn cold_mode(a: &ModelArgs, rates: &DeviceRates) -> (ColdExperts, String) {
+    match a.cold_experts {
+        ColdArg::Cpu => (ColdExperts::Host, "--cold-experts cpu".into()),
+        ColdArg::InPlace => (ColdExperts::InPlace, "--cold-experts in-place".into()),
+        ColdArg::Auto if a.cpu_moe || a.n_cpu_moe.is_some() => {
+            (ColdExperts::Host, format!("{}: llama.cpp's meaning", if a.cpu_moe { "--cpu-moe" } else { "--n-cpu-moe" }))
+        }
+        ColdArg::Auto => {
+            let how = if rates.reads_in_place() { ColdExperts::InPlace } else { ColdExperts::Host };
+            (
+                how,
+                format!(
+                    "the GPU reads a cold expert in place at {:.1} GB/s, the CPU computes one at {:.1} GB/s",
+                    rates.in_place_gbps, rates.cpu_expert_gbps
+                ),
+            )
+        }
+    }
+}
+
+/// Uploads `model` to GPU `ordinal` (opened as `gpu`) with the cold experts computed as
+/// `cold` says; where in-place was only the automatic choice and the driver refuses it,
+/// falls back to the CPU's way with a note.
+fn upload_cold(a: &ModelArgs, model: &Model, gpu: Gpu, ordinal: usize, p: &Placement, cold: ColdExperts) -> Result<GpuModel> {
+    let all = 0..model.config.n_layers;
+    match GpuModel::upload_part_with(model, gpu, Some(p), all.clone(), cold) {
+        Err(e) if cold == ColdExperts::InPlace && a.cold_experts == ColdArg::Auto => {
+            eprintln!("cold experts: not read in place ({e}); the CPU computes them");
+            Ok(GpuModel::upload_part_with(model, Gpu::open(ordinal)?, Some(p), all, ColdExperts::Host)?)
+        }
+        r => Ok(r?),
+    }
+}
+
 /// A GPU (or a split's part) with experts in host memory: the cost model's rates
 /// (calibrated, or the defaults) and what the user should know of its cold experts.
-fn offload_setup(g: &mut GpuModel, p: &Placement, stats: Option<&ExpertStats>, a: &ModelArgs, model: &Model, ctx: usize) -> Result<()> {
-    let path = DeviceRates::cache_path();
-    let rates = match &path {
-        Some(f) => DeviceRates::load(f)?,
-        None => None,
-    };
-    let source = match (&rates, &path) {
-        (Some(_), Some(f)) => format!("rates from {}", f.display()),
-        _ => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
-    };
-    g.rates = rates.unwrap_or(DeviceRates::DEFAULT);
+fn offload_setup(
+    g: &mut GpuModel,
+    p: &Placement,
+    stats: Option<&ExpertStats>,
+    cp: &ColdPlan,
+    a: &ModelArgs,
+    model: &Model,
+    ctx: usize,
+) -> Result<()> {
+    let (why, source) = (&cp.why, &cp.source);
+    g.rates = cp.rates;
     if g.in_place_bytes > 0 {
         eprintln!(
-            "cold experts: read in place by the GPU from {:.2} GiB of page-locked host memory mapped into the expert stacks (MXR_COLD_IN_PLACE=1, experimental)",
+            "cold experts: read in place by the GPU over PCIe from {:.2} GiB of page-locked host memory mapped into the expert stacks ({why})",
             g.in_place_bytes as f64 / (1u64 << 30) as f64
         );
     } else {
-        eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({source})");
+        eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({why}; {source})");
     }
     match &g.pin_note {
         Some(note) => eprintln!("{note}"),
@@ -229,11 +310,15 @@ fn offload_setup(g: &mut GpuModel, p: &Placement, stats: Option<&ExpertStats>, a
         // issue 7's bound: decode cannot beat the host reads of the cold experts
         let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
         let cold = p.cold_bytes_per_token(st, &sizes.expert);
+        let (rate, what) = if g.in_place_bytes > 0 {
+            (g.rates.in_place_gbps, "the GPU's in-place read rate")
+        } else {
+            (g.rates.host_read_gbps, "the host's bandwidth")
+        };
         eprintln!(
-            "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at the host's {:.1} GB/s",
+            "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at {what}, {rate:.1} GB/s",
             cold / 1e6,
-            cold / (g.rates.host_read_gbps * 1e9) * 1e3,
-            g.rates.host_read_gbps
+            cold / (rate * 1e9) * 1e3,
         );
     }
     Ok(())
@@ -416,11 +501,12 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     if p.host_experts > 0 {
         eprintln!("{p}");
     }
-    match GpuModel::upload_placed(model, gpu, Some(&p)) {
+    let cp = ColdPlan::new(a)?;
+    match upload_cold(a, model, gpu, ordinals[0], &p, cp.cold) {
         Ok(mut g) => {
             g.kv_type = a.kv_type.kv_type();
             if p.host_experts > 0 {
-                offload_setup(&mut g, &p, stats.as_ref(), a, model, ctx)?;
+                offload_setup(&mut g, &p, stats.as_ref(), &cp, a, model, ctx)?;
             }
             eprintln!(
                 "uploaded {:.2} GiB of weights to {name} in {:.1} s",
@@ -430,7 +516,7 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
             Ok(Backend::Cuda(Box::new(g)))
         }
         Err(e) if device == Device::Auto => {
-            eprintln!("device: the GPU was not used ({e})");
+            eprintln!("device: the GPU was not used ({e:#})");
             Ok(Backend::Cpu(threads))
         }
         Err(e) => Err(e).context("--device cuda"),
@@ -581,4 +667,36 @@ pub fn run(a: RunArgs) -> Result<()> {
         generated as f64 / gen_s.max(1e-9)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        m: ModelArgs,
+    }
+
+    fn args(a: &[&str]) -> ModelArgs {
+        T::parse_from(std::iter::once("mxr").chain(a.iter().copied())).m
+    }
+
+    #[test]
+    fn cold_experts_auto_keeps_llama_cpp_meanings_and_follows_the_rates() {
+        let fast = DeviceRates { in_place_gbps: 48.0, cpu_expert_gbps: 40.0, ..DeviceRates::DEFAULT };
+        let slow = DeviceRates { in_place_gbps: 12.0, ..fast };
+        assert_eq!(cold_mode(&args(&[]), &fast).0, ColdExperts::InPlace);
+        assert!(cold_mode(&args(&[]), &fast).1.contains("in place at 48.0 GB/s"));
+        assert_eq!(cold_mode(&args(&[]), &slow).0, ColdExperts::Host);
+        // --cpu-moe and --n-cpu-moe mean what they mean in llama.cpp: the CPU computes them
+        assert_eq!(cold_mode(&args(&["--cpu-moe"]), &fast).0, ColdExperts::Host);
+        assert_eq!(cold_mode(&args(&["--n-cpu-moe", "3"]), &fast).0, ColdExperts::Host);
+        // unless asked otherwise, whatever the rates
+        assert_eq!(cold_mode(&args(&["--cpu-moe", "--cold-experts", "in-place"]), &slow).0, ColdExperts::InPlace);
+        assert_eq!(cold_mode(&args(&["--cold-experts", "cpu"]), &fast).0, ColdExperts::Host);
+        assert!(T::try_parse_from(["mxr", "--cold-experts", "gpu"]).is_err());
+    }
 }

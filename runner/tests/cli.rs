@@ -620,6 +620,14 @@ fn bench_depth_prefills_then_decodes_at_that_depth() {
 }
 
 #[test]
+fn cold_experts_takes_auto_cpu_or_in_place() {
+    let out = mxr(&["run", "--device", "cpu", "-p", "x", "-n", "1", "--cold-experts", "gpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("'gpu'") && ["auto", "cpu", "in-place"].iter().all(|v| err.contains(v)), "{err}");
+}
+
+#[test]
 fn calibrate_devices_measures_and_saves_the_offload_rates() {
     let dir = tempdir("cli-calibrate-devices");
     let out = Command::new(env!("CARGO_BIN_EXE_mxr")).args(["bench", "--calibrate-devices"]).env("MXR_CACHE_DIR", &dir).output().unwrap();
@@ -651,6 +659,14 @@ fn calibrate_devices_measures_and_saves_the_offload_rates() {
         let line = text.lines().find(|l| l.starts_with(&format!("cost model ({how} copies)"))).unwrap_or("");
         assert!(line.contains(&expected), "{expected}: {text}");
     }
+    // decode's choice (--cold-experts auto) on the saved rates: without a GPU the in-place
+    // rate stays the default; with one it is measured (0 where the driver cannot map host
+    // pages for the GPU)
+    let in_place = j["in_place_gbps"].as_f64().unwrap_or(-1.0);
+    assert!(in_place >= 0.0 && in_place.is_finite(), "in_place_gbps = {in_place}");
+    let decode = text.lines().find(|l| l.starts_with("cost model (decode, --cold-experts auto)")).unwrap_or("");
+    let expected = if rates.reads_in_place() { "read in place by the GPU" } else { "the CPU computes cold experts" };
+    assert!(decode.contains(expected), "{expected}: {text}");
     // run/chat/bench read it back; a damaged file is an error, not defaults
     std::fs::write(dir.join("devices.json"), "{").unwrap();
     let rates = mxr_models::offload_cost::DeviceRates::load(&dir.join("devices.json"));

@@ -353,7 +353,7 @@ fn layer_split_gives_the_logits_of_one_gpu() {
         }
         for (devices, ranges) in layouts {
             let gpus = devices.iter().map(|&d| Gpu::open(d).unwrap()).collect();
-            let mut sm = SplitModel::upload(m, gpus, &ranges, &vec![None; ranges.len()]).unwrap();
+            let mut sm = SplitModel::upload(m, gpus, &ranges, &vec![None; ranges.len()], mxr_models::gpu::ColdExperts::Host).unwrap();
             sm.parts.iter_mut().for_each(|p| p.kv_type = KvType::Bf16);
             let mut s = SplitSession::new(&sm, prompt.len() + 8).unwrap();
             let mut got = sm.forward(None, &mut s, prompt, Logits::All).unwrap();
@@ -516,7 +516,7 @@ fn every_expert_placement_gives_the_same_logits() {
     }
 }
 
-/// Issue 7, cold experts read in place (`ColdExperts::InPlace`, `MXR_COLD_IN_PLACE=1`):
+/// Issue 7, cold experts read in place (`ColdExperts::InPlace`, `--cold-experts in-place`):
 /// the same kernels read the same bytes, some from host pages, so the logits are the
 /// all-GPU model's bit for bit: prefill in chunks of 4 (the matrix-vector path) and of 24
 /// (tensor-core products on weights dequantized from host pages), then decode steps in the

@@ -1,5 +1,5 @@
 //! Expert stacks whose experts lie some in device memory and some in host memory, behind
-//! one device address range (CUDA virtual memory management; issue 7, `MXR_COLD_IN_PLACE`).
+//! one device address range (CUDA virtual memory management; issue 7, `--cold-experts in-place`).
 //! Each expert gets whole pages of the allocation granularity: device pages for a hot
 //! expert, page-locked host pages (`CU_MEM_LOCATION_TYPE_HOST`) for a cold one, all mapped
 //! for the GPU. The products index experts by stride as in any stack, so a cold expert is

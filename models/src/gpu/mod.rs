@@ -114,27 +114,18 @@ pub struct GpuModel {
     pub pin_note: Option<String>,
 }
 
-/// How a placement's cold experts (those it leaves in host memory) are computed.
+/// How a placement's cold experts (those it leaves in host memory) are computed
+/// (`--cold-experts`; docs/offload.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColdExperts {
     /// On the CPU from the mapped file, or copied to the GPU for a batch, as the cost model
-    /// picks per expert; the MoE waits for the host each layer (the default).
+    /// picks per expert; the MoE waits for the host each layer, and decode is launched
+    /// kernel by kernel.
     Host,
     /// Copied at upload into page-locked host memory mapped into the layer's expert stacks,
     /// where the GPU's products read them in place over PCIe; the decode step stays one
-    /// CUDA graph (`MXR_COLD_IN_PLACE=1`; experimental, docs/offload.md).
+    /// CUDA graph.
     InPlace,
-}
-
-impl ColdExperts {
-    /// `MXR_COLD_IN_PLACE=1`: in place; otherwise the default.
-    pub fn from_env() -> ColdExperts {
-        if std::env::var("MXR_COLD_IN_PLACE").is_ok_and(|v| v == "1") {
-            ColdExperts::InPlace
-        } else {
-            ColdExperts::Host
-        }
-    }
 }
 
 impl GpuLayer {
@@ -151,7 +142,8 @@ impl GpuModel {
     }
 
     /// Uploads `model`, experts as `placement` says (None: all of them); the experts left
-    /// out run on the CPU from the mapped file (`forward_on` with the host model).
+    /// out run on the CPU from the mapped file (`forward_on` with the host model), or are
+    /// copied to the GPU for a batch ([`ColdExperts::Host`]).
     pub fn upload_placed(model: &Model, gpu: Gpu, placement: Option<&Placement>) -> Result<GpuModel, ModelError> {
         Self::upload_part(model, gpu, placement, 0..model.config.n_layers)
     }
@@ -166,7 +158,7 @@ impl GpuModel {
         placement: Option<&Placement>,
         range: std::ops::Range<usize>,
     ) -> Result<GpuModel, ModelError> {
-        Self::upload_part_with(model, gpu, placement, range, ColdExperts::from_env())
+        Self::upload_part_with(model, gpu, placement, range, ColdExperts::Host)
     }
 
     /// [`GpuModel::upload_part`] with the cold experts computed as `cold` says.

@@ -10,7 +10,7 @@ use std::ops::Range;
 use mxr_kernels::cuda::{CudaSlice, Gpu, Graph, Pinned};
 
 use super::forward::{check_tokens, to_kernel, GpuSession};
-use super::GpuModel;
+use super::{ColdExperts, GpuModel};
 use crate::forward::{Logits, Session};
 use crate::placement::Placement;
 use crate::{LogitsOut, Model, ModelError};
@@ -46,12 +46,13 @@ struct PartStep {
 impl SplitModel {
     /// Uploads layers `ranges[i]` of `model` to `gpus[i]`; the ranges must cover the layers
     /// in order. `placements[i]` (if any) places the experts of part i (rows of other layers
-    /// are ignored).
+    /// are ignored); every part computes its cold experts as `cold` says.
     pub fn upload(
         model: &Model,
         gpus: Vec<Gpu>,
         ranges: &[Range<usize>],
         placements: &[Option<Placement>],
+        cold: ColdExperts,
     ) -> Result<SplitModel, ModelError> {
         let n_layers = model.config.n_layers;
         if gpus.is_empty() || gpus.len() != ranges.len() || placements.len() != ranges.len() {
@@ -74,7 +75,7 @@ impl SplitModel {
         }
         let mut parts = Vec::with_capacity(gpus.len());
         for ((gpu, r), p) in gpus.into_iter().zip(ranges).zip(placements) {
-            parts.push(GpuModel::upload_part(model, gpu, p.as_ref(), r.clone())?);
+            parts.push(GpuModel::upload_part_with(model, gpu, p.as_ref(), r.clone(), cold)?);
         }
         Ok(SplitModel { parts })
     }
