@@ -18,13 +18,14 @@ args=("$@")
 scripts/bench-slice.sh "$name" --help >/dev/null  # builds the slice if needed
 gguf="$SLICES/$name.gguf"
 # the smallest budget (GiB, in 1/8 steps) at which the plan holds at least `want` experts
+# (planned as the runs will place them: experts read in place take whole pages)
 budget_for() {
-    python3 - "$MXR" "$gguf" "$stats" "$1" <<'PY'
+    python3 - "$MXR" "$gguf" "$stats" "$1" "${COLD:-auto}" <<'PY'
 import json, subprocess, sys
-mxr, gguf, stats, want = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+mxr, gguf, stats, want, cold = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 def held(gib):
-    r = subprocess.run([mxr, "plan", "-m", gguf, "--gpu-mem", str(gib), "--expert-stats", stats, "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run([mxr, "plan", "-m", gguf, "--gpu-mem", str(gib), "--expert-stats", stats, "--json",
+                        "--cold-experts", cold], capture_output=True, text=True)
     return json.loads(r.stdout)["experts_on_gpu"] if r.returncode == 0 else -1
 lo, hi = 1, 8 * 1024
 while hi - lo > 1:

@@ -33,12 +33,24 @@ impl LayerBytes {
     /// From (tensor name, bytes) pairs in GGUF naming; `state[l]` is layer l's KV cache or
     /// lightning state.
     pub fn from_tensors<'a>(tensors: impl IntoIterator<Item = (&'a str, u64)>, n_experts: usize, state: Vec<u64>) -> LayerBytes {
+        Self::from_tensors_paged(tensors, n_experts, state, 1)
+    }
+
+    /// [`LayerBytes::from_tensors`] with each expert's share of each expert tensor rounded
+    /// up to whole `page`s, as the GPU keeps experts when cold ones are read in place (each
+    /// expert matrix in its own pages: [`crate::placement::IN_PLACE_PAGE`]).
+    pub fn from_tensors_paged<'a>(
+        tensors: impl IntoIterator<Item = (&'a str, u64)>,
+        n_experts: usize,
+        state: Vec<u64>,
+        page: u64,
+    ) -> LayerBytes {
         let n = state.len();
         let (mut non_expert, mut expert) = (vec![0u64; n], vec![0u64; n]);
         let (mut first, mut last) = (0, 0);
         for (name, bytes) in tensors {
             match (expert_layer(name), block(name)) {
-                (Some(l), _) if l < n => expert[l] += bytes / n_experts.max(1) as u64,
+                (Some(l), _) if l < n => expert[l] += (bytes / n_experts.max(1) as u64).div_ceil(page.max(1)) * page.max(1),
                 (None, Some(l)) if l < n => non_expert[l] += bytes,
                 _ if name.starts_with("token_embd") => first += bytes,
                 _ => last += bytes,
@@ -212,5 +224,12 @@ mod tests {
         ];
         let lb = LayerBytes::from_tensors(t, 4, vec![9, 8]);
         assert_eq!(lb, LayerBytes { non_expert: vec![7, 3], expert: vec![10, 0], state: vec![9, 8], first: 100, last: 52 });
+        // in pages of 8: each expert's 10 bytes of that tensor take 16; others unchanged
+        let paged = LayerBytes::from_tensors_paged(t, 4, vec![9, 8], 8);
+        assert_eq!(paged, LayerBytes { expert: vec![16, 0], ..lb.clone() });
+        // two expert tensors in a layer are paged each (gate 10 -> 16, up 9 -> 16, not 19 -> 24)
+        let two = [("blk.0.ffn_gate_exps.weight", 40), ("blk.0.ffn_up_exps.weight", 36)];
+        assert_eq!(LayerBytes::from_tensors_paged(two, 4, vec![0], 8).expert, vec![32]);
+        assert_eq!(LayerBytes::from_tensors_paged(two, 4, vec![0], 1).expert, vec![19]);
     }
 }

@@ -12,6 +12,11 @@ use std::fmt;
 use crate::layer_split::LayerBytes;
 use crate::{Config, Model, ModelError};
 
+/// The pages a GPU keeps each expert matrix in when cold experts are read in place: the
+/// CUDA virtual-memory allocation granularity of current GPUs (2 MiB; the runner's stacks
+/// query it, kernels/src/cuda/placed.rs). Placement rounds hot experts up to it.
+pub const IN_PLACE_PAGE: u64 = 2 << 20;
+
 /// How often each expert was chosen: counts[layer][expert] over `tokens` tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExpertStats {
@@ -80,9 +85,15 @@ impl Sizes {
     /// as the GPU backend keeps them) and `margin` bytes of headroom.
     /// `kv_bytes`: bytes per KV cache element (4 for f32, 2 for bf16).
     pub fn of(model: &Model, ctx: usize, kv_bytes: f64, margin: u64) -> Sizes {
+        Self::of_paged(model, ctx, kv_bytes, margin, 1)
+    }
+
+    /// [`Sizes::of`] with each expert matrix in whole `page`s (see
+    /// [`LayerBytes::from_tensors_paged`]).
+    pub fn of_paged(model: &Model, ctx: usize, kv_bytes: f64, margin: u64, page: u64) -> Sizes {
         let c = &model.config;
         let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-        LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, kv_bytes)).sizes(margin)
+        LayerBytes::from_tensors_paged(tensors, c.n_experts, layer_state(c, ctx, kv_bytes), page).sizes(margin)
     }
 }
 

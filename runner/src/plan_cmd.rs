@@ -10,10 +10,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+
+use crate::run_cmd::ColdArg;
 use mxr_models::config::minimax_text_01;
 use mxr_models::layer_split::{split, GpuShare, LayerBytes};
 use mxr_models::names::{self, blk};
-use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy};
+use mxr_models::offload_cost::DeviceRates;
+use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, IN_PLACE_PAGE};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
 
@@ -60,6 +63,12 @@ pub struct PlanArgs {
     /// Prompt tokens per forward call (activation memory).
     #[arg(long, default_value_t = 512)]
     pub batch_size: usize,
+    /// How the runner will compute experts left in host memory (`mxr run --cold-experts`):
+    /// read in place by the GPU, whose stacks then keep each expert matrix in whole 2 MiB
+    /// pages (placement counts them so), or on the CPU. auto: as `mxr run` picks from the
+    /// rates `mxr bench --calibrate-devices` saved (or the defaults).
+    #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
+    pub cold_experts: ColdArg,
     /// One JSON object instead of the report.
     #[arg(long)]
     pub json: bool,
@@ -226,14 +235,31 @@ pub fn run(a: PlanArgs) -> Result<()> {
     };
     // one GPU: the planner mxr run uses; several: contiguous layers per GPU (issue 10),
     // each GPU placing its own layers' experts
-    let lb = LayerBytes::from_tensors(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, layer_state(&c, a.ctx, kv_elem));
-    let shares = (n_gpus > 1).then(|| split(&lb, c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
-    let sizes = lb.sizes(MARGIN);
+    let in_place = match a.cold_experts {
+        ColdArg::Cpu => false,
+        ColdArg::InPlace => true,
+        ColdArg::Auto => {
+            let saved = DeviceRates::cache_path().map(|f| DeviceRates::load(&f)).transpose()?.flatten();
+            saved.unwrap_or(DeviceRates::DEFAULT).reads_in_place()
+        }
+    };
+    let layer_bytes = |page: u64| {
+        LayerBytes::from_tensors_paged(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, layer_state(&c, a.ctx, kv_elem), page)
+    };
+    // as the runner: a split counts experts in pages when they will be read in place, one
+    // GPU only where some expert stays in host memory
+    let page = if in_place { IN_PLACE_PAGE } else { 1 };
+    let shares = (n_gpus > 1)
+        .then(|| split(&layer_bytes(page), c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
+    let one = |page: u64| plan(&layer_bytes(page).sizes(MARGIN), c.n_experts, stats.as_ref(), Policy::Budget(per_gpu));
     let placement = match &shares {
         Some(Ok(sh)) => Some(Ok(merge(sh))),
         Some(Err(e)) => Some(Err(mxr_models::ModelError::Input(e.to_string()))),
         None if n_gpus == 0 => None,
-        None => Some(plan(&sizes, c.n_experts, stats.as_ref(), Policy::Budget(per_gpu))),
+        None => Some(match one(1) {
+            Ok(p) if in_place && p.host_experts > 0 => one(IN_PLACE_PAGE),
+            r => r,
+        }),
     };
     let (gpu_fit, host_experts, experts_on_gpu) = match &placement {
         Some(Ok(p)) => (true, p.host_experts, p.experts_on_gpu()),
@@ -248,6 +274,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "kv_bytes_per_token": kv_per_token, "ctx": a.ctx, "kv_bytes": kv, "lightning_state_bytes": state,
             "activation_bytes": act, "gpus": n_gpus, "gpu_bytes_each": per_gpu, "host_bytes": host,
             "experts_on_gpu": experts_on_gpu, "experts": c.n_layers * c.n_experts, "host_expert_bytes": host_experts, "fits": fits,
+            "cold_experts": if in_place { "in-place" } else { "cpu" },
         });
         if let Some(Err(e)) = &placement {
             j["gpu_error"] = serde_json::json!(e.to_string());
@@ -292,6 +319,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
         None => println!("no GPU: everything in host memory, {:.2} GiB needed of {:.2} GiB", g(bytes + state + kv), g(host)),
         Some(Ok(p)) => {
             println!("{} x {:.1} GiB: {p}", n_gpus, g(per_gpu));
+            if p.host_experts > 0 {
+                println!(
+                    "cold experts: {}",
+                    if in_place {
+                        "read in place by the GPU over PCIe (each expert matrix in whole 2 MiB pages on the GPU)"
+                    } else {
+                        "computed by the CPU, or copied to the GPU for a long batch"
+                    }
+                );
+            }
             for (i, s) in shares.iter().flatten().flatten().enumerate() {
                 println!("  {}", share_line(i, s));
             }

@@ -16,7 +16,7 @@ use mxr_models::gpu::{ColdExperts, GpuModel};
 use mxr_models::layer_split::{split, LayerBytes};
 use mxr_models::layers::PatternSummary;
 use mxr_models::offload_cost::DeviceRates;
-use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, Sizes};
+use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, Sizes, IN_PLACE_PAGE};
 use mxr_models::Model;
 
 use crate::interrupt::{Interrupt, Interrupted};
@@ -184,7 +184,10 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     // with a budget, each GPU's own
     let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-    let lb = LayerBytes::from_tensors(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()));
+    let cp = ColdPlan::new(a)?;
+    // experts read in place take whole pages (counted so even where every expert fits)
+    let page = if cp.cold == ColdExperts::InPlace { IN_PLACE_PAGE } else { 1 };
+    let lb = LayerBytes::from_tensors_paged(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()), page);
     let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
     for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
         // the line `mxr plan --gpus` prints for the same split
@@ -192,7 +195,6 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     }
     let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
     let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
-    let cp = ColdPlan::new(a)?;
     let cold = cp.cold;
     let mut m = match SplitModel::upload(model, gpus, &ranges, &placements, cold) {
         Err(e) if cold == ColdExperts::InPlace && a.cold_experts == ColdArg::Auto => {
@@ -325,19 +327,27 @@ fn offload_setup(
 }
 
 /// Where the experts go on this GPU (see mxr_models::placement), and the routing
-/// statistics it used.
-fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize) -> Result<(Placement, Option<ExpertStats>)> {
+/// statistics it used. Where cold experts will be read in place, every expert matrix takes
+/// whole pages on the GPU, and the placement counts them so.
+fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExperts) -> Result<(Placement, Option<ExpertStats>)> {
     let c = &model.config;
     let stats = expert_stats(a, c)?;
     let policy = expert_policy(a, || gpu_budget(a, gpu))?;
-    let p = plan(&Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN), c.n_experts, stats.as_ref(), policy).map_err(|e| {
-        match a.kv_type {
-            // the cheapest fix first: the same context in half the memory
-            KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
-            KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
-            KvArg::Q8_0 => anyhow::anyhow!(e),
-        }
-    })?;
+    let kv = a.kv_type.kv_type().bytes();
+    let place = |page: u64| {
+        plan(&Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page), c.n_experts, stats.as_ref(), policy).map_err(|e| {
+            match a.kv_type {
+                // the cheapest fix first: the same context in half the memory
+                KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
+                KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
+                KvArg::Q8_0 => anyhow::anyhow!(e),
+            }
+        })
+    };
+    let mut p = place(1)?;
+    if cold == ColdExperts::InPlace && p.host_experts > 0 {
+        p = place(IN_PLACE_PAGE)?;
+    }
     Ok((p, stats))
 }
 
@@ -490,7 +500,8 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     };
     let started = Instant::now();
     let name = gpu.info().to_string();
-    let (p, stats) = match placement(a, model, &gpu, ctx) {
+    let cp = ColdPlan::new(a)?;
+    let (p, stats) = match placement(a, model, &gpu, ctx, cp.cold) {
         Ok(p) => p,
         Err(e) if device == Device::Auto => {
             eprintln!("device: the GPU was not used ({e:#})");
@@ -501,7 +512,6 @@ fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result
     if p.host_experts > 0 {
         eprintln!("{p}");
     }
-    let cp = ColdPlan::new(a)?;
     match upload_cold(a, model, gpu, ordinals[0], &p, cp.cold) {
         Ok(mut g) => {
             g.kv_type = a.kv_type.kv_type();

@@ -446,6 +446,20 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     };
     let one = q4("1xH200", "512");
     assert!(one["experts_on_gpu"].as_u64().unwrap() < 2560 && one["fits"] == true, "{one}");
+    // cold experts read in place: the GPU keeps each expert matrix in whole 2 MiB pages
+    // (a q4_k 9216 x 6144 matrix is 30.4 MiB, so 32), and holds that many fewer experts
+    let cold = |how: &str| -> Json {
+        let out = mxr(&["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", "512", "--json", "--cold-experts", how]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (cpu, in_place) = (cold("cpu"), cold("in-place"));
+    assert_eq!((cpu["cold_experts"].as_str(), in_place["cold_experts"].as_str()), (Some("cpu"), Some("in-place")));
+    let held = |j: &Json| j["experts_on_gpu"].as_u64().unwrap() as f64;
+    let ratio = held(&in_place) / held(&cpu);
+    let matrix = (9216 * 6144 / 256 * 144) as f64;
+    let paged = (matrix / (2 << 20) as f64).ceil() * (2 << 20) as f64;
+    assert!((ratio - matrix / paged).abs() < 0.01, "{ratio} against {}: {cpu} {in_place}", matrix / paged);
     let four = q4("4xH200", "16");
     assert_eq!(four["experts_on_gpu"].as_u64(), Some(2560), "{four}");
     assert_eq!(four["host_expert_bytes"].as_u64(), Some(0));
