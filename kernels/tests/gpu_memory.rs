@@ -115,3 +115,45 @@ fn placed_stacks_read_host_experts_in_place() {
         "3 experts' bytes for 4"
     );
 }
+
+/// `--expert-rebalance` with experts read in place: moving an expert's pages between
+/// device and host memory keeps its address and its bits (the products by ids give the
+/// same values before and after; gpu_forward's rebalance test replays a decode graph
+/// captured before a move), and moves the byte counts; out-of-range experts and ordinary
+/// stacks are refused.
+#[test]
+#[ignore = "needs a GPU"]
+fn placed_experts_move_between_device_and_host_at_the_same_address() {
+    let g = gpu();
+    let (n_exp, rows, cols, q) = (4, 96, 512, QType::Q4K);
+    let w = quantized(q, n_exp * rows * cols, 90);
+    let mut placed = GpuMatrix::upload_placed(&g, q, rows, cols, &w, &[true, false, false, true]).unwrap();
+    let ids = [0i32, 1, 2, 3, 1];
+    let x = g.upload(&Rng::new(91).normals(cols, 1.0)).unwrap();
+    let gids = g.upload(&ids).unwrap();
+    let product = |m: &GpuMatrix| {
+        let mut y = g.zeros::<f32>(ids.len() * rows).unwrap();
+        g.matvec(m, Some(&gids), &x.as_view(), ids.len(), ids.len(), &mut y.as_view_mut()).unwrap();
+        g.download(&y.as_view()).unwrap()
+    };
+    let want = product(&placed);
+    let (len, dev, host) = (placed.buf.len(), placed.bytes(), placed.host_bytes());
+    let stride = placed.stride;
+    // expert 0 to the host, expert 2 to the device: the same memory on each side
+    placed.relocate_expert(0, false).unwrap();
+    placed.relocate_expert(2, true).unwrap();
+    placed.relocate_expert(2, true).unwrap(); // already there: nothing to do
+    let flags: Vec<_> = (0..n_exp).map(|e| placed.placed_on_gpu(e)).collect();
+    let after = product(&placed);
+    let flags_ok = flags == [Some(false), Some(false), Some(true), Some(true)];
+    let bytes_ok = (placed.buf.len(), placed.bytes(), placed.host_bytes()) == (len, dev, host) && dev == 2 * stride;
+    let refused = placed.relocate_expert(4, true).is_err()
+        && GpuMatrix::upload(&g, q, n_exp, rows, cols, &w).unwrap().relocate_expert(0, false).is_err();
+    let ok = after == want && flags_ok && bytes_ok && refused;
+    println!(
+        "CHECK placed expert moved | {q} {n_exp}x{rows}x{cols}, 0 to the host, 2 to the device | products {}, flags {flags_ok}, bytes {bytes_ok}, refusals {refused} | exact | {}",
+        after == want,
+        if ok { "ok" } else { "FAIL" }
+    );
+    assert!(ok);
+}

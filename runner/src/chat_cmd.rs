@@ -17,7 +17,7 @@ use rustyline::error::ReadlineError;
 use serde_json::json;
 
 use crate::interrupt::Interrupt;
-use crate::run_cmd::{load, ColdArg, Loaded, ModelArgs, SamplingArgs};
+use crate::run_cmd::{load, Loaded, ModelArgs, SamplingArgs};
 use crate::sampler::Sampler;
 use crate::template::{render, Message};
 use crate::tokenizer::StreamDecoder;
@@ -70,11 +70,7 @@ struct Chat {
     rebalance: Option<(Counts, Counts)>,
 }
 
-pub fn run(mut a: ChatArgs) -> Result<()> {
-    if a.expert_rebalance && a.model.cold_experts == ColdArg::Auto {
-        // rebalancing moves experts between the GPU's stacks and the CPU's mapped file
-        a.model.cold_experts = ColdArg::Cpu;
-    }
+pub fn run(a: ChatArgs) -> Result<()> {
     let l = load(&a.model)?;
     let (sampler, seed) = a.sampling.sampler();
     eprintln!("seed {seed}; /help for commands");
@@ -94,17 +90,12 @@ pub fn run(mut a: ChatArgs) -> Result<()> {
     };
     if a.expert_rebalance {
         match &chat.l.backend {
-            Backend::Cuda(g) if g.offloaded => {
+            Backend::Cuda(g) if g.offloaded || g.in_place_bytes > 0 => {
                 let zeros = vec![vec![0u64; chat.l.model.config.n_experts]; chat.l.model.config.n_layers];
                 chat.rebalance = Some((zeros.clone(), zeros));
             }
-            Backend::Split(m) if m.parts.iter().any(|p| p.offloaded) => {
+            Backend::Split(m) if m.parts.iter().any(|p| p.offloaded || p.in_place_bytes > 0) => {
                 eprintln!("--expert-rebalance: not yet for a model split over several GPUs; experts stay where they were placed")
-            }
-            Backend::Cuda(g) if g.in_place_bytes > 0 => {
-                eprintln!(
-                    "--expert-rebalance: not yet for experts read in place (--cold-experts in-place); experts stay where they were placed"
-                )
             }
             _ => eprintln!("--expert-rebalance: every expert is on one device; nothing to rebalance"),
         }

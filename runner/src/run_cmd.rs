@@ -75,9 +75,9 @@ pub struct ModelArgs {
     /// How experts left in host memory are computed: in-place (the GPU reads them over
     /// PCIe from page-locked host pages mapped into its expert stacks; decode stays one
     /// CUDA graph), cpu (the CPU computes them from the mapped file, or a long batch copies
-    /// them to the GPU), or auto: cpu with --cpu-moe, --n-cpu-moe (llama.cpp's meaning) or
-    /// chat's --expert-rebalance, else in-place where the measured rates say the GPU reads
-    /// a cold expert at least as fast as the CPU computes one (docs/offload.md).
+    /// them to the GPU), or auto: cpu with --cpu-moe or --n-cpu-moe (llama.cpp's meaning),
+    /// else in-place where the measured rates say the GPU reads a cold expert at least as
+    /// fast as the CPU computes one (docs/offload.md).
     #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
     pub cold_experts: ColdArg,
 }

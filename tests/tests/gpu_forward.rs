@@ -701,10 +701,15 @@ fn out_of_gpu_memory_is_an_error_not_a_crash() {
 
 /// `--expert-rebalance` (issue 7): after routing counts move the most used host experts
 /// onto the GPU, the logits are those of the all-GPU placement again (the exchanged
-/// weights landed in the right slots) and the GPU holds as many experts as before.
+/// weights landed in the right slots) and the GPU holds as many experts as before. Both
+/// ways of running cold experts: the CPU's (weights written into stack slots; bf16-level
+/// tolerance, as the CPU computed some) and in place (pages moved between host and device
+/// at the same addresses: bit-identical, and a decode graph captured before the move
+/// still reads the right weights after it).
 #[test]
 #[ignore = "needs a GPU"]
 fn rebalanced_experts_give_the_same_logits() {
+    use mxr_models::gpu::ColdExperts;
     use mxr_models::placement::{plan, Policy, Sizes};
     let m = converted(&repo_root().join("nano/checkpoint"), "nano-rebalance", QType::Q8_0);
     let c = &m.config;
@@ -719,36 +724,84 @@ fn rebalanced_experts_give_the_same_logits() {
         let counts = s.expert_counts(g).unwrap();
         (out, counts)
     };
-    let (all, _) = run(&gpu_model(&m));
+    // decode steps after the prompt, each fed the previous step's top token
+    let step = |g: &GpuModel, s: &mut GpuSession, next: &mut u32| -> Vec<f32> {
+        let l = g.forward_on(Some(&m), s, &[*next], Logits::Last).unwrap();
+        *next = argmax(&l) as u32;
+        l
+    };
+    let all_gpu = gpu_model(&m);
+    let (all, _) = run(&all_gpu);
+    let decoded = |g: &GpuModel, s: &mut GpuSession| -> (u32, Vec<f32>) {
+        let out = g.forward_on(Some(&m), s, &prompt, Logits::Last).unwrap();
+        let mut next = argmax(&out) as u32;
+        let mut logits = Vec::new();
+        for _ in 0..4 {
+            logits.extend(step(g, s, &mut next));
+        }
+        (next, logits)
+    };
+    let mut ref_s = GpuSession::new(&all_gpu, 64).unwrap();
+    let (mut ref_next, mut want) = decoded(&all_gpu, &mut ref_s);
+    for _ in 0..4 {
+        want.extend(step(&all_gpu, &mut ref_s, &mut ref_next));
+    }
+    drop(ref_s);
+    drop(all_gpu);
     let sizes = Sizes::of(&m, 64, 4.0, 0);
     let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
     let quarter = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 4;
     let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();
-    let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
-    g.kv_type = KvType::F32;
-    let (_, counts) = run(&g);
-    // routing choices that land on resident experts, with the current placement
-    let share = |g: &GpuModel| -> u64 {
-        counts
-            .iter()
-            .enumerate()
-            .map(|(l, row)| row.iter().enumerate().filter(|(e, _)| g.resident(l, *e)).map(|(_, n)| n).sum::<u64>())
-            .sum()
-    };
-    let before = share(&g);
-    let swaps = g.rebalance(&m, &counts, 0.0).unwrap();
-    let after_share = share(&g);
-    let (after, _) = run(&g);
-    let d = diff(&after, &all);
-    let top1 = top1_same(&after, &all, c.vocab_size);
-    let ok = !swaps.is_empty() && after_share > before && d.max_abs <= 2e-2 && top1.0 == top1.1;
-    println!(
-        "CHECK expert rebalance | nano Q8_0, a quarter of the experts, {} exchanges, GPU share of choices {before} -> {after_share} | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}",
-        swaps.len(),
-        d.max_abs,
-        top1.0,
-        top1.1,
-        if ok { "ok" } else { "FAIL" }
-    );
-    assert!(ok, "{swaps:?}: {d}");
+    let mut ok = true;
+    for cold in [ColdExperts::Host, ColdExperts::InPlace] {
+        let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
+        g.kv_type = KvType::F32;
+        let (_, counts) = run(&g);
+        // in place: a session decodes (its graph captured) before the move, and after
+        let mut held = (cold == ColdExperts::InPlace).then(|| {
+            let mut s = GpuSession::new(&g, 64).unwrap();
+            let (next, logits) = decoded(&g, &mut s);
+            (s, next, logits)
+        });
+        // routing choices that land on resident experts, with the current placement
+        let share = |g: &GpuModel| -> u64 {
+            counts
+                .iter()
+                .enumerate()
+                .map(|(l, row)| row.iter().enumerate().filter(|(e, _)| g.resident(l, *e)).map(|(_, n)| n).sum::<u64>())
+                .sum()
+        };
+        let (before, host_before) = (share(&g), g.in_place_bytes);
+        let swaps = g.rebalance(&m, &counts, 0.0).unwrap();
+        let after_share = share(&g);
+        let (after, _) = run(&g);
+        let d = diff(&after, &all);
+        let top1 = top1_same(&after, &all, c.vocab_size);
+        let close = match cold {
+            ColdExperts::Host => d.max_abs <= 2e-2 && top1.0 == top1.1,
+            ColdExperts::InPlace => after == all,
+        };
+        let graph_ok = match held.as_mut() {
+            Some((s, next, logits)) => {
+                for _ in 0..4 {
+                    logits.extend(step(&g, s, next));
+                }
+                *logits == want
+            }
+            None => true,
+        };
+        let same_memory = g.in_place_bytes == host_before;
+        let this = !swaps.is_empty() && after_share > before && close && graph_ok && same_memory;
+        println!(
+            "CHECK expert rebalance | nano Q8_0, a quarter of the experts, {cold:?}, {} exchanges, GPU share of choices {before} -> {after_share} | max abs {:.2e}, top-1 {}/{}, graph across the move {graph_ok}, host bytes kept {same_memory} | {} | {}",
+            swaps.len(),
+            d.max_abs,
+            top1.0,
+            top1.1,
+            if cold == ColdExperts::Host { "2e-2" } else { "exact" },
+            if this { "ok" } else { "FAIL" }
+        );
+        ok &= this;
+    }
+    assert!(ok);
 }

@@ -74,6 +74,22 @@ impl GpuMatrix {
         self.placed.as_ref().map_or(0, PlacedStack::host_bytes)
     }
 
+    /// Of a placed stack ([`GpuMatrix::upload_placed`]): whether expert `e` is in device
+    /// memory. None for any other matrix (or no such expert).
+    pub fn placed_on_gpu(&self, e: usize) -> Option<bool> {
+        self.placed.as_ref()?.on_gpu(e)
+    }
+
+    /// Of a placed stack: moves expert `e` into device memory (`to_gpu`) or page-locked
+    /// host memory at the same address, so captured graphs stay valid
+    /// ([`PlacedStack::relocate`]; waits for the GPU first).
+    pub fn relocate_expert(&mut self, e: usize, to_gpu: bool) -> Result<()> {
+        match self.placed.as_mut() {
+            Some(p) => p.relocate(e, to_gpu),
+            None => Err(KernelError::Shape("relocate_expert: not a placed stack (every expert is in device memory)".into())),
+        }
+    }
+
     /// A stack of `n_experts` experts whose weights are copied in afterwards, one by one,
     /// by [`GpuMatrix::file_bytes_mut`] (types the GPU keeps as in the file only). The
     /// side stream is ordered after the main stream's work queued so far.

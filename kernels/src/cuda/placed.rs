@@ -4,7 +4,8 @@
 //! expert, page-locked host pages (`CU_MEM_LOCATION_TYPE_HOST`) for a cold one, all mapped
 //! for the GPU. The products index experts by stride as in any stack, so a cold expert is
 //! read in place over PCIe by the same kernels, the router's choices never go to the host,
-//! and the decode step stays one CUDA graph.
+//! and the decode step stays one CUDA graph. An expert moves between device and host pages
+//! at the same address ([`PlacedStack::relocate`], for `--expert-rebalance`).
 
 use std::sync::Arc;
 
@@ -16,11 +17,16 @@ use crate::KernelError;
 
 pub struct PlacedStack {
     ctx: Arc<CudaContext>,
+    device: i32,
     base: sys::CUdeviceptr,
     reserved: usize,
     stride: usize,
     /// Physical allocations in expert order, each `stride` bytes; all mapped from `base`.
     handles: Vec<sys::CUmemGenericAllocationHandle>,
+    /// Whether expert e's pages are device memory.
+    hot: Vec<bool>,
+    /// The address-space alignment the mappings need.
+    gran: usize,
     device_bytes: usize,
     host_bytes: usize,
 }
@@ -46,6 +52,30 @@ fn granularity(p: &sys::CUmemAllocationProp, what: &str) -> Result<usize> {
         sys::cuMemGetAllocationGranularity(&mut g, p, sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM)
     })?;
     Ok(g.max(1))
+}
+
+fn access(device: i32) -> sys::CUmemAccessDesc {
+    sys::CUmemAccessDesc {
+        location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device },
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    }
+}
+
+/// Creates one allocation of `bytes` in device memory (`on_gpu`) or page-locked host memory.
+fn create(bytes: usize, on_gpu: bool, device: i32) -> Result<sys::CUmemGenericAllocationHandle> {
+    let mut h: sys::CUmemGenericAllocationHandle = 0;
+    // SAFETY: h is written; bytes is a multiple of the granularity of both kinds.
+    match unsafe { sys::cuMemCreate(&mut h, bytes, &prop(on_gpu, device), 0) }.result() {
+        Ok(()) => Ok(h),
+        Err(err) => {
+            let place = if on_gpu { "device memory" } else { "page-locked host memory" };
+            Err(if format!("{err:?}").contains("OUT_OF_MEMORY") {
+                KernelError::OutOfMemory { what: format!("an expert in {place}"), bytes }
+            } else {
+                drv(if on_gpu { "creating device memory for an expert" } else { "creating host memory for an expert" }, err)
+            })
+        }
+    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -84,18 +114,20 @@ impl PlacedStack {
         // SAFETY: reserves address space only; base is written.
         cu_ok("reserving device address space", unsafe { sys::cuMemAddressReserve(&mut base, reserved, gran, 0, 0) })?;
         // from here on, Drop undoes whatever was done
-        let mut s = PlacedStack { ctx, base, reserved, stride, handles: Vec::with_capacity(n), device_bytes: 0, host_bytes: 0 };
+        let mut s = PlacedStack {
+            ctx,
+            device,
+            base,
+            reserved,
+            stride,
+            handles: Vec::with_capacity(n),
+            hot: Vec::with_capacity(n),
+            gran,
+            device_bytes: 0,
+            host_bytes: 0,
+        };
         for (e, &hot) in on_gpu.iter().enumerate() {
-            let mut h: sys::CUmemGenericAllocationHandle = 0;
-            // SAFETY: h is written; stride is a multiple of both granularities.
-            if let Err(err) = unsafe { sys::cuMemCreate(&mut h, stride, &prop(hot, device), 0) }.result() {
-                let place = if hot { "device memory" } else { "page-locked host memory" };
-                return Err(if format!("{err:?}").contains("OUT_OF_MEMORY") {
-                    KernelError::OutOfMemory { what: format!("an expert in {place}"), bytes: stride }
-                } else {
-                    drv(if hot { "creating device memory for an expert" } else { "creating host memory for an expert" }, err)
-                });
-            }
+            let h = create(stride, hot, device)?;
             // SAFETY: [at, at + stride) lies inside the reservation and is not mapped yet.
             if let Err(err) = cu_ok("mapping an expert", unsafe { sys::cuMemMap(base + (e * stride) as u64, stride, 0, h, 0) }) {
                 // SAFETY: h was created above and is not mapped.
@@ -103,18 +135,15 @@ impl PlacedStack {
                 return Err(err);
             }
             s.handles.push(h);
+            s.hot.push(hot);
             if hot {
                 s.device_bytes += stride;
             } else {
                 s.host_bytes += stride;
             }
         }
-        let access = sys::CUmemAccessDesc {
-            location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device },
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
         // SAFETY: the whole range is mapped (above).
-        cu_ok("letting the GPU read the experts", unsafe { sys::cuMemSetAccess(base, reserved, &access, 1) })?;
+        cu_ok("letting the GPU read the experts", unsafe { sys::cuMemSetAccess(base, reserved, &access(device), 1) })?;
         for (e, src) in packed.chunks_exact(each).enumerate() {
             // SAFETY: [e stride, e stride + each) is mapped and readable by the device; the
             // copy is synchronous and src is readable.
@@ -150,6 +179,85 @@ impl PlacedStack {
     /// Bytes of page-locked host memory the cold experts take.
     pub fn host_bytes(&self) -> usize {
         self.host_bytes
+    }
+
+    /// Whether expert `e` is in device memory (None: no such expert).
+    pub fn on_gpu(&self, e: usize) -> Option<bool> {
+        self.hot.get(e).copied()
+    }
+
+    /// Moves expert `e`'s weights into device memory (`to_gpu`) or page-locked host
+    /// memory, at the same device address: kernels and captured graphs that read the stack
+    /// read it as before. Waits for the context's queued work first (nothing may read the
+    /// expert while its pages change). On an error the expert stays where it was.
+    pub fn relocate(&mut self, e: usize, to_gpu: bool) -> Result<()> {
+        let Some(&was) = self.hot.get(e) else {
+            return Err(KernelError::Shape(format!("relocating expert {e} of a stack of {}", self.hot.len())));
+        };
+        if was == to_gpu {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(|err| drv("binding the context", err))?;
+        let (at, n) = (self.base + (e * self.stride) as u64, self.stride);
+        // SAFETY: waits for every queued kernel of the context; no arguments.
+        cu_ok("waiting for the GPU before moving an expert", unsafe { sys::cuCtxSynchronize() })?;
+        let new = create(n, to_gpu, self.device)?;
+        // the new pages, mapped at a spare address, get a copy of the expert
+        let mut spare: sys::CUdeviceptr = 0;
+        // SAFETY: reserves address space only; spare is written.
+        let copied = cu_ok("reserving address space", unsafe { sys::cuMemAddressReserve(&mut spare, n, self.gran, 0, 0) }).and_then(|_| {
+            // SAFETY: [spare, spare + n) is reserved and unmapped; new is n bytes. The copy
+            // reads the expert's current mapping (readable by the device) into the new
+            // pages; cuCtxSynchronize makes it complete before the spare mapping goes.
+            let r = unsafe {
+                cu_ok("mapping the moved expert", sys::cuMemMap(spare, n, 0, new, 0))
+                    .and_then(|_| cu_ok("opening it to the GPU", sys::cuMemSetAccess(spare, n, &access(self.device), 1)))
+                    .and_then(|_| cu_ok("copying the expert", sys::cuMemcpyDtoD_v2(spare, at, n)))
+                    .and_then(|_| cu_ok("waiting for the copy", sys::cuCtxSynchronize()))
+            };
+            // SAFETY: unmapping a range that may or may not be mapped, then freeing the
+            // reservation; the copy is complete (or failed).
+            unsafe {
+                sys::cuMemUnmap(spare, n);
+                sys::cuMemAddressFree(spare, n);
+            }
+            r
+        });
+        if let Err(err) = copied {
+            // SAFETY: new is unmapped everywhere.
+            unsafe { sys::cuMemRelease(new) };
+            return Err(err);
+        }
+        let old = self.handles[e];
+        // SAFETY: [at, at + n) maps `old` and nothing reads it (the context is idle); it is
+        // mapped again (new pages, or the old ones back on a failure) before returning.
+        let swapped = unsafe {
+            cu_ok("unmapping the expert's old pages", sys::cuMemUnmap(at, n)).and_then(|_| {
+                match cu_ok("mapping the expert's new pages", sys::cuMemMap(at, n, 0, new, 0))
+                    .and_then(|_| cu_ok("opening them to the GPU", sys::cuMemSetAccess(at, n, &access(self.device), 1)))
+                {
+                    Ok(()) => Ok(()),
+                    Err(err) => {
+                        sys::cuMemUnmap(at, n);
+                        let _ = sys::cuMemMap(at, n, 0, old, 0);
+                        let _ = sys::cuMemSetAccess(at, n, &access(self.device), 1);
+                        Err(err)
+                    }
+                }
+            })
+        };
+        let gone = if swapped.is_ok() { old } else { new };
+        // SAFETY: `gone` is no longer mapped anywhere.
+        unsafe { sys::cuMemRelease(gone) };
+        swapped?;
+        self.handles[e] = new;
+        self.hot[e] = to_gpu;
+        if to_gpu {
+            (self.device_bytes, self.host_bytes) = (self.device_bytes + n, self.host_bytes - n);
+        } else {
+            (self.device_bytes, self.host_bytes) = (self.device_bytes - n, self.host_bytes + n);
+        }
+        Ok(())
     }
 }
 

@@ -235,27 +235,42 @@ impl GpuModel {
 }
 
 impl GpuModel {
-    /// Whether expert `e` of layer `l` is on the GPU.
+    /// Whether expert `e` of layer `l` is on the GPU (in device memory).
     pub fn resident(&self, l: usize, e: usize) -> bool {
-        self.layers.get(l).is_some_and(|layer| layer.slot.as_ref().is_none_or(|s| s.get(e).is_some_and(Option::is_some)))
+        self.layers.get(l).is_some_and(|layer| match &layer.slot {
+            Some(s) => s.get(e).is_some_and(Option::is_some),
+            // a placed stack (cold experts read in place) knows; any other holds them all
+            None => layer.gate_exps.placed_on_gpu(e).unwrap_or(true),
+        })
     }
 
     /// `--expert-rebalance`: moves the most used host experts onto the GPU in place of the
     /// least used resident ones (see [`crate::placement::rebalance`]), by the routing
     /// counts `counts[layer][expert]`; `host` supplies the weights. Same memory, same
-    /// number of experts per layer. Returns the exchanges made.
+    /// number of experts per layer. Returns the exchanges made. Experts read in place move
+    /// their pages (device for host memory and back) at the same addresses, so the decode
+    /// graph stays valid.
     pub fn rebalance(&mut self, host: &Model, counts: &[Vec<u64>], margin: f64) -> Result<Vec<Swap>, ModelError> {
         let (d, h) = (self.config.dim, self.config.hidden_dim);
-        let on_gpu: Vec<Vec<bool>> = self
-            .layers
-            .iter()
-            .map(|l| l.slot.as_ref().map_or_else(|| vec![true; self.config.n_experts], |s| s.iter().map(Option::is_some).collect()))
-            .collect();
+        let on_gpu: Vec<Vec<bool>> =
+            (0..self.layers.len()).map(|l| (0..self.config.n_experts).map(|e| self.resident(l, e)).collect()).collect();
         let swaps = rebalance(&on_gpu, counts, margin);
         for sw in &swaps {
             let hl = &host.layers[sw.layer];
             let layer = &mut self.layers[sw.layer];
-            let Some(slot) = layer.slot.as_mut() else { continue };
+            let Some(slot) = layer.slot.as_mut() else {
+                // in place: the demoted expert's pages go to the host first, freeing device
+                // memory for the promoted one's
+                for m in [&mut layer.gate_exps, &mut layer.up_exps, &mut layer.down_exps] {
+                    m.relocate_expert(sw.demote, false)?;
+                    if let Err(e) = m.relocate_expert(sw.promote, true) {
+                        // as it was, where that can be done: the layer keeps its count
+                        let _ = m.relocate_expert(sw.demote, true);
+                        return Err(e.into());
+                    }
+                }
+                continue;
+            };
             let Some(s) = slot[sw.demote] else { continue };
             let e = sw.promote;
             layer.gate_exps.write_expert(&self.gpu, s as usize, host.rows(&hl.gate_exps, e * h, h).data)?;
@@ -266,6 +281,27 @@ impl GpuModel {
             layer.slot_table = super::slot_table(&self.gpu, slot)?;
         }
         Ok(swaps)
+    }
+
+    /// With cold experts read in place: of the routing counts `counts[layer][expert]` (the
+    /// model's layers), the choices that went to experts in host memory and the weight
+    /// bytes those choices read over PCIe. None for any other model.
+    pub fn in_place_cold_use(&self, counts: &[Vec<u64>]) -> Option<(u64, u64)> {
+        if self.in_place_bytes == 0 {
+            return None;
+        }
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let each: u64 = layer.experts().iter().map(|m| m.expert_bytes() as u64).sum();
+            let row = counts.get(self.first_layer + l)?;
+            for (e, &c) in row.iter().enumerate() {
+                if !self.resident(l, e) {
+                    n += c;
+                    bytes += c * each;
+                }
+            }
+        }
+        Some((n, bytes))
     }
 }
 
