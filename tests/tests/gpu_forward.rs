@@ -24,6 +24,7 @@ use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::finite::first_non_finite;
 use mxr_models::forward::{forward, Logits};
+use mxr_models::gpu::split::{SplitModel, SplitSession};
 use mxr_models::gpu::{GpuModel, GpuSession};
 use mxr_models::{Model, Session};
 use mxr_quant::gguf::GgufFile;
@@ -319,7 +320,6 @@ fn decode_finds_non_finite_logits_on_the_gpu() {
 #[test]
 #[ignore = "needs a GPU"]
 fn layer_split_gives_the_logits_of_one_gpu() {
-    use mxr_models::gpu::split::{SplitModel, SplitSession};
     let n_gpus = Gpu::count().unwrap();
     let mut ok = true;
     let golden_tokens: Vec<u32> =
@@ -520,7 +520,8 @@ fn every_expert_placement_gives_the_same_logits() {
 /// the same kernels read the same bytes, some from host pages, so the logits are the
 /// all-GPU model's bit for bit: prefill in chunks of 4 (the matrix-vector path) and of 24
 /// (tensor-core products on weights dequantized from host pages), then decode steps in the
-/// captured graph; with every expert in host memory, and with half of them.
+/// captured graph; with every expert in host memory, and with half of them; and half of
+/// them split over two parts of a layer split (one GPU opened twice).
 #[test]
 #[ignore = "needs a GPU"]
 fn cold_experts_read_in_place_give_the_all_gpu_logits() {
@@ -569,6 +570,33 @@ fn cold_experts_read_in_place_give_the_all_gpu_logits() {
             );
             ok &= same && placed;
         }
+        // the same split over two parts (one GPU opened twice, as a two-GPU run splits),
+        // each part reading its own layers' cold experts in place; decode through the
+        // split's graph
+        let p = plan(&sizes, c.n_experts, None, Policy::Budget(half)).unwrap();
+        let ranges = vec![0..c.n_layers / 2, c.n_layers / 2..c.n_layers];
+        let gpus = vec![Gpu::open(0).unwrap(), Gpu::open(0).unwrap()];
+        let mut sm = SplitModel::upload(&m, gpus, &ranges, &[Some(p.clone()), Some(p)], ColdExperts::InPlace).unwrap();
+        sm.parts.iter_mut().for_each(|part| part.kv_type = KvType::F32);
+        let mut s = SplitSession::new(&sm, 64).unwrap();
+        let mut got = Vec::new();
+        for ch in prompt.chunks(4) {
+            got.extend(sm.forward(None, &mut s, ch, Logits::All).unwrap());
+        }
+        let mut next = argmax(&got[got.len() - c.vocab_size..]) as u32;
+        for _ in 0..6 {
+            let l = sm.forward(None, &mut s, &[next], Logits::Last).unwrap();
+            next = argmax(&l) as u32;
+            got.extend(l);
+        }
+        let same = got == want[0];
+        let placed = sm.parts.iter().all(|part| !part.offloaded) && sm.parts.iter().any(|part| part.in_place_bytes > 0);
+        println!(
+            "CHECK cold experts in place, split | nano {q}, half the experts, layers {ranges:?} on GPU 0 twice | {} | exact | {}",
+            if same { "equal" } else { "differ" },
+            if same && placed { "ok" } else { "FAIL" }
+        );
+        ok &= same && placed;
     }
     assert!(ok);
 }
