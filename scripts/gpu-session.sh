@@ -16,6 +16,8 @@
 #   offload    S2x32 offload sweep with --calibrate-devices (--cold-experts auto) ~3 min
 #   offload-cpu  the same sweep with the CPU computing cold experts (--cold-experts cpu;
 #              its bench lines count the cold experts each token used)         ~3 min
+#   offload-mixed  the same sweep with cold experts split each layer between the CPU and
+#              in-place reads (--cold-experts mixed, --cpu-moe too), decode only ~3 min
 #   in-place   the same sweep with cold experts read in place by the GPU from host
 #              pages mapped into the expert stacks, --cpu-moe too (--cold-experts
 #              in-place)                                                      ~3 min
@@ -76,6 +78,7 @@ for s in "${steps[@]}"; do
     depth1m-q8) scripts/bench-slice.sh S8 -p 0 -n 128 -d 1048576 -r 1 -b 8192 --kv-type q8_0 >"$out/depth1m-q8.log" 2>&1 ;;
     offload) scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload.log" 2>&1 ;;
     offload-cpu) COLD=cpu scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/offload-cpu.log" 2>&1 ;;
+    offload-mixed) COLD=mixed scripts/offload-sweep.sh S2x32 -p 0 -n 64 -r 3 >"$out/offload-mixed.log" 2>&1 ;;
     in-place) COLD=in-place scripts/offload-sweep.sh S2x32 -p 512 -n 64 -r 3 >"$out/in-place.log" 2>&1 ;;
     tune)
         for slice in S8 S8q4; do
@@ -177,7 +180,7 @@ for s in "${steps[@]}"; do
     [ $rc -eq 0 ] || { echo "step $s failed ($rc)"; status=1; }
     case "$s" in
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
-    offload | offload-cpu | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|pp512|tg64" "$out/$s.log" ;;
+    offload | offload-cpu | offload-mixed | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|pp512|tg64" "$out/$s.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     split) grep -E "^==|tg128" "$out/split.log" ;;

@@ -74,6 +74,34 @@ impl DeviceRates {
         self.in_place_gbps > 0.0 && self.in_place_gbps >= self.cpu_expert_gbps
     }
 
+    /// Seconds for the GPU's products to read `bytes` of a cold expert in place over PCIe
+    /// (infinite where the GPU cannot).
+    pub fn in_place_seconds(&self, bytes: u64) -> f64 {
+        bytes as f64 / (self.in_place_gbps * 1e9)
+    }
+
+    /// `--cold-experts mixed`: of a batch's cold experts, given as (weight bytes, tokens
+    /// routed to it), which the CPU computes (true) while the GPU reads the others in
+    /// place, side by side. Greedy, largest first: each expert goes to the side that ends
+    /// the batch's cold work sooner with it (ties: in place, which needs no upload).
+    pub fn split_cold(&self, experts: &[(u64, usize)], flops: f64) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..experts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(experts[i].0));
+        let (mut cpu, mut gpu) = (0.0f64, 0.0f64);
+        let mut on_cpu = vec![false; experts.len()];
+        for i in order {
+            let (b, m) = experts[i];
+            let (c, g) = (cpu + self.cpu_seconds(b, m, flops), gpu + self.in_place_seconds(b));
+            if c.max(gpu) < cpu.max(g) {
+                cpu = c;
+                on_cpu[i] = true;
+            } else {
+                gpu = g;
+            }
+        }
+        on_cpu
+    }
+
     pub fn choose(&self, bytes: u64, tokens: usize, flops: f64) -> ColdChoice {
         if self.copy_seconds(bytes) < self.cpu_seconds(bytes, tokens, flops) {
             ColdChoice::CopyToGpu
@@ -244,6 +272,27 @@ mod tests {
         assert!(DeviceRates::from_json(&none.to_json()).unwrap_err().to_string().contains("cpu_expert_gbps"));
         let saved = DeviceRates { in_place_gbps: 0.0, ..r };
         assert_eq!(DeviceRates::from_json(&saved.to_json()).unwrap(), saved);
+    }
+
+    #[test]
+    fn mixed_cold_experts_split_between_the_cpu_and_in_place_reads() {
+        let flops = 2.0 * 3.0 * 6144.0 * 9216.0;
+        let b = 3 * BYTES;
+        // the H200 host: in place 49 GB/s, the CPU 46 GB/s for one token
+        let r = DeviceRates { cpu_expert_gbps: 46.0, in_place_gbps: 49.0, cpu_gflops: 400.0, ..DeviceRates::DEFAULT };
+        assert_eq!(r.split_cold(&[], flops), Vec::<bool>::new());
+        assert_eq!(r.split_cold(&[(b, 1)], flops), [false], "one: the faster side, in place");
+        assert_eq!(r.split_cold(&[(b, 1), (b, 1)], flops), [false, true], "two: one each");
+        let four = r.split_cold(&[(b, 1); 4], flops);
+        assert_eq!(four.iter().filter(|&&c| c).count(), 2);
+        // a prefill's expert with many tokens is arithmetic on the CPU: read in place
+        assert_eq!(r.split_cold(&[(b, 512), (b, 1)], flops), [false, true]);
+        // a GPU that cannot read in place leaves everything to the CPU
+        let none = DeviceRates { in_place_gbps: 0.0, ..r };
+        assert_eq!(none.split_cold(&[(b, 1), (b, 1)], flops), [true, true]);
+        // a much faster link takes more of them: 3 of 4 at 3x the CPU's rate
+        let fast = DeviceRates { in_place_gbps: 138.0, ..r };
+        assert_eq!(fast.split_cold(&[(b, 1); 4], flops).iter().filter(|&&c| !c).count(), 3);
     }
 
     #[test]

@@ -175,19 +175,24 @@ struct Cold {
     host_gbps: f64,
 }
 
-/// Cold-expert counters so far: [copied, shared, on the CPU, bytes], None without offload.
-fn cold_counts(l: &Loaded) -> Option<[u64; 4]> {
+/// Cold-expert counters so far: [copied, shared, on the CPU, bytes, read in place (mixed)],
+/// None without offload.
+fn cold_counts(l: &Loaded) -> Option<[u64; 5]> {
     use std::sync::atomic::Ordering::Relaxed;
     match &l.backend {
-        Backend::Cuda(g) if g.offloaded => {
-            Some([g.copied_experts.load(Relaxed), g.shared_experts.load(Relaxed), g.cpu_experts.load(Relaxed), g.cold_bytes.load(Relaxed)])
-        }
+        Backend::Cuda(g) if g.offloaded => Some([
+            g.copied_experts.load(Relaxed),
+            g.shared_experts.load(Relaxed),
+            g.cpu_experts.load(Relaxed),
+            g.cold_bytes.load(Relaxed),
+            g.in_place_experts.load(Relaxed),
+        ]),
         _ => None,
     }
 }
 
 /// The cold experts per token between two readings of [`cold_counts`].
-fn cold_per_token(l: &Loaded, before: Option<[u64; 4]>, tokens: usize) -> Option<Cold> {
+fn cold_per_token(l: &Loaded, before: Option<[u64; 5]>, tokens: usize) -> Option<Cold> {
     let (a, b) = (before?, cold_counts(l)?);
     let host_gbps = match &l.backend {
         Backend::Cuda(g) => g.rates.host_read_gbps,
@@ -205,7 +210,7 @@ fn cold_per_token(l: &Loaded, before: Option<[u64; 4]>, tokens: usize) -> Option
 }
 
 fn in_place_model(l: &Loaded) -> bool {
-    matches!(&l.backend, Backend::Cuda(g) if g.in_place_bytes > 0)
+    matches!(&l.backend, Backend::Cuda(g) if g.in_place_bytes > 0 && !g.offloaded)
 }
 
 /// With cold experts read in place, the routing never reaches the host while a test runs:
@@ -213,7 +218,7 @@ fn in_place_model(l: &Loaded) -> bool {
 /// on the GPU, give the cold experts per token. None for any other backend.
 fn in_place_cold(l: &Loaded, pool: &[u32], n: usize) -> Result<Option<Cold>> {
     let Backend::Cuda(g) = &l.backend else { return Ok(None) };
-    if g.in_place_bytes == 0 || n == 0 {
+    if g.in_place_bytes == 0 || g.offloaded || n == 0 {
         return Ok(None);
     }
     let mut st = l.new_state()?;
@@ -545,12 +550,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 c.host_gbps
             ),
             Some(c) => println!(
-                "cold experts {}: {:.2} per token ({:.2} copied to the GPU, {:.2} shared by the GPU and the CPU, {:.2} on the CPU), {:.1} MB per token: at least {:.3} ms at the host's {:.1} GB/s",
+                "cold experts {}: {:.2} per token ({:.2} copied to the GPU, {:.2} shared by the GPU and the CPU, {:.2} on the CPU, {:.2} read in place), {:.1} MB per token: at least {:.3} ms at the host's {:.1} GB/s",
                 r.test,
-                c.copied + c.shared + c.on_cpu,
+                c.copied + c.shared + c.on_cpu + c.in_place,
                 c.copied,
                 c.shared,
                 c.on_cpu,
+                c.in_place,
                 c.bytes / 1e6,
                 c.bytes / (c.host_gbps * 1e9) * 1e3,
                 c.host_gbps
@@ -559,7 +565,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     if let Backend::Cuda(g) = &l.backend {
-        if g.in_place_bytes > 0 {
+        if g.in_place_bytes > 0 && !g.offloaded {
             println!(
                 "cold experts: read in place by the GPU from {:.2} GiB of page-locked host pages mapped into the expert stacks",
                 g.in_place_bytes as f64 / (1u64 << 30) as f64

@@ -237,7 +237,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     // each GPU placing its own layers' experts
     let in_place = match a.cold_experts {
         ColdArg::Cpu => false,
-        ColdArg::InPlace => true,
+        ColdArg::InPlace | ColdArg::Mixed => true,
         ColdArg::Auto => {
             let saved = DeviceRates::cache_path().map(|f| DeviceRates::load(&f)).transpose()?.flatten();
             saved.unwrap_or(DeviceRates::DEFAULT).reads_in_place()

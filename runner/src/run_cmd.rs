@@ -75,9 +75,11 @@ pub struct ModelArgs {
     /// How experts left in host memory are computed: in-place (the GPU reads them over
     /// PCIe from page-locked host pages mapped into its expert stacks; decode stays one
     /// CUDA graph), cpu (the CPU computes them from the mapped file, or a long batch copies
-    /// them to the GPU), or auto: cpu with --cpu-moe or --n-cpu-moe (llama.cpp's meaning),
-    /// else in-place where the measured rates say the GPU reads a cold expert at least as
-    /// fast as the CPU computes one (docs/offload.md).
+    /// them to the GPU), mixed (in place and on the CPU side by side: each layer the host
+    /// gives the CPU as many of the chosen cold experts as finish with the rest read in
+    /// place; for placements with many cold experts a token), or auto: cpu with --cpu-moe
+    /// or --n-cpu-moe (llama.cpp's meaning), else in-place where the measured rates say the
+    /// GPU reads a cold expert at least as fast as the CPU computes one (docs/offload.md).
     #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
     pub cold_experts: ColdArg,
 }
@@ -87,6 +89,7 @@ pub enum ColdArg {
     Auto,
     Cpu,
     InPlace,
+    Mixed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -186,7 +189,7 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
     let cp = ColdPlan::new(a)?;
     // experts read in place take whole pages (counted so even where every expert fits)
-    let page = if cp.cold == ColdExperts::InPlace { IN_PLACE_PAGE } else { 1 };
+    let page = if cp.cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
     let lb = LayerBytes::from_tensors_paged(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()), page);
     let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
     for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
@@ -248,6 +251,7 @@ pub fn cold_mode(a: &ModelArgs, rates: &DeviceRates) -> (ColdExperts, String) {
     match a.cold_experts {
         ColdArg::Cpu => (ColdExperts::Host, "--cold-experts cpu".into()),
         ColdArg::InPlace => (ColdExperts::InPlace, "--cold-experts in-place".into()),
+        ColdArg::Mixed => (ColdExperts::Mixed, "--cold-experts mixed".into()),
         ColdArg::Auto if a.cpu_moe || a.n_cpu_moe.is_some() => {
             (ColdExperts::Host, format!("{}: llama.cpp's meaning", if a.cpu_moe { "--cpu-moe" } else { "--n-cpu-moe" }))
         }
@@ -291,7 +295,14 @@ fn offload_setup(
 ) -> Result<()> {
     let (why, source) = (&cp.why, &cp.source);
     g.rates = cp.rates;
-    if g.in_place_bytes > 0 {
+    if g.in_place_bytes > 0 && g.offloaded {
+        eprintln!(
+            "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks; each layer the CPU computes as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
+            g.in_place_bytes as f64 / (1u64 << 30) as f64,
+            g.rates.cpu_expert_gbps,
+            g.rates.in_place_gbps
+        );
+    } else if g.in_place_bytes > 0 {
         eprintln!(
             "cold experts: read in place by the GPU over PCIe from {:.2} GiB of page-locked host memory mapped into the expert stacks ({why})",
             g.in_place_bytes as f64 / (1u64 << 30) as f64
@@ -301,6 +312,7 @@ fn offload_setup(
     }
     match &g.pin_note {
         Some(note) => eprintln!("{note}"),
+        // in place or mixed: nothing is copied (the CPU reads the mapped file)
         None if g.in_place_bytes > 0 => {}
         None => eprintln!(
             "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
@@ -312,7 +324,9 @@ fn offload_setup(
         // issue 7's bound: decode cannot beat the host reads of the cold experts
         let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
         let cold = p.cold_bytes_per_token(st, &sizes.expert);
-        let (rate, what) = if g.in_place_bytes > 0 {
+        let (rate, what) = if g.in_place_bytes > 0 && g.offloaded {
+            (g.rates.in_place_gbps + g.rates.cpu_expert_gbps, "the GPU's in-place and the CPU's rates together")
+        } else if g.in_place_bytes > 0 {
             (g.rates.in_place_gbps, "the GPU's in-place read rate")
         } else {
             (g.rates.host_read_gbps, "the host's bandwidth")
@@ -345,7 +359,7 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExpe
         })
     };
     let mut p = place(1)?;
-    if cold == ColdExperts::InPlace && p.host_experts > 0 {
+    if cold != ColdExperts::Host && p.host_experts > 0 {
         p = place(IN_PLACE_PAGE)?;
     }
     Ok((p, stats))
@@ -707,6 +721,7 @@ mod tests {
         // unless asked otherwise, whatever the rates
         assert_eq!(cold_mode(&args(&["--cpu-moe", "--cold-experts", "in-place"]), &slow).0, ColdExperts::InPlace);
         assert_eq!(cold_mode(&args(&["--cold-experts", "cpu"]), &fast).0, ColdExperts::Host);
+        assert_eq!(cold_mode(&args(&["--cpu-moe", "--cold-experts", "mixed"]), &fast).0, ColdExperts::Mixed);
         assert!(T::try_parse_from(["mxr", "--cold-experts", "gpu"]).is_err());
     }
 }

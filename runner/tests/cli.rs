@@ -638,7 +638,7 @@ fn cold_experts_takes_auto_cpu_or_in_place() {
     let out = mxr(&["run", "--device", "cpu", "-p", "x", "-n", "1", "--cold-experts", "gpu"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("'gpu'") && ["auto", "cpu", "in-place"].iter().all(|v| err.contains(v)), "{err}");
+    assert!(err.contains("'gpu'") && ["auto", "cpu", "in-place", "mixed"].iter().all(|v| err.contains(v)), "{err}");
 }
 
 #[test]

@@ -731,9 +731,10 @@ fn out_of_gpu_memory_is_an_error_not_a_crash() {
 /// onto the GPU, the logits are those of the all-GPU placement again (the exchanged
 /// weights landed in the right slots) and the GPU holds as many experts as before. Both
 /// ways of running cold experts: the CPU's (weights written into stack slots; bf16-level
-/// tolerance, as the CPU computed some) and in place (pages moved between host and device
+/// tolerance, as the CPU computed some), in place (pages moved between host and device
 /// at the same addresses: bit-identical, and a decode graph captured before the move
-/// still reads the right weights after it).
+/// still reads the right weights after it), and mixed (the CPU computes some cold
+/// experts while the GPU reads others in place; bf16-level tolerance, before and after).
 #[test]
 #[ignore = "needs a GPU"]
 fn rebalanced_experts_give_the_same_logits() {
@@ -781,10 +782,23 @@ fn rebalanced_experts_give_the_same_logits() {
     let quarter = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 4;
     let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();
     let mut ok = true;
-    for cold in [ColdExperts::Host, ColdExperts::InPlace] {
+    for cold in [ColdExperts::Host, ColdExperts::InPlace, ColdExperts::Mixed] {
         let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
         g.kv_type = KvType::F32;
-        let (_, counts) = run(&g);
+        let (first, counts) = run(&g);
+        // mixed: before any move, the logits of all on the GPU within the CPU's tolerance,
+        // with cold experts both computed by the CPU and read in place
+        let mixed_ok = cold != ColdExperts::Mixed
+            || {
+                use std::sync::atomic::Ordering::Relaxed;
+                let d = diff(&first, &all);
+                let top1 = top1_same(&first, &all, c.vocab_size);
+                let (cpu, read) = (g.cpu_experts.load(Relaxed), g.in_place_experts.load(Relaxed));
+                println!("CHECK mixed cold experts | nano Q8_0, a quarter of the experts, {cpu} on the CPU, {read} read in place | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}", d.max_abs, top1.0, top1.1,
+                if d.max_abs <= 2e-2 && top1.0 == top1.1 && cpu > 0 && read > 0 { "ok" } else { "FAIL" });
+                d.max_abs <= 2e-2 && top1.0 == top1.1 && cpu > 0 && read > 0
+            };
+        ok &= mixed_ok;
         // in place: a session decodes (its graph captured) before the move, and after
         let mut held = (cold == ColdExperts::InPlace).then(|| {
             let mut s = GpuSession::new(&g, 64).unwrap();
@@ -806,7 +820,7 @@ fn rebalanced_experts_give_the_same_logits() {
         let d = diff(&after, &all);
         let top1 = top1_same(&after, &all, c.vocab_size);
         let close = match cold {
-            ColdExperts::Host => d.max_abs <= 2e-2 && top1.0 == top1.1,
+            ColdExperts::Host | ColdExperts::Mixed => d.max_abs <= 2e-2 && top1.0 == top1.1,
             ColdExperts::InPlace => after == all,
         };
         let graph_ok = match held.as_mut() {
@@ -826,7 +840,7 @@ fn rebalanced_experts_give_the_same_logits() {
             d.max_abs,
             top1.0,
             top1.1,
-            if cold == ColdExperts::Host { "2e-2" } else { "exact" },
+            if cold == ColdExperts::InPlace { "exact" } else { "2e-2" },
             if this { "ok" } else { "FAIL" }
         );
         ok &= this;

@@ -101,6 +101,8 @@ pub struct GpuModel {
     pub copied_experts: std::sync::atomic::AtomicU64,
     /// Cold experts computed on the CPU so far.
     pub cpu_experts: std::sync::atomic::AtomicU64,
+    /// Cold experts read in place by a batch's products so far ([`ColdExperts::Mixed`]).
+    pub in_place_experts: std::sync::atomic::AtomicU64,
     /// Cold experts shared so far: the GPU copied and computed part of their hidden units
     /// while the CPU computed the rest.
     pub shared_experts: std::sync::atomic::AtomicU64,
@@ -126,6 +128,12 @@ pub enum ColdExperts {
     /// where the GPU's products read them in place over PCIe; the decode step stays one
     /// CUDA graph.
     InPlace,
+    /// Both: in the expert stacks as [`ColdExperts::InPlace`], and for each batch the host
+    /// reads the routing and gives the CPU as many of the chosen cold experts as finish
+    /// with the rest read in place beside them
+    /// ([`crate::offload_cost::DeviceRates::split_cold`]); the MoE waits for the host each
+    /// layer, as [`ColdExperts::Host`].
+    Mixed,
 }
 
 impl GpuLayer {
@@ -208,7 +216,7 @@ impl GpuModel {
             };
             let (gate_exps, up_exps, down_exps, slot) = match placement {
                 None => (up(&layer.gate_exps, c.n_experts)?, up(&layer.up_exps, c.n_experts)?, up(&layer.down_exps, c.n_experts)?, None),
-                Some(p) if cold == ColdExperts::InPlace => {
+                Some(p) if cold != ColdExperts::Host => {
                     // every expert in its own place in the stack, the cold ones in host pages
                     let placed = |t: &Tensor, rows_each: usize| -> Result<GpuMatrix, ModelError> {
                         let m = model.matrix(t);
@@ -218,7 +226,9 @@ impl GpuModel {
                         host_bytes.set(host_bytes.get() + g.host_bytes());
                         Ok(g)
                     };
-                    (placed(&layer.gate_exps, c.hidden_dim)?, placed(&layer.up_exps, c.hidden_dim)?, placed(&layer.down_exps, c.dim)?, None)
+                    // mixed: the host's MoE path, every expert at its own place in the stack
+                    let slot = (cold == ColdExperts::Mixed).then(|| (0..c.n_experts).map(|e| p.on_gpu[l][e].then_some(e as u32)).collect());
+                    (placed(&layer.gate_exps, c.hidden_dim)?, placed(&layer.up_exps, c.hidden_dim)?, placed(&layer.down_exps, c.dim)?, slot)
                 }
                 Some(p) => {
                     let keep: Vec<usize> = (0..c.n_experts).filter(|&e| p.on_gpu[l][e]).collect();
@@ -243,9 +253,11 @@ impl GpuModel {
                 attn,
                 ffn_norm: gpu.upload(&layer.ffn_norm)?,
                 router: up(&layer.router, 1)?,
+                // mixed: the host groups the pairs (its split decides which cold experts the
+                // GPU reads), so no table for products queued before the choices are known
                 slot_table: match &slot {
-                    Some(sl) => slot_table(&gpu, sl)?,
-                    None => None,
+                    Some(sl) if cold != ColdExperts::Mixed => slot_table(&gpu, sl)?,
+                    _ => None,
                 },
                 gate_exps,
                 up_exps,
@@ -256,7 +268,7 @@ impl GpuModel {
         let output_norm = if last { Some(gpu.upload(&model.output_norm)?) } else { None };
         // cold experts: page-lock their tensors in the mapped file for fast copies
         let (pins, pin_note) = match placement {
-            Some(_) if cold == ColdExperts::InPlace => (Vec::new(), None),
+            Some(_) if cold != ColdExperts::Host => (Vec::new(), None),
             Some(p) => {
                 let cold: Vec<&[u8]> = model
                     .layers
@@ -287,13 +299,14 @@ impl GpuModel {
             scratch: Mutex::new(Scratch::default()),
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
-            offloaded: placement.is_some() && cold == ColdExperts::Host,
+            offloaded: placement.is_some() && cold != ColdExperts::InPlace,
             in_place_bytes: host_bytes.get(),
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
             share_cold: std::env::var("MXR_SHARE_COLD").is_ok_and(|v| v == "1"),
             copied_experts: std::sync::atomic::AtomicU64::new(0),
             cpu_experts: std::sync::atomic::AtomicU64::new(0),
+            in_place_experts: std::sync::atomic::AtomicU64::new(0),
             shared_experts: std::sync::atomic::AtomicU64::new(0),
             cold_bytes: std::sync::atomic::AtomicU64::new(0),
             pins,

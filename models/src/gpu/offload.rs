@@ -83,7 +83,33 @@ impl GpuModel {
         let unit = down_q.block_size().max(32);
         let (mut copy, mut shared, mut on_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let mut cold_bytes = 0;
-        for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+        // --cold-experts mixed: every expert has its place in the stacks (cold ones in host
+        // pages); the CPU takes as many of the chosen cold experts as finish with the rest
+        // read in place beside them
+        let mixed = layer.gate_exps.placed_on_gpu(0).is_some();
+        let mut in_place = 0u64;
+        if mixed {
+            let list: Vec<(usize, u64, usize)> = cold
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(e, ps)| {
+                    (e, bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d), ps.len())
+                })
+                .collect();
+            let sizes: Vec<(u64, usize)> = list.iter().map(|&(_, b, m)| (b, m)).collect();
+            for (&(e, b, _), cpu_side) in list.iter().zip(self.rates.split_cold(&sizes, flops)) {
+                cold_bytes += b;
+                if cpu_side {
+                    on_cpu.push((e, 0..h));
+                } else {
+                    in_place += 1;
+                    hot.extend(cold[e].iter().map(|&p| p as i32));
+                    hot_slots.extend(std::iter::repeat_n(e as i32, cold[e].len()));
+                }
+            }
+        }
+        for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !mixed && !p.is_empty()) {
             let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
             cold_bytes += b;
             if direct && self.share_cold {
@@ -102,6 +128,7 @@ impl GpuModel {
         let count = |a: &std::sync::atomic::AtomicU64, v: u64| a.fetch_add(v, std::sync::atomic::Ordering::Relaxed);
         count(&self.cold_bytes, cold_bytes);
         count(&self.cpu_experts, on_cpu.len() as u64);
+        count(&self.in_place_experts, in_place);
         count(&self.copied_experts, copy.len() as u64);
         count(&self.shared_experts, shared.len() as u64);
         // pairs and stack entries of the copied experts
@@ -258,9 +285,9 @@ impl GpuModel {
         for sw in &swaps {
             let hl = &host.layers[sw.layer];
             let layer = &mut self.layers[sw.layer];
-            let Some(slot) = layer.slot.as_mut() else {
-                // in place: the demoted expert's pages go to the host first, freeing device
-                // memory for the promoted one's
+            if layer.gate_exps.placed_on_gpu(sw.demote).is_some() {
+                // in place (or mixed): the demoted expert's pages go to the host first,
+                // freeing device memory for the promoted one's
                 for m in [&mut layer.gate_exps, &mut layer.up_exps, &mut layer.down_exps] {
                     m.relocate_expert(sw.demote, false)?;
                     if let Err(e) = m.relocate_expert(sw.promote, true) {
@@ -269,8 +296,14 @@ impl GpuModel {
                         return Err(e.into());
                     }
                 }
+                if let Some(slot) = layer.slot.as_mut() {
+                    // mixed: the places are the experts' own
+                    slot[sw.demote] = None;
+                    slot[sw.promote] = Some(sw.promote as u32);
+                }
                 continue;
-            };
+            }
+            let Some(slot) = layer.slot.as_mut() else { continue };
             let Some(s) = slot[sw.demote] else { continue };
             let e = sw.promote;
             layer.gate_exps.write_expert(&self.gpu, s as usize, host.rows(&hl.gate_exps, e * h, h).data)?;
