@@ -203,7 +203,7 @@ fn cold_per_token(l: &Loaded, before: Option<[u64; 5]>, tokens: usize) -> Option
         copied: per(a[0], b[0]),
         shared: per(a[1], b[1]),
         on_cpu: per(a[2], b[2]),
-        in_place: 0.0,
+        in_place: per(a[4], b[4]),
         bytes: per(a[3], b[3]),
         host_gbps,
     })
