@@ -67,14 +67,15 @@ fn create(bytes: usize, on_gpu: bool, device: i32) -> Result<sys::CUmemGenericAl
     // SAFETY: h is written; bytes is a multiple of the granularity of both kinds.
     match unsafe { sys::cuMemCreate(&mut h, bytes, &prop(on_gpu, device), 0) }.result() {
         Ok(()) => Ok(h),
-        Err(err) => {
-            let place = if on_gpu { "device memory" } else { "page-locked host memory" };
-            Err(if format!("{err:?}").contains("OUT_OF_MEMORY") {
-                KernelError::OutOfMemory { what: format!("an expert in {place}"), bytes }
+        Err(err) => Err(if format!("{err:?}").contains("OUT_OF_MEMORY") {
+            if on_gpu {
+                KernelError::OutOfMemory { what: "an expert's pages".into(), bytes }
             } else {
-                drv(if on_gpu { "creating device memory for an expert" } else { "creating host memory for an expert" }, err)
-            })
-        }
+                KernelError::Cuda(format!("out of page-locked host memory: an expert's pages of {bytes} bytes"))
+            }
+        } else {
+            drv(if on_gpu { "creating device memory for an expert" } else { "creating host memory for an expert" }, err)
+        }),
     }
 }
 
