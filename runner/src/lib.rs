@@ -6,6 +6,7 @@
 // No panic reachable from input (issue 9): errors, not unwrap/expect/panic, outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod backend;
 pub mod bench_cmd;
 pub mod bench_timeline;
 pub mod calibrate_cmd;

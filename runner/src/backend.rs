@@ -1,0 +1,375 @@
+//! Where a model runs: the CPU, one GPU or a layer split over several (`--device`,
+//! `--gpus`), and on a GPU which experts it holds (`--gpu-mem`, `--expert-stats`,
+//! `--cpu-moe`, `--n-cpu-moe`) and how the cold ones run (`--cold-experts`; issue 7,
+//! docs/offload.md).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use mxr_kernels::cpu::Threads;
+use mxr_kernels::cuda::Gpu;
+use mxr_models::engine::Backend;
+use mxr_models::gpu::split::SplitModel;
+use mxr_models::gpu::{ColdExperts, GpuModel};
+use mxr_models::layer_split::{split, LayerBytes};
+use mxr_models::offload_cost::DeviceRates;
+use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, Sizes, IN_PLACE_PAGE};
+use mxr_models::Model;
+
+use crate::run_cmd::{ColdArg, Device, KvArg, ModelArgs};
+
+/// GPU memory kept free for activations, scratch and cuBLAS workspaces.
+const GPU_MARGIN: u64 = 2 << 30;
+
+/// --gpus as written: at least one GPU, none twice (checked before looking for GPUs).
+fn check_gpu_list(a: &ModelArgs) -> Result<()> {
+    if let Some(list) = &a.gpus {
+        if list.is_empty() {
+            bail!("--gpus: name at least one GPU (e.g. 0,1)");
+        }
+        let mut seen = list.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != list.len() {
+            bail!("--gpus {}: a GPU is named twice", list.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(())
+}
+
+/// The GPUs to use: --gpus, or every visible one.
+fn gpu_list(a: &ModelArgs) -> Result<Vec<usize>> {
+    match &a.gpus {
+        Some(list) => {
+            let n = Gpu::count()?;
+            if let Some(bad) = list.iter().find(|&&g| g >= n) {
+                bail!("--gpus: GPU {bad} asked for, but there are {n} (0 to {})", n.saturating_sub(1));
+            }
+            Ok(list.clone())
+        }
+        None => Ok((0..Gpu::count()?).collect()),
+    }
+}
+
+/// The GPU memory to plan with: --gpu-mem, or the card's free memory.
+fn gpu_budget(a: &ModelArgs, gpu: &Gpu) -> Result<u64> {
+    match a.gpu_mem {
+        Some(gib) if gib > 0.0 && gib.is_finite() => Ok((gib * (1u64 << 30) as f64) as u64),
+        Some(gib) => bail!("--gpu-mem {gib}: give a positive number of GiB"),
+        None => Ok(gpu.memory()?.0 as u64),
+    }
+}
+
+/// --cpu-moe, --n-cpu-moe N, or else the experts that fit `budget`.
+fn expert_policy(a: &ModelArgs, budget: impl FnOnce() -> Result<u64>) -> Result<Policy> {
+    Ok(if a.cpu_moe {
+        Policy::CpuMoe
+    } else if let Some(n) = a.n_cpu_moe {
+        Policy::NCpuMoe(n)
+    } else {
+        Policy::Budget(budget()?)
+    })
+}
+
+/// Routing statistics from --expert-stats, if given.
+fn expert_stats(a: &ModelArgs, c: &mxr_models::Config) -> Result<Option<ExpertStats>> {
+    match &a.expert_stats {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let j: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+            Ok(Some(ExpertStats::from_json(&j, c).with_context(|| p.display().to_string())?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The model's layers split over several GPUs (issue 10): cut by bytes in proportion to
+/// each GPU's budget (--gpu-mem each, or its free memory), each GPU placing its own
+/// layers' experts; the plan printed per GPU.
+fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -> Result<Backend> {
+    let c = &model.config;
+    let started = Instant::now();
+    let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>, _>>()?;
+    let budgets = gpus.iter().map(|g| gpu_budget(a, g)).collect::<Result<Vec<_>>>()?;
+    let stats = expert_stats(a, c)?;
+    // with a budget, each GPU's own
+    let policy = expert_policy(a, || Ok(0))?;
+    let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
+    let cp = ColdPlan::new(a)?;
+    // experts read in place take whole pages (counted so even where every expert fits)
+    let page = if cp.cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
+    let lb = LayerBytes::from_tensors_paged(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()), page);
+    let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
+    for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
+        // the line `mxr plan --gpus` prints for the same split
+        eprintln!("{} ({}, budget {:.2} GiB)", crate::plan_cmd::share_line(i, sh), g.info().name, sh.budget as f64 / (1u64 << 30) as f64);
+    }
+    let ranges: Vec<_> = shares.iter().map(|s| s.layers.clone()).collect();
+    let placements: Vec<_> = shares.into_iter().map(|s| Some(s.placement)).collect();
+    let cold = cp.cold;
+    let mut m = match SplitModel::upload(model, gpus, &ranges, &placements, cold) {
+        Err(e) if cold == ColdExperts::InPlace && a.cold_experts == ColdArg::Auto => {
+            eprintln!("cold experts: not read in place ({e}); the CPU computes them");
+            let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>, _>>()?;
+            SplitModel::upload(model, gpus, &ranges, &placements, ColdExperts::Host)?
+        }
+        r => r?,
+    };
+    for (i, (part, pl)) in m.parts.iter_mut().zip(&placements).enumerate() {
+        part.kv_type = a.kv_type.kv_type();
+        if let Some(pl) = pl.as_ref().filter(|pl| pl.host_experts > 0) {
+            // (no statistics line: a part's placement marks other parts' layers as off it)
+            eprint!("GPU {i}: ");
+            offload_setup(part, pl, None, &cp, a, model, ctx)?;
+        }
+    }
+    eprintln!(
+        "uploaded {:.2} GiB of weights to {} GPUs in {:.1} s",
+        m.weight_bytes() as f64 / (1u64 << 30) as f64,
+        m.parts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Backend::Split(Box::new(m)))
+}
+
+/// How the cold experts will run: the cost model's rates (calibrated by `mxr bench
+/// --calibrate-devices`, or the defaults) and where they came from; the way chosen
+/// (--cold-experts) and why, in words.
+pub struct ColdPlan {
+    pub rates: DeviceRates,
+    pub source: String,
+    pub cold: ColdExperts,
+    pub why: String,
+}
+
+impl ColdPlan {
+    pub fn new(a: &ModelArgs) -> Result<ColdPlan> {
+        let path = DeviceRates::cache_path();
+        let (rates, source) = match (path.as_ref().map(|f| DeviceRates::load(f)).transpose()?.flatten(), &path) {
+            (Some(r), Some(f)) => (r, format!("rates from {}", f.display())),
+            _ => (DeviceRates::DEFAULT, "default rates; `mxr bench --calibrate-devices` measures this machine's".into()),
+        };
+        let (cold, why) = cold_mode(a, &rates);
+        Ok(ColdPlan { rates, source, cold, why })
+    }
+}
+
+/// How the cold experts are computed (--cold-experts), and why, in words.
+pub fn cold_mode(a: &ModelArgs, rates: &DeviceRates) -> (ColdExperts, String) {
+    match a.cold_experts {
+        ColdArg::Cpu => (ColdExperts::Host, "--cold-experts cpu".into()),
+        ColdArg::InPlace => (ColdExperts::InPlace, "--cold-experts in-place".into()),
+        ColdArg::Mixed => (ColdExperts::Mixed, "--cold-experts mixed".into()),
+        ColdArg::Auto if a.cpu_moe || a.n_cpu_moe.is_some() => {
+            (ColdExperts::Host, format!("{}: llama.cpp's meaning", if a.cpu_moe { "--cpu-moe" } else { "--n-cpu-moe" }))
+        }
+        ColdArg::Auto => {
+            let how = if rates.reads_in_place() { ColdExperts::InPlace } else { ColdExperts::Host };
+            (
+                how,
+                format!(
+                    "the GPU reads a cold expert in place at {:.1} GB/s, the CPU computes one at {:.1} GB/s",
+                    rates.in_place_gbps, rates.cpu_expert_gbps
+                ),
+            )
+        }
+    }
+}
+
+/// Uploads `model` to GPU `ordinal` (opened as `gpu`) with the cold experts computed as
+/// `cold` says; where in-place was only the automatic choice and the driver refuses it,
+/// falls back to the CPU's way with a note.
+fn upload_cold(a: &ModelArgs, model: &Model, gpu: Gpu, ordinal: usize, p: &Placement, cold: ColdExperts) -> Result<GpuModel> {
+    let all = 0..model.config.n_layers;
+    match GpuModel::upload_part_with(model, gpu, Some(p), all.clone(), cold) {
+        Err(e) if cold == ColdExperts::InPlace && a.cold_experts == ColdArg::Auto => {
+            eprintln!("cold experts: not read in place ({e}); the CPU computes them");
+            Ok(GpuModel::upload_part_with(model, Gpu::open(ordinal)?, Some(p), all, ColdExperts::Host)?)
+        }
+        r => Ok(r?),
+    }
+}
+
+/// A GPU (or a split's part) with experts in host memory: the cost model's rates
+/// (calibrated, or the defaults) and what the user should know of its cold experts.
+fn offload_setup(
+    g: &mut GpuModel,
+    p: &Placement,
+    stats: Option<&ExpertStats>,
+    cp: &ColdPlan,
+    a: &ModelArgs,
+    model: &Model,
+    ctx: usize,
+) -> Result<()> {
+    let (why, source) = (&cp.why, &cp.source);
+    g.rates = cp.rates;
+    if g.in_place_bytes > 0 && g.offloaded {
+        eprintln!(
+            "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks; each layer the CPU computes as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
+            g.in_place_bytes as f64 / (1u64 << 30) as f64,
+            g.rates.cpu_expert_gbps,
+            g.rates.in_place_gbps
+        );
+    } else if g.in_place_bytes > 0 {
+        eprintln!(
+            "cold experts: read in place by the GPU over PCIe from {:.2} GiB of page-locked host memory mapped into the expert stacks ({why})",
+            g.in_place_bytes as f64 / (1u64 << 30) as f64
+        );
+    } else {
+        eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({why}; {source})");
+    }
+    match &g.pin_note {
+        Some(note) => eprintln!("{note}"),
+        // in place or mixed: nothing is copied (the CPU reads the mapped file)
+        None if g.in_place_bytes > 0 => {}
+        None => eprintln!(
+            "cold experts page-locked in host memory: {:.2} GiB, copied at the pinned rate ({:.1} GB/s)",
+            g.pinned_bytes() as f64 / (1u64 << 30) as f64,
+            g.rates.h2d_pinned_gbps
+        ),
+    }
+    if let Some(st) = stats {
+        // issue 7's bound: decode cannot beat the host reads of the cold experts
+        let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
+        let cold = p.cold_bytes_per_token(st, &sizes.expert);
+        let (rate, what) = if g.in_place_bytes > 0 && g.offloaded {
+            (g.rates.in_place_gbps + g.rates.cpu_expert_gbps, "the GPU's in-place and the CPU's rates together")
+        } else if g.in_place_bytes > 0 {
+            (g.rates.in_place_gbps, "the GPU's in-place read rate")
+        } else {
+            (g.rates.host_read_gbps, "the host's bandwidth")
+        };
+        eprintln!(
+            "cold experts read {:.1} MB per decoded token by the statistics: at least {:.2} ms at {what}, {rate:.1} GB/s",
+            cold / 1e6,
+            cold / (rate * 1e9) * 1e3,
+        );
+    }
+    Ok(())
+}
+
+/// Where the experts go on this GPU (see mxr_models::placement), and the routing
+/// statistics it used. Where cold experts will be read in place, every expert matrix takes
+/// whole pages on the GPU, and the placement counts them so.
+fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExperts) -> Result<(Placement, Option<ExpertStats>)> {
+    let c = &model.config;
+    let stats = expert_stats(a, c)?;
+    let policy = expert_policy(a, || gpu_budget(a, gpu))?;
+    let kv = a.kv_type.kv_type().bytes();
+    let place = |page: u64| {
+        plan(&Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page), c.n_experts, stats.as_ref(), policy).map_err(|e| {
+            match a.kv_type {
+                // the cheapest fix first: the same context in half the memory
+                KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
+                KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
+                KvArg::Q8_0 => anyhow::anyhow!(e),
+            }
+        })
+    };
+    let mut p = place(1)?;
+    if cold != ColdExperts::Host && p.host_experts > 0 {
+        p = place(IN_PLACE_PAGE)?;
+    }
+    Ok((p, stats))
+}
+
+/// Puts the model on the device `--device` names (auto: a GPU if one is usable).
+pub fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Result<Backend> {
+    let device = a.device;
+    if device == Device::Cpu {
+        return Ok(Backend::Cpu(threads));
+    }
+    check_gpu_list(a)?;
+    let ordinals = match gpu_list(a) {
+        Ok(o) => o,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: no GPU used ({e})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => bail!("--device cuda: {e}"),
+    };
+    if ordinals.len() > 1 {
+        return match split_backend(a, model, &ordinals, ctx) {
+            Ok(b) => Ok(b),
+            Err(e) if device == Device::Auto => {
+                eprintln!("device: the GPUs were not used ({e:#})");
+                Ok(Backend::Cpu(threads))
+            }
+            Err(e) => Err(e).context("--device cuda"),
+        };
+    }
+    let gpu = match Gpu::open(ordinals[0]) {
+        Ok(g) => g,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: no GPU used ({e})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => bail!("--device cuda: {e}"),
+    };
+    let started = Instant::now();
+    let name = gpu.info().to_string();
+    let cp = ColdPlan::new(a)?;
+    let (p, stats) = match placement(a, model, &gpu, ctx, cp.cold) {
+        Ok(p) => p,
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: the GPU was not used ({e:#})");
+            return Ok(Backend::Cpu(threads));
+        }
+        Err(e) => return Err(e).context("--device cuda"),
+    };
+    if p.host_experts > 0 {
+        eprintln!("{p}");
+    }
+    match upload_cold(a, model, gpu, ordinals[0], &p, cp.cold) {
+        Ok(mut g) => {
+            g.kv_type = a.kv_type.kv_type();
+            if p.host_experts > 0 {
+                offload_setup(&mut g, &p, stats.as_ref(), &cp, a, model, ctx)?;
+            }
+            eprintln!(
+                "uploaded {:.2} GiB of weights to {name} in {:.1} s",
+                g.weight_bytes as f64 / (1u64 << 30) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(Backend::Cuda(Box::new(g)))
+        }
+        Err(e) if device == Device::Auto => {
+            eprintln!("device: the GPU was not used ({e:#})");
+            Ok(Backend::Cpu(threads))
+        }
+        Err(e) => Err(e).context("--device cuda"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        m: ModelArgs,
+    }
+
+    fn args(a: &[&str]) -> ModelArgs {
+        T::parse_from(std::iter::once("mxr").chain(a.iter().copied())).m
+    }
+
+    #[test]
+    fn cold_experts_auto_keeps_llama_cpp_meanings_and_follows_the_rates() {
+        let fast = DeviceRates { in_place_gbps: 48.0, cpu_expert_gbps: 40.0, ..DeviceRates::DEFAULT };
+        let slow = DeviceRates { in_place_gbps: 12.0, ..fast };
+        assert_eq!(cold_mode(&args(&[]), &fast).0, ColdExperts::InPlace);
+        assert!(cold_mode(&args(&[]), &fast).1.contains("in place at 48.0 GB/s"));
+        assert_eq!(cold_mode(&args(&[]), &slow).0, ColdExperts::Host);
+        // --cpu-moe and --n-cpu-moe mean what they mean in llama.cpp: the CPU computes them
+        assert_eq!(cold_mode(&args(&["--cpu-moe"]), &fast).0, ColdExperts::Host);
+        assert_eq!(cold_mode(&args(&["--n-cpu-moe", "3"]), &fast).0, ColdExperts::Host);
+        // unless asked otherwise, whatever the rates
+        assert_eq!(cold_mode(&args(&["--cpu-moe", "--cold-experts", "in-place"]), &slow).0, ColdExperts::InPlace);
+        assert_eq!(cold_mode(&args(&["--cold-experts", "cpu"]), &fast).0, ColdExperts::Host);
+        assert_eq!(cold_mode(&args(&["--cpu-moe", "--cold-experts", "mixed"]), &fast).0, ColdExperts::Mixed);
+        assert!(T::try_parse_from(["mxr", "--cold-experts", "gpu"]).is_err());
+    }
+}
