@@ -180,7 +180,7 @@ for s in "${steps[@]}"; do
     [ $rc -eq 0 ] || { echo "step $s failed ($rc)"; status=1; }
     case "$s" in
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
-    offload | offload-cpu | offload-mixed | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|pp512|tg64" "$out/$s.log" ;;
+    offload | offload-cpu | offload-mixed | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|both at once|pp512|tg64" "$out/$s.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     split) grep -E "^==|tg128" "$out/split.log" ;;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use mxr_kernels::cpu::{swiglu_ffn, Threads};
-use mxr_kernels::cuda::{Gpu, GpuMatrix};
+use mxr_kernels::cuda::{CudaSlice, Gpu, GpuMatrix};
 use mxr_models::offload_cost::DeviceRates;
 use mxr_quant::reference::quantize_to_vec;
 use mxr_quant::reference::stats::Rng;
@@ -45,21 +45,63 @@ fn median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(v[v.len() / 2])
 }
 
-/// Weight bytes/s the GPU's decode products (gate and up in one launch, then down, one
-/// token, as a decode step runs an expert) read from an expert whose pages are all in
-/// page-locked host memory mapped for the device; `bytes` is the expert's size in the file.
-fn in_place_rate(g: &Gpu, [gate, up, down]: [&QMatrix; 3], bytes: f64) -> Result<f64> {
-    let place = |m: &QMatrix| GpuMatrix::upload_placed(g, m.qtype, m.rows, m.cols, m.data, &[false]);
-    let (wg, wu, wd) = (place(gate)?, place(up)?, place(down)?);
-    let x = g.upload(&Rng::new(5).normals(gate.cols, 1.0))?;
-    let (mut y0, mut y1, mut out) = (g.zeros::<f32>(gate.rows)?, g.zeros::<f32>(up.rows)?, g.zeros::<f32>(down.rows)?);
-    let t = median(7, || {
-        let act = g.quantize_act(&x.as_view(), 1, gate.cols)?;
-        g.matvec_pair([&wg, &wu], None, &act, 1, 1, [&mut y0.as_view_mut(), &mut y1.as_view_mut()])?;
-        g.matvec(&wd, None, &y0.as_view(), 1, 1, &mut out.as_view_mut())?;
+/// One expert whose pages are all in page-locked host memory mapped for the device, and
+/// the decode products that read it in place (gate and up in one launch, then down, one
+/// token, as a decode step runs an expert).
+struct InPlaceExpert<'g> {
+    g: &'g Gpu,
+    w: [GpuMatrix; 3],
+    x: CudaSlice<f32>,
+    y: [CudaSlice<f32>; 3],
+}
+
+impl<'g> InPlaceExpert<'g> {
+    fn new(g: &'g Gpu, [gate, up, down]: [&QMatrix; 3]) -> Result<InPlaceExpert<'g>> {
+        let place = |m: &QMatrix| GpuMatrix::upload_placed(g, m.qtype, m.rows, m.cols, m.data, &[false]);
+        Ok(InPlaceExpert {
+            g,
+            w: [place(gate)?, place(up)?, place(down)?],
+            x: g.upload(&Rng::new(5).normals(gate.cols, 1.0))?,
+            y: [g.zeros::<f32>(gate.rows)?, g.zeros::<f32>(up.rows)?, g.zeros::<f32>(down.rows)?],
+        })
+    }
+
+    /// One read of the whole expert, waited for.
+    fn read(&mut self) -> Result<()> {
+        let (g, [wg, wu, wd], [y0, y1, out]) = (self.g, &self.w, &mut self.y);
+        let act = g.quantize_act(&self.x.as_view(), 1, wg.cols)?;
+        g.matvec_pair([wg, wu], None, &act, 1, 1, [&mut y0.as_view_mut(), &mut y1.as_view_mut()])?;
+        g.matvec(wd, None, &y0.as_view(), 1, 1, &mut out.as_view_mut())?;
         Ok(g.sync()?)
-    })?;
-    Ok(bytes / t)
+    }
+}
+
+/// Seconds per expert of the CPU's products and of the GPU's in-place reads when both run
+/// at once (a CPU thread pool computing `cpu` over and over while this thread reads the
+/// in-place expert), to show how much they slow each other (`--cold-experts mixed`).
+fn side_by_side(e: &mut InPlaceExpert, cpu: impl FnMut() -> Result<()> + Send, reps: usize) -> Result<(f64, f64)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    let mut cpu = cpu;
+    let done = &done;
+    std::thread::scope(|s| -> Result<(f64, f64)> {
+        let worker = s.spawn(move || -> Result<f64> {
+            let t = Instant::now();
+            let r = (0..reps).try_for_each(|_| cpu());
+            done.store(true, Ordering::Relaxed);
+            r.map(|_| t.elapsed().as_secs_f64() / reps as f64)
+        });
+        let (t, mut n) = (Instant::now(), 0usize);
+        let mut gpu = Ok(());
+        while !done.load(Ordering::Relaxed) && gpu.is_ok() {
+            gpu = e.read();
+            n += 1;
+        }
+        let gpu_s = t.elapsed().as_secs_f64() / n.max(1) as f64;
+        let cpu_s = worker.join().map_err(|_| anyhow::anyhow!("the CPU side's thread stopped"))??;
+        gpu?;
+        Ok((cpu_s, gpu_s))
+    })
 }
 
 pub fn run(threads: Threads) -> Result<()> {
@@ -98,14 +140,29 @@ pub fn run(threads: Threads) -> Result<()> {
             r.h2d_pinned_gbps = g.upload_bandwidth(256 << 20, true, 5)? / 1e9;
             println!("| host to GPU, pageable | {:.1} GB/s | 256 MiB, {} |", r.h2d_gbps, g.info().name);
             println!("| host to GPU, pinned | {:.1} GB/s | 256 MiB |", r.h2d_pinned_gbps);
-            match in_place_rate(&g, [&gate, &up, &down], bytes) {
-                Ok(rate) => {
-                    r.in_place_gbps = rate / 1e9;
+            match InPlaceExpert::new(&g, [&gate, &up, &down]) {
+                Ok(mut e) => {
+                    let t = median(7, || e.read())?;
+                    r.in_place_gbps = bytes / t / 1e9;
                     println!(
                         "| GPU expert read in place, 1 token | {:.1} GB/s of weights ({:.2} ms) | the same expert in host pages mapped for the GPU |",
                         r.in_place_gbps,
-                        bytes / rate * 1e3
+                        t * 1e3
                     );
+                    let mut y1 = vec![0f32; d];
+                    let cpu = || Ok(swiglu_ffn(&gate, &up, &down, 0..h, &x[..d], 1, &mut y1, threads)?);
+                    // a diagnostic row (not saved): how much the two slow each other
+                    match side_by_side(&mut e, cpu, 9) {
+                        Ok((c, gs)) => println!(
+                            "| both at once (--cold-experts mixed) | CPU {:.1} + GPU in place {:.1} = {:.1} GB/s | the CPU's products and the in-place reads of the same expert side by side (alone: {:.1} and {:.1}) |",
+                            bytes / c / 1e9,
+                            bytes / gs / 1e9,
+                            bytes / c / 1e9 + bytes / gs / 1e9,
+                            r.cpu_expert_gbps,
+                            r.in_place_gbps
+                        ),
+                        Err(e) => println!("| both at once (--cold-experts mixed) | not measured | {e:#} |"),
+                    }
                 }
                 Err(e) => {
                     // 0: never read in place (the driver cannot map host pages for the GPU)
