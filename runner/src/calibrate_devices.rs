@@ -76,10 +76,11 @@ impl<'g> InPlaceExpert<'g> {
     }
 }
 
-/// Seconds per expert of the CPU's products and of the GPU's in-place reads when both run
-/// at once (a CPU thread pool computing `cpu` over and over while this thread reads the
-/// in-place expert), to show how much they slow each other (`--cold-experts mixed`).
-fn side_by_side(e: &mut InPlaceExpert, cpu: impl FnMut() -> Result<()> + Send, reps: usize) -> Result<(f64, f64)> {
+/// Seconds per call of `cpu` and of `gpu` when both run at once: `cpu` `reps` times on
+/// another thread (the CPU's products, with their own thread pool) while this thread calls
+/// `gpu` (an in-place read of the expert) until that is done; to show how much they slow
+/// each other (`--cold-experts mixed`).
+fn side_by_side(mut gpu: impl FnMut() -> Result<()>, cpu: impl FnMut() -> Result<()> + Send, reps: usize) -> Result<(f64, f64)> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let done = AtomicBool::new(false);
     let mut cpu = cpu;
@@ -92,14 +93,14 @@ fn side_by_side(e: &mut InPlaceExpert, cpu: impl FnMut() -> Result<()> + Send, r
             r.map(|_| t.elapsed().as_secs_f64() / reps as f64)
         });
         let (t, mut n) = (Instant::now(), 0usize);
-        let mut gpu = Ok(());
-        while !done.load(Ordering::Relaxed) && gpu.is_ok() {
-            gpu = e.read();
+        let mut read = Ok(());
+        while !done.load(Ordering::Relaxed) && read.is_ok() {
+            read = gpu();
             n += 1;
         }
         let gpu_s = t.elapsed().as_secs_f64() / n.max(1) as f64;
         let cpu_s = worker.join().map_err(|_| anyhow::anyhow!("the CPU side's thread stopped"))??;
-        gpu?;
+        read?;
         Ok((cpu_s, gpu_s))
     })
 }
@@ -152,7 +153,7 @@ pub fn run(threads: Threads) -> Result<()> {
                     let mut y1 = vec![0f32; d];
                     let cpu = || Ok(swiglu_ffn(&gate, &up, &down, 0..h, &x[..d], 1, &mut y1, threads)?);
                     // a diagnostic row (not saved): how much the two slow each other
-                    match side_by_side(&mut e, cpu, 9) {
+                    match side_by_side(|| e.read(), cpu, 9) {
                         Ok((c, gs)) => println!(
                             "| both at once (--cold-experts mixed) | CPU {:.1} + GPU in place {:.1} = {:.1} GB/s | the CPU's products and the in-place reads of the same expert side by side (alone: {:.1} and {:.1}) |",
                             bytes / c / 1e9,
@@ -209,4 +210,33 @@ pub fn run(threads: Threads) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     println!("saved to {} (mxr run/chat/bench read it)", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_by_side_times_each_side_per_call_while_the_other_runs() {
+        let sleep = |ms| {
+            move || -> Result<()> {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+        };
+        // the CPU side: 3 calls of 20 ms; the GPU side runs until then, 1 ms a call
+        let (cpu, gpu) = side_by_side(sleep(1), sleep(20), 3).unwrap();
+        assert!(cpu >= 0.020 && gpu >= 0.001 && gpu < cpu, "{cpu} {gpu}");
+        // an error on either side is the answer
+        let mut n = 0;
+        let failing = || -> Result<()> {
+            n += 1;
+            anyhow::ensure!(n < 3, "third read failed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            Ok(())
+        };
+        assert!(side_by_side(failing, sleep(20), 3).unwrap_err().to_string().contains("third read"));
+        let cpu_fails = || -> Result<()> { anyhow::bail!("no CPU") };
+        assert!(side_by_side(sleep(1), cpu_fails, 3).unwrap_err().to_string().contains("no CPU"));
+    }
 }
