@@ -3,7 +3,7 @@
 //! Needs a GPU: ignored by `cargo test`; scripts/gpu-check.sh runs it with --ignored on the
 //! GPU machine and tabulates the `CHECK` lines.
 
-use mxr_kernels::cuda::{Gpu, GpuMatrix, KvType};
+use mxr_kernels::cuda::{CudaSlice, Gpu, GpuMatrix, KvType};
 use mxr_quant::reference::{quantize_to_vec, stats::Rng};
 use mxr_quant::QType;
 
@@ -61,6 +61,14 @@ fn paged_buffers_grow_behind_a_fixed_address() {
     assert!(all[pos * width..].iter().all(|&v| v == 1.5) && all[..pos * width].iter().all(|&v| v == 0.0));
 }
 
+/// One product per id (the expert `ids[p]` of stack `m` times `x`), downloaded.
+fn products_by_ids(g: &Gpu, m: &GpuMatrix, ids: &CudaSlice<i32>, x: &CudaSlice<f32>) -> Vec<f32> {
+    let n = ids.len();
+    let mut y = g.zeros::<f32>(n * m.rows).unwrap();
+    g.matvec(m, Some(ids), &x.as_view(), n, n, &mut y.as_view_mut()).unwrap();
+    g.download(&y.as_view()).unwrap()
+}
+
 /// Issue 7, cold experts read in place: a stack whose experts lie some in device pages and
 /// some in host pages (`GpuMatrix::upload_placed`) gives the bits of an ordinary stack in
 /// the products by ids (one expert and two in a launch) and in the dequantization to bf16
@@ -78,11 +86,7 @@ fn placed_stacks_read_host_experts_in_place() {
         let placed = GpuMatrix::upload_placed(&g, q, rows, cols, &w, &on_gpu).unwrap();
         let x = g.upload(&Rng::new(81).normals(cols, 1.0)).unwrap();
         let gids = g.upload(&ids).unwrap();
-        let product = |m: &GpuMatrix| {
-            let mut y = g.zeros::<f32>(ids.len() * rows).unwrap();
-            g.matvec(m, Some(&gids), &x.as_view(), ids.len(), ids.len(), &mut y.as_view_mut()).unwrap();
-            g.download(&y.as_view()).unwrap()
-        };
+        let product = |m: &GpuMatrix| products_by_ids(&g, m, &gids, &x);
         // the two-matrix launch (gate and up) takes quantized weights only
         let pair = |a: &GpuMatrix, b: &GpuMatrix| {
             if q.block_size() == 1 {
@@ -131,11 +135,7 @@ fn placed_experts_move_between_device_and_host_at_the_same_address() {
     let ids = [0i32, 1, 2, 3, 1];
     let x = g.upload(&Rng::new(91).normals(cols, 1.0)).unwrap();
     let gids = g.upload(&ids).unwrap();
-    let product = |m: &GpuMatrix| {
-        let mut y = g.zeros::<f32>(ids.len() * rows).unwrap();
-        g.matvec(m, Some(&gids), &x.as_view(), ids.len(), ids.len(), &mut y.as_view_mut()).unwrap();
-        g.download(&y.as_view()).unwrap()
-    };
+    let product = |m: &GpuMatrix| products_by_ids(&g, m, &gids, &x);
     let want = product(&placed);
     let (len, dev, host) = (placed.buf.len(), placed.bytes(), placed.host_bytes());
     let stride = placed.stride;

@@ -185,6 +185,16 @@ impl DeviceRates {
         Some(dir.join("devices.json"))
     }
 
+    /// The rates run/chat/bench/plan use: those saved by `mxr bench --calibrate-devices`
+    /// (and the file's path), or the defaults (None) where no file exists.
+    pub fn saved() -> Result<(DeviceRates, Option<PathBuf>), ModelError> {
+        let path = DeviceRates::cache_path();
+        Ok(match path.as_ref().map(|f| DeviceRates::load(f)).transpose()?.flatten() {
+            Some(r) => (r, path),
+            None => (DeviceRates::DEFAULT, None),
+        })
+    }
+
     /// The calibrated rates, if a readable file exists (a bad file is an error).
     pub fn load(path: &Path) -> Result<Option<DeviceRates>, ModelError> {
         let text = match std::fs::read_to_string(path) {

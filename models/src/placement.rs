@@ -178,6 +178,25 @@ impl fmt::Display for Placement {
     }
 }
 
+/// [`plan`] for a GPU that keeps experts in whole [`IN_PLACE_PAGE`]s when `paged` (cold
+/// experts read in place): `sizes(page)` gives the sizes with each expert matrix rounded
+/// up to `page` bytes (1: as they are). Planned as they are first, and in pages only when
+/// some expert stays in host memory (with every expert on the GPU no stack is placed).
+pub fn plan_paged(
+    sizes: impl Fn(u64) -> Sizes,
+    n_experts: usize,
+    stats: Option<&ExpertStats>,
+    policy: Policy,
+    paged: bool,
+) -> Result<Placement, ModelError> {
+    let p = plan(&sizes(1), n_experts, stats, policy)?;
+    if paged && p.host_experts > 0 {
+        plan(&sizes(IN_PLACE_PAGE), n_experts, stats, policy)
+    } else {
+        Ok(p)
+    }
+}
+
 /// Places the experts: see the module doc. Without statistics every expert counts the same
 /// and the experts go round-robin over the layers (expert 0 of every layer, then 1, ...).
 pub fn plan(sizes: &Sizes, n_experts: usize, stats: Option<&ExpertStats>, policy: Policy) -> Result<Placement, ModelError> {
@@ -263,6 +282,25 @@ mod tests {
 
     fn sizes() -> Sizes {
         Sizes { non_expert: 100, expert: vec![10, 10, 20], state: 20, margin: 5 }
+    }
+
+    #[test]
+    fn paged_plans_page_only_where_some_expert_stays_on_the_host() {
+        let stats = ExpertStats { tokens: 10, counts: vec![vec![1, 9, 0, 0], vec![5, 5, 0, 0], vec![0, 0, 7, 3]] };
+        // in pages, the experts take 16, 16 and 32
+        let by_page = |page: u64| if page == 1 { sizes() } else { Sizes { expert: vec![16, 16, 32], ..sizes() } };
+        // every expert fits as it is: no stack is placed, so no pages
+        let all = plan_paged(by_page, 4, Some(&stats), Policy::Budget(300), true).unwrap();
+        assert_eq!(all.experts_on_gpu(), 12);
+        // some stay on the host: planned in pages, fewer fit (unpaged: 3)
+        let some = plan_paged(by_page, 4, Some(&stats), Policy::Budget(170), true).unwrap();
+        assert_eq!(some, plan(&by_page(IN_PLACE_PAGE), 4, Some(&stats), Policy::Budget(170)).unwrap());
+        assert!(some.experts_on_gpu() < 3, "{some}");
+        // not paged: the plain plan
+        assert_eq!(
+            plan_paged(by_page, 4, Some(&stats), Policy::Budget(170), false).unwrap(),
+            plan(&sizes(), 4, Some(&stats), Policy::Budget(170)).unwrap()
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use mxr_models::gpu::split::SplitModel;
 use mxr_models::gpu::{ColdExperts, GpuModel};
 use mxr_models::layer_split::{split, LayerBytes};
 use mxr_models::offload_cost::DeviceRates;
-use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, Sizes, IN_PLACE_PAGE};
+use mxr_models::placement::{layer_state, plan_paged, ExpertStats, Placement, Policy, Sizes, IN_PLACE_PAGE};
 use mxr_models::Model;
 
 use crate::run_cmd::{ColdArg, Device, KvArg, ModelArgs};
@@ -144,10 +144,10 @@ pub struct ColdPlan {
 
 impl ColdPlan {
     pub fn new(a: &ModelArgs) -> Result<ColdPlan> {
-        let path = DeviceRates::cache_path();
-        let (rates, source) = match (path.as_ref().map(|f| DeviceRates::load(f)).transpose()?.flatten(), &path) {
-            (Some(r), Some(f)) => (r, format!("rates from {}", f.display())),
-            _ => (DeviceRates::DEFAULT, "default rates; `mxr bench --calibrate-devices` measures this machine's".into()),
+        let (rates, path) = DeviceRates::saved()?;
+        let source = match path {
+            Some(f) => format!("rates from {}", f.display()),
+            None => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
         };
         let (cold, why) = cold_mode(a, &rates);
         Ok(ColdPlan { rates, source, cold, why })
@@ -256,20 +256,13 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExpe
     let stats = expert_stats(a, c)?;
     let policy = expert_policy(a, || gpu_budget(a, gpu))?;
     let kv = a.kv_type.kv_type().bytes();
-    let place = |page: u64| {
-        plan(&Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page), c.n_experts, stats.as_ref(), policy).map_err(|e| {
-            match a.kv_type {
-                // the cheapest fix first: the same context in half the memory
-                KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
-                KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
-                KvArg::Q8_0 => anyhow::anyhow!(e),
-            }
-        })
-    };
-    let mut p = place(1)?;
-    if cold != ColdExperts::Host && p.host_experts > 0 {
-        p = place(IN_PLACE_PAGE)?;
-    }
+    let sizes = |page: u64| Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page);
+    let p = plan_paged(sizes, c.n_experts, stats.as_ref(), policy, cold != ColdExperts::Host).map_err(|e| match a.kv_type {
+        // the cheapest fix first: the same context in half the memory
+        KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
+        KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
+        KvArg::Q8_0 => anyhow::anyhow!(e),
+    })?;
     Ok((p, stats))
 }
 

@@ -16,7 +16,7 @@ use mxr_models::config::minimax_text_01;
 use mxr_models::layer_split::{split, GpuShare, LayerBytes};
 use mxr_models::names::{self, blk};
 use mxr_models::offload_cost::DeviceRates;
-use mxr_models::placement::{layer_state, plan, ExpertStats, Placement, Policy, IN_PLACE_PAGE};
+use mxr_models::placement::{layer_state, plan_paged, ExpertStats, Placement, Policy, IN_PLACE_PAGE};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
 
@@ -238,10 +238,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let in_place = match a.cold_experts {
         ColdArg::Cpu => false,
         ColdArg::InPlace | ColdArg::Mixed => true,
-        ColdArg::Auto => {
-            let saved = DeviceRates::cache_path().map(|f| DeviceRates::load(&f)).transpose()?.flatten();
-            saved.unwrap_or(DeviceRates::DEFAULT).reads_in_place()
-        }
+        ColdArg::Auto => DeviceRates::saved()?.0.reads_in_place(),
     };
     let layer_bytes = |page: u64| {
         LayerBytes::from_tensors_paged(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, layer_state(&c, a.ctx, kv_elem), page)
@@ -251,15 +248,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let page = if in_place { IN_PLACE_PAGE } else { 1 };
     let shares = (n_gpus > 1)
         .then(|| split(&layer_bytes(page), c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
-    let one = |page: u64| plan(&layer_bytes(page).sizes(MARGIN), c.n_experts, stats.as_ref(), Policy::Budget(per_gpu));
     let placement = match &shares {
         Some(Ok(sh)) => Some(Ok(merge(sh))),
         Some(Err(e)) => Some(Err(mxr_models::ModelError::Input(e.to_string()))),
         None if n_gpus == 0 => None,
-        None => Some(match one(1) {
-            Ok(p) if in_place && p.host_experts > 0 => one(IN_PLACE_PAGE),
-            r => r,
-        }),
+        None => Some(plan_paged(|page| layer_bytes(page).sizes(MARGIN), c.n_experts, stats.as_ref(), Policy::Budget(per_gpu), in_place)),
     };
     let (gpu_fit, host_experts, experts_on_gpu) = match &placement {
         Some(Ok(p)) => (true, p.host_experts, p.experts_on_gpu()),

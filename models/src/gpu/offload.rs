@@ -73,6 +73,8 @@ impl GpuModel {
         // The cost model picks, per host expert and batch, the CPU or a copy to the GPU.
         let hl = &host.layers[l];
         let bytes = |t: &crate::model::Tensor, first: usize, n: usize| host.rows(t, first, n).data.len() as u64;
+        // expert e's weights, gate + up + down
+        let expert_bytes = |e: usize| bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
         let flops = 2.0 * 3.0 * d as f64 * h as f64;
         let (gate_q, up_q, down_q) = (host.matrix(&hl.gate_exps).qtype, host.matrix(&hl.up_exps).qtype, host.matrix(&hl.down_exps).qtype);
         // copies straight from the page-locked mapping (types kept as in the file) go at the
@@ -89,14 +91,8 @@ impl GpuModel {
         let mixed = layer.gate_exps.placed_on_gpu(0).is_some();
         let mut in_place = 0u64;
         if mixed {
-            let list: Vec<(usize, u64, usize)> = cold
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| !p.is_empty())
-                .map(|(e, ps)| {
-                    (e, bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d), ps.len())
-                })
-                .collect();
+            let list: Vec<(usize, u64, usize)> =
+                cold.iter().enumerate().filter(|(_, p)| !p.is_empty()).map(|(e, ps)| (e, expert_bytes(e), ps.len())).collect();
             let sizes: Vec<(u64, usize)> = list.iter().map(|&(_, b, m)| (b, m)).collect();
             for (&(e, b, _), cpu_side) in list.iter().zip(self.rates.split_cold(&sizes, flops)) {
                 cold_bytes += b;
@@ -110,7 +106,7 @@ impl GpuModel {
             }
         }
         for (e, ps) in cold.iter().enumerate().filter(|(_, p)| !mixed && !p.is_empty()) {
-            let b = bytes(&hl.gate_exps, e * h, h) + bytes(&hl.up_exps, e * h, h) + bytes(&hl.down_exps, e * d, d);
+            let b = expert_bytes(e);
             cold_bytes += b;
             if direct && self.share_cold {
                 // the GPU copies and computes hidden units 0..h1, the CPU the rest
