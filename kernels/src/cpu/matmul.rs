@@ -3,26 +3,17 @@
 //! y = x · Wᵀ with W: [rows, cols] in any [`QType`] (row-major, ggml's layout), x: [n_tokens,
 //! cols] f32, y: [n_tokens, rows] f32. As ggml does: each activation row is quantized once
 //! to the weight type's `vec_dot_type`, then every (weight row, token) pair is one
-//! `vec_dot`. Work is split into tiles of weight rows handed out from an atomic counter, so
-//! threads stay balanced; a tile covers all tokens, so its weight rows are read from memory
-//! once and stay in cache while the tokens go by.
-
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+//! `vec_dot`. Work is split into tiles of weight rows shared out among the kernels' worker
+//! threads ([`super::pool`]); a tile covers all tokens, so its weight rows are read from
+//! memory once and stay in cache while the tokens go by.
 
 use mxr_quant::QMatrix;
 
 use super::ggml::{AlignedBytes, DotKernel};
+use super::pool::{by_row_tiles, BYTES_PER_THREAD};
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
-
-/// Weight rows per work item: enough to amortise the counter, small enough to balance.
-pub(super) const TILE_ROWS: usize = 16;
-
-/// Weight bytes x tokens below which another thread costs more (spawn and join, tens of
-/// microseconds) than it saves: small products run on fewer threads.
-pub(super) const BYTES_PER_THREAD: usize = 1 << 18;
 
 /// How many threads a CPU op may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,59 +75,8 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
         kernel.quantize_activation(xt, at)?;
     }
     let acts = acts.as_bytes();
-
-    let n_tiles = rows.div_ceil(TILE_ROWS);
     let useful = (w.data.len().saturating_mul(n_tokens) / BYTES_PER_THREAD).max(1);
-    let n_threads = threads.0.clamp(1, n_tiles).min(useful);
-    let next = AtomicUsize::new(0);
-    // Each finished tile: (first row, [n_tokens, tile_rows] results).
-    let done: Mutex<Vec<(usize, Vec<f32>)>> = Mutex::new(Vec::with_capacity(n_tiles));
-    let work = || {
-        tile_worker(&next, rows, n_tokens, &done, |r, t| {
-            kernel.dot(cols, &w.row(r)[first..first + width], &acts[t * a_row..(t + 1) * a_row])
-        })
-    };
-    if n_threads == 1 {
-        work()?;
-    } else {
-        std::thread::scope(|s| -> Result<()> {
-            let handles: Vec<_> = (1..n_threads).map(|_| s.spawn(work)).collect();
-            let mine = work();
-            for h in handles {
-                h.join().map_err(|_| KernelError::Threads("a worker panicked".into()))??;
-            }
-            mine
-        })?;
-    }
-    let done = done.into_inner().map_err(|_| KernelError::Threads("a worker panicked".into()))?;
-    place_tiles(&done, n_tokens, rows, y);
-    Ok(())
-}
-
-/// One worker's share of a product tiled by rows: tiles of [`TILE_ROWS`] rows taken from
-/// `next` until none is left, each pushed to `done` as (first row, [n_tokens, tile rows])
-/// of `value(row, token)`.
-pub(super) fn tile_worker(
-    next: &AtomicUsize,
-    rows: usize,
-    n_tokens: usize,
-    done: &Mutex<Vec<(usize, Vec<f32>)>>,
-    value: impl Fn(usize, usize) -> Result<f32>,
-) -> Result<()> {
-    loop {
-        let r0 = next.fetch_add(1, Ordering::Relaxed).saturating_mul(TILE_ROWS);
-        if r0 >= rows {
-            return Ok(());
-        }
-        let r1 = (r0 + TILE_ROWS).min(rows);
-        let mut out = vec![0f32; n_tokens * (r1 - r0)];
-        for r in r0..r1 {
-            for t in 0..n_tokens {
-                out[t * (r1 - r0) + (r - r0)] = value(r, t)?;
-            }
-        }
-        done.lock().map_err(|_| KernelError::Threads("a worker panicked".into()))?.push((r0, out));
-    }
+    by_row_tiles(rows, n_tokens, threads, useful, |r, t| kernel.dot(cols, &w.row(r)[first..first + width], &acts[t * a_row..(t + 1) * a_row]), y)
 }
 
 pub(super) fn exact_len(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {
@@ -144,15 +84,5 @@ pub(super) fn exact_len(op: &'static str, what: &'static str, expected: usize, a
         Ok(())
     } else {
         Err(KernelError::Length { op, what, expected, actual })
-    }
-}
-
-/// Finished tiles (first row, [n_tokens, tile rows]) into y [n_tokens, rows].
-pub(super) fn place_tiles(done: &[(usize, Vec<f32>)], n_tokens: usize, rows: usize, y: &mut [f32]) {
-    for (r0, out) in done {
-        let width = out.len() / n_tokens;
-        for (t, chunk) in out.chunks_exact(width).enumerate() {
-            y[t * rows + r0..t * rows + r0 + width].copy_from_slice(chunk);
-        }
     }
 }

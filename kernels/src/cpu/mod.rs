@@ -1,11 +1,13 @@
 //! CPU compute over ggml's kernels: [`ggml`] is the FFI boundary (quantize, dequantize,
 //! activation quantize, vec_dot), [`matmul`] the parallel matrix-vector / matrix-matrix
-//! products built on it, [`ffn`] an expert's whole SwiGLU feed-forward in one parallel region.
+//! products built on it (their worker threads in [`pool`]), [`ffn`] an expert's whole
+//! SwiGLU feed-forward.
 
 pub mod ffn;
 #[allow(unsafe_code)]
 pub mod ggml;
 pub mod matmul;
+mod pool;
 
 pub use ffn::swiglu_ffn;
 pub use ggml::DotKernel;
