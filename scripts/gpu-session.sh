@@ -48,6 +48,10 @@
 #   ab         tg128 with carry/gpu/mxr against carry/alt/mxr (another build staged by
 #              hand, e.g. the last commit; or carry/alt/mxr.xz, compressed), interleaved
 #              twice, on each slice of $MXR_AB_SLICES (default S8q4)       ~3 min a slice
+#   ab-cpu     the CPU's work, carry/alt/mxr against carry/gpu/mxr, interleaved twice:
+#              the CPU expert rate (--calibrate-devices; carry/gpu/mxr's rates are the ones
+#              saved), S2x32 tg64 with --cpu-moe computed on the CPU (--cold-experts cpu),
+#              and S2x32 tg8 on the CPU alone (--device cpu)                    ~5 min
 # Each step prints its table last; a failing step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +62,11 @@ mkdir -p "$out"
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(check kernels s8 s8q4 depth offload)
 status=0
+# carry/alt/mxr (the build an A/B step compares against) may come xz-compressed
+# (carry/alt/mxr.xz) to fit the carry limit
+unpack_alt() {
+    [ -x carry/alt/mxr ] || [ ! -f carry/alt/mxr.xz ] || { python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("carry/alt/mxr.xz"), open("carry/alt/mxr", "wb"))' && chmod +x carry/alt/mxr; }
+}
 for s in "${steps[@]}"; do
     echo "== $s ($(date -u +%H:%M:%S))"
     case "$s" in
@@ -165,14 +174,22 @@ for s in "${steps[@]}"; do
         done >"$out/fuse.log" 2>&1
         ;;
     ab)
-        # carry/alt/mxr may come xz-compressed (carry/alt/mxr.xz) to fit the carry limit
-        [ -x carry/alt/mxr ] || [ ! -f carry/alt/mxr.xz ] || { python3 -c 'import lzma, shutil; shutil.copyfileobj(lzma.open("carry/alt/mxr.xz"), open("carry/alt/mxr", "wb"))' && chmod +x carry/alt/mxr; }
+        unpack_alt
         for slice in ${MXR_AB_SLICES:-S8q4}; do
             for m in gpu alt gpu alt; do
                 echo "== $slice carry/$m/mxr"
                 MXR=carry/$m/mxr scripts/bench-slice.sh "$slice" -p 0 -n 128 -r 5
             done
         done >"$out/ab.log" 2>&1
+        ;;
+    ab-cpu)
+        unpack_alt
+        for m in alt gpu alt gpu; do
+            echo "== carry/$m/mxr"
+            carry/$m/mxr bench --calibrate-devices
+            MXR=carry/$m/mxr scripts/bench-slice.sh S2x32 -p 0 -n 64 -r 3 --cpu-moe --cold-experts cpu
+            MXR=carry/$m/mxr scripts/bench-slice.sh S2x32 -p 0 -n 8 -r 2 --device cpu
+        done >"$out/ab-cpu.log" 2>&1
         ;;
     *) echo "unknown step $s" >&2; status=2; continue ;;
     esac
@@ -182,6 +199,7 @@ for s in "${steps[@]}"; do
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload | offload-cpu | offload-mixed | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|both at once|pp512|tg64" "$out/$s.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
+    ab-cpu) grep -E "^==|CPU expert|tg64|tg8" "$out/ab-cpu.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     split) grep -E "^==|tg128" "$out/split.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
