@@ -76,7 +76,14 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
     }
     let acts = acts.as_bytes();
     let useful = (w.data.len().saturating_mul(n_tokens) / BYTES_PER_THREAD).max(1);
-    by_row_tiles(rows, n_tokens, threads, useful, |r, t| kernel.dot(cols, &w.row(r)[first..first + width], &acts[t * a_row..(t + 1) * a_row]), y)
+    by_row_tiles(
+        rows,
+        n_tokens,
+        threads,
+        useful,
+        |r, t| kernel.dot(cols, &w.row(r)[first..first + width], &acts[t * a_row..(t + 1) * a_row]),
+        y,
+    )
 }
 
 pub(super) fn exact_len(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {

@@ -121,7 +121,14 @@ mod tests {
     fn an_error_in_any_tile_is_returned() {
         for threads in [1, 4] {
             let mut y = vec![0f32; 64];
-            let r = by_row_tiles(64, 1, Threads(threads), 64, |r, _| if r == 50 { Err(KernelError::Threads("row 50".into())) } else { Ok(0.0) }, &mut y);
+            let r = by_row_tiles(
+                64,
+                1,
+                Threads(threads),
+                64,
+                |r, _| if r == 50 { Err(KernelError::Threads("row 50".into())) } else { Ok(0.0) },
+                &mut y,
+            );
             assert!(matches!(r, Err(KernelError::Threads(m)) if m == "row 50"), "{threads} threads");
         }
     }
