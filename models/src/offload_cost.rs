@@ -12,6 +12,15 @@ use serde_json::{json, Value};
 
 use crate::ModelError;
 
+/// What a decode step pays for each layer whose cold experts run the CPU's way, in
+/// seconds: the host waits for the layer's router, launches the layer's work kernel by
+/// kernel instead of as part of one CUDA graph, and sends the CPU's sum back. Measured on
+/// the H200 machine (fourteenth session, docs/offload.md): S2x32 with 75% of its experts
+/// on the GPU (0.03 cold experts a token, all copied) decodes a token in 1.27-1.48 ms the
+/// CPU's way against 0.83-0.84 ms in one graph, over two layers: 0.22-0.32 ms a layer. A
+/// constant, not calibrated: timing it needs a model.
+pub const GRAPH_EXIT_S: f64 = 0.25e-3;
+
 /// Measured rates of this machine.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceRates {
@@ -66,12 +75,36 @@ impl DeviceRates {
         DeviceRates { h2d_gbps: self.h2d_pinned_gbps, ..*self }
     }
 
-    /// Whether decode should read cold experts in place on the GPU rather than wait for the
-    /// CPU to compute them: when the GPU reads a cold expert at least as fast as the CPU
-    /// computes it for one token. In place also keeps the decode step one CUDA graph with
-    /// no host round trip per layer, so at equal rates it wins on that alone.
-    pub fn reads_in_place(&self) -> bool {
-        self.in_place_gbps > 0.0 && self.in_place_gbps >= self.cpu_expert_gbps
+    /// Decode's choice under `--cold-experts auto`: read the cold experts in place (true)
+    /// or compute them the CPU's way. Per token, in place reads `cold_bytes` over PCIe
+    /// inside the step's CUDA graph; the CPU's way computes them at the CPU's rate and pays
+    /// [`GRAPH_EXIT_S`] for each of the `host_layers` layers that keep experts in host
+    /// memory (each leaves the graph whether or not a token picks a cold expert there).
+    /// Ties: in place. Never in place where the GPU cannot read host pages (rate 0).
+    pub fn decode_in_place(&self, cold_bytes: f64, host_layers: usize) -> bool {
+        self.in_place_gbps > 0.0 && self.decode_in_place_seconds(cold_bytes) <= self.decode_cpu_seconds(cold_bytes, host_layers)
+    }
+
+    /// Seconds a decoded token spends reading `cold_bytes` of cold experts in place.
+    pub fn decode_in_place_seconds(&self, cold_bytes: f64) -> f64 {
+        cold_bytes / (self.in_place_gbps * 1e9)
+    }
+
+    /// Seconds a decoded token spends the CPU's way on `cold_bytes` of cold experts over
+    /// `host_layers` layers with experts in host memory.
+    pub fn decode_cpu_seconds(&self, cold_bytes: f64, host_layers: usize) -> f64 {
+        host_layers as f64 * GRAPH_EXIT_S + cold_bytes / (self.cpu_expert_gbps * 1e9)
+    }
+
+    /// Cold-expert bytes per decoded token and layer with host experts above which the
+    /// CPU's way is faster than reading them in place; None where it never is (the GPU
+    /// reads at least as fast as the CPU computes), 0 where the GPU cannot read in place.
+    pub fn decode_cpu_above(&self) -> Option<f64> {
+        if self.in_place_gbps <= 0.0 {
+            return Some(0.0);
+        }
+        let saved_per_byte = 1.0 / (self.in_place_gbps * 1e9) - 1.0 / (self.cpu_expert_gbps * 1e9);
+        (saved_per_byte > 0.0).then(|| GRAPH_EXIT_S / saved_per_byte)
     }
 
     /// Seconds for the GPU's products to read `bytes` of a cold expert in place over PCIe
@@ -268,17 +301,32 @@ mod tests {
     }
 
     #[test]
-    fn decode_reads_cold_experts_in_place_where_the_gpu_reads_them_as_fast_as_the_cpu_computes() {
-        // the H200 machine of the twelfth session: PCIe in place ~48 GB/s, CPU 40 GB/s
-        let r = DeviceRates { cpu_expert_gbps: 40.2, in_place_gbps: 48.0, ..DeviceRates::DEFAULT };
-        assert!(r.reads_in_place());
-        assert!(DeviceRates { in_place_gbps: 40.2, ..r }.reads_in_place(), "a tie: in place (no host round trip)");
-        // an older link (PCIe 3, ~12 GB/s) against the same CPU: the CPU
-        assert!(!DeviceRates { in_place_gbps: 12.0, ..r }.reads_in_place());
-        assert!(DeviceRates::DEFAULT.reads_in_place());
+    fn decode_reads_cold_experts_in_place_unless_the_cpu_saves_more_than_leaving_the_graph_costs() {
+        const MB: f64 = 1e6;
+        // the H200 machine: PCIe in place ~48 GB/s, the CPU 40-52 GB/s
+        let r = DeviceRates { cpu_expert_gbps: 40.0, in_place_gbps: 48.0, ..DeviceRates::DEFAULT };
+        assert!(r.decode_in_place(0.0, 0) && r.decode_in_place(76.0 * MB, 2) && r.decode_in_place(10_000.0 * MB, 80));
+        assert_eq!(r.decode_cpu_above(), None, "the GPU reads faster: never the CPU's way");
+        // a CPU a little faster than PCIe: in place, until the cold bytes outweigh the
+        // layers' exits. Per byte the CPU saves 1/48 - 1/60 GB/s = 1/240 ns; 0.25 ms a
+        // layer is worth 60 MB of cold experts a token per layer
+        let fast = DeviceRates { cpu_expert_gbps: 60.0, ..r };
+        let above = fast.decode_cpu_above().unwrap();
+        assert!((above - 60.0 * MB).abs() < 1.0, "{above}");
+        assert!(fast.decode_in_place(76.0 * MB, 2), "S2x32 at 25%: 76 MB over 2 layers stays in place");
+        assert!(fast.decode_in_place(119.0 * MB, 2) && !fast.decode_in_place(121.0 * MB, 2));
+        assert!(!fast.decode_in_place(6_000.0 * MB, 80), "the real model with half its experts cold: 75 MB a layer");
+        assert!((fast.decode_cpu_seconds(120.0 * MB, 2) - (0.5e-3 + 2e-3)).abs() < 1e-12);
+        assert!((fast.decode_in_place_seconds(120.0 * MB) - 2.5e-3).abs() < 1e-12);
+        // an older link (PCIe 3, ~12 GB/s) against the same CPU: the CPU's way from 4 MB a layer
+        let slow = DeviceRates { in_place_gbps: 12.0, ..r };
+        assert!(!slow.decode_in_place(76.0 * MB, 2));
+        assert!(slow.decode_in_place(1.0 * MB, 2), "a few cold bytes do not pay for leaving the graph");
+        assert!(DeviceRates::DEFAULT.decode_in_place(76.0 * MB, 2));
         // measured as unavailable (0) and saved: never, even against a stalled CPU rate
         let none = DeviceRates { in_place_gbps: 0.0, cpu_expert_gbps: 0.0, ..r };
-        assert!(!none.reads_in_place());
+        assert!(!none.decode_in_place(0.0, 0));
+        assert_eq!(none.decode_cpu_above(), Some(0.0));
         assert!(DeviceRates::from_json(&none.to_json()).unwrap_err().to_string().contains("cpu_expert_gbps"));
         let saved = DeviceRates { in_place_gbps: 0.0, ..r };
         assert_eq!(DeviceRates::from_json(&saved.to_json()).unwrap(), saved);

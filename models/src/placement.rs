@@ -146,6 +146,33 @@ impl Placement {
             })
             .sum()
     }
+
+    /// Cold-expert bytes a decoded token is expected to read: by the routing statistics,
+    /// or without them as if each layer's `top_k` choices spread evenly over its experts.
+    pub fn expected_cold_bytes(&self, stats: Option<&ExpertStats>, expert_bytes: &[u64], top_k: usize) -> f64 {
+        match stats {
+            Some(st) => self.cold_bytes_per_token(st, expert_bytes),
+            None => self
+                .on_gpu
+                .iter()
+                .zip(expert_bytes)
+                .map(|(row, &b)| top_k as f64 * row.iter().filter(|g| !**g).count() as f64 / row.len().max(1) as f64 * b as f64)
+                .sum(),
+        }
+    }
+
+    /// Layers that keep some expert in host memory.
+    pub fn host_layers(&self) -> usize {
+        self.on_gpu.iter().filter(|row| row.iter().any(|g| !g)).count()
+    }
+
+    /// This placement seen from the GPU that runs `layers` only: the other layers count as
+    /// holding all their experts (they are not this GPU's to offload).
+    pub fn only(&self, layers: std::ops::Range<usize>) -> Placement {
+        let on_gpu =
+            self.on_gpu.iter().enumerate().map(|(l, row)| if layers.contains(&l) { row.clone() } else { vec![true; row.len()] }).collect();
+        Placement { on_gpu, ..self.clone() }
+    }
 }
 
 impl fmt::Display for Placement {
@@ -371,5 +398,13 @@ mod tests {
         assert_eq!(p.cold_bytes_per_token(&stats, &[10, 20]), 8.0 + 20.0);
         let all = Placement { on_gpu: vec![vec![true; 3]; 2], ..p.clone() };
         assert_eq!(all.cold_bytes_per_token(&stats, &[10, 20]), 0.0);
+        assert_eq!(p.expected_cold_bytes(Some(&stats), &[10, 20], 2), 28.0);
+        // without statistics: 2 choices spread over 3 experts, 2 of 3 (layer 0) and 1 of 3
+        // (layer 1) on the host
+        assert!((p.expected_cold_bytes(None, &[10, 20], 2) - (2.0 * 2.0 / 3.0 * 10.0 + 2.0 / 3.0 * 20.0)).abs() < 1e-9);
+        assert_eq!((p.host_layers(), all.host_layers()), (2, 0));
+        // a GPU of a split that runs layer 1 only
+        let second = p.only(1..2);
+        assert_eq!((second.host_layers(), second.cold_bytes_per_token(&stats, &[10, 20])), (1, 20.0));
     }
 }

@@ -95,11 +95,24 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     // with a budget, each GPU's own
     let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-    let cp = ColdPlan::new(a)?;
+    let mut cp = ColdPlan::new(a)?;
     // experts read in place take whole pages (counted so even where every expert fits)
-    let page = if cp.cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
-    let lb = LayerBytes::from_tensors_paged(tensors, c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()), page);
-    let shares = split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)?;
+    let shares_for = |cold: ColdExperts| {
+        let page = if cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
+        let lb = LayerBytes::from_tensors_paged(tensors.clone(), c.n_experts, layer_state(c, ctx, a.kv_type.kv_type().bytes()), page);
+        split(&lb, c.n_experts, stats.as_ref(), &budgets, GPU_MARGIN, policy)
+    };
+    let mut shares = shares_for(cp.cold)?;
+    // under auto, the decode cost of the whole split's cold experts settles the way
+    let (mut bytes, mut layers) = (0.0, 0);
+    for sh in &shares {
+        let (b, l) = cold_load(a, model, ctx, &sh.placement.only(sh.layers.clone()), stats.as_ref());
+        bytes += b;
+        layers += l;
+    }
+    if cp.settle(bytes, layers) {
+        shares = shares_for(cp.cold)?;
+    }
     for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
         // the line `mxr plan --gpus` prints for the same split
         eprintln!("{} ({}, budget {:.2} GiB)", crate::plan_cmd::share_line(i, sh), g.info().name, sh.budget as f64 / (1u64 << 30) as f64);
@@ -140,21 +153,63 @@ pub struct ColdPlan {
     pub source: String,
     pub cold: ColdExperts,
     pub why: String,
+    /// auto's in place, until the placement settles it ([`ColdPlan::settle`])
+    provisional: bool,
 }
 
 impl ColdPlan {
     pub fn new(a: &ModelArgs) -> Result<ColdPlan> {
         let (rates, path) = DeviceRates::saved()?;
+        Ok(ColdPlan::with_rates(a, rates, path))
+    }
+
+    pub fn with_rates(a: &ModelArgs, rates: DeviceRates, path: Option<std::path::PathBuf>) -> ColdPlan {
         let source = match path {
             Some(f) => format!("rates from {}", f.display()),
             None => "default rates; `mxr bench --calibrate-devices` measures this machine's".into(),
         };
         let (cold, why) = cold_mode(a, &rates);
-        Ok(ColdPlan { rates, source, cold, why })
+        let provisional = a.cold_experts == ColdArg::Auto && cold == ColdExperts::InPlace;
+        ColdPlan { rates, source, cold, why, provisional }
+    }
+
+    /// Under auto, once the placement is known: keeps the cold experts read in place, or
+    /// turns to the CPU's way where that decodes a token sooner
+    /// ([`DeviceRates::decode_in_place`]) for `cold_bytes` of cold experts a token over
+    /// `host_layers` layers with experts in host memory. True where the way changed (plan
+    /// the placement again: experts the CPU computes take no pages).
+    pub fn settle(&mut self, cold_bytes: f64, host_layers: usize) -> bool {
+        if !std::mem::take(&mut self.provisional) || host_layers == 0 {
+            return false;
+        }
+        let r = &self.rates;
+        let keep = r.decode_in_place(cold_bytes, host_layers);
+        self.why = format!(
+            "{:.1} MB of cold experts a token: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s with {host_layers} layer{} leaving the CUDA graph",
+            cold_bytes / 1e6,
+            r.decode_in_place_seconds(cold_bytes) * 1e3,
+            r.in_place_gbps,
+            r.decode_cpu_seconds(cold_bytes, host_layers) * 1e3,
+            r.cpu_expert_gbps,
+            if host_layers == 1 { "" } else { "s" }
+        );
+        if !keep {
+            self.cold = ColdExperts::Host;
+        }
+        !keep
     }
 }
 
-/// How the cold experts are computed (--cold-experts), and why, in words.
+/// The cold experts a decoded token is expected to read under placement `p` (bytes, by
+/// the statistics or evenly spread) and the layers that keep experts in host memory.
+fn cold_load(a: &ModelArgs, model: &Model, ctx: usize, p: &Placement, stats: Option<&ExpertStats>) -> (f64, usize) {
+    let sizes = Sizes::of(model, ctx, a.kv_type.kv_type().bytes(), GPU_MARGIN);
+    (p.expected_cold_bytes(stats, &sizes.expert, model.config.n_experts_used), p.host_layers())
+}
+
+/// How the cold experts are computed (--cold-experts), and why, in words. auto's in
+/// place is provisional: [`ColdPlan::settle`] weighs it against the CPU's way once the
+/// placement is known.
 pub fn cold_mode(a: &ModelArgs, rates: &DeviceRates) -> (ColdExperts, String) {
     match a.cold_experts {
         ColdArg::Cpu => (ColdExperts::Host, "--cold-experts cpu".into()),
@@ -163,16 +218,10 @@ pub fn cold_mode(a: &ModelArgs, rates: &DeviceRates) -> (ColdExperts, String) {
         ColdArg::Auto if a.cpu_moe || a.n_cpu_moe.is_some() => {
             (ColdExperts::Host, format!("{}: llama.cpp's meaning", if a.cpu_moe { "--cpu-moe" } else { "--n-cpu-moe" }))
         }
-        ColdArg::Auto => {
-            let how = if rates.reads_in_place() { ColdExperts::InPlace } else { ColdExperts::Host };
-            (
-                how,
-                format!(
-                    "the GPU reads a cold expert in place at {:.1} GB/s, the CPU computes one at {:.1} GB/s",
-                    rates.in_place_gbps, rates.cpu_expert_gbps
-                ),
-            )
+        ColdArg::Auto if rates.in_place_gbps > 0.0 => {
+            (ColdExperts::InPlace, format!("the GPU reads cold experts in place at {:.1} GB/s", rates.in_place_gbps))
         }
+        ColdArg::Auto => (ColdExperts::Host, "this GPU cannot read host pages in place (measured)".into()),
     }
 }
 
@@ -301,8 +350,18 @@ pub fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Re
     };
     let started = Instant::now();
     let name = gpu.info().to_string();
-    let cp = ColdPlan::new(a)?;
-    let (p, stats) = match placement(a, model, &gpu, ctx, cp.cold) {
+    let mut cp = ColdPlan::new(a)?;
+    // under auto, the placement's expected cold experts settle the way (and where that is
+    // the CPU's, the experts are planned again without pages)
+    let planned = placement(a, model, &gpu, ctx, cp.cold).and_then(|(p, st)| {
+        let (bytes, layers) = cold_load(a, model, ctx, &p, st.as_ref());
+        if cp.settle(bytes, layers) {
+            placement(a, model, &gpu, ctx, cp.cold)
+        } else {
+            Ok((p, st))
+        }
+    });
+    let (p, stats) = match planned {
         Ok(p) => p,
         Err(e) if device == Device::Auto => {
             eprintln!("device: the GPU was not used ({e:#})");
@@ -355,7 +414,24 @@ mod tests {
         let slow = DeviceRates { in_place_gbps: 12.0, ..fast };
         assert_eq!(cold_mode(&args(&[]), &fast).0, ColdExperts::InPlace);
         assert!(cold_mode(&args(&[]), &fast).1.contains("in place at 48.0 GB/s"));
-        assert_eq!(cold_mode(&args(&[]), &slow).0, ColdExperts::Host);
+        assert_eq!(cold_mode(&args(&[]), &DeviceRates { in_place_gbps: 0.0, ..fast }).0, ColdExperts::Host);
+        // auto reads in place wherever the GPU can, until the placement settles it: S2x32
+        // at 25% (76 MB of cold experts a token over 2 layers) stays in place on the H200
+        let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
+        assert!(!p.settle(76e6, 2) && p.cold == ColdExperts::InPlace, "{}", p.why);
+        assert!(p.why.contains("76.0 MB of cold experts a token: in place 1.58 ms"), "{}", p.why);
+        // over PCIe 3 the CPU's way wins (and the placement is planned again)
+        let mut p = ColdPlan::with_rates(&args(&[]), slow, None);
+        assert!(p.settle(76e6, 2) && p.cold == ColdExperts::Host, "{}", p.why);
+        assert!(p.why.contains("the CPU's way 2.40 ms at 40.0 GB/s with 2 layers leaving"), "{}", p.why);
+        assert!(!p.settle(76e6, 2), "settled once");
+        // ... but not for a few cold bytes, nor where no expert stays on the host
+        let mut p = ColdPlan::with_rates(&args(&[]), slow, None);
+        assert!(!p.settle(1e6, 2) && p.cold == ColdExperts::InPlace);
+        assert!(!ColdPlan::with_rates(&args(&[]), slow, None).settle(0.0, 0));
+        // a way asked for is kept whatever the rates
+        let mut p = ColdPlan::with_rates(&args(&["--cold-experts", "in-place"]), slow, None);
+        assert!(!p.settle(76e6, 2) && p.cold == ColdExperts::InPlace);
         // --cpu-moe and --n-cpu-moe mean what they mean in llama.cpp: the CPU computes them
         assert_eq!(cold_mode(&args(&["--cpu-moe"]), &fast).0, ColdExperts::Host);
         assert_eq!(cold_mode(&args(&["--n-cpu-moe", "3"]), &fast).0, ColdExperts::Host);

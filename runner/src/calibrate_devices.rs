@@ -218,14 +218,21 @@ pub fn run(threads: Threads) -> Result<()> {
             None => println!("cost model ({how} copies): a cold q4_k expert always runs on the CPU"),
         }
     }
-    println!(
-        "cost model (decode, --cold-experts auto): {}",
-        if r.reads_in_place() {
-            format!("cold experts are read in place by the GPU ({:.1} GB/s, the CPU {:.1})", r.in_place_gbps, r.cpu_expert_gbps)
-        } else {
-            format!("the CPU computes cold experts ({:.1} GB/s, in place {:.1})", r.cpu_expert_gbps, r.in_place_gbps)
-        }
-    );
+    let exit_ms = mxr_models::offload_cost::GRAPH_EXIT_S * 1e3;
+    let decode = match r.decode_cpu_above() {
+        Some(b) if b <= 0.0 => "the CPU computes cold experts (the GPU cannot read host pages in place)".to_string(),
+        None => format!(
+            "cold experts are read in place by the GPU ({:.1} GB/s, the CPU {:.1}): the CPU's way never saves what leaving the CUDA graph costs ({exit_ms:.2} ms a layer)",
+            r.in_place_gbps, r.cpu_expert_gbps
+        ),
+        Some(b) => format!(
+            "cold experts are read in place by the GPU up to {:.0} MB a token per layer with experts in host memory, computed the CPU's way above that (in place {:.1} GB/s, the CPU {:.1}; {exit_ms:.2} ms a layer for leaving the CUDA graph)",
+            b / 1e6,
+            r.in_place_gbps,
+            r.cpu_expert_gbps
+        ),
+    };
+    println!("cost model (decode, --cold-experts auto): {decode}");
     let path = DeviceRates::cache_path().context("no cache directory (set MXR_CACHE_DIR or HOME)")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -235,25 +235,44 @@ pub fn run(a: PlanArgs) -> Result<()> {
     };
     // one GPU: the planner mxr run uses; several: contiguous layers per GPU (issue 10),
     // each GPU placing its own layers' experts
-    let in_place = match a.cold_experts {
+    let rates = match a.cold_experts {
+        ColdArg::Auto => Some(DeviceRates::saved()?.0),
+        _ => None,
+    };
+    let mut in_place = match a.cold_experts {
         ColdArg::Cpu => false,
         ColdArg::InPlace | ColdArg::Mixed => true,
-        ColdArg::Auto => DeviceRates::saved()?.0.reads_in_place(),
+        ColdArg::Auto => rates.is_some_and(|r| r.in_place_gbps > 0.0),
     };
     let layer_bytes = |page: u64| {
         LayerBytes::from_tensors_paged(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, layer_state(&c, a.ctx, kv_elem), page)
     };
     // as the runner: a split counts experts in pages when they will be read in place, one
     // GPU only where some expert stays in host memory
-    let page = if in_place { IN_PLACE_PAGE } else { 1 };
-    let shares = (n_gpus > 1)
-        .then(|| split(&layer_bytes(page), c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
-    let placement = match &shares {
-        Some(Ok(sh)) => Some(Ok(merge(sh))),
-        Some(Err(e)) => Some(Err(mxr_models::ModelError::Input(e.to_string()))),
-        None if n_gpus == 0 => None,
-        None => Some(plan_paged(|page| layer_bytes(page).sizes(MARGIN), c.n_experts, stats.as_ref(), Policy::Budget(per_gpu), in_place)),
+    let plan_for = |in_place: bool| {
+        let page = if in_place { IN_PLACE_PAGE } else { 1 };
+        let shares = (n_gpus > 1)
+            .then(|| split(&layer_bytes(page), c.n_experts, stats.as_ref(), &vec![per_gpu; n_gpus], MARGIN, Policy::Budget(per_gpu)));
+        let placement = match &shares {
+            Some(Ok(sh)) => Some(Ok(merge(sh))),
+            Some(Err(e)) => Some(Err(mxr_models::ModelError::Input(e.to_string()))),
+            None if n_gpus == 0 => None,
+            None => {
+                Some(plan_paged(|page| layer_bytes(page).sizes(MARGIN), c.n_experts, stats.as_ref(), Policy::Budget(per_gpu), in_place))
+            }
+        };
+        (shares, placement)
     };
+    let (mut shares, mut placement) = plan_for(in_place);
+    // auto, as the runner settles it: in place unless the CPU's way decodes the expected
+    // cold experts sooner
+    if let (Some(r), Some(Ok(p)), true) = (rates, &placement, in_place) {
+        let cold = p.expected_cold_bytes(stats.as_ref(), &layer_bytes(1).sizes(MARGIN).expert, c.n_experts_used);
+        if p.host_layers() > 0 && !r.decode_in_place(cold, p.host_layers()) {
+            in_place = false;
+            (shares, placement) = plan_for(false);
+        }
+    }
     let (gpu_fit, host_experts, experts_on_gpu) = match &placement {
         Some(Ok(p)) => (true, p.host_experts, p.experts_on_gpu()),
         Some(Err(_)) => (false, get("experts").1, 0),
