@@ -51,7 +51,8 @@
 #   ab-cpu     the CPU's work, carry/alt/mxr against carry/gpu/mxr, interleaved twice:
 #              the CPU expert rate (--calibrate-devices; carry/gpu/mxr's rates are the ones
 #              saved), S2x32 tg64 with --cpu-moe computed on the CPU (--cold-experts cpu),
-#              and S2x32 tg8 on the CPU alone (--device cpu)                    ~5 min
+#              S2x32 tg8 on the CPU alone (--device cpu), and the nano model's pp128 and
+#              tg64 on the CPU                                                   ~5 min
 # Each step prints its table last; a failing step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -189,6 +190,7 @@ for s in "${steps[@]}"; do
             carry/$m/mxr bench --calibrate-devices
             MXR=carry/$m/mxr scripts/bench-slice.sh S2x32 -p 0 -n 64 -r 3 --cpu-moe --cold-experts cpu
             MXR=carry/$m/mxr scripts/bench-slice.sh S2x32 -p 0 -n 8 -r 2 --device cpu
+            carry/$m/mxr bench --device cpu -p 128 -n 64 -r 3
         done >"$out/ab-cpu.log" 2>&1
         ;;
     *) echo "unknown step $s" >&2; status=2; continue ;;
@@ -199,7 +201,7 @@ for s in "${steps[@]}"; do
     check) grep -E "FAIL|panicked|test result" "$out/check.log" ;;
     offload | offload-cpu | offload-mixed | in-place) grep -E "^==|placement|cost model|cold experts|host memory|host to GPU|CPU expert|GPU expert|both at once|pp512|tg64" "$out/$s.log" ;;
     ab) grep -E "^==|tg128|commit" "$out/ab.log" ;;
-    ab-cpu) grep -E "^==|CPU expert|tg64|tg8" "$out/ab-cpu.log" ;;
+    ab-cpu) grep -E "^==|CPU expert|tg64|tg8|pp128" "$out/ab-cpu.log" ;;
     fuse) grep -E "^==|tg128" "$out/fuse.log" ;;
     split) grep -E "^==|tg128" "$out/split.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;

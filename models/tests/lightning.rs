@@ -37,7 +37,7 @@ fn blocked_equals_recurrence_for_any_block_size() {
     let want = recurrence(&qkv, n, hd, &s);
     for block in [1, 7, 16, 64, 97, 256] {
         let mut state = vec![0f32; heads * hd * hd];
-        let got = attend(&qkv, n, hd, &s, &mut state, block, Threads(2));
+        let got = attend(&qkv, n, hd, &s, &mut state, block, Threads(2)).unwrap();
         let d = diff(&got, &want);
         assert!(d.nmse < 1e-10, "block {block}: {d}");
     }
@@ -49,11 +49,11 @@ fn state_carries_across_calls() {
     let qkv = Rng::new(4).normals(n * heads * 3 * hd, 0.5);
     let s = slopes(heads, 1, 4);
     let mut whole_state = vec![0f32; heads * hd * hd];
-    let whole = attend(&qkv, n, hd, &s, &mut whole_state, 16, Threads(1));
+    let whole = attend(&qkv, n, hd, &s, &mut whole_state, 16, Threads(1)).unwrap();
     let mut state = vec![0f32; heads * hd * hd];
     let split = 21 * heads * 3 * hd;
-    let mut parts = attend(&qkv[..split], 21, hd, &s, &mut state, 16, Threads(1));
-    parts.extend(attend(&qkv[split..], n - 21, hd, &s, &mut state, 5, Threads(1)));
+    let mut parts = attend(&qkv[..split], 21, hd, &s, &mut state, 16, Threads(1)).unwrap();
+    parts.extend(attend(&qkv[split..], n - 21, hd, &s, &mut state, 5, Threads(1)).unwrap());
     assert!(diff(&parts, &whole).max_abs < 1e-5);
     assert!(diff(&state, &whole_state).max_abs < 1e-5);
 }

@@ -12,3 +12,4 @@ mod pool;
 pub use ffn::swiglu_ffn;
 pub use ggml::DotKernel;
 pub use matmul::{matmul, matmul_cols, matvec, Threads};
+pub use pool::for_each_mut;

@@ -1,5 +1,5 @@
-//! The CPU kernels' worker threads, and the one way they split a product: by tiles of
-//! weight rows.
+//! The CPU kernels' worker threads, and the ways work is split over them: a product by
+//! tiles of weight rows, attention by head.
 //!
 //! Workers are a rayon pool per thread count asked for, started on first use and kept. A
 //! product wakes parked workers instead of starting threads: decode runs a product per
@@ -97,6 +97,20 @@ pub(super) fn by_row_tiles(
     Ok(())
 }
 
+/// Calls `f(i, &mut items[i])` for every item on `threads`' workers, at most
+/// `max_threads` of them at a time (work too small for more), each item once. For work
+/// split by attention head (the CPU forward's lightning and softmax attention).
+pub fn for_each_mut<T: Send>(items: &mut [T], threads: Threads, max_threads: usize, f: impl Fn(usize, &mut T) + Sync) -> Result<()> {
+    let n_threads = threads.0.clamp(1, items.len().max(1)).min(max_threads.max(1));
+    if n_threads == 1 {
+        items.iter_mut().enumerate().for_each(|(i, t)| f(i, t));
+        return Ok(());
+    }
+    let min = if n_threads < threads.0 { items.len().div_ceil(n_threads) } else { 1 };
+    pool(threads.0)?.install(|| items.par_iter_mut().with_min_len(min).enumerate().for_each(|(i, t)| f(i, t)));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +128,19 @@ mod tests {
             for (threads, max) in [(1, 1), (4, 4), (4, 2), (3, 64)] {
                 assert_eq!(table(rows, n_tokens, threads, max), want, "{rows} rows, {n_tokens} tokens, {threads} threads (max {max})");
             }
+        }
+    }
+
+    #[test]
+    fn for_each_mut_visits_every_item_once_with_its_index() {
+        for (n, threads, max) in [(0, 4, 4), (1, 4, 4), (7, 1, 1), (64, 4, 4), (64, 4, 2), (5, 16, 16)] {
+            let mut items: Vec<(usize, u32)> = vec![(usize::MAX, 0); n];
+            for_each_mut(&mut items, Threads(threads), max, |i, it| {
+                it.0 = i;
+                it.1 += 1;
+            })
+            .unwrap();
+            assert!(items.iter().enumerate().all(|(i, &(j, visits))| i == j && visits == 1), "{n} items, {threads} threads (max {max})");
         }
     }
 

@@ -3,9 +3,10 @@
 //! (i, i + rotary_dim/2), inv_freq_i = theta^(-2i/rotary_dim), angles in f64), scores
 //! q·k / sqrt(head_dim), causal softmax, and a KV cache of post-RoPE keys.
 
-use mxr_kernels::cpu::Threads;
+use mxr_kernels::cpu::{for_each_mut, Threads};
+use mxr_kernels::KernelError;
 
-use super::ops::{interleave_heads, join_all, ranges, softmax};
+use super::ops::{interleave_heads, softmax, useful_threads};
 use crate::Config;
 
 /// Keys and values of one softmax layer, [len, kv_dim] each.
@@ -35,46 +36,32 @@ pub fn rope(x: &mut [f32], width: usize, head_dim: usize, rotary_dim: usize, the
 
 /// Attention of `n_tokens` new queries at positions `pos0..` over the cache (which already
 /// holds their keys and values). q: [n_tokens, n_heads * hd]; returns [n_tokens, n_heads * hd].
-pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usize, threads: Threads) -> Vec<f32> {
+pub fn attend(q: &[f32], n_tokens: usize, c: &Config, cache: &KvCache, pos0: usize, threads: Threads) -> Result<Vec<f32>, KernelError> {
     let (n_heads, n_kv_heads, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let group = n_heads / n_kv_heads;
     let kv_dim = n_kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut per_head: Vec<Vec<f32>> = vec![Vec::new(); n_heads];
-    std::thread::scope(|s| {
-        let mut outs = per_head.iter_mut();
-        // Per head: every query against its causal prefix, 2 hd multiply-adds per key.
-        let handles: Vec<_> = ranges(n_heads, n_tokens * (pos0 + n_tokens) * 2 * hd, threads)
-            .into_iter()
-            .map(|r| {
-                let mine: Vec<&mut Vec<f32>> = outs.by_ref().take(r.len()).collect();
-                s.spawn(move || {
-                    for (h, out) in r.zip(mine) {
-                        let g = h / group;
-                        let mut o = vec![0f32; n_tokens * hd];
-                        for t in 0..n_tokens {
-                            let qt = &q[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
-                            let len = pos0 + t + 1; // causal: keys 0..=pos
-                            let mut scores: Vec<f32> = (0..len)
-                                .map(|j| {
-                                    qt.iter().zip(&cache.k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]).map(|(a, b)| a * b).sum::<f32>()
-                                        * scale
-                                })
-                                .collect();
-                            softmax(&mut scores);
-                            let ot = &mut o[t * hd..(t + 1) * hd];
-                            for (j, w) in scores.iter().enumerate() {
-                                for (x, &v) in ot.iter_mut().zip(&cache.v[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]) {
-                                    *x += w * v;
-                                }
-                            }
-                        }
-                        *out = o;
-                    }
-                })
-            })
-            .collect();
-        join_all(handles);
-    });
-    interleave_heads(&per_head, n_tokens, hd)
+    // Per head: every query against its causal prefix, 2 hd multiply-adds per key.
+    let useful = useful_threads(n_heads, n_tokens * (pos0 + n_tokens) * 2 * hd);
+    for_each_mut(&mut per_head, threads, useful, |h, out| {
+        let g = h / group;
+        let mut o = vec![0f32; n_tokens * hd];
+        for t in 0..n_tokens {
+            let qt = &q[(t * n_heads + h) * hd..(t * n_heads + h + 1) * hd];
+            let len = pos0 + t + 1; // causal: keys 0..=pos
+            let mut scores: Vec<f32> = (0..len)
+                .map(|j| qt.iter().zip(&cache.k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                .collect();
+            softmax(&mut scores);
+            let ot = &mut o[t * hd..(t + 1) * hd];
+            for (j, w) in scores.iter().enumerate() {
+                for (x, &v) in ot.iter_mut().zip(&cache.v[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd]) {
+                    *x += w * v;
+                }
+            }
+        }
+        *out = o;
+    })?;
+    Ok(interleave_heads(&per_head, n_tokens, hd))
 }

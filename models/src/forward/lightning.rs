@@ -11,9 +11,10 @@
 //! is also MiniMax's own formula, and it is transformers' and llama.cpp's for any count);
 //! f_l = 1 - l/(L-1) + 1e-5 (1 + 1e-5 for a single layer).
 
-use mxr_kernels::cpu::Threads;
+use mxr_kernels::cpu::{for_each_mut, Threads};
+use mxr_kernels::KernelError;
 
-use super::ops::{interleave_heads, join_all, ranges};
+use super::ops::{interleave_heads, useful_threads};
 
 /// Tokens per block of the blocked prefill.
 pub const BLOCK: usize = 64;
@@ -28,27 +29,22 @@ pub fn slopes(n_heads: usize, layer: usize, n_layers: usize) -> Vec<f64> {
 /// Runs the recurrence over `n_tokens` tokens for every head.
 /// qkv: [n_tokens, n_heads * 3 * hd] after SiLU, per head [q | k | v];
 /// state: [n_heads, hd, hd] (updated); returns o: [n_tokens, n_heads * hd].
-pub fn attend(qkv: &[f32], n_tokens: usize, hd: usize, slopes: &[f64], state: &mut [f32], block: usize, threads: Threads) -> Vec<f32> {
+pub fn attend(
+    qkv: &[f32],
+    n_tokens: usize,
+    hd: usize,
+    slopes: &[f64],
+    state: &mut [f32],
+    block: usize,
+    threads: Threads,
+) -> Result<Vec<f32>, KernelError> {
     let n_heads = slopes.len();
     let mut per_head: Vec<Vec<f32>> = vec![Vec::new(); n_heads];
     // Per head and token: the inter term and the state update, 2 hd² multiply-adds.
-    let work = ranges(n_heads, n_tokens * 2 * hd * hd, threads);
-    std::thread::scope(|s| {
-        let mut states = state.chunks_mut(hd * hd);
-        let mut outs = per_head.iter_mut();
-        let mut handles = Vec::new();
-        for r in work {
-            let my_states: Vec<&mut [f32]> = states.by_ref().take(r.len()).collect();
-            let my_outs: Vec<&mut Vec<f32>> = outs.by_ref().take(r.len()).collect();
-            handles.push(s.spawn(move || {
-                for ((h, st), out) in r.zip(my_states).zip(my_outs) {
-                    *out = head(qkv, n_tokens, n_heads, hd, h, slopes[h], st, block);
-                }
-            }));
-        }
-        join_all(handles);
-    });
-    interleave_heads(&per_head, n_tokens, hd)
+    let useful = useful_threads(n_heads, n_tokens * 2 * hd * hd);
+    let mut heads: Vec<(&mut [f32], &mut Vec<f32>)> = state.chunks_mut(hd * hd).zip(per_head.iter_mut()).collect();
+    for_each_mut(&mut heads, threads, useful, |h, (st, out)| **out = head(qkv, n_tokens, n_heads, hd, h, slopes[h], st, block))?;
+    Ok(interleave_heads(&per_head, n_tokens, hd))
 }
 
 /// One head over all tokens: returns [n_tokens, hd].

@@ -75,7 +75,7 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
                 let mut p = linear(&model.matrix(qkv), &x, n, threads)?;
                 p.iter_mut().for_each(|v| *v = silu(*v));
                 let slopes = lightning::slopes(c.n_heads, l, c.n_layers);
-                let mut o = lightning::attend(&p, n, c.head_dim, &slopes, &mut session.lightning[l], lightning::BLOCK, threads);
+                let mut o = lightning::attend(&p, n, c.head_dim, &slopes, &mut session.lightning[l], lightning::BLOCK, threads)?;
                 rmsnorm(&mut o, norm, c.lightning_norm_eps);
                 let g = linear(&model.matrix(gate), &x, n, threads)?;
                 o.iter_mut().zip(&g).for_each(|(v, &gv)| *v *= sigmoid(gv));
@@ -91,7 +91,7 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
                 let cache = &mut session.kv[l];
                 cache.k.extend_from_slice(&ks);
                 cache.v.extend_from_slice(&vs);
-                let o = attention::attend(&qs, n, c, cache, session.pos, threads);
+                let o = attention::attend(&qs, n, c, cache, session.pos, threads)?;
                 (linear(&model.matrix(out), &o, n, threads)?, c.residual_softmax)
             }
         };

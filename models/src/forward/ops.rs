@@ -51,22 +51,10 @@ pub fn residual(a: &mut [f32], b: &[f32], alpha: f64, beta: f64) {
     }
 }
 
-/// Splits `n` items of `work_each` multiply-adds into at most `threads` contiguous ranges,
-/// using no more threads than the work pays for (about 2^17 multiply-adds per thread).
-pub fn ranges(n: usize, work_each: usize, threads: Threads) -> Vec<std::ops::Range<usize>> {
-    let useful = (n.saturating_mul(work_each) >> 17).max(1);
-    let parts = threads.0.clamp(1, n.max(1)).min(useful);
-    let per = n.div_ceil(parts);
-    (0..parts).map(|p| p * per..((p + 1) * per).min(n)).filter(|r| !r.is_empty()).collect()
-}
-
-/// Joins scoped workers; a worker's panic is re-raised (a bug must not pass as a result).
-pub fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, T>>) {
-    for h in handles {
-        if let Err(panic) = h.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
+/// How many threads `n` items of `work_each` multiply-adds pay for (about 2^17
+/// multiply-adds per thread).
+pub fn useful_threads(n: usize, work_each: usize) -> usize {
+    (n.saturating_mul(work_each) >> 17).max(1)
 }
 
 /// Per-head outputs ([n_tokens, hd] each) -> [n_tokens, n_heads * hd], head-major per token.
