@@ -205,3 +205,51 @@ fn swiglu_ffn_equals_its_three_products() {
         assert!(swiglu_ffn(&gate, &up, &down, 0..h, &x, 1, &mut y[..d_out - 1], Threads(2)).is_err(), "{q}: short y");
     }
 }
+
+/// Matrices large enough to have their rows prefetched (8 MiB and up) give the dot
+/// kernel's own products bit for bit, whole and over a column range, and so does an
+/// expert of that size through `swiglu_ffn`.
+#[test]
+fn large_prefetched_matrices_give_the_dot_kernels_products() {
+    use mxr_kernels::cpu::{matmul_cols, swiglu_ffn};
+    let q = QType::Q4K;
+    let (rows, cols) = (2560, 2048);
+    let rb = q.row_bytes(cols).unwrap();
+    // 97 distinct rows in turn: a 10240 x 2048 matrix of 11.8 MB, and an expert whose gate
+    // and up are two quarters of it (2560 x 2048) and down 2048 x 2560 (8.8 MB together)
+    let distinct = weights(q, 97, cols, 7);
+    let tall: Vec<u8> = distinct.chunks_exact(rb).cycle().take(4 * rows).flatten().copied().collect();
+    assert!(tall.len() >= 8 << 20);
+    let w = QMatrix::new(q, 4 * rows, cols, &tall).unwrap();
+    let kernel = DotKernel::new(q).unwrap();
+    for (range, n_tokens) in [(0..cols, 1), (256..cols - 512, 2)] {
+        let c = range.len();
+        let x = Rng::new(9).normals(n_tokens * c, 1.0);
+        let mut y = vec![f32::NAN; n_tokens * w.rows];
+        matmul_cols(&w, range.clone(), &x, n_tokens, &mut y, Threads(3)).unwrap();
+        let (first, width) = (q.row_bytes(range.start).unwrap(), q.row_bytes(c).unwrap());
+        for t in 0..n_tokens {
+            let mut a = vec![0u8; kernel.activation_bytes(c).unwrap()];
+            kernel.quantize_activation(&x[t * c..(t + 1) * c], &mut a).unwrap();
+            for r in 0..w.rows {
+                let want = kernel.dot(c, &w.row(r)[first..first + width], &a).unwrap();
+                assert_eq!(y[t * w.rows + r].to_bits(), want.to_bits(), "row {r}, token {t}, columns {range:?}");
+            }
+        }
+    }
+    let (h, d) = (rows, cols);
+    let gate = QMatrix::new(q, h, d, &tall[..h * rb]).unwrap();
+    let up = QMatrix::new(q, h, d, &tall[h * rb..2 * h * rb]).unwrap();
+    let db = weights(q, d, h, 8);
+    let down = QMatrix::new(q, d, h, &db).unwrap();
+    let x = Rng::new(10).normals(d, 1.0);
+    let (mut gy, mut uy) = (vec![0f32; h], vec![0f32; h]);
+    matmul(&gate, &x, 1, &mut gy, Threads(2)).unwrap();
+    matmul(&up, &x, 1, &mut uy, Threads(2)).unwrap();
+    let act: Vec<f32> = gy.iter().zip(&uy).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+    let mut want = vec![0f32; d];
+    matmul(&down, &act, 1, &mut want, Threads(2)).unwrap();
+    let mut got = vec![f32::NAN; d];
+    swiglu_ffn(&gate, &up, &down, 0..h, &x, 1, &mut got, Threads(3)).unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+}

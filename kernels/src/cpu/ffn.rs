@@ -9,9 +9,9 @@ use std::ops::Range;
 
 use mxr_quant::QMatrix;
 
-use super::ggml::{AlignedBytes, DotKernel};
+use super::ggml::{prefetch, AlignedBytes, DotKernel};
 use super::matmul::{column_bytes, exact_len, Threads};
-use super::pool::{by_row_tiles, BYTES_PER_THREAD};
+use super::pool::{by_row_tiles, BYTES_PER_THREAD, PREFETCH_ABOVE};
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
@@ -66,11 +66,18 @@ pub fn swiglu_ffn(
     // the hidden activations [n_tokens, h], quantized once for the down product
     let useful = ((gate.data.len() + up.data.len() + down.data.len()).saturating_mul(n_tokens) / BYTES_PER_THREAD).max(1);
     let mut hid = vec![0f32; n_tokens * h];
+    let large = gate.data.len() + up.data.len() + down.data.len() >= PREFETCH_ABOVE;
+    let pair = |r: usize| {
+        prefetch(gate.row(r));
+        prefetch(up.row(r));
+    };
+    let pair = large.then_some(&pair as &(dyn Fn(usize) + Sync));
     by_row_tiles(
         h,
         n_tokens,
         threads,
         useful,
+        pair,
         |r, t| {
             let g = kg.dot(d_in, gate.row(r), &xg.as_bytes()[t * rg..(t + 1) * rg])?;
             let u = ku.dot(d_in, up.row(r), &xu.as_bytes()[t * ru..(t + 1) * ru])?;
@@ -80,6 +87,16 @@ pub fn swiglu_ffn(
     )?;
     let (a, ra) = quantize_rows(&kd, &hid, n_tokens, h)?;
     let a = a.as_bytes();
-    by_row_tiles(d_out, n_tokens, threads, useful, |r, t| kd.dot(h, &down.row(r)[first..first + width], &a[t * ra..(t + 1) * ra]), y)?;
+    let down_row = |r: usize| prefetch(&down.row(r)[first..first + width]);
+    let down_row = large.then_some(&down_row as &(dyn Fn(usize) + Sync));
+    by_row_tiles(
+        d_out,
+        n_tokens,
+        threads,
+        useful,
+        down_row,
+        |r, t| kd.dot(h, &down.row(r)[first..first + width], &a[t * ra..(t + 1) * ra]),
+        y,
+    )?;
     Ok(())
 }

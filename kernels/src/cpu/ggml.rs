@@ -158,6 +158,22 @@ impl DotKernel {
     }
 }
 
+/// Asks the CPU to start loading `bytes` into its caches (one prefetch per 64-byte line),
+/// so that a product reading them next finds them on the way. ggml's dot products issue
+/// their loads between much arithmetic, and from memory one core then reads only about a
+/// quarter of what it reads in a plain loop (4.1 against 13.5 GB/s on the development
+/// machine; 7.8 with rows prefetched two ahead). No effect on results. A no-op off x86-64.
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch is a hint that never faults and writes nothing; the address is
+        // inside a live slice. SSE (prefetcht0) is part of every x86-64 CPU.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr() as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 /// A zeroed byte buffer aligned to 64 bytes, for activation rows handed to ggml (its
 /// structs, e.g. Q8_K's leading f32, assume natural alignment of their fields).
 pub struct AlignedBytes {

@@ -10,7 +10,7 @@
 use mxr_quant::QMatrix;
 
 use super::ggml::{AlignedBytes, DotKernel};
-use super::pool::{by_row_tiles, BYTES_PER_THREAD};
+use super::pool::{by_row_tiles, BYTES_PER_THREAD, PREFETCH_ABOVE};
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
@@ -76,11 +76,14 @@ pub fn matmul_cols(w: &QMatrix, cols: std::ops::Range<usize>, x: &[f32], n_token
     }
     let acts = acts.as_bytes();
     let useful = (w.data.len().saturating_mul(n_tokens) / BYTES_PER_THREAD).max(1);
+    let prefetch = |r: usize| super::ggml::prefetch(&w.row(r)[first..first + width]);
+    let prefetch = (w.data.len() >= PREFETCH_ABOVE).then_some(&prefetch as &(dyn Fn(usize) + Sync));
     by_row_tiles(
         rows,
         n_tokens,
         threads,
         useful,
+        prefetch,
         |r, t| kernel.dot(cols, &w.row(r)[first..first + width], &acts[t * a_row..(t + 1) * a_row]),
         y,
     )
