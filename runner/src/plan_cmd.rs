@@ -235,9 +235,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
     };
     // one GPU: the planner mxr run uses; several: contiguous layers per GPU (issue 10),
     // each GPU placing its own layers' experts
-    let rates = match a.cold_experts {
-        ColdArg::Auto => Some(DeviceRates::saved()?.0),
-        _ => None,
+    let (rates, rates_source) = match a.cold_experts {
+        ColdArg::Auto => {
+            let (r, path) = DeviceRates::saved()?;
+            (Some(r), path.map(|p| format!("rates from {}", p.display())))
+        }
+        _ => (None, None),
     };
     let mut in_place = match a.cold_experts {
         ColdArg::Cpu => false,
@@ -265,12 +268,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
     };
     let (mut shares, mut placement) = plan_for(in_place);
     // auto, as the runner settles it: in place unless the CPU's way decodes the expected
-    // cold experts sooner
+    // cold experts sooner; the figures it weighed: (rates, cold bytes a token, host layers)
+    let mut weighed = None;
     if let (Some(r), Some(Ok(p)), true) = (rates, &placement, in_place) {
         let cold = p.expected_cold_bytes(stats.as_ref(), &layer_bytes(1).sizes(MARGIN).expert, c.n_experts_used);
-        if p.host_layers() > 0 && !r.decode_in_place(cold, p.host_layers()) {
-            in_place = false;
-            (shares, placement) = plan_for(false);
+        if p.host_layers() > 0 {
+            weighed = Some((r, cold, p.host_layers()));
+            if !r.decode_in_place(cold, p.host_layers()) {
+                in_place = false;
+                (shares, placement) = plan_for(false);
+            }
         }
     }
     let (gpu_fit, host_experts, experts_on_gpu) = match &placement {
@@ -290,6 +297,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
         });
         if let Some(Err(e)) = &placement {
             j["gpu_error"] = serde_json::json!(e.to_string());
+        }
+        if let Some((r, cold, layers)) = weighed {
+            j["auto"] = serde_json::json!({
+                "cold_bytes_per_token": cold, "host_layers": layers,
+                "decode_ms_in_place": r.decode_in_place_seconds(cold) * 1e3,
+                "decode_ms_cpu": r.decode_cpu_seconds(cold, layers) * 1e3,
+            });
         }
         if let Some(Ok(sh)) = &shares {
             j["split"] = serde_json::json!(sh
@@ -340,6 +354,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
                         "computed by the CPU, or copied to the GPU for a long batch"
                     }
                 );
+                if let Some((r, cold, layers)) = weighed {
+                    println!(
+                        "  (auto: {:.1} MB of cold experts a token {}: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s with {layers} layers leaving the CUDA graph; {})",
+                        cold / 1e6,
+                        if stats.is_some() { "by the statistics" } else { "with choices spread evenly" },
+                        r.decode_in_place_seconds(cold) * 1e3,
+                        r.in_place_gbps,
+                        r.decode_cpu_seconds(cold, layers) * 1e3,
+                        r.cpu_expert_gbps,
+                        rates_source.as_deref().unwrap_or("default rates")
+                    );
+                }
             }
             for (i, s) in shares.iter().flatten().flatten().enumerate() {
                 println!("  {}", share_line(i, s));

@@ -485,6 +485,17 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     assert_eq!(fast["experts_on_gpu"], in_place["experts_on_gpu"], "planned in pages");
     assert_eq!((slow["cold_experts"].as_str(), none["cold_experts"].as_str()), (Some("cpu"), Some("cpu")), "{slow}");
     assert_eq!(slow["experts_on_gpu"], cpu["experts_on_gpu"], "planned again without pages");
+    // the figures it weighed: the same cold bytes over the same 80 layers, each way's time
+    let ms = |j: &Json, k: &str| j["auto"][k].as_f64().unwrap_or(f64::NAN);
+    assert!(ms(&fast, "decode_ms_in_place") <= ms(&fast, "decode_ms_cpu"), "{fast}");
+    assert!(ms(&slow, "decode_ms_cpu") < ms(&slow, "decode_ms_in_place"), "{slow}");
+    assert_eq!((fast["auto"]["host_layers"].as_u64(), slow["auto"]["host_layers"].as_u64()), (Some(80), Some(80)));
+    // evenly spread choices: 2 a layer over 32 experts, of the host experts' bytes (which
+    // the in-place plan counts in whole pages; the reads are the matrices' own bytes)
+    let cold = ms(&fast, "cold_bytes_per_token");
+    let host = fast["host_expert_bytes"].as_f64().unwrap() * matrix / paged;
+    assert!((cold - 2.0 / 32.0 * host).abs() / cold < 1e-3, "{cold} against {host} bytes of host experts");
+    assert!(none.get("auto").is_none(), "nothing weighed where the GPU cannot read in place: {none}");
     let four = q4("4xH200", "16");
     assert_eq!(four["experts_on_gpu"].as_u64(), Some(2560), "{four}");
     assert_eq!(four["host_expert_bytes"].as_u64(), Some(0));
