@@ -82,12 +82,7 @@ impl DeviceRates {
     /// memory (each leaves the graph whether or not a token picks a cold expert there).
     /// Ties: in place. Never in place where the GPU cannot read host pages (rate 0).
     pub fn decode_in_place(&self, cold_bytes: f64, host_layers: usize) -> bool {
-        self.in_place_gbps > 0.0 && self.decode_in_place_seconds(cold_bytes) <= self.decode_cpu_seconds(cold_bytes, host_layers)
-    }
-
-    /// Seconds a decoded token spends reading `cold_bytes` of cold experts in place.
-    pub fn decode_in_place_seconds(&self, cold_bytes: f64) -> f64 {
-        cold_bytes / (self.in_place_gbps * 1e9)
+        self.in_place_gbps > 0.0 && self.in_place_seconds(cold_bytes) <= self.decode_cpu_seconds(cold_bytes, host_layers)
     }
 
     /// Seconds a decoded token spends the CPU's way on `cold_bytes` of cold experts over
@@ -107,10 +102,24 @@ impl DeviceRates {
         (saved_per_byte > 0.0).then(|| GRAPH_EXIT_S / saved_per_byte)
     }
 
-    /// Seconds for the GPU's products to read `bytes` of a cold expert in place over PCIe
+    /// Seconds for the GPU's products to read `bytes` of cold experts in place over PCIe
     /// (infinite where the GPU cannot).
-    pub fn in_place_seconds(&self, bytes: u64) -> f64 {
-        bytes as f64 / (self.in_place_gbps * 1e9)
+    pub fn in_place_seconds(&self, bytes: f64) -> f64 {
+        bytes / (self.in_place_gbps * 1e9)
+    }
+
+    /// Decode's two ways for `cold_bytes` of cold experts a token over `host_layers` layers
+    /// with host experts, in words (what auto weighed; the run and `mxr plan` print it).
+    pub fn decode_comparison(&self, cold_bytes: f64, host_layers: usize) -> String {
+        format!(
+            "{:.1} MB of cold experts a token: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s with {host_layers} layer{} leaving the CUDA graph",
+            cold_bytes / 1e6,
+            self.in_place_seconds(cold_bytes) * 1e3,
+            self.in_place_gbps,
+            self.decode_cpu_seconds(cold_bytes, host_layers) * 1e3,
+            self.cpu_expert_gbps,
+            if host_layers == 1 { "" } else { "s" }
+        )
     }
 
     /// `--cold-experts mixed`: of a batch's cold experts, given as (weight bytes, tokens
@@ -124,7 +133,7 @@ impl DeviceRates {
         let mut on_cpu = vec![false; experts.len()];
         for i in order {
             let (b, m) = experts[i];
-            let (c, g) = (cpu + self.cpu_seconds(b, m, flops), gpu + self.in_place_seconds(b));
+            let (c, g) = (cpu + self.cpu_seconds(b, m, flops), gpu + self.in_place_seconds(b as f64));
             if c.max(gpu) < cpu.max(g) {
                 cpu = c;
                 on_cpu[i] = true;
@@ -317,7 +326,14 @@ mod tests {
         assert!(fast.decode_in_place(119.0 * MB, 2) && !fast.decode_in_place(121.0 * MB, 2));
         assert!(!fast.decode_in_place(6_000.0 * MB, 80), "the real model with half its experts cold: 75 MB a layer");
         assert!((fast.decode_cpu_seconds(120.0 * MB, 2) - (0.5e-3 + 2e-3)).abs() < 1e-12);
-        assert!((fast.decode_in_place_seconds(120.0 * MB) - 2.5e-3).abs() < 1e-12);
+        assert!((fast.in_place_seconds(120.0 * MB) - 2.5e-3).abs() < 1e-12);
+        let words = fast.decode_comparison(120.0 * MB, 2);
+        assert!(
+            words.contains(
+                "120.0 MB of cold experts a token: in place 2.50 ms at 48.0 GB/s, the CPU's way 2.50 ms at 60.0 GB/s with 2 layers"
+            ),
+            "{words}"
+        );
         // an older link (PCIe 3, ~12 GB/s) against the same CPU: the CPU's way from 4 MB a layer
         let slow = DeviceRates { in_place_gbps: 12.0, ..r };
         assert!(!slow.decode_in_place(76.0 * MB, 2));

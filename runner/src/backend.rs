@@ -182,17 +182,8 @@ impl ColdPlan {
         if !std::mem::take(&mut self.provisional) || host_layers == 0 {
             return false;
         }
-        let r = &self.rates;
-        let keep = r.decode_in_place(cold_bytes, host_layers);
-        self.why = format!(
-            "{:.1} MB of cold experts a token: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s with {host_layers} layer{} leaving the CUDA graph",
-            cold_bytes / 1e6,
-            r.decode_in_place_seconds(cold_bytes) * 1e3,
-            r.in_place_gbps,
-            r.decode_cpu_seconds(cold_bytes, host_layers) * 1e3,
-            r.cpu_expert_gbps,
-            if host_layers == 1 { "" } else { "s" }
-        );
+        let keep = self.rates.decode_in_place(cold_bytes, host_layers);
+        self.why = self.rates.decode_comparison(cold_bytes, host_layers);
         if !keep {
             self.cold = ColdExperts::Host;
         }
@@ -297,22 +288,21 @@ fn offload_setup(
     Ok(())
 }
 
-/// Where the experts go on this GPU (see mxr_models::placement), and the routing
-/// statistics it used. Where cold experts will be read in place, every expert matrix takes
+/// Where the experts go on this GPU (see mxr_models::placement), by the routing
+/// statistics `stats`. Where cold experts will be read in place, every expert matrix takes
 /// whole pages on the GPU, and the placement counts them so.
-fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExperts) -> Result<(Placement, Option<ExpertStats>)> {
+fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExperts, stats: Option<&ExpertStats>) -> Result<Placement> {
     let c = &model.config;
-    let stats = expert_stats(a, c)?;
     let policy = expert_policy(a, || gpu_budget(a, gpu))?;
     let kv = a.kv_type.kv_type().bytes();
     let sizes = |page: u64| Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page);
-    let p = plan_paged(sizes, c.n_experts, stats.as_ref(), policy, cold != ColdExperts::Host).map_err(|e| match a.kv_type {
+    let p = plan_paged(sizes, c.n_experts, stats, policy, cold != ColdExperts::Host).map_err(|e| match a.kv_type {
         // the cheapest fix first: the same context in half the memory
         KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
         KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
         KvArg::Q8_0 => anyhow::anyhow!(e),
     })?;
-    Ok((p, stats))
+    Ok(p)
 }
 
 /// Puts the model on the device `--device` names (auto: a GPU if one is usable).
@@ -353,13 +343,11 @@ pub fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Re
     let mut cp = ColdPlan::new(a)?;
     // under auto, the placement's expected cold experts settle the way (and where that is
     // the CPU's, the experts are planned again without pages)
-    let planned = placement(a, model, &gpu, ctx, cp.cold).and_then(|(p, st)| {
+    let planned = expert_stats(a, &model.config).and_then(|st| {
+        let p = placement(a, model, &gpu, ctx, cp.cold, st.as_ref())?;
         let (bytes, layers) = cold_load(a, model, ctx, &p, st.as_ref());
-        if cp.settle(bytes, layers) {
-            placement(a, model, &gpu, ctx, cp.cold)
-        } else {
-            Ok((p, st))
-        }
+        let p = if cp.settle(bytes, layers) { placement(a, model, &gpu, ctx, cp.cold, st.as_ref())? } else { p };
+        Ok((p, st))
     });
     let (p, stats) = match planned {
         Ok(p) => p,

@@ -13,7 +13,7 @@ use clap::Args;
 use mxr_kernels::cpu::Threads;
 use mxr_models::engine::Backend;
 use mxr_models::forward::Logits;
-use mxr_models::gpu::Profile;
+use mxr_models::gpu::{GpuModel, Profile};
 use mxr_models::{LayerKind, Model};
 
 use crate::run_cmd::{load, Loaded, ModelArgs};
@@ -209,18 +209,19 @@ fn cold_per_token(l: &Loaded, before: Option<[u64; 5]>, tokens: usize) -> Option
     })
 }
 
-fn in_place_model(l: &Loaded) -> bool {
-    matches!(&l.backend, Backend::Cuda(g) if g.in_place_bytes > 0 && !g.offloaded)
+/// The GPU model, where every cold expert is read in place (no host path).
+fn in_place_model(l: &Loaded) -> Option<&GpuModel> {
+    match &l.backend {
+        Backend::Cuda(g) if g.in_place_bytes > 0 && !g.offloaded => Some(g),
+        _ => None,
+    }
 }
 
 /// With cold experts read in place, the routing never reaches the host while a test runs:
 /// the choices of one more (untimed) decode of the first repetition's `n` tokens, counted
 /// on the GPU, give the cold experts per token. None for any other backend.
 fn in_place_cold(l: &Loaded, pool: &[u32], n: usize) -> Result<Option<Cold>> {
-    let Backend::Cuda(g) = &l.backend else { return Ok(None) };
-    if g.in_place_bytes == 0 || g.offloaded || n == 0 {
-        return Ok(None);
-    }
+    let Some(g) = in_place_model(l).filter(|_| n > 0) else { return Ok(None) };
     let mut st = l.new_state()?;
     for &id in &tokens(n, pool, 1000) {
         l.forward_with(&mut st, &[id], Logits::Last, |_| ())?;
@@ -541,7 +542,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     for r in &records {
         match r.cold {
-            Some(c) if in_place_model(&l) => println!(
+            Some(c) if in_place_model(&l).is_some() => println!(
                 "cold experts {}: {:.2} per token read in place by the GPU (counted on one more run of the first repetition), {:.1} MB per token: at least {:.3} ms at the host's {:.1} GB/s",
                 r.test,
                 c.in_place,
@@ -564,13 +565,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             None => {}
         }
     }
-    if let Backend::Cuda(g) = &l.backend {
-        if g.in_place_bytes > 0 && !g.offloaded {
-            println!(
-                "cold experts: read in place by the GPU from {:.2} GiB of page-locked host pages mapped into the expert stacks",
-                g.in_place_bytes as f64 / (1u64 << 30) as f64
-            );
-        }
+    if let Some(g) = in_place_model(&l) {
+        println!(
+            "cold experts: read in place by the GPU from {:.2} GiB of page-locked host pages mapped into the expert stacks",
+            g.in_place_bytes as f64 / (1u64 << 30) as f64
+        );
     }
     for r in &records {
         if let Some(p) = &r.profile {

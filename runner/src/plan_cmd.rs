@@ -301,7 +301,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         if let Some((r, cold, layers)) = weighed {
             j["auto"] = serde_json::json!({
                 "cold_bytes_per_token": cold, "host_layers": layers,
-                "decode_ms_in_place": r.decode_in_place_seconds(cold) * 1e3,
+                "decode_ms_in_place": r.in_place_seconds(cold) * 1e3,
                 "decode_ms_cpu": r.decode_cpu_seconds(cold, layers) * 1e3,
             });
         }
@@ -355,14 +355,10 @@ pub fn run(a: PlanArgs) -> Result<()> {
                     }
                 );
                 if let Some((r, cold, layers)) = weighed {
+                    let spread = if stats.is_some() { "by the statistics" } else { "with choices spread evenly" };
                     println!(
-                        "  (auto: {:.1} MB of cold experts a token {}: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s with {layers} layers leaving the CUDA graph; {})",
-                        cold / 1e6,
-                        if stats.is_some() { "by the statistics" } else { "with choices spread evenly" },
-                        r.decode_in_place_seconds(cold) * 1e3,
-                        r.in_place_gbps,
-                        r.decode_cpu_seconds(cold, layers) * 1e3,
-                        r.cpu_expert_gbps,
+                        "  (auto, {spread}: {}; {})",
+                        r.decode_comparison(cold, layers),
                         rates_source.as_deref().unwrap_or("default rates")
                     );
                 }
