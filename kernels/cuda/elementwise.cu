@@ -51,6 +51,15 @@ extern "C" __global__ void map_ids(const int* ids, const int* table, int n, int*
     if (i < n) out[i] = table[ids[i]];
 }
 
+// y[r, :] = src[rows + r * width ...] for each row r = blockIdx.y whose flag src[r] is not 0:
+// a host call's output (flags, then rows x width values) over the rows the host computed
+extern "C" __global__ void take_flagged_rows(const float* src, int rows, int width, float* y) { PDL_ENTRY();
+    if (src[blockIdx.y] == 0.0f) return;
+    const float* s = src + rows + (size_t)blockIdx.y * width;
+    float* d = y + (size_t)blockIdx.y * width;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];
+}
+
 // dst[idx[i], :] = src[i, :] for i = blockIdx.y
 extern "C" __global__ void scatter_rows(const float* src, const int* idx, int width, float* dst) { PDL_ENTRY();
     const float* s = src + (size_t)blockIdx.y * width;

@@ -921,3 +921,77 @@ fn first_non_finite_finds_the_first_nan_or_infinity() {
     let x = g.upload(&[1f32]).unwrap();
     assert!(g.first_non_finite(&x.as_view(), &mut out.slice_mut(0..0)).is_err(), "no room for the answer");
 }
+
+/// Host work inside a captured graph (`Gpu::host_call_side`, the CPU's experts of a decode
+/// step): each replay copies the current x and ids to the host, runs the work there and
+/// brings its flagged rows back into y; rows not flagged keep their values. A failure
+/// leaves NaN in every row and is reported once, and the next replay is clean again. Outside
+/// a capture the call is refused.
+#[test]
+#[ignore = "needs a GPU"]
+fn host_calls_run_inside_a_graph() {
+    let g = gpu();
+    let (k, d) = (3usize, 300usize);
+    // flags the odd ids' rows and writes x * id there; a negative id is an error
+    let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
+        let (flags, rows) = out.split_at_mut(ids.len());
+        for (j, &e) in ids.iter().enumerate() {
+            if e < 0 {
+                return Err(format!("id {e}"));
+            }
+            flags[j] = (e % 2) as f32;
+            for (o, v) in rows[j * d..(j + 1) * d].iter_mut().zip(x) {
+                *o = v * e as f32;
+            }
+        }
+        Ok(())
+    };
+    let call = g.host_call(d, k, k + k * d, Box::new(work)).unwrap();
+    let xs = Rng::new(11).normals(d, 1.0);
+    let x = g.upload(&xs).unwrap();
+    let mut ids = g.upload(&[1i32, 2, 5]).unwrap();
+    let mut y = g.upload(&vec![-1f32; k * d]).unwrap();
+    let mut from = g.zeros::<f32>(k + k * d).unwrap();
+    let refused = g.host_call_side(&call, &x.as_view(), &ids.as_view(), &mut from.as_view_mut()).is_err();
+    check("host call", "refused outside a capture", if refused { 0.0 } else { 1.0 }, 0.0);
+    let graph = g
+        .capture(|| {
+            g.host_call_side(&call, &x.as_view(), &ids.as_view(), &mut from.as_view_mut())?;
+            g.main_after_side()?;
+            g.take_flagged_rows(&from.as_view(), k, d, &mut y.as_view_mut())
+        })
+        .unwrap();
+    let mut want = vec![-1f32; k * d];
+    for (case, id) in [("ids 1 2 5", [1i32, 2, 5]), ("ids 4 3 0", [4, 3, 0]), ("a failing replay", [2, -1, 3]), ("after it", [7, 8, 9])] {
+        g.write(&id, &mut ids.as_view_mut()).unwrap();
+        graph.launch().unwrap();
+        let got = g.download(&y.as_view()).unwrap();
+        let err = graph.host_error();
+        let ok = if id.iter().any(|&e| e < 0) {
+            // every flag NaN (not 0): every row taken, all NaN
+            got.iter().all(|v| v.is_nan()) && err.as_deref().is_some_and(|e| e.contains("id -1")) && graph.host_error().is_none()
+        } else {
+            for (j, &e) in id.iter().enumerate() {
+                if e % 2 == 1 {
+                    for (w, v) in want[j * d..(j + 1) * d].iter_mut().zip(&xs) {
+                        *w = v * e as f32;
+                    }
+                }
+            }
+            // the failed replay left NaN: the rows this one does not flag keep them
+            let kept = |j: usize| case == "after it" && id[j] % 2 == 0;
+            err.is_none()
+                && (0..k).all(|j| {
+                    if kept(j) {
+                        got[j * d..(j + 1) * d].iter().all(|v| v.is_nan())
+                    } else {
+                        got[j * d..(j + 1) * d] == want[j * d..(j + 1) * d]
+                    }
+                })
+        };
+        if id.iter().any(|&e| e < 0) {
+            want.fill(f32::NAN);
+        }
+        check("host call", case, if ok { 0.0 } else { 1.0 }, 0.0);
+    }
+}

@@ -111,6 +111,14 @@ impl Model {
         QMatrix { qtype: q, rows: n, cols, data: &data[first * row_bytes..(first + n) * row_bytes] }
     }
 
+    /// A tensor as a matrix that keeps the mapping itself ([`HostMatrix`]), for work that
+    /// outlives a borrow of the model.
+    pub fn host_matrix(&self, t: &Tensor) -> HostMatrix {
+        let m = self.matrix(t);
+        let start = m.data.as_ptr() as usize - self.file.bytes().as_ptr() as usize;
+        HostMatrix { file: self.file.shared_bytes(), start, qtype: m.qtype, rows: m.rows, cols: m.cols }
+    }
+
     /// The embedding of token `id` into `out` (dim values).
     pub fn embed(&self, id: u32, out: &mut [f32]) {
         let m = self.rows(&self.token_embd, id as usize, 1);
@@ -136,4 +144,27 @@ fn to_f32(file: &GgufFile, t: &Tensor) -> Result<Vec<f32>, ModelError> {
     let mut out = vec![0f32; info.n_elements as usize];
     dequantize(q, &file.bytes()[file.header().data_range(info)], &mut out);
     Ok(out)
+}
+
+/// A tensor of the mapped file as an owned handle: the mapping lasts while it does.
+#[derive(Clone)]
+pub struct HostMatrix {
+    file: mxr_quant::gguf::SharedBytes,
+    /// byte offset of the tensor's data in the file
+    start: usize,
+    pub qtype: QType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl HostMatrix {
+    /// Rows [first, first + n) (an expert of a stacked tensor), None outside the tensor.
+    pub fn rows(&self, first: usize, n: usize) -> Option<QMatrix<'_>> {
+        let rb = self.qtype.row_bytes(self.cols)?;
+        if first.checked_add(n)? > self.rows {
+            return None;
+        }
+        let data = self.file.bytes().get(self.start + first * rb..self.start + (first + n) * rb)?;
+        Some(QMatrix { qtype: self.qtype, rows: n, cols: self.cols, data })
+    }
 }

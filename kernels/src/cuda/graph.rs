@@ -13,19 +13,43 @@ use cudarc::driver::sys::{
     self, cuGraphNodeGetType, cuStreamGetCaptureInfo_v3, cuStreamUpdateCaptureDependencies_v2, CUgraphEdgeData, CUgraphNode,
     CUgraphNodeType, CUstreamCaptureStatus,
 };
-use cudarc::driver::CudaGraph;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::cu_ok;
+use super::host_call::HostCall;
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
 
-/// A captured sequence of GPU work, replayed as one launch.
-pub struct Graph(pub(super) CudaGraph);
+/// A captured sequence of GPU work, replayed as one launch, and the host calls its host
+/// nodes run (see host_call.rs).
+pub struct Graph {
+    pub(super) graph: CudaGraph,
+    pub(super) calls: Vec<Arc<HostCall>>,
+    pub(super) stream: Arc<CudaStream>,
+}
 
 impl Graph {
     pub fn launch(&self) -> Result<()> {
-        self.0.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
+        self.graph.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
+    }
+
+    /// The first failure of the graph's host work since the last call, once the stream
+    /// has finished the replays queued (None: all went well).
+    pub fn host_error(&self) -> Option<String> {
+        // every call's is taken, so that none is reported again after a later replay
+        self.calls.iter().filter_map(|c| c.take_error()).reduce(|first, _| first)
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // a replay still running may yet enter a host node: its call must outlive it
+        if !self.calls.is_empty() {
+            let _ = self.stream.synchronize();
+        }
     }
 }
 

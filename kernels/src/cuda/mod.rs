@@ -12,6 +12,7 @@ pub mod blas;
 pub mod check;
 pub mod graph;
 pub mod host;
+pub mod host_call;
 pub mod lightning;
 pub mod matrix;
 pub mod nvrtc;
@@ -32,6 +33,7 @@ pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut
 use crate::KernelError;
 pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use graph::Graph;
+pub use host_call::{HostCall, HostFn};
 pub use matrix::GpuMatrix;
 pub use nvrtc::Source;
 pub use ops::{quantized, NormRouted, QAct, Residual, ROUTE_FUSED_TOKENS};
@@ -255,6 +257,9 @@ pub struct Gpu {
     launched_ns: std::sync::atomic::AtomicU64,
     /// `capture` is recording the main stream (launches then set programmatic edges).
     capturing: std::sync::atomic::AtomicBool,
+    /// The host calls queued by the capture in progress ([`Gpu::host_call_side`]), kept
+    /// by the graph it makes.
+    graph_calls: Mutex<Vec<Arc<host_call::HostCall>>>,
     /// Counters for kernels whose last block finishes a shared piece of work (common.cuh's
     /// `arrived_last`), zero between kernels: each such kernel resets what it counted. Only
     /// kernels on `stream` use them, one at a time.
@@ -351,6 +356,7 @@ impl Gpu {
             waited_ns: std::sync::atomic::AtomicU64::new(0),
             launched_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            graph_calls: Mutex::new(Vec::new()),
             tickets,
             timeline,
         };
@@ -659,6 +665,11 @@ impl Gpu {
 
     /// Records the work `f` queues (without running it) as a CUDA graph, for replay with
     /// [`Graph::launch`]. `f` must not wait for the GPU (no downloads, no sync).
+    /// Whether [`Gpu::capture`] is recording.
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
         self.stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -666,15 +677,21 @@ impl Gpu {
         if let Some(t) = &self.timeline {
             t.begin_capture()?;
         }
+        let calls = |v: Option<Vec<Arc<host_call::HostCall>>>| -> Result<Vec<Arc<host_call::HostCall>>> {
+            let mut c = self.graph_calls.lock().map_err(|_| KernelError::Cuda("the graph's host calls: lock poisoned".into()))?;
+            Ok(std::mem::replace(&mut *c, v.unwrap_or_default()))
+        };
+        calls(None)?;
         self.capturing.store(true, std::sync::atomic::Ordering::Relaxed);
         // timed graphs end in a kernel that only stamps (timeline.rs): the last real kernel
         // is then charged until it completes
         let body = f().and_then(|_| if self.timeline.is_some() { self.timeline_mark() } else { Ok(()) });
         self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
         let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let kept = calls(None)?;
         body?;
         match end.map_err(|e| drv("ending graph capture", e))? {
-            Some(g) => Ok(Graph(g)),
+            Some(g) => Ok(Graph { graph: g, calls: kept, stream: self.stream.clone() }),
             None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
         }
     }

@@ -721,6 +721,24 @@ impl Gpu {
         launch!(self, Source::Elementwise, "scatter_rows", cfg, src, idx, &w, dst)
     }
 
+    /// y[r, :] = src[rows + r * width..][..width] for each row r < rows whose flag src[r]
+    /// is not 0; other rows keep their values. src is a host call's output: `rows` flags,
+    /// then rows x width values.
+    pub fn take_flagged_rows(&self, src: &CudaView<'_, f32>, rows: usize, width: usize, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        need("take_flagged_rows", "src", rows + rows * width, src.len())?;
+        need("take_flagged_rows", "y", rows * width, y.len())?;
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: ((width as u32).div_ceil(256), int("take_flagged_rows", rows)? as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, w) = (int("take_flagged_rows", rows)?, int("take_flagged_rows", width)?);
+        launch!(self, Source::Elementwise, "take_flagged_rows", cfg, src, &r, &w, y)
+    }
+
     /// Top-k routing of each token's router logits [n_tokens, n_experts]: ids and
     /// renormalised weights [n_tokens, k]; counts[e] += 1 per choice.
     #[allow(clippy::too_many_arguments)]

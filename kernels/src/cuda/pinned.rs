@@ -18,7 +18,7 @@ use crate::KernelError;
 /// does not allow.
 pub struct Pinned<T> {
     host: PinnedHostSlice<T>,
-    at: usize,
+    pub(super) at: usize,
 }
 
 impl<T> Pinned<T> {
@@ -62,11 +62,21 @@ impl Gpu {
     /// Queues dst = src[at..at + dst.len()] on the stream (a copy node when capturing): the
     /// copy reads the host values when the stream reaches it.
     pub fn upload_pinned<T: DeviceRepr + ValidAsZeroBits>(&self, src: &Pinned<T>, at: usize, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
+        self.upload_pinned_on(&self.stream, src, at, dst)
+    }
+
+    pub(super) fn upload_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        src: &Pinned<T>,
+        at: usize,
+        dst: &mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
         let n = dst.len();
         if at + n > src.len() {
             return Err(KernelError::Length { op: "upload from pinned memory", what: "source", expected: at + n, actual: src.len() });
         }
-        let (ptr, _) = dst.device_ptr_mut(&self.stream);
+        let (ptr, _) = dst.device_ptr_mut(stream);
         let base = src.at as *const T;
         // SAFETY: [at, at + n) lies inside src's page-locked allocation, which outlives the
         // copy only if the caller keeps it: the step that owns both the graph and its
@@ -74,7 +84,7 @@ impl Gpu {
         // (pinned_host_mut).
         unsafe {
             let host = std::slice::from_raw_parts(base.add(at), n);
-            cudarc::driver::result::memcpy_htod_async(ptr, host, self.stream.cu_stream()).map_err(|e| drv("upload from pinned memory", e))
+            cudarc::driver::result::memcpy_htod_async(ptr, host, stream.cu_stream()).map_err(|e| drv("upload from pinned memory", e))
         }
     }
 
@@ -95,11 +105,14 @@ impl Gpu {
         self.download_pinned_on(&self.side, src, dst, at)
     }
 
-    fn download_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
+    /// The copy of [`Gpu::download_pinned`] on `stream`. It writes through dst's fixed
+    /// address when the stream reaches it, so it takes dst shared: a host call's buffers are
+    /// written by the copy and then by the host node, never through a Rust reference.
+    pub(super) fn download_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         stream: &std::sync::Arc<cudarc::driver::CudaStream>,
         src: &CudaView<'_, T>,
-        dst: &mut Pinned<T>,
+        dst: &Pinned<T>,
         at: usize,
     ) -> Result<()> {
         let n = src.len();

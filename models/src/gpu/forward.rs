@@ -6,7 +6,9 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, Pinned, QAct, Residual};
+use std::sync::Arc;
+
+use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, HostCall, KvBuf, KvType, Pinned, QAct, Residual};
 
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
@@ -27,6 +29,10 @@ pub struct GpuSession {
     counts: Vec<CudaSlice<u32>>,
     /// The decode step's graph and its buffers (None only while a step runs).
     step: Option<Box<Step>>,
+    /// Per layer with experts in host memory, the host node its decode graph calls
+    /// (offload_graph.rs), made before the capture: page-locked memory cannot be
+    /// allocated while one records.
+    host_calls: Vec<Option<Arc<HostCall>>>,
 }
 
 /// The decode step's inputs and output, at fixed addresses for its graph: the token and
@@ -41,6 +47,8 @@ struct Step {
     found: CudaSlice<i32>,
     logits: Pinned<f32>,
     graph: Option<Graph>,
+    /// [`GpuModel::placement_generation`] when the graph was captured
+    placement: u64,
 }
 
 /// `io`'s slot for the logits' first NaN or infinity.
@@ -83,6 +91,7 @@ impl GpuSession {
             lightning,
             kv,
             counts,
+            host_calls: Vec::new(),
             step: Some(Box::new(Step {
                 io: g.pinned::<i32>(3)?,
                 token: g.zeros::<i32>(1)?,
@@ -90,6 +99,7 @@ impl GpuSession {
                 found: g.zeros::<i32>(1)?,
                 logits: g.pinned::<f32>(c.vocab_size)?,
                 graph: None,
+                placement: m.placement_generation,
             })),
         })
     }
@@ -199,10 +209,14 @@ impl GpuModel {
         check_tokens(&self.config, session.pos, session.capacity, tokens)?;
         let pos_host = session.pos;
         session.commit(self, n)?;
-        let r = if n == 1 && which == Logits::Last && self.graphs_enabled() {
-            self.decode(session, tokens[0])?;
+        let r = if n == 1 && which == Logits::Last && self.decode_graphs() {
+            self.decode(host, session, tokens[0])?;
             let step = session.step.as_ref().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
             let found = usize::try_from(g.pinned_host(&step.io)?[IO_FOUND]).ok();
+            // the step's host nodes (experts on the CPU) have run by now
+            if let Some(why) = step.graph.as_ref().and_then(|gr| gr.host_error()) {
+                return Err(ModelError::Input(format!("experts on the CPU in the decode step: {why}")));
+            }
             f(LogitsOut::checked(g.pinned_host(&step.logits)?, found))
         } else {
             let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
@@ -218,23 +232,33 @@ impl GpuModel {
 
     /// One token through the session's decode graph (captured at the first call); the
     /// logits land in the step's page-locked buffer.
-    fn decode(&self, session: &mut GpuSession, token: u32) -> Result<(), ModelError> {
+    fn decode(&self, host: Option<&Model>, session: &mut GpuSession, token: u32) -> Result<(), ModelError> {
         let mut step = session.step.take().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
-        let result = self.decode_with(session, &mut step, token);
+        let result = self.decode_with(host, session, &mut step, token);
         session.step = Some(step);
         result
     }
 
-    fn decode_with(&self, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<(), ModelError> {
+    fn decode_with(&self, host: Option<&Model>, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<(), ModelError> {
         let g = &self.gpu;
         g.pinned_host_mut(&mut step.io)?[..2].copy_from_slice(&[token as i32, session.pos as i32]);
+        // experts moved since the capture (--expert-rebalance): capture again
+        if step.placement != self.placement_generation {
+            step.graph = None;
+            step.placement = self.placement_generation;
+        }
         if step.graph.is_none() {
+            session.host_calls = match (self.offloaded, host) {
+                (false, _) => Vec::new(),
+                (true, Some(h)) => self.cold_calls(h)?,
+                (true, None) => return Err(ModelError::Input("experts in host memory need the host model".into())),
+            };
             let pos_host = session.pos;
             let Step { io, token, pos, found, logits, .. } = step;
             let graph = g.capture(|| {
                 g.upload_pinned(io, 0, &mut token.as_view_mut())?;
                 g.upload_pinned(io, 1, &mut pos.as_view_mut())?;
-                self.decode_body(session, token, pos, pos_host, StepOut { logits, io, found }).map_err(to_kernel)
+                self.decode_body(host, session, token, pos, pos_host, StepOut { logits, io, found }).map_err(to_kernel)
             })?;
             step.graph = Some(graph);
         }
@@ -406,7 +430,15 @@ impl GpuModel {
                         Pending::experts(g, y, weights, n, c.n_experts_used, c.dim, alpha, beta)?
                     }
                     (Some(slot), Some(h), _) => {
-                        let m = self.moe_offload(h, self.first_layer + l, layer, slot, &x.as_view(), n, &mut session.counts[l])?;
+                        let (lm, counts) = (self.first_layer + l, &mut session.counts[l]);
+                        let m = if n == 1 && g.is_capturing() {
+                            let call = session.host_calls.get(l).cloned().flatten();
+                            let call =
+                                call.ok_or_else(|| ModelError::Input(format!("layer {lm}: no host call made for the decode graph")))?;
+                            self.moe_offload_captured(&call, layer, &x.as_view(), counts)?
+                        } else {
+                            self.moe_offload(h, lm, layer, slot, &x.as_view(), n, counts)?
+                        };
                         Pending::plain(m, alpha, beta)
                     }
                     (Some(_), None, _) => return Err(ModelError::Input("experts in host memory need the host model".into())),
@@ -466,6 +498,7 @@ impl GpuModel {
     /// following it.
     fn decode_body(
         &self,
+        host: Option<&Model>,
         session: &mut GpuSession,
         token: &CudaSlice<i32>,
         pos: &CudaSlice<i32>,
@@ -483,11 +516,11 @@ impl GpuModel {
             _ => false,
         };
         if !(g.tuning.logits_split && float_rows && lm.n_experts == 1 && lm.rows >= 2048) {
-            let y = self.body(None, session, token, pos, pos_host, 1, Logits::Last)?;
+            let y = self.body(host, session, token, pos, pos_host, 1, Logits::Last)?;
             return self.logits_out(&y, 0, &mut out);
         }
         let mut x = self.embed(token, 1)?;
-        let pending = self.run_layers(None, session, &mut x, pos, pos_host, 1)?;
+        let pending = self.run_layers(host, session, &mut x, pos, pos_host, 1)?;
         self.stage("lm_head", || {
             self.final_norm(&mut x, pending, 0, 1)?;
             let v = lm.rows;

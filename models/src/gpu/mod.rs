@@ -10,9 +10,10 @@
 mod forward;
 mod moe;
 mod offload;
+mod offload_graph;
 pub mod split;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::offload_cost::DeviceRates;
 use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType, QAct};
@@ -82,6 +83,13 @@ pub struct GpuModel {
     graphs: std::sync::atomic::AtomicBool,
     /// Some experts are in host memory (the MoE then waits for the host each layer).
     pub offloaded: bool,
+    /// Decoded tokens with experts on the CPU ([`ColdExperts::Host`]) stay one CUDA graph,
+    /// the CPU's work in host nodes (offload_graph.rs; `MXR_OFFLOAD_GRAPH=0` turns it off:
+    /// such steps are then launched kernel by kernel and wait for the host each layer).
+    pub offload_graph: bool,
+    /// Changes whenever experts move between the GPU and the host (rebalance): decode
+    /// graphs captured before are captured again.
+    pub(crate) placement_generation: u64,
     /// Page-locked host memory of experts read in place ([`ColdExperts::InPlace`]).
     pub in_place_bytes: usize,
     /// Element type of the KV caches of new sessions (default bf16; f32 keeps the CPU's
@@ -100,7 +108,7 @@ pub struct GpuModel {
     /// Cold experts copied to the GPU for a batch so far (for the placement summary).
     pub copied_experts: std::sync::atomic::AtomicU64,
     /// Cold experts computed on the CPU so far.
-    pub cpu_experts: std::sync::atomic::AtomicU64,
+    pub cpu_experts: Arc<std::sync::atomic::AtomicU64>,
     /// Cold experts read in place by a batch's products so far ([`ColdExperts::Mixed`]).
     pub in_place_experts: std::sync::atomic::AtomicU64,
     /// Cold experts shared so far: the GPU copied and computed part of their hidden units
@@ -108,7 +116,7 @@ pub struct GpuModel {
     pub shared_experts: std::sync::atomic::AtomicU64,
     /// Bytes of cold experts' weights read from host memory so far (copied or computed on
     /// the CPU): what issue 7's bound divides by the host's bandwidth.
-    pub cold_bytes: std::sync::atomic::AtomicU64,
+    pub cold_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// The mapped file's cold expert tensors, page-locked so that copying them to the GPU
     /// runs at DMA speed (empty without offload, or where the driver refused: `pin_note`).
     pins: Vec<mxr_kernels::cuda::host::HostPin>,
@@ -300,15 +308,17 @@ impl GpuModel {
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
             offloaded: placement.is_some() && cold != ColdExperts::InPlace,
+            offload_graph: cold == ColdExperts::Host && std::env::var("MXR_OFFLOAD_GRAPH").map_or(true, |v| v != "0"),
+            placement_generation: 0,
             in_place_bytes: host_bytes.get(),
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
             share_cold: std::env::var("MXR_SHARE_COLD").is_ok_and(|v| v == "1"),
             copied_experts: std::sync::atomic::AtomicU64::new(0),
-            cpu_experts: std::sync::atomic::AtomicU64::new(0),
+            cpu_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             in_place_experts: std::sync::atomic::AtomicU64::new(0),
             shared_experts: std::sync::atomic::AtomicU64::new(0),
-            cold_bytes: std::sync::atomic::AtomicU64::new(0),
+            cold_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             pins,
             pin_note,
         })
@@ -335,9 +345,17 @@ impl GpuModel {
     }
 
     pub(crate) fn graphs_enabled(&self) -> bool {
-        self.graphs.load(std::sync::atomic::Ordering::Relaxed)
-            && !self.offloaded
-            && !self.profile.lock().map(|p| p.is_some()).unwrap_or(true)
+        self.graphs_on() && !self.offloaded
+    }
+
+    /// Whether this model's own decode steps replay a graph: as [`GpuModel::graphs_enabled`],
+    /// and with experts on the CPU too where their work runs in host nodes.
+    pub(crate) fn decode_graphs(&self) -> bool {
+        self.graphs_on() && (!self.offloaded || self.offload_graph)
+    }
+
+    fn graphs_on(&self) -> bool {
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed) && !self.profile.lock().map(|p| p.is_some()).unwrap_or(true)
     }
 
     /// The stages timed since profiling started, summed per stage name in order of first

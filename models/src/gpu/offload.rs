@@ -278,6 +278,9 @@ impl GpuModel {
         let on_gpu: Vec<Vec<bool>> =
             (0..self.layers.len()).map(|l| (0..self.config.n_experts).map(|e| self.resident(l, e)).collect()).collect();
         let swaps = rebalance(&on_gpu, counts, margin);
+        if !swaps.is_empty() {
+            self.placement_generation += 1;
+        }
         for sw in &swaps {
             let hl = &host.layers[sw.layer];
             let layer = &mut self.layers[sw.layer];

@@ -9,7 +9,7 @@ pub mod value;
 pub mod writer;
 
 pub use error::FormatError;
-pub use reader::{GgufFile, Header, TensorInfo, TensorView};
+pub use reader::{GgufFile, Header, SharedBytes, TensorInfo, TensorView};
 pub use value::{Array, Value, ValueType};
 pub use writer::{Builder, DataWriter, FileWriter, PlannedTensor};
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -383,8 +384,19 @@ impl<'a> Cursor<'a> {
 /// A GGUF file mapped into memory; tensor data are views into the mapping.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Option<Mmap>,
+    mmap: Option<Arc<Mmap>>,
     header: Header,
+}
+
+/// The mapped file's bytes, held apart from the [`GgufFile`] (work that outlives a borrow of
+/// the file, such as a CUDA graph's host nodes, keeps one; the mapping lasts while any does).
+#[derive(Clone)]
+pub struct SharedBytes(Option<Arc<Mmap>>);
+
+impl SharedBytes {
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], |m| &m[..])
+    }
 }
 
 /// A tensor's header entry and its bytes.
@@ -411,7 +423,7 @@ impl GgufFile {
         #[allow(unsafe_code)]
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(&path, e))?;
         let header = Header::parse(&mmap)?;
-        Ok(GgufFile { path, mmap: Some(mmap), header })
+        Ok(GgufFile { path, mmap: Some(Arc::new(mmap)), header })
     }
 
     pub fn path(&self) -> &Path {
@@ -424,7 +436,12 @@ impl GgufFile {
 
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
-        self.mmap.as_deref().unwrap_or(&[])
+        self.mmap.as_deref().map_or(&[], |m| &m[..])
+    }
+
+    /// The whole file, as a handle that keeps the mapping.
+    pub fn shared_bytes(&self) -> SharedBytes {
+        SharedBytes(self.mmap.clone())
     }
 
     pub fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
