@@ -922,9 +922,10 @@ fn first_non_finite_finds_the_first_nan_or_infinity() {
     assert!(g.first_non_finite(&x.as_view(), &mut out.slice_mut(0..0)).is_err(), "no room for the answer");
 }
 
-/// Host work inside a captured graph (`Gpu::host_call_side`, the CPU's experts of a decode
-/// step): each replay copies the current x and ids to the host, runs the work there and
-/// brings its flagged rows back into y; rows not flagged keep their values. A failure
+/// Host work inside a captured graph (`Gpu::host_post` and `Gpu::host_wait`, the CPU's
+/// experts of a decode step): each replay hands the current x and ids to the GPU's host
+/// worker through mapped memory, the worker runs the work, and its flagged rows come back
+/// into y; rows not flagged keep their values. A failure
 /// leaves NaN in every row and is reported once, and the next replay is clean again. Outside
 /// a capture the call is refused.
 #[test]
@@ -952,12 +953,12 @@ fn host_calls_run_inside_a_graph() {
     let mut ids = g.upload(&[1i32, 2, 5]).unwrap();
     let mut y = g.upload(&vec![-1f32; k * d]).unwrap();
     let mut from = g.zeros::<f32>(k + k * d).unwrap();
-    let refused = g.host_call_side(&call, &x.as_view(), &ids.as_view(), &mut from.as_view_mut()).is_err();
+    let refused = g.host_post(&call, &x.as_view(), &ids.as_view()).is_err() && g.host_wait(&call, &mut from.as_view_mut()).is_err();
     check("host call", "refused outside a capture", if refused { 0.0 } else { 1.0 }, 0.0);
     let graph = g
         .capture(|| {
-            g.host_call_side(&call, &x.as_view(), &ids.as_view(), &mut from.as_view_mut())?;
-            g.main_after_side()?;
+            g.host_post(&call, &x.as_view(), &ids.as_view())?;
+            g.host_wait(&call, &mut from.as_view_mut())?;
             g.take_flagged_rows(&from.as_view(), k, d, &mut y.as_view_mut())
         })
         .unwrap();

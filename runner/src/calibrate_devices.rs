@@ -218,15 +218,15 @@ pub fn run(threads: Threads) -> Result<()> {
             None => println!("cost model ({how} copies): a cold q4_k expert always runs on the CPU"),
         }
     }
-    let exit_ms = mxr_models::offload_cost::GRAPH_EXIT_S * 1e3;
+    let exit_ms = mxr_models::offload_cost::HOST_EXCHANGE_S * 1e3;
     let decode = match r.decode_cpu_above() {
         Some(b) if b <= 0.0 => "the CPU computes cold experts (the GPU cannot read host pages in place)".to_string(),
         None => format!(
-            "cold experts are read in place by the GPU ({:.1} GB/s, the CPU {:.1}): the CPU's way never saves what leaving the CUDA graph costs ({exit_ms:.2} ms a layer)",
+            "cold experts are read in place by the GPU ({:.1} GB/s, the CPU {:.1}): the CPU's way never saves what its exchange with the host costs ({exit_ms:.2} ms a layer)",
             r.in_place_gbps, r.cpu_expert_gbps
         ),
         Some(b) => format!(
-            "cold experts are read in place by the GPU up to {:.0} MB a token per layer with experts in host memory, computed the CPU's way above that (in place {:.1} GB/s, the CPU {:.1}; {exit_ms:.2} ms a layer for leaving the CUDA graph)",
+            "cold experts are read in place by the GPU up to {:.0} MB a token per layer with experts in host memory, computed the CPU's way above that (in place {:.1} GB/s, the CPU {:.1}; {exit_ms:.2} ms a layer for the exchange with the host)",
             b / 1e6,
             r.in_place_gbps,
             r.cpu_expert_gbps

@@ -74,7 +74,7 @@ pub struct ModelArgs {
     /// gives the CPU as many of the chosen cold experts as finish with the rest read in
     /// place; for placements with many cold experts a token), or auto: cpu with --cpu-moe
     /// or --n-cpu-moe (llama.cpp's meaning), else in-place unless the measured rates say the
-    /// CPU's way decodes a token sooner, counting 0.25 ms a layer for leaving the CUDA graph
+    /// CPU's way decodes a token sooner, counting 0.05 ms a layer for the exchange with the host
     /// (docs/offload.md).
     #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
     pub cold_experts: ColdArg,

@@ -18,21 +18,26 @@ use std::sync::Arc;
 use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::cu_ok;
-use super::host_call::HostCall;
+use super::host_call::{HostCall, Worker};
 use crate::KernelError;
 
 type Result<T> = std::result::Result<T, KernelError>;
 
-/// A captured sequence of GPU work, replayed as one launch, and the host calls its host
-/// nodes run (see host_call.rs).
+/// A captured sequence of GPU work, replayed as one launch, and the host calls it posts to
+/// the GPU's host worker (see host_call.rs).
 pub struct Graph {
     pub(super) graph: CudaGraph,
     pub(super) calls: Vec<Arc<HostCall>>,
     pub(super) stream: Arc<CudaStream>,
+    pub(super) worker: Arc<Worker>,
 }
 
 impl Graph {
     pub fn launch(&self) -> Result<()> {
+        if !self.calls.is_empty() {
+            // the worker spins before the first post reaches it
+            self.worker.kick();
+        }
         self.graph.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
     }
 
@@ -46,9 +51,10 @@ impl Graph {
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        // a replay still running may yet enter a host node: its call must outlive it
+        // a replay still running may yet post to a call: the worker watches it until then
         if !self.calls.is_empty() {
             let _ = self.stream.synchronize();
+            self.worker.unregister(&self.calls);
         }
     }
 }

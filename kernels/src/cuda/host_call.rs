@@ -1,61 +1,105 @@
 //! Host work inside a captured graph (issue 7): a decode step whose layers keep experts in
-//! host memory computes them on the CPU without leaving the step's CUDA graph. On the side
-//! stream the graph copies the work's inputs (the layer's input row and the router's
-//! choices) into page-locked buffers, runs a host node that calls the work, and copies its
-//! output back; the main stream goes on with the GPU's own experts meanwhile. Leaving the
-//! graph instead (the step launched kernel by kernel, the host waiting for each such
-//! layer's choices) cost about 0.25 ms a layer on an H200 (docs/PERF.md).
+//! host memory computes them on the CPU without leaving the step's CUDA graph.
 //!
-//! A host node may make no CUDA call, so the work gets plain slices: the inputs as the
-//! copies left them and an output the copy after it reads. The graph that holds the node
-//! keeps the [`HostCall`] alive; a failure (an error or a panic) is kept for
-//! [`HostCall::take_error`] and leaves NaN in the output, so that nothing computed from it
-//! passes for a result.
+//! Each [`HostCall`] owns page-locked host memory mapped for the GPU. In the graph,
+//! `host_post` (host_exchange.cu) writes the layer's input row and the router's choices
+//! there and raises a posted count; the GPU goes on with its own experts; `host_wait` spins
+//! until the count is answered and copies the answer into device memory. A host worker
+//! thread (one per GPU) watches the posted counts of the calls of live graphs, runs each
+//! call's work on the values as the kernel left them, and raises the answered count.
+//! Leaving the graph instead (the step launched kernel by kernel, the host waiting for
+//! each such layer's choices) cost about 0.25 ms a layer on an H200, and a CUDA host node
+//! in the graph (cuLaunchHostFunc) 0.13-0.16 ms (docs/PERF.md).
+//!
+//! The worker spins for [`SPIN`] after the last graph launch or answer, then parks (woken
+//! by the next launch). A failure of the work (an error or a panic) is kept for
+//! [`HostCall::take_error`] and its answer is NaN, so that nothing computed from it passes
+//! for a result; a worker that does not answer within [`TIMEOUT`] makes the wait give NaN
+//! and the call report it.
 
-use std::ffi::c_void;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use cudarc::driver::sys;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::ops::{int, launch, launch_on};
 use super::pinned::Pinned;
-use super::{drv, CudaView, CudaViewMut, Gpu, Result};
+use super::{drv, CudaView, CudaViewMut, Gpu, Result, Source};
 use crate::KernelError;
 
-/// The work of a host node: (input row, choices, output) -> Ok, or what went wrong.
+/// The work of a host call: (input row, choices, output) -> Ok, or what went wrong.
 pub type HostFn = dyn Fn(&[f32], &[i32], &mut [f32]) -> std::result::Result<(), String> + Send + Sync;
 
-/// Page-locked inputs and output of one host node, and its work.
+/// How long the worker spins for the next post after the last launch or answer.
+pub const SPIN: Duration = Duration::from_millis(20);
+/// How long a graph's wait gives the worker to answer.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Mapped inputs and output of one exchange, its counts, and its work.
 pub struct HostCall {
     x: Pinned<f32>,
-    ids: Pinned<i32>,
+    /// choices [0, k), then posted, answered, and the post that timed out (0: none)
+    words: Pinned<u32>,
     out: Pinned<f32>,
+    /// device addresses of x, words and out
+    dev: [u64; 3],
+    /// on the device: the count of posts (host_post raises it, host_wait reads it), and
+    /// host_wait's word to its other blocks (the post waited for, and whether answered)
+    seq: CudaSlice<u32>,
+    k: usize,
+    /// the last post the worker answered (the worker's alone)
+    answered: AtomicU32,
+    /// the last timed-out post reported
+    reported_timeout: AtomicU32,
     work: Box<HostFn>,
     /// the first failure since the last `take_error`
     error: Mutex<Option<String>>,
-    /// held while the work runs: one call at a time touches the buffers
-    busy: Mutex<()>,
 }
 
 impl HostCall {
-    /// The first failure of the work since the last call (graph replays go on after one;
-    /// their owner asks after each).
+    /// The first failure since the last call: of the work, or a wait that timed out (graph
+    /// replays go on after one; their owner asks after each).
     pub fn take_error(&self) -> Option<String> {
+        let timed_out = self.word(self.k + 2).load(Ordering::Acquire);
+        if timed_out != 0 && self.reported_timeout.swap(timed_out, Ordering::Relaxed) != timed_out {
+            return Some(format!("the host worker did not answer within {} s", TIMEOUT.as_secs()));
+        }
         self.error.lock().ok().and_then(|mut e| e.take())
+    }
+
+    fn word(&self, i: usize) -> &AtomicU32 {
+        assert!(i < self.words.len());
+        // SAFETY: words is a live page-locked allocation of words.len() u32 values owned by
+        // self, aligned for u32; the GPU and the worker touch these words only atomically
+        // (volatile accesses with fences on the GPU's side).
+        unsafe { &*((self.words.at as *const u32).add(i) as *const AtomicU32) }
+    }
+
+    /// Answers a new post, if there is one: runs the work and raises the answered count.
+    fn serve(&self) -> bool {
+        let posted = self.word(self.k).load(Ordering::Acquire);
+        if posted == self.answered.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.run();
+        self.answered.store(posted, Ordering::Relaxed);
+        // the answer's values before its count
+        self.word(self.k + 1).store(posted, Ordering::Release);
+        true
     }
 
     fn run(&self) {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let _busy = self.busy.lock().map_err(|_| "a host call's lock was poisoned".to_string())?;
-            // SAFETY: the three buffers are page-locked allocations owned by self, of the
-            // lengths given. The graph orders the copies into x and ids before this node and
-            // the copy out of `out` after it, and the host reads them only after waiting for
-            // the stream (Gpu::pinned_host), so nothing else touches them meanwhile; `busy`
-            // keeps two replays' nodes apart.
+            // SAFETY: x, the choices and out are page-locked allocations owned by self, of
+            // the lengths given. host_post wrote x and the choices before raising the count
+            // this answers, and host_wait reads out only after the answered count, so only
+            // the worker (one thread) touches them now.
             let (x, ids, out) = unsafe {
                 (
                     std::slice::from_raw_parts(self.x.at as *const f32, self.x.len()),
-                    std::slice::from_raw_parts(self.ids.at as *const i32, self.ids.len()),
+                    std::slice::from_raw_parts(self.words.at as *const i32, self.k),
                     std::slice::from_raw_parts_mut(self.out.at as *mut f32, self.out.len()),
                 )
             };
@@ -79,57 +123,185 @@ impl HostCall {
     }
 }
 
-/// The host node's entry: `data` is an `Arc<HostCall>`'s pointer.
-unsafe extern "C" fn run_host_call(data: *mut c_void) {
-    // SAFETY: the graph holding this node keeps the Arc (Graph::calls), and Graph's drop
-    // waits for its replays before releasing it.
-    let call = unsafe { &*(data as *const HostCall) };
-    call.run();
+/// The calls of live graphs, watched by one thread.
+pub(super) struct Worker {
+    calls: Mutex<Vec<Arc<HostCall>>>,
+    /// raised whenever `calls` changes
+    changed: AtomicU64,
+    /// nanoseconds since `start` of the last launch of a graph with calls
+    kicked: AtomicU64,
+    start: Instant,
+    stop: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// bound on the thread: a call whose last owner is the thread frees its memory there
+    ctx: Arc<cudarc::driver::CudaContext>,
+}
+
+impl Worker {
+    fn new(ctx: Arc<cudarc::driver::CudaContext>) -> Arc<Worker> {
+        Arc::new(Worker {
+            ctx,
+            calls: Mutex::new(Vec::new()),
+            changed: AtomicU64::new(0),
+            kicked: AtomicU64::new(0),
+            start: Instant::now(),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        })
+    }
+
+    fn lock_calls(&self) -> Result<std::sync::MutexGuard<'_, Vec<Arc<HostCall>>>> {
+        self.calls.lock().map_err(|_| KernelError::Cuda("the host worker's calls: lock poisoned".into()))
+    }
+
+    /// Watches `calls` (from the next round on), starting the thread if it is not running.
+    pub(super) fn register(self: &Arc<Self>, calls: &[Arc<HostCall>]) -> Result<()> {
+        self.lock_calls()?.extend(calls.iter().cloned());
+        self.changed.fetch_add(1, Ordering::Release);
+        let mut t = self.thread.lock().map_err(|_| KernelError::Cuda("the host worker: lock poisoned".into()))?;
+        if t.is_none() {
+            let w = self.clone();
+            let handle = std::thread::Builder::new()
+                .name("mxr-host-calls".into())
+                .spawn(move || w.watch())
+                .map_err(|e| KernelError::Cuda(format!("starting the host worker thread: {e}")))?;
+            *t = Some(handle);
+        }
+        Ok(())
+    }
+
+    /// Stops watching `calls` (a graph that drops).
+    pub(super) fn unregister(&self, calls: &[Arc<HostCall>]) {
+        if let Ok(mut v) = self.calls.lock() {
+            v.retain(|c| !calls.iter().any(|d| Arc::ptr_eq(c, d)));
+        }
+        self.changed.fetch_add(1, Ordering::Release);
+    }
+
+    /// A graph with calls was launched: spin from now on.
+    pub(super) fn kick(&self) {
+        self.kicked.store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Ok(t) = self.thread.lock() {
+            if let Some(h) = t.as_ref() {
+                h.thread().unpark();
+            }
+        }
+    }
+
+    /// Ends the thread (the GPU closes).
+    pub(super) fn shut(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+
+    fn watch(&self) {
+        // an error here surfaces as the calls' frees failing, recorded by the context
+        let _ = self.ctx.bind_to_thread();
+        let (mut seen, mut calls): (u64, Vec<Arc<HostCall>>) = (u64::MAX, Vec::new());
+        let mut active = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            let changed = self.changed.load(Ordering::Acquire);
+            if changed != seen {
+                calls = self.calls.lock().map(|v| v.clone()).unwrap_or_default();
+                seen = changed;
+            }
+            let mut served = false;
+            for c in &calls {
+                served |= c.serve();
+            }
+            let now = self.start.elapsed().as_nanos() as u64;
+            if served {
+                active = now;
+            }
+            let last = active.max(self.kicked.load(Ordering::Relaxed));
+            if now.saturating_sub(last) < SPIN.as_nanos() as u64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+        }
+    }
 }
 
 impl Gpu {
-    /// A host node's buffers (`x_len` inputs, `ids_len` choices, `out_len` outputs) and
-    /// its work, for [`Gpu::host_call_side`].
+    /// A host call's mapped buffers (`x_len` inputs, `ids_len` choices, `out_len` outputs)
+    /// and its work, for [`Gpu::host_post`] and [`Gpu::host_wait`]. Not while capturing:
+    /// page-locked memory cannot be allocated then.
     pub fn host_call(&self, x_len: usize, ids_len: usize, out_len: usize, work: Box<HostFn>) -> Result<Arc<HostCall>> {
+        let (x, xd) = self.mapped::<f32>(x_len)?;
+        let (words, wd) = self.mapped::<u32>(ids_len + 3)?;
+        let (out, od) = self.mapped::<f32>(out_len)?;
         Ok(Arc::new(HostCall {
-            x: self.pinned(x_len)?,
-            ids: self.pinned(ids_len)?,
-            out: self.pinned(out_len)?,
+            x,
+            words,
+            out,
+            dev: [xd, wd, od],
+            seq: self.zeros::<u32>(3)?,
+            k: ids_len,
+            answered: AtomicU32::new(0),
+            reported_timeout: AtomicU32::new(0),
             work,
             error: Mutex::new(None),
-            busy: Mutex::new(()),
         }))
     }
 
-    /// While capturing a graph: on the side stream, after the main stream's work so far,
-    /// x and ids to `call`'s page-locked inputs, the call's work on the host, and its output
-    /// to `out`. Order later main-stream work that reads `out` with
-    /// [`Gpu::main_after_side`]. The graph keeps `call`.
-    pub fn host_call_side(
-        &self,
-        call: &Arc<HostCall>,
-        x: &CudaView<'_, f32>,
-        ids: &CudaView<'_, i32>,
-        out: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        if !self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+    fn capturing_call(&self, call: &Arc<HostCall>) -> Result<()> {
+        if !self.capturing.load(Ordering::Relaxed) {
             return Err(KernelError::Cuda("a host call outside a graph capture".into()));
         }
-        for (what, want, got) in
-            [("input", call.x.len(), x.len()), ("choices", call.ids.len(), ids.len()), ("output", call.out.len(), out.len())]
-        {
+        let mut kept = self.graph_calls.lock().map_err(|_| KernelError::Cuda("the graph's host calls: lock poisoned".into()))?;
+        if !kept.iter().any(|c| Arc::ptr_eq(c, call)) {
+            kept.push(call.clone());
+        }
+        Ok(())
+    }
+
+    /// While capturing a graph: x and ids to `call`'s mapped inputs, and the post that
+    /// hands them to the host worker. The graph keeps `call`.
+    pub fn host_post(&self, call: &Arc<HostCall>, x: &CudaView<'_, f32>, ids: &CudaView<'_, i32>) -> Result<()> {
+        for (what, want, got) in [("input", call.x.len(), x.len()), ("choices", call.k, ids.len())] {
             if want != got {
-                return Err(KernelError::Length { op: "host call", what, expected: want, actual: got });
+                return Err(KernelError::Length { op: "host post", what, expected: want, actual: got });
             }
         }
-        self.side_after_main()?;
-        self.download_pinned_on(&self.side, x, &call.x, 0)?;
-        self.download_pinned_on(&self.side, ids, &call.ids, 0)?;
-        let data = Arc::as_ptr(call) as *mut c_void;
-        // SAFETY: run_host_call reads data as the HostCall it is; the graph keeps it alive.
-        let r = unsafe { sys::cuLaunchHostFunc(self.side.cu_stream(), Some(run_host_call), data) };
-        r.result().map_err(|e| drv("queuing host work in a graph", e))?;
-        self.graph_calls.lock().map_err(|_| KernelError::Cuda("the graph's host calls: lock poisoned".into()))?.push(call.clone());
-        self.upload_pinned_on(&self.side, &call.out, 0, out)
+        self.capturing_call(call)?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (d, k) = (int("host_post", call.x.len())?, int("host_post", call.k)?);
+        let [xd, wd, _] = call.dev;
+        launch!(self, Source::HostExchange, "host_post", cfg, x, ids, &d, &k, &call.seq, &xd, &wd)
+    }
+
+    /// While capturing a graph, after [`Gpu::host_post`]: waits for the worker's answer to
+    /// that post and copies it to `out` (NaN where it did not come in time).
+    pub fn host_wait(&self, call: &Arc<HostCall>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        if out.len() != call.out.len() {
+            return Err(KernelError::Length { op: "host wait", what: "output", expected: call.out.len(), actual: out.len() });
+        }
+        self.capturing_call(call)?;
+        let n = int("host_wait", out.len())?;
+        let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(256).max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let k = int("host_wait", call.k)?;
+        let [_, wd, od] = call.dev;
+        let timeout = TIMEOUT.as_nanos() as u64;
+        launch!(self, Source::HostExchange, "host_wait", cfg, &call.seq, &wd, &k, &od, &n, &timeout, out)
+    }
+}
+
+/// The worker's handle for a GPU: started at the first graph with calls, ended with it.
+pub(super) struct WorkerSlot(pub(super) Arc<Worker>);
+
+impl WorkerSlot {
+    pub(super) fn new(ctx: Arc<cudarc::driver::CudaContext>) -> Self {
+        WorkerSlot(Worker::new(ctx))
+    }
+}
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        self.0.shut();
     }
 }

@@ -257,9 +257,11 @@ pub struct Gpu {
     launched_ns: std::sync::atomic::AtomicU64,
     /// `capture` is recording the main stream (launches then set programmatic edges).
     capturing: std::sync::atomic::AtomicBool,
-    /// The host calls queued by the capture in progress ([`Gpu::host_call_side`]), kept
+    /// The host calls posted by the capture in progress ([`Gpu::host_post`]), kept
     /// by the graph it makes.
     graph_calls: Mutex<Vec<Arc<host_call::HostCall>>>,
+    /// The thread that answers the host calls of this GPU's live graphs.
+    worker: host_call::WorkerSlot,
     /// Counters for kernels whose last block finishes a shared piece of work (common.cuh's
     /// `arrived_last`), zero between kernels: each such kernel resets what it counted. Only
     /// kernels on `stream` use them, one at a time.
@@ -314,6 +316,7 @@ impl Gpu {
         }
         // A stream of our own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
+        let worker_ctx = ctx.clone();
         let side = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| match format!("{e:?}") {
             s if s.contains("ALLOC_FAILED") => KernelError::Cuda(format!("out of GPU memory while starting cuBLAS ({s})")),
@@ -357,6 +360,7 @@ impl Gpu {
             launched_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
             graph_calls: Mutex::new(Vec::new()),
+            worker: host_call::WorkerSlot::new(worker_ctx),
             tickets,
             timeline,
         };
@@ -691,7 +695,12 @@ impl Gpu {
         let kept = calls(None)?;
         body?;
         match end.map_err(|e| drv("ending graph capture", e))? {
-            Some(g) => Ok(Graph { graph: g, calls: kept, stream: self.stream.clone() }),
+            Some(g) => {
+                if !kept.is_empty() {
+                    self.worker.0.register(&kept)?;
+                }
+                Ok(Graph { graph: g, calls: kept, stream: self.stream.clone(), worker: self.worker.0.clone() })
+            }
             None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
         }
     }

@@ -23,6 +23,7 @@ pub enum Source {
     /// Hopper-only (wgmma): compiled for sm_90a, and only on an sm_90 device.
     FlashWgmma,
     Check,
+    HostExchange,
 }
 
 const COMMON: &str = include_str!("../../cuda/common.cuh");
@@ -31,7 +32,7 @@ const MMA: &str = include_str!("../../cuda/mma.cuh");
 const ROWNORM: &str = include_str!("../../cuda/rownorm.cuh");
 
 impl Source {
-    pub const ALL: [Source; 10] = [
+    pub const ALL: [Source; 11] = [
         Source::Matvec,
         Source::Dequant,
         Source::Norm,
@@ -42,6 +43,7 @@ impl Source {
         Source::Flash,
         Source::FlashWgmma,
         Source::Check,
+        Source::HostExchange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +58,7 @@ impl Source {
             Source::Flash => "flash",
             Source::FlashWgmma => "flash_wgmma",
             Source::Check => "check",
+            Source::HostExchange => "host_exchange",
         }
     }
 
@@ -86,6 +89,7 @@ impl Source {
             Source::Flash => (&[MMA], include_str!("../../cuda/flash.cu")),
             Source::FlashWgmma => (&[MMA], include_str!("../../cuda/flash_wgmma.cu")),
             Source::Check => (&[], include_str!("../../cuda/check.cu")),
+            Source::HostExchange => (&[], include_str!("../../cuda/host_exchange.cu")),
         };
         let mut s = String::with_capacity(COMMON.len() + headers.iter().map(|h| h.len()).sum::<usize>() + body.len());
         s.push_str(COMMON);

@@ -34,10 +34,26 @@ impl<T> Pinned<T> {
 impl Gpu {
     /// `len` zeroed values of page-locked host memory for this GPU's stream.
     pub fn pinned<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<Pinned<T>> {
+        self.pinned_with(len, 0)
+    }
+
+    /// As [`Gpu::pinned`], mapped for the GPU: kernels read and write it in place at the
+    /// returned device address (host_call.rs's exchanges).
+    pub(super) fn mapped<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<(Pinned<T>, u64)> {
+        let p = self.pinned_with::<T>(len, cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP)?;
+        let mut dev: cudarc::driver::sys::CUdeviceptr = 0;
+        // SAFETY: p.at is the start of a live allocation made with DEVICEMAP in this context.
+        let r = unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut dev, p.at as *mut std::ffi::c_void, 0) };
+        r.result().map_err(|e| drv("mapping page-locked memory for the GPU", e))?;
+        Ok((p, dev))
+    }
+
+    fn pinned_with<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize, flags: u32) -> Result<Pinned<T>> {
         // SAFETY: the allocation is zeroed below before anything can read it, and zero bits
-        // are a valid T. Cached memory (flags 0), not cudarc's default write-combined kind,
-        // whose host reads bypass the caches (the logits, 800 KB a token, are read here).
-        let mut h = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len.max(1), 0) }
+        // are a valid T. Cached memory (no WRITECOMBINED), not cudarc's default
+        // write-combined kind, whose host reads bypass the caches (the logits, 800 KB a
+        // token, are read here).
+        let mut h = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len.max(1), flags) }
             .map_err(|e| drv(&format!("page-locking {} bytes of host memory", len * std::mem::size_of::<T>()), e))?;
         let p = h.as_mut_ptr().map_err(|e| drv("pinned memory", e))?;
         // SAFETY: p points at h's len() values, owned by h.
@@ -62,21 +78,11 @@ impl Gpu {
     /// Queues dst = src[at..at + dst.len()] on the stream (a copy node when capturing): the
     /// copy reads the host values when the stream reaches it.
     pub fn upload_pinned<T: DeviceRepr + ValidAsZeroBits>(&self, src: &Pinned<T>, at: usize, dst: &mut CudaViewMut<'_, T>) -> Result<()> {
-        self.upload_pinned_on(&self.stream, src, at, dst)
-    }
-
-    pub(super) fn upload_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
-        &self,
-        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-        src: &Pinned<T>,
-        at: usize,
-        dst: &mut CudaViewMut<'_, T>,
-    ) -> Result<()> {
         let n = dst.len();
         if at + n > src.len() {
             return Err(KernelError::Length { op: "upload from pinned memory", what: "source", expected: at + n, actual: src.len() });
         }
-        let (ptr, _) = dst.device_ptr_mut(stream);
+        let (ptr, _) = dst.device_ptr_mut(&self.stream);
         let base = src.at as *const T;
         // SAFETY: [at, at + n) lies inside src's page-locked allocation, which outlives the
         // copy only if the caller keeps it: the step that owns both the graph and its
@@ -84,7 +90,7 @@ impl Gpu {
         // (pinned_host_mut).
         unsafe {
             let host = std::slice::from_raw_parts(base.add(at), n);
-            cudarc::driver::result::memcpy_htod_async(ptr, host, stream.cu_stream()).map_err(|e| drv("upload from pinned memory", e))
+            cudarc::driver::result::memcpy_htod_async(ptr, host, self.stream.cu_stream()).map_err(|e| drv("upload from pinned memory", e))
         }
     }
 
@@ -105,14 +111,11 @@ impl Gpu {
         self.download_pinned_on(&self.side, src, dst, at)
     }
 
-    /// The copy of [`Gpu::download_pinned`] on `stream`. It writes through dst's fixed
-    /// address when the stream reaches it, so it takes dst shared: a host call's buffers are
-    /// written by the copy and then by the host node, never through a Rust reference.
-    pub(super) fn download_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
+    fn download_pinned_on<T: DeviceRepr + ValidAsZeroBits>(
         &self,
         stream: &std::sync::Arc<cudarc::driver::CudaStream>,
         src: &CudaView<'_, T>,
-        dst: &Pinned<T>,
+        dst: &mut Pinned<T>,
         at: usize,
     ) -> Result<()> {
         let n = src.len();

@@ -29,7 +29,7 @@ pub struct GpuSession {
     counts: Vec<CudaSlice<u32>>,
     /// The decode step's graph and its buffers (None only while a step runs).
     step: Option<Box<Step>>,
-    /// Per layer with experts in host memory, the host node its decode graph calls
+    /// Per layer with experts in host memory, the host call its decode graph posts to
     /// (offload_graph.rs), made before the capture: page-locked memory cannot be
     /// allocated while one records.
     host_calls: Vec<Option<Arc<HostCall>>>,
@@ -213,7 +213,7 @@ impl GpuModel {
             self.decode(host, session, tokens[0])?;
             let step = session.step.as_ref().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
             let found = usize::try_from(g.pinned_host(&step.io)?[IO_FOUND]).ok();
-            // the step's host nodes (experts on the CPU) have run by now
+            // the step's host calls (experts on the CPU) have been answered by now
             if let Some(why) = step.graph.as_ref().and_then(|gr| gr.host_error()) {
                 return Err(ModelError::Input(format!("experts on the CPU in the decode step: {why}")));
             }

@@ -84,7 +84,8 @@ pub struct GpuModel {
     /// Some experts are in host memory (the MoE then waits for the host each layer).
     pub offloaded: bool,
     /// Decoded tokens with experts on the CPU ([`ColdExperts::Host`]) stay one CUDA graph,
-    /// the CPU's work in host nodes (offload_graph.rs; `MXR_OFFLOAD_GRAPH=0` turns it off:
+    /// the CPU's work done by the GPU's host worker (offload_graph.rs, host_call.rs;
+    /// `MXR_OFFLOAD_GRAPH=0` turns it off:
     /// such steps are then launched kernel by kernel and wait for the host each layer).
     pub offload_graph: bool,
     /// Changes whenever experts move between the GPU and the host (rebalance): decode
@@ -349,7 +350,7 @@ impl GpuModel {
     }
 
     /// Whether this model's own decode steps replay a graph: as [`GpuModel::graphs_enabled`],
-    /// and with experts on the CPU too where their work runs in host nodes.
+    /// and with experts on the CPU too where the host worker does their work.
     pub(crate) fn decode_graphs(&self) -> bool {
         self.graphs_on() && (!self.offloaded || self.offload_graph)
     }

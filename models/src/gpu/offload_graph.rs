@@ -1,8 +1,8 @@
 //! Decode with experts in host memory inside the step's CUDA graph ([`ColdExperts::Host`],
-//! issue 7). Each layer with host experts routes on the GPU; on the side stream a host
-//! node receives the layer's input and the router's choices, computes the chosen host
-//! experts on the CPU (ggml's kernels on the mapped file) and sends their rows back, while
-//! the main stream computes the resident ones. The host's rows then replace the cold
+//! issue 7). Each layer with host experts routes on the GPU and posts the layer's input
+//! and the router's choices to the GPU's host worker, which computes the chosen host
+//! experts on the CPU (ggml's kernels on the mapped file) while the GPU computes the
+//! resident ones; the GPU then waits for the worker's rows. The host's rows then replace the cold
 //! choices' rows and one kernel combines them with the routing weights, as
 //! [`GpuModel::moe_offload`] does outside a graph. See mxr_kernels::cuda::host_call.
 //!
@@ -30,8 +30,7 @@ impl GpuModel {
         let (g, c) = (&self.gpu, &self.config);
         let (d, k) = (c.dim, c.n_experts_used);
         let (ids, weights) = self.route(layer, x, 1, counts)?;
-        let mut from_host = g.alloc::<f32>(k + k * d)?;
-        g.host_call_side(call, &x.slice(..d), &ids.as_view(), &mut from_host.as_view_mut())?;
+        g.host_post(call, &x.slice(..d), &ids.as_view())?;
         let mut y = g.zeros::<f32>(k * d)?;
         // every choice on the GPU, host experts' at place 0: those rows are replaced below
         if let Some(table) = &layer.slot_table {
@@ -39,7 +38,8 @@ impl GpuModel {
             g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
             self.experts_matvec(layer.experts(), &places, x, None, 1, k, k, &mut y.as_view_mut())?;
         }
-        g.main_after_side()?;
+        let mut from_host = g.alloc::<f32>(k + k * d)?;
+        g.host_wait(call, &mut from_host.as_view_mut())?;
         g.take_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
         let mut out = g.alloc::<f32>(d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), 1, k, d, &mut out.as_view_mut())?;
@@ -56,7 +56,7 @@ impl GpuModel {
             .collect()
     }
 
-    /// The host node's work for model layer `l`: for each choice of a host expert (slot
+    /// The host call's work for model layer `l`: for each choice of a host expert (slot
     /// None), its flag and its output row; the counters count them.
     fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>]) -> Result<Arc<HostCall>, ModelError> {
         let c = &self.config;
