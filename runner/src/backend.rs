@@ -411,7 +411,7 @@ mod tests {
         // over PCIe 3 the CPU's way wins (and the placement is planned again)
         let mut p = ColdPlan::with_rates(&args(&[]), slow, None);
         assert!(p.settle(76e6, 2) && p.cold == ColdExperts::Host, "{}", p.why);
-        assert!(p.why.contains("the CPU's way 2.40 ms at 40.0 GB/s with 2 layers leaving"), "{}", p.why);
+        assert!(p.why.contains("the CPU's way 2.00 ms at 40.0 GB/s with 2 layers exchanging"), "{}", p.why);
         assert!(!p.settle(76e6, 2), "settled once");
         // ... but not for a few cold bytes, nor where no expert stays on the host
         let mut p = ColdPlan::with_rates(&args(&[]), slow, None);
