@@ -521,6 +521,8 @@ fn every_expert_placement_gives_the_same_logits() {
 /// the logits of the same steps launched kernel by kernel (`MXR_OFFLOAD_GRAPH=0`) bit for
 /// bit, since the same GPU products and the same CPU kernels see the same inputs; the host
 /// worker counts the experts it computes, as many as the steps launched kernel by kernel.
+/// A layer split in two parts decodes the same logits, each part's graph posting to the
+/// host worker.
 #[test]
 #[ignore = "needs a GPU"]
 fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
@@ -560,6 +562,31 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
             let this = a == b && na == nb && na > 0 && copied == 0;
             println!(
                 "CHECK CPU experts in the decode graph | nano {q}, {name}, 8 steps, {na} experts on the CPU from the graph ({nb} kernel by kernel) | max abs {:.2e} | exact | {}",
+                d.max_abs,
+                if this { "ok" } else { "FAIL" }
+            );
+            ok &= this;
+            // the same steps over two parts of a layer split (one GPU opened twice), each
+            // part's graph posting to its own GPU's host worker
+            let half = c.n_layers / 2;
+            let gpus = vec![Gpu::open(0).unwrap(), Gpu::open(0).unwrap()];
+            let mut sm =
+                SplitModel::upload(&m, gpus, &[0..half, half..c.n_layers], &[Some(p.clone()), Some(p.clone())], ColdExperts::Host).unwrap();
+            sm.parts.iter_mut().for_each(|g| g.kv_type = KvType::F32);
+            let mut s = SplitSession::new(&sm, 64).unwrap();
+            let mut next = argmax(&sm.forward(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+            let before: u64 = sm.parts.iter().map(|g| g.cpu_experts.load(Relaxed)).sum();
+            let mut split = Vec::new();
+            for _ in 0..8 {
+                let l = sm.forward(Some(&m), &mut s, &[next], Logits::Last).unwrap();
+                next = argmax(&l) as u32;
+                split.extend(l);
+            }
+            let ns = sm.parts.iter().map(|g| g.cpu_experts.load(Relaxed)).sum::<u64>() - before;
+            let d = diff(&split, &a);
+            let this = split == a && ns == na;
+            println!(
+                "CHECK CPU experts in the decode graph | nano {q}, {name}, layer split in two, 8 steps, {ns} experts on the CPU | max abs {:.2e} from one GPU | exact | {}",
                 d.max_abs,
                 if this { "ok" } else { "FAIL" }
             );

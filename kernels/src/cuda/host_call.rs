@@ -62,31 +62,32 @@ impl HostCall {
     /// The first failure since the last call: of the work, or a wait that timed out (graph
     /// replays go on after one; their owner asks after each).
     pub fn take_error(&self) -> Option<String> {
-        let timed_out = self.word(self.k + 2).load(Ordering::Acquire);
+        let timed_out = self.word(2).load(Ordering::Acquire);
         if timed_out != 0 && self.reported_timeout.swap(timed_out, Ordering::Relaxed) != timed_out {
             return Some(format!("the host worker did not answer within {} s", TIMEOUT.as_secs()));
         }
         self.error.lock().ok().and_then(|mut e| e.take())
     }
 
-    fn word(&self, i: usize) -> &AtomicU32 {
-        assert!(i < self.words.len());
-        // SAFETY: words is a live page-locked allocation of words.len() u32 values owned by
-        // self, aligned for u32; the GPU and the worker touch these words only atomically
+    /// Word k + j of `words`, j < 3 (posted, answered, timed out).
+    fn word(&self, j: usize) -> &AtomicU32 {
+        let i = (self.k + j.min(2)).min(self.words.len() - 1);
+        // SAFETY: i < words.len() (k + 3 values, a live page-locked allocation owned by
+        // self, aligned for u32); the GPU and the worker touch these words only atomically
         // (volatile accesses with fences on the GPU's side).
         unsafe { &*((self.words.at as *const u32).add(i) as *const AtomicU32) }
     }
 
     /// Answers a new post, if there is one: runs the work and raises the answered count.
     fn serve(&self) -> bool {
-        let posted = self.word(self.k).load(Ordering::Acquire);
+        let posted = self.word(0).load(Ordering::Acquire);
         if posted == self.answered.load(Ordering::Relaxed) {
             return false;
         }
         self.run();
         self.answered.store(posted, Ordering::Relaxed);
         // the answer's values before its count
-        self.word(self.k + 1).store(posted, Ordering::Release);
+        self.word(1).store(posted, Ordering::Release);
         true
     }
 

@@ -55,6 +55,17 @@ struct Step {
 const IO_FOUND: usize = 2;
 
 impl GpuSession {
+    /// Before a decode graph of `m` is captured: the host calls of its layers with experts
+    /// in host memory, on `host`'s weights (none where all experts are on the GPU).
+    pub(crate) fn prepare_host_calls(&mut self, m: &GpuModel, host: Option<&Model>) -> Result<(), ModelError> {
+        self.host_calls = match (m.offloaded, host) {
+            (false, _) => Vec::new(),
+            (true, Some(h)) => m.cold_calls(h)?,
+            (true, None) => return Err(ModelError::Input("experts in host memory need the host model".into())),
+        };
+        Ok(())
+    }
+
     /// An empty session with KV room for `capacity` tokens.
     pub fn new(m: &GpuModel, capacity: usize) -> Result<GpuSession, ModelError> {
         let c = &m.config;
@@ -214,9 +225,7 @@ impl GpuModel {
             let step = session.step.as_ref().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
             let found = usize::try_from(g.pinned_host(&step.io)?[IO_FOUND]).ok();
             // the step's host calls (experts on the CPU) have been answered by now
-            if let Some(why) = step.graph.as_ref().and_then(|gr| gr.host_error()) {
-                return Err(ModelError::Input(format!("experts on the CPU in the decode step: {why}")));
-            }
+            host_failure(step.graph.as_ref())?;
             f(LogitsOut::checked(g.pinned_host(&step.logits)?, found))
         } else {
             let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
@@ -248,11 +257,7 @@ impl GpuModel {
             step.placement = self.placement_generation;
         }
         if step.graph.is_none() {
-            session.host_calls = match (self.offloaded, host) {
-                (false, _) => Vec::new(),
-                (true, Some(h)) => self.cold_calls(h)?,
-                (true, None) => return Err(ModelError::Input("experts in host memory need the host model".into())),
-            };
+            session.prepare_host_calls(self, host)?;
             let pos_host = session.pos;
             let Step { io, token, pos, found, logits, .. } = step;
             let graph = g.capture(|| {
@@ -660,6 +665,15 @@ pub(crate) fn check_tokens(c: &crate::Config, pos: usize, capacity: usize, token
         return Err(ModelError::Input(format!("{n} tokens after {pos} exceed the context of {capacity}")));
     }
     Ok(())
+}
+
+/// After a replay of `graph` has finished: the first failure of its host calls (experts on
+/// the CPU), as an error.
+pub(crate) fn host_failure(graph: Option<&Graph>) -> Result<(), ModelError> {
+    match graph.and_then(|g| g.host_error()) {
+        Some(why) => Err(ModelError::Input(format!("experts on the CPU in the decode step: {why}"))),
+        None => Ok(()),
+    }
 }
 
 /// Errors inside a graph capture travel as kernel errors.

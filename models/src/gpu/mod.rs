@@ -345,12 +345,8 @@ impl GpuModel {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(crate) fn graphs_enabled(&self) -> bool {
-        self.graphs_on() && !self.offloaded
-    }
-
-    /// Whether this model's own decode steps replay a graph: as [`GpuModel::graphs_enabled`],
-    /// and with experts on the CPU too where the host worker does their work.
+    /// Whether decode steps replay a graph: unless turned off or profiling, and with
+    /// experts in host memory only where the host worker does their work (the CPU's way).
     pub(crate) fn decode_graphs(&self) -> bool {
         self.graphs_on() && (!self.offloaded || self.offload_graph)
     }

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use mxr_kernels::cuda::{CudaSlice, Gpu, Graph, Pinned};
 
-use super::forward::{check_tokens, to_kernel, GpuSession};
+use super::forward::{check_tokens, host_failure, to_kernel, GpuSession};
 use super::{ColdExperts, GpuModel};
 use crate::forward::{Logits, Session};
 use crate::placement::Placement;
@@ -113,14 +113,19 @@ impl SplitModel {
         for (part, ps) in self.parts.iter().zip(s.parts.iter_mut()) {
             ps.commit(part, n)?;
         }
-        let r = if n == 1 && which == Logits::Last && self.parts.iter().all(|p| p.graphs_enabled()) {
-            self.decode(s, tokens[0])?;
+        let r = if n == 1 && which == Logits::Last && self.parts.iter().all(|p| p.decode_graphs()) {
+            self.decode(host, s, tokens[0])?;
             let logits = s
                 .steps
                 .last()
                 .and_then(|st| st.logits.as_ref())
                 .ok_or_else(|| ModelError::Input("the last part's decode step has no logits buffer".into()))?;
-            f(LogitsOut::unchecked(self.parts[self.parts.len() - 1].gpu.pinned_host(logits)?))
+            let logits = self.parts[self.parts.len() - 1].gpu.pinned_host(logits)?;
+            // every part's host calls were answered before the last part could finish
+            for st in &s.steps {
+                host_failure(st.graph.as_ref())?;
+            }
+            f(LogitsOut::unchecked(logits))
         } else {
             f(LogitsOut::unchecked(&self.pass(host, s, tokens, which)?))
         };
@@ -162,7 +167,7 @@ impl SplitModel {
     /// One token: each part replays its captured graph (captured at the first call), the
     /// activations handed from part to part between the replays; the logits land in the
     /// last part's page-locked buffer.
-    fn decode(&self, s: &mut SplitSession, token: u32) -> Result<(), ModelError> {
+    fn decode(&self, host: Option<&Model>, s: &mut SplitSession, token: u32) -> Result<(), ModelError> {
         let c = self.config();
         if s.steps.is_empty() {
             for (i, p) in self.parts.iter().enumerate() {
@@ -191,6 +196,7 @@ impl SplitModel {
             }
             if st.graph.is_none() {
                 let ps = &mut s.parts[i];
+                ps.prepare_host_calls(part, host)?;
                 let PartStep { io, pos, token, x, out, logits, .. } = st;
                 let graph = g.capture(|| {
                     g.upload_pinned(io, 0, &mut token.as_view_mut())?;
@@ -207,7 +213,7 @@ impl SplitModel {
                         own
                     };
                     let y = &mut y;
-                    let pending = part.run_layers(None, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
+                    let pending = part.run_layers(host, ps, y, pos, pos_host, 1).map_err(to_kernel)?;
                     if i == last {
                         let l = part.head(y, pending, 1, Logits::Last).map_err(to_kernel)?;
                         g.copy(&l.as_view(), &mut out.as_view_mut())?;
