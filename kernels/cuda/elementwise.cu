@@ -51,6 +51,24 @@ extern "C" __global__ void map_ids(const int* ids, const int* table, int n, int*
     if (i < n) out[i] = table[ids[i]];
 }
 
+// places[j] for one token's k choices ids when some experts stay in host memory (cold[e]
+// != 0) and every expert has its place at its own index (--cold-experts mixed): the first
+// cold choice goes to the CPU (-1: the products skip it), the others keep their expert's
+// place, read in place over PCIe if cold. The host worker takes the same first cold choice.
+extern "C" __global__ void mixed_places(const int* ids, const int* cold, int k, int* places) { PDL_ENTRY();
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    int taken = 0;
+    for (int j = 0; j < k; j++) {
+        int e = ids[j];
+        if (cold[e] && !taken) {
+            places[j] = -1;
+            taken = 1;
+        } else {
+            places[j] = e;
+        }
+    }
+}
+
 // y[r, :] = src[rows + r * width ...] for each row r = blockIdx.y whose flag src[r] is not 0:
 // a host call's output (flags, then rows x width values) over the rows the host computed
 extern "C" __global__ void take_flagged_rows(const float* src, int rows, int width, float* y) { PDL_ENTRY();

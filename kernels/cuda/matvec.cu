@@ -14,6 +14,11 @@
 // unit's loads issued before the current unit's products; `Pipelined`), or Q8_0's and
 // Q4_K's products run from shared memory filled by cp.async (`Staged`).
 
+// A pair whose expert id is negative is skipped: its output rows are left as they are
+// (a decode step's cold choice that the CPU computes, whose rows are replaced afterwards;
+// offload_graph.rs). Read after the kernel's PDL wait, like every id.
+#define SKIP_PAIR(ids, p) ((ids) && (ids)[p] < 0)
+
 // All of these are set by the launcher at compile time (-D), defaults here.
 #ifndef ROWS
 #define ROWS 4
@@ -363,7 +368,10 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
     bool early = EARLY && !ids;
     if (!early) {
         PDL_ENTRY();
-        if (ids) w += (long long)ids[p] * expert_stride;
+        if (ids) {
+            if (ids[p] < 0) return true;  // a pair another device computes (SKIP_PAIR)
+            w += (long long)ids[p] * expert_stride;
+        }
     }
 #pragma unroll
     for (int s = 0; s < STAGE - 1; s++) {
@@ -426,6 +434,7 @@ __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, i
     if constexpr (Staged<F>::on)
         if (matvec_staged<F>(w, expert_stride, ids, p, rows, cols, xqp, xdp, y + (size_t)p * rows)) return;
     PDL_ENTRY();
+    if (SKIP_PAIR(ids, p)) return;
     QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xqp, xdp};
     matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
 }
@@ -433,6 +442,7 @@ __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, i
 template <class F>
 __device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
     int p = blockIdx.y;
+    if (SKIP_PAIR(ids, p)) return;
     FloatInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * cols};
     matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
 }
@@ -454,6 +464,7 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
     if constexpr (Staged<F>::on)
         if (matvec_staged<F>(w, s, ids, p, rows, cols, xqp, xdp, y_row)) return;
     PDL_ENTRY();
+    if (SKIP_PAIR(ids, p)) return;
     QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xqp, xdp};
     matvec_rows(in, rows, F::units(cols), y_row);
 }
@@ -463,6 +474,7 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
 template <class F>
 __device__ void matvec_scalar(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
     int p = blockIdx.y;
+    if (SKIP_PAIR(ids, p)) return;
     const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
     const float* xp = x + (size_t)(p / x_div) * cols;
     int lane = threadIdx.x & 31;
@@ -480,6 +492,7 @@ template <class F>
 __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
     __shared__ float scratch[32];
     int p = blockIdx.y, r = blockIdx.x;
+    if (SKIP_PAIR(ids, p)) return;
     float acc = block_row_dot<F>(w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * cols, r, scratch);
     if (threadIdx.x == 0) y[(size_t)p * rows + r] = acc;
 }

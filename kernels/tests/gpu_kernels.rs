@@ -96,6 +96,17 @@ fn matvec_gathers_experts_and_inputs() {
                 want.extend(matvec_f64(&m, &as_kernel_input(q, &x_all[(p / x_div) * cols..(p / x_div + 1) * cols])));
             }
             check("matvec (experts)", &format!("{q} x_div {x_div}"), diff(&got, &want).nmse, 1e-10);
+            // a negative id skips its pair: those rows keep what they held (7.0), the
+            // others are as above
+            let skip = g.upload(&[2i32, -1, 2, 1]).unwrap();
+            let mut gy = g.upload(&vec![7f32; 4 * rows]).unwrap();
+            g.matvec(&gw, Some(&skip), &gx_all.as_view(), x_div, 4, &mut gy.as_view_mut()).unwrap();
+            let got = g.download(&gy.as_view()).unwrap();
+            let kept = got[rows..2 * rows].iter().all(|&v| v == 7.0);
+            let others: Vec<f32> = [0usize, 2, 3].iter().flat_map(|&p| got[p * rows..(p + 1) * rows].to_vec()).collect();
+            let want_others: Vec<f64> = [0usize, 2, 3].iter().flat_map(|&p| want[p * rows..(p + 1) * rows].to_vec()).collect();
+            let nmse = if kept { diff(&others, &want_others).nmse } else { f64::INFINITY };
+            check("matvec (experts, a pair skipped)", &format!("{q} x_div {x_div}"), nmse, 1e-10);
         }
     }
 }
@@ -432,6 +443,15 @@ fn norm_and_elementwise() {
     let mut mapped = g.zeros::<i32>(idx.len()).unwrap();
     g.map_ids(&gi.as_view(), &table.as_view(), &mut mapped.as_view_mut()).unwrap();
     assert_eq!(g.download(&mapped.as_view()).unwrap(), vec![0, 7, 0, -1, 2], "map_ids");
+    // mixed places: the first choice of an expert marked cold goes to the CPU (-1), the
+    // rest keep their expert's index
+    let cold = g.upload(&[0i32, 1, 0, 1, 1]).unwrap();
+    for (ids, want) in [([0i32, 3, 4], [0, -1, 4]), ([2, 0, 1], [2, 0, -1]), ([2, 0, 2], [2, 0, 2]), ([4, 1, 3], [-1, 1, 3])] {
+        let gi = g.upload(&ids).unwrap();
+        let mut places = g.zeros::<i32>(3).unwrap();
+        g.mixed_places(&gi.as_view(), &cold.as_view(), &mut places.as_view_mut()).unwrap();
+        assert_eq!(g.download(&places.as_view()).unwrap(), want, "mixed_places {ids:?}");
+    }
     let perm = [2i32, 4, 0, 1, 3];
     let gp = g.upload(&perm).unwrap();
     let mut z = g.zeros::<f32>(5 * width).unwrap();

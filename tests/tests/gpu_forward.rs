@@ -596,6 +596,65 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
     assert!(ok);
 }
 
+/// Issue 7, `--cold-experts mixed` in the decode graph: each layer's first cold choice goes
+/// to the host worker (the GPU's products skip it, SKIP_PAIR in matvec.cu) and any other is
+/// read in place. Over 8 greedy tokens the logits stay within the CPU's tolerance of all on
+/// the GPU with the same top-1, and with every expert cold each layer of each token gives
+/// the CPU exactly one choice and reads the other in place.
+#[test]
+#[ignore = "needs a GPU"]
+fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::placement::{plan, Policy, Sizes};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut ok = true;
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload-graph", q);
+        let c = &m.config;
+        let prompt: Vec<u32> = mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light");
+        // 8 greedy steps after the prompt: their logits, the experts on the CPU and read in
+        // place during them
+        let decode = |g: &GpuModel| -> (Vec<f32>, u64, u64) {
+            let mut s = GpuSession::new(g, 64).unwrap();
+            let mut next = argmax(&g.forward_on(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+            let before = (g.cpu_experts.load(Relaxed), g.in_place_experts.load(Relaxed));
+            let mut out = Vec::new();
+            for _ in 0..8 {
+                let l = g.forward_on(Some(&m), &mut s, &[next], Logits::Last).unwrap();
+                next = argmax(&l) as u32;
+                out.extend(l);
+            }
+            (out, g.cpu_experts.load(Relaxed) - before.0, g.in_place_experts.load(Relaxed) - before.1)
+        };
+        let all_gpu = gpu_model(&m);
+        let (want, _, _) = decode(&all_gpu);
+        drop(all_gpu);
+        let sizes = Sizes::of(&m, 64, 4.0, 0);
+        let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
+        let quarter = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / 4;
+        for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("a quarter of the experts", Policy::Budget(quarter))] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, ColdExperts::Mixed).unwrap();
+            g.kv_type = KvType::F32;
+            let (got, cpu, read) = decode(&g);
+            let d = diff(&got, &want);
+            let t = top1_same(&got, &want, c.vocab_size);
+            let all_cold = 8 * c.n_layers as u64;
+            let counts_ok = if p.experts_on_gpu() == 0 { cpu == all_cold && read == all_cold } else { cpu > 0 };
+            let this = d.max_abs <= 1e-1 && t.0 == t.1 && counts_ok;
+            println!(
+                "CHECK mixed cold experts in the decode graph | nano {q}, {name}, 8 steps, {cpu} on the CPU, {read} read in place | max abs {:.2e}, top-1 {}/{} | 1e-1 | {}",
+                d.max_abs,
+                t.0,
+                t.1,
+                if this { "ok" } else { "FAIL" }
+            );
+            ok &= this;
+        }
+    }
+    assert!(ok);
+}
+
 /// Issue 7, cold experts read in place (`ColdExperts::InPlace`, `--cold-experts in-place`):
 /// the same kernels read the same bytes, some from host pages, so the logits are the
 /// all-GPU model's bit for bit: prefill in chunks of 4 (the matrix-vector path) and of 24

@@ -721,6 +721,18 @@ impl Gpu {
         launch!(self, Source::Elementwise, "scatter_rows", cfg, src, idx, &w, dst)
     }
 
+    /// places[j] for one token's choices `ids` (k) with experts in host memory where
+    /// cold[e] != 0, every expert at its own place: the first cold choice -1 (the CPU's;
+    /// the matrix-vector products skip it), every other choice its expert's index.
+    pub fn mixed_places(&self, ids: &CudaView<'_, i32>, cold: &CudaView<'_, i32>, places: &mut CudaViewMut<'_, i32>) -> Result<()> {
+        need("mixed_places", "places", ids.len(), places.len())?;
+        if cold.is_empty() {
+            return Err(KernelError::Shape("mixed_places: an empty table".into()));
+        }
+        let k = int("mixed_places", ids.len())?;
+        launch!(self, Source::Elementwise, "mixed_places", grid1(1, 32), ids, cold, &k, places)
+    }
+
     /// y[r, :] = src[rows + r * width..][..width] for each row r < rows whose flag src[r]
     /// is not 0; other rows keep their values. src is a host call's output: `rows` flags,
     /// then rows x width values.

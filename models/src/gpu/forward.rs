@@ -6,10 +6,9 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use std::sync::Arc;
+use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, Pinned, QAct, Residual};
 
-use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, HostCall, KvBuf, KvType, Pinned, QAct, Residual};
-
+use super::offload_graph::LayerCall;
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
 use crate::forward::attention::KvCache;
 use crate::forward::{Logits, Session};
@@ -32,7 +31,7 @@ pub struct GpuSession {
     /// Per layer with experts in host memory, the host call its decode graph posts to
     /// (offload_graph.rs), made before the capture: page-locked memory cannot be
     /// allocated while one records.
-    host_calls: Vec<Option<Arc<HostCall>>>,
+    host_calls: Vec<Option<LayerCall>>,
 }
 
 /// The decode step's inputs and output, at fixed addresses for its graph: the token and
@@ -437,10 +436,10 @@ impl GpuModel {
                     (Some(slot), Some(h), _) => {
                         let (lm, counts) = (self.first_layer + l, &mut session.counts[l]);
                         let m = if n == 1 && g.is_capturing() {
-                            let call = session.host_calls.get(l).cloned().flatten();
+                            let call = session.host_calls.get(l).and_then(Option::as_ref);
                             let call =
                                 call.ok_or_else(|| ModelError::Input(format!("layer {lm}: no host call made for the decode graph")))?;
-                            self.moe_offload_captured(&call, layer, &x.as_view(), counts)?
+                            self.moe_offload_captured(call, layer, &x.as_view(), counts)?
                         } else {
                             self.moe_offload(h, lm, layer, slot, &x.as_view(), n, counts)?
                         };

@@ -111,7 +111,7 @@ pub struct GpuModel {
     /// Cold experts computed on the CPU so far.
     pub cpu_experts: Arc<std::sync::atomic::AtomicU64>,
     /// Cold experts read in place by a batch's products so far ([`ColdExperts::Mixed`]).
-    pub in_place_experts: std::sync::atomic::AtomicU64,
+    pub in_place_experts: Arc<std::sync::atomic::AtomicU64>,
     /// Cold experts shared so far: the GPU copied and computed part of their hidden units
     /// while the CPU computed the rest.
     pub shared_experts: std::sync::atomic::AtomicU64,
@@ -309,7 +309,8 @@ impl GpuModel {
             profile: Mutex::new(None),
             graphs: std::sync::atomic::AtomicBool::new(std::env::var_os("MXR_NO_CUDA_GRAPH").is_none()),
             offloaded: placement.is_some() && cold != ColdExperts::InPlace,
-            offload_graph: cold == ColdExperts::Host && std::env::var("MXR_OFFLOAD_GRAPH").map_or(true, |v| v != "0"),
+            offload_graph: matches!(cold, ColdExperts::Host | ColdExperts::Mixed)
+                && std::env::var("MXR_OFFLOAD_GRAPH").map_or(true, |v| v != "0"),
             placement_generation: 0,
             in_place_bytes: host_bytes.get(),
             kv_type: KvType::Bf16,
@@ -317,7 +318,7 @@ impl GpuModel {
             share_cold: std::env::var("MXR_SHARE_COLD").is_ok_and(|v| v == "1"),
             copied_experts: std::sync::atomic::AtomicU64::new(0),
             cpu_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            in_place_experts: std::sync::atomic::AtomicU64::new(0),
+            in_place_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             shared_experts: std::sync::atomic::AtomicU64::new(0),
             cold_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             pins,

@@ -17,12 +17,23 @@ use mxr_kernels::cuda::{CudaSlice, CudaView, HostCall};
 use super::{GpuLayer, GpuModel};
 use crate::{Model, ModelError};
 
+/// A layer's part of a decode graph with experts in host memory: the host call, and with
+/// `--cold-experts mixed` the layer's table of experts in host memory (1, else 0) on the
+/// GPU, from which `mixed_places` picks the CPU's choice.
+pub(crate) struct LayerCall {
+    call: Arc<HostCall>,
+    mixed: Option<CudaSlice<i32>>,
+}
+
 impl GpuModel {
     /// The MoE block of one decoded token, captured: as [`GpuModel::moe_offload`], the
-    /// host experts computed by `call` (from [`GpuModel::cold_calls`]).
+    /// host experts computed by `lc`'s call (from [`GpuModel::cold_calls`]). The CPU's way:
+    /// it takes every cold choice, and the GPU computes every other choice (cold ones at
+    /// place 0, replaced). Mixed: the CPU takes the first cold choice, which the GPU skips,
+    /// and the GPU reads any other in place.
     pub(crate) fn moe_offload_captured(
         &self,
-        call: &Arc<HostCall>,
+        lc: &LayerCall,
         layer: &GpuLayer,
         x: &CudaView<'_, f32>,
         counts: &mut CudaSlice<u32>,
@@ -30,56 +41,83 @@ impl GpuModel {
         let (g, c) = (&self.gpu, &self.config);
         let (d, k) = (c.dim, c.n_experts_used);
         let (ids, weights) = self.route(layer, x, 1, counts)?;
-        g.host_post(call, &x.slice(..d), &ids.as_view())?;
+        g.host_post(&lc.call, &x.slice(..d), &ids.as_view())?;
         let mut y = g.zeros::<f32>(k * d)?;
-        // every choice on the GPU, host experts' at place 0: those rows are replaced below
-        if let Some(table) = &layer.slot_table {
+        let table = match &lc.mixed {
+            Some(cold) => Some((cold, true)),
+            None => layer.slot_table.as_ref().map(|t| (t, false)),
+        };
+        if let Some((table, mixed)) = table {
             let mut places = g.alloc::<i32>(k)?;
-            g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
+            if mixed {
+                g.mixed_places(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
+            } else {
+                g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
+            }
             self.experts_matvec(layer.experts(), &places, x, None, 1, k, k, &mut y.as_view_mut())?;
         }
         let mut from_host = g.alloc::<f32>(k + k * d)?;
-        g.host_wait(call, &mut from_host.as_view_mut())?;
+        g.host_wait(&lc.call, &mut from_host.as_view_mut())?;
         g.take_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
         let mut out = g.alloc::<f32>(d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), 1, k, d, &mut out.as_view_mut())?;
         Ok(out)
     }
 
-    /// Per layer of this model, the host call of its decode graph where the layer keeps
-    /// experts in host memory (as the placement is now).
-    pub(crate) fn cold_calls(&self, host: &Model) -> Result<Vec<Option<Arc<HostCall>>>, ModelError> {
+    /// Per layer of this model, its part of a decode graph where the layer keeps experts in
+    /// host memory (as the placement is now).
+    pub(crate) fn cold_calls(&self, host: &Model) -> Result<Vec<Option<LayerCall>>, ModelError> {
         self.layers
             .iter()
             .enumerate()
-            .map(|(l, layer)| layer.slot.as_ref().map(|slot| self.cold_call(host, self.first_layer + l, slot)).transpose())
+            .map(|(l, layer)| {
+                let Some(slot) = layer.slot.as_ref() else { return Ok(None) };
+                // mixed: every expert has its place in the stacks, cold ones in host pages
+                let mixed = layer.gate_exps.placed_on_gpu(0).is_some();
+                let table = if mixed {
+                    let cold: Vec<i32> = slot.iter().map(|s| s.is_none() as i32).collect();
+                    Some(self.gpu.upload(&cold)?)
+                } else {
+                    None
+                };
+                Ok(Some(LayerCall { call: self.cold_call(host, self.first_layer + l, slot, mixed)?, mixed: table }))
+            })
             .collect()
     }
 
-    /// The host call's work for model layer `l`: for each choice of a host expert (slot
-    /// None), its flag and its output row; the counters count them.
-    fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>]) -> Result<Arc<HostCall>, ModelError> {
+    /// The host call's work for model layer `l`: for each choice the CPU takes (every one
+    /// of a host expert, slot None; mixed: the first such), its flag and its output row;
+    /// the counters count them, and mixed's cold choices read in place.
+    fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>], mixed: bool) -> Result<Arc<HostCall>, ModelError> {
         let c = &self.config;
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
         let hl = host.layers.get(l).ok_or_else(|| ModelError::Input(format!("the host model has no layer {l}")))?;
         let [gate, up, down] = [&hl.gate_exps, &hl.up_exps, &hl.down_exps].map(|t| host.host_matrix(t));
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
-        let (experts, bytes) = (self.cpu_experts.clone(), self.cold_bytes.clone());
+        let (on_cpu, in_place, bytes) = (self.cpu_experts.clone(), self.in_place_experts.clone(), self.cold_bytes.clone());
         let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
             let (flags, rows) = out.split_at_mut(k);
+            let mut taken = false;
             for (j, &e) in ids.iter().enumerate() {
                 let e = usize::try_from(e).ok().filter(|&e| e < cold.len()).ok_or_else(|| format!("GPU router chose expert {e}"))?;
-                flags[j] = if cold[e] { 1.0 } else { 0.0 };
-                if !cold[e] {
-                    continue;
-                }
                 let [g, u, dn] = [(&gate, h), (&up, h), (&down, d)]
                     .map(|(m, rows)| m.rows(e * rows, rows).ok_or_else(|| format!("expert {e} lies outside its tensor")));
                 let (g, u, dn) = (g?, u?, dn?);
-                bytes.fetch_add((g.data.len() + u.data.len() + dn.data.len()) as u64, Relaxed);
+                let cpu = cold[e] && !(mixed && taken);
+                flags[j] = if cpu { 1.0 } else { 0.0 };
+                if cold[e] {
+                    bytes.fetch_add((g.data.len() + u.data.len() + dn.data.len()) as u64, Relaxed);
+                }
+                if !cpu {
+                    if cold[e] {
+                        in_place.fetch_add(1, Relaxed);
+                    }
+                    continue;
+                }
+                taken = true;
                 swiglu_ffn(&g, &u, &dn, 0..h, x, 1, &mut rows[j * d..(j + 1) * d], Threads::all())
                     .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
-                experts.fetch_add(1, Relaxed);
+                on_cpu.fetch_add(1, Relaxed);
             }
             Ok(())
         };
