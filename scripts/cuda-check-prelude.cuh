@@ -21,6 +21,6 @@ typedef unsigned long size_t;
 #define __align__(n) __attribute__((aligned(n)))
 __device__ void __syncwarp(unsigned mask = 0xffffffffu);
 __device__ int __all_sync(unsigned, int); __device__ int __reduce_min_sync(unsigned, int); __device__ int __ffs(int);
-__device__ void __threadfence();
+__device__ void __threadfence(); __device__ void __threadfence_system(); __device__ void __nanosleep(unsigned);
 #define __grid_constant__
 #define __cluster_dims__(...)

@@ -30,6 +30,7 @@ SOURCES = [
     # wgmma: the architecture-specific Hopper target (Source::target)
     ("flash_wgmma", ["mma.cuh"], [], "sm_90a"),
     ("check", [], [], None),
+    ("host_exchange", [], [], None),
 ]
 
 
