@@ -11,8 +11,8 @@
 //! each such layer's choices) cost about 0.25 ms a layer on an H200, and a CUDA host node
 //! in the graph (cuLaunchHostFunc) 0.13-0.16 ms (docs/PERF.md).
 //!
-//! The worker spins for [`SPIN`] after the last graph launch or answer, then parks (woken
-//! by the next launch). A failure of the work (an error or a panic) is kept for
+//! The worker spins for [`SPIN`] after the last graph launch or answer, then parks for a
+//! millisecond at a time, and after a second idle for 50 ms at a time; a launch unparks it. A failure of the work (an error or a panic) is kept for
 //! [`HostCall::take_error`] and its answer is NaN, so that nothing computed from it passes
 //! for a result; a worker that does not answer within [`TIMEOUT`] makes the wait give NaN
 //! and the call report it.
@@ -218,11 +218,16 @@ impl Worker {
             if served {
                 active = now;
             }
-            let last = active.max(self.kicked.load(Ordering::Relaxed));
-            if now.saturating_sub(last) < SPIN.as_nanos() as u64 {
+            let idle = now.saturating_sub(active.max(self.kicked.load(Ordering::Relaxed)));
+            if idle < SPIN.as_nanos() as u64 {
                 std::hint::spin_loop();
-            } else {
+            } else if idle < 1_000_000_000 {
+                // a step whose first post comes late (a long attention before the first
+                // layer with host experts) waits a millisecond at most
                 std::thread::park_timeout(Duration::from_millis(1));
+            } else {
+                // idle: a launch unparks the thread (an unpark before the park counts)
+                std::thread::park_timeout(Duration::from_millis(50));
             }
         }
     }
