@@ -81,12 +81,13 @@ pub struct GpuModel {
     profile: Mutex<Option<Vec<Mark>>>,
     /// Decode steps replay a captured CUDA graph (off: every kernel is launched each step).
     graphs: std::sync::atomic::AtomicBool,
-    /// Some experts are in host memory (the MoE then waits for the host each layer).
+    /// Some experts are in host memory, computed by the CPU ([`ColdExperts::Host`] or
+    /// [`ColdExperts::Mixed`]): a batch waits for the host each layer.
     pub offloaded: bool,
-    /// Decoded tokens with experts on the CPU ([`ColdExperts::Host`]) stay one CUDA graph,
-    /// the CPU's work done by the GPU's host worker (offload_graph.rs, host_call.rs;
-    /// `MXR_OFFLOAD_GRAPH=0` turns it off:
-    /// such steps are then launched kernel by kernel and wait for the host each layer).
+    /// Decoded tokens with experts on the CPU stay one CUDA graph, the CPU's work done by
+    /// the GPU's host worker (offload_graph.rs, host_call.rs). `MXR_OFFLOAD_GRAPH=0` turns
+    /// it off: such steps are then launched kernel by kernel and wait for the host each
+    /// layer.
     pub offload_graph: bool,
     /// Changes whenever experts move between the GPU and the host (rebalance): decode
     /// graphs captured before are captured again.
@@ -130,8 +131,8 @@ pub struct GpuModel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColdExperts {
     /// On the CPU from the mapped file, or copied to the GPU for a batch, as the cost model
-    /// picks per expert; the MoE waits for the host each layer, and decode is launched
-    /// kernel by kernel.
+    /// picks per expert; a batch's MoE waits for the host each layer. A decoded token stays
+    /// one CUDA graph, its cold experts computed by the host worker (offload_graph.rs).
     Host,
     /// Copied at upload into page-locked host memory mapped into the layer's expert stacks,
     /// where the GPU's products read them in place over PCIe; the decode step stays one
@@ -140,8 +141,9 @@ pub enum ColdExperts {
     /// Both: in the expert stacks as [`ColdExperts::InPlace`], and for each batch the host
     /// reads the routing and gives the CPU as many of the chosen cold experts as finish
     /// with the rest read in place beside them
-    /// ([`crate::offload_cost::DeviceRates::split_cold`]); the MoE waits for the host each
-    /// layer, as [`ColdExperts::Host`].
+    /// ([`crate::offload_cost::DeviceRates::split_cold`]); a batch's MoE waits for the host
+    /// each layer. A decoded token stays one graph: each layer's first cold choice goes to
+    /// the host worker, any other is read in place.
     Mixed,
 }
 
