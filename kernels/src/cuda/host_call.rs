@@ -37,17 +37,38 @@ pub const SPIN: Duration = Duration::from_millis(20);
 /// How long a graph's wait gives the worker to answer.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Values at a fixed host address, in memory a [`HostCall`] owns.
+struct Region {
+    at: usize,
+    len: usize,
+}
+
+/// What holds a host call's regions: page-locked memory mapped for the GPU, or (unit tests
+/// of the worker, no GPU) plain heap memory.
+enum Memory {
+    Mapped {
+        _x: Pinned<f32>,
+        _words: Pinned<u32>,
+        _out: Pinned<f32>,
+        /// device addresses of x, words and out
+        dev: [u64; 3],
+        /// on the device: the count of posts (host_post raises it, host_wait reads it),
+        /// and host_wait's word to its other blocks (the post waited for, and whether
+        /// answered)
+        seq: CudaSlice<u32>,
+    },
+    /// owns the memory the regions point into (read only through them)
+    #[cfg(test)]
+    Heap(#[allow(dead_code)] Vec<u64>),
+}
+
 /// Mapped inputs and output of one exchange, its counts, and its work.
 pub struct HostCall {
-    x: Pinned<f32>,
+    x: Region,
     /// choices [0, k), then posted, answered, and the post that timed out (0: none)
-    words: Pinned<u32>,
-    out: Pinned<f32>,
-    /// device addresses of x, words and out
-    dev: [u64; 3],
-    /// on the device: the count of posts (host_post raises it, host_wait reads it), and
-    /// host_wait's word to its other blocks (the post waited for, and whether answered)
-    seq: CudaSlice<u32>,
+    words: Region,
+    out: Region,
+    memory: Memory,
     k: usize,
     /// the last post the worker answered (the worker's alone)
     answered: AtomicU32,
@@ -69,9 +90,18 @@ impl HostCall {
         self.error.lock().ok().and_then(|mut e| e.take())
     }
 
+    /// The device side: addresses of x, words and out, and the count of posts.
+    fn device(&self) -> Result<([u64; 3], &CudaSlice<u32>)> {
+        match &self.memory {
+            Memory::Mapped { dev, seq, .. } => Ok((*dev, seq)),
+            #[cfg(test)]
+            Memory::Heap(_) => Err(KernelError::Cuda("a host call in heap memory has no device side".into())),
+        }
+    }
+
     /// Word k + j of `words`, j < 3 (posted, answered, timed out).
     fn word(&self, j: usize) -> &AtomicU32 {
-        let i = (self.k + j.min(2)).min(self.words.len() - 1);
+        let i = (self.k + j.min(2)).min(self.words.len - 1);
         // SAFETY: i < words.len() (k + 3 values, a live page-locked allocation owned by
         // self, aligned for u32); the GPU and the worker touch these words only atomically
         // (volatile accesses with fences on the GPU's side).
@@ -93,15 +123,15 @@ impl HostCall {
 
     fn run(&self) {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            // SAFETY: x, the choices and out are page-locked allocations owned by self, of
-            // the lengths given. host_post wrote x and the choices before raising the count
+            // SAFETY: x, the choices and out lie in memory owned by self (`memory`), of the
+            // lengths given. host_post wrote x and the choices before raising the count
             // this answers, and host_wait reads out only after the answered count, so only
             // the worker (one thread) touches them now.
             let (x, ids, out) = unsafe {
                 (
-                    std::slice::from_raw_parts(self.x.at as *const f32, self.x.len()),
+                    std::slice::from_raw_parts(self.x.at as *const f32, self.x.len),
                     std::slice::from_raw_parts(self.words.at as *const i32, self.k),
-                    std::slice::from_raw_parts_mut(self.out.at as *mut f32, self.out.len()),
+                    std::slice::from_raw_parts_mut(self.out.at as *mut f32, self.out.len),
                 )
             };
             let r = (self.work)(x, ids, out);
@@ -135,13 +165,17 @@ pub(super) struct Worker {
     stop: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// bound on the thread: a call whose last owner is the thread frees its memory there
-    ctx: Arc<cudarc::driver::CudaContext>,
+    /// (None: unit tests, no GPU)
+    ctx: Option<Arc<cudarc::driver::CudaContext>>,
+    /// how long one park lasts after a second idle
+    idle_park: Duration,
 }
 
 impl Worker {
-    fn new(ctx: Arc<cudarc::driver::CudaContext>) -> Arc<Worker> {
+    fn new(ctx: Option<Arc<cudarc::driver::CudaContext>>, idle_park: Duration) -> Arc<Worker> {
         Arc::new(Worker {
             ctx,
+            idle_park,
             calls: Mutex::new(Vec::new()),
             changed: AtomicU64::new(0),
             kicked: AtomicU64::new(0),
@@ -201,7 +235,9 @@ impl Worker {
 
     fn watch(&self) {
         // an error here surfaces as the calls' frees failing, recorded by the context
-        let _ = self.ctx.bind_to_thread();
+        if let Some(ctx) = &self.ctx {
+            let _ = ctx.bind_to_thread();
+        }
         let (mut seen, mut calls): (u64, Vec<Arc<HostCall>>) = (u64::MAX, Vec::new());
         let mut active = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
@@ -227,7 +263,7 @@ impl Worker {
                 std::thread::park_timeout(Duration::from_millis(1));
             } else {
                 // idle: a launch unparks the thread (an unpark before the park counts)
-                std::thread::park_timeout(Duration::from_millis(50));
+                std::thread::park_timeout(self.idle_park);
             }
         }
     }
@@ -242,11 +278,10 @@ impl Gpu {
         let (words, wd) = self.mapped::<u32>(ids_len + 3)?;
         let (out, od) = self.mapped::<f32>(out_len)?;
         Ok(Arc::new(HostCall {
-            x,
-            words,
-            out,
-            dev: [xd, wd, od],
-            seq: self.zeros::<u32>(3)?,
+            x: Region { at: x.at, len: x.len() },
+            words: Region { at: words.at, len: words.len() },
+            out: Region { at: out.at, len: out.len() },
+            memory: Memory::Mapped { _x: x, _words: words, _out: out, dev: [xd, wd, od], seq: self.zeros::<u32>(3)? },
             k: ids_len,
             answered: AtomicU32::new(0),
             reported_timeout: AtomicU32::new(0),
@@ -269,31 +304,33 @@ impl Gpu {
     /// While capturing a graph: x and ids to `call`'s mapped inputs, and the post that
     /// hands them to the host worker. The graph keeps `call`.
     pub fn host_post(&self, call: &Arc<HostCall>, x: &CudaView<'_, f32>, ids: &CudaView<'_, i32>) -> Result<()> {
-        for (what, want, got) in [("input", call.x.len(), x.len()), ("choices", call.k, ids.len())] {
+        for (what, want, got) in [("input", call.x.len, x.len()), ("choices", call.k, ids.len())] {
             if want != got {
                 return Err(KernelError::Length { op: "host post", what, expected: want, actual: got });
             }
         }
+        let (dev, seq) = call.device()?;
         self.capturing_call(call)?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (d, k) = (int("host_post", call.x.len())?, int("host_post", call.k)?);
-        let [xd, wd, _] = call.dev;
-        launch!(self, Source::HostExchange, "host_post", cfg, x, ids, &d, &k, &call.seq, &xd, &wd)
+        let (d, k) = (int("host_post", call.x.len)?, int("host_post", call.k)?);
+        let [xd, wd, _] = dev;
+        launch!(self, Source::HostExchange, "host_post", cfg, x, ids, &d, &k, seq, &xd, &wd)
     }
 
     /// While capturing a graph, after [`Gpu::host_post`]: waits for the worker's answer to
     /// that post and copies it to `out` (NaN where it did not come in time).
     pub fn host_wait(&self, call: &Arc<HostCall>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
-        if out.len() != call.out.len() {
-            return Err(KernelError::Length { op: "host wait", what: "output", expected: call.out.len(), actual: out.len() });
+        if out.len() != call.out.len {
+            return Err(KernelError::Length { op: "host wait", what: "output", expected: call.out.len, actual: out.len() });
         }
+        let (dev, seq) = call.device()?;
         self.capturing_call(call)?;
         let n = int("host_wait", out.len())?;
         let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(256).max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let k = int("host_wait", call.k)?;
-        let [_, wd, od] = call.dev;
+        let [_, wd, od] = dev;
         let timeout = TIMEOUT.as_nanos() as u64;
-        launch!(self, Source::HostExchange, "host_wait", cfg, &call.seq, &wd, &k, &od, &n, &timeout, out)
+        launch!(self, Source::HostExchange, "host_wait", cfg, seq, &wd, &k, &od, &n, &timeout, out)
     }
 }
 
@@ -302,12 +339,123 @@ pub(super) struct WorkerSlot(pub(super) Arc<Worker>);
 
 impl WorkerSlot {
     pub(super) fn new(ctx: Arc<cudarc::driver::CudaContext>) -> Self {
-        WorkerSlot(Worker::new(ctx))
+        WorkerSlot(Worker::new(Some(ctx), Duration::from_millis(50)))
     }
 }
 
 impl Drop for WorkerSlot {
     fn drop(&mut self) {
         self.0.shut();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl HostCall {
+        /// A call in heap memory, as `Gpu::host_call` makes one in mapped memory.
+        fn on_heap(x_len: usize, k: usize, out_len: usize, work: Box<HostFn>) -> Arc<HostCall> {
+            // x, then the words, then out, each from a multiple of 8 bytes
+            let slots = |n: usize| n.div_ceil(2);
+            let (xs, ws, os) = (slots(x_len), slots(k + 3), slots(out_len));
+            let mut mem = vec![0u64; xs + ws + os];
+            let base = mem.as_mut_ptr() as usize;
+            Arc::new(HostCall {
+                x: Region { at: base, len: x_len },
+                words: Region { at: base + 8 * xs, len: k + 3 },
+                out: Region { at: base + 8 * (xs + ws), len: out_len },
+                memory: Memory::Heap(mem),
+                k,
+                answered: AtomicU32::new(0),
+                reported_timeout: AtomicU32::new(0),
+                work,
+                error: Mutex::new(None),
+            })
+        }
+
+        /// What host_post does on the GPU: the inputs, then the posted count.
+        fn post(&self, x: &[f32], ids: &[i32], count: u32) {
+            // SAFETY: the regions lie in the call's heap memory; the worker reads them only
+            // after the count below, which it has not seen yet.
+            unsafe {
+                std::ptr::copy_nonoverlapping(x.as_ptr(), self.x.at as *mut f32, self.x.len);
+                std::ptr::copy_nonoverlapping(ids.as_ptr(), self.words.at as *mut i32, self.k);
+            }
+            self.word(0).store(count, Ordering::Release);
+        }
+
+        /// What host_wait does: waits (up to 5 s) for the answer to `count`, then reads it.
+        fn answer(&self, count: u32) -> Option<Vec<f32>> {
+            let t = Instant::now();
+            while self.word(1).load(Ordering::Acquire) != count {
+                if t.elapsed() > Duration::from_secs(5) {
+                    return None;
+                }
+                std::hint::spin_loop();
+            }
+            // SAFETY: answered: the worker is done with out until the next post.
+            Some(unsafe { std::slice::from_raw_parts(self.out.at as *const f32, self.out.len) }.to_vec())
+        }
+    }
+
+    /// The worker's side of the exchange, without a GPU: it answers each post once with
+    /// its work's output; a failing work answers NaN and its error is reported once; a
+    /// panic is caught and reported; after more than a second idle (parked, here, 20 s at a
+    /// time) a kick wakes it for the next post; and a call dropped by its graph is no
+    /// longer watched.
+    #[test]
+    fn the_host_worker_answers_posts_and_reports_failures() {
+        let worker = Worker::new(None, Duration::from_secs(20));
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        // out = [flag per choice, then x * id per choice]; id 9: an error; id 7: a panic
+        let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> std::result::Result<(), String> {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let (flags, rows) = out.split_at_mut(ids.len());
+            for (j, &e) in ids.iter().enumerate() {
+                match e {
+                    9 => return Err(format!("id {e}")),
+                    7 => panic!("id {e}"),
+                    _ => {}
+                }
+                flags[j] = 1.0;
+                for (o, v) in rows[j * x.len()..(j + 1) * x.len()].iter_mut().zip(x) {
+                    *o = v * e as f32;
+                }
+            }
+            Ok(())
+        };
+        let call = HostCall::on_heap(3, 2, 2 + 2 * 3, Box::new(work));
+        worker.register(std::slice::from_ref(&call)).unwrap();
+        worker.kick();
+        call.post(&[1.0, 2.0, 3.0], &[2, 5], 1);
+        assert_eq!(call.answer(1).unwrap(), [1.0, 1.0, 2.0, 4.0, 6.0, 5.0, 10.0, 15.0]);
+        assert!(call.take_error().is_none());
+        // a failing work: NaN, reported once
+        call.post(&[1.0, 2.0, 3.0], &[9, 5], 2);
+        assert!(call.answer(2).unwrap().iter().all(|v| v.is_nan()));
+        assert_eq!(call.take_error().as_deref(), Some("id 9"));
+        assert!(call.take_error().is_none());
+        // a panic: caught, reported, and the worker goes on
+        call.post(&[1.0, 2.0, 3.0], &[7, 5], 3);
+        assert!(call.answer(3).is_some());
+        assert!(call.take_error().unwrap().contains("panicked: id 7"));
+        // idle past a second: parked for 20 s, and only the kick can wake it in time for
+        // `answer`'s 5 s
+        std::thread::sleep(Duration::from_millis(1300));
+        worker.kick();
+        call.post(&[1.0, 1.0, 1.0], &[3, 4], 4);
+        assert_eq!(call.answer(4).expect("the kick woke the worker")[2..5], [3.0, 3.0, 3.0]);
+        // each post ran the work once
+        assert_eq!(runs.load(Ordering::Relaxed), 4);
+        // a call whose graph dropped is not answered any more
+        worker.unregister(std::slice::from_ref(&call));
+        std::thread::sleep(Duration::from_millis(100));
+        call.post(&[1.0, 1.0, 1.0], &[3, 4], 5);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(call.word(1).load(Ordering::Acquire), 4);
+        assert_eq!(runs.load(Ordering::Relaxed), 4);
+        worker.shut();
     }
 }
