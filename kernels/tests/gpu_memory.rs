@@ -1,5 +1,6 @@
 //! Device memory the kernels read through: KV caches that grow in pages behind a fixed
-//! address, and expert stacks whose experts lie some in device and some in host memory.
+//! address, expert stacks whose experts lie some in device and some in host memory, and
+//! host memory mapped for a graph's exchanges with the host worker.
 //! Needs a GPU: ignored by `cargo test`; scripts/gpu-check.sh runs it with --ignored on the
 //! GPU machine and tabulates the `CHECK` lines.
 
@@ -13,6 +14,12 @@ fn gpu() -> Gpu {
 
 fn quantized(q: QType, n: usize, seed: u64) -> Vec<u8> {
     quantize_to_vec(q, &Rng::new(seed).normals(n, 0.5)).unwrap()
+}
+
+/// Prints a `CHECK` line for an exact check, and fails the test if it does not hold.
+fn exact(what: &str, case: &str, ok: bool) {
+    println!("CHECK {what} | {case} | {} | exact | {}", if ok { "same" } else { "differs" }, if ok { "ok" } else { "FAIL" });
+    assert!(ok, "{what}: {case}");
 }
 
 const TYPES: [QType; 7] = [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0, QType::BF16, QType::F16, QType::F32];
@@ -156,4 +163,79 @@ fn placed_experts_move_between_device_and_host_at_the_same_address() {
         if ok { "ok" } else { "FAIL" }
     );
     assert!(ok);
+}
+
+/// Host work inside a captured graph (`Gpu::host_post` and `Gpu::host_wait`, the CPU's
+/// experts of a decode step): each replay hands the current x and ids to the GPU's host
+/// worker through mapped memory, the worker runs the work, and its flagged rows come back
+/// into y; rows not flagged keep their values. A failure
+/// leaves NaN in every row and is reported once, and the next replay is clean again. Outside
+/// a capture the call is refused.
+#[test]
+#[ignore = "needs a GPU"]
+fn host_calls_run_inside_a_graph() {
+    let g = gpu();
+    let (k, d) = (3usize, 300usize);
+    // flags the odd ids' rows and writes x * id there; a negative id is an error
+    let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
+        let (flags, rows) = out.split_at_mut(ids.len());
+        for (j, &e) in ids.iter().enumerate() {
+            if e < 0 {
+                return Err(format!("id {e}"));
+            }
+            flags[j] = (e % 2) as f32;
+            for (o, v) in rows[j * d..(j + 1) * d].iter_mut().zip(x) {
+                *o = v * e as f32;
+            }
+        }
+        Ok(())
+    };
+    let call = g.host_call(d, k, k + k * d, Box::new(work)).unwrap();
+    let xs = Rng::new(11).normals(d, 1.0);
+    let x = g.upload(&xs).unwrap();
+    let mut ids = g.upload(&[1i32, 2, 5]).unwrap();
+    let mut y = g.upload(&vec![-1f32; k * d]).unwrap();
+    let mut from = g.zeros::<f32>(k + k * d).unwrap();
+    let refused = g.host_post(&call, &x.as_view(), &ids.as_view()).is_err() && g.host_wait(&call, &mut from.as_view_mut()).is_err();
+    exact("host call", "refused outside a capture", refused);
+    let graph = g
+        .capture(|| {
+            g.host_post(&call, &x.as_view(), &ids.as_view())?;
+            g.host_wait(&call, &mut from.as_view_mut())?;
+            g.take_flagged_rows(&from.as_view(), k, d, &mut y.as_view_mut())
+        })
+        .unwrap();
+    let mut want = vec![-1f32; k * d];
+    for (case, id) in [("ids 1 2 5", [1i32, 2, 5]), ("ids 4 3 0", [4, 3, 0]), ("a failing replay", [2, -1, 3]), ("after it", [7, 8, 9])] {
+        g.write(&id, &mut ids.as_view_mut()).unwrap();
+        graph.launch().unwrap();
+        let got = g.download(&y.as_view()).unwrap();
+        let err = graph.host_error();
+        let ok = if id.iter().any(|&e| e < 0) {
+            // every flag NaN (not 0): every row taken, all NaN
+            got.iter().all(|v| v.is_nan()) && err.as_deref().is_some_and(|e| e.contains("id -1")) && graph.host_error().is_none()
+        } else {
+            for (j, &e) in id.iter().enumerate() {
+                if e % 2 == 1 {
+                    for (w, v) in want[j * d..(j + 1) * d].iter_mut().zip(&xs) {
+                        *w = v * e as f32;
+                    }
+                }
+            }
+            // the failed replay left NaN: the rows this one does not flag keep them
+            let kept = |j: usize| case == "after it" && id[j] % 2 == 0;
+            err.is_none()
+                && (0..k).all(|j| {
+                    if kept(j) {
+                        got[j * d..(j + 1) * d].iter().all(|v| v.is_nan())
+                    } else {
+                        got[j * d..(j + 1) * d] == want[j * d..(j + 1) * d]
+                    }
+                })
+        };
+        if id.iter().any(|&e| e < 0) {
+            want.fill(f32::NAN);
+        }
+        exact("host call", case, ok);
+    }
 }

@@ -2,6 +2,7 @@
 //! interop tests (gguf-py), and the tiny MiniMax-01 fixture file.
 
 pub mod fixture;
+pub mod gpu;
 pub mod npy;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,460 @@
+//! Expert offload on the GPU (issue 7), end to end: every placement and every way of
+//! computing cold experts (the CPU's way, read in place, mixed; batches and decode steps
+//! in the CUDA graph) against all experts on the GPU, and experts moved between requests.
+//! Needs a GPU: ignored by `cargo test`; scripts/gpu-check.sh runs it with --ignored on
+//! the GPU machine and tabulates the `CHECK` lines.
+
+use mxr_e2e::gpu::{argmax, converted, gpu_model, greedy_steps, top1_same};
+use mxr_e2e::repo_root;
+use mxr_kernels::cpu::Threads;
+use mxr_kernels::cuda::{Gpu, KvType};
+use mxr_models::forward::{forward, Logits};
+use mxr_models::gpu::split::{SplitModel, SplitSession};
+use mxr_models::gpu::{GpuModel, GpuSession};
+use mxr_models::placement::Sizes;
+use mxr_models::{Model, Session};
+use mxr_quant::reference::stats::diff;
+use mxr_quant::QType;
+
+/// The sizes of `m` as these tests plan them (64 tokens of context), and the GPU budget
+/// that holds everything but the experts, and 1/`div` of the experts.
+fn budget_for(m: &Model, div: u64) -> (Sizes, u64) {
+    let (sizes, c) = (Sizes::of(m, 64, 4.0, 0), &m.config);
+    let per_layer: u64 = sizes.expert.iter().sum::<u64>() / c.n_layers as u64;
+    let budget = sizes.non_expert + sizes.state + per_layer * (c.n_experts as u64 * c.n_layers as u64) / div;
+    (sizes, budget)
+}
+
+/// Expert offload (issue 7): with experts in host memory (computed on the CPU from the
+/// mapped file) the logits stay as close to the all-GPU placement as the CPU model is: for Q8_0 the CPU's ggml kernels
+/// quantize activations as the GPU's matrix-vector kernels do, so decode agrees closely;
+/// prefill of more than 8 tokens mixes bf16 (GPU experts) and int8 activations (CPU experts).
+#[test]
+#[ignore = "needs a GPU"]
+fn every_expert_placement_gives_the_same_logits() {
+    use mxr_models::offload_cost::DeviceRates;
+    use mxr_models::placement::{plan, Policy};
+    // Q8_0: cold experts copied through a host buffer (repacked); Q4_K: copied straight
+    // from the page-locked mapping on the side stream
+    // F32: a cold expert can also be shared (hidden units in blocks of 32 of nano's 256)
+    for q in [QType::Q8_0, QType::Q4K, QType::F32] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload", q);
+        let c = &m.config;
+        let prompt: Vec<u32> =
+            mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
+        let run = |g: &GpuModel| -> Vec<f32> {
+            let mut s = GpuSession::new(g, 64).unwrap();
+            let mut out = Vec::new();
+            for ch in prompt.chunks(4) {
+                out.extend(g.forward_on(Some(&m), &mut s, ch, Logits::All).unwrap());
+            }
+            out
+        };
+        let all = run(&gpu_model(&m));
+        // The CPU's experts quantize activations as ggml does for the type (q8_0 blocks of
+        // 32 for Q8_0, q8_K blocks of 256 for Q4_K), the GPU's in int8 blocks of 32. So the
+        // budget is the larger of 2e-2 and 1.25x the whole CPU model's distance from the
+        // GPU's: offload may not be further from the GPU than the CPU model is.
+        let mut cs = Session::new(c);
+        let cpu: Vec<f32> = prompt.chunks(4).flat_map(|ch| forward(&m, &mut cs, ch, Logits::All, Threads::all()).unwrap()).collect();
+        let cpu_gap = diff(&cpu, &all).max_abs;
+        let budget = (1.25 * cpu_gap).max(2e-2);
+        let (sizes, half) = budget_for(&m, 2);
+        // rates under which the cost model copies every cold expert to the GPU for each batch
+        let copy_all = DeviceRates { h2d_gbps: 1e9, h2d_pinned_gbps: 1e9, ..DeviceRates::DEFAULT };
+        // copies and the CPU at one rate: a page-locked cold expert is shared half and half
+        let share = DeviceRates { h2d_gbps: 20.0, h2d_pinned_gbps: 20.0, cpu_expert_gbps: 20.0, cpu_gflops: 1e9, ..DeviceRates::DEFAULT };
+        for (name, policy, rates) in [
+            ("--cpu-moe", Policy::CpuMoe, DeviceRates::DEFAULT),
+            ("--n-cpu-moe 3", Policy::NCpuMoe(3), DeviceRates::DEFAULT),
+            ("half the experts", Policy::Budget(half), DeviceRates::DEFAULT),
+            ("half, cold experts copied per batch", Policy::Budget(half), copy_all),
+            ("half, cold experts shared by GPU and CPU", Policy::Budget(half), share),
+        ] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let mut g = GpuModel::upload_placed(&m, Gpu::open(0).unwrap(), Some(&p)).unwrap();
+            g.kv_type = KvType::F32;
+            g.rates = rates;
+            g.share_cold = rates == share;
+            let got = run(&g);
+            let d = diff(&got, &all);
+            let top1 = top1_same(&got, &all, c.vocab_size);
+            // the host's experts are page-locked (or the driver said why not)
+            let pinned = g.pinned_bytes() > 0;
+            let ok = d.max_abs <= budget && top1.0 == top1.1 && (pinned || g.pin_note.is_some());
+            println!(
+                "CHECK expert offload vs all on GPU | nano {q}, {name} ({} of {} experts on GPU, {}) | max abs {:.2e}, top-1 {}/{} | {budget:.1e} (CPU model {cpu_gap:.2e}) | {}",
+                p.experts_on_gpu(),
+                c.n_experts * c.n_layers,
+                g.pin_note.clone().unwrap_or_else(|| format!("{} KiB page-locked", g.pinned_bytes() / 1024)),
+                d.max_abs,
+                top1.0,
+                top1.1,
+                if ok { "ok" } else { "FAIL" }
+            );
+            assert!(ok, "{name}: {d}");
+            let count = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let (copied, shared) = (count(&g.copied_experts), count(&g.shared_experts));
+            if rates == share {
+                // nano's hidden size is one Q4_K block: whole experts only (and a tie stays
+                // on the CPU); Q8_0 is repacked, so not copied straight from the mapping and
+                // never shared
+                assert_eq!(shared > 0, q == QType::F32 && g.pinned_bytes() > 0, "{name}: {shared} experts shared");
+            } else if rates == copy_all {
+                assert!(copied > 0 && shared == 0, "{name}: {copied} experts copied, {shared} shared");
+            } else {
+                // sharing is off but for the `share` case; the default rates keep nano's
+                // small quantized experts on the CPU
+                assert!(shared == 0 && (q == QType::F32 || copied == 0), "{name}: {copied} experts copied, {shared} shared");
+            }
+        }
+    }
+}
+
+/// Issue 7, the CPU's experts inside the decode graph (offload_graph.rs): decoded tokens
+/// with experts in host memory (`--cpu-moe`, and a quarter of the experts on the GPU) give
+/// the logits of the same steps launched kernel by kernel (`MXR_OFFLOAD_GRAPH=0`) bit for
+/// bit, since the same GPU products and the same CPU kernels see the same inputs; the host
+/// worker counts the experts it computes, as many as the steps launched kernel by kernel.
+/// A layer split in two parts decodes the same logits, each part's graph posting to the
+/// host worker.
+#[test]
+#[ignore = "needs a GPU"]
+fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::placement::{plan, Policy};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut ok = true;
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload-graph", q);
+        let c = &m.config;
+        let prompt: Vec<u32> = mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light");
+        let (sizes, quarter) = budget_for(&m, 4);
+        for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("a quarter of the experts", Policy::Budget(quarter))] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            // 8 greedy steps after the prompt: their logits, and the experts the CPU computed
+            let decode = |graph: bool| -> (Vec<f32>, u64, u64) {
+                let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, ColdExperts::Host).unwrap();
+                g.kv_type = KvType::F32;
+                g.offload_graph = graph;
+                let mut s = GpuSession::new(&g, 64).unwrap();
+                let next = argmax(&g.forward_on(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+                // (the prompt's batch may copy experts to the GPU; decode steps compute them)
+                let before = (g.cpu_experts.load(Relaxed), g.copied_experts.load(Relaxed));
+                let out = greedy_steps(&g, &m, &mut s, next, 8);
+                (out, g.cpu_experts.load(Relaxed) - before.0, g.copied_experts.load(Relaxed) - before.1)
+            };
+            let (a, na, _) = decode(true);
+            let (b, nb, copied) = decode(false);
+            let d = diff(&a, &b);
+            let this = a == b && na == nb && na > 0 && copied == 0;
+            println!(
+                "CHECK CPU experts in the decode graph | nano {q}, {name}, 8 steps, {na} experts on the CPU from the graph ({nb} kernel by kernel) | max abs {:.2e} | exact | {}",
+                d.max_abs,
+                if this { "ok" } else { "FAIL" }
+            );
+            ok &= this;
+            // the same steps over two parts of a layer split (one GPU opened twice), each
+            // part's graph posting to its own GPU's host worker
+            let half = c.n_layers / 2;
+            let gpus = vec![Gpu::open(0).unwrap(), Gpu::open(0).unwrap()];
+            let mut sm =
+                SplitModel::upload(&m, gpus, &[0..half, half..c.n_layers], &[Some(p.clone()), Some(p.clone())], ColdExperts::Host).unwrap();
+            sm.parts.iter_mut().for_each(|g| g.kv_type = KvType::F32);
+            let mut s = SplitSession::new(&sm, 64).unwrap();
+            let mut next = argmax(&sm.forward(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+            let before: u64 = sm.parts.iter().map(|g| g.cpu_experts.load(Relaxed)).sum();
+            let mut split = Vec::new();
+            for _ in 0..8 {
+                let l = sm.forward(Some(&m), &mut s, &[next], Logits::Last).unwrap();
+                next = argmax(&l) as u32;
+                split.extend(l);
+            }
+            let ns = sm.parts.iter().map(|g| g.cpu_experts.load(Relaxed)).sum::<u64>() - before;
+            let d = diff(&split, &a);
+            let this = split == a && ns == na;
+            println!(
+                "CHECK CPU experts in the decode graph | nano {q}, {name}, layer split in two, 8 steps, {ns} experts on the CPU | max abs {:.2e} from one GPU | exact | {}",
+                d.max_abs,
+                if this { "ok" } else { "FAIL" }
+            );
+            ok &= this;
+        }
+    }
+    assert!(ok);
+}
+
+/// Issue 7, `--cold-experts mixed` in the decode graph: each layer's first cold choice goes
+/// to the host worker (the GPU's products skip it, SKIP_PAIR in matvec.cu) and any other is
+/// read in place. Over 8 greedy tokens the logits are no further from all on the GPU than
+/// 1.25x the CPU's way's (which computes every cold choice on the CPU), with the same top-1,
+/// and with every expert cold each layer of each token gives the CPU exactly one choice and
+/// reads the other in place.
+#[test]
+#[ignore = "needs a GPU"]
+fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::placement::{plan, Policy};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut ok = true;
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload-graph", q);
+        let c = &m.config;
+        let prompt: Vec<u32> = mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light");
+        // 8 greedy steps after the prompt: their logits, the experts on the CPU and read in
+        // place during them
+        let decode = |g: &GpuModel| -> (Vec<f32>, u64, u64) {
+            let mut s = GpuSession::new(g, 64).unwrap();
+            let next = argmax(&g.forward_on(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+            let before = (g.cpu_experts.load(Relaxed), g.in_place_experts.load(Relaxed));
+            let out = greedy_steps(g, &m, &mut s, next, 8);
+            (out, g.cpu_experts.load(Relaxed) - before.0, g.in_place_experts.load(Relaxed) - before.1)
+        };
+        let all_gpu = gpu_model(&m);
+        let (want, _, _) = decode(&all_gpu);
+        drop(all_gpu);
+        let (sizes, quarter) = budget_for(&m, 4);
+        for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("a quarter of the experts", Policy::Budget(quarter))] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let upload = |cold| {
+                let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
+                g.kv_type = KvType::F32;
+                g
+            };
+            // the CPU's way (every cold choice on the CPU) sets the budget: the CPU's
+            // kernels quantize activations as ggml does (q8_K blocks of 256 for Q4_K), and
+            // over 8 tokens that compounds (1.63e-1 for Q4_K, a quarter of the experts,
+            // mixed, on the H200)
+            let (host_way, _, _) = decode(&upload(ColdExperts::Host));
+            let budget = (1.25 * diff(&host_way, &want).max_abs).max(1e-2);
+            let (got, cpu, read) = decode(&upload(ColdExperts::Mixed));
+            let d = diff(&got, &want);
+            let t = top1_same(&got, &want, c.vocab_size);
+            let all_cold = 8 * c.n_layers as u64;
+            let counts_ok = if p.experts_on_gpu() == 0 { cpu == all_cold && read == all_cold } else { cpu > 0 };
+            let this = d.max_abs <= budget && t.0 == t.1 && counts_ok;
+            println!(
+                "CHECK mixed cold experts in the decode graph | nano {q}, {name}, 8 steps, {cpu} on the CPU, {read} read in place | max abs {:.2e}, top-1 {}/{} | {budget:.2e} (1.25x the CPU's way's) | {}",
+                d.max_abs,
+                t.0,
+                t.1,
+                if this { "ok" } else { "FAIL" }
+            );
+            ok &= this;
+        }
+    }
+    assert!(ok);
+}
+
+/// Issue 7, cold experts read in place (`ColdExperts::InPlace`, `--cold-experts in-place`):
+/// the same kernels read the same bytes, some from host pages, so the logits are the
+/// all-GPU model's bit for bit: prefill in chunks of 4 (the matrix-vector path) and of 24
+/// (tensor-core products on weights dequantized from host pages), then decode steps in the
+/// captured graph; with every expert in host memory, and with half of them; and half of
+/// them split over two parts of a layer split (one GPU opened twice).
+#[test]
+#[ignore = "needs a GPU"]
+fn cold_experts_read_in_place_give_the_all_gpu_logits() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::placement::{plan, Policy};
+    let mut ok = true;
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-in-place", q);
+        let c = &m.config;
+        let prompt: Vec<u32> =
+            mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
+        let run = |g: &GpuModel, chunk: usize| -> Vec<f32> {
+            let mut s = GpuSession::new(g, 64).unwrap();
+            let mut out = Vec::new();
+            for ch in prompt.chunks(chunk) {
+                out.extend(g.forward(&mut s, ch, Logits::All).unwrap());
+            }
+            let mut next = argmax(&out[out.len() - c.vocab_size..]) as u32;
+            for _ in 0..6 {
+                let l = g.forward(&mut s, &[next], Logits::Last).unwrap();
+                next = argmax(&l) as u32;
+                out.extend(l);
+            }
+            out
+        };
+        let all = gpu_model(&m);
+        let want = [run(&all, 4), run(&all, 24)];
+        drop(all);
+        let (sizes, half) = budget_for(&m, 2);
+        for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("half the experts", Policy::Budget(half))] {
+            let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, ColdExperts::InPlace).unwrap();
+            g.kv_type = KvType::F32;
+            let got = [run(&g, 4), run(&g, 24)];
+            let same = got == want;
+            let placed = !g.offloaded && g.in_place_bytes > 0;
+            println!(
+                "CHECK cold experts in place | nano {q}, {name} ({} of {} experts on GPU, {} KiB of host pages) | {} | exact | {}",
+                p.experts_on_gpu(),
+                c.n_experts * c.n_layers,
+                g.in_place_bytes / 1024,
+                if same { "equal" } else { "differ" },
+                if same && placed { "ok" } else { "FAIL" }
+            );
+            ok &= same && placed;
+        }
+        // the same split over two parts (one GPU opened twice, as a two-GPU run splits),
+        // each part reading its own layers' cold experts in place; decode through the
+        // split's graph
+        let p = plan(&sizes, c.n_experts, None, Policy::Budget(half)).unwrap();
+        let ranges = vec![0..c.n_layers / 2, c.n_layers / 2..c.n_layers];
+        let gpus = vec![Gpu::open(0).unwrap(), Gpu::open(0).unwrap()];
+        let mut sm = SplitModel::upload(&m, gpus, &ranges, &[Some(p.clone()), Some(p)], ColdExperts::InPlace).unwrap();
+        sm.parts.iter_mut().for_each(|part| part.kv_type = KvType::F32);
+        let mut s = SplitSession::new(&sm, 64).unwrap();
+        let mut got = Vec::new();
+        for ch in prompt.chunks(4) {
+            got.extend(sm.forward(None, &mut s, ch, Logits::All).unwrap());
+        }
+        let mut next = argmax(&got[got.len() - c.vocab_size..]) as u32;
+        for _ in 0..6 {
+            let l = sm.forward(None, &mut s, &[next], Logits::Last).unwrap();
+            next = argmax(&l) as u32;
+            got.extend(l);
+        }
+        let same = got == want[0];
+        let placed = sm.parts.iter().all(|part| !part.offloaded) && sm.parts.iter().any(|part| part.in_place_bytes > 0);
+        println!(
+            "CHECK cold experts in place, split | nano {q}, half the experts, layers {ranges:?} on GPU 0 twice | {} | exact | {}",
+            if same { "equal" } else { "differ" },
+            if same && placed { "ok" } else { "FAIL" }
+        );
+        ok &= same && placed;
+    }
+    assert!(ok);
+}
+
+/// `--expert-rebalance` (issue 7): after routing counts move the most used host experts
+/// onto the GPU, the logits are those of the all-GPU placement again (the exchanged
+/// weights landed in the right slots) and the GPU holds as many experts as before. Both
+/// ways of running cold experts: the CPU's (weights written into stack slots; bf16-level
+/// tolerance, as the CPU computed some), in place (pages moved between host and device
+/// at the same addresses: bit-identical, and a decode graph captured before the move
+/// still reads the right weights after it), and mixed (the CPU computes some cold
+/// experts while the GPU reads others in place; bf16-level tolerance, before and after).
+#[test]
+#[ignore = "needs a GPU"]
+fn rebalanced_experts_give_the_same_logits() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::placement::{plan, Policy};
+    let m = converted(&repo_root().join("nano/checkpoint"), "nano-rebalance", QType::Q8_0);
+    let c = &m.config;
+    let prompt: Vec<u32> =
+        mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
+    let run = |g: &GpuModel| -> (Vec<f32>, Vec<Vec<u64>>) {
+        let mut s = GpuSession::new(g, 64).unwrap();
+        let mut out = Vec::new();
+        for ch in prompt.chunks(4) {
+            out.extend(g.forward_on(Some(&m), &mut s, ch, Logits::All).unwrap());
+        }
+        let counts = s.expert_counts(g).unwrap();
+        (out, counts)
+    };
+    // decode steps after the prompt, each fed the previous step's top token
+    let step = |g: &GpuModel, s: &mut GpuSession, next: &mut u32| -> Vec<f32> {
+        let l = g.forward_on(Some(&m), s, &[*next], Logits::Last).unwrap();
+        *next = argmax(&l) as u32;
+        l
+    };
+    let all_gpu = gpu_model(&m);
+    let (all, _) = run(&all_gpu);
+    let decoded = |g: &GpuModel, s: &mut GpuSession| -> (u32, Vec<f32>) {
+        let out = g.forward_on(Some(&m), s, &prompt, Logits::Last).unwrap();
+        let mut next = argmax(&out) as u32;
+        let mut logits = Vec::new();
+        for _ in 0..4 {
+            logits.extend(step(g, s, &mut next));
+        }
+        (next, logits)
+    };
+    let mut ref_s = GpuSession::new(&all_gpu, 64).unwrap();
+    let (mut ref_next, mut want) = decoded(&all_gpu, &mut ref_s);
+    for _ in 0..4 {
+        want.extend(step(&all_gpu, &mut ref_s, &mut ref_next));
+    }
+    drop(ref_s);
+    drop(all_gpu);
+    let (sizes, quarter) = budget_for(&m, 4);
+    let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();
+    let mut ok = true;
+    for cold in [ColdExperts::Host, ColdExperts::InPlace, ColdExperts::Mixed] {
+        let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
+        g.kv_type = KvType::F32;
+        let (first, counts) = run(&g);
+        // mixed: before any move, the logits of all on the GPU within the CPU's tolerance,
+        // with cold experts both computed by the CPU and read in place
+        let mixed_ok = cold != ColdExperts::Mixed
+            || {
+                use std::sync::atomic::Ordering::Relaxed;
+                let d = diff(&first, &all);
+                let top1 = top1_same(&first, &all, c.vocab_size);
+                let (cpu, read) = (g.cpu_experts.load(Relaxed), g.in_place_experts.load(Relaxed));
+                println!("CHECK mixed cold experts | nano Q8_0, a quarter of the experts, {cpu} on the CPU, {read} read in place | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}", d.max_abs, top1.0, top1.1,
+                if d.max_abs <= 2e-2 && top1.0 == top1.1 && cpu > 0 && read > 0 { "ok" } else { "FAIL" });
+                d.max_abs <= 2e-2 && top1.0 == top1.1 && cpu > 0 && read > 0
+            };
+        ok &= mixed_ok;
+        // in place and the CPU's way: a session decodes (its graph captured) before the
+        // move, and after
+        let mut held = (cold != ColdExperts::Mixed).then(|| {
+            let mut s = GpuSession::new(&g, 64).unwrap();
+            let (next, logits) = decoded(&g, &mut s);
+            (s, next, logits)
+        });
+        // routing choices that land on resident experts, with the current placement
+        let share = |g: &GpuModel| -> u64 {
+            counts
+                .iter()
+                .enumerate()
+                .map(|(l, row)| row.iter().enumerate().filter(|(e, _)| g.resident(l, *e)).map(|(_, n)| n).sum::<u64>())
+                .sum()
+        };
+        let (before, host_before) = (share(&g), g.in_place_bytes);
+        let swaps = g.rebalance(&m, &counts, 0.0).unwrap();
+        let after_share = share(&g);
+        let (after, _) = run(&g);
+        let d = diff(&after, &all);
+        let top1 = top1_same(&after, &all, c.vocab_size);
+        let close = match cold {
+            ColdExperts::Host | ColdExperts::Mixed => d.max_abs <= 2e-2 && top1.0 == top1.1,
+            ColdExperts::InPlace => after == all,
+        };
+        let mut graph_gap = String::new();
+        let graph_ok = match held.as_mut() {
+            Some((s, next, logits)) => {
+                for _ in 0..4 {
+                    logits.extend(step(&g, s, next));
+                }
+                // the CPU's experts (posted to the host worker from the graph, captured again
+                // after the move) round as the CPU does, and over 8 decoded tokens that
+                // compounds: 5.65e-2 on the H200 (the prompt's logits: 1.42e-2). A stale
+                // placement in the graph would compute wrong experts, far outside 1e-1.
+                let (gd, t) = (diff(logits, &want), top1_same(logits, &want, c.vocab_size));
+                graph_gap = format!(" (max abs {:.2e}, top-1 {}/{})", gd.max_abs, t.0, t.1);
+                match cold {
+                    ColdExperts::InPlace => *logits == want,
+                    _ => gd.max_abs <= 1e-1 && t.0 == t.1,
+                }
+            }
+            None => true,
+        };
+        let same_memory = g.in_place_bytes == host_before;
+        let this = !swaps.is_empty() && after_share > before && close && graph_ok && same_memory;
+        println!(
+            "CHECK expert rebalance | nano Q8_0, a quarter of the experts, {cold:?}, {} exchanges, GPU share of choices {before} -> {after_share} | max abs {:.2e}, top-1 {}/{}, graph across the move {graph_ok}{graph_gap}, host bytes kept {same_memory} | {} | {}",
+            swaps.len(),
+            d.max_abs,
+            top1.0,
+            top1.1,
+            if cold == ColdExperts::InPlace { "exact" } else { "2e-2" },
+            if this { "ok" } else { "FAIL" }
+        );
+        ok &= this;
+    }
+    assert!(ok);
+}
