@@ -100,18 +100,17 @@ impl GpuModel {
             let mut taken = false;
             for (j, &e) in ids.iter().enumerate() {
                 let e = usize::try_from(e).ok().filter(|&e| e < cold.len()).ok_or_else(|| format!("GPU router chose expert {e}"))?;
+                let cpu = cold[e] && !(mixed && taken);
+                flags[j] = if cpu { 1.0 } else { 0.0 };
+                if !cold[e] {
+                    continue;
+                }
                 let [g, u, dn] = [(&gate, h), (&up, h), (&down, d)]
                     .map(|(m, rows)| m.rows(e * rows, rows).ok_or_else(|| format!("expert {e} lies outside its tensor")));
                 let (g, u, dn) = (g?, u?, dn?);
-                let cpu = cold[e] && !(mixed && taken);
-                flags[j] = if cpu { 1.0 } else { 0.0 };
-                if cold[e] {
-                    bytes.fetch_add((g.data.len() + u.data.len() + dn.data.len()) as u64, Relaxed);
-                }
+                bytes.fetch_add((g.data.len() + u.data.len() + dn.data.len()) as u64, Relaxed);
                 if !cpu {
-                    if cold[e] {
-                        in_place.fetch_add(1, Relaxed);
-                    }
+                    in_place.fetch_add(1, Relaxed);
                     continue;
                 }
                 taken = true;
