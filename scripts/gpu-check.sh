@@ -7,7 +7,9 @@
 #                                        full logs to $OUT (or /tmp/gpu-check), and print
 #                                        a table of every check last
 #
-# The device tool carries carry/ over: run(command="scripts/gpu-check.sh run", carry=["carry/gpu"]).
+# The tracked tree is ~39 MB of the device tool's 64 MiB carry limit and the staged binaries
+# ~28 MB, so build also packs them into $STAGE.tar.xz (~6 MB): carry that one and `run`
+# unpacks it: run(command="scripts/gpu-check.sh run", carry=["carry/gpu.tar.xz"]).
 # A branch beside main: STAGE=carry/branch scripts/gpu-check.sh build (here, on the branch),
 # then OUT=$OUT/branch STAGE=carry/branch scripts/gpu-check.sh run there, carrying both folders (the tracked
 # tree is ~38 MB of the 64 MiB, so leave out what a run does not need).
@@ -34,10 +36,18 @@ for l in sys.stdin:
         cp "$exe" "$STAGE/$t"
     done
     strip "$STAGE"/* 2>/dev/null || true
-    ls -la "$STAGE"
+    tar -C "$(dirname "$STAGE")" -cJf "$STAGE.tar.xz" "$(basename "$STAGE")"
+    ls -la "$STAGE" "$STAGE.tar.xz"
+}
+
+# the staged binaries come as $STAGE.tar.xz (python's lzma: the GPU machine may lack xz)
+unpack() {
+    [ ! -f "$STAGE.tar.xz" ] || [ -x "$STAGE/mxr" ] ||
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$STAGE.tar.xz" "$(dirname "$STAGE")"
 }
 
 run() {
+    unpack
     local out=${OUT:-/tmp/gpu-check}
     mkdir -p "$out"
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -67,5 +77,6 @@ run() {
 case "${1:-}" in
 build) build ;;
 run) run ;;
-*) echo "usage: $0 build|run" >&2; exit 2 ;;
+unpack) unpack ;;
+*) echo "usage: $0 build|run|unpack" >&2; exit 2 ;;
 esac

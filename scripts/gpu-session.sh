@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU session measures, in one device call (build here first with
-# `scripts/gpu-check.sh build`; carry carry/gpu and carry/data/prompt.txt):
+# `scripts/gpu-check.sh build`; carry carry/gpu.tar.xz and carry/data/prompt.txt):
 #
 #   scripts/gpu-session.sh [STEP...]      (GPU machine; full logs under $OUT or /tmp/gpu-session)
 #
@@ -60,6 +60,7 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export MXR_CACHE_DIR=${MXR_CACHE_DIR:-/tmp/mxr-cache}
 out=${OUT:-/tmp/gpu-session}
 mkdir -p "$out"
+scripts/gpu-check.sh unpack
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(check kernels s8 s8q4 depth offload)
 status=0
