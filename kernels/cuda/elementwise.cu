@@ -51,31 +51,29 @@ extern "C" __global__ void map_ids(const int* ids, const int* table, int n, int*
     if (i < n) out[i] = table[ids[i]];
 }
 
-// places[j] for one token's k choices ids when some experts stay in host memory (cold[e]
-// != 0) and every expert has its place at its own index (--cold-experts mixed): the first
-// cold choice goes to the CPU (-1: the products skip it), the others keep their expert's
-// place, read in place over PCIe if cold. The host worker takes the same first cold choice.
-extern "C" __global__ void mixed_places(const int* ids, const int* cold, int k, int* places) { PDL_ENTRY();
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    int taken = 0;
-    for (int j = 0; j < k; j++) {
-        int e = ids[j];
-        if (cold[e] && !taken) {
-            places[j] = -1;
-            taken = 1;
-        } else {
-            places[j] = e;
-        }
-    }
+// hot[j] and cold_at[j] for one token's k choices ids when some experts stay in host memory
+// (cold[e] != 0) and every expert has its place at its own index (--cold-experts mixed):
+// hot[j] = ids[j] for a resident expert and -1 for a cold one, cold_at[j] the other way
+// round. One launch of the products computes the resident choices whole, another the cold
+// choices' GPU share of their hidden units (the products skip -1), and the host worker
+// the rest of the cold ones.
+extern "C" __global__ void split_places(const int* ids, const int* cold, int k, int* hot, int* cold_at) { PDL_ENTRY();
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= k) return;
+    int e = ids[j];
+    bool c = cold[e] != 0;
+    hot[j] = c ? -1 : e;
+    cold_at[j] = c ? e : -1;
 }
 
-// y[r, :] = src[rows + r * width ...] for each row r = blockIdx.y whose flag src[r] is not 0:
-// a host call's output (flags, then rows x width values) over the rows the host computed
-extern "C" __global__ void take_flagged_rows(const float* src, int rows, int width, float* y) { PDL_ENTRY();
+// For each row r = blockIdx.y whose flag src[r] is not 0, y[r, :] = src[rows + r * width
+// ...] (add = 0) or y[r, :] += it (add = 1): a host call's output (flags, then rows x width
+// values) over the rows the host computed, whole or its part of them
+extern "C" __global__ void take_flagged_rows(const float* src, int rows, int width, int add, float* y) { PDL_ENTRY();
     if (src[blockIdx.y] == 0.0f) return;
     const float* s = src + rows + (size_t)blockIdx.y * width;
     float* d = y + (size_t)blockIdx.y * width;
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = s[c];
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < width; c += gridDim.x * blockDim.x) d[c] = add ? d[c] + s[c] : s[c];
 }
 
 // dst[idx[i], :] = src[i, :] for i = blockIdx.y

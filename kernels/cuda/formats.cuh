@@ -381,14 +381,19 @@ __device__ float dot(const u8* w, int rows, int cols, int r, int u, const typena
 // Row r of a float matrix (F: F32, Half) times x, by a whole block: each thread strides over
 // the row's 16-byte units, then the block sums (every thread gets the result). The
 // router's product (matvec.cu's matvec_wide, moe.cu's route_fused): a few long rows.
+// (block_row_part_dot: columns 0..n_cols of the row.)
 template <class F>
-__device__ float block_row_dot(const u8* w, int rows, int cols, const float* x, int r, float* scratch) {
+__device__ float block_row_part_dot(const u8* w, int rows, int cols, int n_cols, const float* x, int r, float* scratch) {
     float acc = 0.f;
-    int n = F::units(cols);
+    int n = F::units(n_cols);
     for (int u = threadIdx.x; u < n; u += blockDim.x) {
         typename F::X v;
         F::load_x(x, u, v);
         acc += dot<F>(w, rows, cols, r, u, v);
     }
     return block_sum(acc, scratch);
+}
+template <class F>
+__device__ float block_row_dot(const u8* w, int rows, int cols, const float* x, int r, float* scratch) {
+    return block_row_part_dot<F>(w, rows, cols, cols, x, r, scratch);
 }

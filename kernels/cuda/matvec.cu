@@ -14,6 +14,11 @@
 // unit's loads issued before the current unit's products; `Pipelined`), or Q8_0's and
 // Q4_K's products run from shared memory filled by cp.async (`Staged`).
 
+// A launch may compute part of each matrix (a cold expert's share of its hidden units that
+// the GPU reads in place while the CPU computes the rest; offload_graph.rs): rows 0..n_rows
+// and columns 0..n_cols of the `rows` x `cols` layout. The activation rows are n_cols wide
+// and the output rows n_rows; the whole matrix is n_rows = rows, n_cols = cols.
+//
 // A pair whose expert id is negative is skipped: its output rows are left as they are
 // (a decode step's cold choice that the CPU computes, whose rows are replaced afterwards;
 // offload_graph.rs). Read after the kernel's PDL wait, like every id.
@@ -342,29 +347,30 @@ __device__ __forceinline__ u32 dynamic_smem_bytes() {
 // the activation row and W warps' rings, and every copy is 16-byte aligned (the same for
 // every thread of the block, and known before the previous kernel ends).
 template <class F>
-__device__ bool stage_fits(const u8* w, long long expert_stride, int cols, const i8* xq, const float* xd) {
+__device__ bool stage_fits(const u8* w, long long expert_stride, int cols, int n_cols, const i8* xq, const float* xd) {
     typedef Staged<F> S;
     constexpr int R = Shape<F>::R, W = Shape<F>::W;
-    if (!S::fits(cols) || (((size_t)w | (size_t)expert_stride | (size_t)xq | (size_t)xd) & 15)) return false;
-    return (size_t)S::x_bytes(cols) + (size_t)W * STAGE * R * S::CHUNK_ROW_BYTES <= dynamic_smem_bytes();
+    if (!S::fits(cols) || !S::fits(n_cols) || (((size_t)w | (size_t)expert_stride | (size_t)xq | (size_t)xd) & 15)) return false;
+    return (size_t)S::x_bytes(n_cols) + (size_t)W * STAGE * R * S::CHUNK_ROW_BYTES <= dynamic_smem_bytes();
 }
 
 // A block's rows from shared memory, when stage_fits (else false, having done nothing):
-// rows of matrix w (expert ids[p] of a stack when ids) times the activation row xq, xd.
+// rows of matrix w (expert ids[p] of a stack when ids; its part n_rows x n_cols) times the
+// activation row xq, xd.
 // This does the kernel's PDL wait. The lane's units and the order of its sums are those of
 // the direct loop, so the results are the same bits.
 template <class F>
-__device__ bool matvec_staged(const u8* w, long long expert_stride, const int* ids, int p, int rows, int cols, const i8* xq, const float* xd,
-                              float* y_row) {
+__device__ bool matvec_staged(const u8* w, long long expert_stride, const int* ids, int p, int rows, int cols, int n_rows, int n_cols,
+                              const i8* xq, const float* xd, float* y_row) {
     typedef Staged<F> S;
     constexpr int R = Shape<F>::R, W = Shape<F>::W, CB = R * S::CHUNK_ROW_BYTES;
-    if (!stage_fits<F>(w, expert_stride, cols, xq, xd)) return false;
+    if (!stage_fits<F>(w, expert_stride, cols, n_cols, xq, xd)) return false;
     extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int r0 = (blockIdx.x * W + warp) * R;
-    int n_units = F::units(cols), nr = max(0, min(R, rows - r0)), steps = (n_units + 31) >> 5;
+    int n_units = F::units(n_cols), nr = max(0, min(R, n_rows - r0)), steps = (n_units + 31) >> 5;
     u8* xs = smem;
-    u8* ring = smem + S::x_bytes(cols) + (size_t)warp * STAGE * CB;
+    u8* ring = smem + S::x_bytes(n_cols) + (size_t)warp * STAGE * CB;
     bool early = EARLY && !ids;
     if (!early) {
         PDL_ENTRY();
@@ -379,12 +385,12 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
         cp_async_commit();
     }
     if (early) PDL_ENTRY();
-    S::copy_x(xq, xd, cols, xs, threadIdx.x, 32 * W);
+    S::copy_x(xq, xd, n_cols, xs, threadIdx.x, 32 * W);
     cp_async_commit();
     cp_async_wait<0>();  // this thread's copies
     __syncthreads();     // and everyone's
     if constexpr (S::FINISH) {
-        S::finish_x(xs, cols, threadIdx.x, 32 * W);
+        S::finish_x(xs, n_cols, threadIdx.x, 32 * W);
         __syncthreads();
     }
     if (nr == 0) return true;
@@ -400,7 +406,7 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
         int u = (k << 5) + lane;
         if (u < n_units) {
             typename F::XQ x;
-            S::load_x(xs, cols, u, x);
+            S::load_x(xs, n_cols, u, x);
             const u8* c = ring + cur * CB;
             // the chunk as an R x CHUNK_COLS matrix; a chunk starts at a multiple of 32
             // units, so unit u is its unit `lane`, at the same place in its block
@@ -426,92 +432,101 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
 }
 
 template <class F>
-__device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y) {
+__device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y,
+                         int n_rows, int n_cols) {
     int p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    const i8* xqp = xq + xrow * cols;
-    const float* xdp = xd + xrow * (cols >> 5);
+    const i8* xqp = xq + xrow * n_cols;
+    const float* xdp = xd + xrow * (n_cols >> 5);
+    float* y_row = y + (size_t)p * n_rows;
     if constexpr (Staged<F>::on)
-        if (matvec_staged<F>(w, expert_stride, ids, p, rows, cols, xqp, xdp, y + (size_t)p * rows)) return;
+        if (matvec_staged<F>(w, expert_stride, ids, p, rows, cols, n_rows, n_cols, xqp, xdp, y_row)) return;
     PDL_ENTRY();
     if (SKIP_PAIR(ids, p)) return;
     QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xqp, xdp};
-    matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+    matvec_rows(in, n_rows, F::units(n_cols), y_row);
 }
 
 template <class F>
-__device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
+__device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y,
+                         int n_rows, int n_cols) {
     int p = blockIdx.y;
     if (SKIP_PAIR(ids, p)) return;
-    FloatInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * cols};
-    matvec_rows(in, rows, F::units(cols), y + (size_t)p * rows);
+    FloatInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * n_cols};
+    matvec_rows(in, n_rows, F::units(n_cols), y + (size_t)p * n_rows);
 }
 
 // Two quantized matrices of one type and width over the same int8 input in one launch
 // (blockIdx.z picks the matrix): the MoE's gate and up products, the lightning layer's
-// qkv and gate. Each has its own rows, expert stride and output.
+// qkv and gate. Each has its own rows, expert stride and output, and computes its rows
+// 0..n_rows (all its columns).
 template <class F>
 __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, int rows0, int rows1, int cols, const i8* xq,
-                          const float* xd, int x_div, float* y0, float* y1) {
+                          const float* xd, int x_div, float* y0, float* y1, int n_rows0, int n_rows1) {
     bool second = blockIdx.z != 0;
     const u8* w = second ? w1 : w0;
     long long s = second ? s1 : s0;
-    int rows = second ? rows1 : rows0, p = blockIdx.y;
+    int rows = second ? rows1 : rows0, n_rows = second ? n_rows1 : n_rows0, p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
     const i8* xqp = xq + xrow * cols;
     const float* xdp = xd + xrow * (cols >> 5);
-    float* y_row = (second ? y1 : y0) + (size_t)p * rows;
+    float* y_row = (second ? y1 : y0) + (size_t)p * n_rows;
     if constexpr (Staged<F>::on)
-        if (matvec_staged<F>(w, s, ids, p, rows, cols, xqp, xdp, y_row)) return;
+        if (matvec_staged<F>(w, s, ids, p, rows, cols, n_rows, cols, xqp, xdp, y_row)) return;
     PDL_ENTRY();
     if (SKIP_PAIR(ids, p)) return;
     QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xqp, xdp};
-    matvec_rows(in, rows, F::units(cols), y_row);
+    matvec_rows(in, n_rows, F::units(cols), y_row);
 }
 
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,
 // one row per warp.
 template <class F>
-__device__ void matvec_scalar(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
+__device__ void matvec_scalar(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y,
+                              int n_rows, int n_cols) {
     int p = blockIdx.y;
     if (SKIP_PAIR(ids, p)) return;
     const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
-    const float* xp = x + (size_t)(p / x_div) * cols;
+    const float* xp = x + (size_t)(p / x_div) * n_cols;
     int lane = threadIdx.x & 31;
     int r = blockIdx.x * Shape<F>::W + (threadIdx.x >> 5);
-    if (r >= rows) return;
+    if (r >= n_rows) return;
     float acc = 0.f;
-    for (int u = lane; u < cols; u += 32) acc += F::dot1(wp, cols, r, u, xp);
+    for (int u = lane; u < n_cols; u += 32) acc += F::dot1(wp, cols, r, u, xp);
     acc = warp_sum(acc);
-    if (lane == 0) y[(size_t)p * rows + r] = acc;
+    if (lane == 0) y[(size_t)p * n_rows + r] = acc;
 }
 
 // Float matrices with few rows (the router): one block per (row, pair), the block's
 // threads striding over the row's units.
 template <class F>
-__device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y) {
+__device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const float* x, int x_div, float* y,
+                            int n_rows, int n_cols) {
     __shared__ float scratch[32];
     int p = blockIdx.y, r = blockIdx.x;
     if (SKIP_PAIR(ids, p)) return;
-    float acc = block_row_dot<F>(w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * cols, r, scratch);
-    if (threadIdx.x == 0) y[(size_t)p * rows + r] = acc;
+    const u8* wp = w + (ids ? (long long)ids[p] * expert_stride : 0ll);
+    float acc = block_row_part_dot<F>(wp, rows, cols, n_cols, x + (size_t)(p / x_div) * n_cols, r, scratch);
+    if (threadIdx.x == 0) y[(size_t)p * n_rows + r] = acc;
 }
 
-#define QARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y
-#define FARGS const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y
+#define QARGS \
+    const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y, int n_rows, int n_cols
+#define FARGS \
+    const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y, int n_rows, int n_cols
 #define MATVEC_Q(name, F, LB) \
-    extern "C" __global__ void LB name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y); }
+    extern "C" __global__ void LB name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y, n_rows, n_cols); }
 #define MATVEC_F(name, F) \
-    extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y, n_rows, n_cols); }
 #define MATVEC_SCALAR(name, F) \
-    extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_scalar<F>(w, expert_stride, ids, rows, cols, x, x_div, y, n_rows, n_cols); }
 
 #define Q2ARGS                                                                                                                  \
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
-        int x_div, float *y0, float *y1
-#define MATVEC2_Q(name, F, LB)                                                                                                 \
-    extern "C" __global__ void LB name(Q2ARGS) {                                                              \
-        matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1);                                        \
+        int x_div, float *y0, float *y1, int n_rows0, int n_rows1
+#define MATVEC2_Q(name, F, LB)                                                                      \
+    extern "C" __global__ void LB name(Q2ARGS) {                                                   \
+        matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1, n_rows0, n_rows1); \
     }
 
 // Each quantized type's two kernels: one product, and two products of one input.
@@ -524,7 +539,7 @@ MATVEC_F(matvec_bf16, Half<true>)
 MATVEC_F(matvec_f16, Half<false>)
 MATVEC_F(matvec_f32, F32)
 #define MATVEC_WIDE(name, F) \
-    extern "C" __global__ void __launch_bounds__(256) name(FARGS) { PDL_ENTRY(); matvec_wide<F>(w, expert_stride, ids, rows, cols, x, x_div, y); }
+    extern "C" __global__ void __launch_bounds__(256) name(FARGS) { PDL_ENTRY(); matvec_wide<F>(w, expert_stride, ids, rows, cols, x, x_div, y, n_rows, n_cols); }
 MATVEC_WIDE(matvec_wide_bf16, Half<true>)
 MATVEC_WIDE(matvec_wide_f16, Half<false>)
 MATVEC_WIDE(matvec_wide_f32, F32)

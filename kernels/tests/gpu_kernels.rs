@@ -111,6 +111,82 @@ fn matvec_gathers_experts_and_inputs() {
     }
 }
 
+/// Products over part of each expert (`matvec_part`, `matvec_pair_rows`: the GPU's share of
+/// a cold expert's hidden units, issue 7's mixed decode): rows 0..n and columns 0..c of
+/// each chosen expert's layout against the reference on that corner of the matrix, for
+/// every type and each kernel family (quantized direct and staged, float wide, row-wise
+/// and one value at a time). A skipped pair (-1) keeps its rows; a part outside the matrix
+/// or not ending on whole blocks is an error.
+#[test]
+#[ignore = "needs a GPU"]
+fn matvec_parts_compute_a_corner_of_each_expert() {
+    use mxr_kernels::cuda::Part;
+    let g = gpu();
+    let n_exp = 3;
+    for q in TYPES {
+        let unit = Part::unit(q);
+        let mut cases = vec![(37usize, 4 * unit, Part { rows: 20, cols: 2 * unit })];
+        if q.block_size() == 1 {
+            // past the wide kernel's 1,024 rows: the row-wise kernel, then rows of values
+            // that are no whole 16-byte load (one value at a time)
+            cases.push((1030, 96, Part { rows: 1000, cols: 64 }));
+            cases.push((1030, 70, Part { rows: 1029, cols: 64 }));
+        }
+        for (rows, cols, part) in cases {
+            let w = quantized(q, n_exp * rows * cols, 80);
+            let ids = [2i32, -1, 0, 2];
+            let xs = Rng::new(81).normals(ids.len() * part.cols, 1.0);
+            let gw = GpuMatrix::upload(&g, q, n_exp, rows, cols, &w).unwrap();
+            let (gx, gids) = (g.upload(&xs).unwrap(), g.upload(&ids).unwrap());
+            let mut gy = g.upload(&vec![7f32; ids.len() * part.rows]).unwrap();
+            g.matvec_part(&gw, part, Some(&gids), &gx.as_view(), None, 1, ids.len(), &mut gy.as_view_mut()).unwrap();
+            let got = g.download(&gy.as_view()).unwrap();
+            let (rb, sub_rb) = (q.row_bytes(cols).unwrap(), q.row_bytes(part.cols).unwrap());
+            let (mut got_kept, mut want) = (Vec::new(), Vec::new());
+            for (p, &e) in ids.iter().enumerate() {
+                let rows_p = &got[p * part.rows..(p + 1) * part.rows];
+                if e < 0 {
+                    assert!(rows_p.iter().all(|&v| v == 7.0), "{q}: a skipped pair's rows changed");
+                    continue;
+                }
+                // the corner: the first sub_rb bytes of the expert's first part.rows rows
+                let corner: Vec<u8> = (0..part.rows).flat_map(|r| w[(e as usize * rows + r) * rb..][..sub_rb].iter().copied()).collect();
+                let m = QMatrix::new(q, part.rows, part.cols, &corner).unwrap();
+                want.extend(matvec_f64(&m, &as_kernel_input(q, &xs[p * part.cols..(p + 1) * part.cols])));
+                got_kept.extend_from_slice(rows_p);
+            }
+            check("matvec_part", &format!("{q} {rows}x{cols}, part {}x{}", part.rows, part.cols), diff(&got_kept, &want).nmse, 1e-10);
+            // two matrices' rows 0..n over one input: each pair's rows of the whole product
+            if mxr_kernels::cuda::quantized(q) {
+                let gw1 = GpuMatrix::upload(&g, q, n_exp, rows, cols, &quantized(q, n_exp * rows * cols, 82)).unwrap();
+                let xs = Rng::new(83).normals(2 * cols, 1.0);
+                let act = g.quantize_act(&g.upload(&xs).unwrap().as_view(), 2, cols).unwrap();
+                let ids = g.upload(&[1i32, 2, 0, 1]).unwrap();
+                let n = part.rows;
+                let (mut y0, mut y1) = (g.zeros::<f32>(4 * n).unwrap(), g.zeros::<f32>(4 * n).unwrap());
+                g.matvec_pair_rows([&gw, &gw1], [n, n], Some(&ids), &act, 2, 4, [&mut y0.as_view_mut(), &mut y1.as_view_mut()]).unwrap();
+                let (mut w0, mut w1) = (g.zeros::<f32>(4 * rows).unwrap(), g.zeros::<f32>(4 * rows).unwrap());
+                g.matvec_pair([&gw, &gw1], Some(&ids), &act, 2, 4, [&mut w0.as_view_mut(), &mut w1.as_view_mut()]).unwrap();
+                let (p0, p1) = (g.download(&y0.as_view()).unwrap(), g.download(&y1.as_view()).unwrap());
+                let (f0, f1) = (g.download(&w0.as_view()).unwrap(), g.download(&w1.as_view()).unwrap());
+                let same = (0..4)
+                    .all(|p| p0[p * n..(p + 1) * n] == f0[p * rows..p * rows + n] && p1[p * n..(p + 1) * n] == f1[p * rows..p * rows + n]);
+                println!(
+                    "CHECK matvec_pair_rows | {q} {rows}x{cols}, rows 0..{n} | {} | exact | {}",
+                    if same { "equal" } else { "differ" },
+                    if same { "ok" } else { "FAIL" }
+                );
+                assert!(same, "{q}: matvec_pair_rows differs from the whole products' rows");
+            }
+            let mut y = g.zeros::<f32>(4 * (rows + 1)).unwrap();
+            let mut bad = |p: Part| g.matvec_part(&gw, p, Some(&gids), &gx.as_view(), None, 1, 4, &mut y.as_view_mut()).is_err();
+            assert!(bad(Part { rows: rows + 1, cols }), "{q}: rows past the matrix");
+            assert!(bad(Part { rows, cols: cols + unit }), "{q}: columns past the matrix");
+            assert!(bad(Part { rows, cols: unit / 2 }), "{q}: a part ending inside a block");
+        }
+    }
+}
+
 /// A float product in row ranges (`matvec_rows`, the decode step's lm_head in pieces)
 /// gives each row the bits of the whole product; ranges the kernel cannot take are errors.
 #[test]
@@ -443,14 +519,20 @@ fn norm_and_elementwise() {
     let mut mapped = g.zeros::<i32>(idx.len()).unwrap();
     g.map_ids(&gi.as_view(), &table.as_view(), &mut mapped.as_view_mut()).unwrap();
     assert_eq!(g.download(&mapped.as_view()).unwrap(), vec![0, 7, 0, -1, 2], "map_ids");
-    // mixed places: the first choice of an expert marked cold goes to the CPU (-1), the
-    // rest keep their expert's index
+    // split places: a resident choice keeps its expert in `hot` and is skipped (-1) in
+    // `cold_at`, a cold one the other way round
     let cold = g.upload(&[0i32, 1, 0, 1, 1]).unwrap();
-    for (ids, want) in [([0i32, 3, 4], [0, -1, 4]), ([2, 0, 1], [2, 0, -1]), ([2, 0, 2], [2, 0, 2]), ([4, 1, 3], [-1, 1, 3])] {
+    for (ids, hot, cold_at) in [
+        ([0i32, 3, 4], [0, -1, -1], [-1, 3, 4]),
+        ([2, 0, 1], [2, 0, -1], [-1, -1, 1]),
+        ([2, 0, 2], [2, 0, 2], [-1, -1, -1]),
+        ([4, 1, 3], [-1, -1, -1], [4, 1, 3]),
+    ] {
         let gi = g.upload(&ids).unwrap();
-        let mut places = g.zeros::<i32>(3).unwrap();
-        g.mixed_places(&gi.as_view(), &cold.as_view(), &mut places.as_view_mut()).unwrap();
-        assert_eq!(g.download(&places.as_view()).unwrap(), want, "mixed_places {ids:?}");
+        let (mut h, mut c) = (g.zeros::<i32>(3).unwrap(), g.zeros::<i32>(3).unwrap());
+        g.split_places(&gi.as_view(), &cold.as_view(), &mut h.as_view_mut(), &mut c.as_view_mut()).unwrap();
+        assert_eq!(g.download(&h.as_view()).unwrap(), hot, "split_places {ids:?}: hot");
+        assert_eq!(g.download(&c.as_view()).unwrap(), cold_at, "split_places {ids:?}: cold");
     }
     let perm = [2i32, 4, 0, 1, 3];
     let gp = g.upload(&perm).unwrap();

@@ -195,6 +195,8 @@ fn host_calls_run_inside_a_graph() {
     let x = g.upload(&xs).unwrap();
     let mut ids = g.upload(&[1i32, 2, 5]).unwrap();
     let mut y = g.upload(&vec![-1f32; k * d]).unwrap();
+    // add_flagged_rows adds the flagged rows instead (checked after the first replay)
+    let mut z = g.upload(&vec![0.25f32; k * d]).unwrap();
     let mut from = g.zeros::<f32>(k + k * d).unwrap();
     let refused = g.host_post(&call, &x.as_view(), &ids.as_view()).is_err() && g.host_wait(&call, &mut from.as_view_mut()).is_err();
     exact("host call", "refused outside a capture", refused);
@@ -202,7 +204,8 @@ fn host_calls_run_inside_a_graph() {
         .capture(|| {
             g.host_post(&call, &x.as_view(), &ids.as_view())?;
             g.host_wait(&call, &mut from.as_view_mut())?;
-            g.take_flagged_rows(&from.as_view(), k, d, &mut y.as_view_mut())
+            g.take_flagged_rows(&from.as_view(), k, d, &mut y.as_view_mut())?;
+            g.add_flagged_rows(&from.as_view(), k, d, &mut z.as_view_mut())
         })
         .unwrap();
     let mut want = vec![-1f32; k * d];
@@ -237,5 +240,10 @@ fn host_calls_run_inside_a_graph() {
             want.fill(f32::NAN);
         }
         exact("host call", case, ok);
+        if case == "ids 1 2 5" {
+            let got = g.download(&z.as_view()).unwrap();
+            let added = (0..k).all(|j| (0..d).all(|c| got[j * d + c] == if id[j] % 2 == 1 { 0.25 + xs[c] * id[j] as f32 } else { 0.25 }));
+            exact("host call", "flagged rows added", added);
+        }
     }
 }

@@ -39,6 +39,22 @@ pub struct DeviceRates {
     /// Weight bytes per second the GPU's decode products read from a cold expert left in
     /// page-locked host pages mapped for the device (read in place over PCIe), GB/s.
     pub in_place_gbps: f64,
+    /// The CPU's expert rate and the in-place rate while both run side by side (GB/s;
+    /// `--cold-experts mixed`: they share the host's memory), as measured by
+    /// `--calibrate-devices`; None where not measured, and then their rates alone.
+    pub mixed_gbps: Option<(f64, f64)>,
+}
+
+/// How a decoded token computes its cold experts ([`DeviceRates::decode_way`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeWay {
+    /// The GPU reads them in place over PCIe.
+    InPlace,
+    /// The CPU computes them (the host worker).
+    Cpu,
+    /// Each cold expert shared: the GPU reads part of its hidden units in place while the
+    /// host worker computes the rest.
+    Mixed,
 }
 
 /// Where a cold expert runs for one batch.
@@ -58,6 +74,7 @@ impl DeviceRates {
         h2d_gbps: 10.0,
         h2d_pinned_gbps: 20.0,
         in_place_gbps: 20.0,
+        mixed_gbps: None,
     };
 
     /// Seconds for the CPU to run one expert of `bytes` of weights over `tokens` tokens of
@@ -72,19 +89,65 @@ impl DeviceRates {
         bytes as f64 / (self.h2d_gbps * 1e9)
     }
 
+    /// These rates with the GPU's in-place reads as its copies, both at their rates side by
+    /// side: [`DeviceRates::gpu_share`] then splits a cold expert between reading in place
+    /// and the CPU (`--cold-experts mixed` in a decode graph).
+    pub fn reading_in_place(&self) -> DeviceRates {
+        let (cpu, in_place) = self.mixed_rates();
+        DeviceRates { h2d_gbps: in_place, cpu_expert_gbps: cpu, ..*self }
+    }
+
     /// These rates for copies from page-locked memory.
     pub fn pinned(&self) -> DeviceRates {
         DeviceRates { h2d_gbps: self.h2d_pinned_gbps, ..*self }
     }
 
-    /// Decode's choice under `--cold-experts auto`: read the cold experts in place (true)
-    /// or compute them the CPU's way. Per token, in place reads `cold_bytes` over PCIe
-    /// inside the step's CUDA graph; the CPU's way computes them at the CPU's rate and pays
-    /// [`HOST_EXCHANGE_S`] for each of the `host_layers` layers that keep experts in host
-    /// memory (each leaves the graph whether or not a token picks a cold expert there).
-    /// Ties: in place. Never in place where the GPU cannot read host pages (rate 0).
-    pub fn decode_in_place(&self, cold_bytes: f64, host_layers: usize) -> bool {
-        self.in_place_gbps > 0.0 && self.in_place_seconds(cold_bytes) <= self.decode_cpu_seconds(cold_bytes, host_layers)
+    /// Decode's choice under `--cold-experts auto`, the fastest of three for `cold_bytes`
+    /// of cold experts a token over `host_layers` layers that keep experts in host memory:
+    /// in place reads them over PCIe inside the step's CUDA graph; the CPU's way computes
+    /// them at the CPU's rate and pays [`HOST_EXCHANGE_S`] for each such layer (whether or
+    /// not a token picks a cold expert there); mixed pays the same exchanges and moves them
+    /// at both rates side by side. Ties: in place, then mixed. Never in place or mixed
+    /// where the GPU cannot read host pages (rate 0).
+    pub fn decode_way(&self, cold_bytes: f64, host_layers: usize) -> DecodeWay {
+        if self.in_place_gbps <= 0.0 {
+            return DecodeWay::Cpu;
+        }
+        let ways = [
+            (DecodeWay::InPlace, self.in_place_seconds(cold_bytes)),
+            (DecodeWay::Mixed, self.decode_mixed_seconds(cold_bytes, host_layers)),
+            (DecodeWay::Cpu, self.decode_cpu_seconds(cold_bytes, host_layers)),
+        ];
+        ways.iter().fold(ways[0], |best, &w| if w.1 < best.1 { w } else { best }).0
+    }
+
+    /// The CPU's rate and the in-place rate while both run ([`DeviceRates::mixed_gbps`], or
+    /// each alone where not measured).
+    pub fn mixed_rates(&self) -> (f64, f64) {
+        self.mixed_gbps.unwrap_or((self.cpu_expert_gbps, self.in_place_gbps))
+    }
+
+    /// Seconds a decoded token spends with its `cold_bytes` of cold experts shared between
+    /// the CPU and in-place reads over `host_layers` layers with experts in host memory.
+    pub fn decode_mixed_seconds(&self, cold_bytes: f64, host_layers: usize) -> f64 {
+        let (cpu, in_place) = self.mixed_rates();
+        host_layers as f64 * HOST_EXCHANGE_S + cold_bytes / ((cpu + in_place) * 1e9)
+    }
+
+    /// Cold-expert bytes per decoded token and layer with host experts above which sharing
+    /// them with the CPU (mixed) is faster than reading them in place; 0 where the GPU
+    /// cannot read in place.
+    pub fn decode_mixed_above(&self) -> f64 {
+        let (cpu, in_place) = self.mixed_rates();
+        if self.in_place_gbps <= 0.0 || in_place <= 0.0 {
+            return 0.0;
+        }
+        let saved_per_byte = 1.0 / (self.in_place_gbps * 1e9) - 1.0 / ((cpu + in_place) * 1e9);
+        if saved_per_byte > 0.0 {
+            HOST_EXCHANGE_S / saved_per_byte
+        } else {
+            f64::INFINITY
+        }
     }
 
     /// Seconds a decoded token spends the CPU's way on `cold_bytes` of cold experts over
@@ -93,33 +156,27 @@ impl DeviceRates {
         host_layers as f64 * HOST_EXCHANGE_S + cold_bytes / (self.cpu_expert_gbps * 1e9)
     }
 
-    /// Cold-expert bytes per decoded token and layer with host experts above which the
-    /// CPU's way is faster than reading them in place; None where it never is (the GPU
-    /// reads at least as fast as the CPU computes), 0 where the GPU cannot read in place.
-    pub fn decode_cpu_above(&self) -> Option<f64> {
-        if self.in_place_gbps <= 0.0 {
-            return Some(0.0);
-        }
-        let saved_per_byte = 1.0 / (self.in_place_gbps * 1e9) - 1.0 / (self.cpu_expert_gbps * 1e9);
-        (saved_per_byte > 0.0).then(|| HOST_EXCHANGE_S / saved_per_byte)
-    }
-
     /// Seconds for the GPU's products to read `bytes` of cold experts in place over PCIe
     /// (infinite where the GPU cannot).
     pub fn in_place_seconds(&self, bytes: f64) -> f64 {
         bytes / (self.in_place_gbps * 1e9)
     }
 
-    /// Decode's two ways for `cold_bytes` of cold experts a token over `host_layers` layers
-    /// with host experts, in words (what auto weighed; the run and `mxr plan` print it).
+    /// Decode's three ways for `cold_bytes` of cold experts a token over `host_layers`
+    /// layers with host experts, in words (what auto weighed; the run and `mxr plan` print
+    /// it).
     pub fn decode_comparison(&self, cold_bytes: f64, host_layers: usize) -> String {
+        let (cpu, in_place) = self.mixed_rates();
         format!(
-            "{:.1} MB of cold experts a token: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s with {host_layers} layer{} exchanging with the host",
+            "{:.1} MB of cold experts a token: in place {:.2} ms at {:.1} GB/s, the CPU's way {:.2} ms at {:.1} GB/s, mixed {:.2} ms at {:.1} + {:.1} GB/s, with {host_layers} layer{} exchanging with the host",
             cold_bytes / 1e6,
             self.in_place_seconds(cold_bytes) * 1e3,
             self.in_place_gbps,
             self.decode_cpu_seconds(cold_bytes, host_layers) * 1e3,
             self.cpu_expert_gbps,
+            self.decode_mixed_seconds(cold_bytes, host_layers) * 1e3,
+            cpu,
+            in_place,
             if host_layers == 1 { "" } else { "s" }
         )
     }
@@ -190,6 +247,8 @@ impl DeviceRates {
             "h2d_gbps": self.h2d_gbps,
             "h2d_pinned_gbps": self.h2d_pinned_gbps,
             "in_place_gbps": self.in_place_gbps,
+            "mixed_cpu_gbps": self.mixed_gbps.map(|m| m.0),
+            "mixed_in_place_gbps": self.mixed_gbps.map(|m| m.1),
         })
     }
 
@@ -215,6 +274,11 @@ impl DeviceRates {
                     .as_f64()
                     .filter(|v| v.is_finite() && *v >= 0.0)
                     .ok_or_else(|| ModelError::Input("device rates: `in_place_gbps` not a number >= 0".into()))?,
+            },
+            // files saved before they were measured (or where they were not): null
+            mixed_gbps: match (j.get("mixed_cpu_gbps").filter(|v| !v.is_null()), j.get("mixed_in_place_gbps").filter(|v| !v.is_null())) {
+                (None, None) => None,
+                _ => Some((get("mixed_cpu_gbps")?, get("mixed_in_place_gbps")?)),
             },
         })
     }
@@ -295,6 +359,7 @@ mod tests {
             h2d_gbps: 20.0,
             h2d_pinned_gbps: 50.0,
             in_place_gbps: 45.0,
+            mixed_gbps: None,
         };
         // streaming 31.9 MB: 0.8 ms on the CPU against 1.6 ms over PCIe
         assert_eq!(r.choose(BYTES, 1, FLOPS), ColdChoice::Cpu);
@@ -312,43 +377,60 @@ mod tests {
     }
 
     #[test]
-    fn decode_reads_cold_experts_in_place_unless_the_cpu_saves_more_than_its_host_exchange_costs() {
+    fn decode_takes_the_fastest_of_in_place_mixed_and_the_cpus_way() {
         const MB: f64 = 1e6;
-        // the H200 machine: PCIe in place ~48 GB/s, the CPU 40-52 GB/s
-        let r = DeviceRates { cpu_expert_gbps: 40.0, in_place_gbps: 48.0, ..DeviceRates::DEFAULT };
-        assert!(r.decode_in_place(0.0, 0) && r.decode_in_place(76.0 * MB, 2) && r.decode_in_place(10_000.0 * MB, 80));
-        assert_eq!(r.decode_cpu_above(), None, "the GPU reads faster: never the CPU's way");
-        // a CPU a little faster than PCIe: in place, until the cold bytes outweigh the
-        // layers' exchanges. Per byte the CPU saves 1/48 - 1/60 GB/s = 1/240 ns; 0.05 ms a
-        // layer is worth 12 MB of cold experts a token per layer
-        let fast = DeviceRates { cpu_expert_gbps: 60.0, ..r };
-        let above = fast.decode_cpu_above().unwrap();
-        assert!((above - 12.0 * MB).abs() < 1.0, "{above}");
-        assert!(!fast.decode_in_place(76.0 * MB, 2), "S2x32 at 25%: 76 MB over 2 layers goes the CPU's way");
-        assert!(fast.decode_in_place(23.9 * MB, 2) && !fast.decode_in_place(24.1 * MB, 2));
-        assert!(fast.decode_in_place(4.5 * MB, 2), "S2x32 at 50%: 4.5 MB stays in place");
-        assert!(!fast.decode_in_place(6_000.0 * MB, 80), "the real model with half its experts cold: 75 MB a layer");
-        assert!((fast.decode_cpu_seconds(120.0 * MB, 2) - (0.1e-3 + 2e-3)).abs() < 1e-12);
-        assert!((fast.in_place_seconds(120.0 * MB) - 2.5e-3).abs() < 1e-12);
-        let words = fast.decode_comparison(120.0 * MB, 2);
+        // the H200 machine's rates (fifteenth session): in place 49 GB/s, the CPU 82 alone,
+        // side by side 48 + 70
+        let r = DeviceRates { cpu_expert_gbps: 82.0, in_place_gbps: 49.0, mixed_gbps: Some((70.0, 48.0)), ..DeviceRates::DEFAULT };
+        assert_eq!(r.decode_way(0.0, 0), DecodeWay::InPlace);
+        // S2x32 at 25%: 49 MB over 2 layers, in place 1.00 ms, the CPU's way 0.70, mixed 0.52
+        assert_eq!(r.decode_way(49.0 * MB, 2), DecodeWay::Mixed);
+        assert!((r.decode_mixed_seconds(118.0 * MB, 2) - (0.1e-3 + 1e-3)).abs() < 1e-12);
+        assert!((r.decode_cpu_seconds(82.0 * MB, 2) - (0.1e-3 + 1e-3)).abs() < 1e-12);
+        assert!((r.in_place_seconds(98.0 * MB) - 2e-3).abs() < 1e-12);
+        // at 50%: 4.5 MB stays in place (0.09 ms against 0.14 ms with the exchanges)
+        assert_eq!(r.decode_way(4.5 * MB, 2), DecodeWay::InPlace);
+        // the break-even: per byte mixed saves 1/49 - 1/118 ns, 0.05 ms a layer is worth
+        // 4.19 MB of cold experts a token per layer
+        let above = r.decode_mixed_above();
+        assert!((above - 0.05e-3 / (1.0 / 49e9 - 1.0 / 118e9)).abs() < 1.0, "{above}");
+        assert_eq!(r.decode_way(2.0 * above * 0.99, 2), DecodeWay::InPlace);
+        assert_eq!(r.decode_way(2.0 * above * 1.01, 2), DecodeWay::Mixed);
+        assert_eq!(r.decode_way(6_000.0 * MB, 80), DecodeWay::Mixed, "the real model with half its experts cold");
+        let words = r.decode_comparison(118.0 * MB, 2);
         assert!(
-            words.contains(
-                "120.0 MB of cold experts a token: in place 2.50 ms at 48.0 GB/s, the CPU's way 2.10 ms at 60.0 GB/s with 2 layers"
-            ),
+            words.contains("118.0 MB of cold experts a token: in place 2.41 ms at 49.0 GB/s, the CPU's way 1.54 ms at 82.0 GB/s, mixed 1.10 ms at 70.0 + 48.0 GB/s, with 2 layers"),
             "{words}"
         );
-        // an older link (PCIe 3, ~12 GB/s) against the same CPU: the CPU's way from 0.86 MB a layer
-        let slow = DeviceRates { in_place_gbps: 12.0, ..r };
-        assert!(!slow.decode_in_place(76.0 * MB, 2));
-        assert!(slow.decode_in_place(1.0 * MB, 2), "a few cold bytes do not pay for the exchanges");
-        assert!(DeviceRates::DEFAULT.decode_in_place(76.0 * MB, 2));
-        // measured as unavailable (0) and saved: never, even against a stalled CPU rate
-        let none = DeviceRates { in_place_gbps: 0.0, cpu_expert_gbps: 0.0, ..r };
-        assert!(!none.decode_in_place(0.0, 0));
-        assert_eq!(none.decode_cpu_above(), Some(0.0));
-        assert!(DeviceRates::from_json(&none.to_json()).unwrap_err().to_string().contains("cpu_expert_gbps"));
-        let saved = DeviceRates { in_place_gbps: 0.0, ..r };
-        assert_eq!(DeviceRates::from_json(&saved.to_json()).unwrap(), saved);
+        // not measured side by side: each at its rate alone
+        let alone = DeviceRates { mixed_gbps: None, ..r };
+        assert_eq!(alone.mixed_rates(), (82.0, 49.0));
+        // side by side slower than the CPU alone: the CPU's way
+        let contended = DeviceRates { mixed_gbps: Some((40.0, 10.0)), ..r };
+        assert_eq!(contended.decode_way(120.0 * MB, 2), DecodeWay::Cpu);
+        // measured as unavailable (0) and saved: the CPU's way, whatever the bytes
+        let none = DeviceRates { in_place_gbps: 0.0, mixed_gbps: None, ..r };
+        assert_eq!(none.decode_way(0.0, 0), DecodeWay::Cpu);
+        assert_eq!(none.decode_mixed_above(), 0.0);
+        assert_eq!(DeviceRates::from_json(&none.to_json()).unwrap(), none);
+        assert_eq!(DeviceRates::from_json(&r.to_json()).unwrap(), r);
+        let stalled = DeviceRates { cpu_expert_gbps: 0.0, ..none };
+        assert!(DeviceRates::from_json(&stalled.to_json()).unwrap_err().to_string().contains("cpu_expert_gbps"));
+        // a file with half of mixed's pair is an error
+        let mut j = r.to_json();
+        j["mixed_in_place_gbps"] = serde_json::Value::Null;
+        assert!(DeviceRates::from_json(&j).unwrap_err().to_string().contains("mixed_in_place_gbps"));
+    }
+
+    #[test]
+    fn mixed_shares_each_cold_expert_at_the_side_by_side_rates() {
+        let flops = 2.0 * 3.0 * 6144.0 * 9216.0;
+        let b = 3 * BYTES;
+        // side by side 70 and 48 GB/s: the GPU's share is 48 / 118 = 0.41, 15 of 36 blocks
+        let r = DeviceRates { cpu_expert_gbps: 82.0, in_place_gbps: 49.0, mixed_gbps: Some((70.0, 48.0)), ..DeviceRates::DEFAULT };
+        let r = r.reading_in_place();
+        assert!((r.gpu_share(b, 1, flops) - 48.0 / 118.0).abs() < 1e-9);
+        assert_eq!(r.gpu_hidden_units(b, 1, flops, 9216, 256), 15 * 256);
     }
 
     #[test]

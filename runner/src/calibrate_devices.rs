@@ -166,8 +166,8 @@ pub fn run(threads: Threads) -> Result<()> {
                         r.in_place_gbps,
                         t * 1e3
                     );
-                    // a diagnostic row (not saved): how much the two slow each other, each
-                    // side on its own experts (the CPU from the first, the GPU from the middle)
+                    // how much the two slow each other (saved: mixed's rates), each side on
+                    // its own experts (the CPU from the first, the GPU from the middle)
                     let mut y1 = vec![0f32; d];
                     let mut cpu_i = 0;
                     let cpu = || {
@@ -180,14 +180,17 @@ pub fn run(threads: Threads) -> Result<()> {
                         placed[gpu_i % n_experts].read()
                     };
                     match side_by_side(gpu, cpu, 2 * n_experts) {
-                        Ok((c, gs)) => println!(
-                            "| both at once (--cold-experts mixed) | CPU {:.1} + GPU in place {:.1} = {:.1} GB/s | the CPU's products and the in-place reads side by side (alone: {:.1} and {:.1}) |",
-                            bytes / c / 1e9,
-                            bytes / gs / 1e9,
-                            bytes / c / 1e9 + bytes / gs / 1e9,
-                            r.cpu_expert_gbps,
-                            r.in_place_gbps
-                        ),
+                        Ok((c, gs)) => {
+                            r.mixed_gbps = Some((bytes / c / 1e9, bytes / gs / 1e9));
+                            println!(
+                                "| both at once (--cold-experts mixed) | CPU {:.1} + GPU in place {:.1} = {:.1} GB/s | the CPU's products and the in-place reads side by side (alone: {:.1} and {:.1}) |",
+                                bytes / c / 1e9,
+                                bytes / gs / 1e9,
+                                bytes / c / 1e9 + bytes / gs / 1e9,
+                                r.cpu_expert_gbps,
+                                r.in_place_gbps
+                            )
+                        }
                         Err(e) => println!("| both at once (--cold-experts mixed) | not measured | {e:#} |"),
                     }
                 }
@@ -219,18 +222,21 @@ pub fn run(threads: Threads) -> Result<()> {
         }
     }
     let exit_ms = mxr_models::offload_cost::HOST_EXCHANGE_S * 1e3;
-    let decode = match r.decode_cpu_above() {
-        Some(b) if b <= 0.0 => "the CPU computes cold experts (the GPU cannot read host pages in place)".to_string(),
-        None => format!(
-            "cold experts are read in place by the GPU ({:.1} GB/s, the CPU {:.1}): the CPU's way never saves what its exchange with the host costs ({exit_ms:.2} ms a layer)",
-            r.in_place_gbps, r.cpu_expert_gbps
-        ),
-        Some(b) => format!(
-            "cold experts are read in place by the GPU up to {:.0} MB a token per layer with experts in host memory, computed the CPU's way above that (in place {:.1} GB/s, the CPU {:.1}; {exit_ms:.2} ms a layer for the exchange with the host)",
-            b / 1e6,
-            r.in_place_gbps,
-            r.cpu_expert_gbps
-        ),
+    let (mixed_cpu, mixed_in_place) = r.mixed_rates();
+    let above = r.decode_mixed_above();
+    let decode = if above <= 0.0 {
+        "the CPU computes cold experts (the GPU cannot read host pages in place)".to_string()
+    } else if above.is_infinite() {
+        format!(
+            "cold experts are read in place by the GPU ({:.1} GB/s): sharing them with the CPU never saves what its exchange with the host costs ({exit_ms:.2} ms a layer)",
+            r.in_place_gbps
+        )
+    } else {
+        format!(
+            "cold experts are read in place by the GPU up to {:.1} MB a token per layer with experts in host memory, shared with the CPU above that (--cold-experts mixed: in place {:.1} GB/s alone, {mixed_in_place:.1} + the CPU's {mixed_cpu:.1} side by side; {exit_ms:.2} ms a layer for the exchange with the host)",
+            above / 1e6,
+            r.in_place_gbps
+        )
     };
     println!("cost model (decode, --cold-experts auto): {decode}");
     let path = DeviceRates::cache_path().context("no cache directory (set MXR_CACHE_DIR or HOME)")?;

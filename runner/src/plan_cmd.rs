@@ -15,7 +15,7 @@ use crate::run_cmd::ColdArg;
 use mxr_models::config::minimax_text_01;
 use mxr_models::layer_split::{split, GpuShare, LayerBytes};
 use mxr_models::names::{self, blk};
-use mxr_models::offload_cost::DeviceRates;
+use mxr_models::offload_cost::{DecodeWay, DeviceRates};
 use mxr_models::placement::{layer_state, plan_paged, ExpertStats, Placement, Policy, IN_PLACE_PAGE};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
@@ -267,16 +267,22 @@ pub fn run(a: PlanArgs) -> Result<()> {
         (shares, placement)
     };
     let (mut shares, mut placement) = plan_for(in_place);
-    // auto, as the runner settles it: in place unless the CPU's way decodes the expected
-    // cold experts sooner; the figures it weighed: (rates, cold bytes a token, host layers)
+    // auto, as the runner settles it: in place unless mixed or the CPU's way decodes the
+    // expected cold experts sooner; the figures it weighed: (rates, cold bytes a token,
+    // host layers). Mixed keeps in place's placement.
+    let mut mixed = a.cold_experts == ColdArg::Mixed;
     let mut weighed = None;
     if let (Some(r), Some(Ok(p)), true) = (rates, &placement, in_place) {
         let cold = p.expected_cold_bytes(stats.as_ref(), &layer_bytes(1).sizes(MARGIN).expert, c.n_experts_used);
         if p.host_layers() > 0 {
             weighed = Some((r, cold, p.host_layers()));
-            if !r.decode_in_place(cold, p.host_layers()) {
-                in_place = false;
-                (shares, placement) = plan_for(false);
+            match r.decode_way(cold, p.host_layers()) {
+                DecodeWay::InPlace => {}
+                DecodeWay::Mixed => mixed = true,
+                DecodeWay::Cpu => {
+                    in_place = false;
+                    (shares, placement) = plan_for(false);
+                }
             }
         }
     }
@@ -293,7 +299,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "kv_bytes_per_token": kv_per_token, "ctx": a.ctx, "kv_bytes": kv, "lightning_state_bytes": state,
             "activation_bytes": act, "gpus": n_gpus, "gpu_bytes_each": per_gpu, "host_bytes": host,
             "experts_on_gpu": experts_on_gpu, "experts": c.n_layers * c.n_experts, "host_expert_bytes": host_experts, "fits": fits,
-            "cold_experts": if in_place { "in-place" } else { "cpu" },
+            "cold_experts": if mixed { "mixed" } else if in_place { "in-place" } else { "cpu" },
         });
         if let Some(Err(e)) = &placement {
             j["gpu_error"] = serde_json::json!(e.to_string());
@@ -303,6 +309,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 "cold_bytes_per_token": cold, "host_layers": layers,
                 "decode_ms_in_place": r.in_place_seconds(cold) * 1e3,
                 "decode_ms_cpu": r.decode_cpu_seconds(cold, layers) * 1e3,
+                "decode_ms_mixed": r.decode_mixed_seconds(cold, layers) * 1e3,
             });
         }
         if let Some(Ok(sh)) = &shares {
@@ -348,7 +355,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
             if p.host_experts > 0 {
                 println!(
                     "cold experts: {}",
-                    if in_place {
+                    if mixed {
+                        "shared: the GPU reads part of each chosen one in place over PCIe while the CPU computes the rest (each expert matrix in whole 2 MiB pages on the GPU)"
+                    } else if in_place {
                         "read in place by the GPU over PCIe (each expert matrix in whole 2 MiB pages on the GPU)"
                     } else {
                         "computed by the CPU, or copied to the GPU for a long batch"

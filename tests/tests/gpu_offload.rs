@@ -184,63 +184,95 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
     assert!(ok);
 }
 
-/// Issue 7, `--cold-experts mixed` in the decode graph: each layer's first cold choice goes
-/// to the host worker (the GPU's products skip it, SKIP_PAIR in matvec.cu) and any other is
-/// read in place. Over 8 greedy tokens the logits are no further from all on the GPU than
-/// 1.25x the CPU's way's (which computes every cold choice on the CPU), with the same top-1,
-/// and with every expert cold each layer of each token gives the CPU exactly one choice and
-/// reads the other in place.
+/// Issue 7, `--cold-experts mixed` in the decode graph: the GPU reads each cold choice's
+/// hidden units 0..h1 in place (products over part of each expert: gate and up rows, the
+/// down projection's columns) while the host worker computes the rest, and the two parts
+/// add up. h1 follows the rates: even rates split nano's Q8_0 and F32 experts in half
+/// (blocks of 32) and give Q4_K's single block of 256 to the CPU; in place three times the
+/// CPU's rate gives the GPU three quarters, and Q4_K's whole block. Over 8 greedy tokens
+/// the logits are no further from all on the GPU than the larger of 1.25x the CPU's way's
+/// (which computes every cold choice on the CPU) and bf16's rounding of the largest logit
+/// (2^-8 of it: issue 7's tolerance; summed in another order, a near-tie between two
+/// experts can route a later token differently), with the same top-1, and with every
+/// expert cold each of
+/// the 2 choices of each layer and token is counted once: shared, on the CPU (h1 = 0) or
+/// read in place (h1 = h).
 #[test]
 #[ignore = "needs a GPU"]
 fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
     use mxr_models::gpu::ColdExperts;
+    use mxr_models::offload_cost::DeviceRates;
     use mxr_models::placement::{plan, Policy};
     use std::sync::atomic::Ordering::Relaxed;
     let mut ok = true;
-    for q in [QType::Q8_0, QType::Q4K] {
+    for q in [QType::Q8_0, QType::Q4K, QType::F32] {
         let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload-graph", q);
         let c = &m.config;
         let prompt: Vec<u32> = mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light");
-        // 8 greedy steps after the prompt: their logits, the experts on the CPU and read in
-        // place during them
-        let decode = |g: &GpuModel| -> (Vec<f32>, u64, u64) {
+        // 8 greedy steps after the prompt: their logits, and the cold choices during them
+        // [on the CPU, read in place, shared]
+        let decode = |g: &GpuModel| -> (Vec<f32>, [u64; 3]) {
             let mut s = GpuSession::new(g, 64).unwrap();
             let next = argmax(&g.forward_on(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
-            let before = (g.cpu_experts.load(Relaxed), g.in_place_experts.load(Relaxed));
+            let counters = [&g.cpu_experts, &g.in_place_experts, &g.shared_experts];
+            let before = counters.map(|a| a.load(Relaxed));
             let out = greedy_steps(g, &m, &mut s, next, 8);
-            (out, g.cpu_experts.load(Relaxed) - before.0, g.in_place_experts.load(Relaxed) - before.1)
+            let mut used = [0u64; 3];
+            for (u, (a, b)) in used.iter_mut().zip(counters.iter().zip(before)) {
+                *u = a.load(Relaxed) - b;
+            }
+            (out, used)
         };
         let all_gpu = gpu_model(&m);
-        let (want, _, _) = decode(&all_gpu);
+        let (want, _) = decode(&all_gpu);
         drop(all_gpu);
         let (sizes, quarter) = budget_for(&m, 4);
         for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("a quarter of the experts", Policy::Budget(quarter))] {
             let p = plan(&sizes, c.n_experts, None, policy).unwrap();
-            let upload = |cold| {
+            let upload = |cold, in_place_gbps: f64| {
                 let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
                 g.kv_type = KvType::F32;
+                g.rates = DeviceRates { cpu_expert_gbps: 20.0, in_place_gbps, ..DeviceRates::DEFAULT };
                 g
             };
             // the CPU's way (every cold choice on the CPU) sets the budget: the CPU's
             // kernels quantize activations as ggml does (q8_K blocks of 256 for Q4_K), and
-            // over 8 tokens that compounds (1.63e-1 for Q4_K, a quarter of the experts,
-            // mixed, on the H200)
-            let (host_way, _, _) = decode(&upload(ColdExperts::Host));
-            let budget = (1.25 * diff(&host_way, &want).max_abs).max(1e-2);
-            let (got, cpu, read) = decode(&upload(ColdExperts::Mixed));
-            let d = diff(&got, &want);
-            let t = top1_same(&got, &want, c.vocab_size);
-            let all_cold = 8 * c.n_layers as u64;
-            let counts_ok = if p.experts_on_gpu() == 0 { cpu == all_cold && read == all_cold } else { cpu > 0 };
-            let this = d.max_abs <= budget && t.0 == t.1 && counts_ok;
-            println!(
-                "CHECK mixed cold experts in the decode graph | nano {q}, {name}, 8 steps, {cpu} on the CPU, {read} read in place | max abs {:.2e}, top-1 {}/{} | {budget:.2e} (1.25x the CPU's way's) | {}",
-                d.max_abs,
-                t.0,
-                t.1,
-                if this { "ok" } else { "FAIL" }
-            );
-            ok &= this;
+            // over 8 tokens that compounds (1.63e-1 for Q4_K, a quarter of the experts, on
+            // the H200)
+            let (host_way, _) = decode(&upload(ColdExperts::Host, 20.0));
+            let bf16 = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 256.0;
+            let budget = (1.25 * diff(&host_way, &want).max_abs).max(bf16).max(1e-2);
+            for (rates, in_place_gbps) in [("even rates", 20.0), ("in place 3x", 60.0)] {
+                let h = c.hidden_dim;
+                let unit = if q == QType::Q4K { 256 } else { 32 };
+                let gpu_units = ((if in_place_gbps > 20.0 { 0.75 } else { 0.5 } * (h / unit) as f64 - 0.5).ceil() as usize * unit).min(h);
+                let (got, [cpu, read, shared]) = decode(&upload(ColdExperts::Mixed, in_place_gbps));
+                let d = diff(&got, &want);
+                let first = diff(&got[..c.vocab_size], &want[..c.vocab_size]).max_abs;
+                let t = top1_same(&got, &want, c.vocab_size);
+                let all_cold = 2 * 8 * c.n_layers as u64;
+                let expected = match gpu_units {
+                    0 => [all_cold, 0, 0],
+                    g if g == h => [0, all_cold, 0],
+                    _ => [0, 0, all_cold],
+                };
+                let counts_ok = if p.experts_on_gpu() == 0 {
+                    [cpu, read, shared] == expected
+                } else {
+                    (0..3).all(|i| (expected[i] > 0) == ([cpu, read, shared][i] > 0))
+                };
+                // (the first step's distance is printed, not judged: the prompt's batch
+                // splits cold experts by whole ones, with the CPU's activations)
+                let this = d.max_abs <= budget && t.0 == t.1 && counts_ok;
+                println!(
+                    "CHECK mixed cold experts in the decode graph | nano {q}, {name}, {rates}: GPU units 0..{gpu_units} of {h}, 8 steps, cold choices {cpu} on the CPU, {read} read in place, {shared} shared | max abs {:.2e} (first step {first:.2e}), top-1 {}/{} | {budget:.2e} | {}",
+                    d.max_abs,
+                    t.0,
+                    t.1,
+                    if this { "ok" } else { "FAIL" }
+                );
+                ok &= this;
+            }
         }
     }
     assert!(ok);

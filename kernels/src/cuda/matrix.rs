@@ -15,6 +15,39 @@ use crate::KernelError;
 
 const ALIGN: usize = 256;
 
+/// The part of each matrix a product computes: rows 0..rows and columns 0..cols of its
+/// layout ([`super::Gpu::matvec_part`]; the GPU's share of a cold expert's hidden units).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Part {
+    /// The whole matrix.
+    pub fn whole(w: &GpuMatrix) -> Part {
+        Part { rows: w.rows, cols: w.cols }
+    }
+
+    /// The columns a narrower part of a `q` matrix ends on a multiple of: whole blocks of
+    /// the type, and of the 32 values the activations are quantized in.
+    pub fn unit(q: QType) -> usize {
+        q.block_size().max(32)
+    }
+
+    /// Whether the part lies in `w` and, if narrower, ends on a [`Part::unit`].
+    pub(crate) fn check(self, op: &str, w: &GpuMatrix) -> Result<()> {
+        let unit = Part::unit(w.qtype);
+        if self.rows > w.rows || self.cols > w.cols || (self.cols < w.cols && !self.cols.is_multiple_of(unit)) {
+            return Err(KernelError::Shape(format!(
+                "{op}: part {}x{} of a {}x{} {} matrix (it must lie inside, and a narrower part end on {unit} columns)",
+                self.rows, self.cols, w.rows, w.cols, w.qtype
+            )));
+        }
+        Ok(())
+    }
+}
+
 pub struct GpuMatrix {
     /// The weights; for a placed stack a view of its address range, which the stack (not
     /// this slice) frees.

@@ -34,7 +34,7 @@ use crate::KernelError;
 pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use graph::Graph;
 pub use host_call::{HostCall, HostFn};
-pub use matrix::GpuMatrix;
+pub use matrix::{GpuMatrix, Part};
 pub use nvrtc::Source;
 pub use ops::{quantized, NormRouted, QAct, Residual, ROUTE_FUSED_TOKENS};
 pub use pinned::Pinned;

@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use mxr_quant::QType;
 
-use super::{drv, Gpu, GpuMatrix, Result, Source};
+use super::{drv, Gpu, GpuMatrix, Part, Result, Source};
 use crate::KernelError;
 
 pub(super) fn need(op: &'static str, what: &'static str, expected: usize, actual: usize) -> Result<()> {
@@ -69,6 +69,7 @@ pub(super) const TICKETS: usize = ROUTE_FUSED_TOKENS;
 /// The checks of a launch of two quantized products over one int8 input (`matvec_pair`):
 /// matrices of one quantized type and width, the input's rows for `pairs`
 /// pairs at `x_div` pairs per row, the outputs' lengths, and ids (`ids_len`) for stacks.
+#[allow(clippy::too_many_arguments)]
 fn check_pair(
     op: &'static str,
     [w0, w1]: [&GpuMatrix; 2],
@@ -77,6 +78,7 @@ fn check_pair(
     x_div: usize,
     pairs: usize,
     [y0, y1]: [usize; 2],
+    [n0, n1]: [usize; 2],
 ) -> Result<()> {
     let cols = w0.cols;
     if w0.qtype != w1.qtype || !quantized(w0.qtype) || w1.cols != cols {
@@ -89,8 +91,11 @@ fn check_pair(
     if act.rows < n_rows || act.cols != cols {
         return Err(KernelError::Shape(format!("{op}: quantized input is {}x{}, the products need {n_rows}x{cols}", act.rows, act.cols)));
     }
-    need(op, "y0", pairs * w0.rows, y0)?;
-    need(op, "y1", pairs * w1.rows, y1)?;
+    if n0 > w0.rows || n1 > w1.rows {
+        return Err(KernelError::Shape(format!("{op}: rows 0..{n0} and 0..{n1} of matrices of {} and {} rows", w0.rows, w1.rows)));
+    }
+    need(op, "y0", pairs * n0, y0)?;
+    need(op, "y1", pairs * n1, y1)?;
     match ids_len {
         Some(n) => need(op, "ids", pairs, n),
         None if w0.n_experts != 1 || w1.n_experts != 1 => Err(KernelError::Shape(format!("{op}: a stack of experts needs expert ids"))),
@@ -202,7 +207,28 @@ impl Gpu {
         pairs: usize,
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let (rows, cols) = (w.rows, w.cols);
+        self.matvec_part(w, Part::whole(w), ids, x, xq, x_div, pairs, y)
+    }
+
+    /// [`Gpu::matvec_with`] over `part` of each matrix: y[p, :part.rows] = W_{e(p)}[..rows,
+    /// ..cols] · x[p / x_div, :part.cols]. x's rows are part.cols wide and y's part.rows
+    /// (a cold expert's share of its hidden units that the GPU reads in place: gate and up
+    /// rows, the down projection's columns). A part narrower than the matrix takes whole
+    /// blocks of 256 columns.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_part(
+        &self,
+        w: &GpuMatrix,
+        part: Part,
+        ids: Option<&CudaSlice<i32>>,
+        x: &CudaView<'_, f32>,
+        xq: Option<&QAct>,
+        x_div: usize,
+        pairs: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        part.check("matvec", w)?;
+        let (rows, cols) = (part.rows, part.cols);
         need("matvec", "x", pairs.div_ceil(x_div.max(1)) * cols, x.len())?;
         need("matvec", "y", pairs * rows, y.len())?;
         if let Some(ids) = ids {
@@ -213,10 +239,11 @@ impl Gpu {
         if pairs == 0 || rows == 0 {
             return Ok(());
         }
-        // Float rows that are not whole 16-byte loads take the one-value-at-a-time kernel.
+        // Float rows that are not whole 16-byte loads take the one-value-at-a-time kernel
+        // (the layout's rows: a part's rows start where the matrix's do).
         let scalar = match w.qtype {
-            QType::BF16 | QType::F16 => cols % 8 != 0,
-            QType::F32 => cols % 4 != 0,
+            QType::BF16 | QType::F16 => !w.cols.is_multiple_of(8),
+            QType::F32 => !w.cols.is_multiple_of(4),
             _ => false,
         };
         let (warps, per_warp) = self.tuning.matvec_shape(w.qtype);
@@ -226,7 +253,9 @@ impl Gpu {
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: self.tuning.matvec_stage_bytes(w.qtype, cols),
         };
-        let (stride, r, c, xd) = (w.stride as i64, int("matvec", rows)?, int("matvec", cols)?, int("matvec", x_div.max(1))?);
+        // the layout's rows and columns (r, c), the part's (n_r, n_c)
+        let (stride, r, c, xd) = (w.stride as i64, int("matvec", w.rows)?, int("matvec", w.cols)?, int("matvec", x_div.max(1))?);
+        let (n_r, n_c) = (int("matvec", rows)?, int("matvec", cols)?);
         let null = 0u64;
         let name = match (scalar, w.qtype) {
             (true, QType::BF16) => "matvec_bf16_scalar",
@@ -234,7 +263,7 @@ impl Gpu {
             (true, _) => "matvec_f32_scalar",
             _ => per_type!("matvec_", w.qtype),
         };
-        if !quantized(w.qtype) && !scalar && rows < 1024 {
+        if !quantized(w.qtype) && !scalar && w.rows < 1024 {
             // Few rows (the router): a block per row, so the row is read by 256 threads
             // at once instead of one warp's long loop.
             let name = match w.qtype {
@@ -245,14 +274,14 @@ impl Gpu {
             let cfg =
                 LaunchConfig { grid_dim: (rows as u32, int("matvec", pairs)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             return match ids {
-                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y),
-                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y),
+                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y, &n_r, &n_c),
+                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y, &n_r, &n_c),
             };
         }
         if !quantized(w.qtype) {
             return match ids {
-                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y),
-                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y),
+                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y, &n_r, &n_c),
+                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y, &n_r, &n_c),
             };
         }
         // Quantized weights multiply int8 activations: quantize the input rows first
@@ -273,8 +302,8 @@ impl Gpu {
             }
         };
         match ids {
-            Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y),
-            None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y),
+            Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c),
+            None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c),
         }
     }
 
@@ -323,7 +352,7 @@ impl Gpu {
         let wv = w.buf.slice(rows.start * cols * elem..);
         let (stride, r, c, xd, null) = (w.stride as i64, int("matvec_rows", n)?, int("matvec_rows", cols)?, 1i32, 0u64);
         let name = per_type!("matvec_", w.qtype);
-        launch!(self, Source::Matvec, name, cfg, &wv, &stride, &null, &r, &c, x, &xd, y)
+        launch!(self, Source::Matvec, name, cfg, &wv, &stride, &null, &r, &c, x, &xd, y, &r, &c)
     }
 
     /// y0 = W0 · x and y1 = W1 · x as [`Gpu::matvec_with`], in one launch: two quantized
@@ -339,29 +368,85 @@ impl Gpu {
         pairs: usize,
         [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
     ) -> Result<()> {
-        check_pair("matvec_pair", [w0, w1], ids.map(|i| i.len()), act, x_div, pairs, [y0.len(), y1.len()])?;
+        self.matvec_pair_rows([w0, w1], [w0.rows, w1.rows], ids, act, x_div, pairs, [y0, y1])
+    }
+
+    /// [`Gpu::matvec_pair`] over rows 0..n0 of W0 and 0..n1 of W1 (all their columns):
+    /// y0's rows are n0 wide, y1's n1 (a cold expert's share of its hidden units, gate and
+    /// up, as [`Gpu::matvec_part`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_pair_rows(
+        &self,
+        [w0, w1]: [&GpuMatrix; 2],
+        [n0, n1]: [usize; 2],
+        ids: Option<&CudaSlice<i32>>,
+        act: &QAct,
+        x_div: usize,
+        pairs: usize,
+        [y0, y1]: [&mut CudaViewMut<'_, f32>; 2],
+    ) -> Result<()> {
+        check_pair("matvec_pair", [w0, w1], ids.map(|i| i.len()), act, x_div, pairs, [y0.len(), y1.len()], [n0, n1])?;
         let cols = w0.cols;
         if pairs == 0 {
             return Ok(());
         }
         let (warps, per_warp) = self.tuning.matvec_shape(w0.qtype);
         let cfg = LaunchConfig {
-            grid_dim: ((w0.rows.max(w1.rows) as u32).div_ceil(warps * per_warp), int("matvec_pair", pairs)? as u32, 2),
+            grid_dim: ((n0.max(n1) as u32).div_ceil(warps * per_warp), int("matvec_pair", pairs)? as u32, 2),
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: self.tuning.matvec_stage_bytes(w0.qtype, cols),
         };
         let (s0, s1) = (w0.stride as i64, w1.stride as i64);
         let (r0, r1, c, xd) =
             (int("matvec_pair", w0.rows)?, int("matvec_pair", w1.rows)?, int("matvec_pair", cols)?, int("matvec_pair", x_div.max(1))?);
+        let (p0, p1) = (int("matvec_pair", n0)?, int("matvec_pair", n1)?);
         let name = per_type!("matvec2_", w0.qtype);
         let null = 0u64;
         match ids {
             Some(ids) => {
-                launch!(self, Source::Matvec, name, cfg, &*w0.buf, &*w1.buf, &s0, &s1, ids, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1)
+                launch!(
+                    self,
+                    Source::Matvec,
+                    name,
+                    cfg,
+                    &*w0.buf,
+                    &*w1.buf,
+                    &s0,
+                    &s1,
+                    ids,
+                    &r0,
+                    &r1,
+                    &c,
+                    &act.q,
+                    &act.d,
+                    &xd,
+                    y0,
+                    y1,
+                    &p0,
+                    &p1
+                )
             }
-            None => {
-                launch!(self, Source::Matvec, name, cfg, &*w0.buf, &*w1.buf, &s0, &s1, &null, &r0, &r1, &c, &act.q, &act.d, &xd, y0, y1)
-            }
+            None => launch!(
+                self,
+                Source::Matvec,
+                name,
+                cfg,
+                &*w0.buf,
+                &*w1.buf,
+                &s0,
+                &s1,
+                &null,
+                &r0,
+                &r1,
+                &c,
+                &act.q,
+                &act.d,
+                &xd,
+                y0,
+                y1,
+                &p0,
+                &p1
+            ),
         }
     }
 
@@ -721,34 +806,59 @@ impl Gpu {
         launch!(self, Source::Elementwise, "scatter_rows", cfg, src, idx, &w, dst)
     }
 
-    /// places[j] for one token's choices `ids` (k) with experts in host memory where
-    /// cold[e] != 0, every expert at its own place: the first cold choice -1 (the CPU's;
-    /// the matrix-vector products skip it), every other choice its expert's index.
-    pub fn mixed_places(&self, ids: &CudaView<'_, i32>, cold: &CudaView<'_, i32>, places: &mut CudaViewMut<'_, i32>) -> Result<()> {
-        need("mixed_places", "places", ids.len(), places.len())?;
+    /// For one token's choices `ids` (k) with experts in host memory where cold[e] != 0,
+    /// every expert at its own place: hot[j] = ids[j] for a resident expert and -1 for a
+    /// cold one, cold_at[j] the other way round (the matrix-vector products skip -1).
+    pub fn split_places(
+        &self,
+        ids: &CudaView<'_, i32>,
+        cold: &CudaView<'_, i32>,
+        hot: &mut CudaViewMut<'_, i32>,
+        cold_at: &mut CudaViewMut<'_, i32>,
+    ) -> Result<()> {
+        need("split_places", "hot", ids.len(), hot.len())?;
+        need("split_places", "cold_at", ids.len(), cold_at.len())?;
         if cold.is_empty() {
-            return Err(KernelError::Shape("mixed_places: an empty table".into()));
+            return Err(KernelError::Shape("split_places: an empty table".into()));
         }
-        let k = int("mixed_places", ids.len())?;
-        launch!(self, Source::Elementwise, "mixed_places", grid1(1, 32), ids, cold, &k, places)
+        let k = int("split_places", ids.len())?;
+        launch!(self, Source::Elementwise, "split_places", grid1(ids.len(), 32), ids, cold, &k, hot, cold_at)
     }
 
     /// y[r, :] = src[rows + r * width..][..width] for each row r < rows whose flag src[r]
     /// is not 0; other rows keep their values. src is a host call's output: `rows` flags,
     /// then rows x width values.
     pub fn take_flagged_rows(&self, src: &CudaView<'_, f32>, rows: usize, width: usize, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
-        need("take_flagged_rows", "src", rows + rows * width, src.len())?;
-        need("take_flagged_rows", "y", rows * width, y.len())?;
+        self.flagged_rows("take_flagged_rows", src, rows, width, false, y)
+    }
+
+    /// [`Gpu::take_flagged_rows`] that adds the host's rows to y's (the host's share of a
+    /// cold expert's hidden units to the GPU's).
+    pub fn add_flagged_rows(&self, src: &CudaView<'_, f32>, rows: usize, width: usize, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        self.flagged_rows("add_flagged_rows", src, rows, width, true, y)
+    }
+
+    fn flagged_rows(
+        &self,
+        op: &'static str,
+        src: &CudaView<'_, f32>,
+        rows: usize,
+        width: usize,
+        add: bool,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        need(op, "src", rows + rows * width, src.len())?;
+        need(op, "y", rows * width, y.len())?;
         if rows == 0 || width == 0 {
             return Ok(());
         }
         let cfg = LaunchConfig {
-            grid_dim: ((width as u32).div_ceil(256), int("take_flagged_rows", rows)? as u32, 1),
+            grid_dim: ((width as u32).div_ceil(256), int(op, rows)? as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (r, w) = (int("take_flagged_rows", rows)?, int("take_flagged_rows", width)?);
-        launch!(self, Source::Elementwise, "take_flagged_rows", cfg, src, &r, &w, y)
+        let (r, w, a) = (int(op, rows)?, int(op, width)?, add as i32);
+        launch!(self, Source::Elementwise, "take_flagged_rows", cfg, src, &r, &w, &a, y)
     }
 
     /// Top-k routing of each token's router logits [n_tokens, n_experts]: ids and

@@ -113,9 +113,9 @@ pub struct GpuModel {
     pub cpu_experts: Arc<std::sync::atomic::AtomicU64>,
     /// Cold experts read in place by a batch's products so far ([`ColdExperts::Mixed`]).
     pub in_place_experts: Arc<std::sync::atomic::AtomicU64>,
-    /// Cold experts shared so far: the GPU copied and computed part of their hidden units
-    /// while the CPU computed the rest.
-    pub shared_experts: std::sync::atomic::AtomicU64,
+    /// Cold experts shared so far: the GPU copied and computed part of their hidden units,
+    /// or read them in place (mixed, in a decode graph), while the CPU computed the rest.
+    pub shared_experts: Arc<std::sync::atomic::AtomicU64>,
     /// Bytes of cold experts' weights read from host memory so far (copied or computed on
     /// the CPU): what issue 7's bound divides by the host's bandwidth.
     pub cold_bytes: Arc<std::sync::atomic::AtomicU64>,
@@ -142,8 +142,9 @@ pub enum ColdExperts {
     /// reads the routing and gives the CPU as many of the chosen cold experts as finish
     /// with the rest read in place beside them
     /// ([`crate::offload_cost::DeviceRates::split_cold`]); a batch's MoE waits for the host
-    /// each layer. A decoded token stays one graph: each layer's first cold choice goes to
-    /// the host worker, any other is read in place.
+    /// each layer. A decoded token stays one graph and shares each cold choice: the GPU
+    /// reads part of its hidden units in place while the host worker computes the rest
+    /// (offload_graph.rs).
     Mixed,
 }
 
@@ -321,7 +322,7 @@ impl GpuModel {
             copied_experts: std::sync::atomic::AtomicU64::new(0),
             cpu_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             in_place_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            shared_experts: std::sync::atomic::AtomicU64::new(0),
+            shared_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             cold_bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             pins,
             pin_note,

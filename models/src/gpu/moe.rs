@@ -5,7 +5,7 @@
 //! expert runs three tensor-core products over its tokens; results land in per-(token,
 //! choice) rows that one kernel combines with the routing weights.
 
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix, QAct};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, CudaViewMut, GpuMatrix, Part, QAct};
 use mxr_quant::QType;
 
 use super::forward::Pending;
@@ -118,7 +118,28 @@ impl GpuModel {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn experts_matvec(
         &self,
+        stacks: [&GpuMatrix; 3],
+        ids: &CudaSlice<i32>,
+        x: &CudaView<'_, f32>,
+        pre: Option<&QAct>,
+        x_rows: usize,
+        x_div: usize,
+        pairs: usize,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), ModelError> {
+        // the stacks' own hidden size: a cold expert's GPU share may hold part of it
+        self.experts_matvec_part(stacks, stacks[0].rows, ids, x, pre, x_rows, x_div, pairs, y)
+    }
+
+    /// [`GpuModel::experts_matvec`] over each expert's hidden units 0..hidden only (gate
+    /// and up rows, the down projection's columns): the GPU's share of cold experts read in
+    /// place, whose other units the host computes (offload_graph.rs). y gets that share's
+    /// part of each output, which the host's part is added to.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn experts_matvec_part(
+        &self,
         [gate_exps, up_exps, down_exps]: [&GpuMatrix; 3],
+        hidden: usize,
         ids: &CudaSlice<i32>,
         x: &CudaView<'_, f32>,
         pre: Option<&QAct>,
@@ -128,29 +149,38 @@ impl GpuModel {
         y: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
-        // the stacks' own hidden size: a cold expert's GPU share may hold part of it
-        let (d, h) = (c.dim, gate_exps.rows);
+        let (d, h) = (c.dim, hidden);
+        let in_part = |w: &GpuMatrix| Part { rows: h.min(w.rows), cols: w.cols };
         let mut gate = g.alloc::<f32>(pairs * h)?;
         let mut up = g.alloc::<f32>(pairs * h)?;
         let act = if quantized(gate_exps.qtype) { Some(self.int8_input(x, x_rows, d, pre)?) } else { None };
         let act = act.as_deref();
         match act.filter(|_| up_exps.qtype == gate_exps.qtype && up_exps.cols == gate_exps.cols && g.tuning.matvec_pair) {
             // gate and up in one launch
-            Some(a) => g.matvec_pair([gate_exps, up_exps], Some(ids), a, x_div, pairs, [&mut gate.as_view_mut(), &mut up.as_view_mut()])?,
+            Some(a) => g.matvec_pair_rows(
+                [gate_exps, up_exps],
+                [h, h],
+                Some(ids),
+                a,
+                x_div,
+                pairs,
+                [&mut gate.as_view_mut(), &mut up.as_view_mut()],
+            )?,
             None => {
-                g.matvec_with(gate_exps, Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
-                g.matvec_with(up_exps, Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
+                g.matvec_part(gate_exps, in_part(gate_exps), Some(ids), x, act, x_div, pairs, &mut gate.as_view_mut())?;
+                g.matvec_part(up_exps, in_part(up_exps), Some(ids), x, act, x_div, pairs, &mut up.as_view_mut())?;
             }
         }
+        let down = Part { rows: down_exps.rows, cols: h };
         if quantized(down_exps.qtype) && h.is_multiple_of(32) {
             // SwiGLU straight into the down product's int8 input (its f32 form is never
             // read: gate stands in for it in the shape check)
             let a = g.swiglu_quantize(&gate.as_view(), &up.as_view(), pairs, h)?;
-            g.matvec_with(down_exps, Some(ids), &gate.as_view(), Some(&a), 1, pairs, y)?;
+            g.matvec_part(down_exps, down, Some(ids), &gate.as_view(), Some(&a), 1, pairs, y)?;
         } else {
             let mut a = g.alloc::<f32>(pairs * h)?;
             g.swiglu(&gate.as_view(), &up.as_view(), &mut a.as_view_mut())?;
-            g.matvec(down_exps, Some(ids), &a.as_view(), 1, pairs, y)?;
+            g.matvec_part(down_exps, down, Some(ids), &a.as_view(), None, 1, pairs, y)?;
         }
         Ok(())
     }

@@ -6,31 +6,45 @@
 //! choices' rows and one kernel combines them with the routing weights, as
 //! [`GpuModel::moe_offload`] does outside a graph. See mxr_kernels::cuda::host_call.
 //!
+//! With `--cold-experts mixed` each cold choice is shared: the GPU reads its hidden units
+//! 0..h1 in place (gate and up rows, the down projection's columns) while the host worker
+//! computes the units h1..h from the mapped file, and the two partial outputs add up
+//! (`add_flagged_rows`). h1 makes both sides end together at their calibrated rates
+//! ([`super::super::offload_cost::DeviceRates::gpu_hidden_units`] with the in-place rate),
+//! so a layer with a single cold choice uses the host's memory through both paths.
+//!
 //! [`ColdExperts::Host`]: super::ColdExperts::Host
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use mxr_kernels::cpu::{swiglu_ffn, Threads};
-use mxr_kernels::cuda::{CudaSlice, CudaView, HostCall};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, HostCall, Part};
 
 use super::{GpuLayer, GpuModel};
 use crate::{Model, ModelError};
 
 /// A layer's part of a decode graph with experts in host memory: the host call, and with
-/// `--cold-experts mixed` the layer's table of experts in host memory (1, else 0) on the
-/// GPU, from which `mixed_places` picks the CPU's choice.
+/// `--cold-experts mixed` the layer's share of the cold choices.
 pub(crate) struct LayerCall {
     call: Arc<HostCall>,
-    mixed: Option<CudaSlice<i32>>,
+    mixed: Option<Shared>,
+}
+
+/// `--cold-experts mixed`: the layer's table of experts in host memory (1, else 0) on the
+/// GPU, from which `split_places` picks the cold choices, and the hidden units 0..gpu_units
+/// of each that the GPU reads in place (the host worker computes the rest).
+struct Shared {
+    cold: CudaSlice<i32>,
+    gpu_units: usize,
 }
 
 impl GpuModel {
     /// The MoE block of one decoded token, captured: as [`GpuModel::moe_offload`], the
     /// host experts computed by `lc`'s call (from [`GpuModel::cold_calls`]). The CPU's way:
     /// it takes every cold choice, and the GPU computes every other choice (cold ones at
-    /// place 0, replaced). Mixed: the CPU takes the first cold choice, which the GPU skips,
-    /// and the GPU reads any other in place.
+    /// place 0, replaced). Mixed: the GPU computes the resident choices whole and reads its
+    /// share of each cold one in place, and the host's share is added.
     pub(crate) fn moe_offload_captured(
         &self,
         lc: &LayerCall,
@@ -43,22 +57,33 @@ impl GpuModel {
         let (ids, weights) = self.route(layer, x, 1, counts)?;
         g.host_post(&lc.call, &x.slice(..d), &ids.as_view())?;
         let mut y = g.zeros::<f32>(k * d)?;
-        let table = match &lc.mixed {
-            Some(cold) => Some((cold, true)),
-            None => layer.slot_table.as_ref().map(|t| (t, false)),
-        };
-        if let Some((table, mixed)) = table {
-            let mut places = g.alloc::<i32>(k)?;
-            if mixed {
-                g.mixed_places(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
-            } else {
-                g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
+        match &lc.mixed {
+            Some(shared) => {
+                let (mut hot, mut cold) = (g.alloc::<i32>(k)?, g.alloc::<i32>(k)?);
+                g.split_places(&ids.as_view(), &shared.cold.as_view(), &mut hot.as_view_mut(), &mut cold.as_view_mut())?;
+                // x quantized once for both launches
+                let act = if quantized(layer.gate_exps.qtype) { Some(self.int8_input(x, 1, d, None)?) } else { None };
+                let act = act.as_deref();
+                self.experts_matvec(layer.experts(), &hot, x, act, 1, k, k, &mut y.as_view_mut())?;
+                if shared.gpu_units > 0 {
+                    self.experts_matvec_part(layer.experts(), shared.gpu_units, &cold, x, act, 1, k, k, &mut y.as_view_mut())?;
+                }
             }
-            self.experts_matvec(layer.experts(), &places, x, None, 1, k, k, &mut y.as_view_mut())?;
+            None => {
+                if let Some(table) = &layer.slot_table {
+                    let mut places = g.alloc::<i32>(k)?;
+                    g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
+                    self.experts_matvec(layer.experts(), &places, x, None, 1, k, k, &mut y.as_view_mut())?;
+                }
+            }
         }
         let mut from_host = g.alloc::<f32>(k + k * d)?;
         g.host_wait(&lc.call, &mut from_host.as_view_mut())?;
-        g.take_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
+        if lc.mixed.is_some() {
+            g.add_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
+        } else {
+            g.take_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
+        }
         let mut out = g.alloc::<f32>(d)?;
         g.moe_combine(&y.as_view(), &weights.as_view(), 1, k, d, &mut out.as_view_mut())?;
         Ok(out)
@@ -73,50 +98,70 @@ impl GpuModel {
             .map(|(l, layer)| {
                 let Some(slot) = layer.slot.as_ref() else { return Ok(None) };
                 // mixed: every expert has its place in the stacks, cold ones in host pages
-                let mixed = layer.gate_exps.placed_on_gpu(0).is_some();
-                let table = if mixed {
+                let mixed = if layer.gate_exps.placed_on_gpu(0).is_some() {
                     let cold: Vec<i32> = slot.iter().map(|s| s.is_none() as i32).collect();
-                    Some(self.gpu.upload(&cold)?)
+                    Some(Shared { cold: self.gpu.upload(&cold)?, gpu_units: self.gpu_hidden_units(layer) })
                 } else {
                     None
                 };
-                Ok(Some(LayerCall { call: self.cold_call(host, self.first_layer + l, slot, mixed)?, mixed: table }))
+                let gpu_units = mixed.as_ref().map(|m| m.gpu_units);
+                Ok(Some(LayerCall { call: self.cold_call(host, self.first_layer + l, slot, gpu_units)?, mixed }))
             })
             .collect()
     }
 
+    /// Mixed: the hidden units 0..h1 of a cold choice that the GPU reads in place, so that
+    /// both sides end together at the calibrated rates (whole blocks of the down
+    /// projection's type); `MXR_MIXED_GPU_SHARE` (0 to 1) sets the share instead.
+    fn gpu_hidden_units(&self, layer: &GpuLayer) -> usize {
+        let (c, down) = (&self.config, &layer.down_exps);
+        let (h, unit) = (c.hidden_dim, Part::unit(down.qtype));
+        let bytes = [&layer.gate_exps, &layer.up_exps, down].iter().map(|m| m.expert_bytes()).sum::<usize>() as u64;
+        match std::env::var("MXR_MIXED_GPU_SHARE").ok().and_then(|v| v.parse::<f64>().ok()).filter(|f| (0.0..=1.0).contains(f)) {
+            Some(f) => ((f * (h / unit) as f64).round() as usize * unit).min(h),
+            None => self.rates.reading_in_place().gpu_hidden_units(bytes, 1, 6.0 * (c.dim * h) as f64, h, unit),
+        }
+    }
+
     /// The host call's work for model layer `l`: for each choice the CPU takes (every one
-    /// of a host expert, slot None; mixed: the first such), its flag and its output row;
-    /// the counters count them, and mixed's cold choices read in place.
-    fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>], mixed: bool) -> Result<Arc<HostCall>, ModelError> {
+    /// of a host expert, slot None), its flag and its output row; the counters count them.
+    /// Mixed (`gpu_units` Some(h1)): the CPU computes each cold choice's hidden units
+    /// h1..h, and its row is added to the GPU's part (none when h1 = h).
+    fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>], gpu_units: Option<usize>) -> Result<Arc<HostCall>, ModelError> {
         let c = &self.config;
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
         let hl = host.layers.get(l).ok_or_else(|| ModelError::Input(format!("the host model has no layer {l}")))?;
         let [gate, up, down] = [&hl.gate_exps, &hl.up_exps, &hl.down_exps].map(|t| host.host_matrix(t));
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
-        let (on_cpu, in_place, bytes) = (self.cpu_experts.clone(), self.in_place_experts.clone(), self.cold_bytes.clone());
+        let counters = [&self.cpu_experts, &self.in_place_experts, &self.shared_experts, &self.cold_bytes].map(Arc::clone);
+        let h1 = gpu_units.unwrap_or(0).min(h);
         let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
+            let [on_cpu, in_place, shared, bytes] = &counters;
             let (flags, rows) = out.split_at_mut(k);
-            let mut taken = false;
             for (j, &e) in ids.iter().enumerate() {
                 let e = usize::try_from(e).ok().filter(|&e| e < cold.len()).ok_or_else(|| format!("GPU router chose expert {e}"))?;
-                let cpu = cold[e] && !(mixed && taken);
+                let cpu = cold[e] && h1 < h;
                 flags[j] = if cpu { 1.0 } else { 0.0 };
                 if !cold[e] {
                     continue;
                 }
-                let [g, u, dn] = [(&gate, h), (&up, h), (&down, d)]
-                    .map(|(m, rows)| m.rows(e * rows, rows).ok_or_else(|| format!("expert {e} lies outside its tensor")));
+                // the CPU's hidden units h1..h: gate and up rows, the down projection's columns
+                let [g, u, dn] = [(&gate, e * h + h1, h - h1), (&up, e * h + h1, h - h1), (&down, e * d, d)]
+                    .map(|(m, first, n)| m.rows(first, n).ok_or_else(|| format!("expert {e} lies outside its tensor")));
                 let (g, u, dn) = (g?, u?, dn?);
-                bytes.fetch_add((g.data.len() + u.data.len() + dn.data.len()) as u64, Relaxed);
-                if !cpu {
-                    in_place.fetch_add(1, Relaxed);
-                    continue;
+                // the whole expert is read from host memory, by one side or both
+                let whole = [(&gate, h), (&up, h)].iter().map(|(m, n)| m.rows(e * n, *n).map_or(0, |q| q.data.len())).sum::<usize>();
+                bytes.fetch_add((whole + dn.data.len()) as u64, Relaxed);
+                let counter = match (h1, cpu) {
+                    (_, false) => in_place,
+                    (0, true) => on_cpu,
+                    _ => shared,
+                };
+                counter.fetch_add(1, Relaxed);
+                if cpu {
+                    swiglu_ffn(&g, &u, &dn, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], Threads::all())
+                        .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
                 }
-                taken = true;
-                swiglu_ffn(&g, &u, &dn, 0..h, x, 1, &mut rows[j * d..(j + 1) * d], Threads::all())
-                    .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
-                on_cpu.fetch_add(1, Relaxed);
             }
             Ok(())
         };
