@@ -252,11 +252,17 @@ fn offload_setup(
     g.rates = cp.rates;
     if g.in_place_bytes > 0 && g.offloaded {
         eprintln!(
-            "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks; each layer the CPU computes as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
+            "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks; a batch's MoE gives the CPU as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
             g.in_place_bytes as f64 / (1u64 << 30) as f64,
             g.rates.cpu_expert_gbps,
             g.rates.in_place_gbps
         );
+        if let Some((h1, h)) = g.mixed_share() {
+            let (cpu, in_place) = g.rates.mixed_rates();
+            eprintln!(
+                "cold experts shared in a decoded token: the GPU reads hidden units 0..{h1} of {h} of each chosen one in place, the CPU computes the rest ({in_place:.1} and {cpu:.1} GB/s side by side)"
+            );
+        }
     } else if g.in_place_bytes > 0 {
         eprintln!(
             "cold experts: read in place by the GPU over PCIe from {:.2} GiB of page-locked host memory mapped into the expert stacks ({why})",

@@ -110,6 +110,14 @@ impl GpuModel {
             .collect()
     }
 
+    /// Mixed (every expert in placed stacks, some in host pages): the hidden units 0..h1 of
+    /// each cold choice that the GPU reads in place in a decoded token, of h, for the first
+    /// layer with host experts (every layer's experts are alike). None otherwise.
+    pub fn mixed_share(&self) -> Option<(usize, usize)> {
+        let layer = self.layers.iter().find(|l| l.slot.is_some() && l.gate_exps.placed_on_gpu(0).is_some())?;
+        Some((self.gpu_hidden_units(layer), self.config.hidden_dim))
+    }
+
     /// Mixed: the hidden units 0..h1 of a cold choice that the GPU reads in place, so that
     /// both sides end together at the calibrated rates (whole blocks of the down
     /// projection's type); `MXR_MIXED_GPU_SHARE` (0 to 1) sets the share instead.
