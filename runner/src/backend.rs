@@ -257,7 +257,7 @@ fn offload_setup(
             g.rates.cpu_expert_gbps,
             g.rates.in_place_gbps
         );
-        if let Some((h1, h)) = g.mixed_share() {
+        if let Some((h1, h)) = g.mixed_share()? {
             let (cpu, in_place) = g.rates.mixed_rates();
             eprintln!(
                 "cold experts shared in a decoded token: the GPU reads hidden units 0..{h1} of {h} of each chosen one in place, the CPU computes the rest ({in_place:.1} and {cpu:.1} GB/s side by side)"

@@ -100,7 +100,7 @@ impl GpuModel {
                 // mixed: every expert has its place in the stacks, cold ones in host pages
                 let mixed = if layer.gate_exps.placed_on_gpu(0).is_some() {
                     let cold: Vec<i32> = slot.iter().map(|s| s.is_none() as i32).collect();
-                    Some(Shared { cold: self.gpu.upload(&cold)?, gpu_units: self.gpu_hidden_units(layer) })
+                    Some(Shared { cold: self.gpu.upload(&cold)?, gpu_units: self.gpu_hidden_units(layer)? })
                 } else {
                     None
                 };
@@ -113,22 +113,31 @@ impl GpuModel {
     /// Mixed (every expert in placed stacks, some in host pages): the hidden units 0..h1 of
     /// each cold choice that the GPU reads in place in a decoded token, of h, for the first
     /// layer with host experts (every layer's experts are alike). None otherwise.
-    pub fn mixed_share(&self) -> Option<(usize, usize)> {
-        let layer = self.layers.iter().find(|l| l.slot.is_some() && l.gate_exps.placed_on_gpu(0).is_some())?;
-        Some((self.gpu_hidden_units(layer), self.config.hidden_dim))
+    /// An error where `MXR_MIXED_GPU_SHARE` is not a number from 0 to 1.
+    pub fn mixed_share(&self) -> Result<Option<(usize, usize)>, ModelError> {
+        let Some(layer) = self.layers.iter().find(|l| l.slot.is_some() && l.gate_exps.placed_on_gpu(0).is_some()) else {
+            return Ok(None);
+        };
+        Ok(Some((self.gpu_hidden_units(layer)?, self.config.hidden_dim)))
     }
 
     /// Mixed: the hidden units 0..h1 of a cold choice that the GPU reads in place, so that
     /// both sides end together at the calibrated rates (whole blocks of the down
-    /// projection's type); `MXR_MIXED_GPU_SHARE` (0 to 1) sets the share instead.
-    fn gpu_hidden_units(&self, layer: &GpuLayer) -> usize {
+    /// projection's type); `MXR_MIXED_GPU_SHARE` (0 to 1) sets the share instead, to
+    /// measure.
+    fn gpu_hidden_units(&self, layer: &GpuLayer) -> Result<usize, ModelError> {
         let (c, down) = (&self.config, &layer.down_exps);
         let (h, unit) = (c.hidden_dim, Part::unit(down.qtype));
         let bytes = [&layer.gate_exps, &layer.up_exps, down].iter().map(|m| m.expert_bytes()).sum::<usize>() as u64;
-        match std::env::var("MXR_MIXED_GPU_SHARE").ok().and_then(|v| v.parse::<f64>().ok()).filter(|f| (0.0..=1.0).contains(f)) {
-            Some(f) => ((f * (h / unit) as f64).round() as usize * unit).min(h),
-            None => self.rates.reading_in_place().gpu_hidden_units(bytes, 1, 6.0 * (c.dim * h) as f64, h, unit),
-        }
+        Ok(match std::env::var("MXR_MIXED_GPU_SHARE") {
+            Ok(v) => {
+                let f = v.parse::<f64>().ok().filter(|f| (0.0..=1.0).contains(f)).ok_or_else(|| {
+                    ModelError::Input(format!("MXR_MIXED_GPU_SHARE={v}: the GPU's share of a cold expert is a number from 0 to 1"))
+                })?;
+                ((f * (h / unit) as f64).round() as usize * unit).min(h)
+            }
+            Err(_) => self.rates.reading_in_place().gpu_hidden_units(bytes, 1, 6.0 * (c.dim * h) as f64, h, unit),
+        })
     }
 
     /// The host call's work for model layer `l`: for each choice the CPU takes (every one
