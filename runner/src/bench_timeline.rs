@@ -22,8 +22,9 @@ pub struct Report {
 /// The GPU whose decode graph --timeline can time, or why there is none.
 pub fn gpu(l: &Loaded) -> Result<&Gpu> {
     match &l.backend {
-        Backend::Cuda(g) if !g.offloaded => Ok(&g.gpu),
-        Backend::Cuda(_) => bail!("--timeline times the captured decode graph, and decode with offloaded experts runs without one"),
+        // with experts on the CPU a decoded token is one graph too, unless MXR_OFFLOAD_GRAPH=0
+        Backend::Cuda(g) if !g.offloaded || g.offload_graph => Ok(&g.gpu),
+        Backend::Cuda(_) => bail!("--timeline times the captured decode graph, and MXR_OFFLOAD_GRAPH=0 decodes without one"),
         _ => bail!("--timeline needs the model on one GPU (--device cuda)"),
     }
 }
