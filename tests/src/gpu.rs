@@ -6,6 +6,7 @@ use std::path::Path;
 use mxr_convert::{convert, ConvertOptions, TypePlan};
 use mxr_kernels::cuda::{Gpu, KvType};
 use mxr_models::forward::Logits;
+use mxr_models::gpu::split::{SplitModel, SplitSession};
 use mxr_models::gpu::{GpuModel, GpuSession};
 use mxr_models::Model;
 use mxr_quant::QType;
@@ -49,6 +50,17 @@ pub fn greedy_steps(g: &GpuModel, host: &Model, s: &mut GpuSession, mut next: u3
     let mut out = Vec::new();
     for _ in 0..steps {
         let l = g.forward_on(Some(host), s, &[next], Logits::Last).unwrap();
+        next = argmax(&l) as u32;
+        out.extend(l);
+    }
+    out
+}
+
+/// [`greedy_steps`] over the parts of a layer split.
+pub fn split_greedy_steps(sm: &SplitModel, host: &Model, s: &mut SplitSession, mut next: u32, steps: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let l = sm.forward(Some(host), s, &[next], Logits::Last).unwrap();
         next = argmax(&l) as u32;
         out.extend(l);
     }

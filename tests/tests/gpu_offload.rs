@@ -4,7 +4,7 @@
 //! Needs a GPU: ignored by `cargo test`; scripts/gpu-check.sh runs it with --ignored on
 //! the GPU machine and tabulates the `CHECK` lines.
 
-use mxr_e2e::gpu::{argmax, converted, gpu_model, greedy_steps, top1_same};
+use mxr_e2e::gpu::{argmax, converted, gpu_model, greedy_steps, split_greedy_steps, top1_same};
 use mxr_e2e::repo_root;
 use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{Gpu, KvType};
@@ -162,14 +162,9 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
                 SplitModel::upload(&m, gpus, &[0..half, half..c.n_layers], &[Some(p.clone()), Some(p.clone())], ColdExperts::Host).unwrap();
             sm.parts.iter_mut().for_each(|g| g.kv_type = KvType::F32);
             let mut s = SplitSession::new(&sm, 64).unwrap();
-            let mut next = argmax(&sm.forward(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+            let next = argmax(&sm.forward(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
             let before: u64 = sm.parts.iter().map(|g| g.cpu_experts.load(Relaxed)).sum();
-            let mut split = Vec::new();
-            for _ in 0..8 {
-                let l = sm.forward(Some(&m), &mut s, &[next], Logits::Last).unwrap();
-                next = argmax(&l) as u32;
-                split.extend(l);
-            }
+            let split = split_greedy_steps(&sm, &m, &mut s, next, 8);
             let ns = sm.parts.iter().map(|g| g.cpu_experts.load(Relaxed)).sum::<u64>() - before;
             let d = diff(&split, &a);
             let this = split == a && ns == na;
@@ -196,7 +191,9 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
 /// experts can route a later token differently), with the same top-1, and with every
 /// expert cold each of
 /// the 2 choices of each layer and token is counted once: shared, on the CPU (h1 = 0) or
-/// read in place (h1 = h).
+/// read in place (h1 = h). A layer split in two parts (one GPU opened twice), each part's
+/// graph sharing its layers' cold experts with its own host worker, decodes the same logits
+/// bit for bit.
 #[test]
 #[ignore = "needs a GPU"]
 fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
@@ -229,11 +226,25 @@ fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
         let (sizes, quarter) = budget_for(&m, 4);
         for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("a quarter of the experts", Policy::Budget(quarter))] {
             let p = plan(&sizes, c.n_experts, None, policy).unwrap();
+            let rates = |in_place_gbps: f64| DeviceRates { cpu_expert_gbps: 20.0, in_place_gbps, ..DeviceRates::DEFAULT };
             let upload = |cold, in_place_gbps: f64| {
                 let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
                 g.kv_type = KvType::F32;
-                g.rates = DeviceRates { cpu_expert_gbps: 20.0, in_place_gbps, ..DeviceRates::DEFAULT };
+                g.rates = rates(in_place_gbps);
                 g
+            };
+            // the same over two parts of a layer split
+            let split = |in_place_gbps: f64| -> Vec<f32> {
+                let (half, gpus) = (c.n_layers / 2, vec![Gpu::open(0).unwrap(), Gpu::open(0).unwrap()]);
+                let ps = [Some(p.clone()), Some(p.clone())];
+                let mut sm = SplitModel::upload(&m, gpus, &[0..half, half..c.n_layers], &ps, ColdExperts::Mixed).unwrap();
+                sm.parts.iter_mut().for_each(|g| {
+                    g.kv_type = KvType::F32;
+                    g.rates = rates(in_place_gbps);
+                });
+                let mut s = SplitSession::new(&sm, 64).unwrap();
+                let next = argmax(&sm.forward(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
+                split_greedy_steps(&sm, &m, &mut s, next, 8)
             };
             // the CPU's way (every cold choice on the CPU) sets the budget: the CPU's
             // kernels quantize activations as ggml does (q8_K blocks of 256 for Q4_K), and
@@ -242,7 +253,7 @@ fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
             let (host_way, _) = decode(&upload(ColdExperts::Host, 20.0));
             let bf16 = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 256.0;
             let budget = (1.25 * diff(&host_way, &want).max_abs).max(bf16).max(1e-2);
-            for (rates, in_place_gbps) in [("even rates", 20.0), ("in place 3x", 60.0)] {
+            for (ratio, in_place_gbps) in [("even rates", 20.0), ("in place 3x", 60.0)] {
                 let h = c.hidden_dim;
                 let unit = if q == QType::Q4K { 256 } else { 32 };
                 let gpu_units = ((if in_place_gbps > 20.0 { 0.75 } else { 0.5 } * (h / unit) as f64 - 0.5).ceil() as usize * unit).min(h);
@@ -263,9 +274,10 @@ fn mixed_cold_experts_in_the_decode_graph_stay_close_to_all_on_the_gpu() {
                 };
                 // (the first step's distance is printed, not judged: the prompt's batch
                 // splits cold experts by whole ones, with the CPU's activations)
-                let this = d.max_abs <= budget && t.0 == t.1 && counts_ok;
+                let split_same = split(in_place_gbps) == got;
+                let this = d.max_abs <= budget && t.0 == t.1 && counts_ok && split_same;
                 println!(
-                    "CHECK mixed cold experts in the decode graph | nano {q}, {name}, {rates}: GPU units 0..{gpu_units} of {h}, 8 steps, cold choices {cpu} on the CPU, {read} read in place, {shared} shared | max abs {:.2e} (first step {first:.2e}), top-1 {}/{} | {budget:.2e} | {}",
+                    "CHECK mixed cold experts in the decode graph | nano {q}, {name}, {ratio}: GPU units 0..{gpu_units} of {h}, 8 steps, cold choices {cpu} on the CPU, {read} read in place, {shared} shared | max abs {:.2e} (first step {first:.2e}), top-1 {}/{}, layer split the same bits {split_same} | {budget:.2e} | {}",
                     d.max_abs,
                     t.0,
                     t.1,
