@@ -110,15 +110,30 @@ impl DeviceRates {
     /// at both rates side by side. Ties: in place, then mixed. Never in place or mixed
     /// where the GPU cannot read host pages (rate 0).
     pub fn decode_way(&self, cold_bytes: f64, host_layers: usize) -> DecodeWay {
+        self.decode_way_with(cold_bytes, host_layers, true)
+    }
+
+    /// [`DeviceRates::decode_way`], mixed left out unless `mixed` (where the host cannot
+    /// hold what it needs: [`DeviceRates::mixed_host_bytes`]).
+    pub fn decode_way_with(&self, cold_bytes: f64, host_layers: usize, mixed: bool) -> DecodeWay {
         if self.in_place_gbps <= 0.0 {
             return DecodeWay::Cpu;
         }
         let ways = [
             (DecodeWay::InPlace, self.in_place_seconds(cold_bytes)),
-            (DecodeWay::Mixed, self.decode_mixed_seconds(cold_bytes, host_layers)),
+            (DecodeWay::Mixed, if mixed { self.decode_mixed_seconds(cold_bytes, host_layers) } else { f64::INFINITY }),
             (DecodeWay::Cpu, self.decode_cpu_seconds(cold_bytes, host_layers)),
         ];
         ways.iter().fold(ways[0], |best, &w| if w.1 < best.1 { w } else { best }).0
+    }
+
+    /// Host memory mixed holds for `host_expert_bytes` of cold experts: their page-locked
+    /// copy that the GPU reads, and the file's pages of the CPU's share of each (its
+    /// fraction at the side-by-side rates), which must stay in the page cache.
+    pub fn mixed_host_bytes(&self, host_expert_bytes: u64) -> u64 {
+        let (cpu, in_place) = self.mixed_rates();
+        let share = if cpu + in_place > 0.0 { cpu / (cpu + in_place) } else { 1.0 };
+        host_expert_bytes + (host_expert_bytes as f64 * share) as u64
     }
 
     /// The CPU's rate and the in-place rate while both run ([`DeviceRates::mixed_gbps`], or
@@ -405,6 +420,10 @@ mod tests {
         // not measured side by side: each at its rate alone
         let alone = DeviceRates { mixed_gbps: None, ..r };
         assert_eq!(alone.mixed_rates(), (82.0, 49.0));
+        // a host without room for mixed's two forms of the cold experts: the faster of the
+        // others (118 GB of cold experts side by side at 70 and 48 GB/s: 70 GB of file pages)
+        assert_eq!(r.decode_way_with(6_000.0 * MB, 80, false), DecodeWay::Cpu);
+        assert_eq!(r.mixed_host_bytes(118_000_000_000), 118_000_000_000 + 70_000_000_000);
         // side by side slower than the CPU alone: the CPU's way
         let contended = DeviceRates { mixed_gbps: Some((40.0, 10.0)), ..r };
         assert_eq!(contended.decode_way(120.0 * MB, 2), DecodeWay::Cpu);

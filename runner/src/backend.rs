@@ -110,7 +110,8 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
         bytes += b;
         layers += l;
     }
-    if cp.settle(bytes, layers) {
+    let host_experts = shares.iter().map(|sh| sh.placement.host_experts).sum();
+    if cp.settle(bytes, layers, host_experts, crate::plan_cmd::host_memory()) {
         shares = shares_for(cp.cold)?;
     }
     for (i, (sh, g)) in shares.iter().zip(&gpus).enumerate() {
@@ -176,15 +177,26 @@ impl ColdPlan {
     /// Under auto, once the placement is known: keeps the cold experts read in place, or
     /// turns to mixed or the CPU's way where that decodes a token sooner
     /// ([`DeviceRates::decode_way`]) for `cold_bytes` of cold experts a token over
-    /// `host_layers` layers with experts in host memory. True where the placement must be
-    /// planned again (the CPU's way: experts the CPU computes take no pages; mixed keeps
-    /// in place's).
-    pub fn settle(&mut self, cold_bytes: f64, host_layers: usize) -> bool {
+    /// `host_layers` layers with experts in host memory. Mixed only where the host's
+    /// memory (`host_mem`, if known) holds what it needs for the placement's
+    /// `host_expert_bytes` ([`DeviceRates::mixed_host_bytes`]). True where the placement
+    /// must be planned again (the CPU's way: experts the CPU computes take no pages; mixed
+    /// keeps in place's).
+    pub fn settle(&mut self, cold_bytes: f64, host_layers: usize, host_expert_bytes: u64, host_mem: Option<u64>) -> bool {
         if !std::mem::take(&mut self.provisional) || host_layers == 0 {
             return false;
         }
         self.why = self.rates.decode_comparison(cold_bytes, host_layers);
-        match self.rates.decode_way(cold_bytes, host_layers) {
+        let need = self.rates.mixed_host_bytes(host_expert_bytes);
+        let mixed = host_mem.is_none_or(|m| need <= m);
+        if !mixed {
+            self.why += &format!(
+                "; not mixed: it would hold {:.1} GiB of host memory, more than the host's {:.1}",
+                need as f64 / (1u64 << 30) as f64,
+                host_mem.unwrap_or(0) as f64 / (1u64 << 30) as f64
+            );
+        }
+        match self.rates.decode_way_with(cold_bytes, host_layers, mixed) {
             DecodeWay::InPlace => false,
             DecodeWay::Mixed => {
                 self.cold = ColdExperts::Mixed;
@@ -359,7 +371,11 @@ pub fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Re
     let planned = expert_stats(a, &model.config).and_then(|st| {
         let p = placement(a, model, &gpu, ctx, cp.cold, st.as_ref())?;
         let (bytes, layers) = cold_load(a, model, ctx, &p, st.as_ref());
-        let p = if cp.settle(bytes, layers) { placement(a, model, &gpu, ctx, cp.cold, st.as_ref())? } else { p };
+        let p = if cp.settle(bytes, layers, p.host_experts, crate::plan_cmd::host_memory()) {
+            placement(a, model, &gpu, ctx, cp.cold, st.as_ref())?
+        } else {
+            p
+        };
         Ok((p, st))
     });
     let (p, stats) = match planned {
@@ -420,23 +436,30 @@ mod tests {
         // at 25% (76 MB of cold experts a token over 2 layers) shares them between the GPU
         // and the CPU (mixed: 0.96 against 1.58 ms; the same placement, so no new plan)
         let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
-        assert!(!p.settle(76e6, 2) && p.cold == ColdExperts::Mixed, "{}", p.why);
+        assert!(!p.settle(76e6, 2, 3 << 30, None) && p.cold == ColdExperts::Mixed, "{}", p.why);
         assert!(p.why.contains("76.0 MB of cold experts a token: in place 1.58 ms"), "{}", p.why);
         assert!(p.why.contains("mixed 0.96 ms at 40.0 + 48.0 GB/s, with 2 layers exchanging"), "{}", p.why);
         // where the two slow each other down badly, the CPU's way (and the placement is
         // planned again)
         let contended = DeviceRates { mixed_gbps: Some((30.0, 5.0)), ..slow };
         let mut p = ColdPlan::with_rates(&args(&[]), contended, None);
-        assert!(p.settle(76e6, 2) && p.cold == ColdExperts::Host, "{}", p.why);
+        assert!(p.settle(76e6, 2, 3 << 30, None) && p.cold == ColdExperts::Host, "{}", p.why);
         assert!(p.why.contains("the CPU's way 2.00 ms at 40.0 GB/s, mixed 2.27 ms"), "{}", p.why);
-        assert!(!p.settle(76e6, 2), "settled once");
+        assert!(!p.settle(76e6, 2, 3 << 30, None), "settled once");
+        // a host without room for mixed's two forms of the cold experts (3 GiB and the
+        // CPU's 40 / 88 of them): the faster of the others, here in place
+        let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
+        assert!(!p.settle(76e6, 2, 3 << 30, Some(4 << 30)) && p.cold == ColdExperts::InPlace, "{}", p.why);
+        assert!(p.why.contains("not mixed: it would hold 4.4 GiB of host memory, more than the host's 4.0"), "{}", p.why);
+        let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
+        assert!(!p.settle(76e6, 2, 3 << 30, Some(5 << 30)) && p.cold == ColdExperts::Mixed, "{}", p.why);
         // ... but not for a few cold bytes, nor where no expert stays on the host
         let mut p = ColdPlan::with_rates(&args(&[]), slow, None);
-        assert!(!p.settle(0.1e6, 2) && p.cold == ColdExperts::InPlace, "{}", p.why);
-        assert!(!ColdPlan::with_rates(&args(&[]), slow, None).settle(0.0, 0));
+        assert!(!p.settle(0.1e6, 2, 1 << 20, None) && p.cold == ColdExperts::InPlace, "{}", p.why);
+        assert!(!ColdPlan::with_rates(&args(&[]), slow, None).settle(0.0, 0, 0, None));
         // a way asked for is kept whatever the rates
         let mut p = ColdPlan::with_rates(&args(&["--cold-experts", "in-place"]), slow, None);
-        assert!(!p.settle(76e6, 2) && p.cold == ColdExperts::InPlace);
+        assert!(!p.settle(76e6, 2, 3 << 30, None) && p.cold == ColdExperts::InPlace);
         // --cpu-moe and --n-cpu-moe mean what they mean in llama.cpp: the CPU computes them
         assert_eq!(cold_mode(&args(&["--cpu-moe"]), &fast).0, ColdExperts::Host);
         assert_eq!(cold_mode(&args(&["--n-cpu-moe", "3"]), &fast).0, ColdExperts::Host);

@@ -151,7 +151,8 @@ fn card(name: &str) -> Result<(usize, u64)> {
     Ok((n, mib << 20))
 }
 
-fn host_memory() -> Option<u64> {
+/// This machine's memory (MemTotal), None where /proc/meminfo cannot tell.
+pub(crate) fn host_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
@@ -236,7 +237,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
     // one GPU: the planner mxr run uses; several: contiguous layers per GPU (issue 10),
     // each GPU placing its own layers' experts
     let (rates, rates_source) = match a.cold_experts {
-        ColdArg::Auto => {
+        // (mixed: for its share of each cold expert, which sets its host memory)
+        ColdArg::Auto | ColdArg::Mixed => {
             let (r, path) = DeviceRates::saved()?;
             (Some(r), path.map(|p| format!("rates from {}", p.display())))
         }
@@ -272,11 +274,22 @@ pub fn run(a: PlanArgs) -> Result<()> {
     // host layers). Mixed keeps in place's placement.
     let mut mixed = a.cold_experts == ColdArg::Mixed;
     let mut weighed = None;
+    let mut not_mixed = None;
     if let (Some(r), Some(Ok(p)), true) = (rates, &placement, in_place) {
         let cold = p.expected_cold_bytes(stats.as_ref(), &layer_bytes(1).sizes(MARGIN).expert, c.n_experts_used);
         if p.host_layers() > 0 {
             weighed = Some((r, cold, p.host_layers()));
-            match r.decode_way(cold, p.host_layers()) {
+            // mixed only where the host holds both forms of its cold experts
+            let need = r.mixed_host_bytes(p.host_experts);
+            let mixed_fits = host == 0 || need <= host;
+            if !mixed_fits {
+                not_mixed = Some(format!(
+                    "; not mixed: it would hold {:.1} GiB of host memory, more than the host's {:.1}",
+                    need as f64 / GIB,
+                    host as f64 / GIB
+                ));
+            }
+            match r.decode_way_with(cold, p.host_layers(), mixed_fits) {
                 DecodeWay::InPlace => {}
                 DecodeWay::Mixed => mixed = true,
                 DecodeWay::Cpu => {
@@ -291,7 +304,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(Err(_)) => (false, get("experts").1, 0),
         None => (false, get("experts").1, 0),
     };
-    let fits = n_gpus == 0 && bytes + state + kv <= host || gpu_fit && host_experts <= host;
+    // mixed holds the cold experts twice: the page-locked copy the GPU reads, and the
+    // file's pages of the CPU's share (its fraction of each expert, at the side-by-side rates)
+    let host_need = match rates.filter(|_| mixed) {
+        Some(r) => {
+            let (cpu, in_place) = r.mixed_rates();
+            host_experts + (host_experts as f64 * cpu / (cpu + in_place)) as u64
+        }
+        None => host_experts,
+    };
+    let fits = n_gpus == 0 && bytes + state + kv <= host || gpu_fit && host_need <= host;
     if a.json {
         let mut j = serde_json::json!({
             "source": source, "params": params, "active_params": active, "weight_bytes": bytes,
@@ -299,6 +321,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "kv_bytes_per_token": kv_per_token, "ctx": a.ctx, "kv_bytes": kv, "lightning_state_bytes": state,
             "activation_bytes": act, "gpus": n_gpus, "gpu_bytes_each": per_gpu, "host_bytes": host,
             "experts_on_gpu": experts_on_gpu, "experts": c.n_layers * c.n_experts, "host_expert_bytes": host_experts, "fits": fits,
+            "host_bytes_needed": host_need,
             "cold_experts": if mixed { "mixed" } else if in_place { "in-place" } else { "cpu" },
         });
         if let Some(Err(e)) = &placement {
@@ -366,8 +389,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 if let Some((r, cold, layers)) = weighed {
                     let spread = if stats.is_some() { "by the statistics" } else { "with choices spread evenly" };
                     println!(
-                        "  (auto, {spread}: {}; {})",
+                        "  (auto, {spread}: {}{}; {})",
                         r.decode_comparison(cold, layers),
+                        not_mixed.as_deref().unwrap_or(""),
                         rates_source.as_deref().unwrap_or("default rates")
                     );
                 }
@@ -379,7 +403,16 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(Err(e)) => println!("{} x {:.1} GiB: {e}", n_gpus, g(per_gpu)),
     }
     if host > 0 {
-        println!("host memory {:.1} GiB; experts kept there {:.2} GiB", g(host), g(host_experts));
+        if host_need > host_experts {
+            println!(
+                "host memory {:.1} GiB; experts kept there {:.2} GiB, and {:.2} GiB more of the file's pages that the CPU reads for its share (mixed)",
+                g(host),
+                g(host_experts),
+                g(host_need - host_experts)
+            );
+        } else {
+            println!("host memory {:.1} GiB; experts kept there {:.2} GiB", g(host), g(host_experts));
+        }
     }
     println!("{}", if fits { "fits" } else { "does NOT fit" });
     Ok(())

@@ -465,7 +465,7 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     // one H200, which the GPU and the CPU share (mixed, in place's pages); the CPU's way
     // where the two slow each other down more than the link adds, and where the GPU
     // cannot read in place
-    let auto = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>| -> Json {
+    let auto_on = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>, host: &str| -> Json {
         let dir = tempdir(&format!("cli-plan-auto-{in_place_gbps}-{}", mixed_gbps.is_some()));
         let rates = mxr_models::offload_cost::DeviceRates {
             cpu_expert_gbps: 40.0,
@@ -475,14 +475,24 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
         };
         std::fs::write(dir.join("devices.json"), rates.to_json().to_string()).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_mxr"))
-            .args(["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", "512", "--json"])
+            .args(["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", host, "--json"])
             .env("MXR_CACHE_DIR", &dir)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    let auto = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>| auto_on(in_place_gbps, mixed_gbps, "512");
     let (fast, slow, none) = (auto(48.0, None), auto(12.0, Some((30.0, 5.0))), auto(0.0, None));
+    // mixed holds the cold experts' page-locked copy and the file's pages of the CPU's
+    // share (40 / 88 of each): 116.5 + 53.0 GiB. At 512 GiB it fits; at 160 GiB auto takes
+    // the faster of the others (in place, 48 GB/s against the CPU's 40)
+    let need = fast["host_bytes_needed"].as_f64().unwrap_or(0.0);
+    let host_experts = fast["host_expert_bytes"].as_f64().unwrap_or(f64::NAN);
+    assert!((need / host_experts - (1.0 + 40.0 / 88.0)).abs() < 1e-6, "{fast}");
+    let small = auto_on(48.0, None, "160");
+    assert_eq!((small["cold_experts"].as_str(), small["fits"].as_bool()), (Some("in-place"), Some(true)), "{small}");
+    assert_eq!(small["host_bytes_needed"], small["host_expert_bytes"], "{small}");
     assert_eq!(fast["cold_experts"], "mixed", "{fast}");
     assert_eq!(fast["experts_on_gpu"], in_place["experts_on_gpu"], "planned in pages");
     assert_eq!((slow["cold_experts"].as_str(), none["cold_experts"].as_str()), (Some("cpu"), Some("cpu")), "{slow}");
