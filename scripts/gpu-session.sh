@@ -16,8 +16,8 @@
 #   offload    S2x32 offload sweep with --calibrate-devices (--cold-experts auto) ~3 min
 #   offload-cpu  the same sweep with the CPU computing cold experts (--cold-experts cpu;
 #              its bench lines count the cold experts each token used)         ~3 min
-#   offload-mixed  the same sweep with cold experts split each layer between the CPU and
-#              in-place reads (--cold-experts mixed, --cpu-moe too), decode only ~3 min
+#   offload-mixed  the same sweep with each cold expert shared between in-place reads and
+#              the CPU (--cold-experts mixed, --cpu-moe too), decode only ~3 min
 #   in-place   the same sweep with cold experts read in place by the GPU from host
 #              pages mapped into the expert stacks, --cpu-moe too (--cold-experts
 #              in-place)                                                      ~3 min

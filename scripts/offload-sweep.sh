@@ -2,9 +2,9 @@
 # Issue 7's offload measurement: decode speed of a slice (default S2x32) with GPU budgets
 # that hold about 25%, 50% and 75% of its experts, against all experts on the GPU and all
 # on the CPU (--cpu-moe). Budgets come from `mxr plan` (the runner's own planner), so each
-# row holds the stated share of experts. COLD=cpu|in-place passes --cold-experts to every
-# row (default: auto, which reads cold experts in place where the calibrated rates say so,
-# and computes them on the CPU with --cpu-moe).
+# row holds the stated share of experts. COLD=cpu|in-place|mixed passes --cold-experts to
+# every row (default: auto, which reads cold experts in place or shares them with the CPU
+# as the calibrated rates say, and computes them on the CPU with --cpu-moe).
 #   scripts/offload-sweep.sh [SLICE] [bench args...]     (GPU machine; mxr from $MXR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
