@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 # STAGE=carry/other to stage and run a second build (a branch) beside carry/gpu.
 STAGE=${STAGE:-carry/gpu}
 # Test targets that hold GPU tests (each marked #[ignore = "needs a GPU"]).
-TARGETS=(gpu_kernels gpu_memory gpu_fused gpu_forward gpu_offload)
+TARGETS=(gpu_kernels gpu_matvec gpu_memory gpu_fused gpu_forward gpu_offload)
 
 build() {
     cargo build --release -p mxr

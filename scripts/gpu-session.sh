@@ -118,7 +118,7 @@ for s in "${steps[@]}"; do
             set -- $v
             echo "== rows $1 warps $2 unroll $3"
             MXR_MATVEC_ROWS=$1 MXR_MATVEC_WARPS=$2 MXR_MATVEC_UNROLL=$3 \
-                carry/gpu/gpu_kernels --ignored --nocapture --test-threads 1 matvec
+                carry/gpu/gpu_matvec --ignored --nocapture --test-threads 1 matvec
         done >"$out/matvec-check.log" 2>&1
         ;;
     pair)
