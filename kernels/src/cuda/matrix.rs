@@ -37,11 +37,16 @@ impl Part {
 
     /// Whether the part lies in `w` and, if narrower, ends on a [`Part::unit`].
     pub(crate) fn check(self, op: &str, w: &GpuMatrix) -> Result<()> {
-        let unit = Part::unit(w.qtype);
-        if self.rows > w.rows || self.cols > w.cols || (self.cols < w.cols && !self.cols.is_multiple_of(unit)) {
+        self.check_in(op, w.qtype, w.rows, w.cols)
+    }
+
+    /// [`Part::check`] against a `rows` x `cols` matrix of type `q`.
+    fn check_in(self, op: &str, q: QType, rows: usize, cols: usize) -> Result<()> {
+        let unit = Part::unit(q);
+        if self.rows > rows || self.cols > cols || (self.cols < cols && !self.cols.is_multiple_of(unit)) {
             return Err(KernelError::Shape(format!(
-                "{op}: part {}x{} of a {}x{} {} matrix (it must lie inside, and a narrower part end on {unit} columns)",
-                self.rows, self.cols, w.rows, w.cols, w.qtype
+                "{op}: part {}x{} of a {rows}x{cols} {q} matrix (it must lie inside, and a narrower part end on {unit} columns)",
+                self.rows, self.cols
             )));
         }
         Ok(())
@@ -262,6 +267,29 @@ fn split_blocks(src: &[u8], block: usize, values: usize, dst: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_lies_inside_and_ends_on_whole_blocks() {
+        let part = |rows, cols| Part { rows, cols };
+        // a real q4_k down projection (6144 x 9216): the GPU's 3840 hidden units
+        assert_eq!(Part::unit(QType::Q4K), 256);
+        assert!(part(6144, 3840).check_in("t", QType::Q4K, 6144, 9216).is_ok());
+        assert!(part(6144, 9216).check_in("t", QType::Q4K, 6144, 9216).is_ok(), "the whole matrix");
+        assert!(part(0, 0).check_in("t", QType::Q4K, 6144, 9216).is_ok(), "nothing");
+        let inside_a_block = part(6144, 3840 + 32).check_in("t", QType::Q4K, 6144, 9216).unwrap_err().to_string();
+        assert!(inside_a_block.contains("t: part 6144x3872 of a 6144x9216 Q4_K matrix"), "{inside_a_block}");
+        assert!(inside_a_block.contains("end on 256 columns"), "{inside_a_block}");
+        assert!(part(6145, 256).check_in("t", QType::Q4K, 6144, 9216).is_err(), "rows past the matrix");
+        assert!(part(10, 9216 + 256).check_in("t", QType::Q4K, 6144, 9216).is_err(), "columns past the matrix");
+        // Q8_0 and the float types take 32 columns at a time (the activations' blocks);
+        // a float matrix whose width is no multiple of 32 is taken whole
+        assert_eq!((Part::unit(QType::Q8_0), Part::unit(QType::F32), Part::unit(QType::BF16)), (32, 32, 32));
+        assert!(part(20, 64).check_in("t", QType::Q8_0, 37, 128).is_ok());
+        assert!(part(20, 48).check_in("t", QType::Q8_0, 37, 128).is_err());
+        assert!(part(1029, 64).check_in("t", QType::F32, 1030, 70).is_ok());
+        assert!(part(1030, 70).check_in("t", QType::F32, 1030, 70).is_ok());
+        assert!(part(1030, 69).check_in("t", QType::F32, 1030, 70).is_err());
+    }
 
     #[test]
     fn q8_0_repack_moves_values_and_scales() {
