@@ -39,6 +39,10 @@
 #              (each decode kernel's share of a step inside the graph, kernels built
 #              with time stamps), and with MXR_TIMELINE_EARLY=1 S8q4 again with
 #              MXR_MATVEC_EARLY=1                                             ~4 min
+#   timeline-offload  S2x32 --timeline with host experts: mixed at 25% and 75% of the
+#              experts on the GPU (share $MXR_MIXED_GPU_SHARE, default 0.42), and in place
+#              at 75%; compare each step's kernel span with the host's blocked-on-GPU time
+#              (issue 7: a mixed step's ~85 us outside its kernels)           ~4 min
 #   split      S8 and S8q4 tg128 ($MXR_SPLIT_SLICES) with the decode step's lm_head in two
 #              launches, the first half's logits copied out meanwhile (MXR_LOGITS_SPLIT=1),
 #              against one launch, interleaved                             ~5 min
@@ -161,6 +165,20 @@ for s in "${steps[@]}"; do
             fi
         } >"$out/timeline.log" 2>&1
         ;;
+    timeline-offload)
+        {
+            scripts/bench-slice.sh S2x32 --help >/dev/null
+            g=/tmp/mxr-slices/S2x32.gguf st=/tmp/mxr-slices/S2x32-stats.json
+            [ -f "$st" ] || carry/gpu/mxr calibrate -m "$g" -f carry/data/prompt.txt -o "$st" --max-tokens 1024
+            # the budgets that hold 25% and 75% of S2x32's experts in pages (offload-sweep.sh)
+            for v in "8.375 mixed" "11.375 mixed" "11.375 in-place"; do
+                set -- $v
+                echo "== S2x32 --gpu-mem $1 --cold-experts $2 --timeline"
+                MXR_MIXED_GPU_SHARE=${MXR_MIXED_GPU_SHARE:-0.42} timeout 120 carry/gpu/mxr bench -m "$g" --gpu-mem "$1" \
+                    --expert-stats "$st" --cold-experts "$2" -p 0 -n 32 -r 1 --timeline
+            done
+        } >"$out/timeline-offload.log" 2>&1
+        ;;
     split)
         for slice in ${MXR_SPLIT_SLICES:-S8 S8q4}; do
             for v in 1 0 1 0; do
@@ -207,6 +225,7 @@ for s in "${steps[@]}"; do
     split) grep -E "^==|tg128" "$out/split.log" ;;
     stage) grep -E "^==|tg128|^\| matvec.*(Q4_K|Q8_0)" "$out/stage.log" ;;
     timeline) grep -E "^==|^timeline|^\| " "$out/timeline.log" | head -90 ;;
+    timeline-offload) grep -E "^==|^timeline|^host tg|^\| " "$out/timeline-offload.log" | head -110 ;;
     ncu) grep -E "^  [a-z_0-9]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|pipe_tensor|bank_conflicts|Issue Slots|Stall|Warp Cycles Per Issued" "$out/ncu.log" | head -120 ;;
     tune) grep -E "^==|tg128" "$out/tune.log" ;;
     pair) grep -E "^==|tg128" "$out/pair.log" ;;
