@@ -178,6 +178,17 @@ macro_rules! launch_on {
 pub(super) use launch;
 pub(super) use launch_on;
 
+/// `launch!` of a kernel whose argument after `$before` is an optional table of expert ids
+/// (`Option<&CudaSlice<i32>>`): the table, or a null pointer.
+macro_rules! launch_ids {
+    ($gpu:expr, $src:expr, $name:expr, $cfg:expr, [$($before:expr),*], $ids:expr, [$($after:expr),*]) => {
+        match $ids {
+            Some(ids) => launch!($gpu, $src, $name, $cfg $(, $before)*, ids $(, $after)*),
+            None => launch!($gpu, $src, $name, $cfg $(, $before)*, &0u64 $(, $after)*),
+        }
+    };
+}
+
 impl Gpu {
     /// y[p, :] = W_{e(p)} · x[p / x_div, :] for p < pairs; e(p) = ids[p], or the only
     /// matrix when `ids` is None.
@@ -256,7 +267,6 @@ impl Gpu {
         // the layout's rows and columns (r, c), the part's (n_r, n_c)
         let (stride, r, c, xd) = (w.stride as i64, int("matvec", w.rows)?, int("matvec", w.cols)?, int("matvec", x_div.max(1))?);
         let (n_r, n_c) = (int("matvec", rows)?, int("matvec", cols)?);
-        let null = 0u64;
         let name = match (scalar, w.qtype) {
             (true, QType::BF16) => "matvec_bf16_scalar",
             (true, QType::F16) => "matvec_f16_scalar",
@@ -273,16 +283,10 @@ impl Gpu {
             };
             let cfg =
                 LaunchConfig { grid_dim: (rows as u32, int("matvec", pairs)? as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            return match ids {
-                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y, &n_r, &n_c),
-                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y, &n_r, &n_c),
-            };
+            return launch_ids!(self, Source::Matvec, name, cfg, [&*w.buf, &stride], ids, [&r, &c, x, &xd, y, &n_r, &n_c]);
         }
         if !quantized(w.qtype) {
-            return match ids {
-                Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, x, &xd, y, &n_r, &n_c),
-                None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, x, &xd, y, &n_r, &n_c),
-            };
+            return launch_ids!(self, Source::Matvec, name, cfg, [&*w.buf, &stride], ids, [&r, &c, x, &xd, y, &n_r, &n_c]);
         }
         // Quantized weights multiply int8 activations: quantize the input rows first
         // (unless the caller did).
@@ -301,10 +305,7 @@ impl Gpu {
                 &made
             }
         };
-        match ids {
-            Some(ids) => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, ids, &r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c),
-            None => launch!(self, Source::Matvec, name, cfg, &*w.buf, &stride, &null, &r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c),
-        }
+        launch_ids!(self, Source::Matvec, name, cfg, [&*w.buf, &stride], ids, [&r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c])
     }
 
     /// Rows `rows` of a float matrix's product with one input row x, into y (rows.len()
@@ -401,53 +402,15 @@ impl Gpu {
             (int("matvec_pair", w0.rows)?, int("matvec_pair", w1.rows)?, int("matvec_pair", cols)?, int("matvec_pair", x_div.max(1))?);
         let (p0, p1) = (int("matvec_pair", n0)?, int("matvec_pair", n1)?);
         let name = per_type!("matvec2_", w0.qtype);
-        let null = 0u64;
-        match ids {
-            Some(ids) => {
-                launch!(
-                    self,
-                    Source::Matvec,
-                    name,
-                    cfg,
-                    &*w0.buf,
-                    &*w1.buf,
-                    &s0,
-                    &s1,
-                    ids,
-                    &r0,
-                    &r1,
-                    &c,
-                    &act.q,
-                    &act.d,
-                    &xd,
-                    y0,
-                    y1,
-                    &p0,
-                    &p1
-                )
-            }
-            None => launch!(
-                self,
-                Source::Matvec,
-                name,
-                cfg,
-                &*w0.buf,
-                &*w1.buf,
-                &s0,
-                &s1,
-                &null,
-                &r0,
-                &r1,
-                &c,
-                &act.q,
-                &act.d,
-                &xd,
-                y0,
-                y1,
-                &p0,
-                &p1
-            ),
-        }
+        launch_ids!(
+            self,
+            Source::Matvec,
+            name,
+            cfg,
+            [&*w0.buf, &*w1.buf, &s0, &s1],
+            ids,
+            [&r0, &r1, &c, &act.q, &act.d, &xd, y0, y1, &p0, &p1]
+        )
     }
 
     /// x [n, cols] (cols a multiple of 32) -> int8 values [n, cols] and one scale per
