@@ -46,21 +46,21 @@ pub fn gpu_model_kv(m: &Model, kv: KvType) -> GpuModel {
 /// `steps` greedy tokens in session `s`, the first fed `next`, each later one the
 /// previous step's top-1 (`host`: the mapped model, for experts in host memory): the
 /// steps' logits, one row of vocab each.
-pub fn greedy_steps(g: &GpuModel, host: &Model, s: &mut GpuSession, mut next: u32, steps: usize) -> Vec<f32> {
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let l = g.forward_on(Some(host), s, &[next], Logits::Last).unwrap();
-        next = argmax(&l) as u32;
-        out.extend(l);
-    }
-    out
+pub fn greedy_steps(g: &GpuModel, host: &Model, s: &mut GpuSession, next: u32, steps: usize) -> Vec<f32> {
+    greedy(next, steps, |t| g.forward_on(Some(host), s, &[t], Logits::Last).unwrap())
 }
 
 /// [`greedy_steps`] over the parts of a layer split.
-pub fn split_greedy_steps(sm: &SplitModel, host: &Model, s: &mut SplitSession, mut next: u32, steps: usize) -> Vec<f32> {
+pub fn split_greedy_steps(sm: &SplitModel, host: &Model, s: &mut SplitSession, next: u32, steps: usize) -> Vec<f32> {
+    greedy(next, steps, |t| sm.forward(Some(host), s, &[t], Logits::Last).unwrap())
+}
+
+/// The logits of `steps` calls of `step`, the first fed `next`, each later one the top-1 of
+/// the call before.
+fn greedy(mut next: u32, steps: usize, mut step: impl FnMut(u32) -> Vec<f32>) -> Vec<f32> {
     let mut out = Vec::new();
     for _ in 0..steps {
-        let l = sm.forward(Some(host), s, &[next], Logits::Last).unwrap();
+        let l = step(next);
         next = argmax(&l) as u32;
         out.extend(l);
     }
