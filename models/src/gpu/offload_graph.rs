@@ -152,6 +152,9 @@ impl GpuModel {
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
         let counters = [&self.cpu_experts, &self.in_place_experts, &self.shared_experts, &self.cold_bytes].map(Arc::clone);
         let h1 = gpu_units.unwrap_or(0).min(h);
+        // an expert's weights, all read from host memory by one side or both (experts of a
+        // stacked tensor are alike)
+        let expert_bytes = [(&gate, h), (&up, h), (&down, d)].iter().map(|(m, n)| m.rows(0, *n).map_or(0, |q| q.data.len())).sum::<usize>();
         let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
             let [on_cpu, in_place, shared, bytes] = &counters;
             let (flags, rows) = out.split_at_mut(k);
@@ -162,23 +165,21 @@ impl GpuModel {
                 if !cold[e] {
                     continue;
                 }
-                // the CPU's hidden units h1..h: gate and up rows, the down projection's columns
-                let [g, u, dn] = [(&gate, e * h + h1, h - h1), (&up, e * h + h1, h - h1), (&down, e * d, d)]
-                    .map(|(m, first, n)| m.rows(first, n).ok_or_else(|| format!("expert {e} lies outside its tensor")));
-                let (g, u, dn) = (g?, u?, dn?);
-                // the whole expert is read from host memory, by one side or both
-                let whole = [(&gate, h), (&up, h)].iter().map(|(m, n)| m.rows(e * n, *n).map_or(0, |q| q.data.len())).sum::<usize>();
-                bytes.fetch_add((whole + dn.data.len()) as u64, Relaxed);
+                bytes.fetch_add(expert_bytes as u64, Relaxed);
                 let counter = match (h1, cpu) {
                     (_, false) => in_place,
                     (0, true) => on_cpu,
                     _ => shared,
                 };
                 counter.fetch_add(1, Relaxed);
-                if cpu {
-                    swiglu_ffn(&g, &u, &dn, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], Threads::all())
-                        .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
+                if !cpu {
+                    continue;
                 }
+                // the CPU's hidden units h1..h: gate and up rows, the down projection's columns
+                let [g, u, dn] = [(&gate, e * h + h1, h - h1), (&up, e * h + h1, h - h1), (&down, e * d, d)]
+                    .map(|(m, first, n)| m.rows(first, n).ok_or_else(|| format!("expert {e} lies outside its tensor")));
+                swiglu_ffn(&g?, &u?, &dn?, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], Threads::all())
+                    .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
             }
             Ok(())
         };
