@@ -275,7 +275,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let mut mixed = a.cold_experts == ColdArg::Mixed;
     let mut weighed = None;
     let mut not_mixed = None;
-    if let (Some(r), Some(Ok(p)), true) = (rates, &placement, in_place) {
+    // (a way asked for is kept: mixed reads the rates only for its host memory)
+    if let (Some(r), Some(Ok(p)), true) = (rates.filter(|_| a.cold_experts == ColdArg::Auto), &placement, in_place) {
         let cold = p.expected_cold_bytes(stats.as_ref(), &layer_bytes(1).sizes(MARGIN).expert, c.n_experts_used);
         if p.host_layers() > 0 {
             weighed = Some((r, cold, p.host_layers()));

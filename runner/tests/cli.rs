@@ -491,6 +491,25 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     let host_experts = fast["host_expert_bytes"].as_f64().unwrap_or(f64::NAN);
     assert!((need / host_experts - (1.0 + 40.0 / 88.0)).abs() < 1e-6, "{fast}");
     let small = auto_on(48.0, None, "160");
+    // mixed asked for is kept, and its host memory counted: at 160 GiB it does not fit
+    let asked = {
+        let dir = tempdir("cli-plan-mixed-asked");
+        let rates = mxr_models::offload_cost::DeviceRates {
+            cpu_expert_gbps: 40.0,
+            in_place_gbps: 48.0,
+            ..mxr_models::offload_cost::DeviceRates::DEFAULT
+        };
+        std::fs::write(dir.join("devices.json"), rates.to_json().to_string()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_mxr"))
+            .args(["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", "160", "--json", "--cold-experts", "mixed"])
+            .env("MXR_CACHE_DIR", &dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Json>(&out.stdout).unwrap()
+    };
+    assert_eq!((asked["cold_experts"].as_str(), asked["fits"].as_bool()), (Some("mixed"), Some(false)), "{asked}");
+    assert!(asked.get("auto").is_none(), "nothing weighed for a way asked for: {asked}");
     assert_eq!((small["cold_experts"].as_str(), small["fits"].as_bool()), (Some("in-place"), Some(true)), "{small}");
     assert_eq!(small["host_bytes_needed"], small["host_expert_bytes"], "{small}");
     assert_eq!(fast["cold_experts"], "mixed", "{fast}");
