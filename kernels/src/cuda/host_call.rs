@@ -53,8 +53,8 @@ enum Memory {
         /// device addresses of x, words and out
         dev: [u64; 3],
         /// on the device: the count of posts (host_post raises it, host_wait reads it),
-        /// and host_wait's word to its other blocks (the post waited for, and whether
-        /// answered)
+        /// host_wait's words to its other blocks (the post waited for, and whether
+        /// answered), and host_post's count of blocks done
         seq: CudaSlice<u32>,
     },
     /// owns the memory the regions point into (read only through them)
@@ -281,7 +281,7 @@ impl Gpu {
             x: Region { at: x.at, len: x.len() },
             words: Region { at: words.at, len: words.len() },
             out: Region { at: out.at, len: out.len() },
-            memory: Memory::Mapped { _x: x, _words: words, _out: out, dev: [xd, wd, od], seq: self.zeros::<u32>(3)? },
+            memory: Memory::Mapped { _x: x, _words: words, _out: out, dev: [xd, wd, od], seq: self.zeros::<u32>(4)? },
             k: ids_len,
             answered: AtomicU32::new(0),
             reported_timeout: AtomicU32::new(0),
@@ -311,7 +311,9 @@ impl Gpu {
         }
         let (dev, seq) = call.device()?;
         self.capturing_call(call)?;
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // several blocks write x; the last one done raises the count
+        let blocks = (call.x.len as u32).div_ceil(256).clamp(1, 32);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (d, k) = (int("host_post", call.x.len)?, int("host_post", call.k)?);
         let [xd, wd, _] = dev;
         launch!(self, Source::HostExchange, "host_post", cfg, x, ids, &d, &k, seq, &xd, &wd)

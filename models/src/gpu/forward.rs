@@ -409,12 +409,22 @@ impl GpuModel {
                 Ok(())
             })?;
             // resident experts: two stages, the router (with the host's wait for its choices
-            // in prefill) and the experts; offloaded: one
+            // in prefill) and the experts; offloaded: one, or in a decode graph two as well
+            let call = match (&layer.slot, host) {
+                (Some(_), Some(_)) if n == 1 && g.is_capturing() => {
+                    let call = session.host_calls.get(l).and_then(Option::as_ref);
+                    Some(call.ok_or_else(|| {
+                        ModelError::Input(format!("layer {}: no host call made for the decode graph", self.first_layer + l))
+                    })?)
+                }
+                _ => None,
+            };
             let (routed, act) = self.stage("moe router", || {
                 let resident = layer.slot.is_none();
-                let quantize = quick && resident && quantized(layer.gate_exps.qtype);
+                let products = resident || call.is_some_and(|c| c.gpu_products(layer));
+                let quantize = quick && products && quantized(layer.gate_exps.qtype);
                 // decode: the norm inside the router's kernel, where that fusion applies
-                if resident && n == 1 {
+                if (resident || call.is_some()) && n == 1 {
                     if let Some((routed, act)) = self.norm_route(layer, x, pending.as_ref(), quantize, &mut session.counts[l])? {
                         pending = None;
                         return Ok((Some(routed), act));
@@ -426,24 +436,23 @@ impl GpuModel {
                     None => Ok((Some(self.moe_route(layer, &x.as_view(), n, &mut session.counts[l])?), act)),
                 }
             })?;
-            self.stage(if routed.is_some() { "moe experts" } else { "moe (offload)" }, || {
+            self.stage(if layer.slot.is_none() { "moe experts" } else { "moe (offload)" }, || {
                 let (alpha, beta) = (c.residual_mlp.alpha as f32, c.residual_mlp.beta as f32);
+                let (k, d) = (c.n_experts_used, c.dim);
                 let p = match (&layer.slot, host, routed) {
                     (None, _, Some(r)) => {
                         let (y, weights) = self.moe_experts(layer, r, &x.as_view(), n, act.as_ref())?;
-                        Pending::experts(g, y, weights, n, c.n_experts_used, c.dim, alpha, beta)?
+                        Pending::experts(g, y, weights, n, k, d, alpha, beta)?
                     }
-                    (Some(slot), Some(h), _) => {
+                    (Some(slot), Some(h), routed) => {
                         let (lm, counts) = (self.first_layer + l, &mut session.counts[l]);
-                        let m = if n == 1 && g.is_capturing() {
-                            let call = session.host_calls.get(l).and_then(Option::as_ref);
-                            let call =
-                                call.ok_or_else(|| ModelError::Input(format!("layer {lm}: no host call made for the decode graph")))?;
-                            self.moe_offload_captured(call, layer, &x.as_view(), counts)?
-                        } else {
-                            self.moe_offload(h, lm, layer, slot, &x.as_view(), n, counts)?
-                        };
-                        Pending::plain(m, alpha, beta)
+                        match call {
+                            Some(call) => {
+                                let (y, weights) = self.moe_offload_captured(call, layer, &x.as_view(), routed, act, counts)?;
+                                Pending::experts(g, y, weights, 1, k, d, alpha, beta)?
+                            }
+                            None => Pending::plain(self.moe_offload(h, lm, layer, slot, &x.as_view(), n, counts)?, alpha, beta),
+                        }
                     }
                     (Some(_), None, _) => return Err(ModelError::Input("experts in host memory need the host model".into())),
                     (None, _, None) => return Err(ModelError::Input("the router's choices are missing".into())),

@@ -20,6 +20,13 @@ pub(crate) struct Routed {
     groups: Option<Vec<Vec<i32>>>,
 }
 
+impl Routed {
+    /// The expert ids and weights, [n, k] each.
+    pub(crate) fn into_parts(self) -> (CudaSlice<i32>, CudaSlice<f32>) {
+        (self.ids, self.weights)
+    }
+}
+
 impl GpuModel {
     /// The router on the GPU: expert ids and renormalised weights, [n, k] each.
     pub(crate) fn route(

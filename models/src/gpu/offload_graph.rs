@@ -2,9 +2,9 @@
 //! issue 7). Each layer with host experts routes on the GPU and posts the layer's input
 //! and the router's choices to the GPU's host worker, which computes the chosen host
 //! experts on the CPU (ggml's kernels on the mapped file) while the GPU computes the
-//! resident ones; the GPU then waits for the worker's rows. The host's rows then replace the cold
-//! choices' rows and one kernel combines them with the routing weights, as
-//! [`GpuModel::moe_offload`] does outside a graph. See mxr_kernels::cuda::host_call.
+//! resident ones; the GPU then waits for the worker's rows, which replace the cold
+//! choices' rows (`take_flagged_rows`), and the next norm combines the rows with the
+//! routing weights, as after resident experts. See mxr_kernels::cuda::host_call.
 //!
 //! With `--cold-experts mixed` each cold choice is shared: the GPU reads its hidden units
 //! 0..h1 in place (gate and up rows, the down projection's columns) while the host worker
@@ -19,8 +19,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use mxr_kernels::cpu::{swiglu_ffn, Threads};
-use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, HostCall, Part};
+use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, HostCall, Part, QAct};
 
+use super::moe::Routed;
 use super::{GpuLayer, GpuModel};
 use crate::{Model, ModelError};
 
@@ -39,54 +40,72 @@ struct Shared {
     gpu_units: usize,
 }
 
+impl LayerCall {
+    /// Whether the GPU runs products of this layer's experts in a decoded token (then x's
+    /// int8 form is worth making with the norm): mixed, or some experts resident.
+    pub(crate) fn gpu_products(&self, layer: &GpuLayer) -> bool {
+        self.mixed.is_some() || layer.slot_table.is_some()
+    }
+}
+
 impl GpuModel {
     /// The MoE block of one decoded token, captured: as [`GpuModel::moe_offload`], the
-    /// host experts computed by `lc`'s call (from [`GpuModel::cold_calls`]). The CPU's way:
-    /// it takes every cold choice, and the GPU computes every other choice (cold ones at
-    /// place 0, replaced). Mixed: the GPU computes the resident choices whole and reads its
-    /// share of each cold one in place, and the host's share is added.
+    /// host experts computed by `lc`'s call (from [`GpuModel::cold_calls`]). `routed`: the
+    /// router's choices where the norm's kernel made them (else routed here); `pre`: x's
+    /// int8 form, if made. The CPU's way: it takes every cold choice, and the GPU computes
+    /// every other choice (cold ones at place 0, replaced). Mixed: the GPU computes the
+    /// resident choices whole and reads its share of each cold one in place, and the host's
+    /// share is added (with no GPU share, taken). Returns the choices' outputs y [k, dim] and their routing weights [k], for the
+    /// next norm to combine (as the resident MoE's).
     pub(crate) fn moe_offload_captured(
         &self,
         lc: &LayerCall,
         layer: &GpuLayer,
         x: &CudaView<'_, f32>,
+        routed: Option<Routed>,
+        pre: Option<QAct>,
         counts: &mut CudaSlice<u32>,
-    ) -> Result<CudaSlice<f32>, ModelError> {
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>), ModelError> {
         let (g, c) = (&self.gpu, &self.config);
         let (d, k) = (c.dim, c.n_experts_used);
-        let (ids, weights) = self.route(layer, x, 1, counts)?;
+        let (ids, weights) = match routed {
+            Some(r) => r.into_parts(),
+            None => self.route(layer, x, 1, counts)?,
+        };
         g.host_post(&lc.call, &x.slice(..d), &ids.as_view())?;
-        let mut y = g.zeros::<f32>(k * d)?;
-        match &lc.mixed {
+        // every row is written: by a product, or taken from the host
+        let mut y = g.alloc::<f32>(k * d)?;
+        let add = match &lc.mixed {
             Some(shared) => {
                 let (mut hot, mut cold) = (g.alloc::<i32>(k)?, g.alloc::<i32>(k)?);
                 g.split_places(&ids.as_view(), &shared.cold.as_view(), &mut hot.as_view_mut(), &mut cold.as_view_mut())?;
                 // x quantized once for both launches
-                let act = if quantized(layer.gate_exps.qtype) { Some(self.int8_input(x, 1, d, None)?) } else { None };
+                let act = if quantized(layer.gate_exps.qtype) { Some(self.int8_input(x, 1, d, pre.as_ref())?) } else { None };
                 let act = act.as_deref();
                 self.experts_matvec(layer.experts(), &hot, x, act, 1, k, k, &mut y.as_view_mut())?;
+                // no GPU share: the host's rows are the cold choices' whole outputs
                 if shared.gpu_units > 0 {
                     self.experts_matvec_part(layer.experts(), shared.gpu_units, &cold, x, act, 1, k, k, &mut y.as_view_mut())?;
                 }
+                shared.gpu_units > 0
             }
             None => {
                 if let Some(table) = &layer.slot_table {
                     let mut places = g.alloc::<i32>(k)?;
                     g.map_ids(&ids.as_view(), &table.as_view(), &mut places.as_view_mut())?;
-                    self.experts_matvec(layer.experts(), &places, x, None, 1, k, k, &mut y.as_view_mut())?;
+                    self.experts_matvec(layer.experts(), &places, x, pre.as_ref(), 1, k, k, &mut y.as_view_mut())?;
                 }
+                false
             }
-        }
+        };
         let mut from_host = g.alloc::<f32>(k + k * d)?;
         g.host_wait(&lc.call, &mut from_host.as_view_mut())?;
-        if lc.mixed.is_some() {
+        if add {
             g.add_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
         } else {
             g.take_flagged_rows(&from_host.as_view(), k, d, &mut y.as_view_mut())?;
         }
-        let mut out = g.alloc::<f32>(d)?;
-        g.moe_combine(&y.as_view(), &weights.as_view(), 1, k, d, &mut out.as_view_mut())?;
-        Ok(out)
+        Ok((y, weights))
     }
 
     /// Per layer of this model, its part of a decode graph where the layer keeps experts in
