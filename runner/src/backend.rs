@@ -262,6 +262,9 @@ fn offload_setup(
 ) -> Result<()> {
     let (why, source) = (&cp.why, &cp.source);
     g.rates = cp.rates;
+    if let Some(t) = a.threads {
+        g.cpu_threads = Threads(t.max(1));
+    }
     if g.in_place_bytes > 0 && g.offloaded {
         eprintln!(
             "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks; a batch's MoE gives the CPU as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
@@ -272,7 +275,8 @@ fn offload_setup(
         if let Some((h1, h)) = g.mixed_share()? {
             let (cpu, in_place) = g.rates.mixed_rates();
             eprintln!(
-                "cold experts shared in a decoded token: the GPU reads hidden units 0..{h1} of {h} of each chosen one in place, the CPU computes the rest ({in_place:.1} and {cpu:.1} GB/s side by side)"
+                "cold experts shared in a decoded token: the GPU reads hidden units 0..{h1} of {h} of each chosen one in place, the CPU computes the rest on {} threads ({in_place:.1} and {cpu:.1} GB/s side by side)",
+                g.cpu_threads.0
             );
         }
     } else if g.in_place_bytes > 0 {
@@ -281,7 +285,10 @@ fn offload_setup(
             g.in_place_bytes as f64 / (1u64 << 30) as f64
         );
     } else {
-        eprintln!("cold experts: the CPU computes them, or a batch copies them to the GPU where that is faster ({why}; {source})");
+        eprintln!(
+            "cold experts: the CPU computes them on {} threads, or a batch copies them to the GPU where that is faster ({why}; {source})",
+            g.cpu_threads.0
+        );
     }
     match &g.pin_note {
         Some(note) => eprintln!("{note}"),

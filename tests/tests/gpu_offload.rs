@@ -117,7 +117,7 @@ fn every_expert_placement_gives_the_same_logits() {
 /// bit, since the same GPU products and the same CPU kernels see the same inputs; the host
 /// worker counts the experts it computes, as many as the steps launched kernel by kernel.
 /// A layer split in two parts decodes the same logits, each part's graph posting to the
-/// host worker.
+/// host worker. The CPU's products on 3 threads (`--threads 3`) give the same logits too.
 #[test]
 #[ignore = "needs a GPU"]
 fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
@@ -133,10 +133,14 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
         for (name, policy) in [("--cpu-moe", Policy::CpuMoe), ("a quarter of the experts", Policy::Budget(quarter))] {
             let p = plan(&sizes, c.n_experts, None, policy).unwrap();
             // 8 greedy steps after the prompt: their logits, and the experts the CPU computed
-            let decode = |graph: bool| -> (Vec<f32>, u64, u64) {
+            // (threads: the CPU's threads for cold experts, `--threads`; None: all cores)
+            let decode = |graph: bool, threads: Option<usize>| -> (Vec<f32>, u64, u64) {
                 let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, ColdExperts::Host).unwrap();
                 g.kv_type = KvType::F32;
                 g.offload_graph = graph;
+                if let Some(t) = threads {
+                    g.cpu_threads = mxr_kernels::cpu::Threads(t);
+                }
                 let mut s = GpuSession::new(&g, 64).unwrap();
                 let next = argmax(&g.forward_on(Some(&m), &mut s, &prompt, Logits::Last).unwrap()) as u32;
                 // (the prompt's batch may copy experts to the GPU; decode steps compute them)
@@ -144,12 +148,16 @@ fn cpu_experts_in_the_decode_graph_give_the_kernel_by_kernel_logits() {
                 let out = greedy_steps(&g, &m, &mut s, next, 8);
                 (out, g.cpu_experts.load(Relaxed) - before.0, g.copied_experts.load(Relaxed) - before.1)
             };
-            let (a, na, _) = decode(true);
-            let (b, nb, copied) = decode(false);
+            let (a, na, _) = decode(true, None);
+            let (b, nb, copied) = decode(false, None);
+            // the CPU's products split over 3 threads: the same values (each row is computed
+            // by one thread, whatever their number)
+            let (t3, n3, _) = decode(true, Some(3));
             let d = diff(&a, &b);
-            let this = a == b && na == nb && na > 0 && copied == 0;
+            let this = a == b && na == nb && na > 0 && copied == 0 && t3 == a && n3 == na;
             println!(
-                "CHECK CPU experts in the decode graph | nano {q}, {name}, 8 steps, {na} experts on the CPU from the graph ({nb} kernel by kernel) | max abs {:.2e} | exact | {}",
+                "CHECK CPU experts in the decode graph | nano {q}, {name}, 8 steps, {na} experts on the CPU from the graph ({nb} kernel by kernel; with 3 CPU threads the same: {}) | max abs {:.2e} | exact | {}",
+                t3 == a && n3 == na,
                 d.max_abs,
                 if this { "ok" } else { "FAIL" }
             );

@@ -16,6 +16,7 @@ pub mod split;
 use std::sync::{Arc, Mutex};
 
 use crate::offload_cost::DeviceRates;
+use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType, QAct};
 use mxr_kernels::KernelError;
 
@@ -100,6 +101,8 @@ pub struct GpuModel {
     pub kv_type: KvType,
     /// Rates for the cold-expert cost model (calibrated or default).
     pub rates: DeviceRates,
+    /// Threads of the CPU's products of cold experts (`--threads`; default all cores).
+    pub cpu_threads: Threads,
     /// Split a cold expert between a copy to the GPU (hidden units 0..h1) and the CPU (the
     /// rest) where the cost model says both finish together (`MXR_SHARE_COLD=1`). Off by
     /// default: on an H200 (S2x32 q4_k, 0d6133a) it decoded slower than whole copies, 273.9
@@ -318,6 +321,7 @@ impl GpuModel {
             in_place_bytes: host_bytes.get(),
             kv_type: KvType::Bf16,
             rates: DeviceRates::DEFAULT,
+            cpu_threads: Threads::all(),
             share_cold: std::env::var("MXR_SHARE_COLD").is_ok_and(|v| v == "1"),
             copied_experts: std::sync::atomic::AtomicU64::new(0),
             cpu_experts: Arc::new(std::sync::atomic::AtomicU64::new(0)),

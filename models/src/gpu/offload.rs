@@ -134,7 +134,7 @@ impl GpuModel {
             slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
         }
         let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
-        let cpu = CpuExperts { host, l, cold: &cold, xh: &xh, d, h, k };
+        let cpu = CpuExperts { host, l, cold: &cold, xh: &xh, d, h, k, threads: self.cpu_threads };
         if !direct {
             // through a host buffer (repacked for the GPU), then the CPU's experts
             self.pairs_on_gpu(layer.experts(), &hot, &hot_slots, x, &mut y)?;
@@ -348,6 +348,7 @@ struct CpuExperts<'a> {
     d: usize,
     h: usize,
     k: usize,
+    threads: Threads,
 }
 
 impl CpuExperts<'_> {
@@ -355,7 +356,7 @@ impl CpuExperts<'_> {
     /// [rows, d] outputs, in order. Hidden units a..b give that part of the expert's output
     /// (all of it for 0..h); another device's part adds to it.
     fn run(&self, work: &[(usize, std::ops::Range<usize>)]) -> Result<(Vec<i32>, Vec<f32>), ModelError> {
-        let (hl, threads) = (&self.host.layers[self.l], Threads::all());
+        let (hl, threads) = (&self.host.layers[self.l], self.threads);
         let (d, h, k) = (self.d, self.h, self.k);
         let (mut rows, mut out) = (Vec::new(), Vec::new());
         for (e, hid) in work {

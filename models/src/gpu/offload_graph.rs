@@ -18,7 +18,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use mxr_kernels::cpu::{swiglu_ffn, Threads};
+use mxr_kernels::cpu::swiglu_ffn;
 use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, HostCall, Part, QAct};
 
 use super::moe::Routed;
@@ -170,6 +170,7 @@ impl GpuModel {
         let [gate, up, down] = [&hl.gate_exps, &hl.up_exps, &hl.down_exps].map(|t| host.host_matrix(t));
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
         let counters = [&self.cpu_experts, &self.in_place_experts, &self.shared_experts, &self.cold_bytes].map(Arc::clone);
+        let threads = self.cpu_threads;
         let h1 = gpu_units.unwrap_or(0).min(h);
         // an expert's weights, all read from host memory by one side or both (experts of a
         // stacked tensor are alike)
@@ -197,7 +198,7 @@ impl GpuModel {
                 // the CPU's hidden units h1..h: gate and up rows, the down projection's columns
                 let [g, u, dn] = [(&gate, e * h + h1, h - h1), (&up, e * h + h1, h - h1), (&down, e * d, d)]
                     .map(|(m, first, n)| m.rows(first, n).ok_or_else(|| format!("expert {e} lies outside its tensor")));
-                swiglu_ffn(&g?, &u?, &dn?, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], Threads::all())
+                swiglu_ffn(&g?, &u?, &dn?, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], threads)
                     .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
             }
             Ok(())
