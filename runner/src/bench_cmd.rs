@@ -55,8 +55,9 @@ pub struct BenchArgs {
     /// Time the decode kernels alone on the real model's shapes (no model needed).
     #[arg(long)]
     pub kernels: bool,
-    /// With --kernels: only this group (matvec, lightning or attention).
-    #[arg(long, requires = "kernels", value_parser = ["matvec", "lightning", "attention"])]
+    /// With --kernels: only this group (matvec, lightning, attention, or host: a decode
+    /// graph's exchange with the host worker of cold experts).
+    #[arg(long, requires = "kernels", value_parser = ["matvec", "lightning", "attention", "host"])]
     pub kernel_group: Option<String>,
     /// Measure what the cold-expert cost model needs (host memory and PCIe bandwidth, the
     /// CPU expert kernels' rates) and save it for later runs (no model needed).

@@ -35,7 +35,8 @@ fn time(g: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64>
     Ok(v[2])
 }
 
-/// `only`: one group of kernels (matvec, lightning, attention; the CLI checks the name), or all.
+/// `only`: one group of kernels (matvec, lightning, attention, host; the CLI checks the
+/// name), or all.
 pub fn run(g: &Gpu, only: Option<&str>) -> Result<()> {
     let want = |group: &str| only.is_none_or(|o| o == group);
     let bw = g.copy_bandwidth(1 << 30, 5)?;
@@ -90,6 +91,40 @@ pub fn run(g: &Gpu, only: Option<&str>) -> Result<()> {
     }
     if want("attention") {
         attention(g, &row, heads, hd)?;
+    }
+    if want("host") {
+        host_exchange(g, &row)?;
+    }
+    Ok(())
+}
+
+/// A decode graph's exchange with the host worker (host_call.rs) on the real model's row
+/// (6,144 values, 2 choices), the worker answering at once with no rows: graph replays of
+/// host_post alone, and of host_post then host_wait with nothing between (the round trip
+/// a layer with host experts pays beyond its GPU work). Bytes: the posted row and the
+/// answer read back.
+fn host_exchange(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64)) -> Result<()> {
+    let (d, k) = (6144, 2);
+    let work = move |_: &[f32], ids: &[i32], out: &mut [f32]| -> std::result::Result<(), String> {
+        out[..ids.len()].fill(0.0);
+        Ok(())
+    };
+    let call = g.host_call(d, k, k + k * d, Box::new(work))?;
+    let x = g.upload(&Rng::new(4).normals(d, 1.0))?;
+    let ids = g.upload(&[1i32, 2])?;
+    let mut answer = g.zeros::<f32>(k + k * d)?;
+    let post = g.capture(|| g.host_post(&call, &x.as_view(), &ids.as_view()))?;
+    let both = g.capture(|| {
+        g.host_post(&call, &x.as_view(), &ids.as_view())?;
+        g.host_wait(&call, &mut answer.as_view_mut())
+    })?;
+    let shape = format!("{d} values, {k} choices");
+    for (name, graph, bytes) in [("host_post (graph)", &post, d * 4), ("host_post + host_wait (graph)", &both, (d + k + k * d) * 4)] {
+        let s = time(g, 200, || Ok(graph.launch()?))?;
+        if let Some(e) = graph.host_error() {
+            anyhow::bail!("{name}: {e}");
+        }
+        row(name, "f32", &shape, s, bytes as f64);
     }
     Ok(())
 }
