@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod experts;
 pub mod finite;
 pub mod forward;
 pub mod gpu;

@@ -2,9 +2,10 @@
 //! per expert E(x) = W2 (silu(W1 x) * (W3 x)); tokens are grouped by expert so each expert
 //! runs one matrix product over its tokens.
 
-use mxr_kernels::cpu::{swiglu_ffn, Threads};
+use mxr_kernels::cpu::Threads;
 
 use super::ops::{linear, softmax};
+use crate::experts::HostExperts;
 use crate::model::{Layer, Model};
 use crate::ModelError;
 
@@ -25,6 +26,7 @@ pub fn route(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
 pub fn moe(model: &Model, layer: &Layer, x: &[f32], n_tokens: usize, counts: &mut [u64], threads: Threads) -> Result<Vec<f32>, ModelError> {
     let c = &model.config;
     let (d, h) = (c.dim, c.hidden_dim);
+    let experts = HostExperts::of(model, layer);
     let logits = linear(&model.matrix(&layer.router), x, n_tokens, threads)?;
     let mut by_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); c.n_experts];
     for t in 0..n_tokens {
@@ -39,8 +41,7 @@ pub fn moe(model: &Model, layer: &Layer, x: &[f32], n_tokens: usize, counts: &mu
         let xs: Vec<f32> = tokens.iter().flat_map(|&(t, _)| x[t * d..(t + 1) * d].iter().copied()).collect();
         // gate, up, SiLU and down in one parallel region (the values of three products)
         let mut down = vec![0f32; n * d];
-        let (gate, up) = (model.rows(&layer.gate_exps, e * h, h), model.rows(&layer.up_exps, e * h, h));
-        swiglu_ffn(&gate, &up, &model.rows(&layer.down_exps, e * d, d), 0..h, &xs, n, &mut down, threads)?;
+        experts.ffn(e, 0..h, &xs, n, &mut down, threads)?;
         for (i, &(t, w)) in tokens.iter().enumerate() {
             for (o, &y) in out[t * d..(t + 1) * d].iter_mut().zip(&down[i * d..(i + 1) * d]) {
                 *o += w * y;

@@ -5,10 +5,11 @@
 //! host results are uploaded into the same per-(token, choice) rows and one kernel
 //! combines them with the routing weights.
 
-use mxr_kernels::cpu::{swiglu_ffn, Threads};
+use mxr_kernels::cpu::Threads;
 use mxr_kernels::cuda::{CudaSlice, CudaView, GpuMatrix};
 
 use super::{GpuLayer, GpuModel, MATVEC_MAX_TOKENS};
+use crate::experts::HostExperts;
 use crate::offload_cost::ColdChoice;
 use crate::placement::{rebalance, Swap};
 use crate::{Model, ModelError};
@@ -134,7 +135,7 @@ impl GpuModel {
             slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
         }
         let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
-        let cpu = CpuExperts { host, l, cold: &cold, xh: &xh, d, h, k, threads: self.cpu_threads };
+        let cpu = CpuExperts { host, l, cold: &cold, xh: &xh, d, k, threads: self.cpu_threads };
         if !direct {
             // through a host buffer (repacked for the GPU), then the CPU's experts
             self.pairs_on_gpu(layer.experts(), &hot, &hot_slots, x, &mut y)?;
@@ -346,7 +347,6 @@ struct CpuExperts<'a> {
     /// the layer's input on the host
     xh: &'a [f32],
     d: usize,
-    h: usize,
     k: usize,
     threads: Threads,
 }
@@ -356,17 +356,15 @@ impl CpuExperts<'_> {
     /// [rows, d] outputs, in order. Hidden units a..b give that part of the expert's output
     /// (all of it for 0..h); another device's part adds to it.
     fn run(&self, work: &[(usize, std::ops::Range<usize>)]) -> Result<(Vec<i32>, Vec<f32>), ModelError> {
-        let (hl, threads) = (&self.host.layers[self.l], self.threads);
-        let (d, h, k) = (self.d, self.h, self.k);
+        let (experts, threads) = (HostExperts::of(self.host, &self.host.layers[self.l]), self.threads);
+        let (d, k) = (self.d, self.k);
         let (mut rows, mut out) = (Vec::new(), Vec::new());
         for (e, hid) in work {
             let (e, ps) = (*e, &self.cold[*e]);
             let m = ps.len();
             let xs: Vec<f32> = ps.iter().flat_map(|&p| self.xh[(p / k) * d..(p / k + 1) * d].iter().copied()).collect();
-            let gate = self.host.rows(&hl.gate_exps, e * h + hid.start, hid.len());
-            let up = self.host.rows(&hl.up_exps, e * h + hid.start, hid.len());
             let mut y = vec![0f32; m * d];
-            swiglu_ffn(&gate, &up, &self.host.rows(&hl.down_exps, e * d, d), hid.clone(), &xs, m, &mut y, threads)?;
+            experts.ffn(e, hid.clone(), &xs, m, &mut y, threads)?;
             out.extend(y);
             rows.extend(ps.iter().map(|&p| p as i32));
         }

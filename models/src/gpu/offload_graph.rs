@@ -18,11 +18,11 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use mxr_kernels::cpu::swiglu_ffn;
 use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, HostCall, Part, QAct};
 
 use super::moe::Routed;
 use super::{GpuLayer, GpuModel};
+use crate::experts::HostExperts;
 use crate::{Model, ModelError};
 
 /// A layer's part of a decode graph with experts in host memory: the host call, and with
@@ -167,14 +167,14 @@ impl GpuModel {
         let c = &self.config;
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
         let hl = host.layers.get(l).ok_or_else(|| ModelError::Input(format!("the host model has no layer {l}")))?;
-        let [gate, up, down] = [&hl.gate_exps, &hl.up_exps, &hl.down_exps].map(|t| host.host_matrix(t));
+        let experts = HostExperts::of(host, hl);
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
         let counters = [&self.cpu_experts, &self.in_place_experts, &self.shared_experts, &self.cold_bytes].map(Arc::clone);
         let threads = self.cpu_threads;
         let h1 = gpu_units.unwrap_or(0).min(h);
         // an expert's weights, all read from host memory by one side or both (experts of a
         // stacked tensor are alike)
-        let expert_bytes = [(&gate, h), (&up, h), (&down, d)].iter().map(|(m, n)| m.rows(0, *n).map_or(0, |q| q.data.len())).sum::<usize>();
+        let expert_bytes = experts.expert_bytes();
         let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
             let [on_cpu, in_place, shared, bytes] = &counters;
             let (flags, rows) = out.split_at_mut(k);
@@ -196,9 +196,8 @@ impl GpuModel {
                     continue;
                 }
                 // the CPU's hidden units h1..h: gate and up rows, the down projection's columns
-                let [g, u, dn] = [(&gate, e * h + h1, h - h1), (&up, e * h + h1, h - h1), (&down, e * d, d)]
-                    .map(|(m, first, n)| m.rows(first, n).ok_or_else(|| format!("expert {e} lies outside its tensor")));
-                swiglu_ffn(&g?, &u?, &dn?, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], threads)
+                experts
+                    .ffn(e, h1..h, x, 1, &mut rows[j * d..(j + 1) * d], threads)
                     .map_err(|why| format!("layer {l}, expert {e}: {why}"))?;
             }
             Ok(())
