@@ -6,7 +6,8 @@
 #
 # Steps, in order (default: all but depth1m):
 #   check      the GPU tests (scripts/gpu-check.sh run)                       ~1 min
-#   kernels    mxr bench --kernels                                           ~20 s
+#   kernels    mxr bench --kernels (the host group too: the round trip to the host
+#              worker)                                                        ~20 s
 #   ncu        Nsight Compute on kernels of --kernels --kernel-group $MXR_NCU_GROUP
 #              (default attention) whose names match $MXR_NCU_KERNELS (a regex; default
 #              the prefill attention kernels): speed of light, occupancy, stalls  ~1 min
@@ -231,7 +232,7 @@ for s in "${steps[@]}"; do
     pair) grep -E "^==|tg128" "$out/pair.log" ;;
     tune-kernels) grep -E "^==|^\| matvec" "$out/tune-kernels.log" ;;
     matvec-check) grep -E "^==|test result|FAIL|panicked" "$out/matvec-check.log" ;;
-    *) grep -E "^\| (minimax|matvec|attention|lightning)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
+    *) grep -E "^\| (minimax|matvec|attention|lightning|host)|^host |mxr 0|copy bandwidth" "$out/$s.log" ;;
     esac
 done
 exit $status
