@@ -114,9 +114,22 @@ fn placed_stacks_read_host_experts_in_place() {
         let same_bf16 = (0..n_exp).all(|e| dequant(&placed, e) == dequant(&plain, e));
         let stride = placed.stride;
         let bytes_ok = placed.bytes() == 2 * stride && placed.host_bytes() == 2 * stride && plain.host_bytes() == 0;
-        let ok = same_products && same_pairs && same_bf16 && bytes_ok;
+        // the CPU reads the host experts' pages at their address, the file's bytes (types
+        // kept as in the file; the others have no CPU view)
+        let cpu_ok = match placed.host_pages() {
+            Some(pages) => {
+                let (read, each) = (pages.read(), w.len() / n_exp);
+                (0..n_exp).all(|e| match read.expert(e) {
+                    Some(b) => !on_gpu[e] && b[..each] == w[e * each..(e + 1) * each],
+                    None => on_gpu[e],
+                }) && read.expert(n_exp).is_none()
+                    && plain.host_pages().is_none()
+            }
+            None => !mxr_kernels::cuda::matrix::as_in_file(q),
+        };
+        let ok = same_products && same_pairs && same_bf16 && bytes_ok && cpu_ok;
         println!(
-            "CHECK placed stack | {q} {n_exp}x{rows}x{cols}, experts 1 and 2 in host memory | products {same_products}, pairs {same_pairs}, bf16 {same_bf16}, bytes {bytes_ok} | exact | {}",
+            "CHECK placed stack | {q} {n_exp}x{rows}x{cols}, experts 1 and 2 in host memory | products {same_products}, pairs {same_pairs}, bf16 {same_bf16}, bytes {bytes_ok}, CPU view {cpu_ok} | exact | {}",
             if ok { "ok" } else { "FAIL" }
         );
         assert!(ok, "{q}");
@@ -144,6 +157,13 @@ fn placed_experts_move_between_device_and_host_at_the_same_address() {
     let gids = g.upload(&ids).unwrap();
     let product = |m: &GpuMatrix| products_by_ids(&g, m, &gids, &x);
     let want = product(&placed);
+    let pages = placed.host_pages().expect("q4_k keeps the file's layout");
+    let each = w.len() / n_exp;
+    let readable = |pages: &mxr_kernels::cuda::placed::HostPages| -> Vec<bool> {
+        let r = pages.read();
+        (0..n_exp).map(|e| r.expert(e).is_some_and(|b| b[..each] == w[e * each..(e + 1) * each])).collect()
+    };
+    let cpu_before = readable(&pages);
     let (len, dev, host) = (placed.buf.len(), placed.bytes(), placed.host_bytes());
     let stride = placed.stride;
     // expert 0 to the host, expert 2 to the device: the same memory on each side
@@ -156,9 +176,15 @@ fn placed_experts_move_between_device_and_host_at_the_same_address() {
     let bytes_ok = (placed.buf.len(), placed.bytes(), placed.host_bytes()) == (len, dev, host) && dev == 2 * stride;
     let refused = placed.relocate_expert(4, true).is_err()
         && GpuMatrix::upload(&g, q, n_exp, rows, cols, &w).unwrap().relocate_expert(0, false).is_err();
-    let ok = after == want && flags_ok && bytes_ok && refused;
+    // the CPU's view follows the moves (a view taken before them included), and keeps the
+    // pages mapped after the stack has gone
+    let cpu_after = readable(&pages);
+    drop(placed);
+    let cpu_kept = readable(&pages);
+    let cpu_ok = cpu_before == [false, true, true, false] && cpu_after == [true, true, false, false] && cpu_kept == cpu_after;
+    let ok = after == want && flags_ok && bytes_ok && refused && cpu_ok;
     println!(
-        "CHECK placed expert moved | {q} {n_exp}x{rows}x{cols}, 0 to the host, 2 to the device | products {}, flags {flags_ok}, bytes {bytes_ok}, refusals {refused} | exact | {}",
+        "CHECK placed expert moved | {q} {n_exp}x{rows}x{cols}, 0 to the host, 2 to the device | products {}, flags {flags_ok}, bytes {bytes_ok}, refusals {refused}, CPU view {cpu_ok} | exact | {}",
         after == want,
         if ok { "ok" } else { "FAIL" }
     );

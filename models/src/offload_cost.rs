@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use mxr_quant::QType;
+
 use crate::ModelError;
 
 /// What a decode step pays for each layer whose cold experts run the CPU's way, beyond
@@ -62,6 +64,13 @@ pub enum DecodeWay {
 pub enum ColdChoice {
     Cpu,
     CopyToGpu,
+}
+
+/// Whether mixed's CPU share reads the cold experts' page-locked copy (experts of types
+/// the GPU keeps as in the file), so that mixed holds them once in host memory; otherwise
+/// (Q8_0, Q4_0 and Q6_K are repacked for the GPU) the CPU reads the file's pages.
+pub fn mixed_reads_copy(expert_types: impl IntoIterator<Item = QType>) -> bool {
+    expert_types.into_iter().all(mxr_kernels::cuda::matrix::as_in_file)
 }
 
 impl DeviceRates {
@@ -128,9 +137,13 @@ impl DeviceRates {
     }
 
     /// Host memory mixed holds for `host_expert_bytes` of cold experts: their page-locked
-    /// copy that the GPU reads, and the file's pages of the CPU's share of each (its
-    /// fraction at the side-by-side rates), which must stay in the page cache.
-    pub fn mixed_host_bytes(&self, host_expert_bytes: u64) -> u64 {
+    /// copy that the GPU reads, and, unless the CPU reads that copy too (`reads_copy`:
+    /// [`mixed_reads_copy`]), the file's pages of the CPU's share of each (its fraction at
+    /// the side-by-side rates), which must stay in the page cache.
+    pub fn mixed_host_bytes(&self, host_expert_bytes: u64, reads_copy: bool) -> u64 {
+        if reads_copy {
+            return host_expert_bytes;
+        }
         let (cpu, in_place) = self.mixed_rates();
         let share = if cpu + in_place > 0.0 { cpu / (cpu + in_place) } else { 1.0 };
         host_expert_bytes + (host_expert_bytes as f64 * share) as u64
@@ -423,7 +436,10 @@ mod tests {
         // a host without room for mixed's two forms of the cold experts: the faster of the
         // others (118 GB of cold experts side by side at 70 and 48 GB/s: 70 GB of file pages)
         assert_eq!(r.decode_way_with(6_000.0 * MB, 80, false), DecodeWay::Cpu);
-        assert_eq!(r.mixed_host_bytes(118_000_000_000), 118_000_000_000 + 70_000_000_000);
+        assert_eq!(r.mixed_host_bytes(118_000_000_000, false), 118_000_000_000 + 70_000_000_000);
+        // ... which the CPU does not read where it reads the page-locked copy
+        assert_eq!(r.mixed_host_bytes(118_000_000_000, true), 118_000_000_000);
+        assert!(mixed_reads_copy([QType::Q4K, QType::F32, QType::BF16]) && !mixed_reads_copy([QType::Q4K, QType::Q8_0]));
         // side by side slower than the CPU alone: the CPU's way
         let contended = DeviceRates { mixed_gbps: Some((40.0, 10.0)), ..r };
         assert_eq!(contended.decode_way(120.0 * MB, 2), DecodeWay::Cpu);

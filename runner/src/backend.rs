@@ -96,6 +96,7 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
     let mut cp = ColdPlan::new(a)?;
+    cp.mixed_reads_copy = mixed_reads_copy(model);
     // experts read in place take whole pages (counted so even where every expert fits)
     let shares_for = |cold: ColdExperts| {
         let page = if cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
@@ -156,6 +157,16 @@ pub struct ColdPlan {
     pub why: String,
     /// auto's in place, until the placement settles it ([`ColdPlan::settle`])
     provisional: bool,
+    /// mixed's CPU share reads the page-locked copy (the experts' types), so mixed holds
+    /// the cold experts once in host memory ([`mxr_models::offload_cost::mixed_reads_copy`])
+    pub mixed_reads_copy: bool,
+}
+
+/// Whether mixed's CPU share would read the page-locked copy of `model`'s cold experts.
+fn mixed_reads_copy(model: &Model) -> bool {
+    mxr_models::offload_cost::mixed_reads_copy(
+        model.layers.iter().flat_map(|l| [&l.gate_exps, &l.up_exps, &l.down_exps]).map(|t| model.matrix(t).qtype),
+    )
 }
 
 impl ColdPlan {
@@ -171,7 +182,7 @@ impl ColdPlan {
         };
         let (cold, why) = cold_mode(a, &rates);
         let provisional = a.cold_experts == ColdArg::Auto && cold == ColdExperts::InPlace;
-        ColdPlan { rates, source, cold, why, provisional }
+        ColdPlan { rates, source, cold, why, provisional, mixed_reads_copy: false }
     }
 
     /// Under auto, once the placement is known: keeps the cold experts read in place, or
@@ -187,7 +198,7 @@ impl ColdPlan {
             return false;
         }
         self.why = self.rates.decode_comparison(cold_bytes, host_layers);
-        let need = self.rates.mixed_host_bytes(host_expert_bytes);
+        let need = self.rates.mixed_host_bytes(host_expert_bytes, self.mixed_reads_copy);
         let mixed = host_mem.is_none_or(|m| need <= m);
         if !mixed {
             self.why += &format!(
@@ -267,8 +278,9 @@ fn offload_setup(
     }
     if g.in_place_bytes > 0 && g.offloaded {
         eprintln!(
-            "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks; a batch's MoE gives the CPU as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
+            "cold experts: {:.2} GiB in page-locked host memory mapped into the expert stacks{}; a batch's MoE gives the CPU as many of the chosen ones as finish with the rest read in place by the GPU ({:.1} against {:.1} GB/s; {why})",
             g.in_place_bytes as f64 / (1u64 << 30) as f64,
+            if g.cpu_reads_host_pages() { ", where the CPU reads them too (not from the file)" } else { " (the CPU reads them from the file: the type is repacked for the GPU)" },
             g.rates.cpu_expert_gbps,
             g.rates.in_place_gbps
         );
@@ -373,6 +385,7 @@ pub fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Re
     let started = Instant::now();
     let name = gpu.info().to_string();
     let mut cp = ColdPlan::new(a)?;
+    cp.mixed_reads_copy = mixed_reads_copy(model);
     // under auto, the placement's expected cold experts settle the way (and where that is
     // the CPU's, the experts are planned again without pages)
     let planned = expert_stats(a, &model.config).and_then(|st| {
@@ -458,6 +471,10 @@ mod tests {
         let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
         assert!(!p.settle(76e6, 2, 3 << 30, Some(4 << 30)) && p.cold == ColdExperts::InPlace, "{}", p.why);
         assert!(p.why.contains("not mixed: it would hold 4.4 GiB of host memory, more than the host's 4.0"), "{}", p.why);
+        // ... where the CPU reads the page-locked copy, mixed holds the 3 GiB once
+        let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
+        p.mixed_reads_copy = true;
+        assert!(!p.settle(76e6, 2, 3 << 30, Some(4 << 30)) && p.cold == ColdExperts::Mixed, "{}", p.why);
         let mut p = ColdPlan::with_rates(&args(&[]), fast, None);
         assert!(!p.settle(76e6, 2, 3 << 30, Some(5 << 30)) && p.cold == ColdExperts::Mixed, "{}", p.why);
         // ... but not for a few cold bytes, nor where no expert stays on the host

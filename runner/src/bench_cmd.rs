@@ -566,6 +566,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             None => {}
         }
     }
+    if records.iter().any(|r| r.cold.is_some()) {
+        if let Some(resident) = crate::host_memory::file_resident_bytes(l.model.file.path()) {
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            let locked = match &l.backend {
+                Backend::Cuda(g) => format!("; page-locked for cold experts: {:.2} GiB", gib((g.in_place_bytes + g.pinned_bytes()) as f64)),
+                _ => String::new(),
+            };
+            println!(
+                "host memory after the runs: {:.2} GiB of the model file's {:.2} GiB mapped in{locked}",
+                gib(resident as f64),
+                gib(l.model.file.bytes().len() as f64)
+            );
+        }
+    }
     if let Some(g) = in_place_model(&l) {
         println!(
             "cold experts: read in place by the GPU from {:.2} GiB of page-locked host pages mapped into the expert stacks",

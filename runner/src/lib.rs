@@ -14,6 +14,7 @@ pub mod calibrate_devices;
 pub mod chat_cmd;
 pub mod check;
 pub mod convert_cmd;
+pub mod host_memory;
 pub mod inspect;
 pub mod interrupt;
 pub mod kernel_bench;

@@ -15,7 +15,7 @@ use crate::run_cmd::ColdArg;
 use mxr_models::config::minimax_text_01;
 use mxr_models::layer_split::{split, GpuShare, LayerBytes};
 use mxr_models::names::{self, blk};
-use mxr_models::offload_cost::{DecodeWay, DeviceRates};
+use mxr_models::offload_cost::{mixed_reads_copy, DecodeWay, DeviceRates};
 use mxr_models::placement::{layer_state, plan_paged, ExpertStats, Placement, Policy, IN_PLACE_PAGE};
 use mxr_models::{Config, LayerKind, Model};
 use mxr_quant::QType;
@@ -159,12 +159,15 @@ pub(crate) fn host_memory() -> Option<u64> {
 }
 
 pub fn run(a: PlanArgs) -> Result<()> {
-    let (c, items, source, file) = match (&a.model, a.preset) {
+    // whether mixed's CPU share reads the page-locked copy of the cold experts (their types)
+    let (c, items, source, file, reads_copy) = match (&a.model, a.preset) {
         (Some(p), _) => {
             let m = Model::open(p).with_context(|| format!("loading {}", p.display()))?;
             let items =
                 m.file.header().tensors().iter().map(|t| Item { name: t.name.clone(), params: t.n_elements, bytes: t.n_bytes }).collect();
-            (m.config.clone(), items, p.display().to_string(), Some(m))
+            let types = m.layers.iter().flat_map(|l| [&l.gate_exps, &l.up_exps, &l.down_exps]).map(|t| m.matrix(t).qtype);
+            let reads_copy = mixed_reads_copy(types);
+            (m.config.clone(), items, p.display().to_string(), Some(m), reads_copy)
         }
         (None, Some(Preset::MinimaxText01)) => {
             let wt = QType::parse(&a.wtype).with_context(|| format!("--type {}: not a weight type", a.wtype))?;
@@ -174,7 +177,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
             };
             let c = minimax_text_01();
             let items = preset_tensors(&c, wt, et)?;
-            (c, items, format!("MiniMax-Text-01 (preset; matrices {wt}, experts {et}, embeddings/lm_head BF16, router/norms F32)"), None)
+            (
+                c,
+                items,
+                format!("MiniMax-Text-01 (preset; matrices {wt}, experts {et}, embeddings/lm_head BF16, router/norms F32)"),
+                None,
+                mixed_reads_copy([et]),
+            )
         }
         (None, None) => bail!("give a model file (-m) or --preset minimax-text-01"),
     };
@@ -280,8 +289,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         let cold = p.expected_cold_bytes(stats.as_ref(), &layer_bytes(1).sizes(MARGIN).expert, c.n_experts_used);
         if p.host_layers() > 0 {
             weighed = Some((r, cold, p.host_layers()));
-            // mixed only where the host holds both forms of its cold experts
-            let need = r.mixed_host_bytes(p.host_experts);
+            // mixed only where the host holds what it needs of its cold experts
+            let need = r.mixed_host_bytes(p.host_experts, reads_copy);
             let mixed_fits = host == 0 || need <= host;
             if !mixed_fits {
                 not_mixed = Some(format!(
@@ -305,13 +314,10 @@ pub fn run(a: PlanArgs) -> Result<()> {
         Some(Err(_)) => (false, get("experts").1, 0),
         None => (false, get("experts").1, 0),
     };
-    // mixed holds the cold experts twice: the page-locked copy the GPU reads, and the
-    // file's pages of the CPU's share (its fraction of each expert, at the side-by-side rates)
+    // mixed holds the page-locked copy the GPU reads and, where the CPU cannot read that
+    // copy (types repacked for the GPU), the file's pages of the CPU's share too
     let host_need = match rates.filter(|_| mixed) {
-        Some(r) => {
-            let (cpu, in_place) = r.mixed_rates();
-            host_experts + (host_experts as f64 * cpu / (cpu + in_place)) as u64
-        }
+        Some(r) => r.mixed_host_bytes(host_experts, reads_copy),
         None => host_experts,
     };
     let fits = n_gpus == 0 && bytes + state + kv <= host || gpu_fit && host_need <= host;

@@ -465,8 +465,8 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     // one H200, which the GPU and the CPU share (mixed, in place's pages); the CPU's way
     // where the two slow each other down more than the link adds, and where the GPU
     // cannot read in place
-    let auto_on = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>, host: &str| -> Json {
-        let dir = tempdir(&format!("cli-plan-auto-{in_place_gbps}-{}", mixed_gbps.is_some()));
+    let auto_on = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>, host: &str, experts: &str| -> Json {
+        let dir = tempdir(&format!("cli-plan-auto-{in_place_gbps}-{}-{experts}", mixed_gbps.is_some()));
         let rates = mxr_models::offload_cost::DeviceRates {
             cpu_expert_gbps: 40.0,
             in_place_gbps,
@@ -475,23 +475,31 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
         };
         std::fs::write(dir.join("devices.json"), rates.to_json().to_string()).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_mxr"))
-            .args(["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", host, "--json"])
+            .args(["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--expert-type", experts, "--host-mem", host, "--json"])
             .env("MXR_CACHE_DIR", &dir)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let auto = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>| auto_on(in_place_gbps, mixed_gbps, "512");
+    let auto = |in_place_gbps: f64, mixed_gbps: Option<(f64, f64)>| auto_on(in_place_gbps, mixed_gbps, "512", "q4_k");
     let (fast, slow, none) = (auto(48.0, None), auto(12.0, Some((30.0, 5.0))), auto(0.0, None));
-    // mixed holds the cold experts' page-locked copy and the file's pages of the CPU's
-    // share (40 / 88 of each): 116.5 + 53.0 GiB. At 512 GiB it fits; at 160 GiB auto takes
-    // the faster of the others (in place, 48 GB/s against the CPU's 40)
+    // q4_k experts: the CPU reads mixed's page-locked copy, so mixed holds the cold
+    // experts once (116.5 GiB), and at 160 GiB it fits
     let need = fast["host_bytes_needed"].as_f64().unwrap_or(0.0);
     let host_experts = fast["host_expert_bytes"].as_f64().unwrap_or(f64::NAN);
-    assert!((need / host_experts - (1.0 + 40.0 / 88.0)).abs() < 1e-6, "{fast}");
-    let small = auto_on(48.0, None, "160");
-    // mixed asked for is kept, and its host memory counted: at 160 GiB it does not fit
+    assert_eq!(need, host_experts, "{fast}");
+    let small = auto_on(48.0, None, "160", "q4_k");
+    assert_eq!((small["cold_experts"].as_str(), small["fits"].as_bool()), (Some("mixed"), Some(true)), "{small}");
+    // q8_0 experts are repacked for the GPU: the CPU reads the file's pages of its share
+    // (40 / 88 of each) beside the copy, 311.6 + 141.6 GiB. At 512 GiB mixed fits; at 400
+    // GiB auto takes the faster of the others (in place, 48 GB/s against the CPU's 40)
+    let q8 = auto_on(48.0, None, "512", "q8_0");
+    let (need, host_experts) = (q8["host_bytes_needed"].as_f64().unwrap_or(0.0), q8["host_expert_bytes"].as_f64().unwrap_or(f64::NAN));
+    assert!((need / host_experts - (1.0 + 40.0 / 88.0)).abs() < 1e-6, "{q8}");
+    assert_eq!(q8["cold_experts"], "mixed", "{q8}");
+    let small = auto_on(48.0, None, "400", "q8_0");
+    // mixed asked for is kept, and its host memory counted: at 400 GiB it does not fit
     let asked = {
         let dir = tempdir("cli-plan-mixed-asked");
         let rates = mxr_models::offload_cost::DeviceRates {
@@ -501,7 +509,20 @@ fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
         };
         std::fs::write(dir.join("devices.json"), rates.to_json().to_string()).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_mxr"))
-            .args(["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", "160", "--json", "--cold-experts", "mixed"])
+            .args([
+                "plan",
+                "--preset",
+                "minimax-text-01",
+                "--type",
+                "q4_k",
+                "--expert-type",
+                "q8_0",
+                "--host-mem",
+                "400",
+                "--json",
+                "--cold-experts",
+                "mixed",
+            ])
             .env("MXR_CACHE_DIR", &dir)
             .output()
             .unwrap();

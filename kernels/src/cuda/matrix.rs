@@ -9,7 +9,7 @@ use std::mem::ManuallyDrop;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use mxr_quant::QType;
 
-use super::placed::PlacedStack;
+use super::placed::{HostPages, PlacedStack};
 use super::{Gpu, Result};
 use crate::KernelError;
 
@@ -110,6 +110,12 @@ impl GpuMatrix {
     /// experts; 0 for any other matrix).
     pub fn host_bytes(&self) -> usize {
         self.placed.as_ref().map_or(0, PlacedStack::host_bytes)
+    }
+
+    /// Of a placed stack whose type keeps the file's layout ([`as_in_file`]): the CPU's way
+    /// to its experts in host pages, the same bytes as the file's. None for any other.
+    pub fn host_pages(&self) -> Option<HostPages> {
+        self.placed.as_ref().filter(|_| as_in_file(self.qtype)).map(PlacedStack::host_pages)
     }
 
     /// Of a placed stack ([`GpuMatrix::upload_placed`]): whether expert `e` is in device

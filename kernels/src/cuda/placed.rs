@@ -6,8 +6,12 @@
 //! read in place over PCIe by the same kernels, the router's choices never go to the host,
 //! and the decode step stays one CUDA graph. An expert moves between device and host pages
 //! at the same address ([`PlacedStack::relocate`], for `--expert-rebalance`).
+//!
+//! The CPU may read a cold expert's host pages at the same address ([`HostPages`]): with
+//! `--cold-experts mixed` the CPU computes its share of a cold expert from this copy, so
+//! the mapped file's pages of cold experts are not needed in memory as well.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use cudarc::driver::{sys, CudaContext};
 
@@ -16,19 +20,92 @@ use super::{cu_ok, drv, Gpu, Result};
 use crate::KernelError;
 
 pub struct PlacedStack {
-    ctx: Arc<CudaContext>,
+    map: Arc<Mapping>,
     device: i32,
-    base: sys::CUdeviceptr,
-    reserved: usize,
-    stride: usize,
-    /// Physical allocations in expert order, each `stride` bytes; all mapped from `base`.
-    handles: Vec<sys::CUmemGenericAllocationHandle>,
+    /// Bytes of one expert's weights (the stride pads them to whole pages).
+    each: usize,
     /// Whether expert e's pages are device memory.
     hot: Vec<bool>,
     /// The address-space alignment the mappings need.
     gran: usize,
     device_bytes: usize,
     host_bytes: usize,
+}
+
+/// The address range and its pages, freed when the stack and every [`HostPages`] of it
+/// have gone.
+struct Mapping {
+    ctx: Arc<CudaContext>,
+    base: sys::CUdeviceptr,
+    reserved: usize,
+    stride: usize,
+    /// written only while nothing reads the pages (a relocation holds the lock)
+    pages: RwLock<Pages>,
+}
+
+struct Pages {
+    /// Physical allocations in expert order, each `stride` bytes; all mapped from `base`.
+    handles: Vec<sys::CUmemGenericAllocationHandle>,
+    /// Whether the CPU may read expert e's pages at their address (host pages it was given
+    /// access to).
+    cpu: Vec<bool>,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        let pages = self.pages.get_mut().unwrap_or_else(|p| p.into_inner());
+        release_range(&self.ctx, self.base, self.reserved, self.stride, &pages.handles);
+    }
+}
+
+/// Lets the CPU read the host pages at [at, at + n) (whole allocations, mapped). False
+/// where the driver refuses: the CPU then reads the file instead.
+fn open_to_cpu(at: sys::CUdeviceptr, n: usize) -> bool {
+    let cpu = sys::CUmemAccessDesc {
+        location: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST, id: 0 },
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: [at, at + n) is mapped, from host allocations; only access flags change.
+    unsafe { sys::cuMemSetAccess(at, n, &cpu, 1) }.result().is_ok()
+}
+
+/// The CPU's way to the cold experts of a [`PlacedStack`], in the file's layout where the
+/// type keeps it ([`super::matrix::as_in_file`]). It keeps the pages mapped.
+#[derive(Clone)]
+pub struct HostPages {
+    map: Arc<Mapping>,
+    each: usize,
+}
+
+impl HostPages {
+    /// The pages as they are now; no expert moves while the answer is held.
+    pub fn read(&self) -> HostPagesRead<'_> {
+        HostPagesRead { pages: self.map.pages.read().ok(), map: &self.map, each: self.each }
+    }
+}
+
+pub struct HostPagesRead<'a> {
+    /// None: the lock was poisoned (a relocation panicked): nothing is readable
+    pages: Option<RwLockReadGuard<'a, Pages>>,
+    map: &'a Mapping,
+    each: usize,
+}
+
+impl HostPagesRead<'_> {
+    /// Expert e's weights where the CPU can read them in host pages; None for an expert in
+    /// device memory (or none such).
+    pub fn expert(&self, e: usize) -> Option<&[u8]> {
+        let pages = self.pages.as_ref()?;
+        if !*pages.cpu.get(e)? {
+            return None;
+        }
+        let at = self.map.base as usize + e * self.map.stride;
+        // SAFETY: expert e's `stride` >= `each` bytes at `at` are host pages mapped at this
+        // address with CPU access (pages.cpu), kept mapped while `map` lives; the read lock
+        // keeps a relocation from changing them while the slice is borrowed. The GPU only
+        // reads the weights.
+        Some(unsafe { std::slice::from_raw_parts(at as *const u8, self.each) })
+    }
 }
 
 fn prop(on_gpu: bool, device: i32) -> sys::CUmemAllocationProp {
@@ -115,18 +192,18 @@ impl PlacedStack {
         // SAFETY: reserves address space only; base is written.
         cu_ok("reserving device address space", unsafe { sys::cuMemAddressReserve(&mut base, reserved, gran, 0, 0) })?;
         // from here on, Drop undoes whatever was done
+        let pages = RwLock::new(Pages { handles: Vec::with_capacity(n), cpu: Vec::with_capacity(n) });
         let mut s = PlacedStack {
-            ctx,
+            map: Arc::new(Mapping { ctx, base, reserved, stride, pages }),
             device,
-            base,
-            reserved,
-            stride,
-            handles: Vec::with_capacity(n),
+            each,
             hot: Vec::with_capacity(n),
             gran,
             device_bytes: 0,
             host_bytes: 0,
         };
+        let pages = Arc::get_mut(&mut s.map).map(|m| m.pages.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let pages = pages.ok_or_else(|| KernelError::Cuda("a new expert stack is shared".into()))?;
         for (e, &hot) in on_gpu.iter().enumerate() {
             let h = create(stride, hot, device)?;
             // SAFETY: [at, at + stride) lies inside the reservation and is not mapped yet.
@@ -135,7 +212,8 @@ impl PlacedStack {
                 unsafe { sys::cuMemRelease(h) };
                 return Err(err);
             }
-            s.handles.push(h);
+            pages.handles.push(h);
+            pages.cpu.push(false);
             s.hot.push(hot);
             if hot {
                 s.device_bytes += stride;
@@ -145,6 +223,9 @@ impl PlacedStack {
         }
         // SAFETY: the whole range is mapped (above).
         cu_ok("letting the GPU read the experts", unsafe { sys::cuMemSetAccess(base, reserved, &access(device), 1) })?;
+        for (e, &hot) in on_gpu.iter().enumerate() {
+            pages.cpu[e] = !hot && open_to_cpu(base + (e * stride) as u64, stride);
+        }
         for (e, src) in packed.chunks_exact(each).enumerate() {
             // SAFETY: [e stride, e stride + each) is mapped and readable by the device; the
             // copy is synchronous and src is readable.
@@ -155,21 +236,26 @@ impl PlacedStack {
 
     /// The device address of expert 0.
     pub fn ptr(&self) -> u64 {
-        self.base
+        self.map.base
     }
 
     /// Bytes from one expert to the next (whole pages).
     pub fn stride(&self) -> usize {
-        self.stride
+        self.map.stride
     }
 
     /// Bytes of the whole range.
     pub fn len(&self) -> usize {
-        self.reserved
+        self.map.reserved
     }
 
     pub fn is_empty(&self) -> bool {
-        self.reserved == 0
+        self.map.reserved == 0
+    }
+
+    /// The CPU's way to the experts in host pages (each expert's bytes as packed).
+    pub fn host_pages(&self) -> HostPages {
+        HostPages { map: self.map.clone(), each: self.each }
     }
 
     /// Bytes of device memory the hot experts take.
@@ -198,8 +284,11 @@ impl PlacedStack {
         if was == to_gpu {
             return Ok(());
         }
-        self.ctx.bind_to_thread().map_err(|err| drv("binding the context", err))?;
-        let (at, n) = (self.base + (e * self.stride) as u64, self.stride);
+        let map = self.map.clone();
+        map.ctx.bind_to_thread().map_err(|err| drv("binding the context", err))?;
+        let (at, n) = (map.base + (e * map.stride) as u64, map.stride);
+        // the CPU reads no expert of the stack meanwhile
+        let mut pages = map.pages.write().map_err(|_| KernelError::Cuda("an expert stack's pages: lock poisoned".into()))?;
         // SAFETY: waits for every queued kernel of the context; no arguments.
         cu_ok("waiting for the GPU before moving an expert", unsafe { sys::cuCtxSynchronize() })?;
         let new = create(n, to_gpu, self.device)?;
@@ -229,9 +318,10 @@ impl PlacedStack {
             unsafe { sys::cuMemRelease(new) };
             return Err(err);
         }
-        let old = self.handles[e];
-        // SAFETY: [at, at + n) maps `old` and nothing reads it (the context is idle); it is
-        // mapped again (new pages, or the old ones back on a failure) before returning.
+        let old = pages.handles[e];
+        // SAFETY: [at, at + n) maps `old` and nothing reads it (the context is idle, the CPU
+        // is locked out); it is mapped again (new pages, or the old ones back on a failure)
+        // before returning.
         let swapped = unsafe {
             cu_ok("unmapping the expert's old pages", sys::cuMemUnmap(at, n)).and_then(|_| {
                 match cu_ok("mapping the expert's new pages", sys::cuMemMap(at, n, 0, new, 0))
@@ -250,8 +340,11 @@ impl PlacedStack {
         let gone = if swapped.is_ok() { old } else { new };
         // SAFETY: `gone` is no longer mapped anywhere.
         unsafe { sys::cuMemRelease(gone) };
+        // the host pages mapped now, new or old, open to the CPU again
+        let on_host = if swapped.is_ok() { !to_gpu } else { !was };
+        pages.cpu[e] = on_host && open_to_cpu(at, n);
         swapped?;
-        self.handles[e] = new;
+        pages.handles[e] = new;
         self.hot[e] = to_gpu;
         if to_gpu {
             (self.device_bytes, self.host_bytes) = (self.device_bytes + n, self.host_bytes - n);
@@ -259,11 +352,5 @@ impl PlacedStack {
             (self.device_bytes, self.host_bytes) = (self.device_bytes - n, self.host_bytes + n);
         }
         Ok(())
-    }
-}
-
-impl Drop for PlacedStack {
-    fn drop(&mut self) {
-        release_range(&self.ctx, self.base, self.reserved, self.stride, &self.handles);
     }
 }

@@ -243,7 +243,17 @@ impl GpuModel {
                     };
                     // mixed: the host's MoE path, every expert at its own place in the stack
                     let slot = (cold == ColdExperts::Mixed).then(|| (0..c.n_experts).map(|e| p.on_gpu[l][e].then_some(e as u32)).collect());
-                    (placed(&layer.gate_exps, c.hidden_dim)?, placed(&layer.up_exps, c.hidden_dim)?, placed(&layer.down_exps, c.dim)?, slot)
+                    let stacks =
+                        [placed(&layer.gate_exps, c.hidden_dim)?, placed(&layer.up_exps, c.hidden_dim)?, placed(&layer.down_exps, c.dim)?];
+                    // the CPU reads the cold experts' page-locked copies (experts.rs) and the
+                    // GPU the rest: the file's pages of these experts need not stay mapped
+                    if stacks.iter().all(|m| m.host_pages().is_some()) {
+                        for t in [&layer.gate_exps, &layer.up_exps, &layer.down_exps] {
+                            model.file.release_pages(model.matrix(t).data);
+                        }
+                    }
+                    let [g, u, d] = stacks;
+                    (g, u, d, slot)
                 }
                 Some(p) => {
                     let keep: Vec<usize> = (0..c.n_experts).filter(|&e| p.on_gpu[l][e]).collect();

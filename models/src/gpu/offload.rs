@@ -135,7 +135,7 @@ impl GpuModel {
             slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
         }
         let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
-        let cpu = CpuExperts { host, l, cold: &cold, xh: &xh, d, k, threads: self.cpu_threads };
+        let cpu = CpuExperts { experts: self.host_experts(host, l, layer), cold: &cold, xh: &xh, d, k, threads: self.cpu_threads };
         if !direct {
             // through a host buffer (repacked for the GPU), then the CPU's experts
             self.pairs_on_gpu(layer.experts(), &hot, &hot_slots, x, &mut y)?;
@@ -259,6 +259,25 @@ impl GpuModel {
 }
 
 impl GpuModel {
+    /// The CPU's experts of model layer `l` (this model's `layer`): where the layer's
+    /// stacks keep cold experts in page-locked host pages in the file's layout (mixed), the
+    /// CPU reads them there, so the file's pages of those experts are not needed as well.
+    pub(crate) fn host_experts(&self, host: &Model, l: usize, layer: &GpuLayer) -> HostExperts {
+        let experts = HostExperts::of(host, &host.layers[l]);
+        match [&layer.gate_exps, &layer.up_exps, &layer.down_exps].map(GpuMatrix::host_pages) {
+            [Some(g), Some(u), Some(d)] => experts.with_pages([g, u, d]),
+            _ => experts,
+        }
+    }
+
+    /// Whether the CPU reads cold experts from the page-locked copies the GPU reads in place
+    /// (mixed, types kept as in the file) rather than from the mapped file.
+    pub fn cpu_reads_host_pages(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.gate_exps.host_pages().is_some() && l.up_exps.host_pages().is_some() && l.down_exps.host_pages().is_some())
+    }
+
     /// Whether expert `e` of layer `l` is on the GPU (in device memory).
     pub fn resident(&self, l: usize, e: usize) -> bool {
         self.layers.get(l).is_some_and(|layer| match &layer.slot {
@@ -340,8 +359,7 @@ impl GpuModel {
 
 /// Cold experts computed on the CPU, ggml's kernels on the mapped weights.
 struct CpuExperts<'a> {
-    host: &'a Model,
-    l: usize,
+    experts: HostExperts,
     /// pairs per expert (row p reads token p / k)
     cold: &'a [Vec<usize>],
     /// the layer's input on the host
@@ -356,8 +374,7 @@ impl CpuExperts<'_> {
     /// [rows, d] outputs, in order. Hidden units a..b give that part of the expert's output
     /// (all of it for 0..h); another device's part adds to it.
     fn run(&self, work: &[(usize, std::ops::Range<usize>)]) -> Result<(Vec<i32>, Vec<f32>), ModelError> {
-        let (experts, threads) = (HostExperts::of(self.host, &self.host.layers[self.l]), self.threads);
-        let (d, k) = (self.d, self.k);
+        let (experts, threads, d, k) = (&self.experts, self.threads, self.d, self.k);
         let (mut rows, mut out) = (Vec::new(), Vec::new());
         for (e, hid) in work {
             let (e, ps) = (*e, &self.cold[*e]);

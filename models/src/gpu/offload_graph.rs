@@ -22,7 +22,6 @@ use mxr_kernels::cuda::{quantized, CudaSlice, CudaView, HostCall, Part, QAct};
 
 use super::moe::Routed;
 use super::{GpuLayer, GpuModel};
-use crate::experts::HostExperts;
 use crate::{Model, ModelError};
 
 /// A layer's part of a decode graph with experts in host memory: the host call, and with
@@ -166,8 +165,10 @@ impl GpuModel {
     fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>], gpu_units: Option<usize>) -> Result<Arc<HostCall>, ModelError> {
         let c = &self.config;
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
-        let hl = host.layers.get(l).ok_or_else(|| ModelError::Input(format!("the host model has no layer {l}")))?;
-        let experts = HostExperts::of(host, hl);
+        let layer = l.checked_sub(self.first_layer).and_then(|i| self.layers.get(i));
+        let layer =
+            layer.filter(|_| l < host.layers.len()).ok_or_else(|| ModelError::Input(format!("no layer {l} here or in the host model")))?;
+        let experts = self.host_experts(host, l, layer);
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
         let counters = [&self.cpu_experts, &self.in_place_experts, &self.shared_experts, &self.cold_bytes].map(Arc::clone);
         let threads = self.cpu_threads;

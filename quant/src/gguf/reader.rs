@@ -439,6 +439,28 @@ impl GgufFile {
         self.mmap.as_deref().map_or(&[], |m| &m[..])
     }
 
+    /// Lets the kernel take back this process's pages under `data` (bytes of this file
+    /// that another copy serves now: experts in page-locked memory or on the GPU). A later
+    /// read maps them from the file again, as on first use. Returns the bytes advised (0
+    /// where `data` lies outside the file or the advice is refused).
+    pub fn release_pages(&self, data: &[u8]) -> usize {
+        let Some(m) = self.mmap.as_deref() else { return 0 };
+        let Some(offset) = (data.as_ptr() as usize).checked_sub(m.as_ptr() as usize) else { return 0 };
+        if data.is_empty() || offset + data.len() > m.len() {
+            return 0;
+        }
+        // SAFETY: the mapping is a shared read-only mapping of the file: MADV_DONTNEED
+        // drops the page table entries only, and the next access reads the same bytes
+        // from the page cache or the file (no private copy is lost).
+        #[allow(unsafe_code)]
+        let r = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, data.len()) };
+        if r.is_ok() {
+            data.len()
+        } else {
+            0
+        }
+    }
+
     /// The whole file, as a handle that keeps the mapping.
     pub fn shared_bytes(&self) -> SharedBytes {
         SharedBytes(self.mmap.clone())
