@@ -113,9 +113,10 @@ impl GpuMatrix {
     }
 
     /// Of a placed stack whose type keeps the file's layout ([`as_in_file`]): the CPU's way
-    /// to its experts in host pages, the same bytes as the file's. None for any other.
+    /// to its experts in host pages, the same bytes as the file's. None for any other, or
+    /// where the driver did not open the host pages to the CPU.
     pub fn host_pages(&self) -> Option<HostPages> {
-        self.placed.as_ref().filter(|_| as_in_file(self.qtype)).map(PlacedStack::host_pages)
+        self.placed.as_ref().filter(|_| as_in_file(self.qtype)).and_then(PlacedStack::host_pages)
     }
 
     /// Of a placed stack ([`GpuMatrix::upload_placed`]): whether expert `e` is in device

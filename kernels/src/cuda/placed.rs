@@ -253,9 +253,12 @@ impl PlacedStack {
         self.map.reserved == 0
     }
 
-    /// The CPU's way to the experts in host pages (each expert's bytes as packed).
-    pub fn host_pages(&self) -> HostPages {
-        HostPages { map: self.map.clone(), each: self.each }
+    /// The CPU's way to the experts in host pages (each expert's bytes as packed); None
+    /// where the driver did not open some of them to the CPU (the CPU reads the file then).
+    pub fn host_pages(&self) -> Option<HostPages> {
+        let pages = self.map.pages.read().ok()?;
+        let open = self.hot.iter().zip(&pages.cpu).all(|(&hot, &cpu)| hot || cpu);
+        open.then(|| HostPages { map: self.map.clone(), each: self.each })
     }
 
     /// Bytes of device memory the hot experts take.
