@@ -207,9 +207,12 @@ impl GpuModel {
         let bytes = std::cell::Cell::new(0usize);
         let host_bytes = std::cell::Cell::new(0usize);
         let up = |t: &Tensor, n_experts: usize| -> Result<GpuMatrix, ModelError> {
-            let m = model.matrix(t);
-            let m = GpuMatrix::upload(&gpu, m.qtype, n_experts, m.rows / n_experts, m.cols, m.data).map_err(|e| upload_error(t, e))?;
+            let q = model.matrix(t);
+            let m = GpuMatrix::upload(&gpu, q.qtype, n_experts, q.rows / n_experts, q.cols, q.data).map_err(|e| upload_error(t, e))?;
             bytes.set(bytes.get() + m.bytes());
+            // the GPU holds it now: the file's pages need not stay mapped in (a later read
+            // maps them again)
+            model.file.release_pages(q.data);
             Ok(m)
         };
         let token_embd = if first || (last && tied) { Some(up(&model.token_embd, 1)?) } else { None };
