@@ -566,11 +566,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             None => {}
         }
     }
-    if records.iter().any(|r| r.cold.is_some()) {
+    // on a GPU: how much of the file the process still maps (the GPU and page-locked copies
+    // serve the rest)
+    if !matches!(l.backend, Backend::Cpu(_)) {
         if let Some(resident) = crate::host_memory::file_resident_bytes(l.model.file.path()) {
             let gib = |b: f64| b / (1u64 << 30) as f64;
             let locked = match &l.backend {
-                Backend::Cuda(g) => format!("; page-locked for cold experts: {:.2} GiB", gib((g.in_place_bytes + g.pinned_bytes()) as f64)),
+                Backend::Cuda(g) if g.offloaded || g.in_place_bytes > 0 => {
+                    format!("; page-locked for cold experts: {:.2} GiB", gib((g.in_place_bytes + g.pinned_bytes()) as f64))
+                }
                 _ => String::new(),
             };
             println!(
