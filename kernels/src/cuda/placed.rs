@@ -290,10 +290,11 @@ impl PlacedStack {
         let map = self.map.clone();
         map.ctx.bind_to_thread().map_err(|err| drv("binding the context", err))?;
         let (at, n) = (map.base + (e * map.stride) as u64, map.stride);
-        // the CPU reads no expert of the stack meanwhile
-        let mut pages = map.pages.write().map_err(|_| KernelError::Cuda("an expert stack's pages: lock poisoned".into()))?;
         // SAFETY: waits for every queued kernel of the context; no arguments.
         cu_ok("waiting for the GPU before moving an expert", unsafe { sys::cuCtxSynchronize() })?;
+        // then the CPU reads no expert of the stack meanwhile (locked after the wait: a
+        // decode graph in flight waits for the host worker, which may need to read)
+        let mut pages = map.pages.write().map_err(|_| KernelError::Cuda("an expert stack's pages: lock poisoned".into()))?;
         let new = create(n, to_gpu, self.device)?;
         // the new pages, mapped at a spare address, get a copy of the expert
         let mut spare: sys::CUdeviceptr = 0;
