@@ -395,12 +395,26 @@ fn cold_experts_read_in_place_give_the_all_gpu_logits() {
 /// at the same addresses: bit-identical, and a decode graph captured before the move
 /// still reads the right weights after it), and mixed (the CPU computes some cold
 /// experts while the GPU reads others in place; bf16-level tolerance, before and after).
+///
+/// Q4_K, mixed: the CPU reads its share from the stacks' page-locked copy, which the moves
+/// change under it (a demoted expert's new host pages are opened to the CPU); Q4_K's CPU
+/// rounding (q8_K activations) is coarser, so its tolerance is wider, still far below the
+/// error of a wrong expert.
 #[test]
 #[ignore = "needs a GPU"]
 fn rebalanced_experts_give_the_same_logits() {
     use mxr_models::gpu::ColdExperts;
+    let all = [ColdExperts::Host, ColdExperts::InPlace, ColdExperts::Mixed];
+    let ok = rebalance_case(QType::Q8_0, &all, 2e-2) & rebalance_case(QType::Q4K, &[ColdExperts::Mixed], 2.5e-1);
+    assert!(ok);
+}
+
+/// One type of `rebalanced_experts_give_the_same_logits`, over `ways`; `tol`: the largest
+/// distance from all on the GPU where the CPU computes some experts.
+fn rebalance_case(q: QType, ways: &[mxr_models::gpu::ColdExperts], tol: f64) -> bool {
+    use mxr_models::gpu::ColdExperts;
     use mxr_models::placement::{plan, Policy};
-    let m = converted(&repo_root().join("nano/checkpoint"), "nano-rebalance", QType::Q8_0);
+    let m = converted(&repo_root().join("nano/checkpoint"), &format!("nano-rebalance-{q}"), q);
     let c = &m.config;
     let prompt: Vec<u32> =
         mxr_e2e::tokenize(&repo_root().join("nano/checkpoint/tokenizer.json"), "ROMEO:\nWhat light through yonder window breaks?");
@@ -440,7 +454,7 @@ fn rebalanced_experts_give_the_same_logits() {
     let (sizes, quarter) = budget_for(&m, 4);
     let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();
     let mut ok = true;
-    for cold in [ColdExperts::Host, ColdExperts::InPlace, ColdExperts::Mixed] {
+    for &cold in ways {
         let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
         g.kv_type = KvType::F32;
         let (first, counts) = run(&g);
@@ -452,9 +466,10 @@ fn rebalanced_experts_give_the_same_logits() {
                 let d = diff(&first, &all);
                 let top1 = top1_same(&first, &all, c.vocab_size);
                 let (cpu, read) = (g.cpu_experts.load(Relaxed), g.in_place_experts.load(Relaxed));
-                println!("CHECK mixed cold experts | nano Q8_0, a quarter of the experts, {cpu} on the CPU, {read} read in place | max abs {:.2e}, top-1 {}/{} | 2e-2 | {}", d.max_abs, top1.0, top1.1,
-                if d.max_abs <= 2e-2 && top1.0 == top1.1 && cpu > 0 && read > 0 { "ok" } else { "FAIL" });
-                d.max_abs <= 2e-2 && top1.0 == top1.1 && cpu > 0 && read > 0
+                let good = d.max_abs <= tol && top1.0 == top1.1 && cpu > 0 && read > 0;
+                println!("CHECK mixed cold experts | nano {q}, a quarter of the experts, {cpu} on the CPU, {read} read in place, the CPU reads the page-locked copy: {} | max abs {:.2e}, top-1 {}/{} | {tol:.1e} | {}", g.cpu_reads_host_pages(), d.max_abs, top1.0, top1.1,
+                if good { "ok" } else { "FAIL" });
+                good
             };
         ok &= mixed_ok;
         // in place and the CPU's way: a session decodes (its graph captured) before the
@@ -479,10 +494,10 @@ fn rebalanced_experts_give_the_same_logits() {
         let d = diff(&after, &all);
         let top1 = top1_same(&after, &all, c.vocab_size);
         let close = match cold {
-            ColdExperts::Host | ColdExperts::Mixed => d.max_abs <= 2e-2 && top1.0 == top1.1,
+            ColdExperts::Host | ColdExperts::Mixed => d.max_abs <= tol && top1.0 == top1.1,
             ColdExperts::InPlace => after == all,
         };
-        let mut graph_gap = String::new();
+        let graph_gap: String;
         let graph_ok = match held.as_mut() {
             Some((s, next, logits)) => {
                 for _ in 0..4 {
@@ -499,20 +514,28 @@ fn rebalanced_experts_give_the_same_logits() {
                     _ => gd.max_abs <= 1e-1 && t.0 == t.1,
                 }
             }
-            None => true,
+            // mixed: a session captured after the move decodes with the host worker
+            // reading the moved stacks
+            None => {
+                let mut s = GpuSession::new(&g, 64).unwrap();
+                let (_, logits) = decoded(&g, &mut s);
+                let (gd, t) = (diff(&logits, &want[..logits.len()]), top1_same(&logits, &want[..logits.len()], c.vocab_size));
+                graph_gap = format!(" (decoded after it: max abs {:.2e}, top-1 {}/{})", gd.max_abs, t.0, t.1);
+                gd.max_abs <= tol.max(1e-1) && t.0 == t.1
+            }
         };
         let same_memory = g.in_place_bytes == host_before;
         let this = !swaps.is_empty() && after_share > before && close && graph_ok && same_memory;
         println!(
-            "CHECK expert rebalance | nano Q8_0, a quarter of the experts, {cold:?}, {} exchanges, GPU share of choices {before} -> {after_share} | max abs {:.2e}, top-1 {}/{}, graph across the move {graph_ok}{graph_gap}, host bytes kept {same_memory} | {} | {}",
+            "CHECK expert rebalance | nano {q}, a quarter of the experts, {cold:?}, {} exchanges, GPU share of choices {before} -> {after_share} | max abs {:.2e}, top-1 {}/{}, graph across the move {graph_ok}{graph_gap}, host bytes kept {same_memory} | {} | {}",
             swaps.len(),
             d.max_abs,
             top1.0,
             top1.1,
-            if cold == ColdExperts::InPlace { "exact" } else { "2e-2" },
+            if cold == ColdExperts::InPlace { "exact".to_string() } else { format!("{tol:.1e}") },
             if this { "ok" } else { "FAIL" }
         );
         ok &= this;
     }
-    assert!(ok);
+    ok
 }
