@@ -111,6 +111,11 @@ impl Model {
         QMatrix { qtype: q, rows: n, cols, data: &data[first * row_bytes..(first + n) * row_bytes] }
     }
 
+    /// The types of every layer's expert matrices (gate, up and down).
+    pub fn expert_types(&self) -> impl Iterator<Item = QType> + '_ {
+        self.layers.iter().flat_map(|l| [&l.gate_exps, &l.up_exps, &l.down_exps]).map(|t| self.matrix(t).qtype)
+    }
+
     /// A tensor as a matrix that keeps the mapping itself ([`HostMatrix`]), for work that
     /// outlives a borrow of the model.
     pub fn host_matrix(&self, t: &Tensor) -> HostMatrix {

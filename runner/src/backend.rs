@@ -95,8 +95,7 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     // with a budget, each GPU's own
     let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-    let mut cp = ColdPlan::new(a)?;
-    cp.mixed_reads_copy = mixed_reads_copy(model);
+    let mut cp = ColdPlan::new(a, model)?;
     // experts read in place take whole pages (counted so even where every expert fits)
     let shares_for = |cold: ColdExperts| {
         let page = if cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
@@ -162,17 +161,12 @@ pub struct ColdPlan {
     pub mixed_reads_copy: bool,
 }
 
-/// Whether mixed's CPU share would read the page-locked copy of `model`'s cold experts.
-fn mixed_reads_copy(model: &Model) -> bool {
-    mxr_models::offload_cost::mixed_reads_copy(
-        model.layers.iter().flat_map(|l| [&l.gate_exps, &l.up_exps, &l.down_exps]).map(|t| model.matrix(t).qtype),
-    )
-}
-
 impl ColdPlan {
-    pub fn new(a: &ModelArgs) -> Result<ColdPlan> {
+    /// The plan for `model` on this machine's saved rates.
+    pub fn new(a: &ModelArgs, model: &Model) -> Result<ColdPlan> {
         let (rates, path) = DeviceRates::saved()?;
-        Ok(ColdPlan::with_rates(a, rates, path))
+        let reads_copy = mxr_models::offload_cost::mixed_reads_copy(model.expert_types());
+        Ok(ColdPlan { mixed_reads_copy: reads_copy, ..ColdPlan::with_rates(a, rates, path) })
     }
 
     pub fn with_rates(a: &ModelArgs, rates: DeviceRates, path: Option<std::path::PathBuf>) -> ColdPlan {
@@ -384,8 +378,7 @@ pub fn backend(a: &ModelArgs, model: &Model, threads: Threads, ctx: usize) -> Re
     };
     let started = Instant::now();
     let name = gpu.info().to_string();
-    let mut cp = ColdPlan::new(a)?;
-    cp.mixed_reads_copy = mixed_reads_copy(model);
+    let mut cp = ColdPlan::new(a, model)?;
     // under auto, the placement's expected cold experts settle the way (and where that is
     // the CPU's, the experts are planned again without pages)
     let planned = expert_stats(a, &model.config).and_then(|st| {

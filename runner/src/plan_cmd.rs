@@ -165,8 +165,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             let m = Model::open(p).with_context(|| format!("loading {}", p.display()))?;
             let items =
                 m.file.header().tensors().iter().map(|t| Item { name: t.name.clone(), params: t.n_elements, bytes: t.n_bytes }).collect();
-            let types = m.layers.iter().flat_map(|l| [&l.gate_exps, &l.up_exps, &l.down_exps]).map(|t| m.matrix(t).qtype);
-            let reads_copy = mixed_reads_copy(types);
+            let reads_copy = mixed_reads_copy(m.expert_types());
             (m.config.clone(), items, p.display().to_string(), Some(m), reads_copy)
         }
         (None, Some(Preset::MinimaxText01)) => {

@@ -135,7 +135,7 @@ impl GpuModel {
             slots.extend(std::iter::repeat_n(i as i32, cold[e].len()));
         }
         let parts = [(&hl.gate_exps, h), (&hl.up_exps, h), (&hl.down_exps, d)];
-        let cpu = CpuExperts { experts: self.host_experts(host, l, layer), cold: &cold, xh: &xh, d, k, threads: self.cpu_threads };
+        let cpu = CpuExperts { experts: self.host_experts(host, l, layer)?, cold: &cold, xh: &xh, d, k, threads: self.cpu_threads };
         if !direct {
             // through a host buffer (repacked for the GPU), then the CPU's experts
             self.pairs_on_gpu(layer.experts(), &hot, &hot_slots, x, &mut y)?;
@@ -262,12 +262,13 @@ impl GpuModel {
     /// The CPU's experts of model layer `l` (this model's `layer`): where the layer's
     /// stacks keep cold experts in page-locked host pages in the file's layout (mixed), the
     /// CPU reads them there, so the file's pages of those experts are not needed as well.
-    pub(crate) fn host_experts(&self, host: &Model, l: usize, layer: &GpuLayer) -> HostExperts {
-        let experts = HostExperts::of(host, &host.layers[l]);
-        match [&layer.gate_exps, &layer.up_exps, &layer.down_exps].map(GpuMatrix::host_pages) {
+    pub(crate) fn host_experts(&self, host: &Model, l: usize, layer: &GpuLayer) -> Result<HostExperts, ModelError> {
+        let hl = host.layers.get(l).ok_or_else(|| ModelError::Input(format!("the host model has no layer {l}")))?;
+        let experts = HostExperts::of(host, hl);
+        Ok(match [&layer.gate_exps, &layer.up_exps, &layer.down_exps].map(GpuMatrix::host_pages) {
             [Some(g), Some(u), Some(d)] => experts.with_pages([g, u, d]),
             _ => experts,
-        }
+        })
     }
 
     /// Whether the CPU reads cold experts from the page-locked copies the GPU reads in place

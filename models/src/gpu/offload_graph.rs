@@ -123,7 +123,7 @@ impl GpuModel {
                     None
                 };
                 let gpu_units = mixed.as_ref().map(|m| m.gpu_units);
-                Ok(Some(LayerCall { call: self.cold_call(host, self.first_layer + l, slot, gpu_units)?, mixed }))
+                Ok(Some(LayerCall { call: self.cold_call(host, self.first_layer + l, layer, slot, gpu_units)?, mixed }))
             })
             .collect()
     }
@@ -158,17 +158,21 @@ impl GpuModel {
         })
     }
 
-    /// The host call's work for model layer `l`: for each choice the CPU takes (every one
+    /// The host call's work for model layer `l` (this model's `layer`): for each choice the CPU takes (every one
     /// of a host expert, slot None), its flag and its output row; the counters count them.
     /// Mixed (`gpu_units` Some(h1)): the CPU computes each cold choice's hidden units
     /// h1..h, and its row is added to the GPU's part (none when h1 = h).
-    fn cold_call(&self, host: &Model, l: usize, slot: &[Option<u32>], gpu_units: Option<usize>) -> Result<Arc<HostCall>, ModelError> {
+    fn cold_call(
+        &self,
+        host: &Model,
+        l: usize,
+        layer: &GpuLayer,
+        slot: &[Option<u32>],
+        gpu_units: Option<usize>,
+    ) -> Result<Arc<HostCall>, ModelError> {
         let c = &self.config;
         let (d, h, k) = (c.dim, c.hidden_dim, c.n_experts_used);
-        let layer = l.checked_sub(self.first_layer).and_then(|i| self.layers.get(i));
-        let layer =
-            layer.filter(|_| l < host.layers.len()).ok_or_else(|| ModelError::Input(format!("no layer {l} here or in the host model")))?;
-        let experts = self.host_experts(host, l, layer);
+        let experts = self.host_experts(host, l, layer)?;
         let cold: Vec<bool> = slot.iter().map(Option::is_none).collect();
         let counters = [&self.cpu_experts, &self.in_place_experts, &self.shared_experts, &self.cold_bytes].map(Arc::clone);
         let threads = self.cpu_threads;
