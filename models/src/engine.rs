@@ -74,6 +74,36 @@ impl Backend {
         }
     }
 
+    /// An empty sequence with room for `ctx` tokens whose decode steps may be in flight
+    /// beside other sequences' ([`Backend::decode_start`]): one GPU only.
+    pub fn new_lane_state(&self, ctx: usize) -> Result<State, ModelError> {
+        match self {
+            Backend::Cuda(g) => {
+                let mut s = GpuSession::new(g, ctx)?;
+                s.use_lane(g)?;
+                Ok(State::Cuda(s))
+            }
+            _ => Err(ModelError::Input(format!("sequences decoded side by side need one GPU, not {}", self.name()))),
+        }
+    }
+
+    /// Launches the decode step of `token` on a state from [`Backend::new_lane_state`]
+    /// without waiting for it; [`Backend::decode_finish`] takes its logits.
+    pub fn decode_start(&self, model: &Model, state: &mut State, token: u32) -> Result<(), ModelError> {
+        match (self, state) {
+            (Backend::Cuda(g), State::Cuda(s)) => g.decode_start(Some(model), s, token),
+            _ => Err(ModelError::Input("decode steps in flight need one GPU and its sequence state".into())),
+        }
+    }
+
+    /// Waits for the step [`Backend::decode_start`] launched and hands its logits to `f`.
+    pub fn decode_finish<R>(&self, state: &mut State, f: impl FnOnce(LogitsOut<'_>) -> R) -> Result<R, ModelError> {
+        match (self, state) {
+            (Backend::Cuda(g), State::Cuda(s)) => g.decode_finish(s, f),
+            _ => Err(ModelError::Input("decode steps in flight need one GPU and its sequence state".into())),
+        }
+    }
+
     /// The state in host memory (to save it).
     pub fn to_session(&self, state: &State) -> Result<Session, ModelError> {
         match (self, state) {

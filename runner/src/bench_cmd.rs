@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// (reported as "tgN @ dD"). Each repetition starts from an empty context.
     #[arg(short = 'd', long = "depth", value_delimiter = ',')]
     pub depth: Vec<usize>,
+    /// Sequences the decode test runs side by side (one GPU): each decodes -n tokens, its
+    /// steps on a stream of its own, so that one sequence's GPU work overlaps another's
+    /// wait for its cold experts on the CPU; reported as "tgN xP" in tokens/s of all P.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
     /// Print JSON records instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -298,6 +303,26 @@ fn decode(l: &Loaded, pool: &[u32], n: usize, rep: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Seconds for `p` sequences to decode `n` tokens each side by side: a sequence's next
+/// step is launched as soon as its last one is done, while the others' run.
+fn decode_side_by_side(l: &Loaded, pool: &[u32], n: usize, p: usize, rep: usize) -> Result<f64> {
+    let ids: Vec<Vec<u32>> = (0..p).map(|s| tokens(n, pool, 1000 + (rep * p + s) as u64)).collect();
+    let mut states = (0..p).map(|_| l.new_lane_state()).collect::<Result<Vec<_>>>()?;
+    let t = Instant::now();
+    for (st, ids) in states.iter_mut().zip(&ids) {
+        l.decode_start(st, ids[0])?;
+    }
+    for i in 1..=n {
+        for (st, ids) in states.iter_mut().zip(&ids) {
+            l.decode_finish(st, |_| ())?;
+            if i < n {
+                l.decode_start(st, ids[i])?;
+            }
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.kernels {
         return crate::kernel_bench::run(&mxr_kernels::cuda::Gpu::open(0)?, a.kernel_group.as_deref());
@@ -313,9 +338,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // read when the GPU opens: every kernel then stamps its start (kernels/src/cuda/timeline.rs)
         std::env::set_var("MXR_TIMELINE", "1");
     }
-    let l = load(&margs)?;
     if a.reps == 0 {
         bail!("--reps must be at least 1");
+    }
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    if a.parallel > 1 && a.profile {
+        bail!("--profile times one sequence's stages (without decode graphs): leave out --parallel");
+    }
+    let l = load(&margs)?;
+    if a.parallel > 1 && !matches!(l.backend, Backend::Cuda(_)) {
+        bail!("--parallel decodes sequences side by side on one GPU; this run is on {}", l.backend.name());
     }
     if a.timeline {
         crate::bench_timeline::gpu(&l)?;
@@ -395,12 +429,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let per_token = w.flops_per_token + w.attn_flops_per_pair * n as f64 / 2.0;
         records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile, host_wait, cold });
     }
+    let p = a.parallel;
+    let decode_test = |n: usize, rep: usize| if p > 1 { decode_side_by_side(&l, &pool, n, p, rep) } else { decode(&l, &pool, n, rep) };
     if a.n_gen > 0 {
-        decode(&l, &pool, 2, 0)?;
+        decode_test(2, 0)?;
         let (w0, c0) = (waited(&l), cold_counts(&l));
-        let seconds = (0..a.reps).map(|r| decode(&l, &pool, a.n_gen, r)).collect::<Result<Vec<_>>>()?;
+        let seconds = (0..a.reps).map(|r| decode_test(a.n_gen, r)).collect::<Result<Vec<_>>>()?;
         let host_wait = wait_per_rep(w0, waited(&l), a.reps);
-        let cold = match cold_per_token(&l, c0, a.n_gen * a.reps) {
+        let cold = match cold_per_token(&l, c0, a.n_gen * p * a.reps) {
             Some(c) => Some(c),
             None => in_place_cold(&l, &pool, a.n_gen)?,
         };
@@ -412,7 +448,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             profiling(false);
         }
         let per_token = w.decode_weight_bytes + w.state_bytes + w.kv_bytes_per_pos * a.n_gen as f64 / 2.0;
-        records.push(Record { test: format!("tg{}", a.n_gen), tokens: a.n_gen, seconds, per_token, profile, host_wait, cold });
+        let test = if p > 1 { format!("tg{} x{p}", a.n_gen) } else { format!("tg{}", a.n_gen) };
+        records.push(Record { test, tokens: a.n_gen * p, seconds, per_token, profile, host_wait, cold });
     }
     let timeline = if a.timeline { Some(crate::bench_timeline::measure(&l, &tokens(a.n_gen.max(2) + 1, &pool, 4242))?) } else { None };
     for &d in a.depth.iter().filter(|&&d| d > 0) {

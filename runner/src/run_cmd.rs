@@ -201,14 +201,33 @@ impl Loaded {
     /// token: the page-locked buffer its graph wrote) instead of returning a copy; `f` runs
     /// only on finite logits.
     pub fn forward_with<R>(&self, state: &mut State, tokens: &[u32], which: Logits, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-        let checked = self.backend.forward_with(&self.model, state, tokens, which, |out| {
-            // every call, decode included (a GPU's decode step has looked on the device)
-            let logits = out.logits;
-            match out.first_non_finite() {
-                Some(i) => Err((logits.get(i).copied().unwrap_or(f32::NAN), i, logits.len())),
-                None => Ok(f(logits)),
-            }
-        })?;
+        // every call, decode included (a GPU's decode step has looked on the device)
+        let checked = self.backend.forward_with(&self.model, state, tokens, which, |out| finite(out, f))?;
+        self.non_finite(state, checked)
+    }
+
+    /// An empty sequence whose decode steps may be in flight beside other sequences'
+    /// (`mxr bench --parallel`; one GPU).
+    pub fn new_lane_state(&self) -> Result<State> {
+        Ok(self.backend.new_lane_state(self.ctx)?)
+    }
+
+    /// Launches the decode step of `token` without waiting ([`Loaded::decode_finish`]
+    /// takes its logits).
+    pub fn decode_start(&self, state: &mut State, token: u32) -> Result<()> {
+        Ok(self.backend.decode_start(&self.model, state, token)?)
+    }
+
+    /// The logits of the step [`Loaded::decode_start`] launched, checked as
+    /// [`Loaded::forward_with`]'s.
+    pub fn decode_finish<R>(&self, state: &mut State, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let checked = self.backend.decode_finish(state, |out| finite(out, f))?;
+        self.non_finite(state, checked)
+    }
+
+    /// A non-finite logit (value, index, count of logits) as an error naming its token and
+    /// position.
+    fn non_finite<R>(&self, state: &State, checked: std::result::Result<R, (f32, usize, usize)>) -> Result<R> {
         let vocab = self.model.config.vocab_size.max(1);
         checked.map_err(|(v, i, len)| {
             anyhow::anyhow!(
@@ -217,6 +236,16 @@ impl Loaded {
                 state.pos().saturating_sub(len.div_ceil(vocab)) + i / vocab
             )
         })
+    }
+}
+
+/// `f` on the logits if they are finite, else (the first non-finite value, its index, the
+/// count of logits).
+fn finite<R>(out: mxr_models::LogitsOut<'_>, f: impl FnOnce(&[f32]) -> R) -> std::result::Result<R, (f32, usize, usize)> {
+    let logits = out.logits;
+    match out.first_non_finite() {
+        Some(i) => Err((logits.get(i).copied().unwrap_or(f32::NAN), i, logits.len())),
+        None => Ok(f(logits)),
     }
 }
 

@@ -174,6 +174,23 @@ fn bench_timeline_needs_a_gpu() {
     assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// --parallel decodes sequences side by side on one GPU: on the CPU, and with 0
+/// sequences, a clear error before any test runs.
+#[test]
+fn bench_parallel_needs_a_gpu_and_a_sequence() {
+    for (args, want) in [
+        (&["--parallel", "2", "--device", "cpu"][..], "--parallel decodes sequences side by side on one GPU; this run is on cpu"),
+        (&["--parallel", "0", "--device", "cpu"][..], "--parallel must be at least 1"),
+        (&["--parallel", "2", "--profile"][..], "leave out --parallel"),
+    ] {
+        let out = mxr(&[&["bench", "-p", "0", "-n", "4", "-r", "1"][..], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
 #[test]
 fn synth_then_convert_then_inspect() {
     let dir = tempdir("cli-pipeline");

@@ -539,3 +539,111 @@ fn rebalance_case(q: QType, ways: &[mxr_models::gpu::ColdExperts], tol: f64) -> 
     }
     ok
 }
+
+/// Issue 7, sequences decoded side by side (`mxr bench --parallel`): three sequences, each
+/// on a lane of its own, their decode steps in flight together (one launched as soon as
+/// its last one is done, as the bench does), a prefill on the main stream between two runs
+/// of steps, decode the same logits bit for bit as each sequence alone: with every expert
+/// on the GPU, with three quarters of them on the CPU, and mixed (the CPU's host worker
+/// answering the three graphs' posts as they come). A second start before the logits are
+/// taken, and a finish with nothing in flight, are errors.
+#[test]
+#[ignore = "needs a GPU"]
+fn sequences_decoded_side_by_side_give_each_its_own_logits() {
+    use mxr_models::gpu::ColdExperts;
+    use mxr_models::offload_cost::DeviceRates;
+    use mxr_models::placement::{plan, Policy};
+    let texts = ["ROMEO:\nWhat light", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed"];
+    let tok = repo_root().join("nano/checkpoint/tokenizer.json");
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| mxr_e2e::tokenize(&tok, t)).collect();
+    // per sequence: the prompt, 6 greedy steps, 3 tokens as one batch, 2 more steps; the
+    // logits of every step and batch. Side by side: the steps of all sequences in flight
+    // together; else each sequence alone, one after another.
+    let run = |g: &GpuModel, m: &Model, side_by_side: bool| -> Vec<Vec<f32>> {
+        let mut ss: Vec<GpuSession> = prompts.iter().map(|_| GpuSession::new(g, 64).unwrap()).collect();
+        let mut out = vec![Vec::new(); ss.len()];
+        let mut next: Vec<u32> = Vec::new();
+        for (s, p) in ss.iter_mut().zip(&prompts) {
+            if side_by_side {
+                s.use_lane(g).unwrap();
+            }
+            next.push(argmax(&g.forward_on(Some(m), s, p, Logits::Last).unwrap()) as u32);
+        }
+        let steps = |ss: &mut [GpuSession], next: &mut [u32], out: &mut [Vec<f32>], n: usize| {
+            if !side_by_side {
+                for ((s, t), o) in ss.iter_mut().zip(next.iter_mut()).zip(out.iter_mut()) {
+                    for _ in 0..n {
+                        let l = g.forward_on(Some(m), s, &[*t], Logits::Last).unwrap();
+                        *t = argmax(&l) as u32;
+                        o.extend(l);
+                    }
+                }
+                return;
+            }
+            for (s, t) in ss.iter_mut().zip(next.iter()) {
+                g.decode_start(Some(m), s, *t).unwrap();
+            }
+            for i in 0..n {
+                for ((s, t), o) in ss.iter_mut().zip(next.iter_mut()).zip(out.iter_mut()) {
+                    let l = g.decode_finish(s, |l| l.logits.to_vec()).unwrap();
+                    *t = argmax(&l) as u32;
+                    o.extend(l);
+                    if i + 1 < n {
+                        g.decode_start(Some(m), s, *t).unwrap();
+                    }
+                }
+            }
+        };
+        steps(&mut ss, &mut next, &mut out, 6);
+        for ((s, t), o) in ss.iter_mut().zip(next.iter_mut()).zip(out.iter_mut()) {
+            let l = g.forward_on(Some(m), s, &[*t, 7, 11], Logits::Last).unwrap();
+            *t = argmax(&l) as u32;
+            o.extend(l);
+        }
+        steps(&mut ss, &mut next, &mut out, 2);
+        out
+    };
+    let mut ok = true;
+    for q in [QType::Q8_0, QType::Q4K] {
+        let m = converted(&repo_root().join("nano/checkpoint"), "nano-offload-graph", q);
+        let c = &m.config;
+        let (sizes, quarter) = budget_for(&m, 4);
+        let p = plan(&sizes, c.n_experts, None, Policy::Budget(quarter)).unwrap();
+        let placed = |cold| {
+            let mut g = GpuModel::upload_part_with(&m, Gpu::open(0).unwrap(), Some(&p), 0..c.n_layers, cold).unwrap();
+            g.kv_type = KvType::F32;
+            g.rates = DeviceRates { cpu_expert_gbps: 20.0, in_place_gbps: 20.0, ..DeviceRates::DEFAULT };
+            g
+        };
+        let all = || {
+            let mut g = gpu_model(&m);
+            g.kv_type = KvType::F32;
+            g
+        };
+        for (name, g) in [
+            ("all on the GPU", all()),
+            ("a quarter on the GPU, the rest on the CPU", placed(ColdExperts::Host)),
+            ("a quarter on the GPU, mixed", placed(ColdExperts::Mixed)),
+        ] {
+            let alone = run(&g, &m, false);
+            let together = run(&g, &m, true);
+            let worst = alone.iter().zip(&together).map(|(a, b)| diff(a, b).max_abs).fold(0f64, f64::max);
+            let same = alone == together;
+            // a second start before the first's logits are taken; a finish with none
+            let mut s = GpuSession::new(&g, 64).unwrap();
+            s.use_lane(&g).unwrap();
+            let first = g.decode_start(Some(&m), &mut s, 5).is_ok();
+            let second = g.decode_start(Some(&m), &mut s, 6).err().map(|e| e.to_string()).unwrap_or_default();
+            let taken = g.decode_finish(&mut s, |l| l.logits.len()).ok() == Some(c.vocab_size);
+            let none = g.decode_finish(&mut s, |_| ()).err().map(|e| e.to_string()).unwrap_or_default();
+            let errors = first && second.contains("in flight") && taken && none.contains("no decode step");
+            let this = same && errors;
+            println!(
+                "CHECK sequences side by side | nano {q}, {name}: 3 sequences, 8 steps and a batch each, on lanes against alone | max abs {worst:.2e}, errors for a second start and an empty finish {errors} | exact | {}",
+                if this { "ok" } else { "FAIL" }
+            );
+            ok &= this;
+        }
+    }
+    assert!(ok);
+}

@@ -15,7 +15,7 @@ use cudarc::driver::sys::{
 };
 use std::sync::Arc;
 
-use cudarc::driver::{CudaGraph, CudaStream};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream};
 
 use super::cu_ok;
 use super::host_call::{HostCall, Worker};
@@ -30,6 +30,8 @@ pub struct Graph {
     pub(super) calls: Vec<Arc<HostCall>>,
     pub(super) stream: Arc<CudaStream>,
     pub(super) worker: Arc<Worker>,
+    /// the counters of its `arrived_last` kernels (dropped after the graph)
+    pub(super) tickets: Option<CudaSlice<u32>>,
 }
 
 impl Graph {
@@ -39,6 +41,18 @@ impl Graph {
             self.worker.kick();
         }
         self.graph.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
+    }
+
+    /// Replays the graph on `stream` instead of the one it was captured on (a lane).
+    pub(super) fn launch_on(&self, stream: &CudaStream) -> Result<()> {
+        if !self.calls.is_empty() {
+            self.worker.kick();
+        }
+        // SAFETY: the executable graph is live (owned by self) and the stream belongs to
+        // its context; what the graph reads and writes is owned by its captor, which waits
+        // for the stream before reusing it.
+        unsafe { cudarc::driver::result::graph::launch(self.graph.cu_graph_exec(), stream.cu_stream()) }
+            .map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
     }
 
     /// The first failure of the graph's host work since the last call, once the stream
@@ -51,9 +65,10 @@ impl Graph {
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        // a replay still running may yet post to a call: the worker watches it until then
+        // a replay still running (on any stream: a lane's too) may yet post to a call, and
+        // uses the tickets: the worker watches the calls until then
+        let _ = self.stream.context().synchronize();
         if !self.calls.is_empty() {
-            let _ = self.stream.synchronize();
             self.worker.unregister(&self.calls);
         }
     }

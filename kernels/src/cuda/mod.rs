@@ -13,6 +13,7 @@ pub mod check;
 pub mod graph;
 pub mod host;
 pub mod host_call;
+pub mod lane;
 pub mod lightning;
 pub mod matrix;
 pub mod nvrtc;
@@ -27,13 +28,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DevicePtr};
 pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 
 use crate::KernelError;
 pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use graph::Graph;
 pub use host_call::{HostCall, HostFn};
+pub use lane::Lane;
 pub use matrix::{GpuMatrix, Part};
 pub use nvrtc::Source;
 pub use ops::{quantized, NormRouted, QAct, Residual, ROUTE_FUSED_TOKENS};
@@ -266,6 +268,9 @@ pub struct Gpu {
     /// `arrived_last`), zero between kernels: each such kernel resets what it counted. Only
     /// kernels on `stream` use them, one at a time.
     tickets: CudaSlice<u32>,
+    /// While capturing: the graph's own counters, kept by the graph (graphs of sequences
+    /// decoded side by side, on lanes, run such kernels at the same time).
+    graph_tickets: Mutex<Option<CudaSlice<u32>>>,
     /// With `tuning.timeline`: the stamps' buffer and the captured kernels' names.
     pub(crate) timeline: Option<timeline::Timeline>,
 }
@@ -362,6 +367,7 @@ impl Gpu {
             graph_calls: Mutex::new(Vec::new()),
             worker: host_call::WorkerSlot::new(worker_ctx),
             tickets,
+            graph_tickets: Mutex::new(None),
             timeline,
         };
         // the timeline points every module at its buffer when the module loads, which must
@@ -482,8 +488,12 @@ impl Gpu {
     pub fn launch_graph(&self, graph: &Graph) -> Result<()> {
         let t = std::time::Instant::now();
         let r = graph.launch();
-        self.launched_ns.fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.launched(t);
         r
+    }
+
+    fn launched(&self, since: std::time::Instant) {
+        self.launched_ns.fetch_add(since.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Seconds the host has spent launching graphs so far.
@@ -675,6 +685,32 @@ impl Gpu {
     }
 
     pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        let tickets = self.zeros::<u32>(ops::TICKETS)?;
+        *self.lock_graph_tickets()? = Some(tickets);
+        let graph = self.capture_with(f);
+        let tickets = self.lock_graph_tickets()?.take();
+        let mut graph = graph?;
+        graph.tickets = tickets;
+        Ok(graph)
+    }
+
+    fn lock_graph_tickets(&self) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<u32>>>> {
+        self.graph_tickets.lock().map_err(|_| KernelError::Cuda("the graph's tickets: lock poisoned".into()))
+    }
+
+    /// The device address of the counters `arrived_last` kernels take: the capturing
+    /// graph's own, else the GPU's.
+    pub(crate) fn tickets(&self) -> Result<u64> {
+        let own = self.lock_graph_tickets()?;
+        let t = match own.as_ref() {
+            Some(t) if self.is_capturing() => t,
+            _ => &self.tickets,
+        };
+        let (at, _) = t.device_ptr(&self.stream);
+        Ok(at)
+    }
+
+    fn capture_with(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
         self.stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| drv("starting graph capture", e))?;
@@ -699,7 +735,7 @@ impl Gpu {
                 if !kept.is_empty() {
                     self.worker.0.register(&kept)?;
                 }
-                Ok(Graph { graph: g, calls: kept, stream: self.stream.clone(), worker: self.worker.0.clone() })
+                Ok(Graph { graph: g, calls: kept, stream: self.stream.clone(), worker: self.worker.0.clone(), tickets: None })
             }
             None => Err(KernelError::Cuda("graph capture recorded nothing".into())),
         }

@@ -636,7 +636,7 @@ impl Gpu {
         let ResidualArgs { k: kr, a, cw, alpha, beta } = res;
         let cfg = LaunchConfig { grid_dim: (n_experts as u32, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         let (wd, e, kk) = (width as i32, n_experts as i32, k as i32);
-        let tickets = self.tickets.slice(..);
+        let tickets = self.tickets()?;
         #[rustfmt::skip]
         launch!(self, Source::Moe, "moe_norm_route_f32", cfg, x, &a, &cw, &kr, &alpha, &beta, w, &wd, &eps, &mut out, &q, &d,
             &*router.buf, &e, &kk, &mut logits, &mut ids, &mut weights, counts, &tickets)?;
@@ -879,7 +879,7 @@ impl Gpu {
         let mut logits = self.alloc::<f32>(n_tokens * n_experts)?;
         let cfg = LaunchConfig { grid_dim: (n_experts as u32, n_tokens as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (e, c, kk) = (n_experts as i32, int("route_fused", cols)?, k as i32);
-        let tickets = self.tickets.slice(..);
+        let tickets = self.tickets()?;
         launch!(self, Source::Moe, name, cfg, &*router.buf, &e, &c, x, &kk, &mut logits, ids, weights, counts, &tickets)?;
         Ok(true)
     }

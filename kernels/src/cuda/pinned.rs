@@ -29,6 +29,22 @@ impl<T> Pinned<T> {
     pub fn is_empty(&self) -> bool {
         self.host.is_empty()
     }
+
+    /// The host values; the caller has waited for the stream that copies them.
+    pub(super) fn host_values(&self) -> Result<&[T]>
+    where
+        T: ValidAsZeroBits,
+    {
+        self.host.as_slice().map_err(|e| drv("pinned memory", e))
+    }
+
+    /// The host values to write; the caller has waited for the stream that copies them.
+    pub(super) fn host_values_mut(&mut self) -> Result<&mut [T]>
+    where
+        T: ValidAsZeroBits,
+    {
+        self.host.as_mut_slice().map_err(|e| drv("pinned memory", e))
+    }
 }
 
 impl Gpu {
@@ -65,14 +81,14 @@ impl Gpu {
     /// them included).
     pub fn pinned_host<'p, T: ValidAsZeroBits>(&self, p: &'p Pinned<T>) -> Result<&'p [T]> {
         self.sync()?;
-        p.host.as_slice().map_err(|e| drv("pinned memory", e))
+        p.host_values()
     }
 
     /// The host values to write, once the stream has finished everything queued (an upload
     /// still reading them included).
     pub fn pinned_host_mut<'p, T: ValidAsZeroBits>(&self, p: &'p mut Pinned<T>) -> Result<&'p mut [T]> {
         self.sync()?;
-        p.host.as_mut_slice().map_err(|e| drv("pinned memory", e))
+        p.host_values_mut()
     }
 
     /// Queues dst = src[at..at + dst.len()] on the stream (a copy node when capturing): the

@@ -6,7 +6,7 @@
 //! and replayed for every later token: the token id and the position are read from
 //! device memory, so the same graph serves every position (see `decode`).
 
-use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, Pinned, QAct, Residual};
+use mxr_kernels::cuda::{quantized, CudaSlice, Gpu, Graph, KvBuf, KvType, Lane, Pinned, QAct, Residual};
 
 use super::offload_graph::LayerCall;
 use super::{GpuAttention, GpuModel, MATVEC_MAX_TOKENS};
@@ -26,12 +26,15 @@ pub struct GpuSession {
     /// Per layer: K and V caches [capacity, kv_dim] (softmax layers), of the model's kv_type.
     kv: Vec<Option<(KvBuf, KvBuf)>>,
     counts: Vec<CudaSlice<u32>>,
-    /// The decode step's graph and its buffers (None only while a step runs).
-    step: Option<Box<Step>>,
+    /// The decode step's graph and its buffers (None only while a step is captured).
+    pub(super) step: Option<Box<Step>>,
     /// Per layer with experts in host memory, the host call its decode graph posts to
     /// (offload_graph.rs), made before the capture: page-locked memory cannot be
     /// allocated while one records.
     host_calls: Vec<Option<LayerCall>>,
+    /// The stream its decode graph replays on when sequences decode side by side
+    /// (lanes.rs); None: the main stream.
+    pub(super) lane: Option<Lane>,
 }
 
 /// The decode step's inputs and output, at fixed addresses for its graph: the token and
@@ -39,19 +42,21 @@ pub struct GpuSession {
 /// copies the logits out to `logits` and, into `io` [2], where their first NaN or infinity
 /// is (-1: none), found on the GPU in `found` (page-locked host memory both, so that a step
 /// costs one graph launch and one wait).
-struct Step {
-    io: Pinned<i32>,
+pub(super) struct Step {
+    /// launched by [`GpuModel::decode_start`], its logits not yet taken
+    pub(super) in_flight: bool,
+    pub(super) io: Pinned<i32>,
     token: CudaSlice<i32>,
     pos: CudaSlice<i32>,
     found: CudaSlice<i32>,
-    logits: Pinned<f32>,
-    graph: Option<Graph>,
+    pub(super) logits: Pinned<f32>,
+    pub(super) graph: Option<Graph>,
     /// [`GpuModel::placement_generation`] when the graph was captured
     placement: u64,
 }
 
 /// `io`'s slot for the logits' first NaN or infinity.
-const IO_FOUND: usize = 2;
+pub(super) const IO_FOUND: usize = 2;
 
 impl GpuSession {
     /// Before a decode graph of `m` is captured: the host calls of its layers with experts
@@ -102,7 +107,9 @@ impl GpuSession {
             kv,
             counts,
             host_calls: Vec::new(),
+            lane: None,
             step: Some(Box::new(Step {
+                in_flight: false,
                 io: g.pinned::<i32>(3)?,
                 token: g.zeros::<i32>(1)?,
                 pos: g.zeros::<i32>(1)?,
@@ -128,6 +135,7 @@ impl GpuSession {
 
     /// Routing counts so far, [layer][expert] (for `--expert-rebalance`).
     pub fn expert_counts(&self, m: &GpuModel) -> Result<Vec<Vec<u64>>, ModelError> {
+        self.settle(m)?;
         self.counts.iter().map(|c| Ok(m.gpu.download(&c.as_view())?.into_iter().map(u64::from).collect())).collect()
     }
 
@@ -143,6 +151,7 @@ impl GpuSession {
     /// Writes this part's layers (model layers m.first_layer..) into the host session `s`.
     pub fn fill_host(&self, m: &GpuModel, s: &mut Session) -> Result<(), ModelError> {
         let (g, c) = (&m.gpu, &m.config);
+        self.settle(m)?;
         for (l, gl) in (m.first_layer..).enumerate().take(m.layers.len()) {
             if let Some(st) = &self.lightning[l] {
                 s.lightning[gl] = g.download(&st.as_view())?;
@@ -214,25 +223,23 @@ impl GpuModel {
         if self.offloaded && host.is_none() {
             return Err(ModelError::Input("this GPU model keeps experts in host memory: run it with its host model (forward_on)".into()));
         }
+        if tokens.len() == 1 && which == Logits::Last && self.decode_graphs() {
+            self.decode_start(host, session, tokens[0])?;
+            return self.decode_finish(session, f);
+        }
         let g = &self.gpu;
         let n = tokens.len();
+        session.idle()?;
         check_tokens(&self.config, session.pos, session.capacity, tokens)?;
         let pos_host = session.pos;
         session.commit(self, n)?;
-        let r = if n == 1 && which == Logits::Last && self.decode_graphs() {
-            self.decode(host, session, tokens[0])?;
-            let step = session.step.as_ref().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
-            let found = usize::try_from(g.pinned_host(&step.io)?[IO_FOUND]).ok();
-            // the step's host calls (experts on the CPU) have been answered by now
-            host_failure(step.graph.as_ref())?;
-            f(LogitsOut::checked(g.pinned_host(&step.logits)?, found))
-        } else {
-            let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-            let ids = g.upload(&ids)?;
-            let pos = g.upload(&[pos_host as i32])?;
-            let logits = self.body(host, session, &ids, &pos, pos_host, n, which)?;
-            f(LogitsOut::unchecked(&g.download(&logits.as_view())?))
-        };
+        // after the decode steps its lane has run
+        session.settle(self)?;
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let ids = g.upload(&ids)?;
+        let pos = g.upload(&[pos_host as i32])?;
+        let logits = self.body(host, session, &ids, &pos, pos_host, n, which)?;
+        let r = f(LogitsOut::unchecked(&g.download(&logits.as_view())?));
         session.pos += n;
         session.tokens.extend_from_slice(tokens);
         Ok(r)
@@ -240,7 +247,7 @@ impl GpuModel {
 
     /// One token through the session's decode graph (captured at the first call); the
     /// logits land in the step's page-locked buffer.
-    fn decode(&self, host: Option<&Model>, session: &mut GpuSession, token: u32) -> Result<(), ModelError> {
+    pub(super) fn decode(&self, host: Option<&Model>, session: &mut GpuSession, token: u32) -> Result<(), ModelError> {
         let mut step = session.step.take().ok_or_else(|| ModelError::Input("the session's decode step is missing".into()))?;
         let result = self.decode_with(host, session, &mut step, token);
         session.step = Some(step);
@@ -249,7 +256,11 @@ impl GpuModel {
 
     fn decode_with(&self, host: Option<&Model>, session: &mut GpuSession, step: &mut Step, token: u32) -> Result<(), ModelError> {
         let g = &self.gpu;
-        g.pinned_host_mut(&mut step.io)?[..2].copy_from_slice(&[token as i32, session.pos as i32]);
+        let io = match &session.lane {
+            Some(lane) => g.pinned_host_mut_after(lane, &mut step.io)?,
+            None => g.pinned_host_mut(&mut step.io)?,
+        };
+        io[..2].copy_from_slice(&[token as i32, session.pos as i32]);
         // experts moved since the capture (--expert-rebalance): capture again
         if step.placement != self.placement_generation {
             step.graph = None;
@@ -266,8 +277,14 @@ impl GpuModel {
             })?;
             step.graph = Some(graph);
         }
-        if let Some(graph) = &step.graph {
-            g.launch_graph(graph)?;
+        match (&step.graph, &session.lane) {
+            (Some(graph), Some(lane)) => {
+                // after the main stream's work for it: a prefill, the capture's uploads
+                g.lane_after_main(lane)?;
+                g.launch_graph_on(graph, lane)?;
+            }
+            (Some(graph), None) => g.launch_graph(graph)?,
+            (None, _) => {}
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! bf16 and multiply on tensor cores through cuBLAS (f32 accumulation).
 
 mod forward;
+mod lanes;
 mod moe;
 mod offload;
 mod offload_graph;

@@ -1,0 +1,75 @@
+//! Lanes: streams of their own for sequences decoded side by side (`mxr bench
+//! --parallel`, issue 7). Each such sequence's decode graph replays on its lane, so that
+//! one sequence's GPU work (attention, resident experts, lm_head) runs while another's
+//! graph waits for the CPU's share of its cold experts. Work on the main stream (a
+//! prefill, a capture's uploads) is ordered before a lane's next launch, and a lane's
+//! launches before later main-stream work, by events ([`Gpu::lane_after_main`],
+//! [`Gpu::main_after_lane`]).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, ValidAsZeroBits};
+
+use super::pinned::Pinned;
+use super::{drv, Gpu, Graph, Result};
+
+/// A stream a sequence's decode graph replays on.
+pub struct Lane {
+    stream: Arc<CudaStream>,
+}
+
+impl Lane {
+    /// Waits for the lane's work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| drv("running kernels", e))
+    }
+}
+
+impl Gpu {
+    /// A new lane.
+    pub fn lane(&self) -> Result<Lane> {
+        Ok(Lane { stream: self.context().new_stream().map_err(|e| drv("creating a stream", e))? })
+    }
+
+    /// Later work on `lane` waits for the main stream's work queued so far.
+    pub fn lane_after_main(&self, lane: &Lane) -> Result<()> {
+        let e = self.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
+        lane.stream.wait(&e).map_err(|e| drv("stream wait", e))
+    }
+
+    /// Later work on the main stream waits for `lane`'s work queued so far.
+    pub fn main_after_lane(&self, lane: &Lane) -> Result<()> {
+        let e = lane.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
+        self.stream.wait(&e).map_err(|e| drv("stream wait", e))
+    }
+
+    /// Waits for `lane`'s work (counted as time the host waited on the GPU).
+    pub fn sync_lane(&self, lane: &Lane) -> Result<()> {
+        let t = std::time::Instant::now();
+        lane.stream.synchronize().map_err(|e| drv("running kernels", e))?;
+        self.waited(t);
+        Ok(())
+    }
+
+    /// Replays `graph` on `lane`, timing the host's part (the launch call).
+    pub fn launch_graph_on(&self, graph: &Graph, lane: &Lane) -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = graph.launch_on(&lane.stream);
+        self.launched(t);
+        r
+    }
+
+    /// The host values, once `lane` has finished everything queued (a graph's download
+    /// into them included); the main stream is not waited for.
+    pub fn pinned_host_after<'p, T: ValidAsZeroBits>(&self, lane: &Lane, p: &'p Pinned<T>) -> Result<&'p [T]> {
+        self.sync_lane(lane)?;
+        p.host_values()
+    }
+
+    /// The host values to write, once `lane` has finished everything queued (a graph's
+    /// upload still reading them included).
+    pub fn pinned_host_mut_after<'p, T: ValidAsZeroBits>(&self, lane: &Lane, p: &'p mut Pinned<T>) -> Result<&'p mut [T]> {
+        self.sync_lane(lane)?;
+        p.host_values_mut()
+    }
+}
