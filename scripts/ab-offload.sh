@@ -9,7 +9,7 @@
 #
 # CHECK_ONLY: run only these GPU test targets of carry/gpu first (unset: all of them,
 #   scripts/gpu-session.sh check; SKIP_CHECK=1: none).
-# AB_SET: comma-separated runs "GiB BUILD [bench args...]": `mxr bench -p 0 -n 32 -r $REPS`
+# AB_SET: comma-separated runs "GiB BUILD [NAME=value...] [bench args...]": `mxr bench -p 0 -n 32 -r $REPS`
 #   with --gpu-mem GiB and the slice's routing statistics (8.375 GiB holds 25% of the
 #   experts, 9.875 50%, 11.375 75%). Default: 25% and 75%, carry/gpu against carry/alt.
 # TL_SET: comma-separated "GiB WAY [BUILD]": the same with --cold-experts WAY --timeline
@@ -54,8 +54,11 @@ for v in "${AB[@]}"; do
     set -- $v
     i=$((i + 1)) b=$1 m=$2
     shift 2
-    echo "== --gpu-mem $b carry/$m/mxr $* ($(since))"
-    timeout 150 "carry/$m/mxr" bench -m "$g" --gpu-mem "$b" --expert-stats "$st" -p 0 -n 32 -r "${REPS:-2}" "$@" >"$o/ab-$i-$b-$m.log" 2>&1
+    # leading NAME=value words: the run's environment
+    envs=()
+    while [ $# -gt 0 ] && [[ $1 == [A-Z_]*=* ]]; do envs+=("$1"); shift; done
+    echo "== --gpu-mem $b ${envs[*]} carry/$m/mxr $* ($(since))"
+    timeout 150 env "${envs[@]}" "carry/$m/mxr" bench -m "$g" --gpu-mem "$b" --expert-stats "$st" -p 0 -n 32 -r "${REPS:-2}" "$@" >"$o/ab-$i-$b-$m.log" 2>&1
     grep -hE "tg32|^host|cold experts|placement" "$o/ab-$i-$b-$m.log" | tail -5
 done
 for v in "${TL[@]}"; do

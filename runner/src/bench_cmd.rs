@@ -248,6 +248,8 @@ fn in_place_cold(l: &Loaded, pool: &[u32], n: usize) -> Result<Option<Cold>> {
 struct HostTime {
     wait: f64,
     launch: f64,
+    /// the host worker answering the decode graphs' host calls (cold experts on the CPU)
+    worker: f64,
 }
 
 /// The host's time on the GPUs so far (None on the CPU).
@@ -257,13 +259,17 @@ fn waited(l: &Loaded) -> Option<HostTime> {
         Backend::Split(m) => m.parts.iter().map(|p| &p.gpu).collect(),
         Backend::Cpu(_) => return None,
     };
-    Some(HostTime { wait: gpus.iter().map(|g| g.host_waited()).sum(), launch: gpus.iter().map(|g| g.host_launching()).sum() })
+    Some(HostTime {
+        wait: gpus.iter().map(|g| g.host_waited()).sum(),
+        launch: gpus.iter().map(|g| g.host_launching()).sum(),
+        worker: gpus.iter().map(|g| g.host_worker_busy()).sum(),
+    })
 }
 
 /// Mean host time per repetition between two readings of [`waited`].
 fn wait_per_rep(before: Option<HostTime>, after: Option<HostTime>, reps: usize) -> Option<HostTime> {
     let (b, a, n) = (before?, after?, reps.max(1) as f64);
-    Some(HostTime { wait: (a.wait - b.wait) / n, launch: (a.launch - b.launch) / n })
+    Some(HostTime { wait: (a.wait - b.wait) / n, launch: (a.launch - b.launch) / n, worker: (a.worker - b.worker) / n })
 }
 
 fn prefill(l: &Loaded, pool: &[u32], n: usize, batch: usize, rep: usize) -> Result<f64> {
@@ -513,6 +519,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             if let Some(w) = r.host_wait {
                 j["host_wait_seconds"] = serde_json::json!(w.wait);
                 j["host_launch_seconds"] = serde_json::json!(w.launch);
+                j["host_worker_seconds"] = serde_json::json!(w.worker);
             }
             if let Some(c) = r.cold {
                 j["cold_experts"] = serde_json::json!({"copied_per_token": c.copied, "shared_per_token": c.shared, "on_cpu_per_token": c.on_cpu, "in_place_per_token": c.in_place,
@@ -576,6 +583,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 w.launch * 1e3,
                 100.0 * w.launch / mean.max(1e-12)
             );
+            if w.worker > 0.0 {
+                println!(
+                    "host worker {}: computing cold experts {:.2} ms of {:.2} ms per repetition ({:.0}%)",
+                    r.test,
+                    w.worker * 1e3,
+                    mean * 1e3,
+                    100.0 * w.worker / mean.max(1e-12)
+                );
+            }
         }
     }
     for r in &records {

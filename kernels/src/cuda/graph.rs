@@ -74,6 +74,46 @@ impl Drop for Graph {
     }
 }
 
+/// While `stream` is capturing: gives the kernel node just captured (the one the next node
+/// would depend on) `priority`, which graphs instantiated with node priorities run it at.
+/// Nothing when the stream is not capturing.
+pub(crate) fn prioritize_last(stream: sys::CUstream, priority: i32) -> Result<()> {
+    // SAFETY: as in `programmatic_next`; the attribute value is a plain int in a zeroed
+    // union.
+    unsafe {
+        let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let (mut deps, mut n): (*const CUgraphNode, usize) = (std::ptr::null(), 0);
+        cu_ok(
+            "reading the capture state",
+            cuStreamGetCaptureInfo_v3(
+                stream,
+                &mut status,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                &mut deps,
+                std::ptr::null_mut(),
+                &mut n,
+            ),
+        )?;
+        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || n == 0 || deps.is_null() {
+            return Ok(());
+        }
+        for &node in std::slice::from_raw_parts(deps, n) {
+            let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            cu_ok("reading a graph node", cuGraphNodeGetType(node, &mut t))?;
+            if t == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
+                let mut v: sys::CUkernelNodeAttrValue = std::mem::zeroed();
+                v.priority = priority;
+                cu_ok(
+                    "setting a kernel's priority",
+                    sys::cuGraphKernelNodeSetAttribute(node, sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY, &v),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// While `stream` is capturing: makes the edges from the kernel nodes the next captured node
 /// will depend on programmatic (the next node must be one of mxr's kernels). Nothing when
 /// the stream is not capturing.

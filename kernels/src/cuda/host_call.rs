@@ -169,6 +169,8 @@ pub(super) struct Worker {
     ctx: Option<Arc<cudarc::driver::CudaContext>>,
     /// how long one park lasts after a second idle
     idle_park: Duration,
+    /// nanoseconds spent answering posts (running their work)
+    busy_ns: AtomicU64,
 }
 
 impl Worker {
@@ -182,7 +184,13 @@ impl Worker {
             start: Instant::now(),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
+            busy_ns: AtomicU64::new(0),
         })
+    }
+
+    /// Seconds spent answering posts so far.
+    pub(super) fn busy(&self) -> f64 {
+        self.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     fn lock_calls(&self) -> Result<std::sync::MutexGuard<'_, Vec<Arc<HostCall>>>> {
@@ -247,12 +255,14 @@ impl Worker {
                 seen = changed;
             }
             let mut served = false;
+            let before = self.start.elapsed().as_nanos() as u64;
             for c in &calls {
                 served |= c.serve();
             }
             let now = self.start.elapsed().as_nanos() as u64;
             if served {
                 active = now;
+                self.busy_ns.fetch_add(now - before, Ordering::Relaxed);
             }
             let idle = now.saturating_sub(active.max(self.kicked.load(Ordering::Relaxed)));
             if idle < SPIN.as_nanos() as u64 {

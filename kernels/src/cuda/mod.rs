@@ -158,6 +158,12 @@ pub struct Tuning {
     /// the host on the side stream while the second half computes (`MXR_LOGITS_SPLIT=1`;
     /// default 0: built in the eleventh session, not yet measured). The same bits.
     pub logits_split: bool,
+    /// Captured kernels carry priorities (`MXR_NODE_PRIORITY`: 1, the default, or 0):
+    /// bulk work ([`Gpu::bulk`]: lm_head, cold experts read in place over PCIe) the
+    /// least, every other kernel the greatest, so that when decode graphs of several
+    /// sequences run at once (lanes) one sequence's short kernels on its critical path are
+    /// not queued behind another's lm_head.
+    pub node_priority: bool,
 }
 
 /// `Tuning::matvec_pipeline` bits, one per weight type (matvec.cu's `Pipelined`).
@@ -231,6 +237,7 @@ impl Tuning {
             pdl: get("MXR_PDL", 1, |v| v <= 1) == 1,
             fuse: get("MXR_FUSE", 13, |v| v <= 15),
             logits_split: get("MXR_LOGITS_SPLIT", 0, |v| v <= 1) == 1,
+            node_priority: get("MXR_NODE_PRIORITY", 1, |v| v <= 1) == 1,
             timeline: get("MXR_TIMELINE", 0, |v| v <= 1) == 1,
         }
     }
@@ -259,6 +266,11 @@ pub struct Gpu {
     launched_ns: std::sync::atomic::AtomicU64,
     /// `capture` is recording the main stream (launches then set programmatic edges).
     capturing: std::sync::atomic::AtomicBool,
+    /// Kernels captured now are bulk work ([`Gpu::bulk`]).
+    bulk: std::sync::atomic::AtomicBool,
+    /// The context's (least, greatest) stream priorities: captured kernels' priorities
+    /// (`Tuning::node_priority`).
+    priorities: (i32, i32),
     /// The host calls posted by the capture in progress ([`Gpu::host_post`]), kept
     /// by the graph it makes.
     graph_calls: Mutex<Vec<Arc<host_call::HostCall>>>,
@@ -347,6 +359,7 @@ impl Gpu {
             sm_count,
         };
         let arch: &'static str = Box::leak(info.arch().into_boxed_str());
+        let priorities = cudarc::driver::result::stream::get_priority_range().map_err(|e| drv("stream priorities", e))?;
         let tickets = stream.alloc_zeros::<u32>(ops::TICKETS).map_err(|e| oom_or("allocation", ops::TICKETS * 4, e))?;
         let tuning = Tuning::from_env();
         let timeline = if tuning.timeline { Some(timeline::Timeline::new(&stream)?) } else { None };
@@ -364,6 +377,8 @@ impl Gpu {
             waited_ns: std::sync::atomic::AtomicU64::new(0),
             launched_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
+            bulk: std::sync::atomic::AtomicBool::new(false),
+            priorities,
             graph_calls: Mutex::new(Vec::new()),
             worker: host_call::WorkerSlot::new(worker_ctx),
             tickets,
@@ -494,6 +509,12 @@ impl Gpu {
 
     fn launched(&self, since: std::time::Instant) {
         self.launched_ns.fetch_add(since.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Seconds the GPU's host worker has spent answering decode graphs' host calls so far
+    /// (computing cold experts on the CPU).
+    pub fn host_worker_busy(&self) -> f64 {
+        self.worker.0.busy()
     }
 
     /// Seconds the host has spent launching graphs so far.
@@ -694,6 +715,25 @@ impl Gpu {
         Ok(graph)
     }
 
+    /// `f`'s kernels, if captured, are bulk work: the least priority
+    /// (`Tuning::node_priority`), so that other sequences' kernels go first.
+    pub fn bulk<R>(&self, f: impl FnOnce() -> R) -> R {
+        let was = self.bulk.swap(true, std::sync::atomic::Ordering::Relaxed);
+        let r = f();
+        self.bulk.store(was, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// The priority of a kernel captured now.
+    pub(crate) fn captured_priority(&self) -> i32 {
+        let (least, greatest) = self.priorities;
+        if self.bulk.load(std::sync::atomic::Ordering::Relaxed) {
+            least
+        } else {
+            greatest
+        }
+    }
+
     fn lock_graph_tickets(&self) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<u32>>>> {
         self.graph_tickets.lock().map_err(|_| KernelError::Cuda("the graph's tickets: lock poisoned".into()))
     }
@@ -727,7 +767,12 @@ impl Gpu {
         // is then charged until it completes
         let body = f().and_then(|_| if self.timeline.is_some() { self.timeline_mark() } else { Ok(()) });
         self.capturing.store(false, std::sync::atomic::Ordering::Relaxed);
-        let end = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let flags = if self.tuning.node_priority {
+            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
+        } else {
+            cudarc::driver::sys::CUgraphInstantiate_flags(0)
+        };
+        let end = self.stream.end_capture(flags);
         let kept = calls(None)?;
         body?;
         match end.map_err(|e| drv("ending graph capture", e))? {

@@ -172,7 +172,11 @@ macro_rules! launch_on {
         let mut b = $stream.launch_builder(&f);
         $(b.arg($arg);)*
         // SAFETY: the launcher checked every buffer against the sizes the kernel touches.
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| drv(name, e))
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| drv(name, e))?;
+        if $gpu.tuning.node_priority && $gpu.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            $crate::cuda::graph::prioritize_last($stream.cu_stream(), $gpu.captured_priority())?;
+        }
+        Ok::<(), $crate::KernelError>(())
     }};
 }
 pub(super) use launch;

@@ -499,7 +499,8 @@ impl GpuModel {
         };
         self.stage("lm_head", || {
             self.final_norm(x, pending, first, n)?;
-            self.linear(lm_head, &x.slice(first * d..n * d), n - first)
+            // bulk work: other sequences' steps go first (lanes)
+            self.gpu.bulk(|| self.linear(lm_head, &x.slice(first * d..n * d), n - first))
         })
     }
 
