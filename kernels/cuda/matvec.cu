@@ -156,11 +156,12 @@ __device__ __forceinline__ void rows_dot(const Input& in, int r0, int rows, int 
     }
 }
 
+// bx: the block of rows (W warps' R rows each) this block computes now.
 template <class Input>
-__device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row) {
+__device__ void matvec_rows(const Input& in, int rows, int n_units, float* y_row, int bx) {
     constexpr int R = Shape<typename Input::Format>::R, W = Shape<typename Input::Format>::W;
     int lane = threadIdx.x & 31;
-    int r0 = (blockIdx.x * W + (threadIdx.x >> 5)) * R;
+    int r0 = (bx * W + (threadIdx.x >> 5)) * R;
     if (r0 >= rows) return;
     float acc[R];
 #pragma unroll
@@ -361,13 +362,13 @@ __device__ bool stage_fits(const u8* w, long long expert_stride, int cols, int n
 // the direct loop, so the results are the same bits.
 template <class F>
 __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* ids, int p, int rows, int cols, int n_rows, int n_cols,
-                              const i8* xq, const float* xd, float* y_row) {
+                              const i8* xq, const float* xd, float* y_row, int bx) {
     typedef Staged<F> S;
     constexpr int R = Shape<F>::R, W = Shape<F>::W, CB = R * S::CHUNK_ROW_BYTES;
     if (!stage_fits<F>(w, expert_stride, cols, n_cols, xq, xd)) return false;
     extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int r0 = (blockIdx.x * W + warp) * R;
+    int r0 = (bx * W + warp) * R;
     int n_units = F::units(n_cols), nr = max(0, min(R, n_rows - r0)), steps = (n_units + 31) >> 5;
     u8* xs = smem;
     u8* ring = smem + S::x_bytes(n_cols) + (size_t)warp * STAGE * CB;
@@ -431,20 +432,26 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
     return true;
 }
 
+// Quantized products cover their n_bx blocks of rows with gridDim.x blocks, each taking
+// every gridDim.x-th (a grid of n_bx: one each; fewer: products that read host memory over
+// PCIe leave SMs to other work, `Gpu::over_pcie`).
 template <class F>
 __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y,
-                         int n_rows, int n_cols) {
+                         int n_rows, int n_cols, int n_bx) {
     int p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
     const i8* xqp = xq + xrow * n_cols;
     const float* xdp = xd + xrow * (n_cols >> 5);
     float* y_row = y + (size_t)p * n_rows;
-    if constexpr (Staged<F>::on)
-        if (matvec_staged<F>(w, expert_stride, ids, p, rows, cols, n_rows, n_cols, xqp, xdp, y_row)) return;
-    PDL_ENTRY();
-    if (SKIP_PAIR(ids, p)) return;
-    QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xqp, xdp};
-    matvec_rows(in, n_rows, F::units(n_cols), y_row);
+    for (int bx = blockIdx.x; bx < n_bx; bx += gridDim.x) {
+        if (bx != blockIdx.x) __syncthreads();  // every warp is done with the staged activations
+        if constexpr (Staged<F>::on)
+            if (matvec_staged<F>(w, expert_stride, ids, p, rows, cols, n_rows, n_cols, xqp, xdp, y_row, bx)) continue;
+        PDL_ENTRY();
+        if (SKIP_PAIR(ids, p)) return;
+        QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xqp, xdp};
+        matvec_rows(in, n_rows, F::units(n_cols), y_row, bx);
+    }
 }
 
 template <class F>
@@ -453,7 +460,7 @@ __device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, i
     int p = blockIdx.y;
     if (SKIP_PAIR(ids, p)) return;
     FloatInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, x + (size_t)(p / x_div) * n_cols};
-    matvec_rows(in, n_rows, F::units(n_cols), y + (size_t)p * n_rows);
+    matvec_rows(in, n_rows, F::units(n_cols), y + (size_t)p * n_rows, blockIdx.x);
 }
 
 // Two quantized matrices of one type and width over the same int8 input in one launch
@@ -462,7 +469,7 @@ __device__ void matvec_f(const u8* w, long long expert_stride, const int* ids, i
 // 0..n_rows (all its columns).
 template <class F>
 __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1, const int* ids, int rows0, int rows1, int cols, const i8* xq,
-                          const float* xd, int x_div, float* y0, float* y1, int n_rows0, int n_rows1) {
+                          const float* xd, int x_div, float* y0, float* y1, int n_rows0, int n_rows1, int n_bx) {
     bool second = blockIdx.z != 0;
     const u8* w = second ? w1 : w0;
     long long s = second ? s1 : s0;
@@ -471,12 +478,15 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
     const i8* xqp = xq + xrow * cols;
     const float* xdp = xd + xrow * (cols >> 5);
     float* y_row = (second ? y1 : y0) + (size_t)p * n_rows;
-    if constexpr (Staged<F>::on)
-        if (matvec_staged<F>(w, s, ids, p, rows, cols, n_rows, cols, xqp, xdp, y_row)) return;
-    PDL_ENTRY();
-    if (SKIP_PAIR(ids, p)) return;
-    QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xqp, xdp};
-    matvec_rows(in, n_rows, F::units(cols), y_row);
+    for (int bx = blockIdx.x; bx < n_bx; bx += gridDim.x) {
+        if (bx != blockIdx.x) __syncthreads();  // as in matvec_q
+        if constexpr (Staged<F>::on)
+            if (matvec_staged<F>(w, s, ids, p, rows, cols, n_rows, cols, xqp, xdp, y_row, bx)) continue;
+        PDL_ENTRY();
+        if (SKIP_PAIR(ids, p)) return;
+        QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xqp, xdp};
+        matvec_rows(in, n_rows, F::units(cols), y_row, bx);
+    }
 }
 
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,
@@ -511,11 +521,12 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 }
 
 #define QARGS \
-    const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y, int n_rows, int n_cols
+    const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const i8 *xq, const float *xd, int x_div, float *y, int n_rows, int n_cols, \
+        int n_bx
 #define FARGS \
     const u8 *w, long long expert_stride, const int *ids, int rows, int cols, const float *x, int x_div, float *y, int n_rows, int n_cols
 #define MATVEC_Q(name, F, LB) \
-    extern "C" __global__ void LB name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y, n_rows, n_cols); }
+    extern "C" __global__ void LB name(QARGS) { matvec_q<F>(w, expert_stride, ids, rows, cols, xq, xd, x_div, y, n_rows, n_cols, n_bx); }
 #define MATVEC_F(name, F) \
     extern "C" __global__ void LB_ANY name(FARGS) { PDL_ENTRY(); matvec_f<F>(w, expert_stride, ids, rows, cols, x, x_div, y, n_rows, n_cols); }
 #define MATVEC_SCALAR(name, F) \
@@ -523,10 +534,10 @@ __device__ void matvec_wide(const u8* w, long long expert_stride, const int* ids
 
 #define Q2ARGS                                                                                                                  \
     const u8 *w0, const u8 *w1, long long s0, long long s1, const int *ids, int rows0, int rows1, int cols, const i8 *xq, const float *xd, \
-        int x_div, float *y0, float *y1, int n_rows0, int n_rows1
+        int x_div, float *y0, float *y1, int n_rows0, int n_rows1, int n_bx
 #define MATVEC2_Q(name, F, LB)                                                                      \
     extern "C" __global__ void LB name(Q2ARGS) {                                                   \
-        matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1, n_rows0, n_rows1); \
+        matvec2_q<F>(w0, w1, s0, s1, ids, rows0, rows1, cols, xq, xd, x_div, y0, y1, n_rows0, n_rows1, n_bx); \
     }
 
 // Each quantized type's two kernels: one product, and two products of one input.

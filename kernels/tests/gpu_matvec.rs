@@ -292,3 +292,42 @@ fn matvec_pair_equals_two_products() {
         }
     }
 }
+
+/// Products over PCIe on few blocks (`Gpu::over_pcie` with `Tuning::pcie_blocks`): each
+/// block takes every so many blocks of rows, staged (Q4_K, Q8_0 with 256-wide rows) or
+/// direct, and the outputs are the same bits as one block per block of rows, for single
+/// products and pairs, with ids skipping a pair; 1 block in all and 5 (not a divisor).
+#[test]
+#[ignore = "needs a GPU"]
+fn products_on_few_blocks_equal_one_block_per_row_block() {
+    let mut g = gpu();
+    let (n_exp, rows, cols) = (3usize, 300usize, 512usize);
+    for q in [QType::Q8_0, QType::Q4K, QType::Q6K, QType::Q4_0] {
+        let w0 = GpuMatrix::upload(&g, q, n_exp, rows, cols, &quantized(q, n_exp * rows * cols, 40)).unwrap();
+        let w1 = GpuMatrix::upload(&g, q, n_exp, rows, cols, &quantized(q, n_exp * rows * cols, 41)).unwrap();
+        let gx = g.upload(&Rng::new(42).normals(cols, 1.0)).unwrap();
+        let act = g.quantize_act(&gx.as_view(), 1, cols).unwrap();
+        let gids = g.upload(&[2i32, -1, 0]).unwrap();
+        let run = |g: &Gpu, few: bool| -> Vec<f32> {
+            let (mut a, mut b0, mut b1) =
+                (g.zeros::<f32>(3 * rows).unwrap(), g.zeros::<f32>(3 * 200).unwrap(), g.zeros::<f32>(3 * 200).unwrap());
+            let mut go = || -> Result<(), mxr_kernels::KernelError> {
+                g.matvec_with(&w0, Some(&gids), &gx.as_view(), Some(&act), 3, 3, &mut a.as_view_mut())?;
+                g.matvec_pair_rows([&w0, &w1], [200, 130], Some(&gids), &act, 3, 3, [&mut b0.as_view_mut(), &mut b1.slice_mut(..3 * 130)])
+            };
+            if few {
+                g.over_pcie(go).unwrap()
+            } else {
+                go().unwrap()
+            }
+            [a, b0, b1].iter().flat_map(|v| g.download(&v.as_view()).unwrap()).collect()
+        };
+        let want = run(&g, false);
+        for limit in [1u32, 5] {
+            g.tuning.pcie_blocks = limit;
+            let same = run(&g, true) == want;
+            check("products on few blocks", &format!("{q} {rows} rows, {limit} blocks in all"), if same { 0.0 } else { 1.0 }, 0.0);
+        }
+        g.tuning.pcie_blocks = 0;
+    }
+}

@@ -164,6 +164,14 @@ pub struct Tuning {
     /// sequences run at once (lanes) one sequence's short kernels on its critical path are
     /// not queued behind another's lm_head.
     pub node_priority: bool,
+    /// Blocks in all that a quantized product reading host memory over PCIe may take
+    /// ([`Gpu::over_pcie`]; `MXR_PCIE_BLOCKS`, default half the SMs, 0: as many as it has
+    /// blocks of rows), each block taking every so many blocks of rows: such products wait
+    /// on PCIe, and with one block per block of rows they fill every SM while other
+    /// sequences' kernels wait. On an H200, S2x32 at 25% with two sequences: 66 blocks
+    /// 746.40 tokens/s, 33 751.46, 132 720.62, unlimited 683.29; one sequence 603.27
+    /// against 610.17 (docs/PERF.md).
+    pub pcie_blocks: u32,
 }
 
 /// `Tuning::matvec_pipeline` bits, one per weight type (matvec.cu's `Pipelined`).
@@ -238,10 +246,14 @@ impl Tuning {
             fuse: get("MXR_FUSE", 13, |v| v <= 15),
             logits_split: get("MXR_LOGITS_SPLIT", 0, |v| v <= 1) == 1,
             node_priority: get("MXR_NODE_PRIORITY", 1, |v| v <= 1) == 1,
+            pcie_blocks: get("MXR_PCIE_BLOCKS", PCIE_BLOCKS_HALF, |v| v <= 1 << 20),
             timeline: get("MXR_TIMELINE", 0, |v| v <= 1) == 1,
         }
     }
 }
+
+/// `Tuning::pcie_blocks` before the GPU is open: half its SMs.
+const PCIE_BLOCKS_HALF: u32 = u32::MAX;
 
 /// One GPU: its context, one stream all work is ordered on, cuBLAS, and compiled modules.
 pub struct Gpu {
@@ -268,6 +280,8 @@ pub struct Gpu {
     capturing: std::sync::atomic::AtomicBool,
     /// Kernels captured now are bulk work ([`Gpu::bulk`]).
     bulk: std::sync::atomic::AtomicBool,
+    /// Quantized products launched now read host memory over PCIe ([`Gpu::over_pcie`]).
+    over_pcie: std::sync::atomic::AtomicBool,
     /// The context's (least, greatest) stream priorities: captured kernels' priorities
     /// (`Tuning::node_priority`).
     priorities: (i32, i32),
@@ -361,7 +375,10 @@ impl Gpu {
         let arch: &'static str = Box::leak(info.arch().into_boxed_str());
         let priorities = cudarc::driver::result::stream::get_priority_range().map_err(|e| drv("stream priorities", e))?;
         let tickets = stream.alloc_zeros::<u32>(ops::TICKETS).map_err(|e| oom_or("allocation", ops::TICKETS * 4, e))?;
-        let tuning = Tuning::from_env();
+        let mut tuning = Tuning::from_env();
+        if tuning.pcie_blocks == PCIE_BLOCKS_HALF {
+            tuning.pcie_blocks = (sm_count.max(2) / 2) as u32;
+        }
         let timeline = if tuning.timeline { Some(timeline::Timeline::new(&stream)?) } else { None };
         let gpu = Gpu {
             tuning,
@@ -378,6 +395,7 @@ impl Gpu {
             launched_ns: std::sync::atomic::AtomicU64::new(0),
             capturing: std::sync::atomic::AtomicBool::new(false),
             bulk: std::sync::atomic::AtomicBool::new(false),
+            over_pcie: std::sync::atomic::AtomicBool::new(false),
             priorities,
             graph_calls: Mutex::new(Vec::new()),
             worker: host_call::WorkerSlot::new(worker_ctx),
@@ -722,6 +740,25 @@ impl Gpu {
         let r = f();
         self.bulk.store(was, std::sync::atomic::Ordering::Relaxed);
         r
+    }
+
+    /// `f`'s quantized products read host memory over PCIe: bulk work ([`Gpu::bulk`])
+    /// on at most `Tuning::pcie_blocks` blocks, so that other sequences' kernels find SMs.
+    pub fn over_pcie<R>(&self, f: impl FnOnce() -> R) -> R {
+        let was = self.over_pcie.swap(true, std::sync::atomic::Ordering::Relaxed);
+        let r = self.bulk(f);
+        self.over_pcie.store(was, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// The grid's x for a quantized product of `n_bx` blocks of rows whose grid has
+    /// `others` blocks per x (pairs, matrices): all of them, or over PCIe at most
+    /// `Tuning::pcie_blocks` blocks in all.
+    pub(crate) fn row_blocks(&self, n_bx: u32, others: u32) -> u32 {
+        match self.tuning.pcie_blocks {
+            limit if limit > 0 && self.over_pcie.load(std::sync::atomic::Ordering::Relaxed) => n_bx.min((limit / others.max(1)).max(1)),
+            _ => n_bx,
+        }
     }
 
     /// The priority of a kernel captured now.

@@ -309,7 +309,9 @@ impl Gpu {
                 &made
             }
         };
-        launch_ids!(self, Source::Matvec, name, cfg, [&*w.buf, &stride], ids, [&r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c])
+        let n_bx = cfg.grid_dim.0 as i32;
+        let cfg = LaunchConfig { grid_dim: (self.row_blocks(cfg.grid_dim.0, cfg.grid_dim.1), cfg.grid_dim.1, 1), ..cfg };
+        launch_ids!(self, Source::Matvec, name, cfg, [&*w.buf, &stride], ids, [&r, &c, &act.q, &act.d, &xd, y, &n_r, &n_c, &n_bx])
     }
 
     /// Rows `rows` of a float matrix's product with one input row x, into y (rows.len()
@@ -396,8 +398,10 @@ impl Gpu {
             return Ok(());
         }
         let (warps, per_warp) = self.tuning.matvec_shape(w0.qtype);
+        let n_bx = int("matvec_pair", n0.max(n1).div_ceil((warps * per_warp) as usize))?;
+        let pairs_y = int("matvec_pair", pairs)? as u32;
         let cfg = LaunchConfig {
-            grid_dim: ((n0.max(n1) as u32).div_ceil(warps * per_warp), int("matvec_pair", pairs)? as u32, 2),
+            grid_dim: (self.row_blocks(n_bx as u32, 2 * pairs_y), pairs_y, 2),
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: self.tuning.matvec_stage_bytes(w0.qtype, cols),
         };
@@ -413,7 +417,7 @@ impl Gpu {
             cfg,
             [&*w0.buf, &*w1.buf, &s0, &s1],
             ids,
-            [&r0, &r1, &c, &act.q, &act.d, &xd, y0, y1, &p0, &p1]
+            [&r0, &r1, &c, &act.q, &act.d, &xd, y0, y1, &p0, &p1, &n_bx]
         )
     }
 

@@ -84,8 +84,10 @@ impl GpuModel {
                 self.experts_matvec(layer.experts(), &hot, x, act, 1, k, k, &mut y.as_view_mut())?;
                 // no GPU share: the host's rows are the cold choices' whole outputs
                 if shared.gpu_units > 0 {
-                    // reads host pages over PCIe: bulk work, other sequences' steps first
-                    g.bulk(|| self.experts_matvec_part(layer.experts(), shared.gpu_units, &cold, x, act, 1, k, k, &mut y.as_view_mut()))?;
+                    // reads host pages over PCIe: bulk work on few SMs, other sequences' steps first
+                    g.over_pcie(|| {
+                        self.experts_matvec_part(layer.experts(), shared.gpu_units, &cold, x, act, 1, k, k, &mut y.as_view_mut())
+                    })?;
                 }
                 shared.gpu_units > 0
             }
