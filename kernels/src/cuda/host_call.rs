@@ -461,6 +461,30 @@ mod tests {
         assert_eq!(call.answer(4).expect("the kick woke the worker")[2..5], [3.0, 3.0, 3.0]);
         // each post ran the work once
         assert_eq!(runs.load(Ordering::Relaxed), 4);
+        // the time answering is counted: a post whose work takes 30 ms adds at least that
+        let busy = worker.busy();
+        let slow = HostCall::on_heap(
+            1,
+            1,
+            2,
+            Box::new(|_: &[f32], _: &[i32], out: &mut [f32]| {
+                std::thread::sleep(Duration::from_millis(30));
+                out.fill(1.0);
+                Ok(())
+            }),
+        );
+        worker.register(std::slice::from_ref(&slow)).unwrap();
+        worker.kick();
+        slow.post(&[0.0], &[0], 1);
+        assert_eq!(slow.answer(1).unwrap(), [1.0, 1.0]);
+        // (counted once the worker's round over its calls ends, just after the answer)
+        let t = Instant::now();
+        while worker.busy() - busy < 0.03 && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let added = worker.busy() - busy;
+        assert!((0.03..5.0).contains(&added), "busy {added} s for a 30 ms post");
+        worker.unregister(std::slice::from_ref(&slow));
         // a call whose graph dropped is not answered any more
         worker.unregister(std::slice::from_ref(&call));
         std::thread::sleep(Duration::from_millis(100));

@@ -252,6 +252,15 @@ impl Tuning {
     }
 }
 
+/// The grid's x for a product of `n_bx` blocks of rows and `others` blocks per x, at most
+/// `limit` blocks in all (0: no limit): at least one block per x, never more than `n_bx`.
+fn row_grid(n_bx: u32, others: u32, limit: u32) -> u32 {
+    if limit == 0 {
+        return n_bx;
+    }
+    n_bx.min((limit / others.max(1)).max(1))
+}
+
 /// `Tuning::pcie_blocks` before the GPU is open: half its SMs.
 const PCIE_BLOCKS_HALF: u32 = u32::MAX;
 
@@ -755,10 +764,8 @@ impl Gpu {
     /// `others` blocks per x (pairs, matrices): all of them, or over PCIe at most
     /// `Tuning::pcie_blocks` blocks in all.
     pub(crate) fn row_blocks(&self, n_bx: u32, others: u32) -> u32 {
-        match self.tuning.pcie_blocks {
-            limit if limit > 0 && self.over_pcie.load(std::sync::atomic::Ordering::Relaxed) => n_bx.min((limit / others.max(1)).max(1)),
-            _ => n_bx,
-        }
+        let limit = if self.over_pcie.load(std::sync::atomic::Ordering::Relaxed) { self.tuning.pcie_blocks } else { 0 };
+        row_grid(n_bx, others, limit)
     }
 
     /// The priority of a kernel captured now.
@@ -918,5 +925,21 @@ mod tests {
         t.matvec_staged = super::PIPELINE_Q4_K;
         assert_eq!(t.matvec_stage_bytes(QType::Q8_0, 6144), 0);
         assert!(t.matvec_stage_bytes(QType::Q4K, 6144) > 0);
+    }
+
+    /// Products over PCIe: no limit keeps one block per block of rows; a limit is shared
+    /// among the blocks per x (pairs, matrices), never below one block per x nor above the
+    /// blocks of rows there are.
+    #[test]
+    fn row_grid_shares_the_limit_among_pairs_and_matrices() {
+        use super::row_grid;
+        assert_eq!(row_grid(2304, 4, 0), 2304);
+        // S2x32's gate and up share at 25%: 2 pairs x 2 matrices, 66 blocks in all
+        assert_eq!(row_grid(2304, 4, 66), 16);
+        assert_eq!(row_grid(2304, 2, 66), 33);
+        assert_eq!(row_grid(10, 2, 66), 10);
+        assert_eq!(row_grid(2304, 8, 5), 1);
+        assert_eq!(row_grid(2304, 0, 66), 66);
+        assert_eq!(row_grid(0, 2, 66), 0);
     }
 }
