@@ -46,7 +46,7 @@ impl Gpu {
     /// Waits for `lane`'s work (counted as time the host waited on the GPU).
     pub fn sync_lane(&self, lane: &Lane) -> Result<()> {
         let t = std::time::Instant::now();
-        lane.stream.synchronize().map_err(|e| drv("running kernels", e))?;
+        lane.synchronize()?;
         self.waited(t);
         Ok(())
     }
