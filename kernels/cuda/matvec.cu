@@ -434,15 +434,11 @@ __device__ bool matvec_staged(const u8* w, long long expert_stride, const int* i
 
 // Quantized products cover their n_bx blocks of rows with gridDim.x blocks, each taking
 // every gridDim.x-th (a grid of n_bx: one each; fewer: products that read host memory over
-// PCIe leave SMs to other work, `Gpu::over_pcie`).
+// PCIe leave SMs to other work, `Gpu::over_pcie`). Pair p's input row (xqp, xdp) and
+// output row (y_row).
 template <class F>
-__device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y,
-                         int n_rows, int n_cols, int n_bx) {
-    int p = blockIdx.y;
-    size_t xrow = (size_t)(p / x_div);
-    const i8* xqp = xq + xrow * n_cols;
-    const float* xdp = xd + xrow * (n_cols >> 5);
-    float* y_row = y + (size_t)p * n_rows;
+__device__ void matvec_q_blocks(const u8* w, long long expert_stride, const int* ids, int p, int rows, int cols, int n_rows, int n_cols,
+                                const i8* xqp, const float* xdp, float* y_row, int n_bx) {
     for (int bx = blockIdx.x; bx < n_bx; bx += gridDim.x) {
         if (bx != blockIdx.x) __syncthreads();  // every warp is done with the staged activations
         if constexpr (Staged<F>::on)
@@ -452,6 +448,15 @@ __device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, i
         QuantInput<F> in{w + (ids ? (long long)ids[p] * expert_stride : 0ll), rows, cols, xqp, xdp};
         matvec_rows(in, n_rows, F::units(n_cols), y_row, bx);
     }
+}
+
+template <class F>
+__device__ void matvec_q(const u8* w, long long expert_stride, const int* ids, int rows, int cols, const i8* xq, const float* xd, int x_div, float* y,
+                         int n_rows, int n_cols, int n_bx) {
+    int p = blockIdx.y;
+    size_t xrow = (size_t)(p / x_div);
+    matvec_q_blocks<F>(w, expert_stride, ids, p, rows, cols, n_rows, n_cols, xq + xrow * n_cols, xd + xrow * (n_cols >> 5), y + (size_t)p * n_rows,
+                       n_bx);
 }
 
 template <class F>
@@ -475,18 +480,8 @@ __device__ void matvec2_q(const u8* w0, const u8* w1, long long s0, long long s1
     long long s = second ? s1 : s0;
     int rows = second ? rows1 : rows0, n_rows = second ? n_rows1 : n_rows0, p = blockIdx.y;
     size_t xrow = (size_t)(p / x_div);
-    const i8* xqp = xq + xrow * cols;
-    const float* xdp = xd + xrow * (cols >> 5);
-    float* y_row = (second ? y1 : y0) + (size_t)p * n_rows;
-    for (int bx = blockIdx.x; bx < n_bx; bx += gridDim.x) {
-        if (bx != blockIdx.x) __syncthreads();  // as in matvec_q
-        if constexpr (Staged<F>::on)
-            if (matvec_staged<F>(w, s, ids, p, rows, cols, n_rows, cols, xqp, xdp, y_row, bx)) continue;
-        PDL_ENTRY();
-        if (SKIP_PAIR(ids, p)) return;
-        QuantInput<F> in{w + (ids ? (long long)ids[p] * s : 0ll), rows, cols, xqp, xdp};
-        matvec_rows(in, n_rows, F::units(cols), y_row, bx);
-    }
+    matvec_q_blocks<F>(w, s, ids, p, rows, cols, n_rows, cols, xq + xrow * cols, xd + xrow * (cols >> 5), (second ? y1 : y0) + (size_t)p * n_rows,
+                       n_bx);
 }
 
 // Float matrices whose rows are not a whole number of 16-byte loads: one value at a time,

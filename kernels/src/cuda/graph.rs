@@ -74,52 +74,11 @@ impl Drop for Graph {
     }
 }
 
-/// While `stream` is capturing: gives the kernel node just captured (the one the next node
-/// would depend on) `priority`, which graphs instantiated with node priorities run it at.
-/// Nothing when the stream is not capturing.
-pub(crate) fn prioritize_last(stream: sys::CUstream, priority: i32) -> Result<()> {
-    // SAFETY: as in `programmatic_next`; the attribute value is a plain int in a zeroed
-    // union.
-    unsafe {
-        let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        let (mut deps, mut n): (*const CUgraphNode, usize) = (std::ptr::null(), 0);
-        cu_ok(
-            "reading the capture state",
-            cuStreamGetCaptureInfo_v3(
-                stream,
-                &mut status,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                &mut deps,
-                std::ptr::null_mut(),
-                &mut n,
-            ),
-        )?;
-        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || n == 0 || deps.is_null() {
-            return Ok(());
-        }
-        for &node in std::slice::from_raw_parts(deps, n) {
-            let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-            cu_ok("reading a graph node", cuGraphNodeGetType(node, &mut t))?;
-            if t == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
-                let mut v: sys::CUkernelNodeAttrValue = std::mem::zeroed();
-                v.priority = priority;
-                cu_ok(
-                    "setting a kernel's priority",
-                    sys::cuGraphKernelNodeSetAttribute(node, sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY, &v),
-                )?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// While `stream` is capturing: makes the edges from the kernel nodes the next captured node
-/// will depend on programmatic (the next node must be one of mxr's kernels). Nothing when
-/// the stream is not capturing.
-pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
-    // SAFETY: the arrays returned by the capture query stay valid until the next call on
-    // the stream; they are copied before the update, which takes arrays of length n.
+/// While `stream` is capturing: the nodes the next captured node will depend on, and the
+/// edges from them (plain where the capture keeps none). None when it is not capturing.
+fn capture_deps(stream: sys::CUstream) -> Result<Option<(Vec<CUgraphNode>, Vec<CUgraphEdgeData>)>> {
+    // SAFETY: the arrays the capture query returns stay valid until the next call on the
+    // stream; they are copied (n values each) before this returns.
     unsafe {
         let mut status = CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         let (mut deps, mut data, mut n): (*const CUgraphNode, *const CUgraphEdgeData, usize) = (std::ptr::null(), std::ptr::null(), 0);
@@ -128,33 +87,69 @@ pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
             cuStreamGetCaptureInfo_v3(stream, &mut status, std::ptr::null_mut(), std::ptr::null_mut(), &mut deps, &mut data, &mut n),
         )?;
         if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || n == 0 || deps.is_null() {
-            return Ok(());
+            return Ok(None);
         }
-        let mut nodes = std::slice::from_raw_parts(deps, n).to_vec();
+        let nodes = std::slice::from_raw_parts(deps, n).to_vec();
         let plain = CUgraphEdgeData { from_port: 0, to_port: 0, type_: 0, reserved: [0; 5] };
-        let mut edges = if data.is_null() { vec![plain; n] } else { std::slice::from_raw_parts(data, n).to_vec() };
-        let mut any = false;
-        for (node, e) in nodes.iter().zip(edges.iter_mut()) {
-            let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
-            cu_ok("reading a graph node", cuGraphNodeGetType(*node, &mut t))?;
-            if t == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL && e.type_ == 0 {
-                e.from_port = sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8;
-                e.type_ = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
-                any = true;
+        let edges = if data.is_null() { vec![plain; n] } else { std::slice::from_raw_parts(data, n).to_vec() };
+        Ok(Some((nodes, edges)))
+    }
+}
+
+/// Whether a captured node is a kernel.
+fn is_kernel(node: CUgraphNode) -> Result<bool> {
+    let mut t = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+    // SAFETY: node comes from the capture query of a live capture.
+    cu_ok("reading a graph node", unsafe { cuGraphNodeGetType(node, &mut t) })?;
+    Ok(t == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL)
+}
+
+/// While `stream` is capturing: gives the kernel node just captured (the one the next node
+/// would depend on) `priority`, which graphs instantiated with node priorities run it at.
+/// Nothing when the stream is not capturing.
+pub(crate) fn prioritize_last(stream: sys::CUstream, priority: i32) -> Result<()> {
+    let Some((nodes, _)) = capture_deps(stream)? else { return Ok(()) };
+    for node in nodes {
+        if is_kernel(node)? {
+            // SAFETY: a kernel node of the live capture; the attribute value is a plain
+            // int in a zeroed union.
+            unsafe {
+                let mut v: sys::CUkernelNodeAttrValue = std::mem::zeroed();
+                v.priority = priority;
+                cu_ok(
+                    "setting a kernel's priority",
+                    sys::cuGraphKernelNodeSetAttribute(node, sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY, &v),
+                )?;
             }
         }
-        if any {
-            cu_ok(
-                "setting programmatic capture dependencies",
-                cuStreamUpdateCaptureDependencies_v2(
-                    stream,
-                    nodes.as_mut_ptr(),
-                    edges.as_ptr(),
-                    n,
-                    sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES as u32,
-                ),
-            )?;
-        }
-        Ok(())
     }
+    Ok(())
+}
+
+/// While `stream` is capturing: makes the edges from the kernel nodes the next captured node
+/// will depend on programmatic (the next node must be one of mxr's kernels). Nothing when
+/// the stream is not capturing.
+pub(super) fn programmatic_next(stream: sys::CUstream) -> Result<()> {
+    let Some((mut nodes, mut edges)) = capture_deps(stream)? else { return Ok(()) };
+    let mut any = false;
+    for (node, e) in nodes.iter().zip(edges.iter_mut()) {
+        if is_kernel(*node)? && e.type_ == 0 {
+            e.from_port = sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8;
+            e.type_ = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
+            any = true;
+        }
+    }
+    if any {
+        // SAFETY: nodes and edges are arrays of the same length n, alive for the call.
+        cu_ok("setting programmatic capture dependencies", unsafe {
+            cuStreamUpdateCaptureDependencies_v2(
+                stream,
+                nodes.as_mut_ptr(),
+                edges.as_ptr(),
+                nodes.len(),
+                sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES as u32,
+            )
+        })?;
+    }
+    Ok(())
 }

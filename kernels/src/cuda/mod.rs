@@ -332,6 +332,13 @@ pub fn probe() -> std::result::Result<usize, String> {
     }
 }
 
+/// Later work on `then` waits for the work queued on `first` so far (an event recorded on
+/// one, waited for by the other; also inside a capture, where it forks or joins).
+pub(crate) fn order(first: &CudaStream, then: &CudaStream) -> Result<()> {
+    let e = first.record_event(None).map_err(|e| drv("recording an event", e))?;
+    then.wait(&e).map_err(|e| drv("stream wait", e))
+}
+
 impl Gpu {
     /// How many GPUs the driver sees.
     pub fn count() -> Result<usize> {
@@ -657,15 +664,13 @@ impl Gpu {
 
     /// Later work on the side stream waits for the main stream's work queued so far.
     pub fn side_after_main(&self) -> Result<()> {
-        let e = self.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
-        self.side.wait(&e).map_err(|e| drv("stream wait", e))
+        order(&self.stream, &self.side)
     }
 
     /// Later work on the main stream waits for the side stream's work queued so far (the
     /// join of [`Gpu::side_after_main`]'s fork, also inside a capture).
     pub fn main_after_side(&self) -> Result<()> {
-        let e = self.side.record_event(None).map_err(|e| drv("recording an event", e))?;
-        self.stream.wait(&e).map_err(|e| drv("stream wait", e))
+        order(&self.side, &self.stream)
     }
 
     /// Later work on the side stream waits for `e`.
