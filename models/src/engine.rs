@@ -96,6 +96,15 @@ impl Backend {
         }
     }
 
+    /// Whether the step [`Backend::decode_start`] launched is done (its logits can be
+    /// taken without waiting).
+    pub fn decode_ready(&self, state: &State) -> Result<bool, ModelError> {
+        match (self, state) {
+            (Backend::Cuda(g), State::Cuda(s)) => g.decode_ready(s),
+            _ => Err(ModelError::Input("decode steps in flight need one GPU and its sequence state".into())),
+        }
+    }
+
     /// Waits for the step [`Backend::decode_start`] launched and hands its logits to `f`.
     pub fn decode_finish<R>(&self, state: &mut State, f: impl FnOnce(LogitsOut<'_>) -> R) -> Result<R, ModelError> {
         match (self, state) {

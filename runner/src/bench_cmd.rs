@@ -318,12 +318,26 @@ fn decode_side_by_side(l: &Loaded, pool: &[u32], n: usize, p: usize, rep: usize)
     for (st, ids) in states.iter_mut().zip(&ids) {
         l.decode_start(st, ids[0])?;
     }
-    for i in 1..=n {
-        for (st, ids) in states.iter_mut().zip(&ids) {
-            l.decode_finish(st, |_| ())?;
-            if i < n {
-                l.decode_start(st, ids[i])?;
+    // the next token of each sequence; a sequence whose step is done is launched again at
+    // once, whichever it is (taking them in turn would hold one that ends early)
+    let mut next = vec![1; p];
+    let mut left = p;
+    while left > 0 {
+        let mut took = false;
+        for ((st, ids), i) in states.iter_mut().zip(&ids).zip(next.iter_mut()) {
+            if *i > n || !l.decode_ready(st)? {
+                continue;
             }
+            l.decode_finish(st, |_| ())?;
+            match ids.get(*i) {
+                Some(&id) => l.decode_start(st, id)?,
+                None => left -= 1,
+            }
+            *i += 1;
+            took = true;
+        }
+        if !took {
+            std::hint::spin_loop();
         }
     }
     Ok(t.elapsed().as_secs_f64())

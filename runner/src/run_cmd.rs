@@ -218,6 +218,11 @@ impl Loaded {
         Ok(self.backend.decode_start(&self.model, state, token)?)
     }
 
+    /// Whether the step [`Loaded::decode_start`] launched is done.
+    pub fn decode_ready(&self, state: &State) -> Result<bool> {
+        Ok(self.backend.decode_ready(state)?)
+    }
+
     /// The logits of the step [`Loaded::decode_start`] launched, checked as
     /// [`Loaded::forward_with`]'s.
     pub fn decode_finish<R>(&self, state: &mut State, f: impl FnOnce(&[f32]) -> R) -> Result<R> {

@@ -581,17 +581,30 @@ fn sequences_decoded_side_by_side_give_each_its_own_logits() {
                 return;
             }
             for (s, t) in ss.iter_mut().zip(next.iter()) {
+                assert!(g.decode_ready(s).is_err(), "no step in flight yet");
                 g.decode_start(Some(m), s, *t).unwrap();
             }
-            for i in 0..n {
-                for ((s, t), o) in ss.iter_mut().zip(next.iter_mut()).zip(out.iter_mut()) {
+            // each sequence's next step launched as soon as its last is done, whichever
+            // ends first (as mxr bench --parallel does)
+            let mut left = vec![n; ss.len()];
+            let t0 = std::time::Instant::now();
+            while left.iter().any(|&k| k > 0) {
+                assert!(t0.elapsed().as_secs() < 60, "a step in flight never became ready");
+                for (((s, t), o), k) in ss.iter_mut().zip(next.iter_mut()).zip(out.iter_mut()).zip(left.iter_mut()) {
+                    if *k == 0 || !g.decode_ready(s).unwrap() {
+                        continue;
+                    }
                     let l = g.decode_finish(s, |l| l.logits.to_vec()).unwrap();
                     *t = argmax(&l) as u32;
                     o.extend(l);
-                    if i + 1 < n {
+                    *k -= 1;
+                    if *k > 0 {
                         g.decode_start(Some(m), s, *t).unwrap();
                     }
                 }
+            }
+            for s in ss.iter() {
+                assert!(g.decode_ready(s).is_err(), "every step's logits were taken");
             }
         };
         steps(&mut ss, &mut next, &mut out, 6);

@@ -8,14 +8,16 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, ValidAsZeroBits};
+use cudarc::driver::{CudaEvent, CudaStream, ValidAsZeroBits};
 
 use super::pinned::Pinned;
-use super::{drv, Gpu, Graph, Result};
+use super::{drv, order, Gpu, Graph, Result};
 
 /// A stream a sequence's decode graph replays on.
 pub struct Lane {
     stream: Arc<CudaStream>,
+    /// recorded again at each [`Lane::done`]: the end of the work queued then
+    mark: CudaEvent,
 }
 
 impl Lane {
@@ -23,24 +25,31 @@ impl Lane {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| drv("running kernels", e))
     }
+
+    /// Whether the lane's work queued so far is done, without waiting (a caller with
+    /// several steps in flight takes whichever ends first).
+    pub fn done(&self) -> Result<bool> {
+        self.mark.record(&self.stream).map_err(|e| drv("recording an event", e))?;
+        self.mark.try_is_complete().map_err(|e| drv("running kernels", e))
+    }
 }
 
 impl Gpu {
     /// A new lane.
     pub fn lane(&self) -> Result<Lane> {
-        Ok(Lane { stream: self.context().new_stream().map_err(|e| drv("creating a stream", e))? })
+        let ctx = self.context();
+        let stream = ctx.new_stream().map_err(|e| drv("creating a stream", e))?;
+        Ok(Lane { stream, mark: ctx.new_event(None).map_err(|e| drv("creating an event", e))? })
     }
 
     /// Later work on `lane` waits for the main stream's work queued so far.
     pub fn lane_after_main(&self, lane: &Lane) -> Result<()> {
-        let e = self.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
-        lane.stream.wait(&e).map_err(|e| drv("stream wait", e))
+        order(&self.stream, &lane.stream)
     }
 
     /// Later work on the main stream waits for `lane`'s work queued so far.
     pub fn main_after_lane(&self, lane: &Lane) -> Result<()> {
-        let e = lane.stream.record_event(None).map_err(|e| drv("recording an event", e))?;
-        self.stream.wait(&e).map_err(|e| drv("stream wait", e))
+        order(&lane.stream, &self.stream)
     }
 
     /// Waits for `lane`'s work (counted as time the host waited on the GPU).

@@ -63,6 +63,19 @@ impl GpuModel {
         Ok(())
     }
 
+    /// Whether the step [`GpuModel::decode_start`] launched is done, so that
+    /// [`GpuModel::decode_finish`] would not wait. An error where none is in flight.
+    pub fn decode_ready(&self, session: &GpuSession) -> Result<bool, ModelError> {
+        match &session.step {
+            Some(step) if step.in_flight => match &session.lane {
+                Some(lane) => Ok(lane.done()?),
+                // the main stream: finishing waits there
+                None => Ok(true),
+            },
+            _ => Err(ModelError::Input("no decode step of this sequence is in flight".into())),
+        }
+    }
+
     /// Waits for the step [`GpuModel::decode_start`] launched and hands its logits to `f`
     /// where they lie (checked on the GPU for NaN and infinity).
     pub fn decode_finish<R>(&self, session: &mut GpuSession, f: impl FnOnce(LogitsOut<'_>) -> R) -> Result<R, ModelError> {
