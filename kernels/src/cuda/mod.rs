@@ -159,19 +159,27 @@ pub struct Tuning {
     /// default 0: built in the eleventh session, not yet measured). The same bits.
     pub logits_split: bool,
     /// Captured kernels carry priorities (`MXR_NODE_PRIORITY`: 1, the default, or 0):
-    /// bulk work ([`Gpu::bulk`]: lm_head, cold experts read in place over PCIe) the
+    /// bulk work ([`Gpu::bulk`]: lm_head; products over PCIe with `pcie_bulk`) the
     /// least, every other kernel the greatest, so that when decode graphs of several
     /// sequences run at once (lanes) one sequence's short kernels on its critical path are
     /// not queued behind another's lm_head.
     pub node_priority: bool,
     /// Blocks in all that a quantized product reading host memory over PCIe may take
-    /// ([`Gpu::over_pcie`]; `MXR_PCIE_BLOCKS`, default half the SMs, 0: as many as it has
-    /// blocks of rows), each block taking every so many blocks of rows: such products wait
-    /// on PCIe, and with one block per block of rows they fill every SM while other
-    /// sequences' kernels wait. On an H200, S2x32 at 25% with two sequences: 66 blocks
-    /// 746.40 tokens/s, 33 751.46, 132 720.62, unlimited 683.29; one sequence 603.27
-    /// against 610.17 (docs/PERF.md).
+    /// ([`Gpu::over_pcie`]; `MXR_PCIE_BLOCKS`, default a quarter of the SMs, 0: as many as
+    /// it has blocks of rows), each block taking every so many blocks of rows: such
+    /// products wait on PCIe, and with one block per block of rows they fill every SM while
+    /// other sequences' kernels wait. On an H200, S2x32 at 25% (docs/PERF.md): two
+    /// sequences 746.40 tokens/s at 66 blocks, 751.46 at 33, 720.62 at 132, 683.29
+    /// unlimited; eight sequences 919.51 at 33, 925.31 at 16, 858.89 at 8 and 857.71 at 66;
+    /// one sequence 589.13 at 33 against 593.06 at 66, 551.15 at 16.
     pub pcie_blocks: u32,
+    /// Products over PCIe ([`Gpu::over_pcie`]) are bulk work at the least priority
+    /// (`MXR_PCIE_BULK=1`; default 0: the greatest, as the other kernels on a sequence's
+    /// critical path). As bulk work their few blocks queued behind other sequences'
+    /// lm_head blocks while the sequence's step waited for them. On an H200, S2x32 at
+    /// 25%, a quarter of the SMs: eight sequences 1,158.60 tokens/s against 895.59 as
+    /// bulk work, four 983.22 against 882.23, one 599.77 against 598.77 (docs/PERF.md).
+    pub pcie_bulk: bool,
 }
 
 /// `Tuning::matvec_pipeline` bits, one per weight type (matvec.cu's `Pipelined`).
@@ -246,7 +254,8 @@ impl Tuning {
             fuse: get("MXR_FUSE", 13, |v| v <= 15),
             logits_split: get("MXR_LOGITS_SPLIT", 0, |v| v <= 1) == 1,
             node_priority: get("MXR_NODE_PRIORITY", 1, |v| v <= 1) == 1,
-            pcie_blocks: get("MXR_PCIE_BLOCKS", PCIE_BLOCKS_HALF, |v| v <= 1 << 20),
+            pcie_blocks: get("MXR_PCIE_BLOCKS", PCIE_BLOCKS_QUARTER, |v| v <= 1 << 20),
+            pcie_bulk: get("MXR_PCIE_BULK", 0, |v| v <= 1) == 1,
             timeline: get("MXR_TIMELINE", 0, |v| v <= 1) == 1,
         }
     }
@@ -261,8 +270,8 @@ fn row_grid(n_bx: u32, others: u32, limit: u32) -> u32 {
     n_bx.min((limit / others.max(1)).max(1))
 }
 
-/// `Tuning::pcie_blocks` before the GPU is open: half its SMs.
-const PCIE_BLOCKS_HALF: u32 = u32::MAX;
+/// `Tuning::pcie_blocks` before the GPU is open: a quarter of its SMs.
+const PCIE_BLOCKS_QUARTER: u32 = u32::MAX;
 
 /// One GPU: its context, one stream all work is ordered on, cuBLAS, and compiled modules.
 pub struct Gpu {
@@ -392,8 +401,8 @@ impl Gpu {
         let priorities = cudarc::driver::result::stream::get_priority_range().map_err(|e| drv("stream priorities", e))?;
         let tickets = stream.alloc_zeros::<u32>(ops::TICKETS).map_err(|e| oom_or("allocation", ops::TICKETS * 4, e))?;
         let mut tuning = Tuning::from_env();
-        if tuning.pcie_blocks == PCIE_BLOCKS_HALF {
-            tuning.pcie_blocks = (sm_count.max(2) / 2) as u32;
+        if tuning.pcie_blocks == PCIE_BLOCKS_QUARTER {
+            tuning.pcie_blocks = (sm_count.max(4) / 4) as u32;
         }
         let timeline = if tuning.timeline { Some(timeline::Timeline::new(&stream)?) } else { None };
         let gpu = Gpu {
@@ -756,11 +765,12 @@ impl Gpu {
         r
     }
 
-    /// `f`'s quantized products read host memory over PCIe: bulk work ([`Gpu::bulk`])
-    /// on at most `Tuning::pcie_blocks` blocks, so that other sequences' kernels find SMs.
+    /// `f`'s quantized products read host memory over PCIe: on at most
+    /// `Tuning::pcie_blocks` blocks, so that other sequences' kernels find SMs, and bulk
+    /// work ([`Gpu::bulk`]) where `Tuning::pcie_bulk`.
     pub fn over_pcie<R>(&self, f: impl FnOnce() -> R) -> R {
         let was = self.over_pcie.swap(true, std::sync::atomic::Ordering::Relaxed);
-        let r = self.bulk(f);
+        let r = if self.tuning.pcie_bulk { self.bulk(f) } else { f() };
         self.over_pcie.store(was, std::sync::atomic::Ordering::Relaxed);
         r
     }

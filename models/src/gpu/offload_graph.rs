@@ -84,7 +84,7 @@ impl GpuModel {
                 self.experts_matvec(layer.experts(), &hot, x, act, 1, k, k, &mut y.as_view_mut())?;
                 // no GPU share: the host's rows are the cold choices' whole outputs
                 if shared.gpu_units > 0 {
-                    // reads host pages over PCIe: bulk work on few SMs, other sequences' steps first
+                    // reads host pages over PCIe: on few SMs, so that other sequences' steps find SMs
                     g.over_pcie(|| {
                         self.experts_matvec_part(layer.experts(), shared.gpu_units, &cold, x, act, 1, k, k, &mut y.as_view_mut())
                     })?;
