@@ -156,6 +156,8 @@ pub struct ColdPlan {
     pub why: String,
     /// auto's in place, until the placement settles it ([`ColdPlan::settle`])
     provisional: bool,
+    /// sequences decoded side by side (`ModelArgs::side_by_side`)
+    side_by_side: usize,
     /// mixed's CPU share reads the page-locked copy (the experts' types), so mixed holds
     /// the cold experts once in host memory ([`mxr_models::offload_cost::mixed_reads_copy`])
     pub mixed_reads_copy: bool,
@@ -176,7 +178,7 @@ impl ColdPlan {
         };
         let (cold, why) = cold_mode(a, &rates);
         let provisional = a.cold_experts == ColdArg::Auto && cold == ColdExperts::InPlace;
-        ColdPlan { rates, source, cold, why, provisional, mixed_reads_copy: false }
+        ColdPlan { rates, source, cold, why, provisional, side_by_side: a.side_by_side, mixed_reads_copy: false }
     }
 
     /// Under auto, once the placement is known: keeps the cold experts read in place, or
@@ -202,6 +204,15 @@ impl ColdPlan {
             );
         }
         match self.rates.decode_way_with(cold_bytes, host_layers, mixed) {
+            // several sequences: in place's products wait on PCIe on every SM while the
+            // others' steps wait for SMs; mixed's GPU share runs on a quarter of them at
+            // the greatest priority (H200, S2x32 at 50%, eight sequences: 1,297.23
+            // tokens/s mixed, 1,018.90 in place; docs/PERF.md)
+            DecodeWay::InPlace if mixed && self.side_by_side > 1 => {
+                self.why += &format!("; mixed for {} sequences side by side", self.side_by_side);
+                self.cold = ColdExperts::Mixed;
+                false
+            }
             DecodeWay::InPlace => false,
             DecodeWay::Mixed => {
                 self.cold = ColdExperts::Mixed;
@@ -474,6 +485,16 @@ mod tests {
         let mut p = ColdPlan::with_rates(&args(&[]), slow, None);
         assert!(!p.settle(0.1e6, 2, 1 << 20, None) && p.cold == ColdExperts::InPlace, "{}", p.why);
         assert!(!ColdPlan::with_rates(&args(&[]), slow, None).settle(0.0, 0, 0, None));
+        // ... unless several sequences decode side by side: then mixed (its GPU share on
+        // few SMs), where the host has room for it
+        let side = ModelArgs { side_by_side: 8, ..args(&[]) };
+        let mut p = ColdPlan::with_rates(&side, slow, None);
+        assert!(!p.settle(0.1e6, 2, 1 << 20, None) && p.cold == ColdExperts::Mixed, "{}", p.why);
+        assert!(p.why.contains("mixed for 8 sequences side by side"), "{}", p.why);
+        let mut p = ColdPlan::with_rates(&side, fast, None);
+        assert!(!p.settle(76e6, 2, 3 << 30, Some(4 << 30)) && p.cold == ColdExperts::InPlace, "{}", p.why);
+        let mut p = ColdPlan::with_rates(&ModelArgs { side_by_side: 8, ..args(&["--cold-experts", "in-place"]) }, slow, None);
+        assert!(!p.settle(0.1e6, 2, 1 << 20, None) && p.cold == ColdExperts::InPlace);
         // a way asked for is kept whatever the rates
         let mut p = ColdPlan::with_rates(&args(&["--cold-experts", "in-place"]), slow, None);
         assert!(!p.settle(76e6, 2, 3 << 30, None) && p.cold == ColdExperts::InPlace);

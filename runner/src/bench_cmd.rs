@@ -354,6 +354,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let deepest = a.depth.iter().copied().max().map_or(0, |d| d + a.n_gen);
     let longest = a.n_prompt.iter().copied().max().unwrap_or(0).max(a.n_gen).max(deepest);
     margs.ctx_size = margs.ctx_size.max(longest);
+    margs.side_by_side = a.parallel;
     if a.timeline {
         // read when the GPU opens: every kernel then stamps its start (kernels/src/cuda/timeline.rs)
         std::env::set_var("MXR_TIMELINE", "1");

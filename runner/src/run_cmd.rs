@@ -78,6 +78,10 @@ pub struct ModelArgs {
     /// (docs/offload.md).
     #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
     pub cold_experts: ColdArg,
+    /// Sequences whose decode steps run side by side on the GPU (`mxr bench --parallel`;
+    /// set by the command, not a flag): above one, auto's in place turns to mixed.
+    #[arg(skip)]
+    pub side_by_side: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
