@@ -175,7 +175,7 @@ pub struct Tuning {
     pub pcie_blocks: u32,
     /// Products over PCIe ([`Gpu::over_pcie`]) are bulk work at the least priority
     /// (`MXR_PCIE_BULK=1`; default 0: the greatest, as the other kernels on a sequence's
-    /// critical path). As bulk work their few blocks queued behind other sequences'
+    /// critical path). As bulk work their few blocks could queue behind other sequences'
     /// lm_head blocks while the sequence's step waited for them. On an H200, S2x32 at
     /// 25%, a quarter of the SMs: eight sequences 1,158.60 tokens/s against 895.59 as
     /// bulk work, four 983.22 against 882.23, one 599.77 against 598.77 (docs/PERF.md).
