@@ -323,6 +323,12 @@ fn decode_side_by_side(l: &Loaded, pool: &[u32], n: usize, p: usize, rep: usize)
     // once, whichever it is (taking them in turn would hold one that ends early)
     let mut next = vec![1; p];
     let mut left = p;
+    // polling until some step is done counts as the host blocked on the GPU
+    let gpu = match &l.backend {
+        Backend::Cuda(g) => Some(&g.gpu),
+        _ => None,
+    };
+    let mut idle: Option<Instant> = None;
     while left > 0 {
         let mut took = false;
         for ((st, ids), i) in states.iter_mut().zip(&ids).zip(next.iter_mut()) {
@@ -338,7 +344,10 @@ fn decode_side_by_side(l: &Loaded, pool: &[u32], n: usize, p: usize, rep: usize)
             took = true;
         }
         if !took {
+            idle.get_or_insert_with(Instant::now);
             std::hint::spin_loop();
+        } else if let (Some(since), Some(g)) = (idle.take(), gpu) {
+            g.waited(since);
         }
     }
     Ok(t.elapsed().as_secs_f64())

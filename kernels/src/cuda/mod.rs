@@ -533,7 +533,9 @@ impl Gpu {
         Ok(host)
     }
 
-    fn waited(&self, since: std::time::Instant) {
+    /// Counts the time since `since` as the host blocked on the GPU (also a caller that
+    /// polls lanes until a step is done).
+    pub fn waited(&self, since: std::time::Instant) {
         self.waited_ns.fetch_add(since.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
