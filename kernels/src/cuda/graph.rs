@@ -36,18 +36,21 @@ pub struct Graph {
 
 impl Graph {
     pub fn launch(&self) -> Result<()> {
+        self.kick();
+        self.graph.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
+    }
+
+    /// Before a replay of a graph with host calls: the worker spins before the first post
+    /// reaches it.
+    fn kick(&self) {
         if !self.calls.is_empty() {
-            // the worker spins before the first post reaches it
             self.worker.kick();
         }
-        self.graph.launch().map_err(|e| KernelError::Cuda(format!("launching a graph: {e}")))
     }
 
     /// Replays the graph on `stream` instead of the one it was captured on (a lane).
     pub(super) fn launch_on(&self, stream: &CudaStream) -> Result<()> {
-        if !self.calls.is_empty() {
-            self.worker.kick();
-        }
+        self.kick();
         // SAFETY: the executable graph is live (owned by self) and the stream belongs to
         // its context; what the graph reads and writes is owned by its captor, which waits
         // for the stream before reusing it.

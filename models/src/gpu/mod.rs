@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::offload_cost::DeviceRates;
 use mxr_kernels::cpu::Threads;
+use mxr_kernels::cuda::placed::HostPages;
 use mxr_kernels::cuda::{quantized, CudaEvent, CudaSlice, CudaView, CudaViewMut, Gpu, GpuMatrix, KvType, QAct};
 use mxr_kernels::KernelError;
 
@@ -157,6 +158,19 @@ impl GpuLayer {
     pub(crate) fn experts(&self) -> [&GpuMatrix; 3] {
         [&self.gate_exps, &self.up_exps, &self.down_exps]
     }
+
+    /// The CPU's way to the layer's cold experts in page-locked host pages (gate, up,
+    /// down), where all three stacks keep them in the file's layout.
+    pub(crate) fn host_pages(&self) -> Option<[HostPages; 3]> {
+        host_pages_of(self.experts())
+    }
+}
+
+/// [`GpuMatrix::host_pages`] of a layer's gate, up and down stacks, where all three have
+/// them (mixed, types kept as in the file).
+fn host_pages_of(stacks: [&GpuMatrix; 3]) -> Option<[HostPages; 3]> {
+    let [g, u, d] = stacks.map(GpuMatrix::host_pages);
+    Some([g?, u?, d?])
 }
 
 impl GpuModel {
@@ -251,7 +265,7 @@ impl GpuModel {
                         [placed(&layer.gate_exps, c.hidden_dim)?, placed(&layer.up_exps, c.hidden_dim)?, placed(&layer.down_exps, c.dim)?];
                     // the CPU reads the cold experts' page-locked copies (experts.rs) and the
                     // GPU the rest: the file's pages of these experts need not stay mapped
-                    if stacks.iter().all(|m| m.host_pages().is_some()) {
+                    if host_pages_of(stacks.each_ref()).is_some() {
                         for t in [&layer.gate_exps, &layer.up_exps, &layer.down_exps] {
                             model.file.release_pages(model.matrix(t).data);
                         }

@@ -265,18 +265,16 @@ impl GpuModel {
     pub(crate) fn host_experts(&self, host: &Model, l: usize, layer: &GpuLayer) -> Result<HostExperts, ModelError> {
         let hl = host.layers.get(l).ok_or_else(|| ModelError::Input(format!("the host model has no layer {l}")))?;
         let experts = HostExperts::of(host, hl);
-        Ok(match [&layer.gate_exps, &layer.up_exps, &layer.down_exps].map(GpuMatrix::host_pages) {
-            [Some(g), Some(u), Some(d)] => experts.with_pages([g, u, d]),
-            _ => experts,
+        Ok(match layer.host_pages() {
+            Some(pages) => experts.with_pages(pages),
+            None => experts,
         })
     }
 
     /// Whether the CPU reads cold experts from the page-locked copies the GPU reads in place
     /// (mixed, types kept as in the file) rather than from the mapped file.
     pub fn cpu_reads_host_pages(&self) -> bool {
-        self.layers
-            .iter()
-            .any(|l| l.gate_exps.host_pages().is_some() && l.up_exps.host_pages().is_some() && l.down_exps.host_pages().is_some())
+        self.layers.iter().any(|l| l.host_pages().is_some())
     }
 
     /// Whether expert `e` of layer `l` is on the GPU (in device memory).
