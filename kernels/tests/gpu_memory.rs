@@ -216,7 +216,7 @@ fn host_calls_run_inside_a_graph() {
         }
         Ok(())
     };
-    let call = g.host_call(d, k, k + k * d, Box::new(work)).unwrap();
+    let call = g.host_call(d, k, k + k * d, Box::new(work), None).unwrap();
     let xs = Rng::new(11).normals(d, 1.0);
     let x = g.upload(&xs).unwrap();
     let mut ids = g.upload(&[1i32, 2, 5]).unwrap();

@@ -109,7 +109,7 @@ fn host_exchange(g: &Gpu, row: &dyn Fn(&str, &str, &str, f64, f64)) -> Result<()
         out[..ids.len()].fill(0.0);
         Ok(())
     };
-    let call = g.host_call(d, k, k + k * d, Box::new(work))?;
+    let call = g.host_call(d, k, k + k * d, Box::new(work), None)?;
     let x = g.upload(&Rng::new(4).normals(d, 1.0))?;
     let ids = g.upload(&[1i32, 2])?;
     let mut answer = g.zeros::<f32>(k + k * d)?;

@@ -32,6 +32,11 @@ use crate::KernelError;
 /// The work of a host call: (input row, choices, output) -> Ok, or what went wrong.
 pub type HostFn = dyn Fn(&[f32], &[i32], &mut [f32]) -> std::result::Result<(), String> + Send + Sync;
 
+/// What a post costs the host, from its choices (say, how many of them the CPU computes):
+/// the worker answers the cheapest post waiting first, so that a step with little or no
+/// host work is not held behind another's long one.
+pub type CostFn = dyn Fn(&[i32]) -> u32 + Send + Sync;
+
 /// How long the worker spins for the next post after the last launch or answer.
 pub const SPIN: Duration = Duration::from_millis(20);
 /// How long a graph's wait gives the worker to answer.
@@ -75,6 +80,8 @@ pub struct HostCall {
     /// the last timed-out post reported
     reported_timeout: AtomicU32,
     work: Box<HostFn>,
+    /// what a post costs (None: all alike)
+    cost: Option<Box<CostFn>>,
     /// the first failure since the last `take_error`
     error: Mutex<Option<String>>,
 }
@@ -106,6 +113,19 @@ impl HostCall {
         // self, aligned for u32); the GPU and the worker touch these words only atomically
         // (volatile accesses with fences on the GPU's side).
         unsafe { &*((self.words.at as *const u32).add(i) as *const AtomicU32) }
+    }
+
+    /// The cost of a post not answered yet, if there is one.
+    fn waiting(&self) -> Option<u32> {
+        if self.word(0).load(Ordering::Acquire) == self.answered.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(self.cost.as_ref().map_or(0, |cost| {
+            // SAFETY: the choices lie in memory owned by self; host_post wrote them before
+            // raising the count just read (Acquire), and does not write again before the
+            // answer.
+            cost(unsafe { std::slice::from_raw_parts(self.words.at as *const i32, self.k) })
+        }))
     }
 
     /// Answers a new post, if there is one: runs the work and raises the answered count.
@@ -248,6 +268,8 @@ impl Worker {
         }
         let (mut seen, mut calls): (u64, Vec<Arc<HostCall>>) = (u64::MAX, Vec::new());
         let mut active = 0u64;
+        // the call after the one last answered
+        let mut next = 0;
         while !self.stop.load(Ordering::Relaxed) {
             let changed = self.changed.load(Ordering::Acquire);
             if changed != seen {
@@ -256,8 +278,16 @@ impl Worker {
             }
             let mut served = false;
             let before = self.start.elapsed().as_nanos() as u64;
-            for c in &calls {
-                served |= c.serve();
+            // the cheapest post waiting first; among equals, the first after the one last
+            // answered (in turn)
+            while let Some((_, _, i)) = calls
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.waiting().map(|cost| (cost, (i + calls.len() - next % calls.len()) % calls.len(), i)))
+                .min()
+            {
+                served |= calls[i].serve();
+                next = i + 1;
             }
             let now = self.start.elapsed().as_nanos() as u64;
             if served {
@@ -283,7 +313,15 @@ impl Gpu {
     /// A host call's mapped buffers (`x_len` inputs, `ids_len` choices, `out_len` outputs)
     /// and its work, for [`Gpu::host_post`] and [`Gpu::host_wait`]. Not while capturing:
     /// page-locked memory cannot be allocated then.
-    pub fn host_call(&self, x_len: usize, ids_len: usize, out_len: usize, work: Box<HostFn>) -> Result<Arc<HostCall>> {
+    /// `cost` orders the posts waiting for the worker (None: all alike).
+    pub fn host_call(
+        &self,
+        x_len: usize,
+        ids_len: usize,
+        out_len: usize,
+        work: Box<HostFn>,
+        cost: Option<Box<CostFn>>,
+    ) -> Result<Arc<HostCall>> {
         let (x, xd) = self.mapped::<f32>(x_len)?;
         let (words, wd) = self.mapped::<u32>(ids_len + 3)?;
         let (out, od) = self.mapped::<f32>(out_len)?;
@@ -296,6 +334,7 @@ impl Gpu {
             answered: AtomicU32::new(0),
             reported_timeout: AtomicU32::new(0),
             work,
+            cost,
             error: Mutex::new(None),
         }))
     }
@@ -368,6 +407,10 @@ mod tests {
     impl HostCall {
         /// A call in heap memory, as `Gpu::host_call` makes one in mapped memory.
         fn on_heap(x_len: usize, k: usize, out_len: usize, work: Box<HostFn>) -> Arc<HostCall> {
+            Self::on_heap_costed(x_len, k, out_len, work, None)
+        }
+
+        fn on_heap_costed(x_len: usize, k: usize, out_len: usize, work: Box<HostFn>, cost: Option<Box<CostFn>>) -> Arc<HostCall> {
             // x, then the words, then out, each from a multiple of 8 bytes
             let slots = |n: usize| n.div_ceil(2);
             let (xs, ws, os) = (slots(x_len), slots(k + 3), slots(out_len));
@@ -382,6 +425,7 @@ mod tests {
                 answered: AtomicU32::new(0),
                 reported_timeout: AtomicU32::new(0),
                 work,
+                cost,
                 error: Mutex::new(None),
             })
         }
@@ -492,6 +536,38 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(call.word(1).load(Ordering::Acquire), 4);
         assert_eq!(runs.load(Ordering::Relaxed), 4);
+        worker.shut();
+    }
+
+    /// Posts waiting together are answered cheapest first, whatever the order the calls
+    /// were registered in: while a slow post holds the worker, a costly one (registered
+    /// first) and a free one are posted; the free one is answered next.
+    #[test]
+    fn the_host_worker_answers_the_cheapest_post_first() {
+        let worker = Worker::new(None, Duration::from_secs(20));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let call = |name: &'static str, sleep_ms: u64, cost: u32| {
+            let seen = order.clone();
+            let work = move |_: &[f32], _: &[i32], out: &mut [f32]| -> std::result::Result<(), String> {
+                std::thread::sleep(Duration::from_millis(sleep_ms));
+                seen.lock().unwrap().push(name);
+                out.fill(1.0);
+                Ok(())
+            };
+            HostCall::on_heap_costed(1, 1, 2, Box::new(work), Some(Box::new(move |_: &[i32]| cost)))
+        };
+        let (slow, costly, free) = (call("slow", 200, 1), call("costly", 0, 5), call("free", 0, 0));
+        worker.register(&[slow.clone(), costly.clone(), free.clone()]).unwrap();
+        worker.kick();
+        slow.post(&[0.0], &[0], 1);
+        // the worker has taken the slow post (its work runs 200 ms)
+        std::thread::sleep(Duration::from_millis(50));
+        costly.post(&[0.0], &[0], 1);
+        free.post(&[0.0], &[0], 1);
+        for c in [&slow, &costly, &free] {
+            assert!(c.answer(1).is_some());
+        }
+        assert_eq!(*order.lock().unwrap(), ["slow", "free", "costly"]);
         worker.shut();
     }
 }

@@ -34,7 +34,7 @@ pub use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut
 use crate::KernelError;
 pub use attention::{KvBuf, KvType, RopeTable, WgmmaKernel};
 pub use graph::Graph;
-pub use host_call::{HostCall, HostFn};
+pub use host_call::{CostFn, HostCall, HostFn};
 pub use lane::Lane;
 pub use matrix::{GpuMatrix, Part};
 pub use nvrtc::Source;

@@ -183,6 +183,11 @@ impl GpuModel {
         // an expert's weights, all read from host memory by one side or both (experts of a
         // stacked tensor are alike)
         let expert_bytes = experts.expert_bytes();
+        // the CPU's choices a post holds: the worker answers posts with fewer first
+        let cpu_takes: Vec<bool> = cold.iter().map(|&c| c && h1 < h).collect();
+        let cost = move |ids: &[i32]| {
+            ids.iter().filter(|&&e| usize::try_from(e).ok().and_then(|e| cpu_takes.get(e)) == Some(&true)).count() as u32
+        };
         let work = move |x: &[f32], ids: &[i32], out: &mut [f32]| -> Result<(), String> {
             let [on_cpu, in_place, shared, bytes] = &counters;
             let (flags, rows) = out.split_at_mut(k);
@@ -210,6 +215,6 @@ impl GpuModel {
             }
             Ok(())
         };
-        Ok(self.gpu.host_call(d, k, k + k * d, Box::new(work))?)
+        Ok(self.gpu.host_call(d, k, k + k * d, Box::new(work), Some(Box::new(cost)))?)
     }
 }
