@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 # STAGE=carry/other to stage and run a second build (a branch) beside carry/gpu.
 STAGE=${STAGE:-carry/gpu}
 # Test targets that hold GPU tests (each marked #[ignore = "needs a GPU"]).
-TARGETS=(gpu_kernels gpu_matvec gpu_memory gpu_fused gpu_forward gpu_offload)
+TARGETS=(gpu_kernels gpu_matvec gpu_memory gpu_fused gpu_forward gpu_offload gpu_run)
 
 build() {
     cargo build --release -p mxr
@@ -52,6 +52,9 @@ run() {
     mkdir -p "$out"
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export MXR_CACHE_DIR=${MXR_CACHE_DIR:-/tmp/mxr-cache}
+    # the CLI's GPU tests (gpu_run) run the staged binary
+    MXR_BIN=$(realpath "$STAGE/mxr")
+    export MXR_BIN
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/device.txt"
     local status=0
     for t in "${TARGETS[@]}"; do

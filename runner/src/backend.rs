@@ -340,11 +340,19 @@ fn offload_setup(
 /// Where the experts go on this GPU (see mxr_models::placement), by the routing
 /// statistics `stats`. Where cold experts will be read in place, every expert matrix takes
 /// whole pages on the GPU, and the placement counts them so.
+/// The sizes placement plans with: each sequence decoded side by side keeps its own KV
+/// cache and states.
+fn sizes(a: &ModelArgs, model: &Model, ctx: usize, kv: f64, page: u64) -> Sizes {
+    let mut s = Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page);
+    s.state *= a.side_by_side.max(1) as u64;
+    s
+}
+
 fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExperts, stats: Option<&ExpertStats>) -> Result<Placement> {
     let c = &model.config;
     let policy = expert_policy(a, || gpu_budget(a, gpu))?;
     let kv = a.kv_type.kv_type().bytes();
-    let sizes = |page: u64| Sizes::of_paged(model, ctx, kv, GPU_MARGIN, page);
+    let sizes = |page: u64| sizes(a, model, ctx, kv, page);
     let p = plan_paged(sizes, c.n_experts, stats, policy, cold != ColdExperts::Host).map_err(|e| match a.kv_type {
         // the cheapest fix first: the same context in half the memory
         KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
@@ -447,6 +455,18 @@ mod tests {
 
     fn args(a: &[&str]) -> ModelArgs {
         T::parse_from(std::iter::once("mxr").chain(a.iter().copied())).m
+    }
+
+    /// Sequences side by side each need room for their KV cache and states; nothing else
+    /// grows.
+    #[test]
+    fn placement_keeps_room_for_each_sequence_side_by_side() {
+        let model = Model::open(mxr_e2e::repo_root().join(mxr_e2e::fixture::FIXTURE)).unwrap();
+        let one = sizes(&args(&[]), &model, 64, 2.0, 1);
+        let three = sizes(&ModelArgs { side_by_side: 3, ..args(&[]) }, &model, 64, 2.0, 1);
+        assert!(one.state > 0);
+        assert_eq!(three.state, 3 * one.state);
+        assert_eq!((three.non_expert, &three.expert, three.margin), (one.non_expert, &one.expert, one.margin));
     }
 
     #[test]

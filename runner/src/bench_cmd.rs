@@ -42,7 +42,8 @@ pub struct BenchArgs {
     /// Sequences the decode test runs side by side (one GPU): each decodes -n tokens, its
     /// steps on a stream of its own, so that one sequence's GPU work overlaps another's
     /// wait for its cold experts on the CPU; reported as "tgN xP" in tokens/s of all P.
-    /// Above 1, --cold-experts auto takes mixed where one sequence would read in place.
+    /// Above 1, --cold-experts auto takes mixed where one sequence would read in place,
+    /// and each sequence's KV cache and states count against --gpu-mem.
     #[arg(long, default_value_t = 1)]
     pub parallel: usize,
     /// Print JSON records instead of the table.

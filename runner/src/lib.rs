@@ -23,6 +23,7 @@ pub mod npy;
 pub mod plan_cmd;
 pub mod ppl_cmd;
 pub mod run_cmd;
+pub mod run_many;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;

@@ -78,8 +78,9 @@ pub struct ModelArgs {
     /// (docs/offload.md).
     #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
     pub cold_experts: ColdArg,
-    /// Sequences whose decode steps run side by side on the GPU (`mxr bench --parallel`;
-    /// set by the command, not a flag): above one, auto's in place turns to mixed.
+    /// Sequences whose decode steps run side by side on the GPU (`mxr bench --parallel`,
+    /// `mxr run --prompts`; set by the command, not a flag): above one, auto's in place
+    /// turns to mixed, and the placement keeps room for each one's KV cache and states.
     #[arg(skip)]
     pub side_by_side: usize,
 }
@@ -131,10 +132,16 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// The sampler of the options and its seed (from the clock unless given).
     pub fn sampler(&self) -> (Sampler, u64) {
         let seed = self
             .seed
             .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+        (self.sampler_seeded(seed), seed)
+    }
+
+    /// The sampler of the options with this seed.
+    pub fn sampler_seeded(&self, seed: u64) -> Sampler {
         let cfg = SamplerConfig {
             temperature: self.temp,
             top_k: self.top_k,
@@ -144,7 +151,7 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             seed,
         };
-        (Sampler::new(cfg), seed)
+        Sampler::new(cfg)
     }
 }
 
@@ -154,7 +161,7 @@ pub struct RunArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Prompt text (else -f FILE, --prompt-tokens, or standard input).
+    /// Prompt text (else -f FILE, --prompt-tokens, --prompts FILE, or standard input).
     #[arg(short, long)]
     pub prompt: Option<String>,
     /// Read the prompt from a file.
@@ -163,6 +170,17 @@ pub struct RunArgs {
     /// The prompt as token ids: 1,2,3.
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "file"])]
     pub prompt_tokens: Option<Vec<u32>>,
+    /// Many prompts, one per line (blank lines skipped; \n in a line is a new line, \\ a
+    /// backslash): each is completed as -p would (sequence i samples with seed + i) and
+    /// printed as a JSON line {"index", "prompt", "completion", "prompt_tokens",
+    /// "completion_tokens", "finish_reason"} in the file's order.
+    #[arg(long, conflicts_with_all = ["prompt", "file", "prompt_tokens", "dump_logits"])]
+    pub prompts: Option<PathBuf>,
+    /// With --prompts: sequences decoded side by side on one GPU, each new prompt taking the
+    /// place of one that ends (default: up to 8); each one's KV cache and states count
+    /// against --gpu-mem. Elsewhere they run one after another.
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// Tokens to generate.
     #[arg(short = 'n', long, default_value_t = 256)]
     pub n_predict: usize,
@@ -309,23 +327,32 @@ fn prompt_text(a: &RunArgs) -> Result<String> {
     Ok(s)
 }
 
-pub fn run(a: RunArgs) -> Result<()> {
+/// The tokens of a prompt's text: as it is, or with --chat in the model's chat template as
+/// a user turn (after --system's).
+pub fn prompt_tokens(l: &Loaded, a: &RunArgs, text: &str) -> Result<Vec<u32>> {
+    if !a.chat {
+        return l.tokenizer.encode(text);
+    }
+    let template = l.tokenizer.chat_template.as_deref().context("the model has no chat template (tokenizer.chat_template)")?;
+    let mut msgs = Vec::new();
+    if let Some(s) = &a.system {
+        msgs.push(Message::new("system", s));
+    }
+    msgs.push(Message::new("user", text));
+    l.tokenizer.encode(&render(template, &msgs, true)?)
+}
+
+pub fn run(mut a: RunArgs) -> Result<()> {
+    if a.prompts.is_some() {
+        return crate::run_many::run(a);
+    }
+    if a.parallel.is_some() {
+        bail!("--parallel decodes the lines of --prompts FILE side by side: give --prompts");
+    }
     let l = load(&a.model)?;
-    let tokens = match &a.prompt_tokens {
-        Some(t) => t.clone(),
-        None => {
-            let mut text = prompt_text(&a)?;
-            if a.chat {
-                let template = l.tokenizer.chat_template.as_deref().context("the model has no chat template (tokenizer.chat_template)")?;
-                let mut msgs = Vec::new();
-                if let Some(s) = &a.system {
-                    msgs.push(Message::new("system", s));
-                }
-                msgs.push(Message::new("user", &text));
-                text = render(template, &msgs, true)?;
-            }
-            l.tokenizer.encode(&text)?
-        }
+    let tokens = match a.prompt_tokens.take() {
+        Some(t) => t,
+        None => prompt_tokens(&l, &a, &prompt_text(&a)?)?,
     };
     if tokens.is_empty() {
         bail!("the prompt is empty: give text with -p, -f or standard input, or --prompt-tokens");
