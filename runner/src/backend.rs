@@ -353,11 +353,19 @@ fn placement(a: &ModelArgs, model: &Model, gpu: &Gpu, ctx: usize, cold: ColdExpe
     let policy = expert_policy(a, || gpu_budget(a, gpu))?;
     let kv = a.kv_type.kv_type().bytes();
     let sizes = |page: u64| sizes(a, model, ctx, kv, page);
-    let p = plan_paged(sizes, c.n_experts, stats, policy, cold != ColdExperts::Host).map_err(|e| match a.kv_type {
+    let p = plan_paged(sizes, c.n_experts, stats, policy, cold != ColdExperts::Host).map_err(|e| {
         // the cheapest fix first: the same context in half the memory
-        KvArg::F32 => anyhow::anyhow!("{e}; or --kv-type bf16 (half the KV cache)"),
-        KvArg::Bf16 => anyhow::anyhow!("{e}; or --kv-type q8_0 (the KV cache in 56% of the memory)"),
-        KvArg::Q8_0 => anyhow::anyhow!(e),
+        let kv = match a.kv_type {
+            KvArg::F32 => "; or --kv-type bf16 (half the KV cache)",
+            KvArg::Bf16 => "; or --kv-type q8_0 (the KV cache in 56% of the memory)",
+            KvArg::Q8_0 => "",
+        };
+        let side = if a.side_by_side > 1 {
+            format!("; or fewer sequences side by side (--parallel {}: each keeps its own KV cache and states)", a.side_by_side)
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("{e}{kv}{side}")
     })?;
     Ok(p)
 }
