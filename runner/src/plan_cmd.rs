@@ -69,6 +69,12 @@ pub struct PlanArgs {
     /// rates `mxr bench --calibrate-devices` saved (or the defaults).
     #[arg(long, value_enum, default_value_t = ColdArg::Auto)]
     pub cold_experts: ColdArg,
+    /// Sequences decoded side by side (`mxr run --prompts --parallel`, `mxr bench
+    /// --parallel`): each keeps its own KV cache and lightning states, and above one auto
+    /// shares cold experts between the GPU and the CPU (mixed) where one sequence would
+    /// read them in place.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
     /// One JSON object instead of the report.
     #[arg(long)]
     pub json: bool,
@@ -212,8 +218,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let n_soft = c.layers.iter().filter(|k| **k == LayerKind::Softmax).count();
     let n_light = c.n_layers - n_soft;
     let kv_per_token = n_soft as f64 * 2.0 * c.kv_dim() as f64 * kv_elem;
-    let kv = (kv_per_token * a.ctx as f64) as u64;
-    let state = (n_light * c.n_heads * c.head_dim * c.head_dim * 4) as u64;
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    // every sequence side by side keeps its own
+    let seqs = a.parallel as u64;
+    let kv = (kv_per_token * a.ctx as f64) as u64 * seqs;
+    let state = (n_light * c.n_heads * c.head_dim * c.head_dim * 4) as u64 * seqs;
     let b = a.batch_size.max(1);
     let act = (b
         * (c.dim * 4 * 4
@@ -258,7 +269,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         ColdArg::Auto => rates.is_some_and(|r| r.in_place_gbps > 0.0),
     };
     let layer_bytes = |page: u64| {
-        LayerBytes::from_tensors_paged(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, layer_state(&c, a.ctx, kv_elem), page)
+        let states = layer_state(&c, a.ctx, kv_elem).into_iter().map(|b| b * seqs).collect();
+        LayerBytes::from_tensors_paged(items.iter().map(|i| (i.name.as_str(), i.bytes)), c.n_experts, states, page)
     };
     // as the runner: a split counts experts in pages when they will be read in place, one
     // GPU only where some expert stays in host memory
@@ -299,6 +311,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 ));
             }
             match r.decode_way_with(cold, p.host_layers(), mixed_fits) {
+                // as the runner: several sequences share cold experts rather than have
+                // every SM wait on PCIe (ColdPlan::settle)
+                DecodeWay::InPlace if a.parallel > 1 && mixed_fits => mixed = true,
                 DecodeWay::InPlace => {}
                 DecodeWay::Mixed => mixed = true,
                 DecodeWay::Cpu => {
@@ -324,7 +339,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         let mut j = serde_json::json!({
             "source": source, "params": params, "active_params": active, "weight_bytes": bytes,
             "weights": by_kind.iter().map(|(k, p, b)| serde_json::json!({"kind": k, "params": p, "bytes": b})).collect::<Vec<_>>(),
-            "kv_bytes_per_token": kv_per_token, "ctx": a.ctx, "kv_bytes": kv, "lightning_state_bytes": state,
+            "kv_bytes_per_token": kv_per_token, "ctx": a.ctx, "parallel": a.parallel, "kv_bytes": kv, "lightning_state_bytes": state,
             "activation_bytes": act, "gpus": n_gpus, "gpu_bytes_each": per_gpu, "host_bytes": host,
             "experts_on_gpu": experts_on_gpu, "experts": c.n_layers * c.n_experts, "host_expert_bytes": host_experts, "fits": fits,
             "host_bytes_needed": host_need,
@@ -366,13 +381,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
     for (k, p, b) in &by_kind {
         println!("  {k:<10} {:>9.3} B params {:>9.2} GiB", *p as f64 / 1e9, g(*b));
     }
+    let per_seq = if a.parallel > 1 { format!(" x {} sequences", a.parallel) } else { String::new() };
     println!(
-        "KV cache {:.0} B/token ({}) x {} tokens = {:.2} GiB; lightning state {:.0} MiB (f32); activations ~{:.2} GiB at {} tokens per call (in the {:.0} GiB margin per GPU)",
+        "KV cache {:.0} B/token ({}) x {} tokens{per_seq} = {:.2} GiB; lightning state {:.0} MiB (f32{}); activations ~{:.2} GiB at {} tokens per call (in the {:.0} GiB margin per GPU)",
         kv_per_token,
         a.kv_type,
         a.ctx,
         g(kv),
         state as f64 / (1u64 << 20) as f64,
+        if a.parallel > 1 { ", every sequence's" } else { "" },
         g(act),
         b,
         g(MARGIN)

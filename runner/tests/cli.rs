@@ -417,6 +417,32 @@ fn calibrate_counts_every_routing_choice() {
     assert!(e.contains("layers, the model has"), "{e}");
 }
 
+/// `mxr plan --parallel N`: each sequence side by side keeps its own KV cache and lightning
+/// states, so eight take eight times the memory and leave fewer experts on the GPU; 0 is an
+/// error.
+#[test]
+fn plan_keeps_room_for_every_sequence_side_by_side() {
+    let plan = |p: &str| -> Json {
+        let out = mxr(&["plan", "--preset", "minimax-text-01", "--type", "q4_k", "--host-mem", "512", "--parallel", p, "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (one, eight) = (plan("1"), plan("8"));
+    assert_eq!(eight["parallel"].as_u64(), Some(8));
+    // spec section 10: 40,960 bytes a token in bf16, 280 MiB of f32 state, per sequence
+    assert_eq!(one["kv_bytes"].as_u64(), Some(40_960 * 4096));
+    assert_eq!(eight["kv_bytes"].as_u64(), Some(8 * 40_960 * 4096));
+    assert_eq!(eight["lightning_state_bytes"].as_u64(), Some(8 * (280 << 20)));
+    let on_gpu = |j: &Json| j["experts_on_gpu"].as_u64().unwrap();
+    // 7 x (160 MiB + 280 MiB) = 3.0 GiB more of state: an expert is three q4_k matrices in
+    // 32 MiB of pages each (96 MiB), so 32 experts fewer
+    assert!(on_gpu(&eight) + 30 < on_gpu(&one) && on_gpu(&eight) > 0, "{} against {}", on_gpu(&eight), on_gpu(&one));
+    let out = mxr(&["plan", "--preset", "minimax-text-01", "--parallel", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--parallel must be at least 1") && out.stdout.is_empty(), "{err}");
+}
+
 #[test]
 fn plan_of_the_real_model_agrees_with_the_spec_arithmetic() {
     // minimax01-spec.md section 10: 456,089,655,296 parameters, 45,944,920,064 active,
