@@ -279,13 +279,17 @@ impl Worker {
             let mut served = false;
             let before = self.start.elapsed().as_nanos() as u64;
             // the cheapest post waiting first; among equals, the first after the one last
-            // answered (in turn)
-            while let Some((_, _, i)) = calls
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| c.waiting().map(|cost| (cost, (i + calls.len() - next % calls.len()) % calls.len(), i)))
-                .min()
-            {
+            // answered (in turn). A change of the calls (a new graph's) is taken up at once,
+            // even while others' posts keep coming.
+            while self.changed.load(Ordering::Acquire) == seen && !self.stop.load(Ordering::Relaxed) {
+                let Some((_, _, i)) = calls
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.waiting().map(|cost| (cost, (i + calls.len() - next % calls.len()) % calls.len(), i)))
+                    .min()
+                else {
+                    break;
+                };
                 served |= calls[i].serve();
                 next = i + 1;
             }
@@ -568,6 +572,45 @@ mod tests {
             assert!(c.answer(1).is_some());
         }
         assert_eq!(*order.lock().unwrap(), ["slow", "free", "costly"]);
+        worker.shut();
+    }
+
+    /// A graph registered while other graphs' posts keep the worker busy without a break is
+    /// still answered: the worker takes up the new calls at once.
+    #[test]
+    fn a_new_call_is_answered_while_others_keep_posting() {
+        let worker = Worker::new(None, Duration::from_secs(20));
+        let busy = |_: &[f32], _: &[i32], out: &mut [f32]| -> std::result::Result<(), String> {
+            std::thread::sleep(Duration::from_millis(1));
+            out.fill(1.0);
+            Ok(())
+        };
+        let graphs: Vec<_> = (0..2).map(|_| HostCall::on_heap(1, 1, 2, Box::new(busy))).collect();
+        worker.register(&graphs).unwrap();
+        worker.kick();
+        // two graphs whose count of posts rises every 0.1 ms (their inputs stay as they
+        // are): each answer (1 ms of work) finds new posts waiting
+        let stop = Arc::new(AtomicBool::new(false));
+        let posting: Vec<_> = graphs
+            .into_iter()
+            .map(|c| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        c.word(0).fetch_add(1, Ordering::Release);
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        let late = HostCall::on_heap(1, 1, 2, Box::new(busy));
+        worker.register(std::slice::from_ref(&late)).unwrap();
+        late.post(&[0.0], &[0], 1);
+        let answered = late.answer(1).is_some();
+        stop.store(true, Ordering::Relaxed);
+        posting.into_iter().for_each(|t| t.join().unwrap());
+        assert!(answered, "the call registered late was not answered within 5 s");
         worker.shut();
     }
 }
