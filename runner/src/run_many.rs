@@ -199,7 +199,11 @@ pub fn run(mut a: RunArgs) -> Result<()> {
                 prompt_tokens_read += tokens.len();
                 let mut sampler = a.sampling.sampler_seeded(seed.wrapping_add(index as u64));
                 let vocab = l.model.config.vocab_size;
-                let first = (a.n_predict > 0).then(|| sampler.sample(&last[last.len() - vocab..], &tokens, &l.tokenizer.suppress));
+                let last = last
+                    .get(last.len().saturating_sub(vocab)..)
+                    .filter(|v| v.len() == vocab)
+                    .with_context(|| format!("prompt {index} gave {} logits, not the vocabulary's {vocab}", last.len()))?;
+                let first = (a.n_predict > 0).then(|| sampler.sample(last, &tokens, &l.tokenizer.suppress));
                 active.push(Seq {
                     index,
                     prompt,
