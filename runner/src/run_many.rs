@@ -193,6 +193,11 @@ pub fn run(mut a: RunArgs) -> Result<()> {
                 let mut state = if side_by_side { l.new_lane_state()? } else { l.new_state()? };
                 let mut last = Vec::new();
                 for chunk in tokens.chunks(a.batch_size.max(1)) {
+                    if stop.requested() {
+                        return Err(
+                            Interrupted(format!("reading prompt {index}, after {printed} of {total} sequences were printed")).into()
+                        );
+                    }
                     last = l.forward(&mut state, chunk, Logits::Last)?;
                 }
                 prefill_s += t.elapsed().as_secs_f64();

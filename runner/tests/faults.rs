@@ -149,6 +149,42 @@ fn has(lines: &std::sync::Mutex<Vec<String>>, needle: &str) -> bool {
     lines.lock().unwrap().iter().any(|l| l.contains(needle))
 }
 
+/// `run --prompts`: Ctrl-C during a long completion ends the command with status 130 and
+/// says how many sequences were done; standard output holds only whole JSON lines.
+#[test]
+fn ctrl_c_stops_run_prompts_between_tokens() {
+    let dir = tempdir("fault-int-prompts");
+    let file = dir.join("p.txt");
+    std::fs::write(&file, "ROMEO:\\nWhat light\nJULIET:\\nO Romeo\nKING:\n").unwrap();
+    for seed in ["1", "2", "3"] {
+        let args = ["run", "--prompts", file.to_str().unwrap(), "-n", "100000", "--ctx-size", "100020", "--temp", "1", "--seed", seed];
+        let mut child = spawn(&[&args[..], &["--device", "cpu"]].concat());
+        let lines = stderr_lines(&mut child);
+        wait_for("the prompts line", || has(&lines, "3 prompts, one sequence at a time"));
+        std::thread::sleep(Duration::from_millis(300));
+        signal(&child, "-INT");
+        let mut out = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let status = child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let err = lines.lock().unwrap().join("\n");
+        if status.code() == Some(0) {
+            continue; // every sequence sampled its end before the signal
+        }
+        assert_eq!(status.code(), Some(130), "{err}");
+        assert!(
+            err.contains("mxr: interrupted after ") && err.contains(" of 3 sequences were printed") && !err.contains("panicked"),
+            "{err}"
+        );
+        for line in out.lines() {
+            let j: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(j["completion"].is_string(), "{line}");
+        }
+        return;
+    }
+    panic!("every run ended before Ctrl-C");
+}
+
 #[test]
 fn ctrl_c_stops_run_in_prefill_and_in_generation() {
     let dir = tempdir("fault-int-run");
