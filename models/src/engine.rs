@@ -3,7 +3,7 @@
 
 use mxr_kernels::cpu::Threads;
 
-use crate::forward::{forward, Logits, Session};
+use crate::forward::{decode_many, forward, Logits, Session};
 use crate::gpu::split::{SplitModel, SplitSession};
 use crate::gpu::{GpuModel, GpuSession};
 use crate::{LogitsOut, Model, ModelError};
@@ -72,6 +72,23 @@ impl Backend {
             (Backend::Split(m), State::Split(s)) => m.forward_with(Some(model), s, tokens, which, f),
             _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
         }
+    }
+
+    /// One decode step of several sequences in one pass (`tokens[i]` after what `states[i]`
+    /// has seen): logits [sequences, vocab], each row what the sequence gives alone. The
+    /// CPU only (a GPU decodes sequences side by side instead, on lanes).
+    pub fn decode_many(&self, model: &Model, states: &mut [&mut State], tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let Backend::Cpu(t) = self else {
+            return Err(ModelError::Input(format!("several sequences in one pass: the CPU only, not {}", self.name())));
+        };
+        let mut sessions = states
+            .iter_mut()
+            .map(|s| match &mut **s {
+                State::Cpu(s) => Ok(s),
+                _ => Err(ModelError::Input("a sequence state was used with another device's model".into())),
+            })
+            .collect::<Result<Vec<&mut Session>, _>>()?;
+        decode_many(model, &mut sessions, tokens, *t)
     }
 
     /// An empty sequence with room for `ctx` tokens whose decode steps may be in flight

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use mxr_kernels::cpu::Threads;
-use mxr_models::engine::Backend;
+use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 use mxr_models::gpu::{GpuModel, Profile};
 use mxr_models::{LayerKind, Model};
@@ -39,9 +39,10 @@ pub struct BenchArgs {
     /// (reported as "tgN @ dD"). Each repetition starts from an empty context.
     #[arg(short = 'd', long = "depth", value_delimiter = ',')]
     pub depth: Vec<usize>,
-    /// Sequences the decode test runs side by side (one GPU): each decodes -n tokens, its
-    /// steps on a stream of its own, so that one sequence's GPU work overlaps another's
-    /// wait for its cold experts on the CPU; reported as "tgN xP" in tokens/s of all P.
+    /// Sequences the decode test runs at once, reported as "tgN xP" in tokens/s of all P,
+    /// each decoding -n tokens. One GPU: side by side, each sequence's steps on a stream of
+    /// its own, so that one sequence's GPU work overlaps another's wait for its cold experts
+    /// on the CPU. The CPU: in one pass a step, each weight read once for all of them.
     /// Above 1, --cold-experts auto takes mixed where one sequence would read in place,
     /// and each sequence's KV cache and states count against --gpu-mem.
     #[arg(long, default_value_t = 1)]
@@ -311,6 +312,20 @@ fn decode(l: &Loaded, pool: &[u32], n: usize, rep: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Seconds for `p` sequences to decode `n` tokens each in one pass a step (the CPU: each
+/// weight read once for all of them).
+fn decode_in_one_pass(l: &Loaded, pool: &[u32], n: usize, p: usize, rep: usize) -> Result<f64> {
+    let ids: Vec<Vec<u32>> = (0..p).map(|s| tokens(n, pool, 1000 + (rep * p + s) as u64)).collect();
+    let mut states = (0..p).map(|_| l.new_state()).collect::<Result<Vec<_>>>()?;
+    let t = Instant::now();
+    for i in 0..n {
+        let step: Vec<u32> = ids.iter().map(|s| s[i]).collect();
+        let mut refs: Vec<&mut State> = states.iter_mut().collect();
+        l.decode_many(&mut refs, &step)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// Seconds for `p` sequences to decode `n` tokens each side by side: a sequence's next
 /// step is launched as soon as its last one is done, while the others' run.
 fn decode_side_by_side(l: &Loaded, pool: &[u32], n: usize, p: usize, rep: usize) -> Result<f64> {
@@ -380,8 +395,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--profile times one sequence's stages (without decode graphs): leave out --parallel");
     }
     let l = load(&margs)?;
-    if a.parallel > 1 && !matches!(l.backend, Backend::Cuda(_)) {
-        bail!("--parallel decodes sequences side by side on one GPU; this run is on {}", l.backend.name());
+    if a.parallel > 1 && matches!(l.backend, Backend::Split(_)) {
+        bail!("--parallel decodes sequences side by side on one GPU or in one pass on the CPU; this run is on {}", l.backend.name());
     }
     if a.timeline {
         crate::bench_timeline::gpu(&l)?;
@@ -462,7 +477,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         records.push(Record { test: format!("pp{n}"), tokens: n, seconds, per_token, profile, host_wait, cold });
     }
     let p = a.parallel;
-    let decode_test = |n: usize, rep: usize| if p > 1 { decode_side_by_side(&l, &pool, n, p, rep) } else { decode(&l, &pool, n, rep) };
+    let decode_test = |n: usize, rep: usize| match (&l.backend, p) {
+        (_, 1) => decode(&l, &pool, n, rep),
+        (Backend::Cpu(_), _) => decode_in_one_pass(&l, &pool, n, p, rep),
+        _ => decode_side_by_side(&l, &pool, n, p, rep),
+    };
     if a.n_gen > 0 {
         decode_test(2, 0)?;
         let (w0, c0) = (waited(&l), cold_counts(&l));

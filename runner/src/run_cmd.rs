@@ -176,9 +176,10 @@ pub struct RunArgs {
     /// "completion_tokens", "finish_reason"} in the file's order.
     #[arg(long, conflicts_with_all = ["prompt", "file", "prompt_tokens", "dump_logits"])]
     pub prompts: Option<PathBuf>,
-    /// With --prompts: sequences decoded side by side on one GPU, each new prompt taking the
-    /// place of one that ends (default: up to 8); each one's KV cache and states count
-    /// against --gpu-mem. Elsewhere they run one after another.
+    /// With --prompts: sequences decoded at once, each new prompt taking the place of one
+    /// that ends (default: up to 8): side by side on one GPU (each one's KV cache and states
+    /// count against --gpu-mem), in one pass a step on the CPU (each weight read once for
+    /// all). Over several GPUs, and with 1, one after another.
     #[arg(long)]
     pub parallel: Option<usize>,
     /// Tokens to generate.
@@ -250,6 +251,17 @@ impl Loaded {
     pub fn decode_finish<R>(&self, state: &mut State, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
         let checked = self.backend.decode_finish(state, |out| finite(out, f))?;
         self.non_finite(state, checked)
+    }
+
+    /// One decode step of several sequences in one pass (the CPU): logits [sequences,
+    /// vocab], each row checked as [`Loaded::forward_with`]'s.
+    pub fn decode_many(&self, states: &mut [&mut State], tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = self.backend.decode_many(&self.model, states, tokens)?;
+        let vocab = self.model.config.vocab_size.max(1);
+        for (row, state) in logits.chunks(vocab).zip(states.iter()) {
+            self.non_finite(state, finite(mxr_models::LogitsOut::unchecked(row), |_| ()))?;
+        }
+        Ok(logits)
     }
 
     /// A non-finite logit (value, index, count of logits) as an error naming its token and

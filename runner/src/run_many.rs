@@ -3,9 +3,11 @@
 //! order. On one GPU up to `--parallel` sequences decode side by side, each on a lane of its
 //! own: whichever step ends first is sampled and launched again, so the GPU runs one
 //! sequence's attention, resident experts and lm_head while another's step waits for cold
-//! experts on the CPU (issue 7; `mxr bench --parallel` measures the same loop). A new
-//! prompt takes the place of a sequence that ends; its prefill runs once the steps in flight
-//! are done. Elsewhere (CPU, several GPUs) the sequences run one after another.
+//! experts on the CPU (issue 7; `mxr bench --parallel` measures the same loop). On the CPU
+//! the sequences decode in one pass a step (`decode_many`: each weight read once for all of
+//! them). A new prompt takes the place of a sequence that ends; its prefill runs once the
+//! steps in flight are done. With several GPUs, or `--parallel 1`, the sequences run one
+//! after another.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -60,6 +62,17 @@ fn read_prompts(path: &Path) -> Result<Vec<(usize, String)>> {
     Ok(prompts)
 }
 
+/// How the sequences' decode steps run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// one GPU: side by side, each on a lane of its own
+    Lanes,
+    /// the CPU: all of them in one pass
+    OnePass,
+    /// one after another
+    InTurn,
+}
+
 /// One prompt's sequence while it is being completed.
 struct Seq {
     index: usize,
@@ -76,6 +89,8 @@ struct Seq {
     drawn: Option<u32>,
     /// a step launched on the sequence's lane whose logits are not taken yet
     in_flight: bool,
+    /// the token of the next step, for the pass over every sequence (`Way::OnePass`)
+    queued: Option<u32>,
     finish: Option<&'static str>,
 }
 
@@ -97,16 +112,24 @@ impl Seq {
         Ok(true)
     }
 
-    /// The next step: launched on the lane (side by side), or run now and its token drawn.
-    fn step(&mut self, l: &Loaded, token: u32, side_by_side: bool) -> Result<()> {
-        if side_by_side {
-            l.decode_start(&mut self.state, token)?;
-            self.in_flight = true;
-        } else {
-            let (sampler, history, suppress) = (&mut self.sampler, &self.history, &l.tokenizer.suppress);
-            self.drawn = Some(l.forward_with(&mut self.state, &[token], Logits::Last, |x| sampler.sample(x, history, suppress))?);
+    /// The next step: launched on the lane, queued for the pass over every sequence, or
+    /// run now and its token drawn.
+    fn step(&mut self, l: &Loaded, token: u32, way: Way) -> Result<()> {
+        match way {
+            Way::Lanes => {
+                l.decode_start(&mut self.state, token)?;
+                self.in_flight = true;
+            }
+            Way::OnePass => self.queued = Some(token),
+            Way::InTurn => self.drawn = Some(self.draw_after(l, token)?),
         }
         Ok(())
+    }
+
+    /// Decodes `token` alone and draws the next.
+    fn draw_after(&mut self, l: &Loaded, token: u32) -> Result<u32> {
+        let (sampler, history, suppress) = (&mut self.sampler, &self.history, &l.tokenizer.suppress);
+        l.forward_with(&mut self.state, &[token], Logits::Last, |x| sampler.sample(x, history, suppress))
     }
 
     /// The logits of the step in flight, drawn from.
@@ -140,13 +163,15 @@ pub fn run(mut a: RunArgs) -> Result<()> {
     // decides the way of cold experts and the room for states (several sequences' KV)
     a.model.side_by_side = asked;
     let l = load(&a.model)?;
-    let one_gpu = matches!(l.backend, Backend::Cuda(_));
-    let p = match (one_gpu, a.parallel) {
-        (true, _) => asked,
-        (false, Some(n)) if n > 1 => bail!("--parallel decodes sequences side by side on one GPU; this run is on {}", l.backend.name()),
-        (false, _) => 1,
+    let (p, way) = match (&l.backend, a.parallel) {
+        (Backend::Split(_), Some(n)) if n > 1 => {
+            bail!("--parallel decodes sequences side by side on one GPU or in one pass on the CPU; this run is on {}", l.backend.name())
+        }
+        (Backend::Split(_), _) => (1, Way::InTurn),
+        _ if asked == 1 => (1, Way::InTurn),
+        (Backend::Cuda(_), _) => (asked, Way::Lanes),
+        (Backend::Cpu(_), _) => (asked, Way::OnePass),
     };
-    let side_by_side = p > 1;
     let mut waiting = VecDeque::new();
     for (index, (line, text)) in lines.into_iter().enumerate() {
         let tokens = prompt_tokens(&l, &a, &text)?;
@@ -166,10 +191,12 @@ pub fn run(mut a: RunArgs) -> Result<()> {
     }
     let total = waiting.len();
     let (_, seed) = a.sampling.sampler();
-    eprintln!(
-        "{total} prompts, {}; seed {seed} (sequence i: seed + i)",
-        if side_by_side { format!("{p} sequences side by side") } else { "one sequence at a time".into() }
-    );
+    let how = match way {
+        Way::Lanes => format!("{p} sequences side by side"),
+        Way::OnePass => format!("{p} sequences in one pass a step"),
+        Way::InTurn => "one sequence at a time".into(),
+    };
+    eprintln!("{total} prompts, {how}; seed {seed} (sequence i: seed + i)");
     let stop = Interrupt::install()?;
     let started = Instant::now();
     let (mut prefill_s, mut prompt_tokens_read, mut generated) = (0.0, 0, 0);
@@ -190,7 +217,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             while active.len() < p {
                 let Some((index, prompt, tokens)) = waiting.pop_front() else { break };
                 let t = Instant::now();
-                let mut state = if side_by_side { l.new_lane_state()? } else { l.new_state()? };
+                let mut state = if way == Way::Lanes { l.new_lane_state()? } else { l.new_state()? };
                 let mut last = Vec::new();
                 for chunk in tokens.chunks(a.batch_size.max(1)) {
                     if stop.requested() {
@@ -221,6 +248,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
                     generated: 0,
                     drawn: first,
                     in_flight: false,
+                    queued: None,
                     finish: (a.n_predict == 0).then_some("length"),
                 });
             }
@@ -231,9 +259,28 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             if let Some(t) = s.drawn.take() {
                 took = true;
                 if s.take(&l, t, a.n_predict)? {
-                    s.step(&l, t, side_by_side)?;
+                    s.step(&l, t, way)?;
                 }
             }
+        }
+        // the CPU: every queued step in one pass
+        let (mut states, mut queued, mut owners) = (Vec::new(), Vec::new(), Vec::new());
+        for s in active.iter_mut() {
+            if let Some(t) = s.queued.take() {
+                states.push(&mut s.state);
+                queued.push(t);
+                owners.push(s.index);
+            }
+        }
+        if !queued.is_empty() {
+            let logits = l.decode_many(&mut states, &queued)?;
+            let vocab = l.model.config.vocab_size;
+            for (row, index) in logits.chunks(vocab).zip(owners) {
+                if let Some(s) = active.iter_mut().find(|s| s.index == index) {
+                    s.drawn = Some(s.sampler.sample(row, &s.history, &l.tokenizer.suppress));
+                }
+            }
+            took = true;
         }
         for s in active.iter().filter(|s| s.finish.is_some()) {
             generated += s.generated;

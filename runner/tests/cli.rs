@@ -174,12 +174,15 @@ fn bench_timeline_needs_a_gpu() {
     assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
-/// --parallel decodes sequences side by side on one GPU: on the CPU, and with 0
-/// sequences, a clear error before any test runs.
+/// --parallel on the CPU decodes the sequences in one pass a step ("tg4 x2"); 0 sequences,
+/// and --profile with several, are clear errors before any test runs.
 #[test]
-fn bench_parallel_needs_a_gpu_and_a_sequence() {
+fn bench_parallel_decodes_sequences_at_once() {
+    let out = mxr(&["bench", "-p", "0", "-n", "4", "-r", "1", "--parallel", "2", "--device", "cpu"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("| tg4 x2 |"), "{text}");
     for (args, want) in [
-        (&["--parallel", "2", "--device", "cpu"][..], "--parallel decodes sequences side by side on one GPU; this run is on cpu"),
         (&["--parallel", "0", "--device", "cpu"][..], "--parallel must be at least 1"),
         (&["--parallel", "2", "--profile"][..], "leave out --parallel"),
     ] {

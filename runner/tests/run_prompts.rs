@@ -1,5 +1,6 @@
 //! `mxr run --prompts FILE` on the CPU: each line completed exactly as `mxr run -p` completes
-//! it alone (sequence i with seed + i), in the file's order, and clean errors for bad input.
+//! it alone (sequence i with seed + i), in the file's order, whether the sequences decode in
+//! one pass a step or one at a time; and clean errors for bad input.
 
 use std::process::{Command, Output};
 
@@ -20,19 +21,30 @@ const TEXTS: [&str; 3] = ["ROMEO:\nWhat light", "JULIET:\nO Romeo", "First Citiz
 fn each_prompt_is_completed_as_run_completes_it_alone() {
     let file = temp_path("prompts", "p.txt");
     std::fs::write(&file, PROMPTS).unwrap();
-    for extra in [&["--temp", "0.8", "--seed", "5"][..], &["--temp", "0", "--chat", "--seed", "1"][..]] {
+    // by default the three in one pass a step; two in one pass (the third taking the place
+    // of the first to end); one at a time
+    for (extra, how) in [
+        (&["--temp", "0.8", "--seed", "5"][..], "3 sequences in one pass a step"),
+        (&["--temp", "0", "--chat", "--seed", "1"][..], "3 sequences in one pass a step"),
+        (&["--temp", "0.8", "--parallel", "2", "--seed", "5"][..], "2 sequences in one pass a step"),
+        (&["--temp", "0.8", "--parallel", "1", "--seed", "5"][..], "one sequence at a time"),
+    ] {
         let base = [&["run", "-n", "10", "--device", "cpu"][..], extra].concat();
         let out = mxr(&[&base[..], &["--prompts", file.to_str().unwrap()]].concat());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
-        assert!(err.contains("3 prompts, one sequence at a time") && err.contains("generation: "), "{err}");
+        assert!(err.contains(&format!("3 prompts, {how}")) && err.contains("generation: "), "{err}");
         let lines: Vec<Json> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 3);
         let seed: u64 = extra[extra.len() - 1].parse().unwrap();
         for (i, (line, text)) in lines.iter().zip(TEXTS).enumerate() {
             assert_eq!((line["index"].as_u64(), line["prompt"].as_str()), (Some(i as u64), Some(text)));
             let s = (seed + i as u64).to_string();
-            let mut alone = base.clone();
+            // the same options for one prompt: no --parallel, the sequence's seed
+            let mut alone: Vec<&str> = base.clone();
+            if let Some(at) = alone.iter().position(|a| *a == "--parallel") {
+                alone.drain(at..at + 2);
+            }
             let n = alone.len();
             alone[n - 1] = &s;
             let one = mxr(&[&alone[..], &["-p", text]].concat());
@@ -60,7 +72,6 @@ fn bad_prompt_files_and_options_are_clear_errors() {
     for (args, want) in [
         (vec!["--prompts", blank], "no prompts (one a line"),
         (vec!["--prompts", "/nonexistent/p.txt"], "reading prompts file /nonexistent/p.txt"),
-        (vec!["--prompts", long, "--parallel", "2"], "--parallel decodes sequences side by side on one GPU; this run is on cpu"),
         (vec!["--prompts", long, "--parallel", "0"], "--parallel must be at least 1"),
         (vec!["--prompts", long, "--ctx-size", "24"], "line 2: prompt ("),
         (vec!["--parallel", "2", "-p", "x"], "--prompts"),

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use mxr_convert::{convert, ConvertOptions, TypePlan};
 use mxr_e2e::{npy, repo_root, temp_path};
 use mxr_kernels::cpu::Threads;
-use mxr_models::forward::{forward, Logits};
+use mxr_models::forward::{decode_many, forward, Logits};
 use mxr_models::{Model, Session};
 use mxr_quant::reference::stats::diff;
 use mxr_quant::QType;
@@ -91,6 +91,45 @@ fn chunked_prefill_and_decode_equal_one_pass() {
     let d = diff(&got, &all);
     assert!(d.max_abs <= 1e-4, "chunked vs one pass: {d}");
     assert_eq!(top1_agreement(&got, &all, vocab), 1.0);
+}
+
+/// Several sequences decoded in one pass (`decode_many`: the products over all their rows,
+/// attention per sequence) give each sequence's logits and state bit for bit as it decodes
+/// alone: three prompts of different lengths, then greedy steps, at two weight types.
+#[test]
+fn decoding_several_sequences_at_once_equals_each_alone() {
+    let (tokens, vocab, _) = reference("distinct-alpha");
+    let prompts = [&tokens[..3], &tokens[10..41], &tokens[50..51]];
+    for q in [QType::F32, QType::Q8_0] {
+        let m = model("distinct-alpha", q);
+        let prefilled = |p: &[u32]| {
+            let mut s = Session::new(&m.config);
+            let last = forward(&m, &mut s, p, Logits::Last, Threads(2)).unwrap();
+            (s, argmax(&last) as u32)
+        };
+        let (mut alone, mut next): (Vec<Session>, Vec<u32>) = prompts.iter().map(|p| prefilled(p)).unzip();
+        let mut together: Vec<Session> = alone.clone();
+        let mut next_together = next.clone();
+        for step in 0..5 {
+            let rows: Vec<Vec<f32>> =
+                alone.iter_mut().zip(&next).map(|(s, &t)| forward(&m, s, &[t], Logits::Last, Threads(2)).unwrap()).collect();
+            let mut refs: Vec<&mut Session> = together.iter_mut().collect();
+            let got = decode_many(&m, &mut refs, &next_together, Threads(3)).unwrap();
+            assert_eq!(got.len(), prompts.len() * vocab);
+            for (i, (row, want)) in got.chunks(vocab).zip(&rows).enumerate() {
+                assert!(row == want.as_slice(), "{q:?}, step {step}, sequence {i}: logits differ");
+            }
+            next = rows.iter().map(|r| argmax(r) as u32).collect();
+            next_together = got.chunks(vocab).map(|r| argmax(r) as u32).collect();
+        }
+        for (a, b) in alone.iter().zip(&together) {
+            assert_eq!((a.pos, &a.tokens, &a.expert_counts, &a.lightning), (b.pos, &b.tokens, &b.expert_counts, &b.lightning));
+            assert!(a.kv.iter().zip(&b.kv).all(|(x, y)| x.k == y.k && x.v == y.v));
+        }
+        // a token per sequence, no more and no less
+        let mut refs: Vec<&mut Session> = together.iter_mut().collect();
+        assert!(decode_many(&m, &mut refs, &[1, 2], Threads(1)).is_err());
+    }
 }
 
 #[test]

@@ -56,18 +56,48 @@ pub enum Logits {
 
 /// Runs `tokens` through the model after what `session` has seen; returns logits.
 pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logits, threads: Threads) -> Result<Vec<f32>, ModelError> {
+    forward_seqs(model, &mut [(session, tokens)], which, threads)
+}
+
+/// One decode step of several sequences at once: `tokens[i]` after what `sessions[i]` has
+/// seen. The products read each weight once for all of them; attention stays each
+/// sequence's own. Logits [sequences, vocab]: row i is what `forward` gives sequence i
+/// alone, bit for bit (every product computes each row as it would alone).
+pub fn decode_many(model: &Model, sessions: &mut [&mut Session], tokens: &[u32], threads: Threads) -> Result<Vec<f32>, ModelError> {
+    if sessions.len() != tokens.len() {
+        return Err(ModelError::Input(format!("{} tokens for {} sequences", tokens.len(), sessions.len())));
+    }
+    let mut seqs: Vec<(&mut Session, &[u32])> = sessions.iter_mut().zip(tokens.chunks(1)).map(|(s, t)| (&mut **s, t)).collect();
+    forward_seqs(model, &mut seqs, Logits::Last, threads)
+}
+
+/// The forward pass over the rows of several sequences, each `(session, tokens)`, stacked
+/// in that order; logits of every row (`All`) or of each sequence's last row (`Last`).
+fn forward_seqs(model: &Model, seqs: &mut [(&mut Session, &[u32])], which: Logits, threads: Threads) -> Result<Vec<f32>, ModelError> {
     let c = &model.config;
-    let (n, d) = (tokens.len(), c.dim);
-    if n == 0 {
+    let d = c.dim;
+    if seqs.is_empty() || seqs.iter().any(|(_, t)| t.is_empty()) {
         return Err(ModelError::Input("no tokens to evaluate".into()));
     }
-    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+    let all: Vec<u32> = seqs.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+    if let Some(&bad) = all.iter().find(|&&t| t as usize >= c.vocab_size) {
         return Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {}", c.vocab_size)));
     }
+    let n = all.len();
+    // each sequence's rows
+    let spans: Vec<std::ops::Range<usize>> = seqs
+        .iter()
+        .scan(0, |at, (_, t)| {
+            *at += t.len();
+            Some(*at - t.len()..*at)
+        })
+        .collect();
     let mut x = vec![0f32; n * d];
-    for (t, &id) in tokens.iter().enumerate() {
+    for (t, &id) in all.iter().enumerate() {
         model.embed(id, &mut x[t * d..(t + 1) * d]);
     }
+    // the sequence each row belongs to (routing counts)
+    let owner: Vec<usize> = spans.iter().enumerate().flat_map(|(i, r)| r.clone().map(move |_| i)).collect();
     for (l, layer) in model.layers.iter().enumerate() {
         rmsnorm(&mut x, &layer.attn_norm, c.rms_eps);
         let (a, r) = match &layer.attn {
@@ -75,7 +105,12 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
                 let mut p = linear(&model.matrix(qkv), &x, n, threads)?;
                 p.iter_mut().for_each(|v| *v = silu(*v));
                 let slopes = lightning::slopes(c.n_heads, l, c.n_layers);
-                let mut o = lightning::attend(&p, n, c.head_dim, &slopes, &mut session.lightning[l], lightning::BLOCK, threads)?;
+                let w = p.len() / n;
+                let mut o = Vec::with_capacity(n * c.attn_dim());
+                for ((session, _), rows) in seqs.iter_mut().zip(&spans) {
+                    let ps = &p[rows.start * w..rows.end * w];
+                    o.extend(lightning::attend(ps, rows.len(), c.head_dim, &slopes, &mut session.lightning[l], lightning::BLOCK, threads)?);
+                }
                 rmsnorm(&mut o, norm, c.lightning_norm_eps);
                 let g = linear(&model.matrix(gate), &x, n, threads)?;
                 o.iter_mut().zip(&g).for_each(|(v, &gv)| *v *= sigmoid(gv));
@@ -86,27 +121,32 @@ pub fn forward(model: &Model, session: &mut Session, tokens: &[u32], which: Logi
                 let mut qs = linear(&model.matrix(q), &x, n, threads)?;
                 let mut ks = linear(&model.matrix(k), &x, n, threads)?;
                 let vs = linear(&model.matrix(v), &x, n, threads)?;
-                attention::rope(&mut qs, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, session.pos);
-                attention::rope(&mut ks, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, session.pos);
-                let cache = &mut session.kv[l];
-                cache.k.extend_from_slice(&ks);
-                cache.v.extend_from_slice(&vs);
-                let o = attention::attend(&qs, n, c, cache, session.pos, threads)?;
+                let mut o = Vec::with_capacity(n * a_dim);
+                for ((session, _), rows) in seqs.iter_mut().zip(&spans) {
+                    let (qr, kr) = (&mut qs[rows.start * a_dim..rows.end * a_dim], &mut ks[rows.start * kv_dim..rows.end * kv_dim]);
+                    attention::rope(qr, a_dim, c.head_dim, c.rotary_dim, c.rope_theta, session.pos);
+                    attention::rope(kr, kv_dim, c.head_dim, c.rotary_dim, c.rope_theta, session.pos);
+                    let cache = &mut session.kv[l];
+                    cache.k.extend_from_slice(kr);
+                    cache.v.extend_from_slice(&vs[rows.start * kv_dim..rows.end * kv_dim]);
+                    o.extend(attention::attend(qr, rows.len(), c, cache, session.pos, threads)?);
+                }
                 (linear(&model.matrix(out), &o, n, threads)?, c.residual_softmax)
             }
         };
         residual(&mut x, &a, r.alpha, r.beta);
         rmsnorm(&mut x, &layer.ffn_norm, c.rms_eps);
-        let m = moe::moe(model, layer, &x, n, &mut session.expert_counts[l], threads)?;
+        let m = moe::moe(model, layer, &x, n, &mut |t, e| seqs[owner[t]].0.expert_counts[l][e] += 1, threads)?;
         residual(&mut x, &m, c.residual_mlp.alpha, c.residual_mlp.beta);
     }
-    session.pos += n;
-    session.tokens.extend_from_slice(tokens);
-    let rows = match which {
+    for ((session, tokens), _) in seqs.iter_mut().zip(&spans) {
+        session.pos += tokens.len();
+        session.tokens.extend_from_slice(tokens);
+    }
+    let mut rows = match which {
         Logits::All => x,
-        Logits::Last => x[(n - 1) * d..].to_vec(),
+        Logits::Last => spans.iter().flat_map(|r| x[(r.end - 1) * d..r.end * d].iter().copied()).collect(),
     };
-    let mut rows = rows;
     rmsnorm(&mut rows, &model.output_norm, c.rms_eps);
     let m = rows.len() / d;
     linear(&model.matrix(&model.output), &rows, m, threads)

@@ -22,8 +22,15 @@ pub fn route(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
 }
 
 /// m = Σ_k w_k E_k(x) for every row of x ([n_tokens, dim]).
-/// `counts[e]` is incremented for every token routed to expert e.
-pub fn moe(model: &Model, layer: &Layer, x: &[f32], n_tokens: usize, counts: &mut [u64], threads: Threads) -> Result<Vec<f32>, ModelError> {
+/// `count(t, e)` is called for every token t routed to expert e.
+pub fn moe(
+    model: &Model,
+    layer: &Layer,
+    x: &[f32],
+    n_tokens: usize,
+    count: &mut dyn FnMut(usize, usize),
+    threads: Threads,
+) -> Result<Vec<f32>, ModelError> {
     let c = &model.config;
     let (d, h) = (c.dim, c.hidden_dim);
     let experts = HostExperts::of(model, layer);
@@ -32,7 +39,7 @@ pub fn moe(model: &Model, layer: &Layer, x: &[f32], n_tokens: usize, counts: &mu
     for t in 0..n_tokens {
         for (e, w) in route(&logits[t * c.n_experts..(t + 1) * c.n_experts], c.n_experts_used) {
             by_expert[e].push((t, w));
-            counts[e] += 1;
+            count(t, e);
         }
     }
     let mut out = vec![0f32; n_tokens * d];
