@@ -160,7 +160,7 @@ fn ctrl_c_stops_run_prompts_between_tokens() {
         let args = ["run", "--prompts", file.to_str().unwrap(), "-n", "100000", "--ctx-size", "100020", "--temp", "1", "--seed", seed];
         let mut child = spawn(&[&args[..], &["--device", "cpu"]].concat());
         let lines = stderr_lines(&mut child);
-        wait_for("the prompts line", || has(&lines, "3 prompts, one sequence at a time"));
+        wait_for("the prompts line", || has(&lines, "3 prompts, 3 sequences in one pass a step"));
         std::thread::sleep(Duration::from_millis(300));
         signal(&child, "-INT");
         let mut out = String::new();
