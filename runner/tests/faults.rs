@@ -160,7 +160,15 @@ fn ctrl_c_stops_run_prompts_between_tokens() {
         let args = ["run", "--prompts", file.to_str().unwrap(), "-n", "100000", "--ctx-size", "100020", "--temp", "1", "--seed", seed];
         let mut child = spawn(&[&args[..], &["--device", "cpu"]].concat());
         let lines = stderr_lines(&mut child);
-        wait_for("the prompts line", || has(&lines, "3 prompts, 3 sequences in one pass a step"));
+        // (a run that never says it started is stopped here, not left running)
+        let t = Instant::now();
+        while !has(&lines, "3 prompts, 3 sequences in one pass a step") {
+            if t.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                panic!("no prompts line in: {}", lines.lock().unwrap().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::thread::sleep(Duration::from_millis(300));
         signal(&child, "-INT");
         let mut out = String::new();
