@@ -136,6 +136,18 @@ impl DeviceRates {
         ways.iter().fold(ways[0], |best, &w| if w.1 < best.1 { w } else { best }).0
     }
 
+    /// [`DeviceRates::decode_way_with`] for `sequences` decoded side by side: above one,
+    /// mixed wherever in place would win and mixed is allowed. In place's products wait on
+    /// PCIe on every SM while the other sequences' steps wait for SMs; mixed's GPU share
+    /// runs on a quarter of them at the greatest priority (H200, S2x32 at 50%, eight
+    /// sequences: 1,297.23 tokens/s mixed, 1,018.90 in place; docs/PERF.md).
+    pub fn decode_way_for(&self, cold_bytes: f64, host_layers: usize, mixed: bool, sequences: usize) -> DecodeWay {
+        match self.decode_way_with(cold_bytes, host_layers, mixed) {
+            DecodeWay::InPlace if mixed && sequences > 1 => DecodeWay::Mixed,
+            way => way,
+        }
+    }
+
     /// Host memory mixed holds for `host_expert_bytes` of cold experts: their page-locked
     /// copy that the GPU reads, and, unless the CPU reads that copy too (`reads_copy`:
     /// [`mixed_reads_copy`]), the file's pages of the CPU's share of each (its fraction at
@@ -418,6 +430,11 @@ mod tests {
         assert!((r.in_place_seconds(98.0 * MB) - 2e-3).abs() < 1e-12);
         // at 50%: 4.5 MB stays in place (0.09 ms against 0.14 ms with the exchanges)
         assert_eq!(r.decode_way(4.5 * MB, 2), DecodeWay::InPlace);
+        // ... for one sequence; several side by side share it (where mixed may run)
+        assert_eq!(r.decode_way_for(4.5 * MB, 2, true, 1), DecodeWay::InPlace);
+        assert_eq!(r.decode_way_for(4.5 * MB, 2, true, 8), DecodeWay::Mixed);
+        assert_eq!(r.decode_way_for(4.5 * MB, 2, false, 8), DecodeWay::InPlace);
+        assert_eq!(r.decode_way_for(6_000.0 * MB, 80, false, 8), DecodeWay::Cpu);
         // the break-even: per byte mixed saves 1/49 - 1/118 ns, 0.05 ms a layer is worth
         // 4.19 MB of cold experts a token per layer
         let above = r.decode_mixed_above();

@@ -95,7 +95,8 @@ fn split_backend(a: &ModelArgs, model: &Model, ordinals: &[usize], ctx: usize) -
     // with a budget, each GPU's own
     let policy = expert_policy(a, || Ok(0))?;
     let tensors = model.file.header().tensors().iter().map(|t| (t.name.as_str(), t.n_bytes));
-    let mut cp = ColdPlan::new(a, model)?;
+    // a split decodes one sequence at a time (run --prompts goes in turn there)
+    let mut cp = ColdPlan { side_by_side: 1, ..ColdPlan::new(a, model)? };
     // experts read in place take whole pages (counted so even where every expert fits)
     let shares_for = |cold: ColdExperts| {
         let page = if cold != ColdExperts::Host { IN_PLACE_PAGE } else { 1 };
@@ -203,18 +204,12 @@ impl ColdPlan {
                 host_mem.unwrap_or(0) as f64 / (1u64 << 30) as f64
             );
         }
-        match self.rates.decode_way_with(cold_bytes, host_layers, mixed) {
-            // several sequences: in place's products wait on PCIe on every SM while the
-            // others' steps wait for SMs; mixed's GPU share runs on a quarter of them at
-            // the greatest priority (H200, S2x32 at 50%, eight sequences: 1,297.23
-            // tokens/s mixed, 1,018.90 in place; docs/PERF.md)
-            DecodeWay::InPlace if mixed && self.side_by_side > 1 => {
-                self.why += &format!("; mixed for {} sequences side by side", self.side_by_side);
-                self.cold = ColdExperts::Mixed;
-                false
-            }
+        match self.rates.decode_way_for(cold_bytes, host_layers, mixed, self.side_by_side) {
             DecodeWay::InPlace => false,
             DecodeWay::Mixed => {
+                if self.side_by_side > 1 {
+                    self.why += &format!("; mixed for {} sequences side by side", self.side_by_side);
+                }
                 self.cold = ColdExperts::Mixed;
                 false
             }

@@ -310,10 +310,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
                     host as f64 / GIB
                 ));
             }
-            match r.decode_way_with(cold, p.host_layers(), mixed_fits) {
-                // as the runner: several sequences share cold experts rather than have
-                // every SM wait on PCIe (ColdPlan::settle)
-                DecodeWay::InPlace if a.parallel > 1 && mixed_fits => mixed = true,
+            match r.decode_way_for(cold, p.host_layers(), mixed_fits, a.parallel) {
                 DecodeWay::InPlace => {}
                 DecodeWay::Mixed => mixed = true,
                 DecodeWay::Cpu => {
