@@ -354,6 +354,16 @@ pub fn prompt_tokens(l: &Loaded, a: &RunArgs, text: &str) -> Result<Vec<u32>> {
     l.tokenizer.encode(&render(template, &msgs, true)?)
 }
 
+/// A drawn token as a reply takes it: a stop token ends the reply (None); any other joins
+/// `history` and gives the text it completes (empty inside a character).
+pub fn take_token(l: &Loaded, stream: &mut StreamDecoder, history: &mut Vec<u32>, next: u32) -> Result<Option<String>> {
+    if l.tokenizer.stop.contains(&next) {
+        return Ok(None);
+    }
+    history.push(next);
+    stream.push(&l.tokenizer, next).map(Some)
+}
+
 pub fn run(mut a: RunArgs) -> Result<()> {
     if a.prompts.is_some() {
         return crate::run_many::run(a);
@@ -416,11 +426,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             None => sampler.sample(&last, &history, &l.tokenizer.suppress),
         };
         generated += 1;
-        if l.tokenizer.stop.contains(&next) {
-            break;
-        }
-        history.push(next);
-        let text = stream.push(&l.tokenizer, next)?;
+        let Some(text) = take_token(&l, &mut stream, &mut history, next)? else { break };
         out.write_all(text.as_bytes()).and_then(|_| out.flush()).context("writing to standard output")?;
         if generated == a.n_predict {
             break;

@@ -19,7 +19,7 @@ use mxr_models::engine::{Backend, State};
 use mxr_models::forward::Logits;
 
 use crate::interrupt::{Interrupt, Interrupted};
-use crate::run_cmd::{load, prompt_tokens, Loaded, RunArgs};
+use crate::run_cmd::{load, prompt_tokens, take_token, Loaded, RunArgs};
 use crate::sampler::Sampler;
 use crate::tokenizer::StreamDecoder;
 
@@ -99,12 +99,11 @@ impl Seq {
     /// reply's next; true when the sequence goes on.
     fn take(&mut self, l: &Loaded, next: u32, n_predict: usize) -> Result<bool> {
         self.generated += 1;
-        if l.tokenizer.stop.contains(&next) {
+        let Some(text) = take_token(l, &mut self.stream, &mut self.history, next)? else {
             self.finish = Some("stop");
             return Ok(false);
-        }
-        self.history.push(next);
-        self.text += &self.stream.push(&l.tokenizer, next)?;
+        };
+        self.text += &text;
         if self.generated == n_predict {
             self.finish = Some("length");
             return Ok(false);
